@@ -1,0 +1,145 @@
+"""Benchmark cases shared by `dsd-kernels bench` and benchmarks/bench_*.py.
+
+Each case times our op and the best plain-torch ways to do the same job in the same
+run (torch.utils.benchmark.Timer handles warm-up and CUDA synchronisation), and
+reports the ratio against the fastest baseline and the achieved bandwidth of the bytes
+the op must move.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.utils.benchmark as tbench
+
+
+@dataclass
+class Case:
+    op: str  # e.g. "magnitude_thresholds"
+    name: str  # e.g. "16M fp32"
+    bytes_moved: int  # bytes the op must read + write at least once
+    ours: Callable[[], object]
+    baselines: dict[str, Callable[[], object]] = field(default_factory=dict)
+
+
+def resnet50_weight_shapes() -> list[tuple[int, ...]]:
+    """Conv and fc weight shapes of torchvision's ResNet-50 (25.5M weights)."""
+    shapes = [(64, 3, 7, 7)]
+    in_ch = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            shapes += [(width, in_ch, 1, 1), (width, width, 3, 3), (width * 4, width, 1, 1)]
+            if b == 0:
+                shapes.append((width * 4, in_ch, 1, 1))  # downsample
+            in_ch = width * 4
+    return shapes + [(1000, 2048)]
+
+
+def gpt2_small_param_shapes() -> list[tuple[int, ...]]:
+    """GPT-2 small (124M) parameter shapes, embeddings and biases included."""
+    d, v, ctx = 768, 50257, 1024
+    shapes = [(v, d), (ctx, d)]
+    for _ in range(12):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,),
+                   (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+def threshold_cases(device: str, sizes_m: tuple[int, ...] = (1, 16, 64)) -> list[Case]:
+    from . import ops
+
+    cases = []
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for m in sizes_m:
+        w = torch.randn(m * 2**20, generator=gen).to(device)
+        k = w.numel() // 2
+        cases.append(Case(
+            "magnitude_thresholds", f"{m}M fp32 k=N/2", w.numel() * w.element_size(),
+            ours=lambda w=w: ops.magnitude_thresholds(w, 0.5),
+            baselines={
+                "torch.kthvalue(w.abs(), k)": lambda w=w, k=k: torch.kthvalue(w.abs(), k),
+                "torch.topk(w.abs(), k, largest=False)":
+                    lambda w=w, k=k: torch.topk(w.abs(), k, largest=False, sorted=False),
+            }))
+    weights = [torch.randn(s, generator=gen).to(device) for s in resnet50_weight_shapes()]
+    total = sum(w.numel() for w in weights)
+
+    def kth_loop(ws=weights):
+        return [torch.kthvalue(w.abs().reshape(-1), max(1, round(0.5 * w.numel()))).values for w in ws]
+
+    cases.append(Case(
+        "magnitude_thresholds", f"ResNet-50 weights ({total / 1e6:.1f}M, {len(weights)} layers)",
+        total * 4, ours=lambda ws=weights: ops.magnitude_thresholds(ws, 0.5),
+        baselines={"per-layer torch.kthvalue loop": kth_loop}))
+    cases.append(Case(
+        "magnitude_masks", f"ResNet-50 weights ({total / 1e6:.1f}M, {len(weights)} layers)",
+        total * 4 + total // 8, ours=lambda ws=weights: ops.magnitude_masks(ws, 0.5),
+        baselines={"per-layer kthvalue + (|w| > t) loop":
+                   lambda ws=weights: [w.abs() > t for w, t in zip(ws, kth_loop(ws))]}))
+    return cases
+
+
+CASE_FACTORIES: dict[str, Callable[..., list[Case]]] = {"threshold": threshold_cases}
+
+
+def time_callable(fn: Callable[[], object], min_run_time: float) -> float:
+    """Median seconds per call."""
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn})
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def run_case(case: Case, min_run_time: float = 0.5) -> dict:
+    ours = time_callable(case.ours, min_run_time)
+    base = {name: time_callable(fn, min_run_time) for name, fn in case.baselines.items()}
+    best_name = min(base, key=base.get) if base else None
+    return {
+        "op": case.op, "case": case.name, "ours_s": ours, "baselines_s": base,
+        "best_baseline": best_name,
+        "speedup_vs_best_baseline": (base[best_name] / ours) if best_name else None,
+        "bytes_moved": case.bytes_moved, "ours_GBps": case.bytes_moved / ours / 1e9,
+    }
+
+
+def environment(device: str) -> dict:
+    info = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "cpu_threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d")}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    from . import _backend
+    info["backend"] = _backend.get_backend()
+    info["available_backends"] = _backend.available_backends()
+    return info
+
+
+def device_label(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device).replace(" ", "-")
+    return f"cpu-{os.cpu_count()}core-{platform.machine()}"
+
+
+def write_results(path: str, env: dict, results: list[dict]) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"environment": env, "results": results}, f, indent=2)
+    os.replace(tmp, path)
+
+
+def format_row(r: dict) -> str:
+    speed = r["speedup_vs_best_baseline"]
+    ratio = f"{speed:6.2f}x vs {r['best_baseline']}" if speed is not None and math.isfinite(speed) else ""
+    return (f"{r['op']:<22} {r['case']:<40} ours {r['ours_s'] * 1e3:9.3f} ms "
+            f"{r['ours_GBps']:7.2f} GB/s  {ratio}")

@@ -1,0 +1,146 @@
+"""Mask: a packed 1-bit-per-weight mask (1 = weight kept, 0 = pruned).
+
+Layout (DESIGN.md): int32 words, LSB first, `packed` of shape (rows, ceil(cols / 32)),
+rows = shape[0] for tensors of 2 or more dims (1 otherwise), cols = numel // rows.
+Padding bits past the last column are always 0, so counts and comparisons are exact.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+_BYTE_WEIGHTS = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
+
+
+def mask_rows_cols(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
+    """(rows, cols) of the packed layout for a weight of `shape`."""
+    numel = math.prod(shape)
+    rows = shape[0] if len(shape) >= 2 else 1
+    return rows, (numel // rows if rows else 0)
+
+
+def pack_bool(keep: torch.Tensor) -> torch.Tensor:
+    """bool tensor -> int32 words (rows, ceil(cols / 32)), LSB first.
+
+    Bytes are packed 8 bits at a time and four little-endian bytes viewed as one
+    int32 word, which puts column 32*j + i at bit i of word j.
+    """
+    rows, cols = mask_rows_cols(keep.shape)
+    words = (cols + 31) // 32
+    if rows * words == 0:
+        return torch.zeros(rows, words, dtype=torch.int32, device=keep.device)
+    bits = torch.zeros(rows, words * 32, dtype=torch.uint8, device=keep.device)
+    bits[:, :cols] = keep.reshape(rows, cols)
+    weights = _BYTE_WEIGHTS.to(keep.device)
+    packed_bytes = (bits.reshape(rows, words * 4, 8) * weights).sum(-1, dtype=torch.uint8)
+    return packed_bytes.view(torch.int32).reshape(rows, words)
+
+
+def unpack_bool(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """int32 words -> bool tensor of `shape`."""
+    rows, cols = mask_rows_cols(shape)
+    if packed.numel() == 0:
+        return torch.zeros(shape, dtype=torch.bool, device=packed.device)
+    as_bytes = packed.contiguous().view(torch.uint8).reshape(rows, -1, 1)
+    bits = (as_bytes & _BYTE_WEIGHTS.to(packed.device)) != 0
+    return bits.reshape(rows, packed.shape[-1] * 32)[:, :cols].reshape(shape)
+
+
+class Mask:
+    """A packed binary mask for one weight tensor (True/1 = kept).
+
+    >>> m = Mask.from_bool(w != 0)
+    >>> m.apply_(w)            # zero the pruned weights in place
+    >>> m.count(), m.sparsity  # kept weights, pruned fraction
+    """
+
+    __slots__ = ("packed", "shape")
+
+    def __init__(self, packed: torch.Tensor, shape: torch.Size | tuple[int, ...]):
+        shape = torch.Size(shape)
+        rows, cols = mask_rows_cols(shape)
+        expected = (rows, (cols + 31) // 32)
+        if not isinstance(packed, torch.Tensor) or packed.dtype != torch.int32:
+            raise TypeError(f"packed must be an int32 tensor, got {type(packed).__name__} "
+                            f"{getattr(packed, 'dtype', '')}")
+        if tuple(packed.shape) != expected:
+            raise ValueError(f"packed has shape {tuple(packed.shape)}, expected {expected} for a "
+                             f"mask of shape {tuple(shape)}")
+        self.packed = packed
+        self.shape = shape
+
+    # construction and conversion
+    @classmethod
+    def from_bool(cls, keep: torch.Tensor) -> "Mask":
+        if not isinstance(keep, torch.Tensor):
+            raise TypeError(f"keep must be a tensor, got {type(keep).__name__}")
+        if keep.dtype != torch.bool:
+            raise TypeError(f"keep must be a bool tensor, got {keep.dtype}")
+        return cls(pack_bool(keep), keep.shape)
+
+    @classmethod
+    def ones(cls, shape, device=None) -> "Mask":
+        return cls.from_bool(torch.ones(shape, dtype=torch.bool, device=device))
+
+    def to_bool(self) -> torch.Tensor:
+        return unpack_bool(self.packed, self.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def count(self) -> int:
+        """Number of kept weights."""
+        return int(self.to_bool().sum()) if self.numel else 0
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of pruned weights (0.0 for an empty mask)."""
+        return 1.0 - self.count() / self.numel if self.numel else 0.0
+
+    def apply_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Zero the pruned entries of `tensor` in place (NaN/inf there become 0 too)."""
+        if tuple(tensor.shape) != tuple(self.shape):
+            raise ValueError(f"tensor has shape {tuple(tensor.shape)}, mask has {tuple(self.shape)}")
+        return tensor.masked_fill_(~self.to_bool().to(tensor.device), 0)
+
+    def to(self, device) -> "Mask":
+        return Mask(self.packed.to(device), self.shape)
+
+    def clone(self) -> "Mask":
+        return Mask(self.packed.clone(), self.shape)
+
+    # serialisation: plain tensors and ints, so torch.load(weights_only=True) reads it
+    def state_dict(self) -> dict:
+        return {"packed": self.packed, "shape": list(self.shape)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "Mask":
+        return cls(state["packed"], torch.Size(state["shape"]))
+
+    def __getstate__(self):
+        return self.state_dict()
+
+    def __setstate__(self, state):
+        restored = Mask.from_state_dict(state)
+        self.packed, self.shape = restored.packed, restored.shape
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Mask):
+            return NotImplemented
+        return self.shape == other.shape and torch.equal(self.packed.cpu(), other.packed.cpu())
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return (f"Mask(shape={tuple(self.shape)}, kept={self.count()}/{self.numel}, "
+                f"device={self.device})")
+
+
+# torch.load(weights_only=True) accepts a pickled Mask once this package is imported
+torch.serialization.add_safe_globals([Mask])
