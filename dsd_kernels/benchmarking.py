@@ -90,7 +90,7 @@ CASE_FACTORIES: dict[str, Callable[..., list[Case]]] = {"threshold": threshold_c
 
 def time_callable(fn: Callable[[], object], min_run_time: float) -> float:
     """Median seconds per call."""
-    timer = tbench.Timer(stmt="fn()", globals={"fn": fn})
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 

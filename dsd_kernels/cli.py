@@ -35,7 +35,7 @@ def _cmd_bench(args) -> int:
     results = []
     for suite in suites:
         kwargs = {"sizes_m": tuple(args.sizes)} if suite == "threshold" and args.sizes else {}
-        for case in B.B.CASE_FACTORIES[suite](device, **kwargs):
+        for case in B.CASE_FACTORIES[suite](device, **kwargs):
             r = B.run_case(case, args.min_run_time)
             print(B.format_row(r), flush=True)
             results.append(r)

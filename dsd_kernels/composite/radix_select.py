@@ -52,32 +52,45 @@ def _locate(hist: torch.Tensor, rank: int) -> tuple[int, int, int]:
     return digit, rank, int(hist[digit])
 
 
-def _top_digits(t: torch.Tensor) -> torch.Tensor | None:
-    """Top 15 key bits of every element as int16, or None where the fast view does not apply."""
+CHUNK = 1 << 20  # elements per chunk: the digit array of a chunk stays in cache for bincount
+
+
+def _high_halves(t: torch.Tensor) -> torch.Tensor | None:
+    """The int16 half of each float that holds its top 15 key bits (a strided view), or None."""
     if sys.byteorder != "little" or t.dtype not in _INT16_PER_FLOAT:
         return None
     halves = t.detach().reshape(-1).view(torch.int16)
     step = _INT16_PER_FLOAT[t.dtype]
-    return halves[step - 1 :: step] & 0x7FFF
+    return halves[step - 1 :: step]
 
 
-def kth_key_fast(t: torch.Tensor, k: int) -> tuple[int, int, int, torch.Tensor | None] | None:
-    """kth_key for one float tensor via its high halves; None where the k-th is inf/NaN."""
+def kth_key_fast(t: torch.Tensor, k: int) -> tuple[int, int, int] | None:
+    """kth_key for one contiguous float tensor via its high halves; None where the k-th is inf/NaN.
+
+    Both full passes run chunk by chunk, so each chunk's digits are counted (or compared)
+    while still in cache instead of round-tripping a full-size digit array through memory.
+    """
     spec = KEY_SPECS[t.dtype]
-    top = _top_digits(t)
-    if top is None:
+    high = _high_halves(t)
+    if high is None:
         return None
-    hist = torch.bincount(top, minlength=1 << TOP_BITS)
+    n = high.numel()
+    hist = torch.zeros(1 << TOP_BITS, dtype=torch.int64, device=t.device)
+    top = torch.empty(n, dtype=torch.int16, device=t.device)
+    for start in range(0, n, CHUNK):
+        chunk = torch.bitwise_and(high[start : start + CHUNK], 0x7FFF, out=top[start : start + CHUNK])
+        hist += torch.bincount(chunk, minlength=1 << TOP_BITS)
     digit, rank, count = _locate(hist, k)
     if digit >= spec.inf_key >> (spec.key_bits - TOP_BITS):
         return None  # inf/NaN territory: NaN payloads must be made to tie first
     low_bits = spec.key_bits - TOP_BITS
     if low_bits == 0:
-        return digit, rank, count, None
+        return digit, rank, count
     flat = t.detach().reshape(-1).view(spec.int_dtype)
-    low = flat[top == digit] & ((1 << low_bits) - 1)
-    low_key, rank, count = kth_key(low, rank, low_bits)
-    return (digit << low_bits) | low_key, rank, count, None
+    low = torch.cat([flat[start : start + CHUNK][top[start : start + CHUNK] == digit]
+                     for start in range(0, n, CHUNK)])
+    low_key, rank, count = kth_key(low & ((1 << low_bits) - 1), rank, low_bits)
+    return (digit << low_bits) | low_key, rank, count
 
 
 def _keep_mask(keys: torch.Tensor, threshold_key: int, need: int, count_eq: int) -> torch.Tensor:
@@ -104,7 +117,7 @@ def magnitude_select(tensors: list[torch.Tensor], sparsities: list[float], *, wa
         t = t.contiguous()
         fast = kth_key_fast(t, k)
         if fast is not None:
-            key, need, count_eq, _ = fast
+            key, need, count_eq = fast
             keys = None
         else:
             keys = magnitude_keys(t)
