@@ -17,7 +17,7 @@ from . import _backend
 from ._floatbits import KEY_SPECS
 from .masks import Mask, mask_rows_cols
 
-__all__ = ["magnitude_thresholds", "magnitude_masks"]
+__all__ = ["magnitude_thresholds", "magnitude_masks", "masked_sgd_"]
 
 
 # ---------------------------------------------------------------- argument checks
@@ -136,3 +136,120 @@ def magnitude_masks(tensors, sparsity) -> list[Mask]:
     _check_float_same_device(tensors)
     words = torch.ops.dsd_kernels.magnitude_mask_words([t.detach() for t in tensors], sparsities)
     return [Mask(w, t.shape) for w, t in zip(words, tensors)]
+
+
+# ---------------------------------------------------------------- masked SGD
+def check_sgd_hyperparameters(lr, momentum, dampening, weight_decay, nesterov) -> None:
+    """The checks (and messages) of torch.optim.SGD's constructor."""
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if lr < 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if momentum < 0.0:
+        raise ValueError(f"Invalid momentum value: {momentum}")
+    if weight_decay < 0.0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+
+def _mask_words_for(mask, param: Tensor, name: str) -> Tensor | None:
+    if mask is None:
+        return None
+    if isinstance(mask, Tensor):
+        if mask.dtype != torch.bool:
+            raise TypeError(f"{name} must be a Mask, a bool tensor or None, got a {mask.dtype} tensor")
+        mask = Mask.from_bool(mask)
+    if not isinstance(mask, Mask):
+        raise TypeError(f"{name} must be a Mask, a bool tensor or None, got {type(mask).__name__}")
+    if mask.shape != param.shape:
+        raise ValueError(f"{name} has shape {tuple(mask.shape)} but its parameter has shape "
+                         f"{tuple(param.shape)}")
+    return mask.packed.to(param.device)
+
+
+def _sgd_impl(params, grads, momentum_buffers, mask_words, first_step, *, lr, momentum,
+              dampening, weight_decay, nesterov, maximize):
+    backend = _backend.resolve("masked_sgd_", params[0].device, ("torch", "triton"))
+    if backend == "triton":
+        from .triton import masked_sgd as impl
+    else:
+        from .composite import masked_sgd as impl
+    impl.masked_sgd_(params, grads, momentum_buffers, mask_words, first_step, lr=lr,
+                     momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                     nesterov=nesterov, maximize=maximize)
+
+
+@torch.library.custom_op("dsd_kernels::masked_sgd_", mutates_args=("params", "momentum_buffers"))
+def _masked_sgd_op(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
+                   mask_words: list[Tensor | None], first_step: list[bool], lr: float,
+                   momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+                   maximize: bool) -> None:
+    if params:
+        _sgd_impl(params, grads, momentum_buffers, mask_words, first_step, lr=lr,
+                  momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                  nesterov=nesterov, maximize=maximize)
+
+
+@_masked_sgd_op.register_fake
+def _(params, grads, momentum_buffers, mask_words, first_step, lr, momentum, dampening,
+      weight_decay, nesterov, maximize):
+    return None
+
+
+def masked_sgd_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0, dampening=0.0,
+                weight_decay=0.0, nesterov=False, maximize=False) -> None:
+    """One fused masked SGD step over a list of parameters, in place.
+
+    torch.optim.SGD's arithmetic exactly (grad -> maximize -> weight decay -> momentum ->
+    nesterov -> update) on the masked gradient; pruned weights and their momentum are set
+    to exactly 0. masks[i]: a Mask, a bool tensor (True = kept) or None (dense).
+    momentum_buffers[i]: a tensor, or None to create it on this step (as torch does:
+    the first buffer is the gradient itself); created buffers are written into the list.
+    All tensors on one device; params and grads of equal shape and dtype.
+    """
+    params = _as_tensor_list(params, "params")
+    grads = _as_tensor_list(grads, "grads")
+    masks = list(masks)
+    momentum_buffers = momentum_buffers if momentum_buffers is not None else [None] * len(params)
+    if not len(params) == len(grads) == len(masks) == len(momentum_buffers):
+        raise ValueError(f"params, grads, momentum_buffers and masks must have equal lengths, got "
+                         f"{len(params)}, {len(grads)}, {len(momentum_buffers)}, {len(masks)}")
+    check_sgd_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
+    if not params:
+        return
+    device = params[0].device
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g.is_sparse or g.layout != torch.strided:
+            raise RuntimeError(f"grads[{i}] is sparse; masked SGD does not support sparse gradients")
+        if p.device != device or g.device != device:
+            raise ValueError(f"params[{i}]/grads[{i}] are on {p.device}/{g.device} but params[0] "
+                             f"is on {device}; all tensors must share one device")
+        if g.shape != p.shape or g.dtype != p.dtype:
+            raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} and dtype {g.dtype} but "
+                             f"params[{i}] has {tuple(p.shape)} and {p.dtype}")
+        if not p.is_floating_point():
+            raise TypeError(f"params[{i}] has dtype {p.dtype}; SGD needs floating parameters")
+        if not p.is_contiguous():
+            raise ValueError(f"params[{i}] is not contiguous; the fused step updates it in place")
+    words = [_mask_words_for(m, p, f"masks[{i}]") for i, (m, p) in enumerate(zip(masks, params))]
+    bufs, first = [], []
+    if momentum != 0:
+        for i, p in enumerate(params):
+            buf = momentum_buffers[i]
+            if buf is None:
+                buf = momentum_buffers[i] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                first.append(True)
+            else:
+                if buf.shape != p.shape or buf.dtype != p.dtype or buf.device != device:
+                    raise ValueError(f"momentum_buffers[{i}] does not match params[{i}] in shape, "
+                                     f"dtype or device")
+                if not buf.is_contiguous():
+                    raise ValueError(f"momentum_buffers[{i}] is not contiguous")
+                first.append(False)
+            bufs.append(buf)
+    grads = [g.contiguous() for g in grads]
+    torch.ops.dsd_kernels.masked_sgd_([p.detach() for p in params], grads,
+                                      [b.detach() for b in bufs], words, first, float(lr),
+                                      float(momentum), float(dampening), float(weight_decay),
+                                      bool(nesterov), bool(maximize))

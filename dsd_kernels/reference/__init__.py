@@ -6,3 +6,6 @@ from .masks import pack_bits, unpack_bits
 from .selection import magnitude_keep_masks, magnitude_thresholds, pruned_count
 
 __all__ = ["pack_bits", "unpack_bits", "magnitude_keep_masks", "magnitude_thresholds", "pruned_count"]
+from .sgd import masked_sgd_  # noqa: E402
+
+__all__.append("masked_sgd_")

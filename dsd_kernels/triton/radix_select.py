@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 
 from .._floatbits import KEY_SPECS, digit_widths, keys_to_values
+from ..masks import mask_rows_cols
+from ._tiles import check_tile_words, segment_layout, tile_coords, tile_table
 
 MAX_DIGIT_BITS = 11
 LAUNCHES = [0]  # Triton launches issued by this module (tests check the launch budget)
@@ -48,18 +50,11 @@ def _tile_keys(SEG_META, TILES, pid, VALUE_TYPE: tl.constexpr, BITS_TYPE: tl.con
                TILE_WORDS: tl.constexpr):
     """Keys of |w| for one tile: (TILE_WORDS, 32) keys, validity, word index, segment."""
     seg = tl.load(TILES + 2 * pid)
-    first_word = tl.load(TILES + 2 * pid + 1)
     meta = SEG_META + seg * 5
     values = tl.load(meta + 0).to(tl.pointer_type(VALUE_TYPE))
-    cols = tl.load(meta + 1)
-    words_per_row = tl.load(meta + 2)
-    num_words = tl.load(meta + 3)
-    word = first_word + tl.arange(0, TILE_WORDS).to(tl.int64)[:, None]
-    bit = tl.arange(0, 32).to(tl.int64)[None, :]
-    row = word // words_per_row
-    col = (word - row * words_per_row) * 32 + bit
-    valid = (word < num_words) & (col < cols)
-    x = tl.load(values + row * cols + col, mask=valid, other=0)
+    offsets, valid, word = tile_coords(TILES, pid, tl.load(meta + 1), tl.load(meta + 2),
+                                       tl.load(meta + 3), TILE_WORDS)
+    x = tl.load(values + offsets, mask=valid, other=0)
     key = x.to(BITS_TYPE, bitcast=True).to(KEY_TYPE) & ABS_MASK
     key = tl.minimum(key, NAN_KEY)  # every NaN payload ties, just above +inf
     return key, valid, word, seg
@@ -159,8 +154,7 @@ def magnitude_select(tensors: list[torch.Tensor], sparsities: list[float], *, wa
     device = tensors[0].device
     if tile_words is None:  # the interpreter pays per program: fewer, larger tiles on CPU
         tile_words = 256 if device.type == "cpu" else 64
-    if tile_words < 1 or tile_words & (tile_words - 1):
-        raise ValueError(f"tile_words must be a power of two, got {tile_words}")
+    check_tile_words(tile_words)
     thresholds = torch.full((len(tensors),), float("-inf"), dtype=out_dtype, device=device)
     packed: list[torch.Tensor | None] = [None] * len(tensors)
     by_dtype: dict[torch.dtype, list[int]] = {}
@@ -181,24 +175,15 @@ def _select_group(tensors, sparsities, want_masks, tile_words):
     spec = KEY_SPECS[dtype]
     value_type, bits_type, key_type = _TL_TYPES[dtype]
     nseg = len(tensors)
-    shapes = [(t.shape[0] if t.dim() >= 2 else 1, t.numel()) for t in tensors]
-    rows_cols = [(r, (n // r if r else 0)) for r, n in shapes]
-    words_per_row = [(c + 31) // 32 for _, c in rows_cols]
-    num_words = [r * w for (r, _), w in zip(rows_cols, words_per_row)]
-    outs = [torch.empty((r, w), dtype=torch.int32, device=device)
-            for (r, _), w in zip(rows_cols, words_per_row)]
+    layouts = [segment_layout(t) for t in tensors]
+    outs = [torch.empty((mask_rows_cols(t.shape)[0], w), dtype=torch.int32, device=device)
+            for t, (_, w, _) in zip(tensors, layouts)]
     ranks = [round(s * t.numel()) for t, s in zip(tensors, sparsities)]
-
     meta = torch.tensor([[t.data_ptr(), c, w, nw, o.data_ptr()]
-                         for t, (_, c), w, nw, o in zip(tensors, rows_cols, words_per_row,
-                                                         num_words, outs)],
+                         for t, (c, w, nw), o in zip(tensors, layouts, outs)],
                         dtype=torch.int64).to(device)
-    tiles_per_seg = torch.tensor([-(-nw // tile_words) for nw in num_words], dtype=torch.int64)
-    num_tiles = int(tiles_per_seg.sum())
-    tile_seg = torch.repeat_interleave(torch.arange(nseg), tiles_per_seg)
-    seg_first_tile = torch.cumsum(tiles_per_seg, 0) - tiles_per_seg
-    tile_first_word = (torch.arange(num_tiles) - seg_first_tile[tile_seg]) * tile_words
-    tiles = torch.stack([tile_seg, tile_first_word], 1).contiguous().to(device)
+    tiles, seg_first_tile = tile_table([nw for _, _, nw in layouts], tile_words, device)
+    num_tiles = tiles.shape[0]
     state = torch.zeros((nseg, STATE_COLS), dtype=torch.int64)
     state[:, _RANK] = torch.tensor(ranks, dtype=torch.int64)
     state = state.to(device)
@@ -222,7 +207,6 @@ def _select_group(tensors, sparsities, want_masks, tile_words):
     tile_ties = torch.empty(num_tiles, dtype=torch.int64, device=device)
     _counted(_tie_count_kernel, (num_tiles,))(meta, tiles, state, tile_ties, **consts)
     inclusive = torch.cumsum(tile_ties, 0)
-    seg_first_tile = seg_first_tile.to(device)
     tile_seg = tiles[:, 0]
     base = (inclusive - tile_ties)[seg_first_tile.clamp(max=num_tiles - 1)]
     ties_before = (inclusive - tile_ties) - base[tile_seg]

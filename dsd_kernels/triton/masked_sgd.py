@@ -1,0 +1,117 @@
+"""Fused multi-tensor masked SGD step: one launch per dtype for a whole param group.
+
+Per element, in one pass over memory (torch.optim.SGD's arithmetic, computed in fp32,
+or fp64 for fp64 params):
+    g = keep ? grad : 0;  g = maximize ? -g : g;  g += weight_decay * p
+    b = first ? g : momentum * b + (1 - dampening) * g;  g = nesterov ? g + momentum * b : b
+    p = keep ? p - lr * g : 0;  b = keep ? b : 0
+Pruned weights and their momentum are written as exactly 0 whatever the gradient holds
+(NaN/inf included), so momentum can never revive a pruned weight.
+
+Launches per call: 1 per dtype present. Bytes per element: read p, g (+ b) and 1/8 of
+a mask byte, write p (+ b): 4 * (3 + 2) + 1/8 = 20.125 B for fp32 with momentum.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+from ._tiles import check_tile_words, segment_layout, tile_coords, tile_table
+
+META_COLS = 8  # param, grad, buffer, mask words pointers; cols, words/row, words, flags
+_HAS_MASK, _FIRST_STEP = 1, 2
+LAUNCHES = [0]
+
+_TL_TYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+             torch.float64: tl.float64}
+
+
+@triton.jit
+def _masked_sgd_kernel(SEG_META, TILES, HYPER, VALUE_TYPE: tl.constexpr,
+                       COMPUTE_TYPE: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                       MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                       TILE_WORDS: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    seg = tl.load(TILES + 2 * pid)
+    meta = SEG_META + seg * 8
+    P = tl.load(meta + 0).to(tl.pointer_type(VALUE_TYPE))
+    G = tl.load(meta + 1).to(tl.pointer_type(VALUE_TYPE))
+    B = tl.load(meta + 2).to(tl.pointer_type(VALUE_TYPE))
+    W = tl.load(meta + 3).to(tl.pointer_type(tl.int32))
+    num_words = tl.load(meta + 6)
+    flags = tl.load(meta + 7)
+    offsets, valid, word = tile_coords(TILES, pid, tl.load(meta + 4), tl.load(meta + 5),
+                                       num_words, TILE_WORDS)
+    lr = tl.load(HYPER + 0).to(COMPUTE_TYPE)
+    momentum = tl.load(HYPER + 1).to(COMPUTE_TYPE)
+    dampening = tl.load(HYPER + 2).to(COMPUTE_TYPE)
+    weight_decay = tl.load(HYPER + 3).to(COMPUTE_TYPE)
+
+    # a dense tensor (no mask) reads no mask words: all bits set
+    mask_words = tl.where((flags & 1) != 0, num_words, 0)
+    words = tl.load(W + word, mask=word < mask_words, other=-1)
+    keep = ((words >> tl.arange(0, 32)[None, :]) & 1) != 0
+    p = tl.load(P + offsets, mask=valid, other=0).to(COMPUTE_TYPE)
+    g = tl.load(G + offsets, mask=valid, other=0).to(COMPUTE_TYPE)
+    g = tl.where(keep, g, 0.0)
+    if MAXIMIZE:
+        g = -g
+    if WEIGHT_DECAY:
+        g = g + weight_decay * p
+    if MOMENTUM:
+        b = tl.load(B + offsets, mask=valid, other=0).to(COMPUTE_TYPE)
+        b = tl.where((flags & 2) != 0, g, b * momentum + (1 - dampening) * g)
+        if NESTEROV:
+            g = g + momentum * b
+        else:
+            g = b
+        tl.store(B + offsets, tl.where(keep, b, 0.0).to(VALUE_TYPE), mask=valid)
+    p = tl.where(keep, p - lr * g, 0.0)
+    tl.store(P + offsets, p.to(VALUE_TYPE), mask=valid)
+
+
+@lru_cache(maxsize=64)
+def _cached_tiles(num_words: tuple[int, ...], tile_words: int, device: torch.device):
+    return tile_table(list(num_words), tile_words, device)[0]
+
+
+def masked_sgd_(params, grads, momentum_buffers, mask_words, first_step, *, lr, momentum,
+                dampening, weight_decay, nesterov, maximize, tile_words: int | None = None) -> None:
+    """Same contract as composite.masked_sgd_: contiguous tensors on one device; mask_words[i]
+    int32 (rows, ceil(cols/32)) or None; momentum_buffers/first_step empty when momentum == 0."""
+    if not params:
+        return
+    device = params[0].device
+    if tile_words is None:
+        tile_words = 256 if device.type == "cpu" else 32
+    check_tile_words(tile_words)
+    hyper = torch.tensor([float(lr), momentum, dampening, weight_decay], dtype=torch.float64,
+                         device=device)
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault(p.dtype, []).append(i)
+    for dtype, index in groups.items():
+        rows, num_words = [], []
+        for i in index:
+            cols, words_per_row, n_words = segment_layout(params[i])
+            words = mask_words[i]
+            flags = (_HAS_MASK if words is not None else 0) | (
+                _FIRST_STEP if momentum != 0 and first_step[i] else 0)
+            rows.append([params[i].data_ptr(), grads[i].data_ptr(),
+                         momentum_buffers[i].data_ptr() if momentum != 0 else params[i].data_ptr(),
+                         words.data_ptr() if words is not None else params[i].data_ptr(),
+                         cols, words_per_row, n_words, flags])
+            num_words.append(n_words)
+        tiles = _cached_tiles(tuple(num_words), tile_words, device)
+        if tiles.shape[0] == 0:
+            continue
+        meta = torch.tensor(rows, dtype=torch.int64).to(device)
+        LAUNCHES[0] += 1
+        _masked_sgd_kernel[(tiles.shape[0],)](
+            meta, tiles, hyper, VALUE_TYPE=_TL_TYPES[dtype],
+            COMPUTE_TYPE=tl.float64 if dtype == torch.float64 else tl.float32,
+            MOMENTUM=momentum != 0, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
+            WEIGHT_DECAY=weight_decay != 0, TILE_WORDS=tile_words)

@@ -1,0 +1,283 @@
+"""masked_sgd_ and MaskedSGD against torch.optim.SGD and reference/, on every backend present."""
+import io
+import itertools
+
+import pytest
+import torch
+
+import dsd_kernels as dk
+from dsd_kernels import ops
+from dsd_kernels import reference as R
+from dsd_kernels.optim import MaskedSGD, masked_sgd
+
+from .conftest import DEVICE
+
+OPTIONS = [dict(momentum=m, dampening=d, weight_decay=wd, nesterov=n, maximize=mx)
+           for m, d, wd, n, mx in itertools.product([0.0, 0.9], [0.0, 0.1], [0.0, 1e-2],
+                                                    [False, True], [False, True])
+           if not (n and (m == 0 or d != 0))]
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-12),
+       torch.float16: dict(rtol=2e-2, atol=2e-2), torch.bfloat16: dict(rtol=6e-2, atol=6e-2)}
+
+
+def make_params(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(33, 70), (17,), (4, 3, 3, 3), (1,)]
+    return [torch.randn(s, generator=g).to(dtype).to(DEVICE) for s in shapes]
+
+
+def make_grads(params, step):
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(p.shape, generator=g).to(p.dtype).to(DEVICE) for p in params]
+
+
+def make_keeps(params, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand(p.shape, generator=g) > 0.5).to(DEVICE) if p.dim() >= 2 else None
+            for p in params]
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_without_masks_matches_torch_sgd(backend, opts):
+    ours = [torch.nn.Parameter(p) for p in make_params()]
+    theirs = [torch.nn.Parameter(p.clone()) for p in ours]
+    opt_ours = MaskedSGD(ours, lr=0.05, **opts)
+    opt_theirs = torch.optim.SGD(theirs, lr=0.05, **opts)
+    for step in range(5):
+        for p, q, g in zip(ours, theirs, make_grads(ours, step)):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, **TOL[torch.float32])
+        if opts["momentum"]:
+            torch.testing.assert_close(opt_ours.state[p]["momentum_buffer"],
+                                       opt_theirs.state[q]["momentum_buffer"], **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("opts", OPTIONS[::3], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_with_masks_matches_sgd_on_masked_grads_then_zeroing(backend, opts):
+    ours = [torch.nn.Parameter(p) for p in make_params()]
+    theirs = [torch.nn.Parameter(p.clone()) for p in ours]
+    keeps = make_keeps(ours)
+    opt_ours = MaskedSGD(ours, lr=0.05, **opts)
+    opt_ours.set_masks({p: k for p, k in zip(ours, keeps) if k is not None})
+    opt_theirs = torch.optim.SGD(theirs, lr=0.05, **opts)
+    with torch.no_grad():
+        for q, k in zip(theirs, keeps):
+            if k is not None:
+                q.mul_(k)
+    for step in range(5):
+        for p, q, g, k in zip(ours, theirs, make_grads(ours, step), keeps):
+            p.grad = g.clone()
+            q.grad = g * k if k is not None else g.clone()
+        opt_ours.step()
+        opt_theirs.step()
+        with torch.no_grad():
+            for q, k in zip(theirs, keeps):
+                if k is not None:
+                    q.mul_(k)
+                    if opts["momentum"]:
+                        opt_theirs.state[q]["momentum_buffer"].mul_(k)
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_fused_matches_reference_every_dtype(backend, dtype):
+    params = make_params(dtype)
+    ref_params = [p.clone() for p in params]
+    keeps = make_keeps(params)
+    masks = [dk.Mask.from_bool(k) if k is not None else None for k in keeps]
+    for p, q, k in zip(params, ref_params, keeps):
+        if k is not None:
+            p.masked_fill_(~k, 0)
+            q.masked_fill_(~k, 0)
+    bufs, ref_bufs = [None] * len(params), [None] * len(params)
+    hyper = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2, nesterov=False, maximize=False)
+    for step in range(4):
+        grads = make_grads(params, step)
+        ops.masked_sgd_(params, grads, bufs, masks, **hyper)
+        R.masked_sgd_(ref_params, grads, ref_bufs, keeps, **hyper)
+    for p, q, b, rb in zip(params, ref_params, bufs, ref_bufs):
+        torch.testing.assert_close(p, q, **TOL[dtype])
+        torch.testing.assert_close(b, rb, **TOL[dtype])
+
+
+def test_pruned_weights_and_momentum_stay_exactly_zero(backend):
+    params = [torch.nn.Parameter(p) for p in make_params()]
+    opt = MaskedSGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    opt.prune(0.6)
+    pruned = {p: ~m.to_bool() for p, m in opt.masks.items()}
+    for step in range(30):
+        for p, g in zip(params, make_grads(params, step)):
+            if p in pruned:  # NaN/inf gradients at pruned positions must not leak into them
+                g = torch.where(pruned[p] & (g > 0), float("nan"), g)
+                g = torch.where(pruned[p] & (g < 0), float("inf"), g)
+            p.grad = g
+        opt.step()
+    for p, where in pruned.items():
+        assert p[where].eq(0).all()
+        assert opt.state[p]["momentum_buffer"][where].eq(0).all()
+        assert int(where.sum()) == round(0.6 * p.numel())
+        assert torch.isfinite(p).all()
+
+
+def test_clear_masks_lets_pruned_weights_move_from_zero(backend):
+    p = torch.nn.Parameter(torch.randn(8, 8, device=DEVICE))
+    opt = MaskedSGD([p], lr=0.1, momentum=0.9)
+    opt.prune(0.5)
+    pruned = ~opt.masks[p].to_bool()
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert p[pruned].eq(0).all()
+    opt.clear_masks()
+    assert opt.masks == {}
+    opt.step()
+    assert torch.allclose(p[pruned], torch.full_like(p[pruned], -0.1))
+
+
+def test_prune_skips_groups_with_prune_false_and_1d_params():
+    lin, head = torch.nn.Linear(20, 10), torch.nn.Linear(10, 3)
+    opt = MaskedSGD([{"params": lin.parameters()}, {"params": head.parameters(), "prune": False}], lr=0.1)
+    masks = opt.prune(0.5)
+    assert set(masks) == {lin.weight}
+    assert int((lin.weight == 0).sum()) == 100 and int((head.weight == 0).sum()) == 0
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(4, 4))]})
+    assert opt.param_groups[-1]["prune"] is True
+
+
+def test_state_dict_round_trip_and_bit_identical_resume(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    data = [(torch.randn(8, 12), torch.randn(8, 4)) for _ in range(10)]
+
+    def train(model, opt, batches):
+        for x, y in batches:
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+
+    opt = MaskedSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    train(model, opt, data[:3])
+    opt.prune(0.5)
+    train(model, opt, data[3:5])
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
+    train(model, opt, data[5:])
+    final = [p.detach().clone() for p in model.parameters()]
+
+    ckpt = torch.load(path, weights_only=True)
+    model2 = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    model2.load_state_dict(ckpt["model"])
+    opt2 = MaskedSGD(model2.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    opt2.load_state_dict(ckpt["opt"])
+    assert [m.shape for m in opt2.masks.values()] == [torch.Size([16, 12]), torch.Size([4, 16])]
+    train(model2, opt2, data[5:])
+    for a, b in zip(final, model2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_lr_scheduler_and_tensor_lr():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = MaskedSGD([p], lr=torch.tensor(1.0))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(3):
+        p.grad = torch.ones(3)
+        opt.step()
+        sched.step()
+    assert torch.allclose(p, torch.full((3,), -1.75))
+
+
+def test_grad_scaler_skipped_step_changes_nothing():
+    model = torch.nn.Linear(6, 4)
+    opt = MaskedSGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt.prune(0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    x = torch.randn(5, 6)
+    scaler.scale(model(x).sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    before = [p.detach().clone() for p in model.parameters()]
+    bufs = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    opt.zero_grad()
+    scaler.scale(model(x).sum()).backward()
+    model.weight.grad[0, 0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0  # the overflow was seen and the step skipped
+    for p, q, b in zip(model.parameters(), before, bufs):
+        assert torch.equal(p, q) and torch.equal(opt.state[p]["momentum_buffer"], b)
+
+
+def test_closure_zero_grad_and_step_hooks():
+    model = torch.nn.Linear(3, 1)
+    opt = MaskedSGD(model.parameters(), lr=0.1)
+    calls = []
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+
+    def closure():
+        opt.zero_grad()
+        loss = model(torch.ones(2, 3)).sum()
+        loss.backward()
+        return loss
+
+    assert isinstance(opt.step(closure), torch.Tensor) and calls == ["post"]
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(lr=-1.0), "Invalid learning rate"), (dict(momentum=-0.5), "Invalid momentum value"),
+    (dict(weight_decay=-1.0), "Invalid weight_decay value"),
+    (dict(nesterov=True), "Nesterov momentum requires a momentum and zero dampening"),
+    (dict(momentum=0.9, dampening=0.1, nesterov=True), "Nesterov momentum requires"),
+])
+def test_invalid_hyperparameters_raise_like_torch_sgd(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+    with pytest.raises(ValueError, match=match):
+        MaskedSGD([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+    with pytest.raises(ValueError, match=match):
+        masked_sgd([torch.zeros(1)], [torch.zeros(1)], [None], [None], **{"lr": 0.1, **kwargs})
+
+
+def test_bad_masks_and_grads():
+    a, b = torch.nn.Parameter(torch.randn(4, 5)), torch.nn.Parameter(torch.randn(3))
+    opt = MaskedSGD([a], lr=0.1)
+    with pytest.raises(ValueError, match=r"mask has shape \(5, 4\) but its parameter has shape \(4, 5\)"):
+        opt.set_masks({a: torch.ones(5, 4, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="does not hold"):
+        opt.set_masks({b: torch.ones(3, dtype=torch.bool)})
+    with pytest.raises(TypeError, match="bool"):
+        opt.set_masks({a: torch.ones(4, 5)})
+    a.grad = torch.zeros(4, 5).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    with pytest.raises(ValueError, match=r"masks\[0\] has shape"):
+        ops.masked_sgd_([torch.zeros(4)], [torch.zeros(4)], [None], [torch.ones(5, dtype=torch.bool)], lr=0.1)
+    with pytest.raises(ValueError, match="equal lengths"):
+        ops.masked_sgd_([torch.zeros(4)], [], [None], [None], lr=0.1)
+    with pytest.raises(ValueError, match=r"grads\[0\] has shape"):
+        ops.masked_sgd_([torch.zeros(4)], [torch.zeros(5)], [None], [None], lr=0.1)
+
+
+def test_save_load_masks_weights_only():
+    a = torch.nn.Parameter(torch.randn(6, 7))
+    opt = MaskedSGD([a], lr=0.1, momentum=0.9)
+    opt.prune(0.3)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt2 = MaskedSGD([a], lr=0.1, momentum=0.9)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    assert opt2.masks[a] == opt.masks[a]
+
+
+def test_opcheck_masked_sgd():
+    params = [torch.randn(5, 40), torch.randn(7)]
+    grads = [torch.randn_like(p) for p in params]
+    bufs = [torch.randn_like(p) for p in params]
+    words = [dk.Mask.from_bool(torch.rand(5, 40) > 0.5).packed, None]
+    torch.library.opcheck(torch.ops.dsd_kernels.masked_sgd_.default,
+                          (params, grads, bufs, words, [False, True], 0.1, 0.9, 0.0, 1e-3, True, False))
