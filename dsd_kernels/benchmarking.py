@@ -143,3 +143,60 @@ def format_row(r: dict) -> str:
     ratio = f"{speed:6.2f}x vs {r['best_baseline']}" if speed is not None and math.isfinite(speed) else ""
     return (f"{r['op']:<22} {r['case']:<40} ours {r['ours_s'] * 1e3:9.3f} ms "
             f"{r['ours_GBps']:7.2f} GB/s  {ratio}")
+
+
+def masked_sgd_cases(device: str, param_sets: tuple[str, ...] = ("resnet50", "gpt2-small")) -> list[Case]:
+    """One SGD step (momentum 0.9, weight decay 1e-4, 50% masks on >= 2-D params) on whole
+    parameter sets, against SGD(foreach=True) / SGD(fused=True) plus the two mask multiplies
+    (grad.mul_(mask) before, p.mul_(mask) after: what apex ASP does)."""
+    from .optim import MaskedSGD
+
+    shapes_of = {"resnet50": resnet50_weight_shapes, "gpt2-small": gpt2_small_param_shapes}
+    cases = []
+    for name in param_sets:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        shapes = shapes_of[name]()
+        if name == "resnet50":  # + batch-norm weights and biases (1-D, never masked)
+            shapes = shapes + [(s[0],) for s in shapes[:-1] for _ in range(2)] + [(1000,)]
+        values = [torch.randn(s, generator=gen) for s in shapes]
+        keeps = [(torch.rand(s, generator=gen) > 0.5).to(device) if len(s) >= 2 else None
+                 for s in shapes]
+        hyper = dict(lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+        def fresh():
+            params = [torch.nn.Parameter(v.to(device)) for v in values]
+            for p in params:
+                p.grad = torch.randn_like(p)
+            return params
+
+        ours_params = fresh()
+        ours = MaskedSGD(ours_params, **hyper)
+        ours.set_masks({p: k for p, k in zip(ours_params, keeps) if k is not None})
+        numel = sum(v.numel() for v in values)
+        masked = sum(v.numel() for v, k in zip(values, keeps) if k is not None)
+        bytes_moved = numel * 4 * 5 + masked // 8  # read p, g, buf; write p, buf; mask bits
+        baselines = {}
+        for flavour in ("foreach", "fused"):
+            params = fresh()
+            try:
+                opt = torch.optim.SGD(params, **hyper, **{flavour: True})
+                opt.step()
+            except (RuntimeError, ValueError):
+                continue  # fused SGD unsupported on this device/torch
+            pairs = [(p, k) for p, k in zip(params, keeps) if k is not None]
+
+            def baseline(opt=opt, pairs=pairs):
+                for p, k in pairs:
+                    p.grad.mul_(k)
+                opt.step()
+                with torch.no_grad():
+                    for p, k in pairs:
+                        p.mul_(k)
+
+            baselines[f"SGD({flavour}=True) + grad.mul_(mask) + p.mul_(mask)"] = baseline
+        cases.append(Case("masked_sgd_", f"{name} ({numel / 1e6:.1f}M params, 50% masks)",
+                          bytes_moved, ours=ours.step, baselines=baselines))
+    return cases
+
+
+CASE_FACTORIES["masked_sgd"] = masked_sgd_cases
