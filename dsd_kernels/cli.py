@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 
@@ -45,11 +46,73 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    import time
+
+    from .dsd.report import format_table
+    from .dsd.train import TrainConfig, run_job
+
+    if args.resume:
+        out = args.resume
+        cfg = TrainConfig(device=args.device or "cpu")
+    else:
+        cfg = TrainConfig(data=args.data, sparsity=args.sparsity, lr=args.lr, seeds=args.seeds,
+                          device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                          checkpoint_every=args.checkpoint_every, batch_size=args.batch_size,
+                          cycles=args.cycles)
+        if args.model != "all":
+            cfg.models = [args.model]
+        if args.epochs:
+            cfg.epochs = list(args.epochs)
+        if args.train_samples is not None:
+            cfg.train_samples = args.train_samples if args.train_samples > 0 else None
+        elif args.data != "mnist1d":
+            cfg.train_samples = None  # the whole training set of other data
+        if args.quick:
+            cfg.epochs = args.epochs and list(args.epochs) or [3, 3, 3]
+            cfg.seeds = min(cfg.seeds, 2)
+            if args.train_samples is None and args.data == "mnist1d":
+                cfg.train_samples = 500
+        out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    try:
+        report = run_job(cfg, out, resume=bool(args.resume), progress=not args.no_progress)
+    except ValueError as err:
+        print(f"dsd-kernels train: error: {err}", file=sys.stderr)
+        return 2
+    print()
+    print(format_table(report))
+    print(f"report: {os.path.join(out, 'report.md')} (+ report.json, accuracy.png, weights.png); "
+          f"{report['elapsed_s']:.0f} s on {report['config']['device']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsd-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, device, and which backends are available and why")
     p.set_defaults(func=_cmd_info)
+    p = sub.add_parser("train", help="DSD vs dense and lower-lr baselines on MNIST-1D (default)",
+                       description="Train dense, llr and DSD on the same seeds and report paired "
+                                   "differences, plots and per-phase sparsity.")
+    p.add_argument("--data", default="mnist1d", help="mnist1d (generated, default), digits, or PATH.npz")
+    p.add_argument("--model", default="all", choices=["all", "mlp", "cnn"], help="default: both")
+    p.add_argument("--sparsity", type=float, default=0.5, help="uniform DSD sparsity in [0, 1) (0.5)")
+    p.add_argument("--epochs", type=int, nargs=3, metavar=("D", "S", "R"),
+                   help="dense, sparse, re-dense epochs (20 20 20)")
+    p.add_argument("--cycles", type=int, default=1, help="sparse+re-dense cycles (2 = DSDSD)")
+    p.add_argument("--seeds", type=int, default=5, help="number of seeds (5)")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate of the dense phase (0.05)")
+    p.add_argument("--batch-size", type=int, default=32, help="(32)")
+    p.add_argument("--train-samples", type=int,
+                   help="training samples to use (mnist1d: 1000 of 4000; 0 = all)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--out", help="output folder (default runs/<timestamp>)")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="checkpoint every N epochs so --resume can continue a killed job")
+    p.add_argument("--resume", metavar="DIR", help="continue the job in DIR")
+    p.add_argument("--quick", action="store_true", help="a small run for smoke tests (< 1 min)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
     p = sub.add_parser("bench", help="time every op against its torch baselines, write JSON")
     from .benchmarking import CASE_FACTORIES
     p.add_argument("--ops", nargs="*", choices=sorted(CASE_FACTORIES),

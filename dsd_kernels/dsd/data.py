@@ -1,0 +1,98 @@
+"""Data for `dsd-kernels train`: generated MNIST-1D (default), scikit-learn's bundled digits,
+or the user's own .npz (x_train, y_train, x_test, y_test). Nothing is downloaded."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Dataset:
+    name: str
+    x_train: torch.Tensor  # (N, features) float32, standardised with the training statistics
+    y_train: torch.Tensor  # (N,) int64 in [0, num_classes)
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+    @property
+    def num_features(self) -> int:
+        return self.x_train.shape[1]
+
+
+@lru_cache(maxsize=1)
+def _mnist1d_arrays():
+    from mnist1d.data import get_dataset_args, make_dataset
+    data = make_dataset(get_dataset_args())  # 4000 train / 1000 test, length 40, fixed seed
+    return data["x"], data["y"], data["x_test"], data["y_test"]
+
+
+def _mnist1d():
+    return tuple(a.copy() for a in _mnist1d_arrays())  # generated once per process (~2 s)
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    x, y = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=0,
+                                                        stratify=y)
+    return x_train, y_train, x_test, y_test
+
+
+def _npz(path: str):
+    if not os.path.isfile(path):
+        raise ValueError(f"--data: {path!r} is neither 'mnist1d', 'digits' nor an existing .npz file")
+    with np.load(path, allow_pickle=False) as f:
+        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
+        if missing:
+            raise ValueError(f"--data {path}: missing arrays {missing} (has {sorted(f.files)})")
+        return f["x_train"], f["y_train"], f["x_test"], f["y_test"]
+
+
+def _check(name, x_train, y_train, x_test, y_test):
+    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        if x.ndim != 2:
+            raise ValueError(f"{name}: x_{split} must be 2-D (samples, features), got shape {x.shape}")
+        if y.ndim != 1 or len(y) != len(x):
+            raise ValueError(f"{name}: y_{split} must be 1-D with one label per row of x_{split}, "
+                             f"got shape {y.shape} for {len(x)} samples")
+        if len(x) == 0:
+            raise ValueError(f"{name}: x_{split} is empty")
+        if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
+            raise ValueError(f"{name}: x_{split} must hold finite numbers")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"{name}: y_{split} must hold integer class labels, got {y.dtype}")
+        if y.min() < 0:
+            raise ValueError(f"{name}: y_{split} has negative label {int(y.min())}")
+    if x_train.shape[1] != x_test.shape[1]:
+        raise ValueError(f"{name}: x_train has {x_train.shape[1]} features but x_test has {x_test.shape[1]}")
+    num_classes = int(y_train.max()) + 1
+    if y_test.max() >= num_classes:
+        raise ValueError(f"{name}: y_test has label {int(y_test.max())}, out of range for the "
+                         f"{num_classes} classes seen in y_train (labels 0..{num_classes - 1})")
+    if num_classes < 2:
+        raise ValueError(f"{name}: need at least 2 classes, y_train has {num_classes}")
+    return num_classes
+
+
+def load_data(spec: str = "mnist1d", train_samples: int | None = None) -> Dataset:
+    """Load `spec` ("mnist1d", "digits" or a .npz path); keep the first train_samples training rows."""
+    loaders = {"mnist1d": _mnist1d, "digits": _digits}
+    x_train, y_train, x_test, y_test = loaders[spec]() if spec in loaders else _npz(spec)
+    x_train, x_test = np.asarray(x_train), np.asarray(x_test)
+    y_train, y_test = np.asarray(y_train), np.asarray(y_test)
+    num_classes = _check(spec, x_train, y_train, x_test, y_test)
+    if train_samples is not None:
+        if not 1 <= train_samples <= len(x_train):
+            raise ValueError(f"--train-samples must be in [1, {len(x_train)}] for {spec}, got {train_samples}")
+        x_train, y_train = x_train[:train_samples], y_train[:train_samples]
+    mean, std = x_train.mean(), x_train.std() or 1.0
+    as_x = lambda a: torch.from_numpy(((a - mean) / std).astype(np.float32))  # noqa: E731
+    as_y = lambda a: torch.from_numpy(a.astype(np.int64))  # noqa: E731
+    return Dataset(os.path.basename(spec), as_x(x_train), as_y(y_train), as_x(x_test), as_y(y_test),
+                   num_classes)

@@ -1,0 +1,28 @@
+"""The default models of `dsd-kernels train`: an MLP and a small 1-D CNN."""
+from __future__ import annotations
+
+from torch import nn
+
+MODELS = ("mlp", "cnn")
+
+
+def build_model(name: str, num_features: int, num_classes: int) -> nn.Module:
+    if name == "mlp":  # 40-512-512-10 on MNIST-1D
+        return nn.Sequential(nn.Linear(num_features, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                             nn.Linear(512, num_classes))
+    if name == "cnn":
+        length = num_features
+        for _ in range(2):
+            length = (length + 2 - 3) // 2 + 1  # stride-2 convs, kernel 3, padding 1
+        return nn.Sequential(
+            nn.Unflatten(1, (1, num_features)),
+            nn.Conv1d(1, 32, 5, padding=2), nn.ReLU(),
+            nn.Conv1d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv1d(64, 64, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Flatten(), nn.Linear(64 * length, 128), nn.ReLU(), nn.Linear(128, num_classes))
+    raise ValueError(f"--model must be one of {MODELS}, got {name!r}")
+
+
+def prunable_layers(model: nn.Module) -> dict[str, nn.Parameter]:
+    """{name: weight} for every parameter of 2 or more dims (what DSD prunes)."""
+    return {n: p for n, p in model.named_parameters() if p.dim() >= 2}

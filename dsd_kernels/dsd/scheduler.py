@@ -1,0 +1,116 @@
+"""DSDScheduler: Dense -> Sparse -> re-Dense phases, stepped once per epoch like an LR scheduler.
+
+Epochs 0 .. dense_epochs-1 are dense; then `cycles` times: sparse_epochs sparse epochs
+followed by redense_epochs re-dense epochs (cycles=2 gives DSDSD).
+- dense -> sparse: every weight of 2 or more dims is magnitude-pruned at one uniform
+  sparsity (exactly round(s*N) per layer) through `optimizer.prune` (MaskedSGD); pruned
+  weights and their momentum become 0 and stay 0 while sparse.
+- sparse -> redense: the masks are dropped; pruned weights restart from exactly 0 with
+  zero momentum, and every group's learning rate is multiplied by redense_lr_scale
+  (once, at the first re-dense: 1/10 of the dense phase's rate by default). Nothing else
+  changes. The multiplication composes with a chainable torch LR scheduler; pass a
+  closed-form one (LambdaLR, CosineAnnealingLR, ...) as `lr_scheduler` so that its
+  base_lrs are scaled too.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+PHASES = ("dense", "sparse", "redense")
+
+
+class DSDScheduler:
+    def __init__(self, optimizer, *, dense_epochs: int, sparse_epochs: int, redense_epochs: int,
+                 sparsity: float, redense_lr_scale: float = 0.1, cycles: int = 1,
+                 lr_scheduler=None):
+        for name, value in (("dense_epochs", dense_epochs), ("sparse_epochs", sparse_epochs),
+                            ("redense_epochs", redense_epochs), ("cycles", cycles)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0 or math.isnan(sparsity):
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+        if not redense_lr_scale > 0:
+            raise ValueError(f"redense_lr_scale must be positive, got {redense_lr_scale!r}")
+        if not (callable(getattr(optimizer, "prune", None))
+                and callable(getattr(optimizer, "clear_masks", None))):
+            raise TypeError(f"optimizer {type(optimizer).__name__} cannot hold masks: use "
+                            f"dsd_kernels.optim.MaskedSGD (it has prune() and clear_masks())")
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.dense_epochs, self.sparse_epochs = dense_epochs, sparse_epochs
+        self.redense_epochs, self.cycles = redense_epochs, cycles
+        self.sparsity = float(sparsity)
+        self.redense_lr_scale = float(redense_lr_scale)
+        self.epoch = 0  # epochs completed
+        self.lr_scaled = False
+
+    # ------------------------------------------------------------ schedule
+    @property
+    def total_epochs(self) -> int:
+        return self.dense_epochs + self.cycles * (self.sparse_epochs + self.redense_epochs)
+
+    def phase_at(self, epoch: int) -> str:
+        """Phase of 0-based epoch `epoch` ("dense" past the end: training is over)."""
+        if epoch < self.dense_epochs or epoch >= self.total_epochs:
+            return "dense"
+        offset = (epoch - self.dense_epochs) % (self.sparse_epochs + self.redense_epochs)
+        return "sparse" if offset < self.sparse_epochs else "redense"
+
+    @property
+    def phase(self) -> str:
+        """Phase of the epoch about to run."""
+        return self.phase_at(self.epoch)
+
+    def phase_plan(self) -> list[tuple[str, int, int]]:
+        """[(phase, first epoch, number of epochs)] in order."""
+        plan = [("dense", 0, self.dense_epochs)]
+        start = self.dense_epochs
+        for _ in range(self.cycles):
+            plan += [("sparse", start, self.sparse_epochs),
+                     ("redense", start + self.sparse_epochs, self.redense_epochs)]
+            start += self.sparse_epochs + self.redense_epochs
+        return plan
+
+    def step(self) -> str | None:
+        """Call once at the end of every epoch. Returns the phase entered, if one starts now."""
+        if self.epoch >= self.total_epochs:
+            raise RuntimeError(f"DSDScheduler.step() called after the last of {self.total_epochs} epochs")
+        before = self.phase_at(self.epoch)
+        self.epoch += 1
+        after = self.phase_at(self.epoch)
+        if self.epoch >= self.total_epochs or after == before:
+            return None
+        if after == "sparse":
+            self.optimizer.prune(self.sparsity)
+        else:
+            self.optimizer.clear_masks()
+            if not self.lr_scaled:
+                self._scale_lr(self.redense_lr_scale)
+                self.lr_scaled = True
+        return after
+
+    def _scale_lr(self, scale: float) -> None:
+        for group in self.optimizer.param_groups:
+            lr = group["lr"]
+            group["lr"] = lr * scale if not isinstance(lr, torch.Tensor) else lr.mul_(scale)
+        if self.lr_scheduler is not None and hasattr(self.lr_scheduler, "base_lrs"):
+            self.lr_scheduler.base_lrs = [lr * scale for lr in self.lr_scheduler.base_lrs]
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "lr_scaled": self.lr_scaled, "dense_epochs": self.dense_epochs,
+                "sparse_epochs": self.sparse_epochs, "redense_epochs": self.redense_epochs,
+                "cycles": self.cycles, "sparsity": self.sparsity,
+                "redense_lr_scale": self.redense_lr_scale}
+
+    def load_state_dict(self, state: dict) -> None:
+        plan = ("dense_epochs", "sparse_epochs", "redense_epochs", "cycles", "sparsity")
+        for key in plan:
+            if state[key] != getattr(self, key):
+                raise ValueError(f"state_dict has {key}={state[key]!r} but this scheduler has "
+                                 f"{getattr(self, key)!r}")
+        self.epoch = int(state["epoch"])
+        self.lr_scaled = bool(state["lr_scaled"])
+        self.redense_lr_scale = float(state["redense_lr_scale"])

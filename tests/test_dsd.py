@@ -1,0 +1,270 @@
+"""DSDScheduler phases, masks and learning rates; the train job end to end; resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from dsd_kernels import cli
+from dsd_kernels.dsd import DSDScheduler
+from dsd_kernels.dsd.data import load_data
+from dsd_kernels.dsd.train import Run, TrainConfig, run_job
+from dsd_kernels.optim import MaskedSGD
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(10, 33), torch.nn.ReLU(), torch.nn.Linear(33, 4))
+
+
+def train_steps(model, opt, n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        opt.zero_grad()
+        x, y = torch.randn(16, 10, generator=g), torch.randint(0, 4, (16,), generator=g)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_phases_boundaries_and_dsdsd():
+    opt = MaskedSGD(small_model().parameters(), lr=0.1, momentum=0.9)
+    s = DSDScheduler(opt, dense_epochs=2, sparse_epochs=3, redense_epochs=1, sparsity=0.5, cycles=2)
+    assert s.total_epochs == 10
+    assert [s.phase_at(e) for e in range(10)] == (["dense"] * 2 + ["sparse"] * 3 + ["redense"]
+                                                  + ["sparse"] * 3 + ["redense"])
+    assert s.phase_plan() == [("dense", 0, 2), ("sparse", 2, 3), ("redense", 5, 1),
+                              ("sparse", 6, 3), ("redense", 9, 1)]
+    entered = [s.step() for _ in range(10)]
+    assert entered == [None, "sparse", None, None, "redense", "sparse", None, None, "redense", None]
+    assert opt.masks == {}  # the last phase is re-dense
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)  # scaled once, not per cycle
+    with pytest.raises(RuntimeError, match="after the last"):
+        s.step()
+
+
+def test_sparse_phase_keeps_exact_per_layer_sparsity_after_many_steps():
+    model = small_model()
+    opt = MaskedSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    s = DSDScheduler(opt, dense_epochs=1, sparse_epochs=3, redense_epochs=1, sparsity=0.7)
+    train_steps(model, opt, 5)
+    assert s.step() == "sparse" and s.phase == "sparse"
+    for epoch in range(3):
+        train_steps(model, opt, 20, seed=epoch)
+        for layer in (model[0].weight, model[2].weight):
+            assert int((layer == 0).sum()) == round(0.7 * layer.numel())
+            assert torch.equal(layer == 0, ~opt.masks[layer].to_bool())
+        assert not (model[0].bias == 0).any()  # 1-D params are never pruned
+        if epoch < 2:
+            s.step()
+
+
+def test_redense_lr_is_one_tenth_and_pruned_weights_restart_at_zero_then_move():
+    model = small_model()
+    opt = MaskedSGD(model.parameters(), lr=0.2, momentum=0.9)
+    s = DSDScheduler(opt, dense_epochs=1, sparse_epochs=1, redense_epochs=2, sparsity=0.5)
+    train_steps(model, opt)
+    s.step()
+    pruned = ~opt.masks[model[0].weight].to_bool()
+    train_steps(model, opt)
+    assert s.step() == "redense"
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.02)
+    w = model[0].weight
+    assert w[pruned].eq(0).all()
+    assert opt.state[w]["momentum_buffer"][pruned].eq(0).all()
+    train_steps(model, opt, 3)
+    assert (w[pruned] != 0).float().mean() > 0.9  # the pruned weights train again
+
+
+def test_composes_with_torch_lr_schedulers():
+    opt = MaskedSGD(small_model().parameters(), lr=1.0)
+    step_lr = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    s = DSDScheduler(opt, dense_epochs=1, sparse_epochs=1, redense_epochs=1, sparsity=0.5)
+    for _ in range(2):
+        opt.step()
+        step_lr.step()
+        s.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.25 * 0.1)  # chainable: scale on top
+    opt2 = MaskedSGD(small_model().parameters(), lr=1.0)
+    lam = torch.optim.lr_scheduler.LambdaLR(opt2, lambda e: 1.0 / (1 + e))
+    s2 = DSDScheduler(opt2, dense_epochs=1, sparse_epochs=1, redense_epochs=2, sparsity=0.5,
+                      lr_scheduler=lam)
+    for _ in range(3):
+        opt2.step()
+        lam.step()
+        s2.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.1 / 4)  # closed form keeps the scale
+
+
+def test_scheduler_state_dict_round_trip():
+    opt = MaskedSGD(small_model().parameters(), lr=0.1)
+    s = DSDScheduler(opt, dense_epochs=2, sparse_epochs=2, redense_epochs=2, sparsity=0.5)
+    s.step(), s.step(), s.step()
+    s2 = DSDScheduler(opt, dense_epochs=2, sparse_epochs=2, redense_epochs=2, sparsity=0.5)
+    s2.load_state_dict(s.state_dict())
+    assert s2.epoch == 3 and s2.phase == "sparse"
+    s3 = DSDScheduler(opt, dense_epochs=3, sparse_epochs=2, redense_epochs=2, sparsity=0.5)
+    with pytest.raises(ValueError, match="dense_epochs"):
+        s3.load_state_dict(s.state_dict())
+
+
+@pytest.mark.parametrize("kwargs,err,match", [
+    (dict(sparsity=1.0), ValueError, "sparsity"), (dict(sparsity=-0.1), ValueError, "sparsity"),
+    (dict(sparsity=float("nan")), ValueError, "sparsity"),
+    (dict(dense_epochs=0), ValueError, "dense_epochs"), (dict(sparse_epochs=-1), ValueError, "sparse_epochs"),
+    (dict(cycles=0), ValueError, "cycles"),
+])
+def test_scheduler_bad_input(kwargs, err, match):
+    opt = MaskedSGD(small_model().parameters(), lr=0.1)
+    args = {**dict(dense_epochs=1, sparse_epochs=1, redense_epochs=1, sparsity=0.5), **kwargs}
+    with pytest.raises(err, match=match):
+        DSDScheduler(opt, **args)
+
+
+def test_optimizer_without_masks_is_rejected():
+    with pytest.raises(TypeError, match="cannot hold masks"):
+        DSDScheduler(torch.optim.SGD(small_model().parameters(), lr=0.1), dense_epochs=1,
+                     sparse_epochs=1, redense_epochs=1, sparsity=0.5)
+
+
+# ---------------------------------------------------------------- the train job
+TINY = dict(models=["mlp"], seeds=1, epochs=[2, 3, 2], train_samples=200, checkpoint_every=1)
+
+
+def test_run_resumed_mid_sparse_phase_is_bit_identical():
+    cfg = TrainConfig(**TINY)
+    data = load_data("mnist1d", cfg.train_samples)
+    full = Run(cfg, data, "dsd", "mlp", 0)
+    while full.epoch < cfg.total_epochs:
+        full.run_epoch()
+    first = Run(cfg, data, "dsd", "mlp", 0)
+    for _ in range(3):  # dense, dense, first sparse epoch
+        first.run_epoch()
+    assert first.dsd.phase == "sparse"
+    state = first.state_dict()
+    resumed = Run(cfg, data, "dsd", "mlp", 0)
+    resumed.load_state_dict(state)
+    while resumed.epoch < cfg.total_epochs:
+        resumed.run_epoch()
+    for a, b in zip(full.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+    assert full.result() == resumed.result()
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_job_interrupted_and_resumed_matches_uninterrupted(tmp_path):
+    whole = run_job(TrainConfig(**TINY), str(tmp_path / "whole"), progress=False)
+
+    def interrupt(run):
+        if run.method == "dsd" and run.epoch == 4:  # inside the sparse phase
+            raise Interrupt
+
+    out = str(tmp_path / "killed")
+    with pytest.raises(Interrupt):
+        run_job(TrainConfig(**TINY), out, progress=False, on_epoch_end=interrupt)
+    assert os.path.exists(os.path.join(out, "checkpoints", "dsd-mlp-seed0.pt"))
+    assert not os.path.exists(os.path.join(out, "report.json"))
+    resumed = run_job(TrainConfig(), out, resume=True, progress=False)
+    assert resumed["runs"] == whole["runs"]
+    assert resumed["summary"] == whole["summary"]
+
+
+def test_cli_quick_end_to_end(tmp_path, capsys):
+    out = str(tmp_path / "quick")
+    assert cli.main(["train", "--quick", "--out", out, "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "DSD - dense" in printed and "DSD - llr" in printed
+    with open(os.path.join(out, "report.json")) as f:
+        report = json.load(f)
+    assert set(report) >= {"config", "runs", "summary"}
+    assert len(report["runs"]) == 2 * 3 * 2  # models x methods x seeds
+    for run in report["runs"]:
+        assert {"method", "model", "seed", "test_accuracy"} <= set(run)
+        if run["method"] == "dsd":
+            assert [p["name"] for p in run["phases"]] == ["dense", "sparse", "redense"]
+            sparse = run["phases"][1]
+            assert sparse["sparsity"] == 0.5
+            assert all(abs(v - 0.5) < 1e-2 for v in sparse["measured_sparsity"].values())
+            assert {"epochs", "lr", "test_accuracy"} <= set(sparse)
+            assert run["phases"][2]["lr"] == pytest.approx(0.1 * run["phases"][0]["lr"])
+    assert set(report["summary"]["mlp"]["paired"]) == {"dsd-dense", "dsd-llr"}
+    for name in ("accuracy.png", "weights.png"):
+        with open(os.path.join(out, name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.exists(os.path.join(out, "report.md"))
+
+
+def test_cli_killed_and_resumed(tmp_path, capsys):
+    """A real SIGKILL of a running `dsd-kernels train`, then --resume, equals an uninterrupted run."""
+    args = ["--quick", "--model", "mlp", "--seeds", "1", "--train-samples", "4000", "--epochs", "2", "3", "3",
+            "--checkpoint-every", "1", "--no-progress"]
+    killed = str(tmp_path / "killed")
+    proc = subprocess.Popen([sys.executable, "-m", "dsd_kernels.cli", "train", *args, "--out", killed],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    ckpts = os.path.join(killed, "checkpoints")
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(ckpts) and any(n.endswith(".pt") for n in os.listdir(ckpts)):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(killed, "report.json")), "the job finished before the kill"
+    assert cli.main(["train", "--resume", killed, "--no-progress"]) == 0
+    whole = str(tmp_path / "whole")
+    assert cli.main(["train", *args, "--out", whole]) == 0
+    reports = []
+    for d in (killed, whole):
+        with open(os.path.join(d, "report.json")) as f:
+            reports.append(json.load(f))
+    assert reports[0]["runs"] == reports[1]["runs"]
+
+
+def test_digits_and_npz_data(tmp_path):
+    digits = load_data("digits")
+    assert digits.num_features == 64 and digits.num_classes == 10
+    path = str(tmp_path / "own.npz")
+    rng = np.random.default_rng(0)
+    np.savez(path, x_train=rng.normal(size=(50, 6)), y_train=rng.integers(0, 3, 50),
+             x_test=rng.normal(size=(20, 6)), y_test=rng.integers(0, 3, 20))
+    report = run_job(TrainConfig(data=path, models=["mlp", "cnn"], seeds=1, epochs=[1, 1, 1],
+                                 train_samples=None), str(tmp_path / "out"), progress=False)
+    assert len(report["runs"]) == 6
+
+
+@pytest.mark.parametrize("arrays,match", [
+    (dict(x_train=np.zeros((5, 3)), y_train=np.zeros(5, int), x_test=np.zeros((2, 3))), "missing arrays"),
+    (dict(x_train=np.zeros((5, 3)), y_train=np.zeros(4, int), x_test=np.zeros((2, 3)),
+          y_test=np.zeros(2, int)), "one label per row"),
+    (dict(x_train=np.zeros((5, 3)), y_train=np.array([0, 1, 0, 1, 0]), x_test=np.zeros((2, 3)),
+          y_test=np.array([0, 5])), "out of range"),
+    (dict(x_train=np.zeros((5, 3)), y_train=np.array([0, 1, 0, -1, 0]), x_test=np.zeros((2, 3)),
+          y_test=np.array([0, 1])), "negative label"),
+    (dict(x_train=np.zeros((5, 3)), y_train=np.array([0, 1, 0, 1, 0]), x_test=np.zeros((2, 4)),
+          y_test=np.array([0, 1])), "features"),
+])
+def test_bad_data_fails_before_training(tmp_path, arrays, match, capsys):
+    path = str(tmp_path / "bad.npz")
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match=match):
+        load_data(path)
+    assert cli.main(["train", "--data", path, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert match in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o" / "runs")
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--sparsity", "1.0"], "--sparsity"), (["--sparsity", "-0.5"], "--sparsity"),
+    (["--epochs", "0", "1", "1"], "--epochs"), (["--seeds", "0"], "--seeds"),
+    (["--data", "nowhere.npz"], "neither"), (["--train-samples", "99999"], "--train-samples"),
+])
+def test_bad_cli_arguments(tmp_path, argv, match, capsys):
+    assert cli.main(["train", *argv, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert match in capsys.readouterr().err
