@@ -14,23 +14,8 @@ Per step: the fused step, then two in-place AND passes.
 from __future__ import annotations
 
 import torch
-from torch.utils.weak import WeakTensorKeyDictionary
 
-from ..masks import unpack_bool
-
-_INT_OF = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
-           torch.float64: torch.int64}
-_AND_WORDS = WeakTensorKeyDictionary()  # packed words -> ((version, int dtype), 0/-1 words)
-
-
-def _and_words(words: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    int_dtype = _INT_OF[param.dtype]
-    key = (words._version, int_dtype)
-    cached = _AND_WORDS.get(words)
-    if cached is None or cached[0] != key:
-        cached = (key, unpack_bool(words, param.shape).to(int_dtype).neg_())  # True -> all ones
-        _AND_WORDS[words] = cached
-    return cached[1]
+from ._mask_cache import apply_and_
 
 
 def _foreach_sgd(params, grads, bufs, first, *, lr, momentum, dampening, weight_decay, nesterov,
@@ -71,7 +56,6 @@ def masked_sgd_(params, grads, momentum_buffers, mask_words, first_step, *, lr, 
         return
     hyper = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                  nesterov=nesterov, maximize=maximize)
-    and_words = [None if w is None else _and_words(w, p) for w, p in zip(mask_words, params)]
     with torch.no_grad():
         # one fused call per (dtype, first-step) group
         groups: dict[tuple, list[int]] = {}
@@ -80,8 +64,8 @@ def masked_sgd_(params, grads, momentum_buffers, mask_words, first_step, *, lr, 
         for (_, first), index in groups.items():
             _sgd([params[i] for i in index], [grads[i] for i in index],
                  [momentum_buffers[i] for i in index] if momentum != 0 else [], first, **hyper)
-        for i, a in enumerate(and_words):
-            if a is not None:
-                params[i].view(a.dtype).bitwise_and_(a)
+        for i, words in enumerate(mask_words):
+            if words is not None:
+                apply_and_(params[i], words)
                 if momentum != 0:
-                    momentum_buffers[i].view(a.dtype).bitwise_and_(a)
+                    apply_and_(momentum_buffers[i], words)
