@@ -26,6 +26,7 @@ class Case:
     bytes_moved: int  # bytes the op must read + write at least once
     ours: Callable[[], object]
     baselines: dict[str, Callable[[], object]] = field(default_factory=dict)
+    flops: int | None = None  # for matmuls: report TFLOP/s too
 
 
 def resnet50_weight_shapes() -> list[tuple[int, ...]]:
@@ -103,6 +104,9 @@ def run_case(case: Case, min_run_time: float = 0.5) -> dict:
         "best_baseline": best_name,
         "speedup_vs_best_baseline": (base[best_name] / ours) if best_name else None,
         "bytes_moved": case.bytes_moved, "ours_GBps": case.bytes_moved / ours / 1e9,
+        **({"flops": case.flops, "ours_TFLOPs": case.flops / ours / 1e12,
+            "baselines_TFLOPs": {k: case.flops / v / 1e12 for k, v in base.items()}}
+           if case.flops else {}),
     }
 
 
@@ -141,8 +145,10 @@ def write_results(path: str, env: dict, results: list[dict]) -> None:
 def format_row(r: dict) -> str:
     speed = r["speedup_vs_best_baseline"]
     ratio = f"{speed:6.2f}x vs {r['best_baseline']}" if speed is not None and math.isfinite(speed) else ""
-    return (f"{r['op']:<22} {r['case']:<40} ours {r['ours_s'] * 1e3:9.3f} ms "
-            f"{r['ours_GBps']:7.2f} GB/s  {ratio}")
+    rate = (f"{r['ours_TFLOPs']:7.3f} TFLOP/s" if r.get("flops") else f"{r['ours_GBps']:7.2f} GB/s")
+    others = "; ".join(f"{k} {v * 1e3:.3f} ms" for k, v in r["baselines_s"].items())
+    return (f"{r['op']:<22} {r['case']:<44} ours {r['ours_s'] * 1e3:9.3f} ms {rate}  {ratio}\n"
+            f"{'':<23}baselines: {others}")
 
 
 def masked_sgd_cases(device: str, param_sets: tuple[str, ...] = ("resnet50", "gpt2-small")) -> list[Case]:
@@ -200,3 +206,47 @@ def masked_sgd_cases(device: str, param_sets: tuple[str, ...] = ("resnet50", "gp
 
 
 CASE_FACTORIES["masked_sgd"] = masked_sgd_cases
+
+GPT2_LINEARS = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (in, out)
+LLAMA7B_LINEARS = [(4096, 4096), (4096, 11008), (11008, 4096)]
+
+
+def masked_linear_cases(device: str) -> list[Case]:
+    """masked_linear forward vs F.linear(x, W*M) and dense F.linear(x, W), same run.
+
+    CPU: fp32 at 512 x 1024 x 1024. GPU: bf16, GPT-2 and LLaMA-7B linear shapes, 1 to 8192
+    tokens. Masks: unstructured 50% and 64x64 blocks at 50/75/90%.
+    """
+    import torch.nn.functional as F
+
+    from . import ops
+
+    if device.startswith("cuda"):
+        dtype = torch.bfloat16
+        shapes = [(t, i, o) for t in (1, 128, 2048, 8192) for i, o in GPT2_LINEARS + LLAMA7B_LINEARS]
+    else:
+        dtype = torch.float32
+        shapes = [(512, 1024, 1024)]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    cases = []
+    for tokens, d_in, d_out in shapes:
+        x = torch.randn(tokens, d_in, generator=gen).to(device, dtype)
+        w = torch.randn(d_out, d_in, generator=gen).to(device, dtype)
+        masks = {"unstructured 50%": ops.magnitude_masks(w, 0.5)[0]}
+        for s in (0.5, 0.75, 0.9):
+            masks[f"64x64 blocks {s:.0%}"] = ops.magnitude_masks(w, s, block=(64, 64))[0]
+        for kind, mask in masks.items():
+            words = mask.packed.to(device)
+            dense_mask = mask.to_bool().to(device, dtype)
+            flops = 2 * tokens * d_in * d_out
+            nbytes = (tokens * d_in + d_in * d_out + tokens * d_out) * x.element_size()
+            cases.append(Case(
+                "masked_linear", f"{tokens}x{d_in}->{d_out} {kind} {str(dtype)[6:]}", nbytes,
+                ours=lambda x=x, w=w, m=words: ops.masked_linear(x, w, m),
+                baselines={"F.linear(x, W*M)": lambda x=x, w=w, m=dense_mask: F.linear(x, w * m),
+                           "dense F.linear(x, W)": lambda x=x, w=w: F.linear(x, w)},
+                flops=flops))
+    return cases
+
+
+CASE_FACTORIES["masked_linear"] = masked_linear_cases

@@ -17,7 +17,7 @@ from . import _backend
 from ._floatbits import KEY_SPECS
 from .masks import Mask, mask_rows_cols
 
-__all__ = ["magnitude_thresholds", "magnitude_masks", "masked_sgd_"]
+__all__ = ["magnitude_thresholds", "magnitude_masks", "masked_sgd_", "masked_linear"]
 
 
 # ---------------------------------------------------------------- argument checks
@@ -123,17 +123,52 @@ def magnitude_thresholds(tensors, sparsity) -> Tensor:
     return torch.ops.dsd_kernels.magnitude_thresholds([t.detach() for t in tensors], sparsities)
 
 
-def magnitude_masks(tensors, sparsity) -> list[Mask]:
+def _check_block(block) -> tuple[int, int] | None:
+    if block is None:
+        return None
+    if (not isinstance(block, Sequence) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block)):
+        raise ValueError(f"block must be None or two positive ints (rows, cols), got {block!r}")
+    return int(block[0]), int(block[1])
+
+
+def _tile_l1(t: Tensor, bh: int, bw: int) -> Tensor:
+    """L1 norm of every (bh x bw) tile of t viewed as (rows, cols); edge tiles are partial."""
+    rows, cols = mask_rows_cols(t.shape)
+    tiles_r, tiles_c = -(-rows // bh), -(-cols // bw)
+    padded = torch.zeros(tiles_r * bh, tiles_c * bw, dtype=torch.float64, device=t.device)
+    padded[:rows, :cols] = t.detach().reshape(rows, cols).abs()
+    return padded.view(tiles_r, bh, tiles_c, bw).sum((1, 3))
+
+
+def magnitude_masks(tensors, sparsity, block=None) -> list[Mask]:
     """Exact magnitude masks: per tensor, the k = round(s * numel) smallest |w| are pruned.
 
     Ties in |w| are pruned lowest flat index first, so exactly k weights are pruned
     whatever the values (all-equal weights included). Returns one packed Mask per tensor.
+
+    block=(bh, bw): prune whole tiles of each tensor (viewed as (shape[0], numel/shape[0]))
+    instead, ranked by their L1 norm (summed in fp64), exactly round(s * tiles) tiles per
+    tensor with the same tie rules over tiles in row-major order. Edge tiles may be
+    partial, so the pruned fraction of weights can differ slightly from s. Use the
+    matmul's tile (64, 64) to turn sparsity into speed in masked_linear.
     """
     tensors = _as_tensor_list(tensors)
     sparsities = _sparsity_list(sparsity, len(tensors))
+    block = _check_block(block)
     if not tensors:
         return []
     _check_float_same_device(tensors)
+    if block is not None:
+        bh, bw = block
+        scores = [_tile_l1(t, bh, bw) for t in tensors]
+        tile_masks = magnitude_masks(scores, sparsities)
+        masks = []
+        for t, tm in zip(tensors, tile_masks):
+            rows, cols = mask_rows_cols(t.shape)
+            keep = tm.to_bool().repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:rows, :cols]
+            masks.append(Mask.from_bool(keep.reshape(t.shape)))
+        return masks
     words = torch.ops.dsd_kernels.magnitude_mask_words([t.detach() for t in tensors], sparsities)
     return [Mask(w, t.shape) for w, t in zip(words, tensors)]
 
@@ -253,3 +288,115 @@ def masked_sgd_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0, dam
                                       [b.detach() for b in bufs], words, first, float(lr),
                                       float(momentum), float(dampening), float(weight_decay),
                                       bool(nesterov), bool(maximize))
+
+
+# ---------------------------------------------------------------- masked linear
+def _linear_impl(x2d: Tensor):
+    backend = _backend.resolve("masked_linear", x2d.device, ("torch", "triton"))
+    if backend == "triton" and x2d.dtype != torch.float64:  # tl.dot has no general fp64
+        from .triton import masked_linear as impl
+    else:
+        from .composite import masked_linear as impl
+    return impl
+
+
+@torch.library.custom_op("dsd_kernels::masked_linear", mutates_args=())
+def _masked_linear_op(x: Tensor, weight: Tensor, mask_words: Tensor, bias: Tensor | None) -> Tensor:
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    y = _linear_impl(x2d).forward(x2d, weight.contiguous(), mask_words.contiguous(), bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@_masked_linear_op.register_fake
+def _(x, weight, mask_words, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("dsd_kernels::masked_linear_backward", mutates_args=())
+def _masked_linear_backward_op(grad: Tensor, x: Tensor, weight: Tensor, mask_words: Tensor,
+                               needs_input: bool, needs_weight: bool, needs_bias: bool
+                               ) -> tuple[Tensor, Tensor, Tensor]:
+    """(dX like x, dW like weight, db (out,)); an unneeded gradient comes back empty."""
+    g2d = grad.reshape(-1, grad.shape[-1]).contiguous()
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    dx, dw = _linear_impl(x2d).backward(g2d, x2d, weight.contiguous(), mask_words.contiguous(),
+                                        needs_input, needs_weight)
+    dx = dx.reshape(x.shape) if dx is not None else x.new_empty(0)
+    dw = dw if dw is not None else weight.new_empty(0)
+    db = g2d.sum(0) if needs_bias else weight.new_empty(0)
+    return dx, dw, db
+
+
+@_masked_linear_backward_op.register_fake
+def _(grad, x, weight, mask_words, needs_input, needs_weight, needs_bias):
+    return (x.new_empty(x.shape if needs_input else (0,)),
+            weight.new_empty(weight.shape if needs_weight else (0,)),
+            weight.new_empty((weight.shape[0],) if needs_bias else (0,)))
+
+
+def _masked_linear_setup_context(ctx, inputs, output):
+    x, weight, mask_words, bias = inputs
+    ctx.save_for_backward(x, weight, mask_words)
+    ctx.has_bias = bias is not None
+
+
+def _masked_linear_backward(ctx, grad):
+    x, weight, mask_words = ctx.saved_tensors
+    needs_x, needs_w, _, needs_b = ctx.needs_input_grad
+    dx, dw, db = torch.ops.dsd_kernels.masked_linear_backward(
+        grad, x, weight, mask_words, needs_x, needs_w, bool(ctx.has_bias and needs_b))
+    return (dx if needs_x else None, dw if needs_w else None, None,
+            db if ctx.has_bias and needs_b else None)
+
+
+torch.library.register_autograd("dsd_kernels::masked_linear", _masked_linear_backward,
+                                setup_context=_masked_linear_setup_context)
+
+
+def mask_words_for_weight(mask, weight: Tensor, name: str = "mask") -> Tensor:
+    """Packed int32 words for `weight` from a Mask, a bool tensor or packed words."""
+    if isinstance(mask, Tensor) and mask.dtype == torch.int32:
+        rows, cols = mask_rows_cols(weight.shape)
+        if tuple(mask.shape) != (rows, (cols + 31) // 32):
+            raise ValueError(f"{name} (packed words) has shape {tuple(mask.shape)}, expected "
+                             f"{(rows, (cols + 31) // 32)} for a weight of shape {tuple(weight.shape)}")
+        words = mask
+    else:
+        words = _mask_words_for(mask, weight, name)
+        if words is None:
+            raise TypeError(f"{name} must be a Mask, a bool tensor or packed int32 words, got None")
+    if words.device != weight.device:
+        raise ValueError(f"{name} is on {words.device} but weight is on {weight.device}")
+    return words
+
+
+def masked_linear(x: Tensor, weight: Tensor, mask, bias: Tensor | None = None) -> Tensor:
+    """y = x @ (W*M)^T + b without materialising W*M on GPU; differentiable in x, W and b.
+
+    x: (..., in_features); weight: (out_features, in_features); mask: a Mask or bool
+    tensor of weight's shape (True = kept), or its packed int32 words; bias: (out,) or None.
+    Backward: dX = dY @ (W*M), dW = (dY^T @ X) * M (exactly 0 where pruned), db = sum dY.
+    """
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} features in its last dim but "
+                         f"weight expects in_features={weight.shape[1]}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x is {x.dtype} but weight is {weight.dtype}; they must match")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
+    if bias is not None:
+        if not isinstance(bias, Tensor) or bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be a tensor of shape ({weight.shape[0]},), got "
+                             f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")
+        if bias.dtype != weight.dtype or bias.device != weight.device:
+            raise TypeError(f"bias is {bias.dtype} on {bias.device} but weight is {weight.dtype} "
+                            f"on {weight.device}")
+    words = mask_words_for_weight(mask, weight)
+    return torch.ops.dsd_kernels.masked_linear(x, weight, words, bias)

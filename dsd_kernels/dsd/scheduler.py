@@ -4,7 +4,9 @@ Epochs 0 .. dense_epochs-1 are dense; then `cycles` times: sparse_epochs sparse 
 followed by redense_epochs re-dense epochs (cycles=2 gives DSDSD).
 - dense -> sparse: every weight of 2 or more dims is magnitude-pruned at one uniform
   sparsity (exactly round(s*N) per layer) through `optimizer.prune` (MaskedSGD); pruned
-  weights and their momentum become 0 and stay 0 while sparse.
+  weights and their momentum become 0 and stay 0 while sparse. With any other optimizer,
+  pass `model`: its MaskedLinear modules (see nn.sparsify) are masked instead, and the
+  optimizer's per-parameter state tensors (momentum, Adam moments) are zeroed where pruned.
 - sparse -> redense: the masks are dropped; pruned weights restart from exactly 0 with
   zero momentum, and every group's learning rate is multiplied by redense_lr_scale
   (once, at the first re-dense: 1/10 of the dense phase's rate by default). Nothing else
@@ -24,7 +26,7 @@ PHASES = ("dense", "sparse", "redense")
 class DSDScheduler:
     def __init__(self, optimizer, *, dense_epochs: int, sparse_epochs: int, redense_epochs: int,
                  sparsity: float, redense_lr_scale: float = 0.1, cycles: int = 1,
-                 lr_scheduler=None):
+                 lr_scheduler=None, model: torch.nn.Module | None = None):
         for name, value in (("dense_epochs", dense_epochs), ("sparse_epochs", sparse_epochs),
                             ("redense_epochs", redense_epochs), ("cycles", cycles)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -33,10 +35,16 @@ class DSDScheduler:
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
         if not redense_lr_scale > 0:
             raise ValueError(f"redense_lr_scale must be positive, got {redense_lr_scale!r}")
+        self.masked_linears = []
         if not (callable(getattr(optimizer, "prune", None))
                 and callable(getattr(optimizer, "clear_masks", None))):
-            raise TypeError(f"optimizer {type(optimizer).__name__} cannot hold masks: use "
-                            f"dsd_kernels.optim.MaskedSGD (it has prune() and clear_masks())")
+            from ..nn import MaskedLinear
+            if model is not None:
+                self.masked_linears = [m for m in model.modules() if isinstance(m, MaskedLinear)]
+            if not self.masked_linears:
+                raise TypeError(f"optimizer {type(optimizer).__name__} cannot hold masks and no "
+                                f"MaskedLinear modules were given: use dsd_kernels.optim.MaskedSGD, "
+                                f"or pass model= with MaskedLinear layers (dsd_kernels.nn.sparsify)")
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.dense_epochs, self.sparse_epochs = dense_epochs, sparse_epochs
@@ -83,13 +91,41 @@ class DSDScheduler:
         if self.epoch >= self.total_epochs or after == before:
             return None
         if after == "sparse":
-            self.optimizer.prune(self.sparsity)
+            self._prune()
         else:
-            self.optimizer.clear_masks()
+            self._redense()
             if not self.lr_scaled:
                 self._scale_lr(self.redense_lr_scale)
                 self.lr_scaled = True
         return after
+
+    def _prune(self) -> None:
+        if not self.masked_linears:
+            self.optimizer.prune(self.sparsity)
+            return
+        from ..ops import magnitude_masks
+        masks = magnitude_masks([m.weight for m in self.masked_linears], self.sparsity)
+        for module, mask in zip(self.masked_linears, masks):
+            module.set_mask(mask)  # zeroes the pruned weights
+            self._zero_state(module.weight, mask)
+
+    def _redense(self) -> None:
+        if not self.masked_linears:
+            self.optimizer.clear_masks()
+            return
+        for module in self.masked_linears:
+            mask = module.mask
+            if mask is not None:
+                with torch.no_grad():
+                    mask.apply_(module.weight)  # pruned weights restart from exactly 0
+                self._zero_state(module.weight, mask)
+                module.set_mask(None)
+
+    @torch.no_grad()
+    def _zero_state(self, param, mask) -> None:
+        for value in self.optimizer.state.get(param, {}).values():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                mask.apply_(value)
 
     def _scale_lr(self, scale: float) -> None:
         for group in self.optimizer.param_groups:

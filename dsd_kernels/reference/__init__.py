@@ -9,3 +9,6 @@ __all__ = ["pack_bits", "unpack_bits", "magnitude_keep_masks", "magnitude_thresh
 from .sgd import masked_sgd_  # noqa: E402
 
 __all__.append("masked_sgd_")
+from .linear import masked_linear  # noqa: E402
+
+__all__.append("masked_linear")

@@ -1,0 +1,108 @@
+"""MaskedLinear: a drop-in nn.Linear computing x @ (W*M)^T + b with dsd_kernels.ops.masked_linear.
+
+The mask lives in the module as a packed int32 buffer (`mask_words`, in the state_dict), so
+the effective weight is sparse whatever optimizer trains it: dW is exactly 0 where pruned.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from ..masks import Mask, mask_rows_cols
+
+
+class MaskedLinear(nn.Linear):
+    """nn.Linear with an optional binary weight mask (None = dense, plain F.linear)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype=None, mask: Mask | Tensor | None = None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.register_buffer("mask_words", None)
+        if mask is not None:
+            self.set_mask(mask)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mask: Mask | Tensor | None = None) -> "MaskedLinear":
+        """A MaskedLinear sharing `linear`'s parameters (no copy)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                     device="meta")
+        module.weight, module.bias = linear.weight, linear.bias
+        if mask is not None:
+            module.set_mask(mask)
+        return module
+
+    @property
+    def mask(self) -> Mask | None:
+        return None if self.mask_words is None else Mask(self.mask_words, self.weight.shape)
+
+    @torch.no_grad()
+    def set_mask(self, mask: Mask | Tensor | None, *, zero_pruned: bool = True) -> None:
+        """Set (or with None drop) the mask; by default the pruned weights are zeroed now, so
+        they restart from exactly 0 if the mask is later dropped (DSD's re-dense)."""
+        if mask is None:
+            self.mask_words = None
+            return
+        words = ops.mask_words_for_weight(mask.to(self.weight.device) if isinstance(mask, Mask)
+                                          else mask.to(self.weight.device), self.weight, "mask")
+        self.mask_words = words.clone()
+        if zero_pruned:
+            self.mask.apply_(self.weight)
+
+    @property
+    def sparsity(self) -> float:
+        return 0.0 if self.mask_words is None else self.mask.sparsity
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mask_words is None:
+            return F.linear(x, self.weight, self.bias)
+        return ops.masked_linear(x, self.weight, self.mask_words, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, sparsity={self.sparsity:.3f}"
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # the mask buffer exists only while a mask is set: create or drop it to match the file
+        key = prefix + "mask_words"
+        if key in state_dict:
+            words = state_dict[key]
+            rows, cols = mask_rows_cols(self.weight.shape)
+            if tuple(words.shape) != (rows, (cols + 31) // 32) or words.dtype != torch.int32:
+                error_msgs.append(f"{key}: packed mask of shape {tuple(words.shape)} and dtype "
+                                  f"{words.dtype} does not fit weight {tuple(self.weight.shape)}")
+                return
+            self.mask_words = torch.empty_like(words, device=self.weight.device)
+        else:
+            self.mask_words = None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+def sparsify(model: nn.Module, sparsity, block: tuple[int, int] | None = None) -> nn.Module:
+    """Swap every nn.Linear of `model` (in place) for a MaskedLinear with exact magnitude masks.
+
+    sparsity: one float, or one per Linear in model.named_modules() order; block: prune
+    (bh, bw) tiles by L1 norm (see magnitude_masks). Parameters are shared, not copied, so an
+    optimizer built before still holds them. Returns the model.
+    """
+    linears = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and not isinstance(m, MaskedLinear)]
+    linears += [(name, m) for name, m in model.named_modules() if isinstance(m, MaskedLinear)]
+    if not linears:
+        return model
+    masks = ops.magnitude_masks([m.weight for _, m in linears], sparsity, block=block)
+    for (name, module), mask in zip(linears, masks):
+        if isinstance(module, MaskedLinear):
+            module.set_mask(mask)
+            continue
+        replacement = MaskedLinear.from_linear(module, mask)
+        if name == "":
+            return replacement
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, replacement)
+    return model

@@ -1,0 +1,202 @@
+"""masked_linear, MaskedLinear, sparsify and block pruning against F.linear(x, W*M, b)."""
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dsd_kernels as dk
+from dsd_kernels import ops
+from dsd_kernels import reference as R
+from dsd_kernels.dsd import DSDScheduler
+from dsd_kernels.nn import MaskedLinear, sparsify
+
+from .conftest import DEVICE
+
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10, atol=1e-10),
+       torch.float16: dict(rtol=1e-2, atol=2e-2), torch.bfloat16: dict(rtol=2e-2, atol=1.5e-1)}
+SHAPES = [(1, 7, 33), (7, 33, 130), (33, 130, 7), (130, 1023, 33), (5, 64, 64)]  # tokens, in, out
+
+
+def case(tokens, d_in, d_out, dtype, seed=0, lead=()):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, tokens, d_in, generator=g).to(dtype).to(DEVICE).requires_grad_()
+    w = torch.randn(d_out, d_in, generator=g).to(dtype).to(DEVICE).requires_grad_()
+    b = torch.randn(d_out, generator=g).to(dtype).to(DEVICE).requires_grad_()
+    keep = (torch.rand(d_out, d_in, generator=g) > 0.5).to(DEVICE)
+    return x, w, b, keep
+
+
+def check_against_reference(x, w, b, keep, mask):
+    y = ops.masked_linear(x, w, mask, b)
+    grad = torch.randn_like(y)
+    dx, dw, db = torch.autograd.grad(y, (x, w, b), grad)
+    y_ref = R.masked_linear(x, w, keep, b)
+    dx_ref, dw_ref, db_ref = torch.autograd.grad(y_ref, (x, w, b), grad)
+    tol = TOL[x.dtype]
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(dx, dx_ref, **tol)
+    torch.testing.assert_close(dw, dw_ref, **tol)
+    torch.testing.assert_close(db, db_ref, **tol)
+    assert dw[~keep].eq(0).all(), "dW must be exactly zero where pruned"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_reference(backend, dtype, shape):
+    x, w, b, keep = case(*shape, dtype)
+    check_against_reference(x, w, b, keep, dk.Mask.from_bool(keep))
+
+
+def test_3d_input_bool_mask_and_no_bias(backend):
+    x, w, b, keep = case(9, 40, 70, torch.float32, lead=(3,))
+    check_against_reference(x, w, b, keep, keep)
+    y = ops.masked_linear(x, w, keep)
+    torch.testing.assert_close(y, F.linear(x, w * keep), **TOL[torch.float32])
+
+
+def test_block_sparse_tiles_are_skipped_and_exact(backend):
+    x, w, b, keep = case(70, 200, 150, torch.float32)
+    mask = dk.magnitude_masks(w, 0.75, block=(64, 64))[0]
+    check_against_reference(x, w, b, mask.to_bool(), mask)
+    if backend == "triton":
+        from dsd_kernels.triton.masked_linear import tile_structure
+        s = tile_structure(mask.packed.to(DEVICE), 150, 200)
+        assert int(s.kept.sum()) == 12 - round(0.75 * 12)  # 3 x 4 tiles of 64 x 64
+
+
+def test_gradcheck_float64():
+    x, w, b, keep = case(3, 9, 5, torch.float64)
+    assert torch.autograd.gradcheck(lambda x, w, b: ops.masked_linear(x, w, keep, b), (x, w, b))
+
+
+def test_opcheck():
+    x, w, b, keep = case(6, 40, 20, torch.float32)
+    words = dk.Mask.from_bool(keep).packed.to(DEVICE)
+    args = (x.detach().requires_grad_(), w.detach().requires_grad_(), words, b.detach().requires_grad_())
+    torch.library.opcheck(torch.ops.dsd_kernels.masked_linear.default, args)
+    torch.library.opcheck(torch.ops.dsd_kernels.masked_linear.default, (args[0], args[1], words, None))
+    g = torch.randn(6, 20, device=DEVICE)
+    torch.library.opcheck(torch.ops.dsd_kernels.masked_linear_backward.default,
+                          (g, x.detach(), w.detach(), words, True, True, True))
+
+
+def test_torch_compile_fullgraph_model():
+    torch.manual_seed(0)
+    model = sparsify(torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)), 0.5)
+    x = torch.randn(5, 16, requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True)  # inductor: the real thing, ~7 s cold
+    y = compiled(x)
+    torch.testing.assert_close(y, model(x))
+    y.sum().backward()
+    assert model[0].weight.grad[~model[0].mask.to_bool()].eq(0).all()
+
+
+def test_masked_linear_module_state_dict_round_trip_and_repr():
+    lin = torch.nn.Linear(20, 10)
+    m = MaskedLinear.from_linear(lin, torch.rand(10, 20) > 0.3)
+    assert m.weight is lin.weight
+    assert "sparsity=" in repr(m)
+    assert m.weight[~m.mask.to_bool()].eq(0).all()
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    fresh = MaskedLinear(20, 10)
+    assert fresh.mask is None and "mask_words" not in fresh.state_dict()
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert fresh.mask == m.mask
+    x = torch.randn(3, 20)
+    assert torch.equal(fresh(x), m(x))
+    m.set_mask(None)
+    fresh.load_state_dict(m.state_dict())
+    assert fresh.mask is None
+    bad = {**MaskedLinear(20, 10, mask=torch.ones(10, 20, dtype=torch.bool)).state_dict(),
+           "mask_words": torch.zeros(3, 3, dtype=torch.int32)}
+    with pytest.raises(RuntimeError, match="does not fit weight"):
+        fresh.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.SGD, torch.optim.AdamW])
+def test_any_optimizer_trains_a_sparse_model(optimizer):
+    torch.manual_seed(0)
+    model = sparsify(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)),
+                     0.6, block=(4, 4))
+    opt = optimizer(model.parameters(), lr=0.05, weight_decay=1e-2)
+    pruned = [~m.mask.to_bool() for m in (model[0], model[2])]
+    for _ in range(10):
+        opt.zero_grad()
+        model(torch.randn(32, 8)).pow(2).mean().backward()
+        opt.step()
+    for m, where in zip((model[0], model[2]), pruned):
+        assert m.weight[where].eq(0).all()
+
+
+def test_dsd_scheduler_with_masked_linear_and_adam():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(MaskedLinear(8, 16), torch.nn.ReLU(), MaskedLinear(16, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    dsd = DSDScheduler(opt, dense_epochs=1, sparse_epochs=1, redense_epochs=1, sparsity=0.5, model=model)
+
+    def epoch():
+        for _ in range(5):
+            opt.zero_grad()
+            model(torch.randn(16, 8)).pow(2).mean().backward()
+            opt.step()
+
+    epoch()
+    assert dsd.step() == "sparse"
+    pruned = ~model[0].mask.to_bool()
+    assert opt.state[model[0].weight]["exp_avg"][pruned].eq(0).all()
+    epoch()
+    assert model[0].weight[pruned].eq(0).all() and int(pruned.sum()) == 64
+    assert dsd.step() == "redense"
+    assert model[0].mask is None and model[0].weight[pruned].eq(0).all()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.001)
+    epoch()
+    assert (model[0].weight[pruned] != 0).any()
+
+
+def test_block_pruning_exact_tile_count_and_ties():
+    w = torch.ones(8, 8)
+    keep = dk.magnitude_masks(w, 0.5, block=(4, 4))[0].to_bool()
+    # 4 equal tiles: the first two in row-major order are pruned
+    assert keep[:4, :].eq(False).all() and keep[4:, :].all()
+    w = torch.randn(130, 70)
+    m = dk.magnitude_masks([w, torch.randn(128, 128)], [0.5, 0.25], block=(64, 64))
+    assert m[1].count() == 3 * 64 * 64
+    for bad in [(0, 4), (4,), "64", (4.0, 4), (True, 4)]:
+        with pytest.raises(ValueError, match="block"):
+            dk.magnitude_masks(w, 0.5, block=bad)
+
+
+def test_sparsify_replaces_every_linear():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Sequential(torch.nn.Linear(8, 8)),
+                                torch.nn.Conv1d(1, 1, 3))
+    sparsify(model, [0.25, 0.5])
+    assert isinstance(model[0], MaskedLinear) and isinstance(model[1][0], MaskedLinear)
+    assert model[0].mask.sparsity == 0.25 and model[1][0].mask.sparsity == 0.5
+    assert isinstance(model[2], torch.nn.Conv1d)
+    single = sparsify(torch.nn.Linear(4, 4), 0.5)
+    assert isinstance(single, MaskedLinear)
+
+
+def test_bad_input():
+    x, w, b, keep = case(4, 10, 6, torch.float32)
+    with pytest.raises(ValueError, match="in_features=10"):
+        ops.masked_linear(torch.randn(4, 11), w, keep, b)
+    with pytest.raises(ValueError, match=r"masks?.*shape"):
+        ops.masked_linear(x, w, torch.ones(10, 6, dtype=torch.bool), b)
+    with pytest.raises(ValueError, match="bias must be a tensor of shape"):
+        ops.masked_linear(x, w, keep, torch.randn(7))
+    with pytest.raises(TypeError, match="x is torch.float64 but weight is torch.float32"):
+        ops.masked_linear(x.double(), w, keep, b)
+    with pytest.raises(TypeError, match="bias is torch.float64"):
+        ops.masked_linear(x, w, keep, b.double())
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        ops.masked_linear(x, w[0], keep, b)
+    with pytest.raises(ValueError, match="on meta"):
+        ops.masked_linear(x.to("meta"), w, keep, b)
+    with pytest.raises(TypeError, match="floating"):
+        ops.masked_linear(x.long(), w, keep, b)
+    with pytest.raises(ValueError, match=r"packed words\) has shape"):
+        ops.masked_linear(x, w, torch.zeros(6, 2, dtype=torch.int32), b)
