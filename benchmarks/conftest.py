@@ -1,4 +1,5 @@
-"""pytest-benchmark runs of the cases in dsd_kernels.benchmarking.
+"""pytest-benchmark runs of the cases in dsd_kernels.benchmarking (our op under the backend that
+DSD_KERNELS_BACKEND selects, default auto).
 
     pytest benchmarks/bench_threshold.py --benchmark-group-by=param:case
 
@@ -7,6 +8,8 @@ the same run. `dsd-kernels bench` runs the same cases and writes ratios + GB/s t
 benchmarks/results/<device>.json.
 """
 import torch
+
+import dsd_kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -24,3 +27,4 @@ def run(benchmark, case, impl):
     benchmark.group = f"{case.op}: {case.name}"
     benchmark(timed)
     benchmark.extra_info["GBps"] = case.bytes_moved / benchmark.stats.stats.median / 1e9
+    benchmark.extra_info["backend"] = dsd_kernels.get_backend()

@@ -90,14 +90,19 @@ def resolve(op: str, device: torch.device, supported: tuple[str, ...]) -> str:
     under auto, a missing fast backend falls back to torch and warns once.
     """
     requested = get_backend()
+    if requested != "auto" and requested not in supported:
+        # a forced backend applies to the ops that have it; the others choose as under auto
+        _warn_once(f"{op}:{requested}", f"dsd_kernels: {op} has no {requested!r} backend "
+                                        f"(has {supported}); choosing automatically")
+        requested = "auto"
     if requested != "auto":
-        if requested not in supported:
-            raise RuntimeError(f"{op}: backend {requested!r} is not implemented (have {supported})")
         ok, why = {"torch": (True, ""), "triton": triton_status(), "cpp": cpp_status()}[requested]
         if not ok:
             raise RuntimeError(f"{op}: backend {requested!r} requested but unavailable: {why}")
         if requested == "triton" and device.type == "cpu" and not _interpreting():
             raise RuntimeError(f"{op}: triton on CPU tensors needs TRITON_INTERPRET=1")
+        if requested == "cpp" and device.type != "cpu":
+            raise RuntimeError(f"{op}: the cpp backend has CPU kernels only; got a {device.type} tensor")
         return requested
     if device.type == "cuda" and "triton" in supported:
         ok, why = triton_status()

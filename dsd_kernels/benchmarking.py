@@ -95,19 +95,40 @@ def time_callable(fn: Callable[[], object], min_run_time: float) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
-def run_case(case: Case, min_run_time: float = 0.5) -> dict:
-    ours = time_callable(case.ours, min_run_time)
+def benchmark_backends(device: str) -> list[str]:
+    """Our backends worth timing on `device`: torch and cpp on CPU (the Triton interpreter is a
+    correctness tool, not a benchmark), triton and torch on CUDA."""
+    from . import _backend
+    available = _backend.available_backends()
+    wanted = ("triton", "torch") if device.startswith("cuda") else ("cpp", "torch")
+    return [b for b in wanted if b in available]
+
+
+def run_case(case: Case, min_run_time: float = 0.5, backends: list[str] | None = None) -> dict:
+    """Time case.ours under each backend and every baseline; ratios against the best baseline."""
+    from . import _backend
+    backends = backends or [_backend.get_backend()]
+    ours = {}
+    previous = _backend._forced
+    try:
+        for name in backends:
+            _backend.set_backend(name)
+            ours[name] = time_callable(case.ours, min_run_time)
+    finally:
+        _backend._forced = previous
     base = {name: time_callable(fn, min_run_time) for name, fn in case.baselines.items()}
-    best_name = min(base, key=base.get) if base else None
-    return {
-        "op": case.op, "case": case.name, "ours_s": ours, "baselines_s": base,
-        "best_baseline": best_name,
-        "speedup_vs_best_baseline": (base[best_name] / ours) if best_name else None,
-        "bytes_moved": case.bytes_moved, "ours_GBps": case.bytes_moved / ours / 1e9,
-        **({"flops": case.flops, "ours_TFLOPs": case.flops / ours / 1e12,
-            "baselines_TFLOPs": {k: case.flops / v / 1e12 for k, v in base.items()}}
-           if case.flops else {}),
+    best_base = min(base, key=base.get) if base else None
+    best_ours = min(ours, key=ours.get)
+    out = {
+        "op": case.op, "case": case.name, "ours_s": ours, "best_backend": best_ours,
+        "baselines_s": base, "best_baseline": best_base,
+        "speedup_vs_best_baseline": {b: base[best_base] / t for b, t in ours.items()} if best_base else None,
+        "bytes_moved": case.bytes_moved, "ours_GBps": {b: case.bytes_moved / t / 1e9 for b, t in ours.items()},
     }
+    if case.flops:
+        out.update(flops=case.flops, ours_TFLOPs={b: case.flops / t / 1e12 for b, t in ours.items()},
+                   baselines_TFLOPs={k: case.flops / v / 1e12 for k, v in base.items()})
+    return out
 
 
 def environment(device: str) -> dict:
@@ -143,12 +164,15 @@ def write_results(path: str, env: dict, results: list[dict]) -> None:
 
 
 def format_row(r: dict) -> str:
-    speed = r["speedup_vs_best_baseline"]
-    ratio = f"{speed:6.2f}x vs {r['best_baseline']}" if speed is not None and math.isfinite(speed) else ""
-    rate = (f"{r['ours_TFLOPs']:7.3f} TFLOP/s" if r.get("flops") else f"{r['ours_GBps']:7.2f} GB/s")
-    others = "; ".join(f"{k} {v * 1e3:.3f} ms" for k, v in r["baselines_s"].items())
-    return (f"{r['op']:<22} {r['case']:<44} ours {r['ours_s'] * 1e3:9.3f} ms {rate}  {ratio}\n"
-            f"{'':<23}baselines: {others}")
+    lines = [f"{r['op']}: {r['case']}"]
+    for b, t in r["ours_s"].items():
+        rate = (f"{r['ours_TFLOPs'][b]:8.3f} TFLOP/s" if r.get("flops") else f"{r['ours_GBps'][b]:8.2f} GB/s")
+        ratio = (f"{r['speedup_vs_best_baseline'][b]:6.2f}x vs best baseline"
+                 if r["speedup_vs_best_baseline"] else "")
+        lines.append(f"    ours [{b:<6}] {t * 1e3:10.3f} ms {rate}  {ratio}")
+    for k, v in r["baselines_s"].items():
+        lines.append(f"    {k:<50} {v * 1e3:10.3f} ms")
+    return "\n".join(lines)
 
 
 def masked_sgd_cases(device: str, param_sets: tuple[str, ...] = ("resnet50", "gpt2-small")) -> list[Case]:

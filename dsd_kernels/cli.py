@@ -34,10 +34,12 @@ def _cmd_bench(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     suites = args.ops or list(B.CASE_FACTORIES)
     results = []
+    backends = args.backends or B.benchmark_backends(device)
+    print(f"timing our backends {backends} against the torch baselines on {device}")
     for suite in suites:
         kwargs = {"sizes_m": tuple(args.sizes)} if suite == "threshold" and args.sizes else {}
         for case in B.CASE_FACTORIES[suite](device, **kwargs):
-            r = B.run_case(case, args.min_run_time)
+            r = B.run_case(case, args.min_run_time, backends)
             print(B.format_row(r), flush=True)
             results.append(r)
     out = args.out or f"benchmarks/results/{B.device_label(device)}.json"
@@ -118,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", nargs="*", choices=sorted(CASE_FACTORIES),
                    help="benchmark suites (default: all)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--backends", nargs="*", choices=["torch", "cpp", "triton"],
+                   help="our backends to time (default: the compiled ones present for the device)")
     p.add_argument("--sizes", nargs="*", type=int, help="threshold sizes in M elements (default 1 16 64)")
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per timing (default 0.5)")
     p.add_argument("--out", help="results JSON (default benchmarks/results/<device>.json)")

@@ -74,9 +74,11 @@ def _threshold_dtype(tensors: list[Tensor]) -> torch.dtype:
 # ---------------------------------------------------------------- magnitude selection
 def _select(tensors: list[Tensor], sparsities: list[float], want_masks: bool):
     device = tensors[0].device
-    backend = _backend.resolve("magnitude_select", device, ("torch", "triton"))
+    backend = _backend.resolve("magnitude_select", device, ("torch", "triton", "cpp"))
     if backend == "triton":
         from .triton import radix_select as impl
+    elif backend == "cpp":
+        from .cpp import radix_select as impl
     else:
         from .composite import radix_select as impl
     return impl.magnitude_select(tensors, sparsities, want_masks=want_masks,
@@ -205,9 +207,11 @@ def _mask_words_for(mask, param: Tensor, name: str) -> Tensor | None:
 
 def _sgd_impl(params, grads, momentum_buffers, mask_words, first_step, *, lr, momentum,
               dampening, weight_decay, nesterov, maximize):
-    backend = _backend.resolve("masked_sgd_", params[0].device, ("torch", "triton"))
+    backend = _backend.resolve("masked_sgd_", params[0].device, ("torch", "triton", "cpp"))
     if backend == "triton":
         from .triton import masked_sgd as impl
+    elif backend == "cpp":
+        from .cpp import masked_sgd as impl
     else:
         from .composite import masked_sgd as impl
     impl.masked_sgd_(params, grads, momentum_buffers, mask_words, first_step, lr=lr,
@@ -292,9 +296,11 @@ def masked_sgd_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0, dam
 
 # ---------------------------------------------------------------- masked linear
 def _linear_impl(x2d: Tensor):
-    backend = _backend.resolve("masked_linear", x2d.device, ("torch", "triton"))
+    backend = _backend.resolve("masked_linear", x2d.device, ("torch", "triton", "cpp"))
     if backend == "triton" and x2d.dtype != torch.float64:  # tl.dot has no general fp64
         from .triton import masked_linear as impl
+    elif backend == "cpp":
+        from .cpp import masked_linear as impl
     else:
         from .composite import masked_linear as impl
     return impl

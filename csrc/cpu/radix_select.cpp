@@ -1,0 +1,301 @@
+// Exact magnitude selection on CPU: multithreaded radix select over the float bits.
+//
+// Per tensor: 11-bit digit histograms (per-thread, L1-resident, merged), most significant
+// first. Pass 0 reads every key; pass 1 reads every key again, counts those under the chosen
+// top digit and gathers them; later digits visit only the gathered keys. So any dtype takes
+// at most 2 passes over memory (fp16/bf16: 2 passes of 8 and 7 bits). The mask pass then writes the
+// packed keep-words directly: key > T, or key == T with tie rank (flat order) >= the
+// ties still to prune; tie ranks come from per-chunk counts and an exclusive scan, and
+// are only computed when some but not all ties at T are pruned.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+
+namespace dsd_kernels_cpu {
+namespace {
+
+constexpr int kDigitBits = 11;  // 2048 bins x 8 B = 16 KB per thread: the histogram stays in L1
+constexpr int64_t kGrain = 1 << 16;
+
+struct Selection {
+  uint64_t key = 0;        // the k-th smallest key
+  int64_t need = 0;        // elements equal to key that are pruned (lowest flat index first)
+  int64_t count_eq = 0;    // elements equal to key
+};
+
+// Find the bin holding the rank-th smallest element; updates rank to the rank within the bin.
+int64_t locate(const std::vector<int64_t>& local, int threads, int64_t bins, int64_t* rank,
+               int64_t* in_bin) {
+  int64_t below = 0, digit = 0;
+  for (; digit < bins; ++digit) {
+    int64_t c = 0;
+    for (int t = 0; t < threads; ++t) c += local[static_cast<size_t>(t) * bins + digit];
+    if (below + c >= *rank) {
+      *in_bin = c;
+      break;
+    }
+    below += c;
+  }
+  *rank -= below;
+  return digit;
+}
+
+constexpr int kSubHists = 4;  // interleaved copies: repeated bins do not serialise on one counter
+
+// The key of |v|; with kClamp every NaN payload becomes nan_key. Without it NaNs keep their
+// own (larger) keys, which only matters when the k-th key is inf or NaN: radix_select checks
+// that after the first digit and redoes the tensor with kClamp.
+template <typename scalar_t, bool kClamp>
+inline typename KeyTraits<scalar_t>::bits_t key_of(scalar_t v) {
+  using T = KeyTraits<scalar_t>;
+  typename T::bits_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  bits &= T::abs_mask;
+  if (kClamp) bits = bits < T::nan_key ? bits : T::nan_key;
+  return bits;
+}
+
+// Count digits of keys[begin, end) into hist (kSubHists x bins), only where the key's higher
+// bits equal prefix (all keys when kCheckPrefix is false). Branch-free and unrolled by
+// kSubHists, one sub-histogram per lane, so skewed data (most weights in few bins) neither
+// mispredicts nor chains on one counter; matches are compacted into gather.
+template <typename scalar_t, bool kClamp, bool kCheckPrefix>
+void count_digits(const scalar_t* data, int64_t begin, int64_t end, int shift, uint64_t digit_mask,
+                  int high_shift, uint64_t prefix, int64_t bins, int64_t* hist,
+                  std::vector<typename KeyTraits<scalar_t>::bits_t>* gather) {
+  using bits_t = typename KeyTraits<scalar_t>::bits_t;
+  constexpr int64_t kChunk = 4096;
+  bits_t buffer[kChunk];
+  // locals (not references) so the counter stores cannot alias them: they stay in registers
+  const int sh = shift, high = high_shift;
+  const uint64_t dmask = digit_mask, pre = prefix;
+  int64_t* __restrict h0 = hist;
+  int64_t* __restrict h1 = hist + bins;
+  int64_t* __restrict h2 = hist + 2 * bins;
+  int64_t* __restrict h3 = hist + 3 * bins;
+  static_assert(kSubHists == 4, "the unrolled loop below uses four sub-histograms");
+  for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+    const int64_t c1 = std::min(end, c0 + kChunk);
+    int64_t kept = 0;
+    int64_t i = c0;
+    if (!kCheckPrefix) {
+      for (; i + 4 <= c1; i += 4) {
+        const bits_t k0 = key_of<scalar_t, kClamp>(data[i]);
+        const bits_t k1 = key_of<scalar_t, kClamp>(data[i + 1]);
+        const bits_t k2 = key_of<scalar_t, kClamp>(data[i + 2]);
+        const bits_t k3 = key_of<scalar_t, kClamp>(data[i + 3]);
+        h0[k0 >> sh]++;
+        h1[k1 >> sh]++;
+        h2[k2 >> sh]++;
+        h3[k3 >> sh]++;
+      }
+      for (; i < c1; ++i) h0[key_of<scalar_t, kClamp>(data[i]) >> sh]++;
+    } else {
+      for (; i + 4 <= c1; i += 4) {
+        const bits_t k0 = key_of<scalar_t, kClamp>(data[i]);
+        const bits_t k1 = key_of<scalar_t, kClamp>(data[i + 1]);
+        const bits_t k2 = key_of<scalar_t, kClamp>(data[i + 2]);
+        const bits_t k3 = key_of<scalar_t, kClamp>(data[i + 3]);
+        const int64_t m0 = (k0 >> high) == pre, m1 = (k1 >> high) == pre;
+        const int64_t m2 = (k2 >> high) == pre, m3 = (k3 >> high) == pre;
+        h0[(k0 >> sh) & dmask] += m0;
+        h1[(k1 >> sh) & dmask] += m1;
+        h2[(k2 >> sh) & dmask] += m2;
+        h3[(k3 >> sh) & dmask] += m3;
+        buffer[kept] = k0;  // branch-free compaction: a slot advances only on a match
+        kept += m0;
+        buffer[kept] = k1;
+        kept += m1;
+        buffer[kept] = k2;
+        kept += m2;
+        buffer[kept] = k3;
+        kept += m3;
+      }
+      for (; i < c1; ++i) {
+        const bits_t k0 = key_of<scalar_t, kClamp>(data[i]);
+        const int64_t m0 = (k0 >> high) == pre;
+        h0[(k0 >> sh) & dmask] += m0;
+        buffer[kept] = k0;
+        kept += m0;
+      }
+    }
+    if (gather != nullptr) gather->insert(gather->end(), buffer, buffer + kept);
+  }
+}
+
+// At most two passes over the data: digit 0 of every key; then digit 1 of the keys under the
+// chosen digit 0, which are also gathered (per thread) so later digits visit only them.
+template <typename scalar_t, bool kClamp>
+bool radix_select_pass(const scalar_t* data, int64_t n, int64_t k, Selection* sel) {
+  using T = KeyTraits<scalar_t>;
+  using bits_t = typename T::bits_t;
+  const int passes = (T::key_bits + kDigitBits - 1) / kDigitBits;
+  const int base = T::key_bits / passes, extra = T::key_bits % passes;  // balanced digits
+  const int threads = at::get_num_threads();
+  int64_t rank = k;
+  uint64_t prefix = 0;
+  int shift = T::key_bits;
+  std::vector<std::vector<bits_t>> gathered(threads);
+  for (int p = 0; p < passes; ++p) {
+    const int width = base + (p < extra ? 1 : 0);
+    shift -= width;
+    const int64_t bins = int64_t(1) << width;
+    const uint64_t digit_mask = bins - 1;
+    const int high_shift = shift + width;
+    std::vector<int64_t> local(static_cast<size_t>(threads) * kSubHists * bins, 0);
+    if (p <= 1) {
+      at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+        const int tid = at::get_thread_num();
+        int64_t* hist = local.data() + static_cast<int64_t>(tid) * kSubHists * bins;
+        if (p == 0) {
+          count_digits<scalar_t, kClamp, false>(data, begin, end, shift, digit_mask, high_shift,
+                                                prefix, bins, hist, nullptr);
+        } else {
+          count_digits<scalar_t, kClamp, true>(data, begin, end, shift, digit_mask, high_shift,
+                                               prefix, bins, hist,
+                                               passes > 2 ? &gathered[tid] : nullptr);
+        }
+      });
+    } else {
+      int64_t* hist = local.data();  // the gathered keys are few: one thread
+      for (int t = 0; t < threads; ++t) {
+        for (const bits_t key : gathered[t]) {
+          hist[(key >> shift) & digit_mask] += (key >> high_shift) == prefix;
+        }
+      }
+    }
+    const int64_t digit = locate(local, threads * kSubHists, bins, &rank, &sel->count_eq);
+    prefix = (prefix << width) | static_cast<uint64_t>(digit);
+    if (!kClamp && p == 0 && static_cast<uint64_t>(digit) >= (T::nan_key - 1) >> shift) {
+      return false;  // the k-th key is inf or NaN: NaN payloads must tie, redo with clamping
+    }
+  }
+  sel->key = prefix;
+  sel->need = rank;
+  return true;
+}
+
+template <typename scalar_t>
+Selection radix_select(const scalar_t* data, int64_t n, int64_t k) {
+  Selection sel;
+  if (!radix_select_pass<scalar_t, false>(data, n, k, &sel)) {
+    sel = Selection();
+    radix_select_pass<scalar_t, true>(data, n, k, &sel);
+  }
+  return sel;
+}
+
+template <typename scalar_t>
+void write_mask(const scalar_t* data, const MaskLayout& lay, const Selection& sel, bool prune_any,
+                int32_t* out) {
+  const int64_t words = lay.num_words();
+  const uint64_t t = sel.key;
+  const bool split_ties = prune_any && sel.need < sel.count_eq;
+  auto word_bits = [&](int64_t w, int64_t* ties_before) -> uint32_t {
+    const int64_t row = w / lay.words_per_row;
+    const int64_t col0 = (w - row * lay.words_per_row) * 32;
+    const int64_t len = std::min<int64_t>(32, lay.cols - col0);
+    const scalar_t* src = data + row * lay.cols + col0;
+    uint32_t bits = 0;
+    for (int64_t j = 0; j < len; ++j) {
+      const uint64_t key = magnitude_key(src[j]);
+      bool keep;
+      if (!prune_any) {
+        keep = true;
+      } else if (key != t) {
+        keep = key > t;
+      } else if (split_ties) {
+        keep = (*ties_before)++ >= sel.need;
+      } else {
+        keep = false;  // every element equal to T is among the k smallest
+      }
+      bits |= static_cast<uint32_t>(keep) << j;
+    }
+    return bits;
+  };
+  if (!split_ties) {
+    at::parallel_for(0, words, kGrain / 32, [&](int64_t begin, int64_t end) {
+      int64_t unused = 0;
+      for (int64_t w = begin; w < end; ++w) out[w] = static_cast<int32_t>(word_bits(w, &unused));
+    });
+    return;
+  }
+  // ties split: count ties per chunk, scan, then write each chunk from its offset
+  const int64_t chunk = std::max<int64_t>(1, kGrain / 32);
+  const int64_t chunks = (words + chunk - 1) / chunk;
+  std::vector<int64_t> ties(chunks + 1, 0);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      int64_t count = 0;
+      for (int64_t w = c * chunk; w < std::min(words, (c + 1) * chunk); ++w) {
+        const int64_t row = w / lay.words_per_row;
+        const int64_t col0 = (w - row * lay.words_per_row) * 32;
+        const int64_t len = std::min<int64_t>(32, lay.cols - col0);
+        const scalar_t* src = data + row * lay.cols + col0;
+        for (int64_t j = 0; j < len; ++j) count += magnitude_key(src[j]) == t;
+      }
+      ties[c + 1] = count;
+    }
+  });
+  for (int64_t c = 0; c < chunks; ++c) ties[c + 1] += ties[c];
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      int64_t before = ties[c];
+      for (int64_t w = c * chunk; w < std::min(words, (c + 1) * chunk); ++w) {
+        out[w] = static_cast<int32_t>(word_bits(w, &before));
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void select_one(const at::Tensor& t, double sparsity, bool want_masks, double* threshold,
+                std::vector<at::Tensor>& masks) {
+  const at::Tensor c = t.contiguous();
+  const int64_t n = c.numel();
+  const int64_t k = static_cast<int64_t>(std::nearbyint(sparsity * static_cast<double>(n)));
+  const scalar_t* data = c.data_ptr<scalar_t>();
+  Selection sel;
+  if (k > 0) {
+    sel = radix_select<scalar_t>(data, n, k);
+    *threshold = key_value<scalar_t>(static_cast<typename KeyTraits<scalar_t>::bits_t>(sel.key));
+  } else {
+    *threshold = -std::numeric_limits<double>::infinity();
+  }
+  if (want_masks) {
+    MaskLayout lay(c);
+    at::Tensor out = at::empty({lay.rows, lay.words_per_row}, c.options().dtype(at::kInt));
+    if (lay.num_words() > 0) write_mask<scalar_t>(data, lay, sel, k > 0, out.data_ptr<int32_t>());
+    masks.push_back(out);
+  }
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> magnitude_select(
+    at::TensorList tensors, at::ArrayRef<double> sparsities, bool want_masks) {
+  TORCH_CHECK(tensors.size() == sparsities.size(), "magnitude_select: ", tensors.size(),
+              " tensors but ", sparsities.size(), " sparsities");
+  at::Tensor thresholds = at::empty({static_cast<int64_t>(tensors.size())}, at::kDouble);
+  double* th = thresholds.data_ptr<double>();
+  std::vector<at::Tensor> masks;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(t.device().is_cpu(), "magnitude_select: tensors[", i, "] is not a CPU tensor");
+    TORCH_CHECK(sparsities[i] >= 0.0 && sparsities[i] <= 1.0, "magnitude_select: sparsities[", i,
+                "] must be in [0, 1], got ", sparsities[i]);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "magnitude_select",
+                                    [&] { select_one<scalar_t>(t, sparsities[i], want_masks, th + i, masks); });
+  }
+  return {thresholds, masks};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dsd_kernels_cpp, CPU, m) { m.impl("magnitude_select", &magnitude_select); }
+
+}  // namespace dsd_kernels_cpu

@@ -1,0 +1,13 @@
+"""masked_sgd_ on the C++ CPU kernel (csrc/cpu/masked_sgd.cpp)."""
+from __future__ import annotations
+
+import torch
+
+from .. import _C  # noqa: F401  (registers torch.ops.dsd_kernels_cpp)
+
+
+def masked_sgd_(params, grads, momentum_buffers, mask_words, first_step, *, lr, momentum,
+                dampening, weight_decay, nesterov, maximize) -> None:
+    torch.ops.dsd_kernels_cpp.masked_sgd_(params, grads, momentum_buffers, mask_words,
+                                          first_step, float(lr), float(momentum), float(dampening),
+                                          float(weight_decay), bool(nesterov), bool(maximize))
