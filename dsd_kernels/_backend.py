@@ -83,6 +83,15 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+# Under auto on CPU, per op, the faster of the C++ kernel and the torch composite as measured
+# by `dsd-kernels bench` on the project's 2-core x86-64 machine (benchmarks/results/):
+# radix select in C++ is ~1.7x the composite; for masked SGD, torch's own fused SGD kernel
+# plus a bitwise AND beats our scalar C++ loop ~2.6x; masked_linear is ATen's matmul either
+# way and the composite's dispatch is a little leaner.
+CPU_AUTO = {"magnitude_select": ("cpp", "torch"), "masked_sgd_": ("torch", "cpp"),
+            "masked_linear": ("torch", "cpp")}
+
+
 def resolve(op: str, device: torch.device, supported: tuple[str, ...]) -> str:
     """The backend that runs `op` on `device`, among the backends `op` implements.
 
@@ -109,6 +118,8 @@ def resolve(op: str, device: torch.device, supported: tuple[str, ...]) -> str:
         if ok:
             return "triton"
         _warn_once("triton", f"dsd_kernels: Triton unavailable ({why}); using the torch composite")
-    if device.type == "cpu" and "cpp" in supported and cpp_status()[0]:
-        return "cpp"
+    if device.type == "cpu":
+        for name in CPU_AUTO.get(op, ("cpp", "torch")):
+            if name in supported and (name == "torch" or cpp_status()[0]):
+                return name
     return "torch"

@@ -219,10 +219,23 @@ void write_mask(const scalar_t* data, const MaskLayout& lay, const Selection& se
     }
     return bits;
   };
-  if (!split_ties) {
+  if (!split_ties) {  // keep = key > T for every element: branch-free words
     at::parallel_for(0, words, kGrain / 32, [&](int64_t begin, int64_t end) {
-      int64_t unused = 0;
-      for (int64_t w = begin; w < end; ++w) out[w] = static_cast<int32_t>(word_bits(w, &unused));
+      for (int64_t w = begin; w < end; ++w) {
+        const int64_t row = w / lay.words_per_row;
+        const int64_t col0 = (w - row * lay.words_per_row) * 32;
+        const int64_t len = std::min<int64_t>(32, lay.cols - col0);
+        if (!prune_any) {
+          out[w] = static_cast<int32_t>(len == 32 ? 0xFFFFFFFFu : (1u << len) - 1u);
+          continue;
+        }
+        const scalar_t* src = data + row * lay.cols + col0;
+        uint32_t bits = 0;
+        for (int64_t j = 0; j < len; ++j) {
+          bits |= static_cast<uint32_t>(magnitude_key(src[j]) > t) << j;
+        }
+        out[w] = static_cast<int32_t>(bits);
+      }
     });
     return;
   }
