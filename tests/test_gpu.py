@@ -1,0 +1,87 @@
+"""GPU-only checks (run on a lent accelerator: `pytest -m gpu`): the compiled Triton kernels on
+CUDA against reference/, at sizes the CPU interpreter cannot afford."""
+import pytest
+import torch
+
+import dsd_kernels as dk
+from dsd_kernels import ops
+from dsd_kernels import reference as R
+from dsd_kernels.benchmarking import resnet50_weight_shapes
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def triton_backend():
+    dk.set_backend("triton")
+    yield
+    dk.set_backend(None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_selection_whole_resnet50_matches_reference(dtype):
+    g = torch.Generator().manual_seed(0)
+    shapes = resnet50_weight_shapes()[::4]
+    cpu = [torch.randn(s, generator=g).round(decimals=2).to(dtype) for s in shapes]
+    gpu = [t.cuda() for t in cpu]
+    sparsities = [0.1 + 0.8 * i / len(shapes) for i in range(len(shapes))]
+    got = ops.magnitude_thresholds(gpu, sparsities).cpu()
+    want = torch.tensor(R.magnitude_thresholds(cpu, sparsities), dtype=got.dtype)
+    assert torch.equal(got, want)
+    for m, t, s in zip(ops.magnitude_masks(gpu, sparsities), cpu, sparsities):
+        assert torch.equal(m.packed.cpu(), R.pack_bits(R.magnitude_keep_masks([t], [s])[0]))
+
+
+def test_selection_16m_with_ties_and_nan():
+    w = torch.randn(16 * 2**20, device="cuda").round(decimals=1)
+    w[::1000] = float("nan")
+    got = ops.magnitude_masks(w, 0.5)[0]
+    ref = R.magnitude_keep_masks([w.cpu()], [0.5])[0]
+    assert torch.equal(got.to_bool().cpu(), ref)
+
+
+def test_masked_sgd_matches_reference_on_cuda():
+    g = torch.Generator().manual_seed(1)
+    params = [torch.randn(s, generator=g).cuda() for s in [(1000, 777), (33,), (64, 3, 7, 7)]]
+    keeps = [(torch.rand(p.shape, generator=g) > 0.5).cuda() if p.dim() > 1 else None for p in params]
+    masks = [dk.Mask.from_bool(k) if k is not None else None for k in keeps]
+    ref = [p.clone() for p in params]
+    bufs, ref_bufs = [None] * 3, [None] * 3
+    for p, q, k in zip(params, ref, keeps):
+        if k is not None:
+            p.masked_fill_(~k, 0)
+            q.masked_fill_(~k, 0)
+    hyper = dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=1e-4, nesterov=True, maximize=False)
+    for step in range(5):
+        grads = [torch.randn(p.shape, generator=g).cuda() for p in params]
+        ops.masked_sgd_(params, grads, bufs, masks, **hyper)
+        R.masked_sgd_(ref, grads, ref_bufs, keeps, **hyper)
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_masked_linear_large_block_sparse(dtype):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1000, 1024, generator=g).to(dtype).cuda().requires_grad_()
+    w = torch.randn(768, 1024, generator=g).to(dtype).cuda().requires_grad_()
+    mask = ops.magnitude_masks(w, 0.75, block=(64, 64))[0]
+    y = ops.masked_linear(x, w, mask)
+    dy = torch.randn_like(y)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    keep = mask.to_bool().cuda()
+    y_ref = R.masked_linear(x.float(), w.float(), keep)
+    dx_ref, dw_ref = torch.autograd.grad(y_ref, (x, w), dy.float())
+    tol = dict(rtol=2e-2, atol=2e-1) if dtype != torch.float32 else dict(rtol=1e-2, atol=1e-2)  # tf32
+    torch.testing.assert_close(y.float(), y_ref, **tol)
+    torch.testing.assert_close(dx.float(), dx_ref.float(), **tol)
+    torch.testing.assert_close(dw.float(), dw_ref.float(), **tol)
+    assert dw[~keep].eq(0).all()
+
+
+def test_compile_masked_linear_on_gpu():
+    from dsd_kernels.nn import sparsify
+    model = sparsify(torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(),
+                                         torch.nn.Linear(512, 64)), 0.5).cuda()
+    x = torch.randn(32, 256, device="cuda")
+    torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=1e-2, atol=1e-2)
