@@ -142,5 +142,19 @@ class Mask:
                 f"device={self.device})")
 
 
+def as_mask(mask, like: torch.Tensor, name: str = "mask") -> Mask:
+    """A Mask for tensor `like`, on its device, from a Mask or a bool tensor (True = kept)."""
+    if isinstance(mask, torch.Tensor):
+        if mask.dtype != torch.bool:
+            raise TypeError(f"{name} must be a Mask or a bool tensor, got a {mask.dtype} tensor")
+        mask = Mask.from_bool(mask)
+    if not isinstance(mask, Mask):
+        raise TypeError(f"{name} must be a Mask or a bool tensor, got {type(mask).__name__}")
+    if mask.shape != like.shape:
+        raise ValueError(f"{name} has shape {tuple(mask.shape)} but its parameter has shape "
+                         f"{tuple(like.shape)}")
+    return mask if mask.device == like.device else mask.to(like.device)
+
+
 # torch.load(weights_only=True) accepts a pickled Mask once this package is imported
 torch.serialization.add_safe_globals([Mask])

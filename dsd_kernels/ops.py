@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import _backend
 from ._floatbits import KEY_SPECS
-from .masks import Mask, mask_rows_cols
+from .masks import Mask, as_mask, mask_rows_cols
 
 __all__ = ["magnitude_thresholds", "magnitude_masks", "masked_sgd_", "masked_linear"]
 
@@ -191,18 +191,7 @@ def check_sgd_hyperparameters(lr, momentum, dampening, weight_decay, nesterov) -
 
 
 def _mask_words_for(mask, param: Tensor, name: str) -> Tensor | None:
-    if mask is None:
-        return None
-    if isinstance(mask, Tensor):
-        if mask.dtype != torch.bool:
-            raise TypeError(f"{name} must be a Mask, a bool tensor or None, got a {mask.dtype} tensor")
-        mask = Mask.from_bool(mask)
-    if not isinstance(mask, Mask):
-        raise TypeError(f"{name} must be a Mask, a bool tensor or None, got {type(mask).__name__}")
-    if mask.shape != param.shape:
-        raise ValueError(f"{name} has shape {tuple(mask.shape)} but its parameter has shape "
-                         f"{tuple(param.shape)}")
-    return mask.packed.to(param.device)
+    return None if mask is None else as_mask(mask, param, name).packed
 
 
 def _sgd_impl(params, grads, momentum_buffers, mask_words, first_step, *, lr, momentum,
@@ -368,9 +357,9 @@ def mask_words_for_weight(mask, weight: Tensor, name: str = "mask") -> Tensor:
                              f"{(rows, (cols + 31) // 32)} for a weight of shape {tuple(weight.shape)}")
         words = mask
     else:
-        words = _mask_words_for(mask, weight, name)
-        if words is None:
+        if mask is None:
             raise TypeError(f"{name} must be a Mask, a bool tensor or packed int32 words, got None")
+        words = as_mask(mask, weight, name).packed
     if words.device != weight.device:
         raise ValueError(f"{name} is on {words.device} but weight is on {weight.device}")
     return words

@@ -1,9 +1,11 @@
 // Shared helpers of the CPU kernels: the packed-mask layout and float-bit keys.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -20,6 +22,19 @@ struct MaskLayout {
   }
   int64_t num_words() const { return rows * words_per_row; }
 };
+
+// fn(word index, flat offset of its first element, elements in it) for every mask word, in
+// parallel: the unit of work of the kernels that read or write packed masks.
+template <typename F>
+void parallel_for_words(const MaskLayout& lay, int64_t grain, const F& fn) {
+  at::parallel_for(0, lay.num_words(), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t row = w / lay.words_per_row;
+      const int64_t col0 = (w - row * lay.words_per_row) * 32;
+      fn(w, row * lay.cols + col0, std::min<int64_t>(32, lay.cols - col0));
+    }
+  });
+}
 
 // Order-preserving keys of |w|: the float bits without the sign bit; every NaN payload is
 // clamped to one key just above +inf so NaNs tie and rank above +inf.

@@ -14,16 +14,10 @@ namespace {
 // dst = src where kept, exactly 0 where pruned (dst may alias src)
 template <typename scalar_t>
 void apply_mask(const scalar_t* src, scalar_t* dst, const int32_t* words, const MaskLayout& lay) {
-  at::parallel_for(0, lay.num_words(), 2048, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t row = w / lay.words_per_row;
-      const int64_t col0 = (w - row * lay.words_per_row) * 32;
-      const int64_t len = std::min<int64_t>(32, lay.cols - col0);
-      const int64_t base = row * lay.cols + col0;
-      const uint32_t bits = static_cast<uint32_t>(words[w]);
-      for (int64_t j = 0; j < len; ++j) {
-        dst[base + j] = ((bits >> j) & 1u) ? src[base + j] : static_cast<scalar_t>(0);
-      }
+  parallel_for_words(lay, 2048, [&](int64_t w, int64_t base, int64_t len) {
+    const uint32_t bits = static_cast<uint32_t>(words[w]);
+    for (int64_t j = 0; j < len; ++j) {
+      dst[base + j] = ((bits >> j) & 1u) ? src[base + j] : static_cast<scalar_t>(0);
     }
   });
 }

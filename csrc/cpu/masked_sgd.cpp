@@ -26,27 +26,21 @@ void step_tensor(at::Tensor& param, const at::Tensor& grad, at::Tensor* buf, con
   scalar_t* b = buf ? buf->data_ptr<scalar_t>() : nullptr;
   const acc_t lr = h.lr, mom = h.momentum, damp = 1 - h.dampening, wd = h.weight_decay;
   const bool use_momentum = buf != nullptr;
-  at::parallel_for(0, lay.num_words(), 2048, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t row = w / lay.words_per_row;
-      const int64_t col0 = (w - row * lay.words_per_row) * 32;
-      const int64_t len = std::min<int64_t>(32, lay.cols - col0);
-      const int64_t base = row * lay.cols + col0;
-      const uint32_t bits = words ? static_cast<uint32_t>(words[w]) : 0xFFFFFFFFu;
-      for (int64_t j = 0; j < len; ++j) {
-        const int64_t e = base + j;
-        const bool keep = (bits >> j) & 1u;
-        acc_t d = static_cast<acc_t>(g[e]);
-        acc_t x = static_cast<acc_t>(p[e]);
-        if (h.maximize) d = -d;
-        if (wd != 0) d += wd * x;
-        if (use_momentum) {
-          acc_t v = first ? d : static_cast<acc_t>(b[e]) * mom + damp * d;
-          d = h.nesterov ? d + mom * v : v;
-          b[e] = keep ? static_cast<scalar_t>(v) : static_cast<scalar_t>(0);
-        }
-        p[e] = keep ? static_cast<scalar_t>(x - lr * d) : static_cast<scalar_t>(0);
+  parallel_for_words(lay, 2048, [&](int64_t w, int64_t base, int64_t len) {
+    const uint32_t bits = words ? static_cast<uint32_t>(words[w]) : 0xFFFFFFFFu;
+    for (int64_t j = 0; j < len; ++j) {
+      const int64_t e = base + j;
+      const bool keep = (bits >> j) & 1u;
+      acc_t d = static_cast<acc_t>(g[e]);
+      acc_t x = static_cast<acc_t>(p[e]);
+      if (h.maximize) d = -d;
+      if (wd != 0) d += wd * x;
+      if (use_momentum) {
+        acc_t v = first ? d : static_cast<acc_t>(b[e]) * mom + damp * d;
+        d = h.nesterov ? d + mom * v : v;
+        b[e] = keep ? static_cast<scalar_t>(v) : static_cast<scalar_t>(0);
       }
+      p[e] = keep ? static_cast<scalar_t>(x - lr * d) : static_cast<scalar_t>(0);
     }
   });
 }

@@ -197,6 +197,19 @@ void write_mask(const scalar_t* data, const MaskLayout& lay, const Selection& se
   const int64_t words = lay.num_words();
   const uint64_t t = sel.key;
   const bool split_ties = prune_any && sel.need < sel.count_eq;
+  if (!split_ties) {  // keep = key > T for every element: branch-free words
+    parallel_for_words(lay, kGrain / 32, [&](int64_t w, int64_t base, int64_t len) {
+      if (!prune_any) {
+        out[w] = static_cast<int32_t>(len == 32 ? 0xFFFFFFFFu : (1u << len) - 1u);
+        return;
+      }
+      uint32_t bits = 0;
+      for (int64_t j = 0; j < len; ++j) bits |= static_cast<uint32_t>(magnitude_key(data[base + j]) > t) << j;
+      out[w] = static_cast<int32_t>(bits);
+    });
+    return;
+  }
+  // ties split: count ties per chunk, scan, then write each chunk from its offset
   auto word_bits = [&](int64_t w, int64_t* ties_before) -> uint32_t {
     const int64_t row = w / lay.words_per_row;
     const int64_t col0 = (w - row * lay.words_per_row) * 32;
@@ -205,41 +218,11 @@ void write_mask(const scalar_t* data, const MaskLayout& lay, const Selection& se
     uint32_t bits = 0;
     for (int64_t j = 0; j < len; ++j) {
       const uint64_t key = magnitude_key(src[j]);
-      bool keep;
-      if (!prune_any) {
-        keep = true;
-      } else if (key != t) {
-        keep = key > t;
-      } else if (split_ties) {
-        keep = (*ties_before)++ >= sel.need;
-      } else {
-        keep = false;  // every element equal to T is among the k smallest
-      }
+      const bool keep = key != t ? key > t : (*ties_before)++ >= sel.need;  // ties: flat order
       bits |= static_cast<uint32_t>(keep) << j;
     }
     return bits;
   };
-  if (!split_ties) {  // keep = key > T for every element: branch-free words
-    at::parallel_for(0, words, kGrain / 32, [&](int64_t begin, int64_t end) {
-      for (int64_t w = begin; w < end; ++w) {
-        const int64_t row = w / lay.words_per_row;
-        const int64_t col0 = (w - row * lay.words_per_row) * 32;
-        const int64_t len = std::min<int64_t>(32, lay.cols - col0);
-        if (!prune_any) {
-          out[w] = static_cast<int32_t>(len == 32 ? 0xFFFFFFFFu : (1u << len) - 1u);
-          continue;
-        }
-        const scalar_t* src = data + row * lay.cols + col0;
-        uint32_t bits = 0;
-        for (int64_t j = 0; j < len; ++j) {
-          bits |= static_cast<uint32_t>(magnitude_key(src[j]) > t) << j;
-        }
-        out[w] = static_cast<int32_t>(bits);
-      }
-    });
-    return;
-  }
-  // ties split: count ties per chunk, scan, then write each chunk from its offset
   const int64_t chunk = std::max<int64_t>(1, kGrain / 32);
   const int64_t chunks = (words + chunk - 1) / chunk;
   std::vector<int64_t> ties(chunks + 1, 0);

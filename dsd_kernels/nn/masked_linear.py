@@ -46,8 +46,7 @@ class MaskedLinear(nn.Linear):
         if mask is None:
             self.mask_words = None
             return
-        words = ops.mask_words_for_weight(mask.to(self.weight.device) if isinstance(mask, Mask)
-                                          else mask.to(self.weight.device), self.weight, "mask")
+        words = ops.mask_words_for_weight(mask.to(self.weight.device), self.weight, "mask")
         self.mask_words = words.clone()
         if zero_pruned:
             self.mask.apply_(self.weight)

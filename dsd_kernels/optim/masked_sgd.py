@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..masks import Mask
+from ..masks import Mask, as_mask
 
 
 def masked_sgd(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None],
@@ -80,16 +80,7 @@ class MaskedSGD(torch.optim.SGD):
         for p, m in masks.items():
             if not isinstance(p, Tensor) or id(p) not in held:
                 raise ValueError("set_masks got a mask for a tensor this optimizer does not hold")
-            if isinstance(m, Tensor):
-                if m.dtype != torch.bool:
-                    raise TypeError(f"a mask must be a Mask or a bool tensor, got a {m.dtype} tensor")
-                m = Mask.from_bool(m)
-            if not isinstance(m, Mask):
-                raise TypeError(f"a mask must be a Mask or a bool tensor, got {type(m).__name__}")
-            if m.shape != p.shape:
-                raise ValueError(f"mask has shape {tuple(m.shape)} but its parameter has shape "
-                                 f"{tuple(p.shape)}")
-            checked[p] = m.to(p.device)
+            checked[p] = as_mask(m, p)
         with torch.no_grad():
             for p, m in checked.items():
                 m.apply_(p)
