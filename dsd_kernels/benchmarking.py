@@ -156,10 +156,18 @@ def device_label(device: str) -> str:
 
 
 def write_results(path: str, env: dict, results: list[dict]) -> None:
+    """Write results to path, keeping the cases of an existing file that this run did not time
+    (so `bench --ops X` updates X's rows); environment records this run's versions."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    merged = results
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f).get("results", [])
+        fresh = {(r["op"], r["case"]) for r in results}
+        merged = [r for r in old if (r["op"], r["case"]) not in fresh] + results
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"environment": env, "results": results}, f, indent=2)
+        json.dump({"environment": env, "results": merged}, f, indent=2)
     os.replace(tmp, path)
 
 

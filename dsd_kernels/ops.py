@@ -4,11 +4,12 @@ This is the one place that chooses a backend (see _backend.py); everything above
 (optim/, nn/, dsd/) calls these functions, never a kernel. Each op validates its
 arguments here, so every backend sees well-formed input.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch.library.custom_op reads the prototypes'
+# annotations to build the schemas, and torch 2.4 accepts only evaluated typing forms.
 import numbers
 from collections.abc import Sequence
 from functools import reduce
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -86,7 +87,7 @@ def _select(tensors: list[Tensor], sparsities: list[float], want_masks: bool):
 
 
 @torch.library.custom_op("dsd_kernels::magnitude_thresholds", mutates_args=())
-def _magnitude_thresholds_op(tensors: list[Tensor], sparsities: list[float]) -> Tensor:
+def _magnitude_thresholds_op(tensors: List[Tensor], sparsities: List[float]) -> Tensor:
     return _select(tensors, sparsities, want_masks=False)[0]
 
 
@@ -96,7 +97,7 @@ def _(tensors, sparsities):
 
 
 @torch.library.custom_op("dsd_kernels::magnitude_mask_words", mutates_args=())
-def _magnitude_mask_words_op(tensors: list[Tensor], sparsities: list[float]) -> list[Tensor]:
+def _magnitude_mask_words_op(tensors: List[Tensor], sparsities: List[float]) -> List[Tensor]:
     return _select(tensors, sparsities, want_masks=True)[1]
 
 
@@ -209,8 +210,8 @@ def _sgd_impl(params, grads, momentum_buffers, mask_words, first_step, *, lr, mo
 
 
 @torch.library.custom_op("dsd_kernels::masked_sgd_", mutates_args=("params", "momentum_buffers"))
-def _masked_sgd_op(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
-                   mask_words: list[Tensor | None], first_step: list[bool], lr: float,
+def _masked_sgd_op(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor],
+                   mask_words: List[Optional[Tensor]], first_step: List[bool], lr: float,
                    momentum: float, dampening: float, weight_decay: float, nesterov: bool,
                    maximize: bool) -> None:
     if params:
@@ -296,7 +297,7 @@ def _linear_impl(x2d: Tensor):
 
 
 @torch.library.custom_op("dsd_kernels::masked_linear", mutates_args=())
-def _masked_linear_op(x: Tensor, weight: Tensor, mask_words: Tensor, bias: Tensor | None) -> Tensor:
+def _masked_linear_op(x: Tensor, weight: Tensor, mask_words: Tensor, bias: Optional[Tensor]) -> Tensor:
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
     y = _linear_impl(x2d).forward(x2d, weight.contiguous(), mask_words.contiguous(), bias)
     return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -310,7 +311,7 @@ def _(x, weight, mask_words, bias):
 @torch.library.custom_op("dsd_kernels::masked_linear_backward", mutates_args=())
 def _masked_linear_backward_op(grad: Tensor, x: Tensor, weight: Tensor, mask_words: Tensor,
                                needs_input: bool, needs_weight: bool, needs_bias: bool
-                               ) -> tuple[Tensor, Tensor, Tensor]:
+                               ) -> Tuple[Tensor, Tensor, Tensor]:
     """(dX like x, dW like weight, db (out,)); an unneeded gradient comes back empty."""
     g2d = grad.reshape(-1, grad.shape[-1]).contiguous()
     x2d = x.reshape(-1, x.shape[-1]).contiguous()

@@ -11,13 +11,18 @@
 namespace dsd_kernels_cpu {
 namespace {
 
-// dst = src where kept, exactly 0 where pruned (dst may alias src)
+// dst = src where kept, exactly +0 where pruned (dst may alias src): an AND of the float bits
+// with 0 or all-ones, branch-free (an unstructured mask would mispredict every other branch)
 template <typename scalar_t>
 void apply_mask(const scalar_t* src, scalar_t* dst, const int32_t* words, const MaskLayout& lay) {
+  using bits_t = typename KeyTraits<scalar_t>::bits_t;
   parallel_for_words(lay, 2048, [&](int64_t w, int64_t base, int64_t len) {
     const uint32_t bits = static_cast<uint32_t>(words[w]);
     for (int64_t j = 0; j < len; ++j) {
-      dst[base + j] = ((bits >> j) & 1u) ? src[base + j] : static_cast<scalar_t>(0);
+      bits_t v;
+      std::memcpy(&v, src + base + j, sizeof(v));
+      v &= static_cast<bits_t>(0) - static_cast<bits_t>((bits >> j) & 1u);
+      std::memcpy(dst + base + j, &v, sizeof(v));
     }
   });
 }
