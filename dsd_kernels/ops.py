@@ -67,6 +67,17 @@ def _sparsity_list(sparsity, count: int) -> list[float]:
     return values
 
 
+def _any_dtensor(tensors: list[Tensor]) -> bool:
+    """DTensors (sharded weights) take the collective path of distributed.py; all or none."""
+    if not torch.distributed.is_available():
+        return False
+    from .distributed import is_dtensor
+    flags = [is_dtensor(t) for t in tensors]
+    if any(flags) and not all(flags):
+        raise ValueError("tensors mixes DTensors and plain tensors; pass them in separate calls")
+    return any(flags)
+
+
 def _threshold_dtype(tensors: list[Tensor]) -> torch.dtype:
     # every threshold is exact in the promoted dtype (fp16 and bf16 promote to fp32)
     return reduce(torch.promote_types, (t.dtype for t in tensors), tensors[0].dtype)
@@ -123,6 +134,10 @@ def magnitude_thresholds(tensors, sparsity) -> Tensor:
     if not tensors:
         return torch.empty(0)
     _check_float_same_device(tensors)
+    if _any_dtensor(tensors):
+        from .distributed import sharded_select
+        found, _ = sharded_select(tensors, sparsities, want_masks=False)
+        return torch.tensor(found, dtype=_threshold_dtype(tensors), device=tensors[0].to_local().device)
     return torch.ops.dsd_kernels.magnitude_thresholds([t.detach() for t in tensors], sparsities)
 
 
@@ -163,6 +178,8 @@ def magnitude_masks(tensors, sparsity, block=None) -> list[Mask]:
         return []
     _check_float_same_device(tensors)
     if block is not None:
+        if _any_dtensor(tensors):
+            raise NotImplementedError("block pruning of DTensors is not supported yet")
         bh, bw = block
         scores = [_tile_l1(t, bh, bw) for t in tensors]
         tile_masks = magnitude_masks(scores, sparsities)
@@ -172,6 +189,9 @@ def magnitude_masks(tensors, sparsity, block=None) -> list[Mask]:
             keep = tm.to_bool().repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:rows, :cols]
             masks.append(Mask.from_bool(keep.reshape(t.shape)))
         return masks
+    if _any_dtensor(tensors):
+        from .distributed import sharded_select
+        return sharded_select(tensors, sparsities, want_masks=True)[1]
     words = torch.ops.dsd_kernels.magnitude_mask_words([t.detach() for t in tensors], sparsities)
     return [Mask(w, t.shape) for w, t in zip(words, tensors)]
 

@@ -1,0 +1,114 @@
+"""Sharded magnitude selection with real torch.distributed: 2 gloo processes on CPU."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import dsd_kernels as dk
+from dsd_kernels import reference as R
+
+pytestmark = pytest.mark.distributed
+
+
+def global_tensors():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(37, 19, generator=g)  # uneven: 19 + 18 rows
+    b = torch.zeros(8, 3, 3, 3)  # many exact zeros across the shard boundary
+    b[0] = torch.randn(3, 3, 3, generator=g)
+    b[7, 0] = 1.0
+    c = torch.randn(64, 40, generator=g).round(decimals=1)  # ties at the threshold
+    d = torch.randn(3, 5, generator=g).double()
+    return [a, b, c, d]
+
+
+SPARSITIES = [0.5, 0.6, 0.37, 0.9]
+
+
+def _worker(rank, world, init_file, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dsd_kernels.distributed import COLLECTIVE_BYTES, Replicate, Shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        from torch.distributed.tensor import distribute_tensor
+        mesh = init_device_mesh("cpu", (world,))
+        tensors = [distribute_tensor(t, mesh, [Shard(0)]) for t in global_tensors()]
+        masks = dk.magnitude_masks(tensors, SPARSITIES)
+        thresholds = dk.magnitude_thresholds(tensors, SPARSITIES)
+        replicated = dk.magnitude_masks([distribute_tensor(global_tensors()[0], mesh, [Replicate()])], 0.5)
+        errors = []
+        try:
+            dk.magnitude_masks([distribute_tensor(global_tensors()[0], mesh, [Shard(1)])], 0.5)
+        except NotImplementedError as err:
+            errors.append(str(err))
+        torch.save({"masks": [m.to_bool() for m in masks], "thresholds": thresholds,
+                    "replicated": replicated[0].to_bool(), "errors": errors,
+                    "bytes": COLLECTIVE_BYTES[0]}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_masks_equal_single_process_masks(tmp_path):
+    world = 2
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    full = global_tensors()
+    want_masks = R.magnitude_keep_masks(full, SPARSITIES)
+    want_thresholds = R.magnitude_thresholds(full, SPARSITIES)
+    for i, want in enumerate(want_masks):
+        gathered = torch.cat([r["masks"][i] for r in results])
+        assert torch.equal(gathered, want), f"tensor {i}: gathered shard masks differ"
+    for r in results:
+        assert r["thresholds"].tolist() == pytest.approx(want_thresholds, abs=0)
+        assert torch.equal(r["replicated"], want_masks[0])
+        assert r["errors"] and "Shard(dim=1)" in r["errors"][0]
+        # traffic of the two calls (masks, thresholds): per call, the fp32 batch of 3 layers in
+        # 3 passes of 2048 + 1024 + 1024 bins, the fp64 layer in 3 x 2048 + 3 x 1024 bins, int64
+        # counts; plus one all_gather of the 4 tie counts from 2 ranks. No weight is sent.
+        per_call = (3 * (2048 + 1024 + 1024) + (3 * 2048 + 3 * 1024)) * 8
+        assert r["bytes"] == 2 * per_call + 2 * 4 * 8
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from dsd_kernels.dsd import DSDScheduler
+    from dsd_kernels.nn import MaskedLinear
+    from dsd_kernels.optim import MaskedSGD
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # same initial weights on every rank, as DDP requires
+        model = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), MaskedLinear(32, 4))
+        ddp = DDP(model)
+        opt = MaskedSGD(ddp.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        dsd = DSDScheduler(opt, dense_epochs=2, sparse_epochs=2, redense_epochs=2, sparsity=0.5)
+        g = torch.Generator().manual_seed(100 + rank)  # different data on each rank
+        snapshots = {}
+        for epoch in range(dsd.total_epochs):
+            for _ in range(4):
+                x, y = torch.randn(16, 12, generator=g), torch.randint(0, 4, (16,), generator=g)
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(ddp(x), y).backward()
+                opt.step()
+            if dsd.phase == "sparse":
+                snapshots[f"masks{epoch}"] = [m.to_bool() for m in opt.masks.values()]
+            dsd.step()
+        snapshots["weights"] = [p.detach().clone() for p in model.parameters()]
+        torch.save(snapshots, os.path.join(out_dir, f"ddp{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_dsd_training_keeps_ranks_identical(tmp_path):
+    world = 2
+    mp.spawn(_ddp_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    a, b = (torch.load(tmp_path / f"ddp{r}.pt", weights_only=True) for r in range(world))
+    assert set(a) == set(b) and "masks2" in a and "masks3" in a
+    for key in a:
+        for x, y in zip(a[key], b[key]):
+            assert torch.equal(x, y), f"{key} differs between ranks"
+    assert all(int((~m).sum()) == round(0.5 * m.numel()) for m in a["masks2"])
