@@ -10,8 +10,11 @@ So block sparsity (e.g. magnitude_masks(..., block=(64, 64))) turns into fewer F
 bytes; unstructured 50% sparsity leaves almost every tile non-empty (dense speed).
 
 Launches: 1 per forward, 2 per backward (dX, dW) + torch's bias reduction.
-Bytes (forward, dense tiles): x read once per n-tile column, W + mask words read once per
-m-tile row: M*K*ceil(N/BN) + (N*K + N*K/8... ) see the benchmark for the achieved rate.
+Bytes each pass must move at least (e = element size, kept = fraction of non-empty tiles):
+forward  x M*K*e + W N*K*e*kept + mask N*K/8 + y M*N*e;  dX  dY M*N*e + W*kept + mask + dX M*K*e;
+dW  dY M*N*e + X M*K*e (each read once per tile column/row that keeps something) + dW N*K*e.
+The grid re-reads x once per n-tile and W once per m-tile; L2 absorbs most of that at these
+tile sizes (64 x 64 x 64, fixed: no autotuning until a GPU can be measured).
 """
 from __future__ import annotations
 
