@@ -32,6 +32,11 @@ def is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (sharing its storage), or t itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _placement(t: DTensor, name: str) -> str:
     mesh = t.device_mesh
     if mesh.ndim != 1:

@@ -267,6 +267,18 @@ def masked_sgd_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0, dam
     check_sgd_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
     if not params:
         return
+    fresh: set[int] = set()  # buffers created here: their first step copies the gradient
+    if _any_dtensor(params):
+        # sharded params (FSDP2): step each rank's local shard in place with its local mask;
+        # new momentum buffers are DTensors like their params, so checkpoints stay sharded
+        from .distributed import local_tensor
+        for i, p in enumerate(params):
+            if momentum != 0 and momentum_buffers[i] is None:
+                momentum_buffers[i] = torch.zeros_like(p)
+                fresh.add(i)
+        params = [local_tensor(p) for p in params]
+        grads = [local_tensor(g) for g in grads]
+        momentum_buffers = [None if b is None else local_tensor(b) for b in momentum_buffers]
     device = params[0].device
     for i, (p, g) in enumerate(zip(params, grads)):
         if g.is_sparse or g.layout != torch.strided:
@@ -295,7 +307,7 @@ def masked_sgd_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0, dam
                                      f"dtype or device")
                 if not buf.is_contiguous():
                     raise ValueError(f"momentum_buffers[{i}] is not contiguous")
-                first.append(False)
+                first.append(i in fresh)
             bufs.append(buf)
     grads = [g.contiguous() for g in grads]
     torch.ops.dsd_kernels.masked_sgd_([p.detach() for p in params], grads,

@@ -112,3 +112,55 @@ def test_ddp_dsd_training_keeps_ranks_identical(tmp_path):
         for x, y in zip(a[key], b[key]):
             assert torch.equal(x, y), f"{key} differs between ranks"
     assert all(int((~m).sum()) == round(0.5 * m.numel()) for m in a["masks2"])
+
+
+def _fsdp_worker(rank, world, init_file, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+
+    from dsd_kernels.dsd import DSDScheduler
+    from dsd_kernels.optim import MaskedSGD
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(12, 33), torch.nn.ReLU(), torch.nn.Linear(33, 5))
+        fully_shard(model, mesh=mesh)
+        opt = MaskedSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        dsd = DSDScheduler(opt, dense_epochs=1, sparse_epochs=2, redense_epochs=1, sparsity=0.6)
+        weights = [p for p in model.parameters() if p.dim() >= 2]
+        g = torch.Generator().manual_seed(10 + rank)
+        record = {"pruned": [], "lr": []}
+        for epoch in range(dsd.total_epochs):
+            for _ in range(3):
+                x, y = torch.randn(8, 12, generator=g), torch.randint(0, 5, (8,), generator=g)
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+            # global count of exact zeros per layer, summed over the shards
+            zeros = torch.tensor([int((w.to_local() == 0).sum()) for w in weights])
+            dist.all_reduce(zeros)
+            record["pruned"].append(zeros.tolist())
+            record["lr"].append(opt.param_groups[0]["lr"])
+            dsd.step()
+        record["numel"] = [w.numel() for w in weights]
+        torch.save(record, os.path.join(out_dir, f"fsdp{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_model_trains_through_dense_sparse_redense(tmp_path):
+    world = 2
+    mp.spawn(_fsdp_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    record = torch.load(tmp_path / "fsdp0.pt", weights_only=True)
+    exact = [round(0.6 * n) for n in record["numel"]]
+    dense, sparse1, sparse2, redense = record["pruned"]
+    assert all(z < e for z, e in zip(dense, exact))
+    assert sparse1 == exact and sparse2 == exact  # exact global per-layer sparsity, every step
+    assert all(z < e // 2 for z, e in zip(redense, exact))  # pruned weights train again
+    assert record["lr"] == pytest.approx([0.05, 0.05, 0.05, 0.005])

@@ -16,6 +16,14 @@ from .. import ops
 from ..masks import Mask, as_mask
 
 
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor parameter (FSDP2), else the tensor itself."""
+    if not torch.distributed.is_available():
+        return t
+    from ..distributed import local_tensor
+    return local_tensor(t)
+
+
 def masked_sgd(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None],
                masks: list[Mask | Tensor | None], *, lr: float, momentum: float = 0.0,
                dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
@@ -80,13 +88,13 @@ class MaskedSGD(torch.optim.SGD):
         for p, m in masks.items():
             if not isinstance(p, Tensor) or id(p) not in held:
                 raise ValueError("set_masks got a mask for a tensor this optimizer does not hold")
-            checked[p] = as_mask(m, p)
+            checked[p] = as_mask(m, _local(p))  # a sharded param's mask covers its local shard
         with torch.no_grad():
             for p, m in checked.items():
-                m.apply_(p)
+                m.apply_(_local(p))
                 buf = self.state.get(p, {}).get("momentum_buffer")
                 if buf is not None:
-                    m.apply_(buf)
+                    m.apply_(_local(buf))
                 self._masks[p] = m
 
     def clear_masks(self) -> None:
@@ -164,7 +172,7 @@ class MaskedSGD(torch.optim.SGD):
         self._masks = {}
         for i, m in masks.items():
             mask = Mask.from_state_dict(m)
-            if mask.shape != params[int(i)].shape:
+            if mask.shape != _local(params[int(i)]).shape:
                 raise ValueError(f"state_dict mask {i} has shape {tuple(mask.shape)} but parameter "
-                                 f"{i} has shape {tuple(params[int(i)].shape)}")
+                                 f"{i} has shape {tuple(_local(params[int(i)]).shape)}")
             self._masks[params[int(i)]] = mask.to(params[int(i)].device)
