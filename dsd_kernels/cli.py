@@ -48,11 +48,55 @@ def _cmd_bench(args) -> int:
     return 0
 
 
-def _cmd_train(args) -> int:
+def _launch_data_parallel(args, argv: list[str]) -> int:
+    """Re-run this train command under torchrun with args.nproc processes on this machine."""
+    import subprocess
+    import time
+
+    if args.nproc < 1:
+        print(f"dsd-kernels train: error: --nproc must be at least 1, got {args.nproc}", file=sys.stderr)
+        return 2
+    out = args.resume or args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    rest, skip = [], False
+    for a in argv:  # drop --nproc N (and --out, set explicitly so every rank writes one folder)
+        if skip:
+            skip = False
+        elif a in ("--nproc", "--out"):
+            skip = True
+        elif not a.startswith(("--nproc=", "--out=")):
+            rest.append(a)
+    if not args.resume:
+        rest += ["--out", out]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={args.nproc}", "-m", "dsd_kernels.cli", *rest]
+    return subprocess.call(cmd)
+
+
+def _init_data_parallel(args) -> str | None:
+    """Under torchrun: join the process group; returns this rank's device (None: single process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch.distributed as dist
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
+    return "cpu"
+
+
+def _cmd_train(args, argv: list[str] | None = None) -> int:
     import time
 
     from .dsd.report import format_table
     from .dsd.train import TrainConfig, run_job
+
+    if args.nproc and args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _launch_data_parallel(args, list(argv if argv is not None else sys.argv[1:]))
+    device = _init_data_parallel(args)
+    if device is not None:
+        args.device = device
 
     if args.resume:
         out = args.resume
@@ -81,6 +125,11 @@ def _cmd_train(args) -> int:
     except ValueError as err:
         print(f"dsd-kernels train: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if device is not None:
+            torch.distributed.destroy_process_group()
+    if device is not None and int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 prints the report
     print()
     print(format_table(report))
     print(f"report: {os.path.join(out, 'report.md')} (+ report.json, accuracy.png, weights.png); "
@@ -113,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint every N epochs so --resume can continue a killed job")
     p.add_argument("--resume", metavar="DIR", help="continue the job in DIR")
     p.add_argument("--quick", action="store_true", help="a small run for smoke tests (< 1 min)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes on this machine, via torchrun (gloo on CPU, nccl on GPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("bench", help="time every op against its torch baselines, write JSON")
@@ -131,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.func is _cmd_train:
+        return _cmd_train(args, argv)
     return args.func(args)
 
 

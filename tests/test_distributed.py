@@ -164,3 +164,28 @@ def test_fsdp2_model_trains_through_dense_sparse_redense(tmp_path):
     assert sparse1 == exact and sparse2 == exact  # exact global per-layer sparsity, every step
     assert all(z < e // 2 for z, e in zip(redense, exact))  # pruned weights train again
     assert record["lr"] == pytest.approx([0.05, 0.05, 0.05, 0.005])
+
+
+def test_cli_train_nproc_2_matches_single_process(tmp_path):
+    """`dsd-kernels train --nproc 2` (torchrun, gloo): each rank takes half of every batch and DDP
+    averages the gradients, so the run tracks the single-process one up to float rounding."""
+    import json
+    import subprocess
+    import sys
+
+    args = ["train", "--quick", "--model", "mlp", "--seeds", "1", "--no-progress"]
+    outs = {}
+    for nproc in (1, 2):
+        out = str(tmp_path / f"n{nproc}")
+        done = subprocess.run([sys.executable, "-m", "dsd_kernels.cli", *args, "--nproc", str(nproc),
+                               "--out", out], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        with open(os.path.join(out, "report.json")) as f:
+            outs[nproc] = json.load(f)
+    assert outs[2]["config"]["nproc"] == 2
+    for a, b in zip(outs[1]["runs"], outs[2]["runs"]):
+        assert (a["method"], a["seed"]) == (b["method"], b["seed"])
+        assert abs(a["test_accuracy"] - b["test_accuracy"]) <= 1.0
+        assert a["history"][0]["train_loss"] == pytest.approx(b["history"][0]["train_loss"], rel=1e-5)
+        if a["method"] == "dsd":
+            assert b["phases"][1]["measured_sparsity"] == a["phases"][1]["measured_sparsity"]

@@ -27,6 +27,13 @@ from .scheduler import DSDScheduler
 METHODS = ("dense", "llr", "dsd")
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed job, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 @dataclass
 class TrainConfig:
     data: str = "mnist1d"
@@ -104,6 +111,14 @@ class Run:
         device = torch.device(cfg.device)
         torch.manual_seed(seed)
         self.model = build_model(model_name, data.num_features, data.num_classes).to(device)
+        self.rank, self.world = world()
+        # data parallel (dsd-kernels train --nproc): every rank holds the same model (same seed)
+        # and takes its slice of each batch; DDP averages the gradients
+        self.forward_model = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            self.forward_model = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = MaskedSGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
         dense, sparse, _ = cfg.epochs
@@ -166,12 +181,14 @@ class Run:
         order = torch.randperm(n, generator=self.generator).to(self.x_train.device)
         total = torch.zeros((), device=self.x_train.device)
         for start in range(0, n, bs):
-            idx = order[start:start + bs]
+            idx = order[start:start + bs][self.rank::self.world]  # this rank's slice of the batch
             self.optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(self.model(self.x_train[idx]), self.y_train[idx])
+            loss = F.cross_entropy(self.forward_model(self.x_train[idx]), self.y_train[idx])
             loss.backward()
             self.optimizer.step()
             total += loss.detach() * len(idx)
+        if self.world > 1:
+            torch.distributed.all_reduce(total)
         return float(total) / n
 
     def run_epoch(self) -> None:
@@ -233,19 +250,26 @@ def run_job(cfg: TrainConfig, out_dir: str, *, resume: bool = False, progress: b
         cfg = TrainConfig(**saved)
     cfg.validate()
     data = load_data(cfg.data, cfg.train_samples)  # errors in the data surface before training
-    os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
-    os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
-    if not resume:
-        if os.path.exists(config_path):
-            raise ValueError(f"--out {out_dir} already holds a job; use --resume {out_dir} or another --out")
-        _atomic_write(config_path, json.dumps(asdict(cfg), indent=2))
+    rank, size = world()
+    writer = rank == 0  # in a data-parallel job rank 0 writes every file; all ranks read them
+    if not resume and os.path.exists(config_path):
+        raise ValueError(f"--out {out_dir} already holds a job; use --resume {out_dir} or another --out")
+    if size > 1:
+        torch.distributed.barrier()  # every rank has checked --out before rank 0 writes to it
+    if writer:
+        os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
+        os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
+        if not resume:
+            _atomic_write(config_path, json.dumps(asdict(cfg), indent=2))
 
     runs, snapshots = [], {}
     plan = plan_runs(cfg)
     started = time.perf_counter()
-    with tqdm(total=len(plan) * cfg.total_epochs, unit="epoch", disable=not progress,
+    with tqdm(total=len(plan) * cfg.total_epochs, unit="epoch", disable=not progress or not writer,
               dynamic_ncols=True) as bar:
         for method, model, seed in plan:
+            if size > 1:
+                torch.distributed.barrier()  # every rank sees the same finished runs and checkpoints
             run = Run(cfg, data, method, model, seed, capture_weights=(method == "dsd" and seed == 0))
             result_path = os.path.join(out_dir, "runs", f"{run.id}.json")
             snap_path = os.path.join(out_dir, "runs", f"{run.id}.snapshots.pt")
@@ -264,19 +288,23 @@ def run_job(cfg: TrainConfig, out_dir: str, *, resume: bool = False, progress: b
             while run.epoch < cfg.total_epochs:
                 run.run_epoch()
                 bar.update(1)
-                if cfg.checkpoint_every and run.epoch % cfg.checkpoint_every == 0 \
+                if writer and cfg.checkpoint_every and run.epoch % cfg.checkpoint_every == 0 \
                         and run.epoch < cfg.total_epochs:
                     _atomic_save(run.state_dict(), ckpt_path)
                 if on_epoch_end is not None:
                     on_epoch_end(run)
             result = run.result()
             if run.snapshots:
-                _atomic_save(run.snapshots, snap_path)
                 snapshots[model] = run.snapshots
-            _atomic_write(result_path, json.dumps(result))
-            if os.path.exists(ckpt_path):
-                os.remove(ckpt_path)
+            if writer:
+                if run.snapshots:
+                    _atomic_save(run.snapshots, snap_path)
+                _atomic_write(result_path, json.dumps(result))
+                if os.path.exists(ckpt_path):
+                    os.remove(ckpt_path)
             runs.append(result)
     report = build_report(cfg, runs, elapsed_s=time.perf_counter() - started)
-    write_report(report, snapshots, out_dir)
+    report["config"]["nproc"] = size
+    if writer:
+        write_report(report, snapshots, out_dir)
     return report
