@@ -98,6 +98,20 @@ def _ddp_worker(rank, world, init_file, out_dir):
                 snapshots[f"masks{epoch}"] = [m.to_bool() for m in opt.masks.values()]
             dsd.step()
         snapshots["weights"] = [p.detach().clone() for p in model.parameters()]
+        # MaskedLinear route: masks live in the modules, any optimizer (Adam) under DDP
+        from dsd_kernels.nn import sparsify
+        torch.manual_seed(1)
+        model2 = sparsify(torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(),
+                                              torch.nn.Linear(32, 4)), 0.7, block=(4, 4))
+        ddp2 = DDP(model2)
+        adam = torch.optim.Adam(ddp2.parameters(), lr=0.01)
+        for _ in range(5):
+            x, y = torch.randn(16, 12, generator=g), torch.randint(0, 4, (16,), generator=g)
+            adam.zero_grad()
+            torch.nn.functional.cross_entropy(ddp2(x), y).backward()
+            adam.step()
+        snapshots["masked_linear"] = [p.detach().clone() for p in model2.parameters()] + [
+            m.mask.to_bool() for m in (model2[0], model2[2])]
         torch.save(snapshots, os.path.join(out_dir, f"ddp{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -112,6 +126,8 @@ def test_ddp_dsd_training_keeps_ranks_identical(tmp_path):
         for x, y in zip(a[key], b[key]):
             assert torch.equal(x, y), f"{key} differs between ranks"
     assert all(int((~m).sum()) == round(0.5 * m.numel()) for m in a["masks2"])
+    w0, mask0 = a["masked_linear"][0], a["masked_linear"][4]
+    assert w0[~mask0].eq(0).all()  # pruned weights of the MaskedLinear stayed 0 under Adam + DDP
 
 
 def _fsdp_worker(rank, world, init_file, out_dir):
