@@ -85,9 +85,9 @@ def _warn_once(key: str, message: str) -> None:
 
 # Under auto on CPU, per op, the faster of the C++ kernel and the torch composite as measured
 # by `dsd-kernels bench` on the project's 2-core x86-64 machine (benchmarks/results/):
-# radix select in C++ is ~1.7x the composite; for masked SGD, torch's own fused SGD kernel
-# plus a bitwise AND beats our scalar C++ loop ~2.6x; masked_linear is ATen's matmul either
-# way and the composite's dispatch is a little leaner.
+# radix select in C++ is ~1.7x the composite; for masked SGD, torch's own (AVX-dispatched)
+# fused SGD kernel plus a bitwise AND beats our baseline-x86-64 C++ loop by ~20%;
+# masked_linear is ATen's matmul either way and the composite's dispatch is a little leaner.
 CPU_AUTO = {"magnitude_select": ("cpp", "torch"), "masked_sgd_": ("torch", "cpp"),
             "masked_linear": ("torch", "cpp")}
 

@@ -1,10 +1,11 @@
 // Fused masked SGD on CPU: one pass over memory per tensor (read p, g, b and the mask
 // words; write p, b), torch.optim.SGD's arithmetic in float (double for fp64), pruned
-// entries written as exactly 0. Work is split into 32-element mask words, in parallel.
+// entries written as exactly +0. Work is split into 32-element mask words, in parallel.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "common.h"
@@ -17,32 +18,66 @@ struct Hyper {
   bool nesterov, maximize;
 };
 
+// One tensor, with the options as template flags so the inner loop has no branches and
+// vectorises. Pruned entries: the computed values are AND-ed with an all-zero lane mask, which
+// gives exactly +0 whatever was computed there (NaN from a NaN gradient included).
+template <typename scalar_t, typename acc_t, bool kMomentum, bool kFirst, bool kNesterov,
+          bool kMaximize, bool kDecay>
+void step_tensor(scalar_t* __restrict p, const scalar_t* __restrict g, scalar_t* __restrict b,
+                 const int32_t* words, const MaskLayout& lay, const Hyper& h) {
+  using bits_t = typename KeyTraits<scalar_t>::bits_t;
+  const acc_t lr = h.lr, mom = h.momentum, damp = 1 - h.dampening, wd = h.weight_decay;
+  parallel_for_words(lay, 2048, [&](int64_t w, int64_t base, int64_t len) {
+    const uint32_t bits = words ? static_cast<uint32_t>(words[w]) : 0xFFFFFFFFu;
+    scalar_t* __restrict pw = p + base;
+    const scalar_t* __restrict gw = g + base;
+    scalar_t* __restrict bw = kMomentum ? b + base : nullptr;
+    for (int64_t j = 0; j < len; ++j) {
+      const bits_t lane = static_cast<bits_t>(0) - static_cast<bits_t>((bits >> j) & 1u);
+      acc_t d = static_cast<acc_t>(gw[j]);
+      const acc_t x = static_cast<acc_t>(pw[j]);
+      if (kMaximize) d = -d;
+      if (kDecay) d += wd * x;
+      if (kMomentum) {
+        const acc_t v = kFirst ? d : static_cast<acc_t>(bw[j]) * mom + damp * d;
+        d = kNesterov ? d + mom * v : v;
+        scalar_t vs = static_cast<scalar_t>(v);
+        bits_t vb;
+        std::memcpy(&vb, &vs, sizeof(vb));
+        vb &= lane;
+        std::memcpy(bw + j, &vb, sizeof(vb));
+      }
+      scalar_t ps = static_cast<scalar_t>(x - lr * d);
+      bits_t pb;
+      std::memcpy(&pb, &ps, sizeof(pb));
+      pb &= lane;
+      std::memcpy(pw + j, &pb, sizeof(pb));
+    }
+  });
+}
+
 template <typename scalar_t, typename acc_t>
-void step_tensor(at::Tensor& param, const at::Tensor& grad, at::Tensor* buf, const int32_t* words,
-                 bool first, const Hyper& h) {
+void step_dispatch(at::Tensor& param, const at::Tensor& grad, at::Tensor* buf, const int32_t* words,
+                   bool first, const Hyper& h) {
   const MaskLayout lay(param);
   scalar_t* p = param.data_ptr<scalar_t>();
   const scalar_t* g = grad.data_ptr<scalar_t>();
   scalar_t* b = buf ? buf->data_ptr<scalar_t>() : nullptr;
-  const acc_t lr = h.lr, mom = h.momentum, damp = 1 - h.dampening, wd = h.weight_decay;
-  const bool use_momentum = buf != nullptr;
-  parallel_for_words(lay, 2048, [&](int64_t w, int64_t base, int64_t len) {
-    const uint32_t bits = words ? static_cast<uint32_t>(words[w]) : 0xFFFFFFFFu;
-    for (int64_t j = 0; j < len; ++j) {
-      const int64_t e = base + j;
-      const bool keep = (bits >> j) & 1u;
-      acc_t d = static_cast<acc_t>(g[e]);
-      acc_t x = static_cast<acc_t>(p[e]);
-      if (h.maximize) d = -d;
-      if (wd != 0) d += wd * x;
-      if (use_momentum) {
-        acc_t v = first ? d : static_cast<acc_t>(b[e]) * mom + damp * d;
-        d = h.nesterov ? d + mom * v : v;
-        b[e] = keep ? static_cast<scalar_t>(v) : static_cast<scalar_t>(0);
-      }
-      p[e] = keep ? static_cast<scalar_t>(x - lr * d) : static_cast<scalar_t>(0);
-    }
-  });
+  const bool decay = h.weight_decay != 0;
+  // 2^5 instantiations of one loop: the options never change inside a step
+#define DSD_STEP(M, F, N, X, D) step_tensor<scalar_t, acc_t, M, F, N, X, D>(p, g, b, words, lay, h)
+#define DSD_DECAY(M, F, N, X) (decay ? DSD_STEP(M, F, N, X, true) : DSD_STEP(M, F, N, X, false))
+#define DSD_MAX(M, F, N) (h.maximize ? DSD_DECAY(M, F, N, true) : DSD_DECAY(M, F, N, false))
+  if (buf == nullptr) {
+    DSD_MAX(false, false, false);
+  } else if (first) {
+    h.nesterov ? DSD_MAX(true, true, true) : DSD_MAX(true, true, false);
+  } else {
+    h.nesterov ? DSD_MAX(true, false, true) : DSD_MAX(true, false, false);
+  }
+#undef DSD_MAX
+#undef DSD_DECAY
+#undef DSD_STEP
 }
 
 void masked_sgd_(at::TensorList params, at::TensorList grads, at::TensorList bufs,
@@ -73,7 +108,7 @@ void masked_sgd_(at::TensorList params, at::TensorList grads, at::TensorList buf
     const bool first = use_momentum && first_step.get(i);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "masked_sgd_", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      step_tensor<scalar_t, acc_t>(p, grads[i], use_momentum ? &b : nullptr, words, first, h);
+      step_dispatch<scalar_t, acc_t>(p, grads[i], use_momentum ? &b : nullptr, words, first, h);
     });
   }
 }
