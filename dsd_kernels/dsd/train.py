@@ -121,13 +121,12 @@ class Run:
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = MaskedSGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
-        dense, sparse, _ = cfg.epochs
+        dense, sparse, redense = cfg.epochs
         self.dsd = self.lr_schedule = None
         if method == "dsd":
-            self.dsd = DSDScheduler(self.optimizer, dense_epochs=cfg.epochs[0],
-                                    sparse_epochs=cfg.epochs[1], redense_epochs=cfg.epochs[2],
-                                    sparsity=cfg.sparsity, redense_lr_scale=cfg.redense_lr_scale,
-                                    cycles=cfg.cycles)
+            self.dsd = DSDScheduler(self.optimizer, dense_epochs=dense, sparse_epochs=sparse,
+                                    redense_epochs=redense, sparsity=cfg.sparsity,
+                                    redense_lr_scale=cfg.redense_lr_scale, cycles=cfg.cycles)
         else:
             drop = dense + sparse if method == "dense" else dense
             scale = cfg.redense_lr_scale
