@@ -30,12 +30,13 @@ struct Selection {
 };
 
 // Find the bin holding the rank-th smallest element; updates rank to the rank within the bin.
-int64_t locate(const std::vector<int64_t>& local, int threads, int64_t bins, int64_t* rank,
+template <typename count_t>
+int64_t locate(const std::vector<count_t>& local, int threads, int64_t bins, int64_t* rank,
                int64_t* in_bin) {
   int64_t below = 0, digit = 0;
   for (; digit < bins; ++digit) {
     int64_t c = 0;
-    for (int t = 0; t < threads; ++t) c += local[static_cast<size_t>(t) * bins + digit];
+    for (int t = 0; t < threads; ++t) c += static_cast<int64_t>(local[static_cast<size_t>(t) * bins + digit]);
     if (below + c >= *rank) {
       *in_bin = c;
       break;
@@ -61,13 +62,13 @@ inline typename KeyTraits<scalar_t>::bits_t key_of(scalar_t v) {
   return bits;
 }
 
-// Count digits of keys[begin, end) into hist (kSubHists x bins), only where the key's higher
-// bits equal prefix (all keys when kCheckPrefix is false). Branch-free and unrolled by
-// kSubHists, one sub-histogram per lane, so skewed data (most weights in few bins) neither
-// mispredicts nor chains on one counter; matches are compacted into gather.
-template <typename scalar_t, bool kClamp, bool kCheckPrefix>
+// Count digits of keys[begin, end) into hist (kSubHists x bins). Without kCheckPrefix: every
+// key, branch-free and unrolled by kSubHists, one sub-histogram per lane, so skewed data (most
+// weights in few bins) does not chain on one counter. With it: only keys whose higher bits
+// equal prefix, which are also compacted into gather.
+template <typename scalar_t, typename count_t, bool kClamp, bool kCheckPrefix>
 void count_digits(const scalar_t* data, int64_t begin, int64_t end, int shift, uint64_t digit_mask,
-                  int high_shift, uint64_t prefix, int64_t bins, int64_t* hist,
+                  int high_shift, uint64_t prefix, int64_t bins, count_t* hist,
                   std::vector<typename KeyTraits<scalar_t>::bits_t>* gather) {
   using bits_t = typename KeyTraits<scalar_t>::bits_t;
   constexpr int64_t kChunk = 4096;
@@ -75,10 +76,10 @@ void count_digits(const scalar_t* data, int64_t begin, int64_t end, int shift, u
   // locals (not references) so the counter stores cannot alias them: they stay in registers
   const int sh = shift, high = high_shift;
   const uint64_t dmask = digit_mask, pre = prefix;
-  int64_t* __restrict h0 = hist;
-  int64_t* __restrict h1 = hist + bins;
-  int64_t* __restrict h2 = hist + 2 * bins;
-  int64_t* __restrict h3 = hist + 3 * bins;
+  count_t* __restrict h0 = hist;
+  count_t* __restrict h1 = hist + bins;
+  count_t* __restrict h2 = hist + 2 * bins;
+  count_t* __restrict h3 = hist + 3 * bins;
   static_assert(kSubHists == 4, "the unrolled loop below uses four sub-histograms");
   for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
     const int64_t c1 = std::min(end, c0 + kChunk);
@@ -97,32 +98,14 @@ void count_digits(const scalar_t* data, int64_t begin, int64_t end, int shift, u
       }
       for (; i < c1; ++i) h0[key_of<scalar_t, kClamp>(data[i]) >> sh]++;
     } else {
-      for (; i + 4 <= c1; i += 4) {
-        const bits_t k0 = key_of<scalar_t, kClamp>(data[i]);
-        const bits_t k1 = key_of<scalar_t, kClamp>(data[i + 1]);
-        const bits_t k2 = key_of<scalar_t, kClamp>(data[i + 2]);
-        const bits_t k3 = key_of<scalar_t, kClamp>(data[i + 3]);
-        const int64_t m0 = (k0 >> high) == pre, m1 = (k1 >> high) == pre;
-        const int64_t m2 = (k2 >> high) == pre, m3 = (k3 >> high) == pre;
-        h0[(k0 >> sh) & dmask] += m0;
-        h1[(k1 >> sh) & dmask] += m1;
-        h2[(k2 >> sh) & dmask] += m2;
-        h3[(k3 >> sh) & dmask] += m3;
-        buffer[kept] = k0;  // branch-free compaction: a slot advances only on a match
-        kept += m0;
-        buffer[kept] = k1;
-        kept += m1;
-        buffer[kept] = k2;
-        kept += m2;
-        buffer[kept] = k3;
-        kept += m3;
-      }
+      // after the first digit only a small fraction of the keys match: a predictable branch
+      // skips the counter update for the rest, which costs less than adding 0 to a random bin
       for (; i < c1; ++i) {
         const bits_t k0 = key_of<scalar_t, kClamp>(data[i]);
-        const int64_t m0 = (k0 >> high) == pre;
-        h0[(k0 >> sh) & dmask] += m0;
-        buffer[kept] = k0;
-        kept += m0;
+        if ((k0 >> high) == pre) {
+          h0[(k0 >> sh) & dmask]++;
+          buffer[kept++] = k0;
+        }
       }
     }
     if (gather != nullptr) gather->insert(gather->end(), buffer, buffer + kept);
@@ -131,7 +114,7 @@ void count_digits(const scalar_t* data, int64_t begin, int64_t end, int shift, u
 
 // At most two passes over the data: digit 0 of every key; then digit 1 of the keys under the
 // chosen digit 0, which are also gathered (per thread) so later digits visit only them.
-template <typename scalar_t, bool kClamp>
+template <typename scalar_t, typename count_t, bool kClamp>
 bool radix_select_pass(const scalar_t* data, int64_t n, int64_t k, Selection* sel) {
   using T = KeyTraits<scalar_t>;
   using bits_t = typename T::bits_t;
@@ -148,22 +131,22 @@ bool radix_select_pass(const scalar_t* data, int64_t n, int64_t k, Selection* se
     const int64_t bins = int64_t(1) << width;
     const uint64_t digit_mask = bins - 1;
     const int high_shift = shift + width;
-    std::vector<int64_t> local(static_cast<size_t>(threads) * kSubHists * bins, 0);
+    std::vector<count_t> local(static_cast<size_t>(threads) * kSubHists * bins, 0);
     if (p <= 1) {
       at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
         const int tid = at::get_thread_num();
-        int64_t* hist = local.data() + static_cast<int64_t>(tid) * kSubHists * bins;
+        count_t* hist = local.data() + static_cast<int64_t>(tid) * kSubHists * bins;
         if (p == 0) {
-          count_digits<scalar_t, kClamp, false>(data, begin, end, shift, digit_mask, high_shift,
+          count_digits<scalar_t, count_t, kClamp, false>(data, begin, end, shift, digit_mask, high_shift,
                                                 prefix, bins, hist, nullptr);
         } else {
-          count_digits<scalar_t, kClamp, true>(data, begin, end, shift, digit_mask, high_shift,
+          count_digits<scalar_t, count_t, kClamp, true>(data, begin, end, shift, digit_mask, high_shift,
                                                prefix, bins, hist,
                                                passes > 2 ? &gathered[tid] : nullptr);
         }
       });
     } else {
-      int64_t* hist = local.data();  // the gathered keys are few: one thread
+      count_t* hist = local.data();  // the gathered keys are few: one thread
       for (int t = 0; t < threads; ++t) {
         for (const bits_t key : gathered[t]) {
           hist[(key >> shift) & digit_mask] += (key >> high_shift) == prefix;
@@ -183,10 +166,16 @@ bool radix_select_pass(const scalar_t* data, int64_t n, int64_t k, Selection* se
 
 template <typename scalar_t>
 Selection radix_select(const scalar_t* data, int64_t n, int64_t k) {
+  // 32-bit counters halve the histograms' cache footprint; 64-bit ones beyond 2^32 elements
   Selection sel;
-  if (!radix_select_pass<scalar_t, false>(data, n, k, &sel)) {
+  if (n < (int64_t(1) << 32)) {
+    if (!radix_select_pass<scalar_t, uint32_t, false>(data, n, k, &sel)) {
+      sel = Selection();
+      radix_select_pass<scalar_t, uint32_t, true>(data, n, k, &sel);
+    }
+  } else if (!radix_select_pass<scalar_t, int64_t, false>(data, n, k, &sel)) {
     sel = Selection();
-    radix_select_pass<scalar_t, true>(data, n, k, &sel);
+    radix_select_pass<scalar_t, int64_t, true>(data, n, k, &sel);
   }
   return sel;
 }
