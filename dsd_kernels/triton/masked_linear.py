@@ -32,6 +32,14 @@ _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # fp32 inputs: full fp32 products, like F.linear (torch does not use TF32 by default)
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
 def _masked_weight_tile(W, WORDS, n, k, N, K, words_per_row, UPCAST: tl.constexpr):
     """(BLOCK_N, BLOCK_K) tile of W*M for row offsets n (BN, 1) and column offsets k (1, BK)."""
     inside = (n < N) & (k < K)
@@ -46,7 +54,8 @@ def _masked_weight_tile(W, WORDS, n, k, N, K, words_per_row, UPCAST: tl.constexp
 
 @triton.jit
 def _forward_kernel(X, W, WORDS, BIAS, Y, ROW_PTR, COL_IDX, M, N, K, words_per_row,
-                    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                    BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
@@ -62,7 +71,7 @@ def _forward_kernel(X, W, WORDS, BIAS, Y, ROW_PTR, COL_IDX, M, N, K, words_per_r
         if UPCAST:
             x = x.to(tl.float32)
         w = _masked_weight_tile(W, WORDS, n, k, N, K, words_per_row, UPCAST)
-        acc += tl.dot(x, tl.trans(w))
+        acc += _dot(x, tl.trans(w), IEEE)
     n_row = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)[None, :]
     if HAS_BIAS:
         acc += tl.load(BIAS + n_row, mask=n_row < N, other=0.0).to(tl.float32)
@@ -71,8 +80,8 @@ def _forward_kernel(X, W, WORDS, BIAS, Y, ROW_PTR, COL_IDX, M, N, K, words_per_r
 
 @triton.jit
 def _grad_input_kernel(DY, W, WORDS, DX, COL_PTR, ROW_IDX, M, N, K, words_per_row,
-                       UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+                       UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_k = tl.program_id(1).to(tl.int64)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)[:, None]
@@ -88,14 +97,14 @@ def _grad_input_kernel(DY, W, WORDS, DX, COL_PTR, ROW_IDX, M, N, K, words_per_ro
         if UPCAST:
             dy = dy.to(tl.float32)
         w = _masked_weight_tile(W, WORDS, n0 + nn[:, None], k, N, K, words_per_row, UPCAST)
-        acc += tl.dot(dy, w)
+        acc += _dot(dy, w, IEEE)
     tl.store(DX + m * K + k, acc.to(DX.dtype.element_ty), mask=(m < M) & (k < K))
 
 
 @triton.jit
 def _grad_weight_kernel(DY, X, WORDS, DW, TILE_KEPT, M, N, K, words_per_row, tiles_k,
-                        UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0).to(tl.int64)
     pid_k = tl.program_id(1).to(tl.int64)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)[:, None]
@@ -111,7 +120,7 @@ def _grad_weight_kernel(DY, X, WORDS, DW, TILE_KEPT, M, N, K, words_per_row, til
             if UPCAST:
                 dy_t = dy_t.to(tl.float32)
                 x = x.to(tl.float32)
-            acc += tl.dot(dy_t, x)
+            acc += _dot(dy_t, x, IEEE)
         inside = (n < N) & (k < K)
         words = tl.load(WORDS + n * words_per_row + k // 32, mask=inside, other=0)
         acc = tl.where(((words >> (k % 32)) & 1) != 0, acc, 0.0)
@@ -171,7 +180,7 @@ def forward(x2d: torch.Tensor, weight: torch.Tensor, words: torch.Tensor,
     _forward_kernel[(triton.cdiv(M, BLOCK_M), s.tiles_n)](
         x2d, weight, words, bias if bias is not None else weight, y, s.row_ptr, s.col_idx,
         M, N, K, words.shape[1], HAS_BIAS=bias is not None, UPCAST=_upcast(x2d.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        IEEE=x2d.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     return y
 
 
@@ -181,17 +190,18 @@ def backward(grad2d, x2d, weight, words, needs_input: bool, needs_weight: bool):
     N = weight.shape[0]
     s = tile_structure(words, N, K)
     upcast = _upcast(x2d.dtype)
+    ieee = x2d.dtype == torch.float32
     dx = dw = None
     if needs_input:
         dx = torch.empty((M, K), dtype=x2d.dtype, device=x2d.device)
         LAUNCHES[0] += 1
         _grad_input_kernel[(triton.cdiv(M, BLOCK_M), s.tiles_k)](
             grad2d, weight, words, dx, s.col_ptr, s.row_idx, M, N, K, words.shape[1],
-            UPCAST=upcast, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+            UPCAST=upcast, IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     if needs_weight:
         dw = torch.empty((N, K), dtype=weight.dtype, device=weight.device)
         LAUNCHES[0] += 1
         _grad_weight_kernel[(s.tiles_n, s.tiles_k)](
             grad2d, x2d, words, dw, s.kept, M, N, K, words.shape[1], s.tiles_k,
-            UPCAST=upcast, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+            UPCAST=upcast, IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     return dx, dw
