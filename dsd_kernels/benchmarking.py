@@ -8,7 +8,6 @@ the op must move.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import time
@@ -201,7 +200,7 @@ def masked_sgd_cases(device: str, param_sets: tuple[str, ...] = ("resnet50", "gp
                  for s in shapes]
         hyper = dict(lr=0.01, momentum=0.9, weight_decay=1e-4)
 
-        def fresh():
+        def fresh(values=values):
             params = [torch.nn.Parameter(v.to(device)) for v in values]
             for p in params:
                 p.grad = torch.randn_like(p)

@@ -7,8 +7,6 @@ behind the same signature; `MaskedSGD` holds state and masks and calls it.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import Tensor
 
