@@ -1,4 +1,4 @@
-"""`dsd-kernels` command line: info | bench (| train, see dsd/)."""
+"""`dsd-kernels` command line: train (the DSD job, see dsd/) | bench | info."""
 from __future__ import annotations
 
 import argparse
@@ -53,9 +53,6 @@ def _launch_data_parallel(args, argv: list[str]) -> int:
     import subprocess
     import time
 
-    if args.nproc < 1:
-        print(f"dsd-kernels train: error: --nproc must be at least 1, got {args.nproc}", file=sys.stderr)
-        return 2
     out = args.resume or args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     rest, skip = [], False
     for a in argv:  # drop --nproc N (and --out, set explicitly so every rank writes one folder)
@@ -92,7 +89,10 @@ def _cmd_train(args, argv: list[str] | None = None) -> int:
     from .dsd.report import format_table
     from .dsd.train import TrainConfig, run_job
 
-    if args.nproc and args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if args.nproc < 1:
+        print(f"dsd-kernels train: error: --nproc must be at least 1, got {args.nproc}", file=sys.stderr)
+        return 2
+    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return _launch_data_parallel(args, list(argv if argv is not None else sys.argv[1:]))
     device = _init_data_parallel(args)
     if device is not None:

@@ -264,6 +264,7 @@ def test_bad_data_fails_before_training(tmp_path, arrays, match, capsys):
     (["--sparsity", "1.0"], "--sparsity"), (["--sparsity", "-0.5"], "--sparsity"),
     (["--epochs", "0", "1", "1"], "--epochs"), (["--seeds", "0"], "--seeds"),
     (["--data", "nowhere.npz"], "neither"), (["--train-samples", "99999"], "--train-samples"),
+    (["--nproc", "0"], "--nproc"),
 ])
 def test_bad_cli_arguments(tmp_path, argv, match, capsys):
     assert cli.main(["train", *argv, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
