@@ -59,10 +59,13 @@ def test_block_sparse_tiles_are_skipped_and_exact(backend):
     x, w, b, keep = case(70, 200, 150, torch.float32)
     mask = dk.magnitude_masks(w, 0.75, block=(64, 64))[0]
     check_against_reference(x, w, b, mask.to_bool(), mask)
-    if backend == "triton":
-        from dsd_kernels.triton.masked_linear import tile_structure
-        s = tile_structure(mask.packed.to(DEVICE), 150, 200)
-        assert int(s.kept.sum()) == 12 - round(0.75 * 12)  # 3 x 4 tiles of 64 x 64
+    from dsd_kernels.tile_structure import tile_structure
+    s = tile_structure(mask.packed.to(DEVICE), 150, 200)
+    assert int(s.kept.sum()) == 12 - round(0.75 * 12)  # 3 x 4 tiles of 64 x 64
+    assert sum(len(ks) for ks in s.host_lists()[0]) == 3
+    if DEVICE == "cpu":
+        from dsd_kernels.composite.masked_linear import _tiles
+        assert _tiles(mask.packed, w) is not None  # the torch backend ran tile by tile
 
 
 def test_gradcheck_float64():

@@ -1,20 +1,66 @@
-"""Masked linear from torch ops (CPU path, and fp64 anywhere): F.linear / matmul on W*M.
+"""Masked linear from torch ops (CPU path, and fp64 anywhere).
 
-On CPU the matmul dominates; W*M costs one bitwise-AND pass over W with the cached
-0/-1 words of the mask (see _mask_cache), and dW is masked the same way in place.
+W*M costs one bitwise-AND pass over W with the cached 0/-1 words of the mask (see
+_mask_cache). When most (TILE x TILE) tiles of the mask are empty (block pruning), the CPU
+matmuls run tile by tile over the kept tiles only (addmm_ into views, no copies), so block
+sparsity turns into speed; otherwise one dense matmul on W*M is faster.
 """
 from __future__ import annotations
 
 import torch
 
+from ..tile_structure import TILE, tile_structure
 from ._mask_cache import apply_and_, masked_copy
+
+# Tile-by-tile matmuls win once fewer than this fraction of tiles keep anything (measured at
+# 512 x 1024 x 1024 fp32 on 2 cores: 1.8x dense at 25% kept, 4x at 10%, a tie at 50%).
+BLOCKED_MAX_KEPT = 0.4
+
+
+def _tiles(words, weight):
+    if weight.device.type != "cpu":
+        return None
+    s = tile_structure(words, weight.shape[0], weight.shape[1])
+    return s if s.kept_fraction <= BLOCKED_MAX_KEPT else None
 
 
 def forward(x2d, weight, words, bias):
-    return torch.nn.functional.linear(x2d, masked_copy(weight, words), bias)
+    wm = masked_copy(weight, words)
+    s = _tiles(words, weight)
+    if s is None:
+        return torch.nn.functional.linear(x2d, wm, bias)
+    M, N = x2d.shape[0], weight.shape[0]
+    y = bias.expand(M, N).clone() if bias is not None else x2d.new_zeros(M, N)
+    for n, ks in enumerate(s.host_lists()[0]):
+        y_n, w_n = y[:, n * TILE:(n + 1) * TILE], wm[n * TILE:(n + 1) * TILE]
+        for k in ks:
+            y_n.addmm_(x2d[:, k * TILE:(k + 1) * TILE], w_n[:, k * TILE:(k + 1) * TILE].t())
+    return y
 
 
 def backward(grad2d, x2d, weight, words, needs_input: bool, needs_weight: bool):
-    dx = grad2d @ masked_copy(weight, words) if needs_input else None
-    dw = apply_and_(grad2d.t() @ x2d, words) if needs_weight else None
+    s = _tiles(words, weight)
+    dx = dw = None
+    if needs_input:
+        wm = masked_copy(weight, words)
+        if s is None:
+            dx = grad2d @ wm
+        else:
+            dx = x2d.new_zeros(x2d.shape)
+            for k, ns in enumerate(s.host_lists()[1]):
+                dx_k = dx[:, k * TILE:(k + 1) * TILE]
+                for n in ns:
+                    dx_k.addmm_(grad2d[:, n * TILE:(n + 1) * TILE],
+                                wm[n * TILE:(n + 1) * TILE, k * TILE:(k + 1) * TILE])
+    if needs_weight:
+        if s is None:
+            dw = grad2d.t() @ x2d
+        else:
+            dw = weight.new_zeros(weight.shape)
+            for n, ks in enumerate(s.host_lists()[0]):
+                g_n = grad2d[:, n * TILE:(n + 1) * TILE].t()
+                for k in ks:
+                    dw[n * TILE:(n + 1) * TILE, k * TILE:(k + 1) * TILE].addmm_(
+                        g_n, x2d[:, k * TILE:(k + 1) * TILE])
+        apply_and_(dw, words)
     return dx, dw

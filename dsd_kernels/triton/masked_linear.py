@@ -2,7 +2,7 @@
 
 W*M is never materialised: every W tile is loaded with its packed mask words and zeroed
 where pruned before tl.dot (fp32 accumulation). Tile skipping: a (BLOCK_N x BLOCK_K)
-tile of M with no kept bit is recorded once per mask version (TileStructure), and
+tile of M with no kept bit is recorded once per mask version (tile_structure.py), and
   forward  iterates, per n-tile, only over its non-empty k-tiles (CSR lists),
   dX       iterates, per k-tile, only over its non-empty n-tiles (CSC lists),
   dW       writes zeros for an empty tile without reading dY or X.
@@ -23,9 +23,10 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.utils.weak import WeakTensorKeyDictionary
 
-BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 64  # BLOCK_K is a multiple of 32 (mask words)
+from ..tile_structure import TILE, tile_structure
+
+BLOCK_M, BLOCK_N, BLOCK_K = 64, TILE, TILE  # BLOCK_K is a multiple of 32 (mask words)
 LAUNCHES = [0]
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -125,43 +126,6 @@ def _grad_weight_kernel(DY, X, WORDS, DW, TILE_KEPT, M, N, K, words_per_row, til
         words = tl.load(WORDS + n * words_per_row + k // 32, mask=inside, other=0)
         acc = tl.where(((words >> (k % 32)) & 1) != 0, acc, 0.0)
     tl.store(DW + n * K + k, acc.to(DW.dtype.element_ty), mask=(n < N) & (k < K))
-
-
-class TileStructure:
-    """Which (BLOCK_N x BLOCK_K) tiles of a mask keep anything, as a flag grid and CSR/CSC lists."""
-
-    def __init__(self, words: torch.Tensor, N: int, K: int, block_n: int = BLOCK_N,
-                 block_k: int = BLOCK_K):
-        tiles_n, tiles_k = triton.cdiv(N, block_n), triton.cdiv(K, block_k)
-        per_tile = block_k // 32
-        padded = torch.zeros(tiles_n * block_n, tiles_k * per_tile, dtype=torch.int32,
-                             device=words.device)
-        padded[:N, : words.shape[1]] = words
-        kept = (padded.view(tiles_n, block_n, tiles_k, per_tile) != 0).any(3).any(1)
-        self.kept = kept.to(torch.int32).contiguous()  # (tiles_n, tiles_k)
-        self.tiles_n, self.tiles_k = tiles_n, tiles_k
-        zero = torch.zeros(1, dtype=torch.int64, device=words.device)
-        self.row_ptr = torch.cat([zero, kept.sum(1).cumsum(0)])
-        self.col_idx = kept.nonzero()[:, 1].contiguous()
-        self.col_ptr = torch.cat([zero, kept.sum(0).cumsum(0)])
-        self.row_idx = kept.t().nonzero()[:, 1].contiguous()
-
-    @property
-    def kept_fraction(self) -> float:
-        return float(self.kept.float().mean()) if self.kept.numel() else 0.0
-
-
-_STRUCTURES = WeakTensorKeyDictionary()  # packed words -> ((version, N, K), TileStructure)
-
-
-def tile_structure(words: torch.Tensor, N: int, K: int) -> TileStructure:
-    """The mask's tile structure, recomputed only when the mask tensor changes."""
-    key = (words._version, N, K)
-    cached = _STRUCTURES.get(words)
-    if cached is None or cached[0] != key:
-        cached = (key, TileStructure(words, N, K))
-        _STRUCTURES[words] = cached
-    return cached[1]
 
 
 def _upcast(dtype: torch.dtype) -> bool:

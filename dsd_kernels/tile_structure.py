@@ -1,0 +1,53 @@
+"""Which (TILE x TILE) tiles of a packed mask keep anything: the basis of tile skipping in the
+masked matmul of every backend. Recomputed only when the mask tensor changes."""
+from __future__ import annotations
+
+import torch
+from torch.utils.weak import WeakTensorKeyDictionary
+
+TILE = 64  # tile rows and columns; a multiple of 32 so a tile holds whole mask words
+
+
+class TileStructure:
+    """Flag grid `kept` (tiles_n, tiles_k) of a (N, K) weight's mask, with CSR lists (per
+    n-tile, its non-empty k-tiles) and CSC lists (per k-tile, its non-empty n-tiles)."""
+
+    def __init__(self, words: torch.Tensor, N: int, K: int, block_n: int = TILE,
+                 block_k: int = TILE):
+        tiles_n, tiles_k = -(-N // block_n), -(-K // block_k)
+        per_tile = block_k // 32
+        padded = torch.zeros(tiles_n * block_n, tiles_k * per_tile, dtype=torch.int32,
+                             device=words.device)
+        padded[:N, : words.shape[1]] = words
+        kept = (padded.view(tiles_n, block_n, tiles_k, per_tile) != 0).any(3).any(1)
+        self.block_n, self.block_k = block_n, block_k
+        self.kept = kept.to(torch.int32).contiguous()  # (tiles_n, tiles_k)
+        self.tiles_n, self.tiles_k = tiles_n, tiles_k
+        zero = torch.zeros(1, dtype=torch.int64, device=words.device)
+        self.row_ptr = torch.cat([zero, kept.sum(1).cumsum(0)])
+        self.col_idx = kept.nonzero()[:, 1].contiguous()
+        self.col_ptr = torch.cat([zero, kept.sum(0).cumsum(0)])
+        self.row_idx = kept.t().nonzero()[:, 1].contiguous()
+        self.kept_fraction = float(kept.float().mean()) if kept.numel() else 0.0
+        self._lists = None
+
+    def host_lists(self) -> tuple[list[list[int]], list[list[int]]]:
+        """(per n-tile its kept k-tiles, per k-tile its kept n-tiles) as Python lists."""
+        if self._lists is None:
+            kept = self.kept.cpu().bool()
+            self._lists = ([row.nonzero().squeeze(1).tolist() for row in kept],
+                           [col.nonzero().squeeze(1).tolist() for col in kept.t()])
+        return self._lists
+
+
+_STRUCTURES = WeakTensorKeyDictionary()  # packed words -> ((version, N, K), TileStructure)
+
+
+def tile_structure(words: torch.Tensor, N: int, K: int) -> TileStructure:
+    """The mask's tile structure, recomputed only when the mask tensor changes."""
+    key = (words._version, N, K)
+    cached = _STRUCTURES.get(words)
+    if cached is None or cached[0] != key:
+        cached = (key, TileStructure(words, N, K))
+        _STRUCTURES[words] = cached
+    return cached[1]
