@@ -26,6 +26,13 @@ def global_tensors():
 SPARSITIES = [0.5, 0.6, 0.37, 0.9]
 
 
+def run_ranks(worker, tmp_path, name, world=2):
+    """worker(rank, world, init_file, out_dir) in `world` processes (each joins a gloo group through
+    init_file and saves out_dir/{name}{rank}.pt); returns the ranks' saved results."""
+    mp.spawn(worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    return [torch.load(tmp_path / f"{name}{r}.pt", weights_only=True) for r in range(world)]
+
+
 def _worker(rank, world, init_file, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -52,9 +59,7 @@ def _worker(rank, world, init_file, out_dir):
 
 
 def test_sharded_masks_equal_single_process_masks(tmp_path):
-    world = 2
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    results = run_ranks(_worker, tmp_path, "rank")
     full = global_tensors()
     want_masks = R.magnitude_keep_masks(full, SPARSITIES)
     want_thresholds = R.magnitude_thresholds(full, SPARSITIES)
@@ -118,9 +123,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
 
 
 def test_ddp_dsd_training_keeps_ranks_identical(tmp_path):
-    world = 2
-    mp.spawn(_ddp_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
-    a, b = (torch.load(tmp_path / f"ddp{r}.pt", weights_only=True) for r in range(world))
+    a, b = run_ranks(_ddp_worker, tmp_path, "ddp")
     assert set(a) == set(b) and "masks2" in a and "masks3" in a
     for key in a:
         for x, y in zip(a[key], b[key]):
@@ -171,9 +174,7 @@ def _fsdp_worker(rank, world, init_file, out_dir):
 
 
 def test_fsdp2_model_trains_through_dense_sparse_redense(tmp_path):
-    world = 2
-    mp.spawn(_fsdp_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
-    record = torch.load(tmp_path / "fsdp0.pt", weights_only=True)
+    record = run_ranks(_fsdp_worker, tmp_path, "fsdp")[0]
     exact = [round(0.6 * n) for n in record["numel"]]
     dense, sparse1, sparse2, redense = record["pruned"]
     assert all(z < e for z, e in zip(dense, exact))
