@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ._floatbits import KEY_SPECS, digit_widths, keys_to_values, magnitude_keys
+from .composite.radix_select import keep_mask
 from .masks import Mask, pack_bool
 
 DIGIT_BITS = 11
@@ -139,10 +140,7 @@ def _select_sharded(tensors, sparsities, group, want_masks):
             masks.append(Mask.from_bool(torch.ones(x.shape, dtype=torch.bool, device=x.device)))
             continue
         threshold, need = state[i][0], state[i][1]
-        keep = k > threshold
         mine = min(max(need - int(ties_before[i]), 0), int(local_ties[i]))  # ties pruned here
-        if mine < int(local_ties[i]):
-            tied = (k == threshold).nonzero().squeeze(1)
-            keep[tied[mine:]] = True
+        keep = keep_mask(k, threshold, mine, int(local_ties[i]))
         masks.append(Mask(pack_bool(keep.reshape(x.shape)), x.shape))
     return thresholds, masks

@@ -93,7 +93,8 @@ def kth_key_fast(t: torch.Tensor, k: int) -> tuple[int, int, int] | None:
     return (digit << low_bits) | low_key, rank, count
 
 
-def _keep_mask(keys: torch.Tensor, threshold_key: int, need: int, count_eq: int) -> torch.Tensor:
+def keep_mask(keys: torch.Tensor, threshold_key: int, need: int, count_eq: int) -> torch.Tensor:
+    """keys > T, plus every tie at T after the first `need` in flat order (count_eq ties in all)."""
     keep = keys > threshold_key
     if need < count_eq:  # only the first `need` ties (lowest flat index) are pruned
         tied = (keys == threshold_key).nonzero().squeeze(1)
@@ -126,5 +127,5 @@ def magnitude_select(tensors: list[torch.Tensor], sparsities: list[float], *, wa
         if want_masks:
             if keys is None:  # T is finite here, so unclamped NaN keys still sort above it
                 keys = t.reshape(-1).view(spec.int_dtype) & spec.abs_mask
-            packed.append(pack_bool(_keep_mask(keys, key, need, count_eq).reshape(t.shape)))
+            packed.append(pack_bool(keep_mask(keys, key, need, count_eq).reshape(t.shape)))
     return thresholds, packed

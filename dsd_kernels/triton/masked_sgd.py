@@ -21,7 +21,8 @@ import triton.language as tl
 
 from ._tiles import check_tile_words, segment_layout, tile_coords, tile_table
 
-META_COLS = 8  # param, grad, buffer, mask words pointers; cols, words/row, words, flags
+# segment table read by the kernel with literal offsets, 8 int64 columns: param, grad, buffer and
+# mask-words pointers; cols, words per row, words, flags (_HAS_MASK | _FIRST_STEP)
 _HAS_MASK, _FIRST_STEP = 1, 2
 LAUNCHES = [0]
 

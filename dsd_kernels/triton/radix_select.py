@@ -29,11 +29,10 @@ from ._tiles import check_tile_words, segment_layout, tile_coords, tile_table
 
 MAX_DIGIT_BITS = 11
 LAUNCHES = [0]  # Triton launches issued by this module (tests check the launch budget)
-# columns of the int64 segment table
-_PTR, _COLS, _WORDS_PER_ROW, _NUM_WORDS, _OUT_PTR = 0, 1, 2, 3, 4
-META_COLS = 5
-# columns of the int64 state table
-_PREFIX, _RANK, _COUNT_EQ = 0, 1, 2
+# The kernels index two int64 tables with literal offsets:
+#   segment table, 5 columns: values pointer, cols, words per row, words, output words pointer
+#   state table, 3 columns: prefix (the k-th key once done), rank still to find, count at the key
+_PREFIX, _RANK = 0, 1
 STATE_COLS = 3
 
 _TL_TYPES = {
