@@ -55,6 +55,7 @@ def _worker(rank, world, init_file, out_dir):
                     "replicated": replicated[0].to_bool(), "errors": errors,
                     "bytes": COLLECTIVE_BYTES[0]}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
+        dist.barrier()  # no rank tears gloo down while a peer still has work in flight
         dist.destroy_process_group()
 
 
@@ -119,6 +120,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
             m.mask.to_bool() for m in (model2[0], model2[2])]
         torch.save(snapshots, os.path.join(out_dir, f"ddp{rank}.pt"))
     finally:
+        dist.barrier()  # no rank tears gloo down while a peer still has work in flight
         dist.destroy_process_group()
 
 
@@ -170,6 +172,7 @@ def _fsdp_worker(rank, world, init_file, out_dir):
         record["numel"] = [w.numel() for w in weights]
         torch.save(record, os.path.join(out_dir, f"fsdp{rank}.pt"))
     finally:
+        dist.barrier()  # no rank tears gloo down while a peer still has work in flight
         dist.destroy_process_group()
 
 
