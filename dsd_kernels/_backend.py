@@ -36,13 +36,37 @@ def triton_status() -> tuple[bool, str]:
 
 
 @lru_cache(maxsize=None)
-def cpp_status() -> tuple[bool, str]:
-    """(usable, why) for the compiled extension dsd_kernels._C."""
+def _cpp_import_error() -> str | None:
     try:
         importlib.import_module("dsd_kernels._C")
     except ImportError as err:
-        return False, f"C++ extension not built ({err})"
-    return True, "built"
+        return str(err)
+    return None
+
+
+@lru_cache(maxsize=None)
+def cpp_status() -> tuple[bool, str]:
+    """(usable, why) for the compiled extension dsd_kernels._C."""
+    if _cpp_import_error() is not None:
+        return False, f"C++ extension not built ({_cpp_import_error()})"
+    cuda_ops = [op for op in CPP_CUDA_OPS if cpp_has_cuda_kernel(op)]
+    if cuda_ops:
+        return True, f"built: CPU kernels, and CUDA kernels for {', '.join(cuda_ops)}"
+    why = ("torch is a CPU-only build" if torch.version.cuda is None else
+           "built without nvcc or with DSD_KERNELS_BUILD_CUDA=0; reinstall to add them")
+    return True, f"built: CPU kernels (no CUDA kernels: {why})"
+
+
+# The cpp backend's kernels on CUDA tensors (csrc/cuda), by public op -> compiled op. The others
+# (masked_linear) have CPU kernels only and use Triton on a GPU.
+CPP_CUDA_OPS = {"magnitude_select": "magnitude_select", "masked_sgd_": "masked_sgd_"}
+
+
+def cpp_has_cuda_kernel(op: str) -> bool:
+    """Whether dsd_kernels._C was built with the CUDA kernel of `op`."""
+    if op not in CPP_CUDA_OPS or _cpp_import_error() is not None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"dsd_kernels_cpp::{CPP_CUDA_OPS[op]}", "CUDA")
 
 
 def available_backends() -> list[str]:
@@ -90,6 +114,25 @@ def _warn_once(key: str, message: str) -> None:
 # masked_linear is ATen's matmul either way and the composite's dispatch is a little leaner.
 CPU_AUTO = {"magnitude_select": ("cpp", "torch"), "masked_sgd_": ("torch", "cpp"),
             "masked_linear": ("torch", "cpp")}
+# Under auto on CUDA, per op, in order of preference. Not measured yet (no GPU session so far):
+# Triton first, as the kernels tested longest; `dsd-kernels bench` on a GPU times both
+# (backend "cpp" = csrc/cuda) and this table should follow its results.
+GPU_AUTO = {"magnitude_select": ("triton", "cpp"), "masked_sgd_": ("triton", "cpp"),
+            "masked_linear": ("triton",)}
+
+
+def _usable(name: str, op: str, device: torch.device) -> tuple[bool, str]:
+    if name == "torch":
+        return True, ""
+    if name == "triton":
+        ok, why = triton_status()
+        if ok and device.type == "cpu" and not _interpreting():
+            return False, "triton on CPU tensors needs TRITON_INTERPRET=1"
+        return ok, why
+    ok, why = cpp_status()
+    if ok and device.type != "cpu" and not cpp_has_cuda_kernel(op):
+        return False, f"dsd_kernels._C has no {device.type} kernel for {op} ({why})"
+    return ok, why
 
 
 def resolve(op: str, device: torch.device, supported: tuple[str, ...]) -> str:
@@ -98,28 +141,24 @@ def resolve(op: str, device: torch.device, supported: tuple[str, ...]) -> str:
     A forced backend that cannot run raises RuntimeError (the user asked for it);
     under auto, a missing fast backend falls back to torch and warns once.
     """
+    if device.type == "cuda" and op not in CPP_CUDA_OPS:
+        supported = tuple(b for b in supported if b != "cpp")  # CPU kernels only, by design
     requested = get_backend()
     if requested != "auto" and requested not in supported:
         # a forced backend applies to the ops that have it; the others choose as under auto
         _warn_once(f"{op}:{requested}", f"dsd_kernels: {op} has no {requested!r} backend "
-                                        f"(has {supported}); choosing automatically")
+                                        f"on {device.type} (has {supported}); choosing automatically")
         requested = "auto"
     if requested != "auto":
-        ok, why = {"torch": (True, ""), "triton": triton_status(), "cpp": cpp_status()}[requested]
+        ok, why = _usable(requested, op, device)
         if not ok:
             raise RuntimeError(f"{op}: backend {requested!r} requested but unavailable: {why}")
-        if requested == "triton" and device.type == "cpu" and not _interpreting():
-            raise RuntimeError(f"{op}: triton on CPU tensors needs TRITON_INTERPRET=1")
-        if requested == "cpp" and device.type != "cpu":
-            raise RuntimeError(f"{op}: the cpp backend has CPU kernels only; got a {device.type} tensor")
         return requested
+    preference = {"cpu": CPU_AUTO, "cuda": GPU_AUTO}.get(device.type, {}).get(op, ())
+    for name in preference:
+        if name in supported and _usable(name, op, device)[0]:
+            return name
     if device.type == "cuda" and "triton" in supported:
-        ok, why = triton_status()
-        if ok:
-            return "triton"
-        _warn_once("triton", f"dsd_kernels: Triton unavailable ({why}); using the torch composite")
-    if device.type == "cpu":
-        for name in CPU_AUTO.get(op, ("cpp", "torch")):
-            if name in supported and (name == "torch" or cpp_status()[0]):
-                return name
+        _warn_once("triton", f"dsd_kernels: Triton unavailable ({triton_status()[1]}); "
+                             f"using the torch composite")
     return "torch"

@@ -94,12 +94,22 @@ def time_callable(fn: Callable[[], object], min_run_time: float) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
-def benchmark_backends(device: str) -> list[str]:
-    """Our backends worth timing on `device`: torch and cpp on CPU (the Triton interpreter is a
-    correctness tool, not a benchmark), triton and torch on CUDA."""
+# the backend-selection name (_backend) of each benchmarked public op
+_SELECTION_OP = {"magnitude_thresholds": "magnitude_select", "magnitude_masks": "magnitude_select",
+                 "masked_sgd_": "masked_sgd_", "masked_linear": "masked_linear"}
+
+
+def benchmark_backends(device: str, op: str | None = None) -> list[str]:
+    """Our backends worth timing for `op` on `device`: cpp and torch on CPU (the Triton
+    interpreter is a correctness tool, not a benchmark); triton, cpp (csrc/cuda, where built
+    for that op) and torch on CUDA."""
     from . import _backend
     available = _backend.available_backends()
-    wanted = ("triton", "torch") if device.startswith("cuda") else ("cpp", "torch")
+    if not device.startswith("cuda"):
+        return [b for b in ("cpp", "torch") if b in available]
+    wanted = ["triton", "torch"]
+    if op is None or _backend.cpp_has_cuda_kernel(_SELECTION_OP.get(op, op)):
+        wanted.insert(1, "cpp")
     return [b for b in wanted if b in available]
 
 

@@ -34,12 +34,12 @@ def _cmd_bench(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     suites = args.ops or list(B.CASE_FACTORIES)
     results = []
-    backends = args.backends or B.benchmark_backends(device)
-    print(f"timing our backends {backends} against the torch baselines on {device}")
+    print(f"timing our backends {args.backends or B.benchmark_backends(device)} against the "
+          f"torch baselines on {device}")
     for suite in suites:
         kwargs = {"sizes_m": tuple(args.sizes)} if suite == "threshold" and args.sizes else {}
         for case in B.CASE_FACTORIES[suite](device, **kwargs):
-            r = B.run_case(case, args.min_run_time, backends)
+            r = B.run_case(case, args.min_run_time, args.backends or B.benchmark_backends(device, case.op))
             print(B.format_row(r), flush=True)
             results.append(r)
     out = args.out or f"benchmarks/results/{B.device_label(device)}.json"

@@ -21,14 +21,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-@pytest.fixture(params=[b for b in ("torch", "cpp", "triton")])
-def backend(request):
-    """Run the test once per backend present here; absent ones are reported as skipped."""
-    name = request.param
+def use_backend(name: str) -> None:
+    """Select backend `name` for the ops on DEVICE, or skip the test when it cannot run here
+    for a reason of the machine (not of our code): no Triton, no nvcc to build csrc/cuda."""
     if name not in dsd_kernels.available_backends():
         pytest.skip(f"backend {name} unavailable: {dsd_kernels._backend.reasons()[name]}")
-    if name == "cpp" and DEVICE != "cpu":
-        pytest.skip("the cpp backend has CPU kernels only; it is tested on a CPU-only machine")
+    if name == "cpp" and DEVICE != "cpu" and not dsd_kernels._backend.cpp_has_cuda_kernel("masked_sgd_"):
+        from torch.utils.cpp_extension import CUDA_HOME
+        if CUDA_HOME is None:
+            pytest.skip("cpp backend on CUDA: no nvcc on this machine to build csrc/cuda")
+        pytest.fail(f"nvcc is at {CUDA_HOME} but dsd_kernels._C has no CUDA kernels "
+                    f"({dsd_kernels._backend.reasons()['cpp']}); reinstall and read the build log")
     dsd_kernels.set_backend(name)
-    yield name
+
+
+@pytest.fixture(params=[b for b in ("torch", "cpp", "triton")])
+def backend(request):
+    """Run the test once per backend present here; absent ones are reported as skipped. On a GPU
+    the cpp backend is csrc/cuda (ops without CUDA kernels, masked_linear, choose as under auto)."""
+    use_backend(request.param)
+    yield request.param
     dsd_kernels.set_backend(None)

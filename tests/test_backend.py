@@ -25,15 +25,45 @@ def test_env_variable_validated(monkeypatch):
         dk.get_backend()
 
 
-def test_forced_cpp_on_a_non_cpu_tensor_is_a_clear_error():
+def test_forced_cpp_without_a_kernel_for_the_device_is_a_clear_error():
     if "cpp" not in dk.available_backends():
         pytest.skip("C++ extension not built")
     dk.set_backend("cpp")
     try:
-        with pytest.raises(RuntimeError, match="CPU kernels only"):
+        with pytest.raises(RuntimeError, match="has no meta kernel for magnitude_select"):
             _backend.resolve("magnitude_select", torch.device("meta"), ("torch", "cpp"))
+        if not _backend.cpp_has_cuda_kernel("masked_sgd_"):
+            with pytest.raises(RuntimeError, match="has no cuda kernel for masked_sgd_"):
+                _backend.resolve("masked_sgd_", torch.device("cuda"), ("torch", "triton", "cpp"))
     finally:
         dk.set_backend(None)
+
+
+def test_forced_cpp_for_an_op_without_cuda_kernels_chooses_automatically():
+    # masked_linear has CPU kernels only, by design: forcing cpp on CUDA warns and uses auto
+    dk.set_backend("cpp")
+    try:
+        with pytest.warns(RuntimeWarning, match="masked_linear has no 'cpp' backend on cuda"):
+            chosen = _backend.resolve("masked_linear", torch.device("cuda"), ("torch", "triton", "cpp"))
+    finally:
+        dk.set_backend(None)
+    assert chosen == ("triton" if _backend.triton_status()[0] else "torch")
+
+
+def test_auto_on_cuda_follows_the_gpu_table():
+    for op, order in _backend.GPU_AUTO.items():
+        usable = [b for b in order if _backend._usable(b, op, torch.device("cuda"))[0]]
+        want = usable[0] if usable else "torch"
+        assert _backend.resolve(op, torch.device("cuda"), ("torch", "triton", "cpp")) == want
+
+
+def test_cpp_reason_says_whether_cuda_kernels_were_built():
+    ok, why = _backend.cpp_status()
+    if ok:
+        assert ("CUDA kernels for magnitude_select, masked_sgd_" in why) == \
+            _backend.cpp_has_cuda_kernel("masked_sgd_"), why
+        if torch.version.cuda is None:
+            assert "no CUDA kernels: torch is a CPU-only build" in why
 
 
 def test_auto_on_cpu_prefers_measured_faster_backend():

@@ -1,5 +1,7 @@
-"""GPU-only checks (run on a lent accelerator: `pytest -m gpu`): the compiled Triton kernels on
-CUDA against reference/, at sizes the CPU interpreter cannot afford."""
+"""GPU-only checks (run on a lent accelerator: `pytest -m gpu`): the compiled Triton kernels and
+the CUDA kernels of csrc/cuda (backend "cpp") against reference/, at sizes the CPU interpreter
+and the CUDA emulation cannot afford. (The whole suite also runs on CUDA tensors there, per
+backend, through the `backend` fixture.)"""
 import pytest
 import torch
 
@@ -8,18 +10,28 @@ from dsd_kernels import ops
 from dsd_kernels import reference as R
 from dsd_kernels.benchmarking import resnet50_weight_shapes
 
+from .conftest import use_backend
+
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(params=["triton", "cpp"])
+def kernels(request):
+    """The GPU kernels under test: Triton, or csrc/cuda (ops that have them)."""
+    use_backend(request.param)
+    yield request.param
+    dk.set_backend(None)
+
+
+@pytest.fixture
 def triton_backend():
-    dk.set_backend("triton")
+    use_backend("triton")
     yield
     dk.set_backend(None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
-def test_selection_whole_resnet50_matches_reference(dtype):
+def test_selection_whole_resnet50_matches_reference(kernels, dtype):
     g = torch.Generator().manual_seed(0)
     shapes = resnet50_weight_shapes()[::4]
     cpu = [torch.randn(s, generator=g).round(decimals=2).to(dtype) for s in shapes]
@@ -32,7 +44,7 @@ def test_selection_whole_resnet50_matches_reference(dtype):
         assert torch.equal(m.packed.cpu(), R.pack_bits(R.magnitude_keep_masks([t], [s])[0]))
 
 
-def test_selection_16m_with_ties_and_nan():
+def test_selection_16m_with_ties_and_nan(kernels):
     w = torch.randn(16 * 2**20, device="cuda").round(decimals=1)
     w[::1000] = float("nan")
     got = ops.magnitude_masks(w, 0.5)[0]
@@ -40,7 +52,7 @@ def test_selection_16m_with_ties_and_nan():
     assert torch.equal(got.to_bool().cpu(), ref)
 
 
-def test_masked_sgd_matches_reference_on_cuda():
+def test_masked_sgd_matches_reference_on_cuda(kernels):
     g = torch.Generator().manual_seed(1)
     params = [torch.randn(s, generator=g).cuda() for s in [(1000, 777), (33,), (64, 3, 7, 7)]]
     keeps = [(torch.rand(p.shape, generator=g) > 0.5).cuda() if p.dim() > 1 else None for p in params]
@@ -61,7 +73,7 @@ def test_masked_sgd_matches_reference_on_cuda():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_masked_linear_large_block_sparse(dtype):
+def test_masked_linear_large_block_sparse(triton_backend, dtype):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(1000, 1024, generator=g).to(dtype).cuda().requires_grad_()
     w = torch.randn(768, 1024, generator=g).to(dtype).cuda().requires_grad_()
@@ -79,9 +91,21 @@ def test_masked_linear_large_block_sparse(dtype):
     assert dw[~keep].eq(0).all()
 
 
-def test_compile_masked_linear_on_gpu():
+def test_compile_masked_linear_on_gpu(triton_backend):
     from dsd_kernels.nn import sparsify
     model = sparsify(torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(),
                                          torch.nn.Linear(512, 64)), 0.5).cuda()
     x = torch.randn(32, 256, device="cuda")
     torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=1e-2, atol=1e-2)
+
+
+def test_selection_over_2_31_elements(kernels):
+    # int64 offsets on the device: 2^31 + 33 fp16 weights (4 GiB), the answer known exactly
+    n = 2**31 + 33
+    w = torch.ones(n, dtype=torch.float16, device="cuda")
+    w[-7:] = 0.5
+    got = ops.magnitude_masks(w, 10 / n)[0].to_bool()
+    assert got[-7:].logical_not().all() and got[:-7].logical_not().sum().item() == 3
+    assert got[:3].logical_not().all()  # ties at 1.0: lowest flat index first
+    del got, w
+    torch.cuda.empty_cache()

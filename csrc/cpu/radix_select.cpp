@@ -20,7 +20,7 @@
 namespace dsd_kernels_cpu {
 namespace {
 
-constexpr int kDigitBits = 11;  // 2048 bins x 8 B = 16 KB per thread: the histogram stays in L1
+// digits of at most 11 bits (float_keys.h): 2048 bins x 4 B x 4 sub-histograms = 32 KB per thread
 constexpr int64_t kGrain = 1 << 16;
 
 struct Selection {
@@ -118,15 +118,14 @@ template <typename scalar_t, typename count_t, bool kClamp>
 bool radix_select_pass(const scalar_t* data, int64_t n, int64_t k, Selection* sel) {
   using T = KeyTraits<scalar_t>;
   using bits_t = typename T::bits_t;
-  const int passes = (T::key_bits + kDigitBits - 1) / kDigitBits;
-  const int base = T::key_bits / passes, extra = T::key_bits % passes;  // balanced digits
+  const int passes = dsd_kernels_keys::radix_passes<scalar_t>();
   const int threads = at::get_num_threads();
   int64_t rank = k;
   uint64_t prefix = 0;
   int shift = T::key_bits;
   std::vector<std::vector<bits_t>> gathered(threads);
   for (int p = 0; p < passes; ++p) {
-    const int width = base + (p < extra ? 1 : 0);
+    const int width = dsd_kernels_keys::digit_width<scalar_t>(p);  // balanced digits
     shift -= width;
     const int64_t bins = int64_t(1) << width;
     const uint64_t digit_mask = bins - 1;

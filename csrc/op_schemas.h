@@ -1,0 +1,18 @@
+// Schemas of the compiled backend ops, shared by the extension (csrc/dsd_kernels.cpp, namespace
+// dsd_kernels_cpp) and the CUDA-emulation test build (tests/cuda_emulation).
+#pragma once
+
+namespace dsd_kernels_schemas {
+// thresholds as float64 (exact for every float dtype), packed keep-masks when want_masks
+constexpr const char* kMagnitudeSelect =
+    "magnitude_select(Tensor[] tensors, float[] sparsities, bool want_masks) -> (Tensor, Tensor[])";
+constexpr const char* kMaskedSgd =
+    "masked_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+    "Tensor?[] mask_words, bool[] first_step, float lr, float momentum, float dampening, "
+    "float weight_decay, bool nesterov, bool maximize) -> ()";
+constexpr const char* kMaskedLinearForward =
+    "masked_linear_forward(Tensor x, Tensor weight, Tensor mask_words, Tensor? bias) -> Tensor";
+constexpr const char* kMaskedLinearBackward =
+    "masked_linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor mask_words, "
+    "bool needs_input, bool needs_weight) -> (Tensor, Tensor)";
+}  // namespace dsd_kernels_schemas
