@@ -108,12 +108,12 @@ def _warn_once(key: str, message: str) -> None:
 
 
 # Under auto on CPU, per op, the faster of the C++ kernel and the torch composite as measured
-# by `dsd-kernels bench` on the project's 2-core x86-64 machine (benchmarks/results/):
-# radix select in C++ is ~1.7x the composite; for masked SGD, torch's own (AVX-dispatched)
-# fused SGD kernel plus a bitwise AND beats our baseline-x86-64 C++ loop by ~20%;
-# masked_linear is ATen's matmul either way and the composite's dispatch is a little leaner.
-CPU_AUTO = {"magnitude_select": ("cpp", "torch"), "masked_sgd_": ("torch", "cpp"),
-            "masked_linear": ("torch", "cpp")}
+# by `dsd-kernels bench` on the project's 2-core x86-64 machine (benchmarks/results/): C++
+# radix select ~1.7x the composite; C++ masked SGD (vectorised one-pass loop) ~1.35x torch's
+# fused SGD + bitwise AND; C++ masked_linear on a par unstructured, ~1.2x the composite's
+# tile loop on 64x64 blocks (its tile matmuls split over threads, W*M formed in kept tiles only).
+CPU_AUTO = {"magnitude_select": ("cpp", "torch"), "masked_sgd_": ("cpp", "torch"),
+            "masked_linear": ("cpp", "torch")}
 # Under auto on CUDA, per op, in order of preference. Not measured yet (no GPU session so far):
 # Triton first, as the kernels tested longest; `dsd-kernels bench` on a GPU times both
 # (backend "cpp" = csrc/cuda) and this table should follow its results.

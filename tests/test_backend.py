@@ -67,10 +67,10 @@ def test_cpp_reason_says_whether_cuda_kernels_were_built():
 
 
 def test_auto_on_cpu_prefers_measured_faster_backend():
-    chosen = _backend.resolve("masked_sgd_", torch.device("cpu"), ("torch", "triton", "cpp"))
-    assert chosen == "torch"
     expected = "cpp" if "cpp" in dk.available_backends() else "torch"
-    assert _backend.resolve("magnitude_select", torch.device("cpu"), ("torch", "triton", "cpp")) == expected
+    for op in ("magnitude_select", "masked_sgd_", "masked_linear"):
+        assert _backend.CPU_AUTO[op][0] == "cpp"
+        assert _backend.resolve(op, torch.device("cpu"), ("torch", "triton", "cpp")) == expected
 
 
 def test_extension_built_when_ci_requires_it():

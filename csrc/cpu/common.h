@@ -33,4 +33,26 @@ void parallel_for_words(const MaskLayout& lay, int64_t grain, const F& fn) {
   });
 }
 
+// All-ones / all-zeros lanes of a mask word, 8 lanes per byte of the word: expanding a word is
+// 4 table reads, and AND-ing values with the lanes vectorises (a per-lane variable shift of
+// the word would not on baseline x86-64).
+template <typename bits_t>
+struct LaneTable {
+  bits_t lanes[256][8];
+  LaneTable() {
+    for (int byte = 0; byte < 256; ++byte) {
+      for (int j = 0; j < 8; ++j) lanes[byte][j] = ((byte >> j) & 1) ? static_cast<bits_t>(~bits_t(0)) : bits_t(0);
+    }
+  }
+};
+
+// lanes[j] = all ones where bit j of `bits` is set, else 0, for the 32 lanes of a full word.
+template <typename bits_t>
+inline void expand_word(uint32_t bits, bits_t* lanes) {
+  static const LaneTable<bits_t> table;
+  for (int byte = 0; byte < 4; ++byte) {
+    std::memcpy(lanes + 8 * byte, table.lanes[(bits >> (8 * byte)) & 0xFF], 8 * sizeof(bits_t));
+  }
+}
+
 }  // namespace dsd_kernels_cpu

@@ -18,40 +18,56 @@ struct Hyper {
   bool nesterov, maximize;
 };
 
-// One tensor, with the options as template flags so the inner loop has no branches and
-// vectorises. Pruned entries: the computed values are AND-ed with an all-zero lane mask, which
-// gives exactly +0 whatever was computed there (NaN from a NaN gradient included).
+// The elements [0, n) of one mask word (n = kLen, or len when kLen is 0): computed into local
+// arrays, then AND-ed with the word's expanded lanes and stored, so a pruned entry becomes exactly
+// +0 whatever was computed there (NaN from a NaN gradient included). With kLen = 32 every loop
+// has a fixed trip count and vectorises.
+template <typename scalar_t, typename acc_t, bool kMomentum, bool kFirst, bool kNesterov,
+          bool kMaximize, bool kDecay, int kLen>
+inline void step_word(scalar_t* __restrict p, const scalar_t* __restrict g, scalar_t* __restrict b,
+                      uint32_t bits, int64_t len, acc_t lr, acc_t mom, acc_t damp, acc_t wd) {
+  using bits_t = typename KeyTraits<scalar_t>::bits_t;
+  const int64_t n = kLen > 0 ? kLen : len;
+  scalar_t new_p[32], new_b[32];
+  for (int64_t j = 0; j < n; ++j) {
+    acc_t d = static_cast<acc_t>(g[j]);
+    const acc_t x = static_cast<acc_t>(p[j]);
+    if (kMaximize) d = -d;
+    if (kDecay) d += wd * x;
+    if (kMomentum) {
+      const acc_t v = kFirst ? d : static_cast<acc_t>(b[j]) * mom + damp * d;
+      d = kNesterov ? d + mom * v : v;
+      new_b[j] = static_cast<scalar_t>(v);
+    }
+    new_p[j] = static_cast<scalar_t>(x - lr * d);
+  }
+  bits_t lanes[32], out[32];
+  expand_word(bits, lanes);
+  std::memcpy(out, new_p, n * sizeof(bits_t));
+  for (int64_t j = 0; j < n; ++j) out[j] &= lanes[j];
+  std::memcpy(p, out, n * sizeof(bits_t));
+  if (kMomentum) {
+    std::memcpy(out, new_b, n * sizeof(bits_t));
+    for (int64_t j = 0; j < n; ++j) out[j] &= lanes[j];
+    std::memcpy(b, out, n * sizeof(bits_t));
+  }
+}
+
+// One tensor, with the options as template flags so the inner loops have no branches.
 template <typename scalar_t, typename acc_t, bool kMomentum, bool kFirst, bool kNesterov,
           bool kMaximize, bool kDecay>
 void step_tensor(scalar_t* __restrict p, const scalar_t* __restrict g, scalar_t* __restrict b,
                  const int32_t* words, const MaskLayout& lay, const Hyper& h) {
-  using bits_t = typename KeyTraits<scalar_t>::bits_t;
   const acc_t lr = h.lr, mom = h.momentum, damp = 1 - h.dampening, wd = h.weight_decay;
   parallel_for_words(lay, 2048, [&](int64_t w, int64_t base, int64_t len) {
     const uint32_t bits = words ? static_cast<uint32_t>(words[w]) : 0xFFFFFFFFu;
-    scalar_t* __restrict pw = p + base;
-    const scalar_t* __restrict gw = g + base;
-    scalar_t* __restrict bw = kMomentum ? b + base : nullptr;
-    for (int64_t j = 0; j < len; ++j) {
-      const bits_t lane = static_cast<bits_t>(0) - static_cast<bits_t>((bits >> j) & 1u);
-      acc_t d = static_cast<acc_t>(gw[j]);
-      const acc_t x = static_cast<acc_t>(pw[j]);
-      if (kMaximize) d = -d;
-      if (kDecay) d += wd * x;
-      if (kMomentum) {
-        const acc_t v = kFirst ? d : static_cast<acc_t>(bw[j]) * mom + damp * d;
-        d = kNesterov ? d + mom * v : v;
-        scalar_t vs = static_cast<scalar_t>(v);
-        bits_t vb;
-        std::memcpy(&vb, &vs, sizeof(vb));
-        vb &= lane;
-        std::memcpy(bw + j, &vb, sizeof(vb));
-      }
-      scalar_t ps = static_cast<scalar_t>(x - lr * d);
-      bits_t pb;
-      std::memcpy(&pb, &ps, sizeof(pb));
-      pb &= lane;
-      std::memcpy(pw + j, &pb, sizeof(pb));
+    scalar_t* bw = kMomentum ? b + base : nullptr;
+    if (len == 32) {
+      step_word<scalar_t, acc_t, kMomentum, kFirst, kNesterov, kMaximize, kDecay, 32>(
+          p + base, g + base, bw, bits, len, lr, mom, damp, wd);
+    } else {
+      step_word<scalar_t, acc_t, kMomentum, kFirst, kNesterov, kMaximize, kDecay, 0>(
+          p + base, g + base, bw, bits, len, lr, mom, damp, wd);
     }
   });
 }
