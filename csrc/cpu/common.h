@@ -25,10 +25,16 @@ using dsd_kernels_layout::MaskLayout;
 template <typename F>
 void parallel_for_words(const MaskLayout& lay, int64_t grain, const F& fn) {
   at::parallel_for(0, lay.num_words(), grain, [&](int64_t begin, int64_t end) {
+    // one division per chunk, then walk (row, word in row): no per-word division
+    int64_t row = begin / lay.words_per_row;
+    int64_t in_row = begin - row * lay.words_per_row;
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t row = w / lay.words_per_row;
-      const int64_t col0 = (w - row * lay.words_per_row) * 32;
+      const int64_t col0 = in_row * 32;
       fn(w, row * lay.cols + col0, std::min<int64_t>(32, lay.cols - col0));
+      if (++in_row == lay.words_per_row) {
+        in_row = 0;
+        ++row;
+      }
     }
   });
 }

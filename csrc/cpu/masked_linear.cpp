@@ -39,24 +39,32 @@ inline void mask_word(const scalar_t* src, scalar_t* dst, uint32_t bits, int64_t
   std::memcpy(dst, v, len * sizeof(bits_t));
 }
 
-// Which tiles keep anything: kept[n * tiles_k + k], from the words (a pass over N*K/32 words).
+// Which tiles keep anything: kept[n * tiles_k + k]. A tile's scan stops at its first non-zero
+// word, and the whole scan stops once more than `max_kept` tiles are kept (the dense path will
+// run), so an unstructured mask costs about one word per tile.
 struct TileGrid {
   int64_t tiles_n = 0, tiles_k = 0, count = 0;
   std::vector<uint8_t> kept;
   bool is_kept(int64_t n, int64_t k) const { return kept[n * tiles_k + k] != 0; }
 };
 
-TileGrid tile_grid(const int32_t* words, const MaskLayout& lay) {
+TileGrid tile_grid(const int32_t* words, const MaskLayout& lay, int64_t max_kept) {
   TileGrid g;
   g.tiles_n = (lay.rows + kTile - 1) / kTile;
   g.tiles_k = (lay.cols + kTile - 1) / kTile;
   g.kept.assign(g.tiles_n * g.tiles_k, 0);
-  for (int64_t r = 0; r < lay.rows; ++r) {
-    uint8_t* row = g.kept.data() + (r / kTile) * g.tiles_k;
-    const int32_t* w = words + r * lay.words_per_row;
-    for (int64_t i = 0; i < lay.words_per_row; ++i) row[i / kTileWords] |= w[i] != 0;
+  for (int64_t n = 0; n < g.tiles_n && g.count <= max_kept; ++n) {
+    const int64_t r_end = std::min(lay.rows, (n + 1) * kTile);
+    for (int64_t k = 0; k < g.tiles_k; ++k) {
+      const int64_t i_begin = k * kTileWords, i_end = std::min(lay.words_per_row, (k + 1) * kTileWords);
+      bool any = false;
+      for (int64_t r = n * kTile; r < r_end && !any; ++r) {
+        for (int64_t i = i_begin; i < i_end; ++i) any |= words[r * lay.words_per_row + i] != 0;
+      }
+      g.kept[n * g.tiles_k + k] = any;
+      g.count += any;
+    }
   }
-  for (const uint8_t k : g.kept) g.count += k;
   return g;
 }
 
@@ -107,9 +115,11 @@ at::Tensor masked(const at::Tensor& t, const at::Tensor& words, bool in_place,
 bool sparse_tiles(const at::Tensor& weight, const at::Tensor& words, double blocked_max_kept,
                   TileGrid* grid) {
   check_words(weight, words);
-  *grid = tile_grid(words.data_ptr<int32_t>(), MaskLayout(weight));
-  const int64_t tiles = grid->tiles_n * grid->tiles_k;
-  return tiles > 0 && static_cast<double>(grid->count) <= blocked_max_kept * static_cast<double>(tiles);
+  const MaskLayout lay(weight);
+  const int64_t tiles = ((lay.rows + kTile - 1) / kTile) * ((lay.cols + kTile - 1) / kTile);
+  const auto max_kept = static_cast<int64_t>(blocked_max_kept * static_cast<double>(tiles));
+  *grid = tile_grid(words.data_ptr<int32_t>(), lay, max_kept);
+  return tiles > 0 && grid->count <= max_kept;
 }
 
 inline at::Tensor tile_cols(const at::Tensor& t, int64_t tile) {
