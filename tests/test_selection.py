@@ -9,7 +9,7 @@ import dsd_kernels as dk
 from dsd_kernels import reference as R
 from dsd_kernels.masks import Mask
 
-from .conftest import DEVICE
+from .conftest import DEVICE, use_backend
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SPARSITIES = [0.0, 0.3, 0.5, 0.9, 1.0]
@@ -114,6 +114,42 @@ def test_matches_torch_prune_l1_unstructured(backend):
 def test_noncontiguous_and_requires_grad(backend):
     w = torch.randn(40, 30, device=DEVICE, requires_grad=True)
     assert_matches_reference([w.t(), w[:, ::3]], 0.5)
+
+
+LARGE = 2**20 + 7  # the C++ select samples every 64th key here for its candidate range
+
+
+def large_case(case, dtype):
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(LARGE, generator=g)
+    spread = 10 ** (6 * torch.rand(w[::64].shape, generator=g))  # sampled keys: 160 digits
+    if case == "sample_misleads":  # the sample predicts about 1e3, the rest is tiny: a miss
+        w = torch.rand(LARGE, generator=g) * 1e-3
+        w[::64] = spread
+    elif case == "gather_overflows":  # the rest all sit at 1e3, inside the predicted range
+        w = torch.full((LARGE,), 1000.0)
+        w[::64] = spread
+    elif case == "all_equal":
+        w = torch.full((LARGE,), 0.25)
+    elif case == "inf_nan":  # the k-th key is inf or NaN at high sparsity
+        w[torch.rand(LARGE, generator=g) < 0.3] = float("inf")
+        w[torch.rand(LARGE, generator=g) < 0.3] = float("nan")
+    return w.to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("case", ["random", "sample_misleads", "gather_overflows", "all_equal", "inf_nan"])
+@pytest.mark.parametrize("name", ["cpp", "torch"])
+def test_large_tensors_every_candidate_path(name, case, dtype):
+    # the C++ select gathers keys in a sampled range during its first pass; these cases make the
+    # sample right, wrong, overflowing and useless (ties), and the k-th key inf/NaN
+    use_backend(name)
+    try:
+        w = large_case(case, dtype)
+        assert_matches_reference([w, w[:1000]], [0.5, 0.3])
+        assert_matches_reference([w], 0.97)
+    finally:
+        dk.set_backend(None)
 
 
 def test_empty_list():

@@ -1,9 +1,11 @@
 // Exact magnitude selection on CPU: multithreaded radix select over the float bits.
 //
 // Per tensor: 11-bit digit histograms (per-thread, L1-resident, merged), most significant
-// first. Pass 0 reads every key; pass 1 reads every key again, counts those under the chosen
-// top digit and gathers them; later digits visit only the gathered keys. So any dtype takes
-// at most 2 passes over memory (fp16/bf16: 2 passes of 8 and 7 bits). The mask pass then writes the
+// first. Pass 0 reads every key, and also gathers the keys whose top digit lies in the range
+// that a 2^16-key strided sample predicts for the k-th key; if the chosen top digit is in that
+// range, later digits visit only the gathered keys (one pass over memory). If not, or for small
+// tensors, pass 1 reads every key again, counts those under the chosen top digit and gathers
+// them. So any dtype takes one pass over memory, at most two (fp16/bf16: digits of 8 and 7 bits). The mask pass then writes the
 // packed keep-words directly: key > T, or key == T with tie rank (flat order) >= the
 // ties still to prune; tie ranks come from per-chunk counts and an exclusive scan, and
 // are only computed when some but not all ties at T are pruned.
@@ -11,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -62,20 +65,27 @@ inline typename KeyTraits<scalar_t>::bits_t key_of(scalar_t v) {
   return bits;
 }
 
+// Keys whose digit 0 lies in [lo, lo + span] are gathered during pass 0: the range a sample says
+// the k-th key's digit 0 is in (see candidate_digits). span = kNoRange: gather nothing.
+constexpr uint64_t kNoRange = ~uint64_t(0);
+
 // Count digits of keys[begin, end) into hist (kSubHists x bins). Without kCheckPrefix: every
 // key, branch-free and unrolled by kSubHists, one sub-histogram per lane, so skewed data (most
-// weights in few bins) does not chain on one counter. With it: only keys whose higher bits
-// equal prefix, which are also compacted into gather.
+// weights in few bins) does not chain on one counter; keys whose digit is in [lo, lo + span] are
+// also gathered. With kCheckPrefix: only keys whose higher bits equal prefix, which are also
+// gathered.
 template <typename scalar_t, typename count_t, bool kClamp, bool kCheckPrefix>
 void count_digits(const scalar_t* data, int64_t begin, int64_t end, int shift, uint64_t digit_mask,
-                  int high_shift, uint64_t prefix, int64_t bins, count_t* hist,
-                  std::vector<typename KeyTraits<scalar_t>::bits_t>* gather) {
+                  int high_shift, uint64_t prefix, uint64_t lo, uint64_t span, int64_t bins,
+                  count_t* hist, std::vector<typename KeyTraits<scalar_t>::bits_t>* gather,
+                  int64_t max_gather = 0, std::atomic<bool>* overflow = nullptr) {
   using bits_t = typename KeyTraits<scalar_t>::bits_t;
   constexpr int64_t kChunk = 4096;
   bits_t buffer[kChunk];
   // locals (not references) so the counter stores cannot alias them: they stay in registers
   const int sh = shift, high = high_shift;
-  const uint64_t dmask = digit_mask, pre = prefix;
+  const uint64_t dmask = digit_mask, pre = prefix, low = lo, width = span;
+  bool gathering = gather != nullptr && (kCheckPrefix || span != kNoRange);
   count_t* __restrict h0 = hist;
   count_t* __restrict h1 = hist + bins;
   count_t* __restrict h2 = hist + 2 * bins;
@@ -85,7 +95,7 @@ void count_digits(const scalar_t* data, int64_t begin, int64_t end, int shift, u
     const int64_t c1 = std::min(end, c0 + kChunk);
     int64_t kept = 0;
     int64_t i = c0;
-    if (!kCheckPrefix) {
+    if (!kCheckPrefix && !gathering) {
       for (; i + 4 <= c1; i += 4) {
         const bits_t k0 = key_of<scalar_t, kClamp>(data[i]);
         const bits_t k1 = key_of<scalar_t, kClamp>(data[i + 1]);
@@ -97,6 +107,27 @@ void count_digits(const scalar_t* data, int64_t begin, int64_t end, int shift, u
         h3[k3 >> sh]++;
       }
       for (; i < c1; ++i) h0[key_of<scalar_t, kClamp>(data[i]) >> sh]++;
+    } else if (!kCheckPrefix) {
+      // as above, and the few keys in the sampled range are kept: a well-predicted branch
+      for (; i + 4 <= c1; i += 4) {
+        const bits_t k0 = key_of<scalar_t, kClamp>(data[i]);
+        const bits_t k1 = key_of<scalar_t, kClamp>(data[i + 1]);
+        const bits_t k2 = key_of<scalar_t, kClamp>(data[i + 2]);
+        const bits_t k3 = key_of<scalar_t, kClamp>(data[i + 3]);
+        h0[k0 >> sh]++;
+        h1[k1 >> sh]++;
+        h2[k2 >> sh]++;
+        h3[k3 >> sh]++;
+        if (static_cast<uint64_t>(k0 >> sh) - low <= width) buffer[kept++] = k0;
+        if (static_cast<uint64_t>(k1 >> sh) - low <= width) buffer[kept++] = k1;
+        if (static_cast<uint64_t>(k2 >> sh) - low <= width) buffer[kept++] = k2;
+        if (static_cast<uint64_t>(k3 >> sh) - low <= width) buffer[kept++] = k3;
+      }
+      for (; i < c1; ++i) {
+        const bits_t k0 = key_of<scalar_t, kClamp>(data[i]);
+        h0[k0 >> sh]++;
+        if (static_cast<uint64_t>(k0 >> sh) - low <= width) buffer[kept++] = k0;
+      }
     } else {
       // after the first digit only a small fraction of the keys match: a predictable branch
       // skips the counter update for the rest, which costs less than adding 0 to a random bin
@@ -108,12 +139,50 @@ void count_digits(const scalar_t* data, int64_t begin, int64_t end, int shift, u
         }
       }
     }
-    if (gather != nullptr) gather->insert(gather->end(), buffer, buffer + kept);
+    if (gathering && !kCheckPrefix && static_cast<int64_t>(gather->size()) + kept > max_gather) {
+      // the sample misjudged this data (many more keys in range than sampled): stop gathering
+      overflow->store(true);
+      std::vector<bits_t>().swap(*gather);
+      gathering = false;
+    }
+    if (gathering) gather->insert(gather->end(), buffer, buffer + kept);
   }
 }
 
-// At most two passes over the data: digit 0 of every key; then digit 1 of the keys under the
-// chosen digit 0, which are also gathered (per thread) so later digits visit only them.
+// The range [lo, lo + span] of digit 0 that holds the k-th smallest key with near certainty,
+// from S = n/64 keys (at most 2^16) read at an even stride: the digits of the sample's keys
+// 4 sqrt(S) ranks either side of the k-th's expected rank (8 standard deviations of a sampled
+// rank at most). Exactness does not depend on it: the caller checks the chosen digit against
+// the range and re-reads the data when it misses. Returns kNoRange as span when gathering would
+// not pay (under 2^18 keys) or would keep too much (over 1/8 of the sample in range: few
+// distinct digits, e.g. ties).
+template <typename scalar_t, bool kClamp>
+uint64_t candidate_digits(const scalar_t* data, int64_t n, int64_t k, int shift, uint64_t* lo) {
+  using bits_t = typename KeyTraits<scalar_t>::bits_t;
+  if (n < (int64_t(1) << 18)) return kNoRange;
+  const int64_t samples = std::min<int64_t>(n / 64, int64_t(1) << 16);
+  const auto margin = static_cast<int64_t>(4 * std::sqrt(static_cast<double>(samples)));
+  std::vector<bits_t> sample(samples);
+  const int64_t stride = n / samples;
+  for (int64_t i = 0; i < samples; ++i) sample[i] = key_of<scalar_t, kClamp>(data[i * stride]);
+  const auto expected = static_cast<int64_t>(static_cast<double>(k) / static_cast<double>(n) * samples);
+  const int64_t r_lo = std::max<int64_t>(0, expected - margin);
+  const int64_t r_hi = std::min<int64_t>(samples - 1, expected + margin);
+  std::nth_element(sample.begin(), sample.begin() + r_lo, sample.end());
+  const uint64_t d_lo = sample[r_lo] >> shift;
+  std::nth_element(sample.begin() + r_lo, sample.begin() + r_hi, sample.end());
+  const uint64_t d_hi = sample[r_hi] >> shift;
+  int64_t in_range = 0;
+  for (const bits_t key : sample) in_range += (static_cast<uint64_t>(key >> shift) - d_lo) <= d_hi - d_lo;
+  if (8 * in_range > samples) return kNoRange;
+  *lo = d_lo;
+  return d_hi - d_lo;
+}
+
+// Pass 0 reads every key for digit 0 and gathers (per thread) the keys in the sampled range of
+// digit 0. If the chosen digit 0 is in that range, every later digit visits only gathered keys:
+// one pass over memory. Otherwise pass 1 reads every key again, counts those under the chosen
+// digit 0 and gathers them for the later digits: two passes.
 template <typename scalar_t, typename count_t, bool kClamp>
 bool radix_select_pass(const scalar_t* data, int64_t n, int64_t k, Selection* sel) {
   using T = KeyTraits<scalar_t>;
@@ -124,38 +193,56 @@ bool radix_select_pass(const scalar_t* data, int64_t n, int64_t k, Selection* se
   uint64_t prefix = 0;
   int shift = T::key_bits;
   std::vector<std::vector<bits_t>> gathered(threads);
+  bool have_candidates = false;  // gathered holds every key under the chosen prefix
+  std::atomic<bool> overflow{false};
+  // the 1/8 of the keys that candidate_digits allows, per thread's share: a sampling miss
+  // costs at most 1/8 of the tensor's bytes of memory
+  const int64_t max_gather = n / (8 * threads) + 4096;
   for (int p = 0; p < passes; ++p) {
-    const int width = dsd_kernels_keys::digit_width<scalar_t>(p);  // balanced digits
+    const int width = dsd_kernels_keys::digit_width<scalar_t>(p);
     shift -= width;
     const int64_t bins = int64_t(1) << width;
     const uint64_t digit_mask = bins - 1;
     const int high_shift = shift + width;
     std::vector<count_t> local(static_cast<size_t>(threads) * kSubHists * bins, 0);
-    if (p <= 1) {
+    uint64_t lo = 0, span = kNoRange;
+    if (p == 0 && passes > 1) span = candidate_digits<scalar_t, kClamp>(data, n, k, shift, &lo);
+    if (p == 0 || (p == 1 && !have_candidates)) {
       at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
         const int tid = at::get_thread_num();
         count_t* hist = local.data() + static_cast<int64_t>(tid) * kSubHists * bins;
         if (p == 0) {
-          count_digits<scalar_t, count_t, kClamp, false>(data, begin, end, shift, digit_mask, high_shift,
-                                                prefix, bins, hist, nullptr);
+          count_digits<scalar_t, count_t, kClamp, false>(data, begin, end, shift, digit_mask,
+                                                         high_shift, prefix, lo, span, bins, hist,
+                                                         &gathered[tid], max_gather, &overflow);
         } else {
-          count_digits<scalar_t, count_t, kClamp, true>(data, begin, end, shift, digit_mask, high_shift,
-                                               prefix, bins, hist,
-                                               passes > 2 ? &gathered[tid] : nullptr);
+          count_digits<scalar_t, count_t, kClamp, true>(data, begin, end, shift, digit_mask,
+                                                        high_shift, prefix, 0, kNoRange, bins, hist,
+                                                        passes > 2 ? &gathered[tid] : nullptr);
         }
       });
+      if (p == 1) have_candidates = passes > 2;
     } else {
-      count_t* hist = local.data();  // the gathered keys are few: one thread
-      for (int t = 0; t < threads; ++t) {
-        for (const bits_t key : gathered[t]) {
-          hist[(key >> shift) & digit_mask] += (key >> high_shift) == prefix;
+      // the gathered keys are few: each thread counts its own gathered keys
+      at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          count_t* hist = local.data() + t * kSubHists * bins;
+          for (const bits_t key : gathered[t]) {
+            hist[(key >> shift) & digit_mask] += (key >> high_shift) == prefix;
+          }
         }
-      }
+      });
     }
     const int64_t digit = locate(local, threads * kSubHists, bins, &rank, &sel->count_eq);
     prefix = (prefix << width) | static_cast<uint64_t>(digit);
     if (!kClamp && p == 0 && static_cast<uint64_t>(digit) >= (T::nan_key - 1) >> shift) {
       return false;  // the k-th key is inf or NaN: NaN payloads must tie, redo with clamping
+    }
+    if (p == 0) {
+      have_candidates = span != kNoRange && !overflow.load() && static_cast<uint64_t>(digit) - lo <= span;
+      if (!have_candidates) {
+        for (auto& g : gathered) std::vector<bits_t>().swap(g);  // a sampling miss: re-read
+      }
     }
   }
   sel->key = prefix;
