@@ -113,19 +113,34 @@ def benchmark_backends(device: str, op: str | None = None) -> list[str]:
     return [b for b in wanted if b in available]
 
 
+ROUNDS = 3  # alternating timing rounds per case (see run_case)
+
+
 def run_case(case: Case, min_run_time: float = 0.5, backends: list[str] | None = None) -> dict:
-    """Time case.ours under each backend and every baseline; ratios against the best baseline."""
+    """Time case.ours under each backend and every baseline; ratios against the best baseline.
+
+    Ours and the baselines are timed in ROUNDS alternating rounds of min_run_time / ROUNDS
+    each, and each keeps its fastest round's median: on a shared machine, slow drifts (other
+    tenants, clocks) then hit both sides alike instead of whichever happened to run first.
+    """
     from . import _backend
     backends = backends or [_backend.get_backend()]
-    ours = {}
+    ours: dict[str, float] = {}
+    base: dict[str, float] = {}
     previous = _backend._forced
+    per_round = min_run_time / ROUNDS
     try:
-        for name in backends:
-            _backend.set_backend(name)
-            ours[name] = time_callable(case.ours, min_run_time)
+        for _ in range(ROUNDS):
+            for name in backends:
+                _backend.set_backend(name)
+                t = time_callable(case.ours, per_round)
+                ours[name] = min(t, ours.get(name, t))
+            _backend._forced = previous
+            for name, fn in case.baselines.items():
+                t = time_callable(fn, per_round)
+                base[name] = min(t, base.get(name, t))
     finally:
         _backend._forced = previous
-    base = {name: time_callable(fn, min_run_time) for name, fn in case.baselines.items()}
     best_base = min(base, key=base.get) if base else None
     best_ours = min(ours, key=ours.get)
     out = {
