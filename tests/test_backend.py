@@ -88,3 +88,16 @@ def test_info_command(capsys):
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "dsd_kernels.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "train" in out.stdout and "bench" in out.stdout
+
+
+def test_bench_command_times_every_backend_against_the_baselines(tmp_path, capsys):
+    import json
+    out = tmp_path / "results.json"
+    assert cli.main(["bench", "--ops", "masked_linear", "--min-run-time", "0.03", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["environment"]["torch"] == torch.__version__
+    assert len(data["results"]) == 4
+    for r in data["results"]:
+        assert set(r["ours_s"]) == {"cpp", "torch"} & set(dk.available_backends()) | {"torch"}
+        assert "F.linear(x, W*M)" in r["baselines_s"] and r["speedup_vs_best_baseline"]
+        assert all(t > 0 for t in [*r["ours_s"].values(), *r["baselines_s"].values()])
