@@ -66,86 +66,84 @@ inline typename KeyTraits<scalar_t>::bits_t key_of(scalar_t v) {
 }
 
 // Keys whose digit 0 lies in [lo, lo + span] are gathered during pass 0: the range a sample says
-// the k-th key's digit 0 is in (see candidate_digits). span = kNoRange: gather nothing.
+// the k-th key's digit 0 is in (see candidate_digits). span = kNoRange: no range.
 constexpr uint64_t kNoRange = ~uint64_t(0);
 
-// Count digits of keys[begin, end) into hist (kSubHists x bins). Without kCheckPrefix: every
-// key, branch-free and unrolled by kSubHists, one sub-histogram per lane, so skewed data (most
-// weights in few bins) does not chain on one counter; keys whose digit is in [lo, lo + span] are
-// also gathered. With kCheckPrefix: only keys whose higher bits equal prefix, which are also
-// gathered.
-template <typename scalar_t, typename count_t, bool kClamp, bool kCheckPrefix>
-void count_digits(const scalar_t* data, int64_t begin, int64_t end, int shift, uint64_t digit_mask,
-                  int high_shift, uint64_t prefix, uint64_t lo, uint64_t span, int64_t bins,
-                  count_t* hist, std::vector<typename KeyTraits<scalar_t>::bits_t>* gather,
-                  int64_t max_gather = 0, std::atomic<bool>* overflow = nullptr) {
+// Pass 0: count the top digit of keys[begin, end) into hist (kSubHists x bins), branch-free and
+// unrolled by kSubHists, one sub-histogram per lane, so skewed data (most weights in few bins)
+// does not chain on one counter. With kGather, keys whose digit is in [lo, lo + span] are also
+// gathered (a well-predicted branch: few are), up to max_gather of them; past that the sample
+// misjudged this data, the gathered keys are dropped and *overflow is set.
+template <typename scalar_t, typename count_t, bool kClamp, bool kGather>
+void count_top_digit(const scalar_t* data, int64_t begin, int64_t end, int shift, uint64_t lo,
+                     uint64_t span, int64_t bins, count_t* hist,
+                     std::vector<typename KeyTraits<scalar_t>::bits_t>* gather, int64_t max_gather,
+                     std::atomic<bool>* overflow) {
   using bits_t = typename KeyTraits<scalar_t>::bits_t;
   constexpr int64_t kChunk = 4096;
-  bits_t buffer[kChunk];
+  bits_t buffer[kGather ? kChunk : 1];
   // locals (not references) so the counter stores cannot alias them: they stay in registers
-  const int sh = shift, high = high_shift;
-  const uint64_t dmask = digit_mask, pre = prefix, low = lo, width = span;
-  bool gathering = gather != nullptr && (kCheckPrefix || span != kNoRange);
+  const int sh = shift;
+  uint64_t low = lo, width = span;
   count_t* __restrict h0 = hist;
   count_t* __restrict h1 = hist + bins;
   count_t* __restrict h2 = hist + 2 * bins;
   count_t* __restrict h3 = hist + 3 * bins;
   static_assert(kSubHists == 4, "the unrolled loop below uses four sub-histograms");
+  auto count = [&](count_t* __restrict h, bits_t key, int64_t& kept) {
+    h[key >> sh]++;
+    if constexpr (kGather) {
+      if (static_cast<uint64_t>(key >> sh) - low <= width) buffer[kept++] = key;
+    }
+  };
+  for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+    const int64_t c1 = std::min(end, c0 + kChunk);
+    int64_t kept = 0, i = c0;
+    for (; i + 4 <= c1; i += 4) {
+      count(h0, key_of<scalar_t, kClamp>(data[i]), kept);
+      count(h1, key_of<scalar_t, kClamp>(data[i + 1]), kept);
+      count(h2, key_of<scalar_t, kClamp>(data[i + 2]), kept);
+      count(h3, key_of<scalar_t, kClamp>(data[i + 3]), kept);
+    }
+    for (; i < c1; ++i) count(h0, key_of<scalar_t, kClamp>(data[i]), kept);
+    if constexpr (kGather) {
+      if (static_cast<int64_t>(gather->size()) + kept > max_gather) {
+        overflow->store(true);
+        std::vector<bits_t>().swap(*gather);
+        low = kNoRange;  // no digit matches from here on
+        width = 0;
+      } else {
+        gather->insert(gather->end(), buffer, buffer + kept);
+      }
+    }
+  }
+}
+
+// Pass 1 (when pass 0 gathered nothing usable): count the digit of the keys whose higher bits
+// equal prefix, and gather them (gather may be null). Only a small fraction of the keys match: a
+// predictable branch skips the counter update for the rest, which costs less than adding 0 to a
+// random bin.
+template <typename scalar_t, typename count_t, bool kClamp>
+void count_under_prefix(const scalar_t* data, int64_t begin, int64_t end, int shift,
+                        uint64_t digit_mask, int high_shift, uint64_t prefix, count_t* hist,
+                        std::vector<typename KeyTraits<scalar_t>::bits_t>* gather) {
+  using bits_t = typename KeyTraits<scalar_t>::bits_t;
+  constexpr int64_t kChunk = 4096;
+  bits_t buffer[kChunk];
+  const int sh = shift, high = high_shift;
+  const uint64_t dmask = digit_mask, pre = prefix;
+  count_t* __restrict h0 = hist;
   for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
     const int64_t c1 = std::min(end, c0 + kChunk);
     int64_t kept = 0;
-    int64_t i = c0;
-    if (!kCheckPrefix && !gathering) {
-      for (; i + 4 <= c1; i += 4) {
-        const bits_t k0 = key_of<scalar_t, kClamp>(data[i]);
-        const bits_t k1 = key_of<scalar_t, kClamp>(data[i + 1]);
-        const bits_t k2 = key_of<scalar_t, kClamp>(data[i + 2]);
-        const bits_t k3 = key_of<scalar_t, kClamp>(data[i + 3]);
-        h0[k0 >> sh]++;
-        h1[k1 >> sh]++;
-        h2[k2 >> sh]++;
-        h3[k3 >> sh]++;
-      }
-      for (; i < c1; ++i) h0[key_of<scalar_t, kClamp>(data[i]) >> sh]++;
-    } else if (!kCheckPrefix) {
-      // as above, and the few keys in the sampled range are kept: a well-predicted branch
-      for (; i + 4 <= c1; i += 4) {
-        const bits_t k0 = key_of<scalar_t, kClamp>(data[i]);
-        const bits_t k1 = key_of<scalar_t, kClamp>(data[i + 1]);
-        const bits_t k2 = key_of<scalar_t, kClamp>(data[i + 2]);
-        const bits_t k3 = key_of<scalar_t, kClamp>(data[i + 3]);
-        h0[k0 >> sh]++;
-        h1[k1 >> sh]++;
-        h2[k2 >> sh]++;
-        h3[k3 >> sh]++;
-        if (static_cast<uint64_t>(k0 >> sh) - low <= width) buffer[kept++] = k0;
-        if (static_cast<uint64_t>(k1 >> sh) - low <= width) buffer[kept++] = k1;
-        if (static_cast<uint64_t>(k2 >> sh) - low <= width) buffer[kept++] = k2;
-        if (static_cast<uint64_t>(k3 >> sh) - low <= width) buffer[kept++] = k3;
-      }
-      for (; i < c1; ++i) {
-        const bits_t k0 = key_of<scalar_t, kClamp>(data[i]);
-        h0[k0 >> sh]++;
-        if (static_cast<uint64_t>(k0 >> sh) - low <= width) buffer[kept++] = k0;
-      }
-    } else {
-      // after the first digit only a small fraction of the keys match: a predictable branch
-      // skips the counter update for the rest, which costs less than adding 0 to a random bin
-      for (; i < c1; ++i) {
-        const bits_t k0 = key_of<scalar_t, kClamp>(data[i]);
-        if ((k0 >> high) == pre) {
-          h0[(k0 >> sh) & dmask]++;
-          buffer[kept++] = k0;
-        }
+    for (int64_t i = c0; i < c1; ++i) {
+      const bits_t k0 = key_of<scalar_t, kClamp>(data[i]);
+      if ((k0 >> high) == pre) {
+        h0[(k0 >> sh) & dmask]++;
+        buffer[kept++] = k0;
       }
     }
-    if (gathering && !kCheckPrefix && static_cast<int64_t>(gather->size()) + kept > max_gather) {
-      // the sample misjudged this data (many more keys in range than sampled): stop gathering
-      overflow->store(true);
-      std::vector<bits_t>().swap(*gather);
-      gathering = false;
-    }
-    if (gathering) gather->insert(gather->end(), buffer, buffer + kept);
+    if (gather != nullptr) gather->insert(gather->end(), buffer, buffer + kept);
   }
 }
 
@@ -211,13 +209,15 @@ bool radix_select_pass(const scalar_t* data, int64_t n, int64_t k, Selection* se
       at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
         const int tid = at::get_thread_num();
         count_t* hist = local.data() + static_cast<int64_t>(tid) * kSubHists * bins;
-        if (p == 0) {
-          count_digits<scalar_t, count_t, kClamp, false>(data, begin, end, shift, digit_mask,
-                                                         high_shift, prefix, lo, span, bins, hist,
-                                                         &gathered[tid], max_gather, &overflow);
+        if (p == 0 && span != kNoRange) {
+          count_top_digit<scalar_t, count_t, kClamp, true>(data, begin, end, shift, lo, span, bins,
+                                                           hist, &gathered[tid], max_gather, &overflow);
+        } else if (p == 0) {
+          count_top_digit<scalar_t, count_t, kClamp, false>(data, begin, end, shift, lo, span, bins,
+                                                            hist, nullptr, 0, nullptr);
         } else {
-          count_digits<scalar_t, count_t, kClamp, true>(data, begin, end, shift, digit_mask,
-                                                        high_shift, prefix, 0, kNoRange, bins, hist,
+          count_under_prefix<scalar_t, count_t, kClamp>(data, begin, end, shift, digit_mask,
+                                                        high_shift, prefix, hist,
                                                         passes > 2 ? &gathered[tid] : nullptr);
         }
       });
