@@ -46,13 +46,14 @@ constexpr unsigned kFullWarp = 0xFFFFFFFFu;
 // The int64 `values` on `device`: one copy from pinned memory on the current stream; the
 // caching host allocator keeps the pinned block alive until the copy has run.
 inline at::Tensor upload_table(const std::vector<int64_t>& values, const at::Device& device) {
-#ifdef DSD_CUDA_EMULATION
+#ifdef DSD_CUDA_EMULATION  // CPU tensors: a plain copy
   return at::tensor(at::ArrayRef<int64_t>(values), at::TensorOptions().dtype(at::kLong).device(device));
-#endif
+#else
   at::Tensor host = at::empty({static_cast<int64_t>(values.size())},
                               at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   std::memcpy(host.data_ptr<int64_t>(), values.data(), values.size() * sizeof(int64_t));
   return host.to(device, /*non_blocking=*/true);
+#endif
 }
 
 // The tensor that owns block `block`: the largest t with starts[t] <= block, where starts holds

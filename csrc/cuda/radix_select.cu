@@ -14,7 +14,9 @@
 //     an exclusive cumulative sum of those counts (at::cumsum);
 //     mask_kernel: a warp per mask word: keep = key > T, or key == T with tie rank >= the
 //       ties still to prune; __ballot_sync gives the word.
-// Launches: 2 per pass + 3 (+2 for the sum) per dtype, whatever the number of tensors.
+// Launches per dtype, whatever the number of tensors: 2 per pass; with masks, the tie count, the
+// sum (cumsum and a subtraction) and the mask kernel; plus the fills of the state, histogram and
+// threshold buffers and one table copy. fp32 with masks: 10 kernels, 3 fills, 1 copy.
 // Bytes: each pass reads every weight once (no candidate buffer), the mask pass reads them once
 // more and writes 1 bit per weight; the tie count reads them only where ties are split.
 #include <torch/library.h>
