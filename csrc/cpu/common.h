@@ -61,4 +61,28 @@ inline void expand_word(uint32_t bits, bits_t* lanes) {
   }
 }
 
+// dst[0, len) = the bits of src AND-ed with lanes (dst may alias src): values where the lane is
+// all ones, exactly +0 where it is 0, whatever src held there (NaN included). A fixed len of 32
+// (after inlining) vectorises.
+template <typename scalar_t, typename bits_t = typename KeyTraits<scalar_t>::bits_t>
+inline void and_lanes(const scalar_t* src, scalar_t* dst, const bits_t* lanes, int64_t len) {
+  bits_t v[32];
+  std::memcpy(v, src, len * sizeof(bits_t));
+  for (int64_t j = 0; j < len; ++j) v[j] &= lanes[j];
+  std::memcpy(dst, v, len * sizeof(bits_t));
+}
+
+// dst[0, len) = src where bit j of the mask word is set, exactly +0 where it is not: branch-free
+// (an unstructured mask would mispredict every other branch).
+template <typename scalar_t>
+inline void mask_word(const scalar_t* src, scalar_t* dst, uint32_t bits, int64_t len) {
+  typename KeyTraits<scalar_t>::bits_t lanes[32];
+  expand_word(bits, lanes);
+  if (len == 32) {
+    and_lanes(src, dst, lanes, 32);
+  } else {
+    and_lanes(src, dst, lanes, len);
+  }
+}
+
 }  // namespace dsd_kernels_cpu

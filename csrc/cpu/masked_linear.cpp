@@ -20,25 +20,6 @@ namespace {
 constexpr int64_t kTile = 64;                // tile rows and columns (tile_structure.TILE)
 constexpr int64_t kTileWords = kTile / 32;  // mask words per tile row
 
-// dst[0, len) = src where the word's bit is set, exactly +0 where not (dst may alias src): an
-// AND of the float bits with 0 or all-ones, branch-free (an unstructured mask would mispredict
-// every other branch). Full words AND 32 values with lanes expanded from a table, which vectorises.
-template <typename scalar_t>
-inline void mask_word(const scalar_t* src, scalar_t* dst, uint32_t bits, int64_t len) {
-  using bits_t = typename KeyTraits<scalar_t>::bits_t;
-  bits_t v[32], lanes[32];
-  expand_word(bits, lanes);
-  if (len == 32) {
-    std::memcpy(v, src, sizeof(v));
-    for (int j = 0; j < 32; ++j) v[j] &= lanes[j];
-    std::memcpy(dst, v, sizeof(v));
-    return;
-  }
-  std::memcpy(v, src, len * sizeof(bits_t));
-  for (int64_t j = 0; j < len; ++j) v[j] &= lanes[j];
-  std::memcpy(dst, v, len * sizeof(bits_t));
-}
-
 // Which tiles keep anything: kept[n * tiles_k + k]. A tile's scan stops at its first non-zero
 // word, and the whole scan stops once more than `max_kept` tiles are kept (the dense path will
 // run), so an unstructured mask costs about one word per tile.

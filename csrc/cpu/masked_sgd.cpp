@@ -41,16 +41,10 @@ inline void step_word(scalar_t* __restrict p, const scalar_t* __restrict g, scal
     }
     new_p[j] = static_cast<scalar_t>(x - lr * d);
   }
-  bits_t lanes[32], out[32];
+  bits_t lanes[32];
   expand_word(bits, lanes);
-  std::memcpy(out, new_p, n * sizeof(bits_t));
-  for (int64_t j = 0; j < n; ++j) out[j] &= lanes[j];
-  std::memcpy(p, out, n * sizeof(bits_t));
-  if (kMomentum) {
-    std::memcpy(out, new_b, n * sizeof(bits_t));
-    for (int64_t j = 0; j < n; ++j) out[j] &= lanes[j];
-    std::memcpy(b, out, n * sizeof(bits_t));
-  }
+  and_lanes(new_p, p, lanes, n);
+  if (kMomentum) and_lanes(new_b, b, lanes, n);
 }
 
 // One tensor, with the options as template flags so the inner loops have no branches.
