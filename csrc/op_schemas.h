@@ -12,8 +12,8 @@ constexpr const char* kMaskedSgd =
     "float weight_decay, bool nesterov, bool maximize) -> ()";
 constexpr const char* kMaskedLinearForward =
     "masked_linear_forward(Tensor x, Tensor weight, Tensor mask_words, Tensor? bias, "
-    "float blocked_max_kept) -> Tensor";
+    "Tensor? tile_kept) -> Tensor";
 constexpr const char* kMaskedLinearBackward =
     "masked_linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor mask_words, "
-    "bool needs_input, bool needs_weight, float blocked_max_kept) -> (Tensor, Tensor)";
+    "bool needs_input, bool needs_weight, Tensor? tile_kept) -> (Tensor, Tensor)";
 }  // namespace dsd_kernels_schemas

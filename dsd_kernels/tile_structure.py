@@ -55,3 +55,13 @@ def tile_structure(words: torch.Tensor, N: int, K: int) -> TileStructure:
         cached = (key, TileStructure(words, N, K))
         _STRUCTURES[words] = cached
     return cached[1]
+
+
+def blocked_tiles(words: torch.Tensor, N: int, K: int) -> TileStructure | None:
+    """On CPU, the tile structure when tile-by-tile matmuls pay (at most BLOCKED_MAX_KEPT of the
+    tiles keep anything), else None: one dense matmul on W*M is faster. The rule of both CPU
+    backends (composite and C++)."""
+    if words.device.type != "cpu":
+        return None
+    s = tile_structure(words, N, K)
+    return s if s.kept_fraction <= BLOCKED_MAX_KEPT else None

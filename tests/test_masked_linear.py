@@ -206,3 +206,13 @@ def test_bad_input():
         ops.masked_linear(x.long(), w, keep, b)
     with pytest.raises(ValueError, match=r"packed words\) has shape"):
         ops.masked_linear(x, w, torch.zeros(6, 2, dtype=torch.int32), b)
+
+
+def test_cpp_kernel_checks_the_tile_grid_it_is_given():
+    if "cpp" not in dk.available_backends():
+        pytest.skip("C++ extension not built")
+    w = torch.randn(70, 130)
+    words = dk.Mask.from_bool(torch.rand(70, 130) > 0.5).packed
+    with pytest.raises(RuntimeError, match=r"tile_kept must be contiguous int32 of shape \(2, 3\)"):
+        torch.ops.dsd_kernels_cpp.masked_linear_forward(torch.randn(4, 130), w, words, None,
+                                                        torch.ones(3, 2, dtype=torch.int32))

@@ -2,15 +2,14 @@
 // from the packed words (no unpacked copy of the mask is kept), in parallel, to W before
 // the forward and dX matmuls and to dW after its matmul.
 //
-// Tile skipping: when at most `blocked_max_kept` of the (kTile x kTile) tiles of the mask keep
-// anything (block pruning; the rule of tile_structure.py), the matmuls run tile by tile over the
-// kept tiles only, threads splitting the output tiles, and W*M is only formed inside kept tiles.
-// Otherwise one dense matmul on W*M is faster.
+// Tile skipping: when the caller passes `tile_kept` (the (kTile x kTile) tiles of the mask that keep
+// anything, from tile_structure.py, which also decides when skipping pays), the matmuls run tile by
+// tile over the kept tiles only, threads splitting the output tiles, and W*M is only formed inside
+// kept tiles. Otherwise one dense matmul on W*M.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <vector>
 
 #include "common.h"
 
@@ -20,48 +19,37 @@ namespace {
 constexpr int64_t kTile = 64;                // tile rows and columns (tile_structure.TILE)
 constexpr int64_t kTileWords = kTile / 32;  // mask words per tile row
 
-// Which tiles keep anything: kept[n * tiles_k + k]. A tile's scan stops at its first non-zero
-// word, and the whole scan stops once more than `max_kept` tiles are kept (the dense path will
-// run), so an unstructured mask costs about one word per tile.
+// The kept-tile flags kept[n * tiles_k + k] (int32, (tiles_n, tiles_k)), checked against W.
 struct TileGrid {
-  int64_t tiles_n = 0, tiles_k = 0, count = 0;
-  std::vector<uint8_t> kept;
+  int64_t tiles_n = 0, tiles_k = 0;
+  const int32_t* kept = nullptr;
   bool is_kept(int64_t n, int64_t k) const { return kept[n * tiles_k + k] != 0; }
 };
 
-TileGrid tile_grid(const int32_t* words, const MaskLayout& lay, int64_t max_kept) {
+TileGrid tile_grid(const at::Tensor& tile_kept, const at::Tensor& weight) {
   TileGrid g;
-  g.tiles_n = (lay.rows + kTile - 1) / kTile;
-  g.tiles_k = (lay.cols + kTile - 1) / kTile;
-  g.kept.assign(g.tiles_n * g.tiles_k, 0);
-  for (int64_t n = 0; n < g.tiles_n && g.count <= max_kept; ++n) {
-    const int64_t r_end = std::min(lay.rows, (n + 1) * kTile);
-    for (int64_t k = 0; k < g.tiles_k; ++k) {
-      const int64_t i_begin = k * kTileWords, i_end = std::min(lay.words_per_row, (k + 1) * kTileWords);
-      bool any = false;
-      for (int64_t r = n * kTile; r < r_end && !any; ++r) {
-        for (int64_t i = i_begin; i < i_end; ++i) any |= words[r * lay.words_per_row + i] != 0;
-      }
-      g.kept[n * g.tiles_k + k] = any;
-      g.count += any;
-    }
-  }
+  g.tiles_n = (weight.size(0) + kTile - 1) / kTile;
+  g.tiles_k = (weight.size(1) + kTile - 1) / kTile;
+  TORCH_CHECK(tile_kept.scalar_type() == at::kInt && tile_kept.is_contiguous() &&
+                  tile_kept.dim() == 2 && tile_kept.size(0) == g.tiles_n && tile_kept.size(1) == g.tiles_k,
+              "masked_linear: tile_kept must be contiguous int32 of shape (", g.tiles_n, ", ",
+              g.tiles_k, ") for a weight of shape ", weight.sizes());
+  g.kept = tile_kept.data_ptr<int32_t>();
   return g;
 }
 
-at::Tensor check_words(const at::Tensor& t, const at::Tensor& words) {
+void check_words(const at::Tensor& t, const at::Tensor& words) {
   TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), "masked_linear: weights must be contiguous 2-D");
   TORCH_CHECK(words.scalar_type() == at::kInt && words.is_contiguous() &&
                   words.numel() == MaskLayout(t).num_words(),
               "masked_linear: mask_words do not fit a weight of shape ", t.sizes());
-  return words;
 }
 
-// W*M (out of place, or in place on t). With `grid`, only inside kept tiles: the rest of the
-// result is left unwritten, and the tiled matmuls never read it.
+// W*M (out of place, or in place on t, which has W's shape; words checked by the caller). With
+// `grid`, only inside kept tiles: the rest of the result is left unwritten, and the tiled matmuls
+// never read it.
 at::Tensor masked(const at::Tensor& t, const at::Tensor& words, bool in_place,
                   const TileGrid* grid = nullptr) {
-  check_words(t, words);
   const MaskLayout lay(t);
   at::Tensor out = in_place ? t : at::empty_like(t);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "masked_linear", [&] {
@@ -92,17 +80,6 @@ at::Tensor masked(const at::Tensor& t, const at::Tensor& words, bool in_place,
   return out;
 }
 
-// The tile grid when tile skipping pays (at most blocked_max_kept of the tiles kept), else none.
-bool sparse_tiles(const at::Tensor& weight, const at::Tensor& words, double blocked_max_kept,
-                  TileGrid* grid) {
-  check_words(weight, words);
-  const MaskLayout lay(weight);
-  const int64_t tiles = ((lay.rows + kTile - 1) / kTile) * ((lay.cols + kTile - 1) / kTile);
-  const auto max_kept = static_cast<int64_t>(blocked_max_kept * static_cast<double>(tiles));
-  *grid = tile_grid(words.data_ptr<int32_t>(), lay, max_kept);
-  return tiles > 0 && grid->count <= max_kept;
-}
-
 inline at::Tensor tile_cols(const at::Tensor& t, int64_t tile) {
   return t.narrow(1, tile * kTile, std::min(kTile, t.size(1) - tile * kTile));
 }
@@ -112,13 +89,14 @@ inline at::Tensor tile_rows(const at::Tensor& t, int64_t tile) {
 
 at::Tensor masked_linear_forward(const at::Tensor& x2d, const at::Tensor& weight,
                                  const at::Tensor& words, const std::optional<at::Tensor>& bias,
-                                 double blocked_max_kept) {
+                                 const std::optional<at::Tensor>& tile_kept) {
   const at::Tensor wc = weight.contiguous();
-  TileGrid grid;
-  if (!sparse_tiles(wc, words, blocked_max_kept, &grid)) {
+  check_words(wc, words);
+  if (!tile_kept.has_value()) {
     const at::Tensor w = masked(wc, words, /*in_place=*/false);
     return bias.has_value() ? at::addmm(*bias, x2d, w.t()) : at::mm(x2d, w.t());
   }
+  const TileGrid grid = tile_grid(*tile_kept, wc);
   const at::Tensor w = masked(wc, words, false, &grid);
   const int64_t M = x2d.size(0), N = wc.size(0);
   at::Tensor y = bias.has_value() ? bias->expand({M, N}).contiguous() : at::zeros({M, N}, x2d.options());
@@ -140,10 +118,11 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_backward(const at::Tensor& grad
                                                           const at::Tensor& weight,
                                                           const at::Tensor& words,
                                                           bool needs_input, bool needs_weight,
-                                                          double blocked_max_kept) {
+                                                          const std::optional<at::Tensor>& tile_kept) {
   const at::Tensor wc = weight.contiguous();
-  TileGrid grid;
-  const bool tiled = sparse_tiles(wc, words, blocked_max_kept, &grid);
+  check_words(wc, words);
+  const bool tiled = tile_kept.has_value();
+  const TileGrid grid = tiled ? tile_grid(*tile_kept, wc) : TileGrid();
   at::Tensor dx, dw;
   if (needs_input && !tiled) dx = at::mm(grad2d, masked(wc, words, false));
   if (needs_input && tiled) {

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from ..tile_structure import BLOCKED_MAX_KEPT, TILE, tile_structure
+from ..tile_structure import TILE, blocked_tiles
 from ._mask_cache import apply_and_, masked_copy
 
 
 def _tiles(words, weight):
-    if weight.device.type != "cpu":
-        return None
-    s = tile_structure(words, weight.shape[0], weight.shape[1])
-    return s if s.kept_fraction <= BLOCKED_MAX_KEPT else None
+    return blocked_tiles(words, weight.shape[0], weight.shape[1])
 
 
 def forward(x2d, weight, words, bias):
