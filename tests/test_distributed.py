@@ -78,6 +78,15 @@ def test_sharded_masks_equal_single_process_masks(tmp_path):
         assert r["bytes"] == 2 * per_call + 2 * 4 * 8
 
 
+def train_steps(model, opt, g, *, steps, batch, classes):
+    """`steps` optimizer steps of a 12-feature classifier on random batches drawn from g."""
+    for _ in range(steps):
+        x, y = torch.randn(batch, 12, generator=g), torch.randint(0, classes, (batch,), generator=g)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
 def _ddp_worker(rank, world, init_file, out_dir):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -95,11 +104,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
         g = torch.Generator().manual_seed(100 + rank)  # different data on each rank
         snapshots = {}
         for epoch in range(dsd.total_epochs):
-            for _ in range(4):
-                x, y = torch.randn(16, 12, generator=g), torch.randint(0, 4, (16,), generator=g)
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(ddp(x), y).backward()
-                opt.step()
+            train_steps(ddp, opt, g, steps=4, batch=16, classes=4)
             if dsd.phase == "sparse":
                 snapshots[f"masks{epoch}"] = [m.to_bool() for m in opt.masks.values()]
             dsd.step()
@@ -111,11 +116,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
                                               torch.nn.Linear(32, 4)), 0.7, block=(4, 4))
         ddp2 = DDP(model2)
         adam = torch.optim.Adam(ddp2.parameters(), lr=0.01)
-        for _ in range(5):
-            x, y = torch.randn(16, 12, generator=g), torch.randint(0, 4, (16,), generator=g)
-            adam.zero_grad()
-            torch.nn.functional.cross_entropy(ddp2(x), y).backward()
-            adam.step()
+        train_steps(ddp2, adam, g, steps=5, batch=16, classes=4)
         snapshots["masked_linear"] = [p.detach().clone() for p in model2.parameters()] + [
             m.mask.to_bool() for m in (model2[0], model2[2])]
         torch.save(snapshots, os.path.join(out_dir, f"ddp{rank}.pt"))
@@ -158,11 +159,7 @@ def _fsdp_worker(rank, world, init_file, out_dir):
         g = torch.Generator().manual_seed(10 + rank)
         record = {"pruned": [], "lr": []}
         for epoch in range(dsd.total_epochs):
-            for _ in range(3):
-                x, y = torch.randn(8, 12, generator=g), torch.randint(0, 5, (8,), generator=g)
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(model(x), y).backward()
-                opt.step()
+            train_steps(model, opt, g, steps=3, batch=8, classes=5)
             # global count of exact zeros per layer, summed over the shards
             zeros = torch.tensor([int((w.to_local() == 0).sum()) for w in weights])
             dist.all_reduce(zeros)
