@@ -109,7 +109,7 @@ def _warn_once(key: str, message: str) -> None:
 
 # Under auto on CPU, per op, the faster of the C++ kernel and the torch composite as measured
 # by `dsd-kernels bench` on the project's 2-core x86-64 machine (benchmarks/results/): C++
-# radix select ~1.7x the composite; C++ masked SGD (vectorised one-pass loop) ~1.35x torch's
+# radix select 1.7-2.9x the composite; C++ masked SGD (vectorised one-pass loop) ~1.6x torch's
 # fused SGD + bitwise AND; C++ masked_linear on a par unstructured, ~1.2x the composite's
 # tile loop on 64x64 blocks (its tile matmuls split over threads, W*M formed in kept tiles only).
 CPU_AUTO = {"magnitude_select": ("cpp", "torch"), "masked_sgd_": ("cpp", "torch"),
