@@ -1,7 +1,7 @@
 """pytest-benchmark runs of the cases in dsd_kernels.benchmarking (our op under the backend that
 DSD_KERNELS_BACKEND selects, default auto).
 
-    pytest benchmarks/bench_threshold.py --benchmark-group-by=param:case
+    pytest benchmarks/bench_magnitude_select.py --benchmark-group-by=param:case
 
 Each case's op and torch baselines land in one group, so the table compares them in
 the same run. `dsd-kernels bench` runs the same cases and writes ratios + GB/s to

@@ -21,6 +21,8 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(dsd_kernels_cpp, m) {
   using namespace dsd_kernels_schemas;
   m.def(kMagnitudeSelect);
+  m.def(kRadixHistogram);
+  m.def(kThresholdMasks);
   m.def(kMaskedSgd);
   m.def(kMaskedLinearForward);
   m.def(kMaskedLinearBackward);

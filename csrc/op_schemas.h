@@ -6,6 +6,12 @@ namespace dsd_kernels_schemas {
 // thresholds as float64 (exact for every float dtype), packed keep-masks when want_masks
 constexpr const char* kMagnitudeSelect =
     "magnitude_select(Tensor[] tensors, float[] sparsities, bool want_masks) -> (Tensor, Tensor[])";
+// the per-shard kernels of the sharded (DTensor) selection, CPU only (dsd_kernels/distributed.py)
+constexpr const char* kRadixHistogram =
+    "radix_histogram(Tensor[] sources, int[] prefixes, int shift, int width, bool gather) "
+    "-> (Tensor, Tensor[])";
+constexpr const char* kThresholdMasks =
+    "threshold_masks(Tensor[] tensors, int[] keys, int[] prune_ties, int[] ties) -> Tensor[]";
 constexpr const char* kMaskedSgd =
     "masked_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
     "Tensor?[] mask_words, bool[] first_step, float lr, float momentum, float dampening, "

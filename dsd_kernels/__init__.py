@@ -1,9 +1,28 @@
-"""dsd-kernels: fast, exact kernels for Dense-Sparse-Dense (DSD) training in PyTorch."""
-from ._backend import available_backends, get_backend, set_backend
+"""dsd-kernels: fast, exact kernels for Dense-Sparse-Dense (DSD) training in PyTorch.
+
+`import dsd_kernels as dk` gives the ops (`dk.magnitude_masks`, `dk.masked_sgd_`, ...) and the
+`Mask`; `dk.optim`, `dk.nn` and `dk.dsd` are imported on first use, so importing the ops stays light.
+"""
+import importlib
+
+from ._backend import available_backends, get_backend, set_backend, use_backend
 from .masks import Mask
 from .ops import magnitude_masks, magnitude_thresholds, masked_linear, masked_sgd_
 
 __version__ = "0.1.0"
 
+_LAZY_SUBMODULES = ("optim", "nn", "dsd", "ops", "reference", "distributed")
+
 __all__ = ["Mask", "magnitude_masks", "magnitude_thresholds", "masked_linear", "masked_sgd_",
-           "available_backends", "get_backend", "set_backend", "__version__"]
+           "available_backends", "get_backend", "set_backend", "use_backend", "__version__",
+           "optim", "nn", "dsd"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))

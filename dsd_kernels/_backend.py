@@ -1,25 +1,94 @@
-"""Backend selection: which implementation of an op runs for a given device.
+"""The backend registry: per op, which backend serves which device and dtypes, in which order.
 
-`ops.py` is the only caller. The choice comes from `set_backend()` or the
-`DSD_KERNELS_BACKEND` environment variable (auto | torch | triton | cpp).
-A missing Triton or C++ extension is never an import error: `auto` falls back
-to the torch composite and `reasons()` says why (printed by `dsd-kernels info`).
+`ops.py` is the only caller of `implementation()`, and with the backend packages the only
+module that imports one (`importlib`, from the `module` named in the table). A backend is
+declared here by its rows of `REGISTRY`; nothing else branches on backend names.
+
+The choice comes from `use_backend()` / `set_backend()` or the `DSD_KERNELS_BACKEND`
+environment variable (auto | torch | triton | cpp). Under auto, per (op, device), the first
+row that serves every dtype of the call and can run here wins. A row declared `fallback` is
+used only where no preferred row can, and says so once (a RuntimeWarning naming op, dtype,
+device and the backend used). A forced backend that has no row for the op, device and dtypes
+warns once and chooses as under auto; one that has a row but cannot run here (extension not
+built, no Triton) is a RuntimeError. A missing Triton or C++ extension is never an import
+error; `dsd-kernels info` prints the table and why each backend is or is not available.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
 import warnings
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
 BACKENDS = ("auto", "torch", "triton", "cpp")
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+ANY_DEVICE = "any"
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One row of the registry: `backend` serves `op` on `device` for `dtypes`.
+
+    module: the module (relative to this package) holding the backend's functions for the op.
+    auto: whether auto may choose it (False: only when forced, e.g. the Triton interpreter).
+    fallback: chosen only where no preferred row can serve; reported once when it is.
+    """
+    op: str
+    backend: str
+    device: str  # a torch device type, or ANY_DEVICE
+    dtypes: tuple[torch.dtype, ...]
+    module: str
+    auto: bool = True
+    fallback: bool = False
+
+    def serves(self, device_type: str, dtypes) -> bool:
+        return self.device in (device_type, ANY_DEVICE) and all(d in self.dtypes for d in dtypes)
+
+
+def _rows(op: str, module: str, *, cuda: tuple[str, ...], cuda_dtypes=FLOATS) -> list[Implementation]:
+    """The standard rows of an op: C++ then torch on CPU, Triton (interpreter) when forced on
+    CPU, `cuda` in order on CUDA, and the torch composite as the declared fallback elsewhere."""
+    rows = [Implementation(op, "cpp", "cpu", FLOATS, f".cpp.{module}"),
+            Implementation(op, "torch", "cpu", FLOATS, f".composite.{module}"),
+            Implementation(op, "triton", "cpu", cuda_dtypes if "triton" in cuda else (),
+                           f".triton.{module}", auto=False)]
+    for backend in cuda:
+        package = "composite" if backend == "torch" else backend
+        rows.append(Implementation(op, backend, "cuda", cuda_dtypes if backend == "triton" else FLOATS,
+                                   f".{package}.{module}"))
+    rows.append(Implementation(op, "torch", ANY_DEVICE, FLOATS, f".composite.{module}", fallback=True))
+    return [r for r in rows if r.dtypes]
+
+
+# Order within an (op, device) is the preference under auto. On CPU the C++ kernels measured
+# faster than the torch composites for every op (benchmarks/results/cpu-*.json). On CUDA the
+# order of Triton and csrc/cuda is not measured yet: Triton first, as the kernels tested longest;
+# `dsd-kernels bench` on a GPU times both and this table should follow its results.
+REGISTRY: tuple[Implementation, ...] = tuple(
+    _rows("magnitude_select", "magnitude_select", cuda=("triton", "cpp"))
+    # the sharded (DTensor) selection's per-shard histograms and masks (distributed.py):
+    # csrc/cuda has no such kernels
+    + _rows("magnitude_select_sharded", "magnitude_select", cuda=("triton",))
+    + _rows("masked_sgd", "masked_sgd", cuda=("triton", "cpp"))
+    # tl.dot has no general fp64: fp64 on CUDA takes the declared torch fallback
+    + _rows("masked_linear", "masked_linear", cuda=("triton",),
+            cuda_dtypes=(torch.float16, torch.bfloat16, torch.float32))
+)
+OPS = tuple(dict.fromkeys(r.op for r in REGISTRY))
+
+# the compiled op of csrc/ behind each registry op, where the cpp backend has a CUDA kernel
+_CPP_CUDA_KERNELS = {"magnitude_select": "magnitude_select", "masked_sgd": "masked_sgd_"}
+
 _forced: str | None = None
-_warned: set[str] = set()
+_warned: set = set()
 
 
+# ---------------------------------------------------------------- what can run here
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -44,12 +113,20 @@ def _cpp_import_error() -> str | None:
     return None
 
 
+def cpp_has_cuda_kernel(op: str) -> bool:
+    """Whether dsd_kernels._C was built with a CUDA kernel for registry op `op`."""
+    if op not in _CPP_CUDA_KERNELS or _cpp_import_error() is not None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"dsd_kernels_cpp::{_CPP_CUDA_KERNELS[op]}", "CUDA")
+
+
 @lru_cache(maxsize=None)
 def cpp_status() -> tuple[bool, str]:
     """(usable, why) for the compiled extension dsd_kernels._C."""
     if _cpp_import_error() is not None:
         return False, f"C++ extension not built ({_cpp_import_error()})"
-    cuda_ops = [op for op in CPP_CUDA_OPS if cpp_has_cuda_kernel(op)]
+    cuda_ops = [op for op in _CPP_CUDA_KERNELS if cpp_has_cuda_kernel(op)]
     if cuda_ops:
         return True, f"built: CPU kernels, and CUDA kernels for {', '.join(cuda_ops)}"
     why = ("torch is a CPU-only build" if torch.version.cuda is None else
@@ -57,20 +134,24 @@ def cpp_status() -> tuple[bool, str]:
     return True, f"built: CPU kernels (no CUDA kernels: {why})"
 
 
-# The cpp backend's kernels on CUDA tensors (csrc/cuda), by public op -> compiled op. The others
-# (masked_linear) have CPU kernels only and use Triton on a GPU.
-CPP_CUDA_OPS = {"magnitude_select": "magnitude_select", "masked_sgd_": "masked_sgd_"}
-
-
-def cpp_has_cuda_kernel(op: str) -> bool:
-    """Whether dsd_kernels._C was built with the CUDA kernel of `op`."""
-    if op not in CPP_CUDA_OPS or _cpp_import_error() is not None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"dsd_kernels_cpp::{CPP_CUDA_OPS[op]}", "CUDA")
+def row_status(row: Implementation, device_type: str | None = None) -> tuple[bool, str]:
+    """(can run here, why not) for a registry row on `device_type` (default: the row's device)."""
+    device_type = device_type or row.device
+    if row.backend == "torch":
+        return True, ""
+    if row.backend == "triton":
+        ok, why = triton_status()
+        if ok and device_type == "cpu" and not _interpreting():
+            return False, "triton on CPU tensors needs TRITON_INTERPRET=1"
+        return ok, why
+    ok, why = cpp_status()
+    if ok and device_type != "cpu" and not cpp_has_cuda_kernel(row.op):
+        return False, f"dsd_kernels._C has no {device_type} kernel for {row.op} ({why})"
+    return ok, why
 
 
 def available_backends() -> list[str]:
-    """Backends that can run here, e.g. ["torch", "triton"]."""
+    """Backends that can run here, e.g. ["torch", "cpp"]."""
     found = ["torch"]
     if cpp_status()[0]:
         found.append("cpp")
@@ -83,6 +164,7 @@ def reasons() -> dict[str, str]:
     return {"torch": "always available", "cpp": cpp_status()[1], "triton": triton_status()[1]}
 
 
+# ---------------------------------------------------------------- the requested backend
 def set_backend(name: str | None) -> None:
     """Force a backend for every op ("torch", "triton", "cpp"), or None/"auto" to choose."""
     global _forced
@@ -101,64 +183,95 @@ def get_backend() -> str:
     return name
 
 
-def _warn_once(key: str, message: str) -> None:
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Within the block, ops use backend `name` ("torch", "triton", "cpp", or None/"auto");
+    the previous choice is restored on exit, exceptions included."""
+    global _forced
+    previous = _forced
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def _warn_once(key, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-# Under auto on CPU, per op, the faster of the C++ kernel and the torch composite as measured
-# by `dsd-kernels bench` on the project's 2-core x86-64 machine (benchmarks/results/): C++
-# radix select 1.7-2.9x the composite; C++ masked SGD (vectorised one-pass loop) ~1.6x torch's
-# fused SGD + bitwise AND; C++ masked_linear on a par unstructured, ~1.2x the composite's
-# tile loop on 64x64 blocks (its tile matmuls split over threads, W*M formed in kept tiles only).
-CPU_AUTO = {"magnitude_select": ("cpp", "torch"), "masked_sgd_": ("cpp", "torch"),
-            "masked_linear": ("cpp", "torch")}
-# Under auto on CUDA, per op, in order of preference. Not measured yet (no GPU session so far):
-# Triton first, as the kernels tested longest; `dsd-kernels bench` on a GPU times both
-# (backend "cpp" = csrc/cuda) and this table should follow its results.
-GPU_AUTO = {"magnitude_select": ("triton", "cpp"), "masked_sgd_": ("triton", "cpp"),
-            "masked_linear": ("triton",)}
+def _dtype_names(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
-def _usable(name: str, op: str, device: torch.device) -> tuple[bool, str]:
-    if name == "torch":
-        return True, ""
-    if name == "triton":
-        ok, why = triton_status()
-        if ok and device.type == "cpu" and not _interpreting():
-            return False, "triton on CPU tensors needs TRITON_INTERPRET=1"
-        return ok, why
-    ok, why = cpp_status()
-    if ok and device.type != "cpu" and not cpp_has_cuda_kernel(op):
-        return False, f"dsd_kernels._C has no {device.type} kernel for {op} ({why})"
-    return ok, why
+_SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
-def resolve(op: str, device: torch.device, supported: tuple[str, ...]) -> str:
-    """The backend that runs `op` on `device`, among the backends `op` implements.
+# ---------------------------------------------------------------- lookup
+def rows_for(op: str, device_type: str) -> list[Implementation]:
+    if op not in OPS:
+        raise KeyError(f"unknown op {op!r}; the registry has {OPS}")
+    return [r for r in REGISTRY if r.op == op and r.device in (device_type, ANY_DEVICE)]
 
-    A forced backend that cannot run raises RuntimeError (the user asked for it);
-    under auto, a missing fast backend falls back to torch and warns once.
-    """
-    if device.type == "cuda" and op not in CPP_CUDA_OPS:
-        supported = tuple(b for b in supported if b != "cpp")  # CPU kernels only, by design
+
+def resolve(op: str, device: torch.device, dtypes) -> Implementation:
+    """The registry row that runs `op` on `device` for tensors of `dtypes`."""
+    dtypes = tuple(dict.fromkeys(dtypes))
+    rows = rows_for(op, device.type)
     requested = get_backend()
-    if requested != "auto" and requested not in supported:
-        # a forced backend applies to the ops that have it; the others choose as under auto
-        _warn_once(f"{op}:{requested}", f"dsd_kernels: {op} has no {requested!r} backend "
-                                        f"on {device.type} (has {supported}); choosing automatically")
-        requested = "auto"
     if requested != "auto":
-        ok, why = _usable(requested, op, device)
+        forced = [r for r in rows if r.backend == requested and r.serves(device.type, dtypes)]
+        if forced:
+            ok, why = row_status(forced[0], device.type)
+            if not ok:
+                raise RuntimeError(f"{op}: backend {requested!r} requested but unavailable: {why}")
+            return forced[0]
+        _warn_once(("forced", op, requested, device.type, dtypes),
+                   f"dsd_kernels: {op} has no {requested!r} backend for {_dtype_names(dtypes)} "
+                   f"on {device.type}; choosing automatically")
+    skipped = []
+    for row in rows:
+        if not row.auto or not row.serves(device.type, dtypes):
+            if row.auto:
+                skipped.append(f"{row.backend} does not serve {_dtype_names(dtypes)}")
+            continue
+        ok, why = row_status(row, device.type)
         if not ok:
-            raise RuntimeError(f"{op}: backend {requested!r} requested but unavailable: {why}")
-        return requested
-    preference = {"cpu": CPU_AUTO, "cuda": GPU_AUTO}.get(device.type, {}).get(op, ())
-    for name in preference:
-        if name in supported and _usable(name, op, device)[0]:
-            return name
-    if device.type == "cuda" and "triton" in supported:
-        _warn_once("triton", f"dsd_kernels: Triton unavailable ({triton_status()[1]}); "
-                             f"using the torch composite")
-    return "torch"
+            skipped.append(f"{row.backend}: {why}")
+            continue
+        if row.fallback and skipped:
+            _warn_once(("fallback", op, row.backend, device.type, dtypes),
+                       f"dsd_kernels: {op} on {device.type} {_dtype_names(dtypes)} uses the "
+                       f"{row.backend} backend (fallback; {'; '.join(skipped)})")
+        return row
+    raise RuntimeError(f"dsd_kernels: no backend serves {op} for {_dtype_names(dtypes)} on "
+                       f"{device.type}")
+
+
+@lru_cache(maxsize=None)
+def _module(name: str):
+    return importlib.import_module(name, __package__)
+
+
+def implementation(op: str, device: torch.device, dtypes):
+    """The backend module that runs `op` on `device` for `dtypes` (imported on first use)."""
+    return _module(resolve(op, device, dtypes).module)
+
+
+def table() -> list[dict]:
+    """The registry as rows for `dsd-kernels info`: op, backend, device, dtypes, role, available."""
+    out, rank = [], {}
+    for row in REGISTRY:
+        ok, why = row_status(row) if row.device != ANY_DEVICE else (True, "")
+        if not row.auto:
+            role = "forced only"
+        elif row.fallback:
+            role = "fallback"
+        else:
+            rank[(row.op, row.device)] = rank.get((row.op, row.device), 0) + 1
+            role = f"auto #{rank[(row.op, row.device)]}"
+        out.append({"op": row.op, "backend": row.backend, "device": row.device,
+                    "dtypes": ", ".join(_SHORT[d] for d in row.dtypes), "role": role, "available": ok, "why": why})
+    return out

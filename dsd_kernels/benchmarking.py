@@ -51,7 +51,7 @@ def gpt2_small_param_shapes() -> list[tuple[int, ...]]:
     return shapes + [(d,), (d,)]
 
 
-def threshold_cases(device: str, sizes_m: tuple[int, ...] = (1, 16, 64)) -> list[Case]:
+def magnitude_select_cases(device: str, sizes_m: tuple[int, ...] = (1, 16, 64)) -> list[Case]:
     from . import ops
 
     cases = []
@@ -85,7 +85,7 @@ def threshold_cases(device: str, sizes_m: tuple[int, ...] = (1, 16, 64)) -> list
     return cases
 
 
-CASE_FACTORIES: dict[str, Callable[..., list[Case]]] = {"threshold": threshold_cases}
+CASE_FACTORIES: dict[str, Callable[..., list[Case]]] = {"magnitude_select": magnitude_select_cases}
 
 
 def time_callable(fn: Callable[[], object], min_run_time: float) -> float:
@@ -94,23 +94,24 @@ def time_callable(fn: Callable[[], object], min_run_time: float) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
-# the backend-selection name (_backend) of each benchmarked public op
-_SELECTION_OP = {"magnitude_thresholds": "magnitude_select", "magnitude_masks": "magnitude_select",
-                 "masked_sgd_": "masked_sgd_", "masked_linear": "masked_linear"}
+# the registry op (_backend) behind each benchmarked public op
+_REGISTRY_OP = {"magnitude_thresholds": "magnitude_select", "magnitude_masks": "magnitude_select",
+                "masked_sgd_": "masked_sgd", "masked_linear": "masked_linear"}
 
 
 def benchmark_backends(device: str, op: str | None = None) -> list[str]:
-    """Our backends worth timing for `op` on `device`: cpp and torch on CPU (the Triton
-    interpreter is a correctness tool, not a benchmark); triton, cpp (csrc/cuda, where built
-    for that op) and torch on CUDA."""
+    """Our backends worth timing for `op` on `device` (all ops when None): the registry's
+    rows that auto may choose there and that can run here, fallbacks included (on CPU:
+    cpp and torch; the Triton interpreter is a correctness tool, not a benchmark)."""
     from . import _backend
-    available = _backend.available_backends()
-    if not device.startswith("cuda"):
-        return [b for b in ("cpp", "torch") if b in available]
-    wanted = ["triton", "torch"]
-    if op is None or _backend.cpp_has_cuda_kernel(_SELECTION_OP.get(op, op)):
-        wanted.insert(1, "cpp")
-    return [b for b in wanted if b in available]
+    device_type = torch.device(device).type
+    ops = [_REGISTRY_OP.get(op, op)] if op is not None else list(dict.fromkeys(_REGISTRY_OP.values()))
+    found = []
+    for name in ops:
+        for row in _backend.rows_for(name, device_type):
+            if row.auto and _backend.row_status(row, device_type)[0] and row.backend not in found:
+                found.append(row.backend)
+    return found
 
 
 ROUNDS = 3  # alternating timing rounds per case (see run_case)
@@ -127,20 +128,15 @@ def run_case(case: Case, min_run_time: float = 0.5, backends: list[str] | None =
     backends = backends or [_backend.get_backend()]
     ours: dict[str, float] = {}
     base: dict[str, float] = {}
-    previous = _backend._forced
     per_round = min_run_time / ROUNDS
-    try:
-        for _ in range(ROUNDS):
-            for name in backends:
-                _backend.set_backend(name)
+    for _ in range(ROUNDS):
+        for name in backends:
+            with _backend.use_backend(name):
                 t = time_callable(case.ours, per_round)
-                ours[name] = min(t, ours.get(name, t))
-            _backend._forced = previous
-            for name, fn in case.baselines.items():
-                t = time_callable(fn, per_round)
-                base[name] = min(t, base.get(name, t))
-    finally:
-        _backend._forced = previous
+            ours[name] = min(t, ours.get(name, t))
+        for name, fn in case.baselines.items():
+            t = time_callable(fn, per_round)
+            base[name] = min(t, base.get(name, t))
     best_base = min(base, key=base.get) if base else None
     best_ours = min(ours, key=ours.get)
     out = {

@@ -26,6 +26,13 @@ def _cmd_info(args) -> int:
     available = _backend.available_backends()
     for name, why in _backend.reasons().items():
         print(f"  {name:<7} {'yes' if name in available else 'no ':<4} {why}")
+    print("\nregistry (per op and device, auto takes the first available row serving the dtypes):")
+    columns = ("op", "backend", "device", "dtypes", "role", "available")
+    rows = [{**r, "available": "yes" if r["available"] else f"no: {r['why']}"} for r in _backend.table()]
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns[:-1]}
+    print("  " + "  ".join(c.ljust(widths.get(c, 0)) for c in columns))
+    for r in rows:
+        print("  " + "  ".join(str(r[c]).ljust(widths.get(c, 0)) for c in columns))
     return 0
 
 
@@ -37,7 +44,7 @@ def _cmd_bench(args) -> int:
     print(f"timing our backends {args.backends or B.benchmark_backends(device)} against the "
           f"torch baselines on {device}")
     for suite in suites:
-        kwargs = {"sizes_m": tuple(args.sizes)} if suite == "threshold" and args.sizes else {}
+        kwargs = {"sizes_m": tuple(args.sizes)} if suite == "magnitude_select" and args.sizes else {}
         for case in B.CASE_FACTORIES[suite](device, **kwargs):
             r = B.run_case(case, args.min_run_time, args.backends or B.benchmark_backends(device, case.op))
             print(B.format_row(r), flush=True)

@@ -1,5 +1,10 @@
 """Exact magnitude selection over sharded weights (DTensor, as FSDP2's fully_shard holds them).
 
+A front end called only from ops.py, which passes it the backend modules the registry picks
+for the device of the local shards: `local` (magnitude_select) for replicated tensors and
+`sharded` (digit_histograms, threshold_masks) for the per-shard work of Shard(0) tensors.
+This module runs the collectives around those kernels and never touches a weight itself.
+
 A weight sharded on dim 0 over a 1-D device mesh is never gathered: each rank histograms the
 keys of its own shard, the histograms of all layers of the batch are summed with one
 all_reduce per radix pass (11-bit digits: 3 passes for fp32), and every rank finds the same
@@ -16,9 +21,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ._floatbits import KEY_SPECS, digit_widths, keys_to_values, magnitude_keys
-from .composite.radix_select import keep_mask
-from .masks import Mask, pack_bool
+from ._floatbits import KEY_SPECS, digit_widths, keys_to_values
+from .masks import Mask
 
 DIGIT_BITS = 11
 COLLECTIVE_BYTES = [0]  # bytes sent through collectives by this module (tests and notes)
@@ -57,90 +61,86 @@ def _all_reduce(t: torch.Tensor, group) -> None:
     dist.all_reduce(t, group=group)
 
 
-def sharded_select(tensors, sparsities, *, want_masks: bool):
-    """Thresholds (float64, global, same on every rank) and the local masks of DTensors.
+def sharded_select(tensors, sparsities, *, want_masks: bool, local, sharded):
+    """Thresholds (float64 tensor on the local device, global, the same on every rank) and,
+    if want_masks, the local Masks of DTensors.
 
     Replicated tensors are selected locally (every rank holds the same values, so the same
-    bits). Shard(0) tensors of one batch share one process group (the first one's mesh).
+    bits). Shard(0) tensors of one call share one process group (the first one's mesh).
     """
-    from .ops import magnitude_masks, magnitude_thresholds
-
-    thresholds = [float("-inf")] * len(tensors)
+    device = local_tensor(tensors[0]).device
+    thresholds = torch.full((len(tensors),), float("-inf"), dtype=torch.float64, device=device)
     masks: list[Mask | None] = [None] * len(tensors)
-    sharded = []
+    replicated, split = [], []
     for i, t in enumerate(tensors):
-        if _placement(t, f"tensors[{i}]") == "replicate":
-            local = t.to_local()
-            thresholds[i] = float(magnitude_thresholds(local, sparsities[i])[0])
+        (replicated if _placement(t, f"tensors[{i}]") == "replicate" else split).append(i)
+    if replicated:
+        shards = [tensors[i].to_local().detach() for i in replicated]
+        found, words = local.magnitude_select(shards, [sparsities[i] for i in replicated],
+                                              want_masks=want_masks, out_dtype=torch.float64)
+        thresholds[replicated] = found
+        for j, i in enumerate(replicated):
             if want_masks:
-                masks[i] = magnitude_masks(local, sparsities[i])[0]
-        else:
-            sharded.append(i)
-    if sharded:
-        group = tensors[sharded[0]].device_mesh.get_group()
-        found, local_masks = _select_sharded([tensors[i] for i in sharded],
-                                             [sparsities[i] for i in sharded], group, want_masks)
-        for j, i in enumerate(sharded):
-            thresholds[i] = found[j]
+                masks[i] = Mask(words[j], shards[j].shape)
+    if split:
+        group = tensors[split[0]].device_mesh.get_group()
+        found, local_masks = _select_sharded([tensors[i] for i in split],
+                                             [sparsities[i] for i in split], group, want_masks,
+                                             sharded)
+        thresholds[split] = found
+        for j, i in enumerate(split):
             if want_masks:
                 masks[i] = local_masks[j]
     return thresholds, masks
 
 
-def _select_sharded(tensors, sparsities, group, want_masks):
-    locals_ = [t.to_local().detach().contiguous() for t in tensors]
-    keys = [magnitude_keys(x) for x in locals_]
-    device = keys[0].device
-    ranks = [round(s * t.numel()) for t, s in zip(tensors, sparsities)]  # global counts
-    state = [[0, r, 0] for r in ranks]  # prefix, rank still to find, count at the final key
-    candidates = list(keys)
-    # one all_reduce per pass for the whole batch: layers of one dtype share the digit widths
+def _select_sharded(tensors, sparsities, group, want_masks, kernels):
+    shards = [t.to_local().detach().contiguous() for t in tensors]
+    device = shards[0].device
+    k = [round(s * t.numel()) for t, s in zip(tensors, sparsities)]  # global counts to prune
+    threshold_key: list[int | None] = [None] * len(tensors)  # the global k-th key (k > 0)
+    need = [0] * len(tensors)  # ties at the threshold key to prune, over all ranks
+    local_ties = [0] * len(tensors)  # ties at the threshold key held by this rank
+    # layers of one key width share digits, hence one all_reduce per pass for all of them
     by_bits: dict[int, list[int]] = {}
     for i, t in enumerate(tensors):
-        by_bits.setdefault(KEY_SPECS[t.dtype].key_bits, []).append(i)
+        if k[i] > 0:
+            by_bits.setdefault(KEY_SPECS[t.dtype].key_bits, []).append(i)
     for key_bits, index in by_bits.items():
+        sources = [shards[i] for i in index]
+        prefix = torch.zeros(len(index), dtype=torch.int64, device=device)
+        rank = torch.tensor([k[i] for i in index], dtype=torch.int64, device=device)  # still to find
+        widths = digit_widths(key_bits, DIGIT_BITS)
         shift = key_bits
-        for width in digit_widths(key_bits, DIGIT_BITS):
+        for p, width in enumerate(widths):
             shift -= width
-            hist = torch.zeros(len(index), 1 << width, dtype=torch.int64, device=device)
-            for row, i in enumerate(index):
-                if ranks[i] > 0:
-                    digits = (candidates[i] >> shift) & ((1 << width) - 1)
-                    hist[row] = torch.bincount(digits.long(), minlength=1 << width)
+            last = p == len(widths) - 1
+            hist, sources = kernels.digit_histograms(sources, prefix.tolist(), shift, width,
+                                                     gather=not last)
+            hist = hist.to(device)
+            mine = hist.clone() if last else None
             _all_reduce(hist, group)
             cum = hist.cumsum(1)
-            for row, i in enumerate(index):
-                if ranks[i] == 0:
-                    continue
-                prefix, rank, _ = state[i]
-                digit = int(torch.searchsorted(cum[row], rank))
-                below = int(cum[row, digit - 1]) if digit else 0
-                state[i] = [(prefix << width) | digit, rank - below, int(hist[row, digit])]
-                if shift:
-                    candidates[i] = candidates[i][((candidates[i] >> shift) & ((1 << width) - 1)) == digit]
-    thresholds = []
-    for i, t in enumerate(tensors):
-        key = state[i][0]
-        thresholds.append(float(keys_to_values(torch.tensor([key]), t.dtype)[0]) if ranks[i] else
-                          float("-inf"))
+            digit = (cum < rank[:, None]).sum(1)  # the bin holding the rank-th smallest key
+            below = torch.where(digit > 0, cum.gather(1, (digit - 1).clamp(min=0)[:, None])[:, 0], 0)
+            prefix = (prefix << width) | digit
+            rank = rank - below
+            if last:  # the bin of the last digit holds exactly the keys equal to the threshold
+                ties_here = mine.gather(1, digit[:, None])[:, 0]
+        for j, (key, r, ties) in enumerate(zip(prefix.tolist(), rank.tolist(), ties_here.tolist())):
+            threshold_key[index[j]], need[index[j]], local_ties[index[j]] = key, r, ties
+    thresholds = torch.tensor(
+        [float("-inf") if key is None else float(keys_to_values(torch.tensor([key]), t.dtype)[0])
+         for key, t in zip(threshold_key, tensors)], dtype=torch.float64, device=device)
     if not want_masks:
         return thresholds, []
-    # ties at T: the ones on lower ranks come first in global flat order
-    local_ties = torch.tensor([int((k == state[i][0]).sum()) if ranks[i] else 0
-                               for i, k in enumerate(keys)], dtype=torch.int64, device=device)
+    # ties at the threshold: those on lower ranks come first in global flat order
+    ties = torch.tensor(local_ties, dtype=torch.int64, device=device)
     world = dist.get_world_size(group)
-    gathered = [torch.zeros_like(local_ties) for _ in range(world)]
-    COLLECTIVE_BYTES[0] += local_ties.numel() * 8 * world
-    dist.all_gather(gathered, local_ties, group=group)
+    gathered = [torch.zeros_like(ties) for _ in range(world)]
+    COLLECTIVE_BYTES[0] += ties.numel() * ties.element_size() * world
+    dist.all_gather(gathered, ties, group=group)
     me = dist.get_rank(group)
-    ties_before = sum(gathered[r] for r in range(me)) if me else torch.zeros_like(local_ties)
-    masks = []
-    for i, (x, k) in enumerate(zip(locals_, keys)):
-        if ranks[i] == 0:
-            masks.append(Mask.from_bool(torch.ones(x.shape, dtype=torch.bool, device=x.device)))
-            continue
-        threshold, need = state[i][0], state[i][1]
-        mine = min(max(need - int(ties_before[i]), 0), int(local_ties[i]))  # ties pruned here
-        keep = keep_mask(k, threshold, mine, int(local_ties[i]))
-        masks.append(Mask(pack_bool(keep.reshape(x.shape)), x.shape))
-    return thresholds, masks
+    ties_before = (sum(gathered[:me]) if me else torch.zeros_like(ties)).tolist()
+    words = kernels.threshold_masks(shards, threshold_key, need, ties_before, local_ties)
+    return thresholds, [Mask(w, x.shape) for w, x in zip(words, shards)]

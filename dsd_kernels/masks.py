@@ -20,6 +20,26 @@ def mask_rows_cols(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
     return rows, (numel // rows if rows else 0)
 
 
+def packed_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
+    """(rows, ceil(cols / 32)): the shape of the packed int32 words of a weight of `shape`."""
+    rows, cols = mask_rows_cols(shape)
+    return rows, (cols + 31) // 32
+
+
+def _padding_free(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """packed with the bits past column `cols` of each row's last word cleared (a copy only
+    where some were set), so equal masks have equal words."""
+    used = cols % 32
+    if used == 0 or packed.numel() == 0 or packed.device.type == "meta":
+        return packed
+    valid = (1 << used) - 1  # < 2**31: fits an int32
+    if not bool((packed[:, -1] & ~valid).any()):
+        return packed
+    packed = packed.clone()
+    packed[:, -1] &= valid
+    return packed
+
+
 def pack_bool(keep: torch.Tensor) -> torch.Tensor:
     """bool tensor -> int32 words (rows, ceil(cols / 32)), LSB first.
 
@@ -27,7 +47,7 @@ def pack_bool(keep: torch.Tensor) -> torch.Tensor:
     int32 word, which puts column 32*j + i at bit i of word j.
     """
     rows, cols = mask_rows_cols(keep.shape)
-    words = (cols + 31) // 32
+    words = packed_shape(keep.shape)[1]
     if rows * words == 0:
         return torch.zeros(rows, words, dtype=torch.int32, device=keep.device)
     bits = torch.zeros(rows, words * 32, dtype=torch.uint8, device=keep.device)
@@ -58,16 +78,22 @@ class Mask:
     __slots__ = ("packed", "shape")
 
     def __init__(self, packed: torch.Tensor, shape: torch.Size | tuple[int, ...]):
-        shape = torch.Size(shape)
-        rows, cols = mask_rows_cols(shape)
-        expected = (rows, (cols + 31) // 32)
+        """packed: int32 words in the layout above (a non-contiguous view is copied; bits past
+        the last column are cleared); shape: the weight's shape (non-negative ints)."""
+        try:
+            shape = torch.Size(shape)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"shape must be a sequence of ints, got {shape!r}") from err
+        if any(d < 0 for d in shape):
+            raise ValueError(f"shape must have non-negative sizes, got {tuple(shape)}")
+        expected = packed_shape(shape)
         if not isinstance(packed, torch.Tensor) or packed.dtype != torch.int32:
             raise TypeError(f"packed must be an int32 tensor, got {type(packed).__name__} "
                             f"{getattr(packed, 'dtype', '')}")
         if tuple(packed.shape) != expected:
             raise ValueError(f"packed has shape {tuple(packed.shape)}, expected {expected} for a "
                              f"mask of shape {tuple(shape)}")
-        self.packed = packed
+        self.packed = _padding_free(packed.contiguous(), mask_rows_cols(shape)[1])
         self.shape = shape
 
     # construction and conversion
@@ -78,10 +104,6 @@ class Mask:
         if keep.dtype != torch.bool:
             raise TypeError(f"keep must be a bool tensor, got {keep.dtype}")
         return cls(pack_bool(keep), keep.shape)
-
-    @classmethod
-    def ones(cls, shape, device=None) -> "Mask":
-        return cls.from_bool(torch.ones(shape, dtype=torch.bool, device=device))
 
     def to_bool(self) -> torch.Tensor:
         return unpack_bool(self.packed, self.shape)
@@ -121,7 +143,13 @@ class Mask:
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Mask":
-        return cls(state["packed"], torch.Size(state["shape"]))
+        if not isinstance(state, dict):
+            raise TypeError(f"a Mask state_dict must be a dict, got {type(state).__name__}")
+        missing = [key for key in ("packed", "shape") if key not in state]
+        if missing:
+            raise ValueError(f"Mask state_dict lacks {', '.join(map(repr, missing))} (has "
+                             f"{sorted(map(str, state))})")
+        return cls(state["packed"], state["shape"])
 
     def __getstate__(self):
         return self.state_dict()
@@ -143,13 +171,20 @@ class Mask:
 
 
 def as_mask(mask, like: torch.Tensor, name: str = "mask") -> Mask:
-    """A Mask for tensor `like`, on its device, from a Mask or a bool tensor (True = kept)."""
+    """A Mask for tensor `like`, on its device, from a Mask, a bool tensor (True = kept) or a
+    floating tensor of 0s and 1s (1 = kept: what torch.nn.utils.prune keeps as weight_mask)."""
     if isinstance(mask, torch.Tensor):
+        if mask.is_floating_point():
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError(f"{name} is a {mask.dtype} tensor with values other than 0 and 1")
+            mask = mask != 0
         if mask.dtype != torch.bool:
-            raise TypeError(f"{name} must be a Mask or a bool tensor, got a {mask.dtype} tensor")
+            raise TypeError(f"{name} must be a Mask, a bool tensor or a 0/1 float tensor, got a "
+                            f"{mask.dtype} tensor")
         mask = Mask.from_bool(mask)
     if not isinstance(mask, Mask):
-        raise TypeError(f"{name} must be a Mask or a bool tensor, got {type(mask).__name__}")
+        raise TypeError(f"{name} must be a Mask, a bool tensor or a 0/1 float tensor, got "
+                        f"{type(mask).__name__}")
     if mask.shape != like.shape:
         raise ValueError(f"{name} has shape {tuple(mask.shape)} but its parameter has shape "
                          f"{tuple(like.shape)}")

@@ -7,7 +7,7 @@ arguments here, so every backend sees well-formed input.
 # No `from __future__ import annotations` here: torch.library.custom_op reads the prototypes'
 # annotations to build the schemas, and torch 2.4 accepts only evaluated typing forms.
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import reduce
 from typing import List, Optional, Tuple
 
@@ -16,17 +16,18 @@ from torch import Tensor
 
 from . import _backend
 from ._floatbits import KEY_SPECS
-from .masks import Mask, as_mask, mask_rows_cols
+from .masks import Mask, as_mask, mask_rows_cols, packed_shape
 
 __all__ = ["magnitude_thresholds", "magnitude_masks", "masked_sgd_", "masked_linear"]
 
 
 # ---------------------------------------------------------------- argument checks
 def _as_tensor_list(tensors, name: str = "tensors") -> list[Tensor]:
+    """A tensor or any iterable of tensors (a list, model.parameters(), ...) as a list."""
     if isinstance(tensors, Tensor):
         return [tensors]
-    if not isinstance(tensors, Sequence) or isinstance(tensors, (str, bytes)):
-        raise TypeError(f"{name} must be a tensor or a list of tensors, got {type(tensors).__name__}")
+    if not isinstance(tensors, Iterable) or isinstance(tensors, (str, bytes, dict)):
+        raise TypeError(f"{name} must be a tensor or an iterable of tensors, got {type(tensors).__name__}")
     out = list(tensors)
     for i, t in enumerate(out):
         if not isinstance(t, Tensor):
@@ -44,27 +45,31 @@ def _check_float_same_device(tensors: list[Tensor], name: str = "tensors") -> No
                              f"{tensors[0].device}; all tensors must share one device")
 
 
-def _sparsity_list(sparsity, count: int) -> list[float]:
-    if isinstance(sparsity, Tensor):
+def as_sparsity(value, name: str = "sparsity", *, allow_one: bool = True) -> float:
+    """One sparsity as a float: a Python or NumPy real, or a 0-d tensor, in [0, 1]
+    ([0, 1) with allow_one=False); anything else is a TypeError/ValueError naming `name`."""
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.dtype.is_complex \
+            and value.dtype != torch.bool:
+        value = value.item()
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not (0.0 <= value <= 1.0 if allow_one else 0.0 <= value < 1.0):  # also rejects NaN
+        raise ValueError(f"{name} must be in [0, {'1]' if allow_one else '1)'}, got {value}")
+    return value
+
+
+def sparsity_list(sparsity, count: int) -> list[float]:
+    """One float for every tensor from one sparsity or one per tensor (any iterable)."""
+    if isinstance(sparsity, Tensor) and sparsity.dim() == 1:
         sparsity = sparsity.tolist()
-    if isinstance(sparsity, numbers.Real) and not isinstance(sparsity, bool):
-        values, names = [float(sparsity)] * count, ["sparsity"] * count
-    elif isinstance(sparsity, Sequence) and not isinstance(sparsity, (str, bytes)):
-        if len(sparsity) != count:
-            raise ValueError(f"sparsity has {len(sparsity)} values but there are {count} tensors; "
+    if isinstance(sparsity, Iterable) and not isinstance(sparsity, (str, bytes, Tensor)):
+        values = list(sparsity)
+        if len(values) != count:
+            raise ValueError(f"sparsity has {len(values)} values but there are {count} tensors; "
                              f"give one float or one per tensor")
-        values, names = [], []
-        for i, s in enumerate(sparsity):
-            if not isinstance(s, numbers.Real) or isinstance(s, bool):
-                raise TypeError(f"sparsity[{i}] must be a float, got {type(s).__name__}")
-            values.append(float(s))
-            names.append(f"sparsity[{i}]")
-    else:
-        raise TypeError(f"sparsity must be a float or a list of floats, got {type(sparsity).__name__}")
-    for s, name in zip(values, names):
-        if not 0.0 <= s <= 1.0:  # also rejects NaN
-            raise ValueError(f"{name} must be in [0, 1], got {s}")
-    return values
+        return [as_sparsity(s, f"sparsity[{i}]") for i, s in enumerate(values)]
+    return [as_sparsity(sparsity)] * count
 
 
 def _any_dtensor(tensors: list[Tensor]) -> bool:
@@ -83,16 +88,29 @@ def _threshold_dtype(tensors: list[Tensor]) -> torch.dtype:
     return reduce(torch.promote_types, (t.dtype for t in tensors), tensors[0].dtype)
 
 
+def _dtypes(tensors) -> tuple[torch.dtype, ...]:
+    return tuple(dict.fromkeys(t.dtype for t in tensors))
+
+
 # ---------------------------------------------------------------- magnitude selection
+def _check_select_args(tensors: list[Tensor], sparsities: list[float]) -> None:
+    """The checks of the selection ops' real and fake implementations (direct torch.ops calls)."""
+    torch._check_value(len(tensors) == len(sparsities),
+                       lambda: f"magnitude selection: {len(tensors)} tensors but {len(sparsities)} sparsities")
+    for i, (t, s) in enumerate(zip(tensors, sparsities)):
+        torch._check_type(t.dtype in KEY_SPECS,
+                          lambda: f"tensors[{i}] has dtype {t.dtype}; magnitude selection needs a "
+                                  f"floating tensor (float16, bfloat16, float32 or float64)")
+        torch._check_value(t.device == tensors[0].device,
+                           lambda: f"tensors[{i}] is on {t.device} but tensors[0] is on {tensors[0].device}")
+        torch._check_value(0.0 <= s <= 1.0, lambda: f"sparsities[{i}] must be in [0, 1], got {s}")
+
+
 def _select(tensors: list[Tensor], sparsities: list[float], want_masks: bool):
-    device = tensors[0].device
-    backend = _backend.resolve("magnitude_select", device, ("torch", "triton", "cpp"))
-    if backend == "triton":
-        from .triton import radix_select as impl
-    elif backend == "cpp":
-        from .cpp import radix_select as impl
-    else:
-        from .composite import radix_select as impl
+    _check_select_args(tensors, sparsities)
+    if not tensors:
+        return torch.empty(0, dtype=torch.float64), []
+    impl = _backend.implementation("magnitude_select", tensors[0].device, _dtypes(tensors))
     return impl.magnitude_select(tensors, sparsities, want_masks=want_masks,
                                  out_dtype=_threshold_dtype(tensors))
 
@@ -104,40 +122,50 @@ def _magnitude_thresholds_op(tensors: List[Tensor], sparsities: List[float]) -> 
 
 @_magnitude_thresholds_op.register_fake
 def _(tensors, sparsities):
+    _check_select_args(tensors, sparsities)
+    torch._check_value(len(tensors) > 0, lambda: "magnitude_thresholds: tensors is empty")
     return tensors[0].new_empty((len(tensors),), dtype=_threshold_dtype(tensors))
 
 
-@torch.library.custom_op("dsd_kernels::magnitude_mask_words", mutates_args=())
-def _magnitude_mask_words_op(tensors: List[Tensor], sparsities: List[float]) -> List[Tensor]:
+@torch.library.custom_op("dsd_kernels::magnitude_masks", mutates_args=())
+def _magnitude_masks_op(tensors: List[Tensor], sparsities: List[float]) -> List[Tensor]:
+    """The packed int32 keep-words of every tensor (see masks.py for the layout)."""
     return _select(tensors, sparsities, want_masks=True)[1]
 
 
-@_magnitude_mask_words_op.register_fake
+@_magnitude_masks_op.register_fake
 def _(tensors, sparsities):
-    out = []
-    for t in tensors:
-        rows, cols = mask_rows_cols(t.shape)
-        out.append(t.new_empty((rows, (cols + 31) // 32), dtype=torch.int32))
-    return out
+    _check_select_args(tensors, sparsities)
+    return [t.new_empty(packed_shape(t.shape), dtype=torch.int32) for t in tensors]
+
+
+def _sharded_select(tensors: list[Tensor], sparsities: list[float], want_masks: bool):
+    """Thresholds and local masks of DTensors, with the backend the registry picks for the
+    device of their local shards (distributed.py runs the collectives around its kernels)."""
+    from . import distributed
+    local_device = distributed.local_tensor(tensors[0]).device
+    return distributed.sharded_select(
+        tensors, sparsities, want_masks=want_masks,
+        local=_backend.implementation("magnitude_select", local_device, _dtypes(tensors)),
+        sharded=_backend.implementation("magnitude_select_sharded", local_device, _dtypes(tensors)))
 
 
 def magnitude_thresholds(tensors, sparsity) -> Tensor:
     """Exact per-tensor magnitude thresholds: the k-th smallest |w|, k = round(s * numel).
 
-    tensors: a float tensor or a list of them (one device; any shapes and float dtypes).
+    tensors: a float tensor or an iterable of them (one device; any shapes and float dtypes).
     sparsity: one float in [0, 1] for all tensors, or one per tensor.
     Returns a 1-D tensor with one threshold per tensor (-inf where k == 0), in the
     promoted dtype of the inputs, on their device. NaN ranks above +inf; -0.0 == 0.0.
     """
     tensors = _as_tensor_list(tensors)
-    sparsities = _sparsity_list(sparsity, len(tensors))
+    sparsities = sparsity_list(sparsity, len(tensors))
     if not tensors:
         return torch.empty(0)
     _check_float_same_device(tensors)
     if _any_dtensor(tensors):
-        from .distributed import sharded_select
-        found, _ = sharded_select(tensors, sparsities, want_masks=False)
-        return torch.tensor(found, dtype=_threshold_dtype(tensors), device=tensors[0].to_local().device)
+        found, _ = _sharded_select(tensors, sparsities, want_masks=False)
+        return found.to(_threshold_dtype(tensors))
     return torch.ops.dsd_kernels.magnitude_thresholds([t.detach() for t in tensors], sparsities)
 
 
@@ -162,8 +190,9 @@ def _tile_l1(t: Tensor, bh: int, bw: int) -> Tensor:
 def magnitude_masks(tensors, sparsity, block=None) -> list[Mask]:
     """Exact magnitude masks: per tensor, the k = round(s * numel) smallest |w| are pruned.
 
-    Ties in |w| are pruned lowest flat index first, so exactly k weights are pruned
-    whatever the values (all-equal weights included). Returns one packed Mask per tensor.
+    tensors: a float tensor or an iterable of them (one device). Ties in |w| are pruned
+    lowest flat index first, so exactly k weights are pruned whatever the values
+    (all-equal weights included). Returns one packed Mask per tensor.
 
     block=(bh, bw): prune whole tiles of each tensor (viewed as (shape[0], numel/shape[0]))
     instead, ranked by their L1 norm (summed in fp64), exactly round(s * tiles) tiles per
@@ -172,7 +201,7 @@ def magnitude_masks(tensors, sparsity, block=None) -> list[Mask]:
     matmul's tile (64, 64) to turn sparsity into speed in masked_linear.
     """
     tensors = _as_tensor_list(tensors)
-    sparsities = _sparsity_list(sparsity, len(tensors))
+    sparsities = sparsity_list(sparsity, len(tensors))
     block = _check_block(block)
     if not tensors:
         return []
@@ -190,9 +219,8 @@ def magnitude_masks(tensors, sparsity, block=None) -> list[Mask]:
             masks.append(Mask.from_bool(keep.reshape(t.shape)))
         return masks
     if _any_dtensor(tensors):
-        from .distributed import sharded_select
-        return sharded_select(tensors, sparsities, want_masks=True)[1]
-    words = torch.ops.dsd_kernels.magnitude_mask_words([t.detach() for t in tensors], sparsities)
+        return _sharded_select(tensors, sparsities, want_masks=True)[1]
+    words = torch.ops.dsd_kernels.magnitude_masks([t.detach() for t in tensors], sparsities)
     return [Mask(w, t.shape) for w, t in zip(words, tensors)]
 
 
@@ -211,22 +239,36 @@ def check_sgd_hyperparameters(lr, momentum, dampening, weight_decay, nesterov) -
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
 
-def _mask_words_for(mask, param: Tensor, name: str) -> Tensor | None:
-    return None if mask is None else as_mask(mask, param, name).packed
-
-
-def _sgd_impl(params, grads, momentum_buffers, mask_words, first_step, *, lr, momentum,
-              dampening, weight_decay, nesterov, maximize):
-    backend = _backend.resolve("masked_sgd_", params[0].device, ("torch", "triton", "cpp"))
-    if backend == "triton":
-        from .triton import masked_sgd as impl
-    elif backend == "cpp":
-        from .cpp import masked_sgd as impl
-    else:
-        from .composite import masked_sgd as impl
-    impl.masked_sgd_(params, grads, momentum_buffers, mask_words, first_step, lr=lr,
-                     momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                     nesterov=nesterov, maximize=maximize)
+def _check_sgd_args(params, grads, momentum_buffers, mask_words, first_step, momentum) -> None:
+    """The checks of the masked_sgd_ op's real and fake implementations."""
+    torch._check_value(len(params) == len(grads) == len(mask_words),
+                       lambda: f"masked_sgd_: params, grads and mask_words have lengths "
+                               f"{len(params)}, {len(grads)}, {len(mask_words)}")
+    want = len(params) if momentum != 0 else 0
+    torch._check_value(len(momentum_buffers) == len(first_step) == want,
+                       lambda: f"masked_sgd_: momentum_buffers and first_step need {want} entries "
+                               f"(momentum={momentum}), got {len(momentum_buffers)}, {len(first_step)}")
+    for i, p in enumerate(params):
+        g = grads[i]
+        torch._check_type(p.dtype in KEY_SPECS, lambda: f"params[{i}] has dtype {p.dtype}; SGD needs "
+                                                        f"floating parameters")
+        torch._check_value(g.shape == p.shape and g.dtype == p.dtype and g.device == p.device,
+                           lambda: f"grads[{i}] ({tuple(g.shape)}, {g.dtype}, {g.device}) does not "
+                                   f"match params[{i}] ({tuple(p.shape)}, {p.dtype}, {p.device})")
+        torch._check_value(p.device == params[0].device,
+                           lambda: f"params[{i}] is on {p.device} but params[0] is on {params[0].device}")
+        if want:
+            b = momentum_buffers[i]
+            torch._check_value(b.shape == p.shape and b.dtype == p.dtype and b.device == p.device,
+                               lambda: f"momentum_buffers[{i}] does not match params[{i}] in shape, "
+                                       f"dtype or device")
+        words = mask_words[i]
+        if words is not None:
+            torch._check_value(words.dtype == torch.int32 and tuple(words.shape) == packed_shape(p.shape)
+                               and words.device == p.device,
+                               lambda: f"mask_words[{i}] ({tuple(words.shape)}, {words.dtype}) does not "
+                                       f"fit params[{i}]: expected int32 {packed_shape(p.shape)} on "
+                                       f"{p.device}")
 
 
 @torch.library.custom_op("dsd_kernels::masked_sgd_", mutates_args=("params", "momentum_buffers"))
@@ -234,15 +276,19 @@ def _masked_sgd_op(params: List[Tensor], grads: List[Tensor], momentum_buffers: 
                    mask_words: List[Optional[Tensor]], first_step: List[bool], lr: float,
                    momentum: float, dampening: float, weight_decay: float, nesterov: bool,
                    maximize: bool) -> None:
-    if params:
-        _sgd_impl(params, grads, momentum_buffers, mask_words, first_step, lr=lr,
-                  momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                  nesterov=nesterov, maximize=maximize)
+    _check_sgd_args(params, grads, momentum_buffers, mask_words, first_step, momentum)
+    if not params:
+        return
+    impl = _backend.implementation("masked_sgd", params[0].device, _dtypes(params))
+    impl.masked_sgd_(params, grads, momentum_buffers, mask_words, first_step, lr=lr,
+                     momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                     nesterov=nesterov, maximize=maximize)
 
 
 @_masked_sgd_op.register_fake
 def _(params, grads, momentum_buffers, mask_words, first_step, lr, momentum, dampening,
       weight_decay, nesterov, maximize):
+    _check_sgd_args(params, grads, momentum_buffers, mask_words, first_step, momentum)
     return None
 
 
@@ -252,14 +298,15 @@ def masked_sgd_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0, dam
 
     torch.optim.SGD's arithmetic exactly (grad -> maximize -> weight decay -> momentum ->
     nesterov -> update) on the masked gradient; pruned weights and their momentum are set
-    to exactly 0. masks[i]: a Mask, a bool tensor (True = kept) or None (dense).
-    momentum_buffers[i]: a tensor, or None to create it on this step (as torch does:
-    the first buffer is the gradient itself); created buffers are written into the list.
-    All tensors on one device; params and grads of equal shape and dtype.
+    to exactly 0. params, grads: tensors or iterables of them. masks: None (all dense), or
+    one per parameter: a Mask, a bool or 0/1 float tensor (True/1 = kept), or None (dense).
+    momentum_buffers: None, or one per parameter: a tensor, or None to create it on this
+    step (as torch does: the first buffer is the gradient itself); created buffers are
+    written into the list. All tensors on one device; params and grads of equal shape and dtype.
     """
     params = _as_tensor_list(params, "params")
     grads = _as_tensor_list(grads, "grads")
-    masks = list(masks)
+    masks = [None] * len(params) if masks is None else list(masks)
     momentum_buffers = momentum_buffers if momentum_buffers is not None else [None] * len(params)
     if not len(params) == len(grads) == len(masks) == len(momentum_buffers):
         raise ValueError(f"params, grads, momentum_buffers and masks must have equal lengths, got "
@@ -293,7 +340,8 @@ def masked_sgd_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0, dam
             raise TypeError(f"params[{i}] has dtype {p.dtype}; SGD needs floating parameters")
         if not p.is_contiguous():
             raise ValueError(f"params[{i}] is not contiguous; the fused step updates it in place")
-    words = [_mask_words_for(m, p, f"masks[{i}]") for i, (m, p) in enumerate(zip(masks, params))]
+    words = [None if m is None else as_mask(m, p, f"masks[{i}]").packed
+             for i, (m, p) in enumerate(zip(masks, params))]
     bufs, first = [], []
     if momentum != 0:
         for i, p in enumerate(params):
@@ -316,27 +364,64 @@ def masked_sgd_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0, dam
                                       bool(nesterov), bool(maximize))
 
 
+def masked_sgd_reference_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0,
+                          dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False) -> None:
+    """masked_sgd_ by the per-tensor reference (reference/masked_sgd.py: torch.optim.SGD's
+    `_single_tensor_sgd` arithmetic on masked gradients), same arguments; slow, obviously right."""
+    from .reference import masked_sgd_ as reference_sgd
+    params = _as_tensor_list(params, "params")
+    grads = _as_tensor_list(grads, "grads")
+    masks = [None] * len(params) if masks is None else list(masks)
+    check_sgd_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
+    keeps = [None if m is None else as_mask(m, p, f"masks[{i}]").to_bool()
+             for i, (m, p) in enumerate(zip(masks, params))]
+    reference_sgd(params, grads, momentum_buffers, keeps, lr=lr, momentum=momentum,
+                  dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+
+
 # ---------------------------------------------------------------- masked linear
+def _check_linear_args(x: Tensor, weight: Tensor, mask_words: Tensor, bias: Optional[Tensor]) -> None:
+    """The checks of the masked_linear ops' real and fake implementations."""
+    torch._check_value(weight.dim() == 2, lambda: f"weight must be 2-D (out_features, in_features), "
+                                                  f"got shape {tuple(weight.shape)}")
+    torch._check_value(x.dim() >= 1 and x.shape[-1] == weight.shape[1],
+                       lambda: f"x has {x.shape[-1] if x.dim() else 0} features in its last dim but "
+                               f"weight expects in_features={weight.shape[1]}")
+    torch._check_type(x.dtype == weight.dtype and x.dtype in KEY_SPECS,
+                      lambda: f"x is {x.dtype} and weight is {weight.dtype}; they must be one float dtype")
+    torch._check_value(x.device == weight.device, lambda: f"x is on {x.device} but weight is on {weight.device}")
+    torch._check_value(mask_words.dtype == torch.int32 and tuple(mask_words.shape) == packed_shape(weight.shape)
+                       and mask_words.device == weight.device,
+                       lambda: f"mask_words ({tuple(mask_words.shape)}, {mask_words.dtype}, "
+                               f"{mask_words.device}) does not fit weight {tuple(weight.shape)}: "
+                               f"expected int32 {packed_shape(weight.shape)} on {weight.device}")
+    if bias is not None:
+        torch._check_value(bias.shape == (weight.shape[0],) and bias.dtype == weight.dtype
+                           and bias.device == weight.device,
+                           lambda: f"bias must be a {weight.dtype} tensor of shape ({weight.shape[0]},) "
+                                   f"on {weight.device}, got {tuple(bias.shape)} {bias.dtype} {bias.device}")
+
+
 def _linear_impl(x2d: Tensor):
-    backend = _backend.resolve("masked_linear", x2d.device, ("torch", "triton", "cpp"))
-    if backend == "triton" and x2d.dtype != torch.float64:  # tl.dot has no general fp64
-        from .triton import masked_linear as impl
-    elif backend == "cpp":
-        from .cpp import masked_linear as impl
-    else:
-        from .composite import masked_linear as impl
-    return impl
+    return _backend.implementation("masked_linear", x2d.device, (x2d.dtype,))
 
 
 @torch.library.custom_op("dsd_kernels::masked_linear", mutates_args=())
 def _masked_linear_op(x: Tensor, weight: Tensor, mask_words: Tensor, bias: Optional[Tensor]) -> Tensor:
+    _check_linear_args(x, weight, mask_words, bias)
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
-    y = _linear_impl(x2d).forward(x2d, weight.contiguous(), mask_words.contiguous(), bias)
+    if x2d.numel() == 0:  # no input rows or in_features == 0: y is the bias (or 0), as F.linear gives
+        y = x2d.new_zeros((x2d.shape[0], weight.shape[0]))
+        if bias is not None:
+            y += bias
+    else:
+        y = _linear_impl(x2d).forward(x2d, weight.contiguous(), mask_words.contiguous(), bias)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 @_masked_linear_op.register_fake
 def _(x, weight, mask_words, bias):
+    _check_linear_args(x, weight, mask_words, bias)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -345,10 +430,15 @@ def _masked_linear_backward_op(grad: Tensor, x: Tensor, weight: Tensor, mask_wor
                                needs_input: bool, needs_weight: bool, needs_bias: bool
                                ) -> Tuple[Tensor, Tensor, Tensor]:
     """(dX like x, dW like weight, db (out,)); an unneeded gradient comes back empty."""
+    _check_linear_args(x, weight, mask_words, None)
     g2d = grad.reshape(-1, grad.shape[-1]).contiguous()
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
-    dx, dw = _linear_impl(x2d).backward(g2d, x2d, weight.contiguous(), mask_words.contiguous(),
-                                        needs_input, needs_weight)
+    if x2d.numel() == 0:  # nothing to multiply: dX is empty or 0, dW is 0
+        dx = torch.zeros_like(x2d) if needs_input else None
+        dw = torch.zeros_like(weight) if needs_weight else None
+    else:
+        dx, dw = _linear_impl(x2d).backward(g2d, x2d, weight.contiguous(), mask_words.contiguous(),
+                                            needs_input, needs_weight)
     dx = dx.reshape(x.shape) if dx is not None else x.new_empty(0)
     dw = dw if dw is not None else weight.new_empty(0)
     db = g2d.sum(0) if needs_bias else weight.new_empty(0)
@@ -357,6 +447,7 @@ def _masked_linear_backward_op(grad: Tensor, x: Tensor, weight: Tensor, mask_wor
 
 @_masked_linear_backward_op.register_fake
 def _(grad, x, weight, mask_words, needs_input, needs_weight, needs_bias):
+    _check_linear_args(x, weight, mask_words, None)
     return (x.new_empty(x.shape if needs_input else (0,)),
             weight.new_empty(weight.shape if needs_weight else (0,)),
             weight.new_empty((weight.shape[0],) if needs_bias else (0,)))
@@ -382,12 +473,11 @@ torch.library.register_autograd("dsd_kernels::masked_linear", _masked_linear_bac
 
 
 def mask_words_for_weight(mask, weight: Tensor, name: str = "mask") -> Tensor:
-    """Packed int32 words for `weight` from a Mask, a bool tensor or packed words."""
+    """Packed int32 words for `weight` from a Mask, a bool or 0/1 float tensor, or packed words."""
     if isinstance(mask, Tensor) and mask.dtype == torch.int32:
-        rows, cols = mask_rows_cols(weight.shape)
-        if tuple(mask.shape) != (rows, (cols + 31) // 32):
+        if tuple(mask.shape) != packed_shape(weight.shape):
             raise ValueError(f"{name} (packed words) has shape {tuple(mask.shape)}, expected "
-                             f"{(rows, (cols + 31) // 32)} for a weight of shape {tuple(weight.shape)}")
+                             f"{packed_shape(weight.shape)} for a weight of shape {tuple(weight.shape)}")
         words = mask
     else:
         if mask is None:
@@ -401,9 +491,9 @@ def mask_words_for_weight(mask, weight: Tensor, name: str = "mask") -> Tensor:
 def masked_linear(x: Tensor, weight: Tensor, mask, bias: Tensor | None = None) -> Tensor:
     """y = x @ (W*M)^T + b without materialising W*M on GPU; differentiable in x, W and b.
 
-    x: (..., in_features); weight: (out_features, in_features); mask: a Mask or bool
-    tensor of weight's shape (True = kept), or its packed int32 words; bias: (out,) or None.
-    Backward: dX = dY @ (W*M), dW = (dY^T @ X) * M (exactly 0 where pruned), db = sum dY.
+    x: (..., in_features); weight: (out_features, in_features); mask: a Mask, a bool or 0/1
+    float tensor of weight's shape (True/1 = kept), or its packed int32 words; bias: (out,)
+    or None. Backward: dX = dY @ (W*M), dW = (dY^T @ X) * M (exactly 0 where pruned), db = sum dY.
     """
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, Tensor):

@@ -21,9 +21,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-def use_backend(name: str) -> None:
-    """Select backend `name` for the ops on DEVICE, or skip the test when it cannot run here
-    for a reason of the machine (not of our code): no Triton, no nvcc to build csrc/cuda."""
+def require_backend(name: str) -> None:
+    """Skip the test when backend `name` cannot run on DEVICE for a reason of the machine (not
+    of our code): no Triton, no nvcc to build csrc/cuda."""
     if name not in dsd_kernels.available_backends():
         pytest.skip(f"backend {name} unavailable: {dsd_kernels._backend.reasons()[name]}")
     if name == "cpp" and DEVICE != "cpu" and not dsd_kernels._backend.cpp_has_cuda_kernel("masked_sgd_"):
@@ -32,13 +32,12 @@ def use_backend(name: str) -> None:
             pytest.skip("cpp backend on CUDA: no nvcc on this machine to build csrc/cuda")
         pytest.fail(f"nvcc is at {CUDA_HOME} but dsd_kernels._C has no CUDA kernels "
                     f"({dsd_kernels._backend.reasons()['cpp']}); reinstall and read the build log")
-    dsd_kernels.set_backend(name)
 
 
 @pytest.fixture(params=[b for b in ("torch", "cpp", "triton")])
 def backend(request):
     """Run the test once per backend present here; absent ones are reported as skipped. On a GPU
     the cpp backend is csrc/cuda (ops without CUDA kernels, masked_linear, choose as under auto)."""
-    use_backend(request.param)
-    yield request.param
-    dsd_kernels.set_backend(None)
+    require_backend(request.param)
+    with dsd_kernels.use_backend(request.param):
+        yield request.param

@@ -14,7 +14,7 @@ import torch
 from dsd_kernels import reference as R
 
 from .test_masked_sgd import OPTIONS, TOL
-from .test_selection import FLOATS, SPARSITIES, adversarial
+from .test_magnitude_select import FLOATS, SPARSITIES, adversarial
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ HERE = Path(__file__).parent / "cuda_emulation"
 def emu(tmp_path_factory):
     from torch.utils.cpp_extension import load
     load(name="dsd_kernels_cuda_emu",
-         sources=[str(HERE / f"{name}.cpp") for name in ("schemas", "radix_select", "masked_sgd")],
+         sources=[str(HERE / f"{name}.cpp") for name in ("schemas", "magnitude_select", "masked_sgd")],
          extra_cflags=["-O1", "-std=c++20"], is_python_module=False,
          build_directory=str(tmp_path_factory.mktemp("cuda_emulation")))
     return torch.ops.dsd_kernels_cuda_emu
@@ -39,13 +39,13 @@ def check_selection(emu, tensors, sparsities):
     assert same.all(), f"thresholds {thresholds} != reference {want}"
     torch.testing.assert_close(only_thresholds, thresholds, rtol=0, atol=0, equal_nan=True)
     assert len(no_masks) == 0
-    for i, (m, keep) in enumerate(zip(masks, R.magnitude_keep_masks(tensors, sparsities))):
+    for i, (m, keep) in enumerate(zip(masks, R.magnitude_masks(tensors, sparsities))):
         assert torch.equal(m, R.pack_bits(keep)), f"mask {i} differs from reference"
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
 def test_adversarial_cases_in_one_call(emu, dtype):
-    # every adversarial case of test_selection at once: one multi-tensor table per call
+    # every adversarial case of test_magnitude_select at once: one multi-tensor table per call
     tensors = [t.cpu() for case in adversarial(dtype).values() for t in case]
     for s in SPARSITIES:
         check_selection(emu, tensors, [s] * len(tensors))

@@ -20,7 +20,7 @@ SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 
 
 def test_there_are_cuda_sources():
-    assert {p.name for p in SOURCES} >= {"radix_select.cu", "masked_sgd.cu"}
+    assert {p.name for p in SOURCES} >= {"magnitude_select.cu", "masked_sgd.cu"}
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found on this machine")

@@ -25,12 +25,9 @@ def test_selection_over_2_pow_31_elements_is_exact():
         below += counts[threshold]
         threshold += 1
     need = k - below  # ties at the threshold pruned, lowest index first
-    dk.set_backend("cpp")
-    try:
+    with dk.use_backend("cpp"):
         assert float(dk.magnitude_thresholds(w, 0.5)[0]) == threshold
         mask = dk.magnitude_masks(w, 0.5)[0]
-    finally:
-        dk.set_backend(None)
     assert mask.packed.shape == (1, (N + 31) // 32)
     last_pruned_tie = threshold + PERIOD * (need - 1)  # index of the need-th element equal to T
     pruned_total = 0

@@ -249,8 +249,10 @@ def test_bad_masks_and_grads():
         opt.set_masks({a: torch.ones(5, 4, dtype=torch.bool)})
     with pytest.raises(ValueError, match="does not hold"):
         opt.set_masks({b: torch.ones(3, dtype=torch.bool)})
-    with pytest.raises(TypeError, match="bool"):
-        opt.set_masks({a: torch.ones(4, 5)})
+    with pytest.raises(TypeError, match="a Mask, a bool tensor or a 0/1 float tensor, got a torch.int64"):
+        opt.set_masks({a: torch.ones(4, 5, dtype=torch.long)})
+    with pytest.raises(ValueError, match="values other than 0 and 1"):
+        opt.set_masks({a: torch.full((4, 5), 0.5)})
     a.grad = torch.zeros(4, 5).to_sparse()
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()

@@ -9,10 +9,8 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from .._floatbits import KEY_SPECS
 from ..masks import unpack_bool
-
-INT_OF = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
-          torch.float64: torch.int64}
 _AND_WORDS = WeakTensorKeyDictionary()  # packed words -> {(version, int dtype, shape): words}
 
 
@@ -20,7 +18,7 @@ def and_words(words: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> tor
     """0 / all-ones integers of `dtype`'s width, one per weight: AND-ing a tensor's bits with
     them gives exactly +0.0 at pruned positions (whatever the value) and leaves kept ones as
     they are."""
-    int_dtype = INT_OF[dtype]
+    int_dtype = KEY_SPECS[dtype].int_dtype
     key = (words._version, int_dtype, tuple(shape))
     cached = _AND_WORDS.get(words)
     if cached is None or cached[0] != key:
@@ -31,10 +29,10 @@ def and_words(words: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> tor
 
 def apply_and_(t: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
     """Zero the pruned entries of t in place (exact +0.0, NaN/inf included)."""
-    return t.view(INT_OF[t.dtype]).bitwise_and_(and_words(words, t.shape, t.dtype)).view(t.dtype)
+    return t.view(KEY_SPECS[t.dtype].int_dtype).bitwise_and_(and_words(words, t.shape, t.dtype)).view(t.dtype)
 
 
 def masked_copy(t: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
     """t with its pruned entries set to +0.0, as a new tensor."""
-    bits = torch.bitwise_and(t.contiguous().view(INT_OF[t.dtype]), and_words(words, t.shape, t.dtype))
+    bits = torch.bitwise_and(t.contiguous().view(KEY_SPECS[t.dtype].int_dtype), and_words(words, t.shape, t.dtype))
     return bits.view(t.dtype)

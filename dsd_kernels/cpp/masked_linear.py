@@ -1,4 +1,5 @@
-"""masked_linear on the C++ CPU kernels (csrc/cpu/masked_linear.cpp), tile skipping included."""
+"""masked_linear on the C++ CPU kernels (csrc/cpu/masked_linear.cpp), tile skipping included; there
+is no CUDA kernel (the registry gives CUDA tensors to Triton)."""
 from __future__ import annotations
 
 import torch

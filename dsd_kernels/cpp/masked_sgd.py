@@ -1,4 +1,5 @@
-"""masked_sgd_ on the C++ CPU kernel (csrc/cpu/masked_sgd.cpp)."""
+"""masked_sgd_ on the compiled kernels: csrc/cpu/masked_sgd.cpp on CPU tensors, csrc/cuda/masked_sgd.cu
+on CUDA tensors."""
 from __future__ import annotations
 
 import torch

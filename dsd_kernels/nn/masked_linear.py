@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..masks import Mask, mask_rows_cols
+from ..masks import Mask, packed_shape
 
 
 class MaskedLinear(nn.Linear):
@@ -69,8 +69,7 @@ class MaskedLinear(nn.Linear):
         key = prefix + "mask_words"
         if key in state_dict:
             words = state_dict[key]
-            rows, cols = mask_rows_cols(self.weight.shape)
-            if tuple(words.shape) != (rows, (cols + 31) // 32) or words.dtype != torch.int32:
+            if tuple(words.shape) != packed_shape(self.weight.shape) or words.dtype != torch.int32:
                 error_msgs.append(f"{key}: packed mask of shape {tuple(words.shape)} and dtype "
                                   f"{words.dtype} does not fit weight {tuple(self.weight.shape)}")
                 return
@@ -88,9 +87,7 @@ def sparsify(model: nn.Module, sparsity, block: tuple[int, int] | None = None) -
     (bh, bw) tiles by L1 norm (see magnitude_masks). Parameters are shared, not copied, so an
     optimizer built before still holds them. Returns the model.
     """
-    linears = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and not isinstance(m, MaskedLinear)]
-    linears += [(name, m) for name, m in model.named_modules() if isinstance(m, MaskedLinear)]
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         return model
     masks = ops.magnitude_masks([m.weight for _, m in linears], sparsity, block=block)

@@ -32,12 +32,9 @@ def masked_sgd(params: list[Tensor], grads: list[Tensor], momentum_buffers: list
                         dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize)
     elif implementation == "reference":
-        from ..reference import masked_sgd_ as reference_sgd
-        ops.check_sgd_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
-        keeps = [m.to_bool().to(p.device) if isinstance(m, Mask) else m for m, p in zip(masks, params)]
-        reference_sgd(params, grads, momentum_buffers, keeps, lr=lr, momentum=momentum,
-                      dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                      maximize=maximize)
+        ops.masked_sgd_reference_(params, grads, momentum_buffers, masks, lr=lr, momentum=momentum,
+                                  dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                                  maximize=maximize)
     else:
         raise ValueError(f"implementation must be 'fused' or 'reference', got {implementation!r}")
 
@@ -107,7 +104,7 @@ class MaskedSGD(torch.optim.SGD):
         """Magnitude-prune every prunable parameter at `sparsity` (one float or one per param),
         exactly round(s * numel) weights each, in one batched call per device; returns the masks."""
         params = self.prunable_params()
-        sparsities = ops._sparsity_list(sparsity, len(params))
+        sparsities = ops.sparsity_list(sparsity, len(params))
         by_device: dict[torch.device, list[int]] = {}
         for i, p in enumerate(params):
             by_device.setdefault(p.device, []).append(i)

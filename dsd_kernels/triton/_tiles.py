@@ -1,4 +1,4 @@
-"""Tile tables shared by the multi-tensor kernels.
+"""Shared pieces of the Triton kernels: tile tables, dtype tables and launch counting.
 
 Each tensor of a batch (a segment) is viewed in the packed-mask layout: rows = shape[0]
 for tensors of 2 or more dims (1 otherwise), cols = numel // rows, and words of 32
@@ -8,18 +8,36 @@ tensors, and a tile's 32-bit mask words line up with the elements it loads.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import triton
 import triton.language as tl
 
-from ..masks import mask_rows_cols
+from ..masks import mask_rows_cols, packed_shape
+
+# columns of the int64 tile table (one row per tile)
+TILE_SEGMENT = tl.constexpr(0)
+TILE_FIRST_WORD = tl.constexpr(1)
+TILE_COLUMNS = tl.constexpr(2)
+
+TL_FLOAT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+            torch.float64: tl.float64}
+TL_INT = {torch.int16: tl.int16, torch.int32: tl.int32, torch.int64: tl.int64}
+
+LAUNCHES: Counter = Counter()  # Triton launches issued so far, per kernel name (tests read it)
+
+
+def launch(kernel, grid):
+    """kernel[grid], counted in LAUNCHES."""
+    LAUNCHES[kernel.fn.__name__] += 1
+    return kernel[grid]
 
 
 def segment_layout(t: torch.Tensor) -> tuple[int, int, int]:
     """(cols, words_per_row, num_words) of a tensor in the mask layout."""
-    rows, cols = mask_rows_cols(t.shape)
-    words_per_row = (cols + 31) // 32
-    return cols, words_per_row, rows * words_per_row
+    rows, words_per_row = packed_shape(t.shape)
+    return mask_rows_cols(t.shape)[1], words_per_row, rows * words_per_row
 
 
 def check_tile_words(tile_words: int) -> None:
@@ -28,7 +46,7 @@ def check_tile_words(tile_words: int) -> None:
 
 
 def tile_table(num_words: list[int], tile_words: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """int64 (num_tiles, 2) table of (segment, first word), and each segment's first tile."""
+    """int64 (num_tiles, TILE_COLUMNS) table of (segment, first word), and each segment's first tile."""
     per_seg = torch.tensor([-(-n // tile_words) for n in num_words], dtype=torch.int64)
     num_tiles = int(per_seg.sum())
     seg = torch.repeat_interleave(torch.arange(len(num_words)), per_seg)
@@ -38,19 +56,17 @@ def tile_table(num_words: list[int], tile_words: int, device) -> tuple[torch.Ten
 
 
 @triton.jit
+def tile_segment(TILES, pid):
+    return tl.load(TILES + pid * TILE_COLUMNS + TILE_SEGMENT)
+
+
+@triton.jit
 def tile_coords(TILES, pid, cols, words_per_row, num_words, TILE_WORDS: tl.constexpr):
     """Flat element offsets (TILE_WORDS, 32), validity, and word index (TILE_WORDS, 1) of a tile."""
-    first_word = tl.load(TILES + 2 * pid + 1)
+    first_word = tl.load(TILES + pid * TILE_COLUMNS + TILE_FIRST_WORD)
     word = first_word + tl.arange(0, TILE_WORDS).to(tl.int64)[:, None]
     bit = tl.arange(0, 32).to(tl.int64)[None, :]
     row = word // words_per_row
     col = (word - row * words_per_row) * 32 + bit
     valid = (word < num_words) & (col < cols)
     return row * cols + col, valid, word
-
-
-@triton.jit
-def keep_bits(WORDS, word, num_words):
-    """(TILE_WORDS, 32) keep flags unpacked from one tile's mask words (LSB first)."""
-    words = tl.load(WORDS + word, mask=word < num_words, other=0)
-    return ((words >> tl.arange(0, 32)[None, :]) & 1) != 0

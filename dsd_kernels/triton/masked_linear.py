@@ -25,11 +25,9 @@ import triton
 import triton.language as tl
 
 from ..tile_structure import TILE, tile_structure
+from ._tiles import launch
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, TILE, TILE  # BLOCK_K is a multiple of 32 (mask words)
-LAUNCHES = [0]
-
-_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 @triton.jit
@@ -140,8 +138,7 @@ def forward(x2d: torch.Tensor, weight: torch.Tensor, words: torch.Tensor,
     N = weight.shape[0]
     s = tile_structure(words, N, K)
     y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
-    LAUNCHES[0] += 1
-    _forward_kernel[(triton.cdiv(M, BLOCK_M), s.tiles_n)](
+    launch(_forward_kernel, (triton.cdiv(M, BLOCK_M), s.tiles_n))(
         x2d, weight, words, bias if bias is not None else weight, y, s.row_ptr, s.col_idx,
         M, N, K, words.shape[1], HAS_BIAS=bias is not None, UPCAST=_upcast(x2d.dtype),
         IEEE=x2d.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
@@ -158,14 +155,12 @@ def backward(grad2d, x2d, weight, words, needs_input: bool, needs_weight: bool):
     dx = dw = None
     if needs_input:
         dx = torch.empty((M, K), dtype=x2d.dtype, device=x2d.device)
-        LAUNCHES[0] += 1
-        _grad_input_kernel[(triton.cdiv(M, BLOCK_M), s.tiles_k)](
+        launch(_grad_input_kernel, (triton.cdiv(M, BLOCK_M), s.tiles_k))(
             grad2d, weight, words, dx, s.col_ptr, s.row_idx, M, N, K, words.shape[1],
             UPCAST=upcast, IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     if needs_weight:
         dw = torch.empty((N, K), dtype=weight.dtype, device=weight.device)
-        LAUNCHES[0] += 1
-        _grad_weight_kernel[(s.tiles_n, s.tiles_k)](
+        launch(_grad_weight_kernel, (s.tiles_n, s.tiles_k))(
             grad2d, x2d, words, dw, s.kept, M, N, K, words.shape[1], s.tiles_k,
             UPCAST=upcast, IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     return dx, dw

@@ -19,15 +19,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import check_tile_words, segment_layout, tile_coords, tile_table
+from ._tiles import TL_FLOAT, check_tile_words, launch, segment_layout, tile_coords, tile_segment, tile_table
 
-# segment table read by the kernel with literal offsets, 8 int64 columns: param, grad, buffer and
-# mask-words pointers; cols, words per row, words, flags (_HAS_MASK | _FIRST_STEP)
-_HAS_MASK, _FIRST_STEP = 1, 2
-LAUNCHES = [0]
-
-_TL_TYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-             torch.float64: tl.float64}
+# columns of the int64 segment table (one row per tensor)
+SEG_PARAM = tl.constexpr(0)  # pointers to the parameter, gradient, momentum buffer, mask words
+SEG_GRAD = tl.constexpr(1)
+SEG_BUFFER = tl.constexpr(2)
+SEG_MASK = tl.constexpr(3)
+SEG_COLS = tl.constexpr(4)
+SEG_WORDS_PER_ROW = tl.constexpr(5)
+SEG_WORDS = tl.constexpr(6)
+SEG_FLAGS = tl.constexpr(7)  # HAS_MASK | FIRST_STEP
+SEG_COLUMNS = tl.constexpr(8)
+HAS_MASK = tl.constexpr(1)  # the tensor has mask words (else dense)
+FIRST_STEP = tl.constexpr(2)  # its momentum buffer starts as the gradient
 
 
 @triton.jit
@@ -36,23 +41,23 @@ def _masked_sgd_kernel(SEG_META, TILES, HYPER, VALUE_TYPE: tl.constexpr,
                        MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
                        TILE_WORDS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    seg = tl.load(TILES + 2 * pid)
-    meta = SEG_META + seg * 8
-    P = tl.load(meta + 0).to(tl.pointer_type(VALUE_TYPE))
-    G = tl.load(meta + 1).to(tl.pointer_type(VALUE_TYPE))
-    B = tl.load(meta + 2).to(tl.pointer_type(VALUE_TYPE))
-    W = tl.load(meta + 3).to(tl.pointer_type(tl.int32))
-    num_words = tl.load(meta + 6)
-    flags = tl.load(meta + 7)
-    offsets, valid, word = tile_coords(TILES, pid, tl.load(meta + 4), tl.load(meta + 5),
-                                       num_words, TILE_WORDS)
+    seg = tile_segment(TILES, pid)
+    meta = SEG_META + seg * SEG_COLUMNS
+    P = tl.load(meta + SEG_PARAM).to(tl.pointer_type(VALUE_TYPE))
+    G = tl.load(meta + SEG_GRAD).to(tl.pointer_type(VALUE_TYPE))
+    B = tl.load(meta + SEG_BUFFER).to(tl.pointer_type(VALUE_TYPE))
+    W = tl.load(meta + SEG_MASK).to(tl.pointer_type(tl.int32))
+    num_words = tl.load(meta + SEG_WORDS)
+    flags = tl.load(meta + SEG_FLAGS)
+    offsets, valid, word = tile_coords(TILES, pid, tl.load(meta + SEG_COLS),
+                                       tl.load(meta + SEG_WORDS_PER_ROW), num_words, TILE_WORDS)
     lr = tl.load(HYPER + 0).to(COMPUTE_TYPE)
     momentum = tl.load(HYPER + 1).to(COMPUTE_TYPE)
     dampening = tl.load(HYPER + 2).to(COMPUTE_TYPE)
     weight_decay = tl.load(HYPER + 3).to(COMPUTE_TYPE)
 
     # a dense tensor (no mask) reads no mask words: all bits set
-    mask_words = tl.where((flags & 1) != 0, num_words, 0)
+    mask_words = tl.where((flags & HAS_MASK) != 0, num_words, 0)
     words = tl.load(W + word, mask=word < mask_words, other=-1)
     keep = ((words >> tl.arange(0, 32)[None, :]) & 1) != 0
     p = tl.load(P + offsets, mask=valid, other=0).to(COMPUTE_TYPE)
@@ -64,7 +69,7 @@ def _masked_sgd_kernel(SEG_META, TILES, HYPER, VALUE_TYPE: tl.constexpr,
         g = g + weight_decay * p
     if MOMENTUM:
         b = tl.load(B + offsets, mask=valid, other=0).to(COMPUTE_TYPE)
-        b = tl.where((flags & 2) != 0, g, b * momentum + (1 - dampening) * g)
+        b = tl.where((flags & FIRST_STEP) != 0, g, b * momentum + (1 - dampening) * g)
         if NESTEROV:
             g = g + momentum * b
         else:
@@ -99,8 +104,8 @@ def masked_sgd_(params, grads, momentum_buffers, mask_words, first_step, *, lr, 
         for i in index:
             cols, words_per_row, n_words = segment_layout(params[i])
             words = mask_words[i]
-            flags = (_HAS_MASK if words is not None else 0) | (
-                _FIRST_STEP if momentum != 0 and first_step[i] else 0)
+            flags = (HAS_MASK.value if words is not None else 0) | (
+                FIRST_STEP.value if momentum != 0 and first_step[i] else 0)
             rows.append([params[i].data_ptr(), grads[i].data_ptr(),
                          momentum_buffers[i].data_ptr() if momentum != 0 else params[i].data_ptr(),
                          words.data_ptr() if words is not None else params[i].data_ptr(),
@@ -110,9 +115,8 @@ def masked_sgd_(params, grads, momentum_buffers, mask_words, first_step, *, lr, 
         if tiles.shape[0] == 0:
             continue
         meta = torch.tensor(rows, dtype=torch.int64).to(device)
-        LAUNCHES[0] += 1
-        _masked_sgd_kernel[(tiles.shape[0],)](
-            meta, tiles, hyper, VALUE_TYPE=_TL_TYPES[dtype],
+        launch(_masked_sgd_kernel, (tiles.shape[0],))(
+            meta, tiles, hyper, VALUE_TYPE=TL_FLOAT[dtype],
             COMPUTE_TYPE=tl.float64 if dtype == torch.float64 else tl.float32,
             MOMENTUM=momentum != 0, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
             WEIGHT_DECAY=weight_decay != 0, TILE_WORDS=tile_words)

@@ -129,3 +129,47 @@ def magnitude_select(tensors: list[torch.Tensor], sparsities: list[float], *, wa
                 keys = t.reshape(-1).view(spec.int_dtype) & spec.abs_mask
             packed.append(pack_bool(keep_mask(keys, key, need, count_eq).reshape(t.shape)))
     return thresholds, packed
+
+
+# ---------------------------------------------------------------- sharded selection
+# distributed.py runs the radix passes of a selection over weights sharded across processes:
+# per pass each process histograms its shards with these, the histograms are summed across
+# processes, and the digit is located from the sum. Every backend has the same two functions.
+def digit_histograms(sources: list[torch.Tensor], prefixes: list[int], shift: int, width: int, *,
+                     gather: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One radix pass: int64 (len(sources), 2**width) counts of the digit
+    (key >> shift) & (2**width - 1) over the keys of each source whose higher bits
+    (key >> (shift + width)) equal prefixes[i]. sources: float tensors (keys of |w|, NaN
+    clamped), or what an earlier call returned. Returns the histograms and the sources for
+    the next pass: with gather, the matching keys only (a backend may also return the input)."""
+    device = sources[0].device
+    hist = torch.zeros(len(sources), 1 << width, dtype=torch.int64, device=device)
+    out = []
+    for row, (src, prefix) in enumerate(zip(sources, prefixes)):
+        if src.is_floating_point():
+            keys = magnitude_keys(src)
+            whole = shift + width >= KEY_SPECS[src.dtype].key_bits  # no higher bits to match
+        else:
+            keys, whole = src, False
+        under = keys if whole else keys[(keys >> (shift + width)) == prefix]
+        hist[row] = torch.bincount(((under >> shift) & ((1 << width) - 1)).long(), minlength=1 << width)
+        out.append(under if gather and not whole else src)
+    return hist, out
+
+
+def threshold_masks(tensors: list[torch.Tensor], keys: list[int | None], need: list[int],
+                    ties_before: list[int], local_ties: list[int]) -> list[torch.Tensor]:
+    """Packed keep-words from a threshold key found elsewhere: per tensor, |w| above the key
+    is kept, below it pruned, and of the elements at the key those whose tie rank counted
+    from ties_before[i] (ties held by processes before this one) is below need[i] (the ties
+    to prune in all) are pruned; local_ties[i] is the number of ties here. keys[i] None:
+    nothing is pruned."""
+    out = []
+    for t, key, n, before, ties in zip(tensors, keys, need, ties_before, local_ties):
+        if key is None:
+            out.append(pack_bool(torch.ones(t.shape, dtype=torch.bool, device=t.device)))
+            continue
+        mine = min(max(n - before, 0), ties)  # the ties pruned here
+        keep = keep_mask(magnitude_keys(t), key, mine, ties)
+        out.append(pack_bool(keep.reshape(t.shape)))
+    return out

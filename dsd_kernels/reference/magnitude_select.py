@@ -20,7 +20,7 @@ def _ascending_order(t: torch.Tensor) -> torch.Tensor:
     return torch.sort(t.detach().abs().reshape(-1).double(), stable=True).indices
 
 
-def magnitude_keep_masks(tensors: list[torch.Tensor], sparsities: list[float]) -> list[torch.Tensor]:
+def magnitude_masks(tensors: list[torch.Tensor], sparsities: list[float]) -> list[torch.Tensor]:
     """Boolean keep-masks (True = kept), one per tensor, of the tensor's shape."""
     masks = []
     for t, s in zip(tensors, sparsities):
