@@ -8,8 +8,8 @@ constexpr const char* kMagnitudeSelect =
     "magnitude_select(Tensor[] tensors, float[] sparsities, bool want_masks) -> (Tensor, Tensor[])";
 // the per-shard kernels of the sharded (DTensor) selection, CPU only (dsd_kernels/distributed.py)
 constexpr const char* kRadixHistogram =
-    "radix_histogram(Tensor[] sources, int[] prefixes, int shift, int width, bool gather) "
-    "-> (Tensor, Tensor[])";
+    "radix_histogram(Tensor[] sources, int[] prefixes, int shift, int width, bool gather, "
+    "float[] quantiles) -> (Tensor, Tensor[], int[])";
 constexpr const char* kThresholdMasks =
     "threshold_masks(Tensor[] tensors, int[] keys, int[] prune_ties, int[] ties) -> Tensor[]";
 constexpr const char* kMaskedSgd =

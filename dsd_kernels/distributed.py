@@ -7,14 +7,17 @@ This module runs the collectives around those kernels and never touches a weight
 
 A weight sharded on dim 0 over a 1-D device mesh is never gathered: each rank histograms the
 keys of its own shard, the histograms of all layers of the batch are summed with one
-all_reduce per radix pass (11-bit digits: 3 passes for fp32), and every rank finds the same
+collective per radix pass (11-bit digits: 3 passes for fp32), and every rank finds the same
 exact global k-th key. The tie rule (lower global flat index first) holds across shard
-boundaries: rank r's rows all precede rank r+1's, so one all_gather of the per-rank tie
-counts tells each rank how many of the ties to prune are its own. Each rank gets its local
-masks; gathered along dim 0 they equal the single-process masks bit for bit.
+boundaries: rank r's rows all precede rank r+1's. When masks are wanted the last pass
+all_gathers the ranks' histograms instead of summing them, and the bin of the last digit
+then tells each rank how many keys equal to the threshold the lower ranks hold, hence how
+many of the ties to prune are its own. Each rank gets its local masks; gathered along dim 0
+they equal the single-process masks bit for bit.
 
-Collective traffic per call: passes x layers x 2048 x 8 bytes (all_reduce) + ranks x layers
-x 8 bytes (all_gather), independent of the number of weights.
+Collectives per call and key width: one per radix pass, nothing else. Traffic: layers x
+(2048 + 1024 + 1024) x 8 bytes for fp32 (all_reduce), the last pass x ranks when masks are
+wanted (all_gather); independent of the number of weights.
 """
 from __future__ import annotations
 
@@ -61,6 +64,13 @@ def _all_reduce(t: torch.Tensor, group) -> None:
     dist.all_reduce(t, group=group)
 
 
+def _all_gather(t: torch.Tensor, group) -> list[torch.Tensor]:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    COLLECTIVE_BYTES[0] += t.numel() * t.element_size() * len(parts)
+    dist.all_gather(parts, t, group=group)
+    return parts
+
+
 def sharded_select(tensors, sparsities, *, want_masks: bool, local, sharded):
     """Thresholds (float64 tensor on the local device, global, the same on every rank) and,
     if want_masks, the local Masks of DTensors.
@@ -101,6 +111,8 @@ def _select_sharded(tensors, sparsities, group, want_masks, kernels):
     threshold_key: list[int | None] = [None] * len(tensors)  # the global k-th key (k > 0)
     need = [0] * len(tensors)  # ties at the threshold key to prune, over all ranks
     local_ties = [0] * len(tensors)  # ties at the threshold key held by this rank
+    ties_before = [0] * len(tensors)  # ... and by the ranks before it
+    me = dist.get_rank(group)
     # layers of one key width share digits, hence one all_reduce per pass for all of them
     by_bits: dict[int, list[int]] = {}
     for i, t in enumerate(tensors):
@@ -108,6 +120,7 @@ def _select_sharded(tensors, sparsities, group, want_masks, kernels):
             by_bits.setdefault(KEY_SPECS[t.dtype].key_bits, []).append(i)
     for key_bits, index in by_bits.items():
         sources = [shards[i] for i in index]
+        quantiles = [k[i] / tensors[i].numel() for i in index]  # where the k-th key sits
         prefix = torch.zeros(len(index), dtype=torch.int64, device=device)
         rank = torch.tensor([k[i] for i in index], dtype=torch.int64, device=device)  # still to find
         widths = digit_widths(key_bits, DIGIT_BITS)
@@ -116,31 +129,29 @@ def _select_sharded(tensors, sparsities, group, want_masks, kernels):
             shift -= width
             last = p == len(widths) - 1
             hist, sources = kernels.digit_histograms(sources, prefix.tolist(), shift, width,
-                                                     gather=not last)
+                                                     gather=not last, quantiles=quantiles)
             hist = hist.to(device)
-            mine = hist.clone() if last else None
-            _all_reduce(hist, group)
+            if last and want_masks:
+                ranks_hists = _all_gather(hist, group)
+                hist = torch.stack(ranks_hists).sum(0)
+            else:
+                _all_reduce(hist, group)
             cum = hist.cumsum(1)
             digit = (cum < rank[:, None]).sum(1)  # the bin holding the rank-th smallest key
             below = torch.where(digit > 0, cum.gather(1, (digit - 1).clamp(min=0)[:, None])[:, 0], 0)
             prefix = (prefix << width) | digit
             rank = rank - below
-            if last:  # the bin of the last digit holds exactly the keys equal to the threshold
-                ties_here = mine.gather(1, digit[:, None])[:, 0]
-        for j, (key, r, ties) in enumerate(zip(prefix.tolist(), rank.tolist(), ties_here.tolist())):
-            threshold_key[index[j]], need[index[j]], local_ties[index[j]] = key, r, ties
+        for j, (key, r) in enumerate(zip(prefix.tolist(), rank.tolist())):
+            threshold_key[index[j]], need[index[j]] = key, r
+        if want_masks:  # the bin of the last digit holds exactly the keys equal to the threshold
+            ties = [h.gather(1, digit[:, None])[:, 0].tolist() for h in ranks_hists]
+            for j, i in enumerate(index):
+                local_ties[i] = ties[me][j]
+                ties_before[i] = sum(t[j] for t in ties[:me])
     thresholds = torch.tensor(
         [float("-inf") if key is None else float(keys_to_values(torch.tensor([key]), t.dtype)[0])
          for key, t in zip(threshold_key, tensors)], dtype=torch.float64, device=device)
     if not want_masks:
         return thresholds, []
-    # ties at the threshold: those on lower ranks come first in global flat order
-    ties = torch.tensor(local_ties, dtype=torch.int64, device=device)
-    world = dist.get_world_size(group)
-    gathered = [torch.zeros_like(ties) for _ in range(world)]
-    COLLECTIVE_BYTES[0] += ties.numel() * ties.element_size() * world
-    dist.all_gather(gathered, ties, group=group)
-    me = dist.get_rank(group)
-    ties_before = (sum(gathered[:me]) if me else torch.zeros_like(ties)).tolist()
     words = kernels.threshold_masks(shards, threshold_key, need, ties_before, local_ties)
     return thresholds, [Mask(w, x.shape) for w, x in zip(words, shards)]

@@ -9,6 +9,9 @@ import torch.multiprocessing as mp
 import dsd_kernels as dk
 from dsd_kernels import reference as R
 
+from .conftest import require_backend
+from .test_magnitude_select import FLOATS, SPARSITIES as EVERY_SPARSITY, adversarial
+
 pytestmark = pytest.mark.distributed
 
 
@@ -36,7 +39,9 @@ def run_ranks(worker, tmp_path, name, world=2):
 def _worker(rank, world, init_file, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
 
+    from dsd_kernels import _backend
     from dsd_kernels.distributed import COLLECTIVE_BYTES, Replicate, Shard
+    from dsd_kernels.triton._tiles import LAUNCHES
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -45,6 +50,9 @@ def _worker(rank, world, init_file, out_dir):
         tensors = [distribute_tensor(t, mesh, [Shard(0)]) for t in global_tensors()]
         masks = dk.magnitude_masks(tensors, SPARSITIES)
         thresholds = dk.magnitude_thresholds(tensors, SPARSITIES)
+        # the kernels that ran: the registry's choice for the sharded selection, and the Triton
+        # launches (the histogram kernel runs once per pass when the Triton backend is forced)
+        kernels = _backend.resolve("magnitude_select_sharded", torch.device("cpu"), (torch.float32,)).backend
         replicated = dk.magnitude_masks([distribute_tensor(global_tensors()[0], mesh, [Replicate()])], 0.5)
         errors = []
         try:
@@ -53,13 +61,20 @@ def _worker(rank, world, init_file, out_dir):
             errors.append(str(err))
         torch.save({"masks": [m.to_bool() for m in masks], "thresholds": thresholds,
                     "replicated": replicated[0].to_bool(), "errors": errors,
-                    "bytes": COLLECTIVE_BYTES[0]}, os.path.join(out_dir, f"rank{rank}.pt"))
+                    "bytes": COLLECTIVE_BYTES[0], "kernels": kernels,
+                    "histogram_launches": LAUNCHES["_histogram_kernel"]},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.barrier()  # no rank tears gloo down while a peer still has work in flight
         dist.destroy_process_group()
 
 
-def test_sharded_masks_equal_single_process_masks(tmp_path):
+@pytest.mark.parametrize("backend_name", ["cpp", "torch", "triton"])
+def test_sharded_masks_equal_single_process_masks(tmp_path, monkeypatch, backend_name):
+    # the per-shard histograms and masks run on the backend the registry picks (forced here
+    # through the environment the worker processes inherit)
+    require_backend(backend_name)
+    monkeypatch.setenv("DSD_KERNELS_BACKEND", backend_name)
     results = run_ranks(_worker, tmp_path, "rank")
     full = global_tensors()
     want_masks = R.magnitude_masks(full, SPARSITIES)
@@ -71,11 +86,17 @@ def test_sharded_masks_equal_single_process_masks(tmp_path):
         assert r["thresholds"].tolist() == pytest.approx(want_thresholds, abs=0)
         assert torch.equal(r["replicated"], want_masks[0])
         assert r["errors"] and "Shard(dim=1)" in r["errors"][0]
-        # traffic of the two calls (masks, thresholds): per call, the fp32 batch of 3 layers in
-        # 3 passes of 2048 + 1024 + 1024 bins, the fp64 layer in 3 x 2048 + 3 x 1024 bins, int64
-        # counts; plus one all_gather of the 4 tie counts from 2 ranks. No weight is sent.
-        per_call = (3 * (2048 + 1024 + 1024) + (3 * 2048 + 3 * 1024)) * 8
-        assert r["bytes"] == 2 * per_call + 2 * 4 * 8
+        # traffic of the two calls (thresholds, masks), int64 counts: the fp32 batch of 3 layers
+        # in 3 passes of 2048 + 1024 + 1024 bins, the fp64 layer in 3 x 2048 + 3 x 1024 bins;
+        # for the masks the last pass is all_gathered from the 2 ranks instead of summed (its
+        # bins count the ties of each rank). No weight is sent.
+        thresholds_call = (3 * (2048 + 1024 + 1024) + (3 * 2048 + 3 * 1024)) * 8
+        masks_call = (3 * (2048 + 1024 + 2 * 1024) + (3 * 2048 + 2 * 1024 + 2 * 1024)) * 8
+        assert r["bytes"] == thresholds_call + masks_call
+        assert r["kernels"] == backend_name
+        # two sharded calls, each one histogram launch per pass (fp32 3 passes, fp64 6), plus
+        # the replicated call's local selection (fp32: 3)
+        assert r["histogram_launches"] == (2 * (3 + 6) + 3 if backend_name == "triton" else 0)
 
 
 def train_steps(model, opt, g, *, steps, batch, classes):
@@ -206,3 +227,32 @@ def test_cli_train_nproc_2_matches_single_process(tmp_path):
         assert a["history"][0]["train_loss"] == pytest.approx(b["history"][0]["train_loss"], rel=1e-5)
         if a["method"] == "dsd":
             assert b["phases"][1]["measured_sparsity"] == a["phases"][1]["measured_sparsity"]
+
+
+@pytest.fixture
+def one_rank_mesh(tmp_path):
+    """A gloo group of this process alone: a Shard(0) DTensor then holds the whole tensor, and
+    the sharded selection runs its collectives for real, cheaply, on every adversarial case."""
+    from torch.distributed.device_mesh import init_device_mesh
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init1'}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_sharded_selection_adversarial_cases_every_backend(backend, dtype, one_rank_mesh):
+    from torch.distributed.tensor import distribute_tensor
+
+    from dsd_kernels.distributed import Shard
+    for case, tensors in adversarial(dtype).items():
+        tensors = [t.cpu() for t in tensors]
+        shards = [distribute_tensor(t, one_rank_mesh, [Shard(0)]) for t in tensors]
+        for s in EVERY_SPARSITY:
+            masks = dk.magnitude_masks(shards, s)
+            for i, (m, want) in enumerate(zip(masks, R.magnitude_masks(tensors, [s] * len(tensors)))):
+                assert torch.equal(m.to_bool(), want), f"{case}[{i}] at sparsity {s} ({backend})"
+            got = dk.magnitude_thresholds(shards, s)
+            want = torch.tensor(R.magnitude_thresholds(tensors, [s] * len(tensors)), dtype=got.dtype)
+            assert ((got == want) | (got.isnan() & want.isnan())).all(), (case, s, got, want)

@@ -97,7 +97,9 @@ void count_top_digit(const scalar_t* data, int64_t begin, int64_t end, int shift
   auto count = [&](count_t* __restrict h, bits_t key, int64_t& kept) {
     h[key >> sh]++;
     if constexpr (kGather) {
-      if (static_cast<uint64_t>(key >> sh) - low <= width) buffer[kept++] = key;
+      // branch-free: a few percent of random keys are in range, which a branch mispredicts
+      buffer[kept] = key;
+      kept += static_cast<uint64_t>(key >> sh) - low <= width;
     }
   };
   for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
@@ -124,9 +126,9 @@ void count_top_digit(const scalar_t* data, int64_t begin, int64_t end, int shift
 }
 
 // Pass 1 (when pass 0 gathered nothing usable): count the digit of the keys whose higher bits
-// equal prefix, and gather them (gather may be null). Only a small fraction of the keys match: a
-// predictable branch skips the counter update for the rest, which costs less than adding 0 to a
-// random bin.
+// equal prefix, and gather them (gather may be null). A chunk's matching keys are first compacted
+// into a buffer without a branch (a few percent of random keys match, which a branch would
+// mispredict), then their digits are counted from the buffer.
 template <typename scalar_t, typename count_t, bool kClamp>
 void count_under_prefix(const scalar_t* data, int64_t begin, int64_t end, int shift,
                         uint64_t digit_mask, int high_shift, uint64_t prefix, count_t* hist,
@@ -142,11 +144,10 @@ void count_under_prefix(const scalar_t* data, int64_t begin, int64_t end, int sh
     int64_t kept = 0;
     for (int64_t i = c0; i < c1; ++i) {
       const bits_t k0 = key_of<scalar_t, kClamp>(data[i]);
-      if ((k0 >> high) == pre) {
-        h0[(k0 >> sh) & dmask]++;
-        buffer[kept++] = k0;
-      }
+      buffer[kept] = k0;
+      kept += (k0 >> high) == pre;
     }
+    for (int64_t j = 0; j < kept; ++j) h0[(buffer[j] >> sh) & dmask]++;
     if (gather != nullptr) gather->insert(gather->end(), buffer, buffer + kept);
   }
 }
@@ -290,6 +291,38 @@ inline uint32_t keep_word_fp32(const float* src, uint32_t t) {
 #endif
 }
 
+// Bits (above, equal): bit j of `above` set where |src[j]| ranks above the key t, of `equal` where
+// it equals t, for the len <= 32 values of one mask word. fp32 full words use SSE2 (t below
+// the NaN key: NaN keys, clamped or not, are then above t and never equal it).
+template <typename scalar_t>
+inline void compare_word(const scalar_t* src, int64_t len, uint64_t t, uint32_t* above, uint32_t* equal) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+#if defined(__SSE2__)
+    if (len == 32 && t < KeyTraits<float>::nan_key) {
+      const __m128i abs_mask = _mm_set1_epi32(0x7FFFFFFF);
+      const __m128i threshold = _mm_set1_epi32(static_cast<int32_t>(t));
+      uint32_t gt = 0, eq = 0;
+      for (int q = 0; q < 8; ++q) {
+        const __m128i keys = _mm_and_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 4 * q)), abs_mask);
+        gt |= static_cast<uint32_t>(_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpgt_epi32(keys, threshold)))) << (4 * q);
+        eq |= static_cast<uint32_t>(_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(keys, threshold)))) << (4 * q);
+      }
+      *above = gt;
+      *equal = eq;
+      return;
+    }
+#endif
+  }
+  uint32_t gt = 0, eq = 0;
+  for (int64_t j = 0; j < len; ++j) {
+    const uint64_t key = magnitude_key(src[j]);
+    gt |= static_cast<uint32_t>(key > t) << j;
+    eq |= static_cast<uint32_t>(key == t) << j;
+  }
+  *above = gt;
+  *equal = eq;
+}
+
 template <typename scalar_t>
 void write_mask(const scalar_t* data, const MaskLayout& lay, const Selection& sel, bool prune_any,
                 int32_t* out) {
@@ -314,19 +347,18 @@ void write_mask(const scalar_t* data, const MaskLayout& lay, const Selection& se
     });
     return;
   }
-  // ties split: count ties per chunk, scan, then write each chunk from its offset
+  // ties split: count ties per chunk, scan, then write each chunk from its offset; a word
+  // without ties (nearly all) is its `above` bits, a word with ties keeps those whose tie
+  // rank (flat order) is at least the ties to prune
   auto word_bits = [&](int64_t w, int64_t* ties_before) -> uint32_t {
     const int64_t row = w / lay.words_per_row;
     const int64_t col0 = (w - row * lay.words_per_row) * 32;
-    const int64_t len = std::min<int64_t>(32, lay.cols - col0);
-    const scalar_t* src = data + row * lay.cols + col0;
-    uint32_t bits = 0;
-    for (int64_t j = 0; j < len; ++j) {
-      const uint64_t key = magnitude_key(src[j]);
-      const bool keep = key != t ? key > t : (*ties_before)++ >= sel.need;  // ties: flat order
-      bits |= static_cast<uint32_t>(keep) << j;
+    uint32_t above, equal;
+    compare_word(data + row * lay.cols + col0, std::min<int64_t>(32, lay.cols - col0), t, &above, &equal);
+    for (; equal != 0; equal &= equal - 1) {  // each tie, lowest bit (flat index) first
+      if ((*ties_before)++ >= sel.need) above |= equal & (~equal + 1);
     }
-    return bits;
+    return above;
   };
   const int64_t chunk = std::max<int64_t>(1, kGrain / 32);
   const int64_t chunks = (words + chunk - 1) / chunk;
@@ -337,9 +369,9 @@ void write_mask(const scalar_t* data, const MaskLayout& lay, const Selection& se
       for (int64_t w = c * chunk; w < std::min(words, (c + 1) * chunk); ++w) {
         const int64_t row = w / lay.words_per_row;
         const int64_t col0 = (w - row * lay.words_per_row) * 32;
-        const int64_t len = std::min<int64_t>(32, lay.cols - col0);
-        const scalar_t* src = data + row * lay.cols + col0;
-        for (int64_t j = 0; j < len; ++j) count += magnitude_key(src[j]) == t;
+        uint32_t above, equal;
+        compare_word(data + row * lay.cols + col0, std::min<int64_t>(32, lay.cols - col0), t, &above, &equal);
+        count += __builtin_popcount(equal);
       }
       ties[c + 1] = count;
     }
@@ -402,10 +434,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> magnitude_select(
 
 // One radix pass over float values: the digit (key >> shift) & (2^width - 1) of the keys whose
 // higher bits (key >> (shift + width)) equal prefix, added to out_row (2^width counters); with
-// gather, those keys are also returned (in no particular order) for the later passes.
+// gather, those keys are also returned (in no particular order) for the later passes. The first
+// pass (no higher bits) cannot know the digit yet: with gather and a quantile (k/n of the global
+// selection) it gathers, as the local select does, the keys whose digit lies in the range a
+// sample of this shard predicts, and reports the range in *range_lo / *range_span (span kNoRange:
+// nothing gathered; the caller re-reads the values if the chosen digit falls outside).
 template <typename scalar_t, typename count_t>
 at::Tensor histogram_values(const at::Tensor& src, uint64_t prefix, int shift, int width, bool gather,
-                            int64_t* out_row) {
+                            double quantile, int64_t* out_row, uint64_t* range_lo,
+                            uint64_t* range_span) {
   using T = KeyTraits<scalar_t>;
   using bits_t = typename T::bits_t;
   const at::Tensor c = src.contiguous();
@@ -417,29 +454,67 @@ at::Tensor histogram_values(const at::Tensor& src, uint64_t prefix, int shift, i
   const bool whole = high_shift >= T::key_bits;  // no higher bits: every key counts
   std::vector<count_t> local(static_cast<size_t>(threads) * kSubHists * bins, 0);
   std::vector<std::vector<bits_t>> kept(threads);
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    const int tid = at::get_thread_num();
-    count_t* hist = local.data() + static_cast<int64_t>(tid) * kSubHists * bins;
-    if (whole) {
-      count_top_digit<scalar_t, count_t, true, false>(data, begin, end, shift, 0, kNoRange, bins, hist,
-                                                      nullptr, 0, nullptr);
-    } else {
+  uint64_t lo = 0, span = kNoRange;
+  if (whole && gather && quantile > 0.0 && n > 0) {
+    const auto k = std::clamp<int64_t>(static_cast<int64_t>(std::nearbyint(quantile * static_cast<double>(n))),
+                                       1, n);
+    span = candidate_digits<scalar_t, true>(data, n, k, shift, &lo);
+  }
+  std::atomic<bool> overflow{false};
+  const int64_t max_gather = n / (8 * threads) + 4096;  // as the local select allows
+  // Unclamped keys are cheaper to count (the clamp slows these loops down): NaN keys then
+  // spread over the top bins above +inf's, folded into the NaN key's bin below; and under a
+  // prefix below +inf's no NaN key can match. Keys gathered in the first pass are clamped as
+  // they are copied out (later passes read them).
+  // One parallel loop per variant: a loop body holding several variants runs slower.
+  auto hist_of = [&]() {
+    return local.data() + static_cast<int64_t>(at::get_thread_num()) * kSubHists * bins;
+  };
+  if (whole && span != kNoRange) {
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      count_top_digit<scalar_t, count_t, false, true>(data, begin, end, shift, lo, span, bins, hist_of(),
+                                                      &kept[at::get_thread_num()], max_gather, &overflow);
+    });
+  } else if (whole) {
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      count_top_digit<scalar_t, count_t, false, false>(data, begin, end, shift, 0, kNoRange, bins,
+                                                       hist_of(), nullptr, 0, nullptr);
+    });
+  } else if (prefix < static_cast<uint64_t>(T::nan_key - 1) >> high_shift) {
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      count_under_prefix<scalar_t, count_t, false>(data, begin, end, shift, bins - 1, high_shift, prefix,
+                                                   hist_of(), gather ? &kept[at::get_thread_num()] : nullptr);
+    });
+  } else {
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
       count_under_prefix<scalar_t, count_t, true>(data, begin, end, shift, bins - 1, high_shift, prefix,
-                                                  hist, gather ? &kept[tid] : nullptr);
+                                                  hist_of(), gather ? &kept[at::get_thread_num()] : nullptr);
+    });
+  }
+  if (whole) {  // the clamped histogram: every NaN key in the NaN key's bin
+    const int64_t nan_bin = static_cast<int64_t>(T::nan_key >> shift);
+    for (int64_t r = 0; r < static_cast<int64_t>(threads) * kSubHists; ++r) {
+      count_t* row = local.data() + r * bins;
+      for (int64_t b = nan_bin + 1; b < bins; ++b) {
+        row[nan_bin] += row[b];
+        row[b] = 0;
+      }
     }
-  });
+  }
   for (int64_t r = 0; r < static_cast<int64_t>(threads) * kSubHists; ++r) {
     for (int64_t b = 0; b < bins; ++b) out_row[b] += static_cast<int64_t>(local[r * bins + b]);
   }
-  if (!gather || whole) return c;  // gathering every key would copy the tensor: keep the values
+  if (overflow.load()) span = kNoRange;
+  *range_lo = lo;
+  *range_span = whole ? span : kNoRange;
+  if (!gather || (whole && span == kNoRange)) return c;  // nothing gathered: keep the values
   int64_t total = 0;
   for (const auto& v : kept) total += static_cast<int64_t>(v.size());
   const auto key_dtype = sizeof(bits_t) == 2 ? at::kShort : sizeof(bits_t) == 4 ? at::kInt : at::kLong;
   at::Tensor out = at::empty({total}, c.options().dtype(key_dtype));
   auto* dst = static_cast<bits_t*>(out.data_ptr());
   for (const auto& v : kept) {
-    std::copy(v.begin(), v.end(), dst);
-    dst += v.size();
+    for (const bits_t key : v) *dst++ = key < T::nan_key ? key : T::nan_key;
   }
   return out;
 }
@@ -453,29 +528,38 @@ at::Tensor histogram_keys(const at::Tensor& src, uint64_t prefix, int shift, int
   const int64_t n = c.numel();
   const uint64_t digit_mask = (uint64_t(1) << width) - 1;
   const int high_shift = shift + width;
-  std::vector<key_t> kept;
+  // branch-free: about half of the gathered keys match (they share the previous digit range),
+  // which a branch would mispredict
+  std::vector<key_t> kept(gather ? n : 0);
+  int64_t count = 0;
   for (int64_t i = 0; i < n; ++i) {
     const uint64_t key = static_cast<uint64_t>(keys[i]);  // keys are non-negative
-    if (high_shift < 64 && (key >> high_shift) != prefix) continue;
-    out_row[(key >> shift) & digit_mask]++;
-    if (gather) kept.push_back(keys[i]);
+    const int64_t match = high_shift >= 64 || (key >> high_shift) == prefix;
+    out_row[(key >> shift) & digit_mask] += match;
+    if (gather) {
+      kept[count] = keys[i];
+      count += match;
+    }
   }
   if (!gather) return c;
-  at::Tensor out = at::empty({static_cast<int64_t>(kept.size())}, c.options());
-  std::copy(kept.begin(), kept.end(), out.data_ptr<key_t>());
+  at::Tensor out = at::empty({count}, c.options());
+  std::copy(kept.begin(), kept.begin() + count, out.data_ptr<key_t>());
   return out;
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> radix_histogram(
-    at::TensorList sources, at::IntArrayRef prefixes, int64_t shift, int64_t width, bool gather) {
-  TORCH_CHECK(sources.size() == prefixes.size(), "radix_histogram: ", sources.size(),
-              " sources but ", prefixes.size(), " prefixes");
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<int64_t>> radix_histogram(
+    at::TensorList sources, at::IntArrayRef prefixes, int64_t shift, int64_t width, bool gather,
+    at::ArrayRef<double> quantiles) {
+  TORCH_CHECK(sources.size() == prefixes.size() && sources.size() == quantiles.size(),
+              "radix_histogram: ", sources.size(), " sources but ", prefixes.size(), " prefixes and ",
+              quantiles.size(), " quantiles");
   TORCH_CHECK(width >= 1 && width <= dsd_kernels_keys::kMaxDigitBits && shift >= 0,
               "radix_histogram: width must be in [1, ", dsd_kernels_keys::kMaxDigitBits,
               "] and shift >= 0, got width ", width, ", shift ", shift);
   const auto count = static_cast<int64_t>(sources.size());
   at::Tensor hist = at::zeros({count, int64_t(1) << width}, at::kLong);
   std::vector<at::Tensor> next;
+  std::vector<int64_t> ranges(2 * count, -1);  // per source: first digit and span gathered, or -1
   for (int64_t i = 0; i < count; ++i) {
     const at::Tensor& src = sources[i];
     TORCH_CHECK(src.device().is_cpu(), "radix_histogram: sources[", i, "] is not a CPU tensor");
@@ -489,13 +573,20 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> radix_histogram(
       case at::kLong: next.push_back(histogram_keys<int64_t>(src, prefix, sh, wd, gather, row)); break;
       default:
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "radix_histogram", [&] {
+          uint64_t lo = 0, span = kNoRange;
           next.push_back(src.numel() < (int64_t(1) << 32)
-                             ? histogram_values<scalar_t, uint32_t>(src, prefix, sh, wd, gather, row)
-                             : histogram_values<scalar_t, int64_t>(src, prefix, sh, wd, gather, row));
+                             ? histogram_values<scalar_t, uint32_t>(src, prefix, sh, wd, gather,
+                                                                    quantiles[i], row, &lo, &span)
+                             : histogram_values<scalar_t, int64_t>(src, prefix, sh, wd, gather,
+                                                                   quantiles[i], row, &lo, &span));
+          if (span != kNoRange) {
+            ranges[2 * i] = static_cast<int64_t>(lo);
+            ranges[2 * i + 1] = static_cast<int64_t>(span);
+          }
         });
     }
   }
-  return {hist, next};
+  return {hist, next, ranges};
 }
 
 // Packed keep-words from a threshold found elsewhere: key > keys[i] is kept, and of the ties[i]

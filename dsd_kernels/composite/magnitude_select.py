@@ -135,13 +135,16 @@ def magnitude_select(tensors: list[torch.Tensor], sparsities: list[float], *, wa
 # distributed.py runs the radix passes of a selection over weights sharded across processes:
 # per pass each process histograms its shards with these, the histograms are summed across
 # processes, and the digit is located from the sum. Every backend has the same two functions.
-def digit_histograms(sources: list[torch.Tensor], prefixes: list[int], shift: int, width: int, *,
-                     gather: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def digit_histograms(sources: list, prefixes: list[int], shift: int, width: int, *,
+                     gather: bool, quantiles: list[float] | None = None
+                     ) -> tuple[torch.Tensor, list]:
     """One radix pass: int64 (len(sources), 2**width) counts of the digit
     (key >> shift) & (2**width - 1) over the keys of each source whose higher bits
     (key >> (shift + width)) equal prefixes[i]. sources: float tensors (keys of |w|, NaN
-    clamped), or what an earlier call returned. Returns the histograms and the sources for
-    the next pass: with gather, the matching keys only (a backend may also return the input)."""
+    clamped), or what an earlier call of the same backend returned (opaque to the caller).
+    Returns the histograms and the sources for the next pass: with gather, the matching keys
+    only (a backend may also return the input). quantiles[i]: k / numel of the global
+    selection, a hint where the k-th key lies (this backend does not use it)."""
     device = sources[0].device
     hist = torch.zeros(len(sources), 1 << width, dtype=torch.int64, device=device)
     out = []

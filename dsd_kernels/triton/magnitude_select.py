@@ -239,7 +239,7 @@ def magnitude_select(tensors: list[torch.Tensor], sparsities: list[float], *, wa
 
 
 # ---------------------------------------------------------------- sharded selection
-def digit_histograms(sources, prefixes, shift: int, width: int, *, gather: bool):
+def digit_histograms(sources, prefixes, shift: int, width: int, *, gather: bool, quantiles=None):
     """See composite.magnitude_select.digit_histograms. Every pass reads the values (no
     gathering: on a GPU a filtered re-read costs less than compacting the candidates)."""
     hist = torch.zeros(len(sources), 1 << width, dtype=torch.int64, device=sources[0].device)

@@ -1,0 +1,116 @@
+"""Sharded (DTensor Shard(0)) magnitude selection vs the local one, per element, on CPU.
+
+    python benchmarks/sharded_select.py [--out benchmarks/results/sharded-select-<device>.json]
+
+Two gloo processes with one thread each hold half of every weight (as FSDP2 shards them) and
+select with the backend the registry picks (C++ where built). The local baseline runs in the
+same two processes at the same time, in alternating rounds: each selects its own shards as
+plain tensors, with no collective (so both sides share the machine's memory bandwidth alike).
+Both read the same elements per process, so sharded / local is the cost per element of
+sharding: the all_reduces of the histograms, the all_gather of the tie counts, and whatever the
+per-shard kernels do more than the local kernel.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+CASES = {"16M fp32": lambda g: [torch.randn(4096, 4096, generator=g)],
+         "ResNet-50 weights": None}  # filled in main() (needs dsd_kernels.benchmarking)
+
+
+def _time_alternating(fns: dict, repeats: int) -> dict:
+    """Median seconds of each callable, timed in alternating rounds after one warm-up each."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _weights(name):
+    from dsd_kernels.benchmarking import resnet50_weight_shapes
+    g = torch.Generator().manual_seed(0)
+    if name == "ResNet-50 weights":
+        return [torch.randn(s, generator=g) for s in resnet50_weight_shapes()]
+    return CASES[name](g)
+
+
+def _worker(rank, world, init_file, out_file, repeats):
+    torch.set_num_threads(1)
+    import dsd_kernels as dk
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        out = {}
+        for name in CASES:
+            shards = [distribute_tensor(w, mesh, [Shard(0)]) for w in _weights(name)]
+            plain = [s.to_local().clone() for s in shards]
+
+            def sharded():
+                dist.barrier()
+                dk.magnitude_masks(shards, 0.5)
+
+            def local():
+                dist.barrier()  # both processes start together, as in the sharded rounds
+                dk.magnitude_masks(plain, 0.5)
+            out[name] = _time_alternating({"sharded": sharded, "local": local}, repeats)
+        if rank == 0:
+            with open(out_file, "w") as f:
+                json.dump(out, f)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", help="results JSON (default: print only)")
+    args = parser.parse_args(argv)
+    import dsd_kernels as dk
+    from dsd_kernels import _backend
+    from dsd_kernels.benchmarking import device_label, environment
+    backend = _backend.resolve("magnitude_select_sharded", torch.device("cpu"), (torch.float32,)).backend
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = os.path.join(tmp, "sharded.json")
+        mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), out_file, args.repeats), nprocs=2, join=True)
+        with open(out_file) as f:
+            timed = json.load(f)
+    for name in CASES:
+        elements = sum(-(-w.shape[0] // 2) * (w.numel() // w.shape[0]) for w in _weights(name))  # rank 0's
+        row = {"case": name, "op": "magnitude_masks", "sparsity": 0.5, "backend": backend,
+               "processes": 2, "threads_per_process": 1, "elements_per_process": elements,
+               "sharded_s": timed[name]["sharded"], "local_s": timed[name]["local"],
+               "sharded_over_local": timed[name]["sharded"] / timed[name]["local"]}
+        results.append(row)
+        print(f"{name}: sharded {row['sharded_s'] * 1e3:.1f} ms, local {row['local_s'] * 1e3:.1f} ms "
+              f"per process ({elements / 1e6:.1f}M elements each): sharded/local = "
+              f"{row['sharded_over_local']:.2f} [{backend}]")
+    if args.out:
+        env = environment("cpu")
+        env["label"] = device_label("cpu")
+        with open(args.out, "w") as f:
+            json.dump({"environment": env, "results": results}, f, indent=2)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
