@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 import torch.utils.benchmark as tbench
 
+from ._files import atomic_write_text
+
 
 @dataclass
 class Case:
@@ -185,10 +187,7 @@ def write_results(path: str, env: dict, results: list[dict]) -> None:
             old = json.load(f).get("results", [])
         fresh = {(r["op"], r["case"]) for r in results}
         merged = [r for r in old if (r["op"], r["case"]) not in fresh] + results
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"environment": env, "results": merged}, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"environment": env, "results": merged}, indent=2))
 
 
 def format_row(r: dict) -> str:

@@ -149,23 +149,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, device, and which backends are available and why")
     p.set_defaults(func=_cmd_info)
+    from .dsd.models import MODELS
+    from .dsd.train import TrainConfig
+    d = TrainConfig()  # the job's defaults, stated once
     p = sub.add_parser("train", help="DSD vs dense and lower-lr baselines on MNIST-1D (default)",
                        description="Train dense, llr and DSD on the same seeds and report paired "
                                    "differences, plots and per-phase sparsity.")
-    p.add_argument("--data", default="mnist1d", help="mnist1d (generated, default), digits, or PATH.npz")
-    p.add_argument("--model", default="all", choices=["all", "mlp", "cnn"], help="default: both")
-    p.add_argument("--sparsity", type=float, default=0.5, help="uniform DSD sparsity in [0, 1) (0.5)")
+    p.add_argument("--data", default=d.data, help=f"mnist1d (generated), digits, or PATH.npz ({d.data})")
+    p.add_argument("--model", default="all", choices=["all", *MODELS], help="default: all")
+    p.add_argument("--sparsity", type=float, default=d.sparsity,
+                   help=f"uniform DSD sparsity in [0, 1) ({d.sparsity})")
     p.add_argument("--epochs", type=int, nargs=3, metavar=("D", "S", "R"),
-                   help="dense, sparse, re-dense epochs (20 20 20)")
-    p.add_argument("--cycles", type=int, default=1, help="sparse+re-dense cycles (2 = DSDSD)")
-    p.add_argument("--seeds", type=int, default=5, help="number of seeds (5)")
-    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate of the dense phase (0.05)")
-    p.add_argument("--batch-size", type=int, default=32, help="(32)")
+                   help=f"dense, sparse, re-dense epochs ({' '.join(map(str, d.epochs))})")
+    p.add_argument("--cycles", type=int, default=d.cycles,
+                   help=f"sparse+re-dense cycles, 2 = DSDSD ({d.cycles})")
+    p.add_argument("--seeds", type=int, default=d.seeds, help=f"number of seeds ({d.seeds})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"SGD learning rate of the dense phase ({d.lr})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"({d.batch_size})")
     p.add_argument("--train-samples", type=int,
-                   help="training samples to use (mnist1d: 1000 of 4000; 0 = all)")
+                   help=f"training samples to use (mnist1d: {d.train_samples} of 4000; 0 = all)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p.add_argument("--out", help="output folder (default runs/<timestamp>)")
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="N",
                    help="checkpoint every N epochs so --resume can continue a killed job")
     p.add_argument("--resume", metavar="DIR", help="continue the job in DIR")
     p.add_argument("--quick", action="store_true", help="a small run for smoke tests (< 1 min)")

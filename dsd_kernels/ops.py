@@ -6,6 +6,7 @@ arguments here, so every backend sees well-formed input.
 """
 # No `from __future__ import annotations` here: torch.library.custom_op reads the prototypes'
 # annotations to build the schemas, and torch 2.4 accepts only evaluated typing forms.
+import math
 import numbers
 from collections.abc import Iterable, Sequence
 from functools import reduce
@@ -402,6 +403,11 @@ def _check_linear_args(x: Tensor, weight: Tensor, mask_words: Tensor, bias: Opti
                                    f"on {weight.device}, got {tuple(bias.shape)} {bias.dtype} {bias.device}")
 
 
+def _as_rows(t: Tensor) -> Tensor:
+    """(..., features) as a contiguous (rows, features) matrix; zero rows or features included."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1]).contiguous()
+
+
 def _linear_impl(x2d: Tensor):
     return _backend.implementation("masked_linear", x2d.device, (x2d.dtype,))
 
@@ -409,7 +415,7 @@ def _linear_impl(x2d: Tensor):
 @torch.library.custom_op("dsd_kernels::masked_linear", mutates_args=())
 def _masked_linear_op(x: Tensor, weight: Tensor, mask_words: Tensor, bias: Optional[Tensor]) -> Tensor:
     _check_linear_args(x, weight, mask_words, bias)
-    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    x2d = _as_rows(x)
     if x2d.numel() == 0:  # no input rows or in_features == 0: y is the bias (or 0), as F.linear gives
         y = x2d.new_zeros((x2d.shape[0], weight.shape[0]))
         if bias is not None:
@@ -431,8 +437,8 @@ def _masked_linear_backward_op(grad: Tensor, x: Tensor, weight: Tensor, mask_wor
                                ) -> Tuple[Tensor, Tensor, Tensor]:
     """(dX like x, dW like weight, db (out,)); an unneeded gradient comes back empty."""
     _check_linear_args(x, weight, mask_words, None)
-    g2d = grad.reshape(-1, grad.shape[-1]).contiguous()
-    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    g2d = _as_rows(grad)
+    x2d = _as_rows(x)
     if x2d.numel() == 0:  # nothing to multiply: dX is empty or 0, dW is 0
         dx = torch.zeros_like(x2d) if needs_input else None
         dw = torch.zeros_like(weight) if needs_weight else None

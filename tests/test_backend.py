@@ -175,3 +175,16 @@ def test_bench_command_times_every_backend_against_the_baselines(tmp_path):
         assert set(r["ours_s"]) == {"torch"} | compiled  # the interpreter is never timed
         assert "F.linear(x, W*M)" in r["baselines_s"] and r["speedup_vs_best_baseline"]
         assert all(t > 0 for t in [*r["ours_s"].values(), *r["baselines_s"].values()])
+
+
+def test_submodules_are_imported_on_first_use():
+    code = ("import sys, dsd_kernels as dk\n"
+            "assert 'dsd_kernels.optim' not in sys.modules and 'dsd_kernels.dsd' not in sys.modules\n"
+            "assert dk.optim.MaskedSGD and dk.nn.MaskedLinear and dk.dsd.DSDScheduler\n"
+            "assert 'dsd_kernels.optim' in sys.modules\n"
+            "print(sorted(set(dir(dk)) & {'optim', 'nn', 'dsd'}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['dsd', 'nn', 'optim']"
+    with pytest.raises(AttributeError, match="has no attribute 'optimm'"):
+        dk.optimm

@@ -269,3 +269,35 @@ def test_bad_data_fails_before_training(tmp_path, arrays, match, capsys):
 def test_bad_cli_arguments(tmp_path, argv, match, capsys):
     assert cli.main(["train", *argv, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sparsity", [np.float32(0.5), np.float64(0.5), torch.tensor(0.5), 0.5],
+                         ids=["np.float32", "np.float64", "0-d tensor", "float"])
+def test_scheduler_takes_any_real_sparsity(sparsity):
+    opt = MaskedSGD(small_model().parameters(), lr=0.1)
+    s = DSDScheduler(opt, dense_epochs=1, sparse_epochs=1, redense_epochs=1, sparsity=sparsity)
+    assert s.sparsity == 0.5 and type(s.sparsity) is float
+    s.step()
+    assert all(abs(m.sparsity - 0.5) < 0.02 for m in opt.masks.values())
+    with pytest.raises(TypeError, match="sparsity must be a float, got str"):
+        DSDScheduler(opt, dense_epochs=1, sparse_epochs=1, redense_epochs=1, sparsity="0.5")
+
+
+def test_phase_plan_is_one_definition():
+    from dsd_kernels.dsd.scheduler import PhasePlan
+    plan = PhasePlan(2, 3, 1, cycles=2)
+    assert plan.total_epochs == 2 + 2 * (3 + 1)
+    assert [plan.phase_at(e) for e in range(plan.total_epochs)] == \
+        ["dense"] * 2 + (["sparse"] * 3 + ["redense"]) * 2
+    assert plan.phases() == [("dense", 0, 2), ("sparse", 2, 3), ("redense", 5, 1),
+                             ("sparse", 6, 3), ("redense", 9, 1)]
+    cfg = TrainConfig(epochs=[2, 3, 1], cycles=2)
+    assert cfg.plan == plan and cfg.total_epochs == plan.total_epochs
+
+
+def test_cli_defaults_are_the_train_config_defaults():
+    args = cli.build_parser().parse_args(["train"])
+    d = TrainConfig()
+    assert (args.data, args.sparsity, args.cycles, args.seeds, args.lr, args.batch_size,
+            args.checkpoint_every) == (d.data, d.sparsity, d.cycles, d.seeds, d.lr, d.batch_size,
+                                       d.checkpoint_every)

@@ -206,3 +206,29 @@ def test_torch_compile_fullgraph():
         return [(w.abs() > th).float().mean() for w, th in zip(ws, t)]
 
     assert [float(f) for f in prune_fraction(tensors)] == [0.5, 0.5]
+
+
+def test_any_iterable_of_tensors_and_of_sparsities(backend):
+    import numpy as np
+    model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.Linear(30, 5)).to(DEVICE)
+    weights = [p for p in model.parameters()]
+    want = dk.magnitude_masks(weights, [0.5, 0.1, 0.7, 0.2])
+    got = dk.magnitude_masks(model.parameters(), (s for s in [0.5, 0.1, 0.7, 0.2]))  # generators
+    assert got == want
+    assert dk.magnitude_masks(model.parameters(), np.float32(0.5)) == dk.magnitude_masks(weights, 0.5)
+    assert dk.magnitude_masks(weights, torch.tensor([0.5, 0.1, 0.7, 0.2])) == want
+    assert torch.equal(dk.magnitude_thresholds(iter(weights), 0.3), dk.magnitude_thresholds(weights, 0.3))
+    with pytest.raises(TypeError, match="iterable of tensors, got int"):
+        dk.magnitude_masks(3, 0.5)
+
+
+def test_direct_op_calls_check_their_inputs():
+    with pytest.raises(TypeError, match=r"tensors\[1\] has dtype torch.int64"):
+        torch.ops.dsd_kernels.magnitude_masks([torch.randn(4), torch.arange(4)], [0.5, 0.5])
+    with pytest.raises(ValueError, match=r"sparsities\[0\] must be in \[0, 1\], got 1.5"):
+        torch.ops.dsd_kernels.magnitude_thresholds([torch.randn(4)], [1.5])
+    with pytest.raises(ValueError, match="2 tensors but 1 sparsities"):
+        torch.ops.dsd_kernels.magnitude_masks([torch.randn(4), torch.randn(3)], [0.5])
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode, pytest.raises(TypeError, match=r"tensors\[0\] has dtype torch.int64"):
+        torch.ops.dsd_kernels.magnitude_masks([mode.from_tensor(torch.arange(4))], [0.5])

@@ -56,19 +56,66 @@ def test_3d_input_bool_mask_and_no_bias(backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
-def test_block_sparse_tiles_are_skipped_and_exact(backend, dtype):
+def test_block_sparse_matches_reference(backend, dtype):
     x, w, b, keep = case(70, 200, 150, dtype)
     mask = dk.magnitude_masks(w, 0.75, block=(64, 64))[0]
     check_against_reference(x, w, b, mask.to_bool(), mask)
-    if dtype != torch.float32:
-        return
-    from dsd_kernels.tile_structure import tile_structure
-    s = tile_structure(mask.packed.to(DEVICE), 150, 200)
-    assert int(s.kept.sum()) == 12 - round(0.75 * 12)  # 3 x 4 tiles of 64 x 64
-    assert sum(len(ks) for ks in s.host_lists()[0]) == 3
-    if DEVICE == "cpu":
-        from dsd_kernels.composite.masked_linear import _tiles
-        assert _tiles(mask.packed, w) is not None  # the torch backend ran tile by tile
+
+
+def test_empty_tiles_are_skipped(backend):
+    """A skipped tile is never multiplied: inf in the inputs it would meet stays out of the result.
+    W*M is 0 in a pruned tile, and 0 * inf = NaN, so a backend that multiplies pruned tiles (the
+    dense way, F.linear(x, W*M)) returns NaN where one that skips them returns finite values."""
+    x, w, b, _ = case(70, 200, 150, torch.float32)
+    keep = torch.zeros(150, 200, dtype=torch.bool, device=DEVICE)
+    keep[:64, :64] = torch.rand(64, 64, device=DEVICE) > 0.3  # 1 of 3 x 4 tiles keeps anything
+    x = x.detach().clone()
+    x[:, 64:] = float("inf")  # meets only the empty k-tiles 1..3
+    x.requires_grad_()
+    y = ops.masked_linear(x, w, keep, b)
+    assert torch.isnan(torch.nn.functional.linear(x.detach(), w.detach() * keep)).any()  # dense: NaN
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, R.masked_linear(x[:, :64], w[:, :64], keep[:, :64], b), **TOL[torch.float32])
+    grad = torch.randn_like(y)
+    grad[:, 64:] = float("inf")  # dX = dY @ (W*M) meets it only in the empty n-tiles 1..2
+    dx, = torch.autograd.grad(y, (x,), grad)
+    assert torch.isfinite(dx).all()
+    torch.testing.assert_close(dx[:, :64], grad[:, :64] @ (w * keep)[:64, :64], **TOL[torch.float32])
+    assert dx[:, 64:].eq(0).all()
+
+
+@pytest.mark.parametrize("lead", [(0,), (3, 0)], ids=str)
+def test_no_input_rows_or_no_in_features_give_the_bias(backend, lead):
+    for tokens, d_in in ((0, 9), (4, 0)):
+        x = torch.randn(*lead[:-1], tokens, d_in, device=DEVICE, requires_grad=True)
+        w = torch.randn(5, d_in, device=DEVICE, requires_grad=True)
+        b = torch.randn(5, device=DEVICE, requires_grad=True)
+        keep = torch.ones(5, d_in, dtype=torch.bool, device=DEVICE)
+        y = ops.masked_linear(x, w, keep, b)
+        want = F.linear(x, w, b)
+        torch.testing.assert_close(y, want)
+        grads = torch.autograd.grad(y.sum(), (x, w, b))
+        want_grads = torch.autograd.grad(want.sum(), (x, w, b))
+        for got, ref in zip(grads, want_grads):
+            torch.testing.assert_close(got, ref)
+        torch.testing.assert_close(ops.masked_linear(x, w, keep), F.linear(x, w))
+
+
+def test_direct_op_call_checks_its_inputs_like_the_wrapper():
+    x, w = torch.randn(3, 40), torch.randn(5, 40)
+    words = dk.Mask.from_bool(torch.ones(5, 40, dtype=torch.bool)).packed
+    with pytest.raises(ValueError, match=r"mask_words \(\(5, 1\), torch.int32, cpu\) does not fit weight "
+                                         r"\(5, 40\): expected int32 \(5, 2\)"):
+        torch.ops.dsd_kernels.masked_linear(x, w, words[:, :1], None)
+    with pytest.raises(ValueError, match="weight expects in_features=40"):
+        torch.ops.dsd_kernels.masked_linear(x[:, :7], w, words, None)
+    with pytest.raises(TypeError, match="one float dtype"):
+        torch.ops.dsd_kernels.masked_linear(x.double(), w, words, None)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    short = words[:, :1].clone()
+    with FakeTensorMode() as mode, pytest.raises(ValueError, match="does not fit weight"):
+        torch.ops.dsd_kernels.masked_linear(mode.from_tensor(x), mode.from_tensor(w),
+                                            mode.from_tensor(short), None)
 
 
 def test_gradcheck_float64():
@@ -216,3 +263,11 @@ def test_cpp_kernel_checks_the_tile_grid_it_is_given():
     with pytest.raises(RuntimeError, match=r"tile_kept must be contiguous int32 of shape \(2, 3\)"):
         torch.ops.dsd_kernels_cpp.masked_linear_forward(torch.randn(4, 130), w, words, None,
                                                         torch.ones(3, 2, dtype=torch.int32))
+
+
+def test_sparsify_gives_sparsities_in_named_modules_order():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(MaskedLinear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
+                                torch.nn.ReLU(), MaskedLinear(16, 4)).to(DEVICE)
+    sparsify(model, [0.25, 0.5, 0.75])
+    assert [round(m.sparsity, 4) for m in (model[0], model[2], model[4])] == [0.25, 0.5, 0.75]

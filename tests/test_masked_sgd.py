@@ -283,3 +283,68 @@ def test_opcheck_masked_sgd():
     words = [dk.Mask.from_bool(torch.rand(5, 40) > 0.5).packed, None]
     torch.library.opcheck(torch.ops.dsd_kernels.masked_sgd_.default,
                           (params, grads, bufs, words, [False, True], 0.1, 0.9, 0.0, 1e-3, True, False))
+
+
+def test_masks_none_means_all_dense_and_iterables_are_accepted(backend):
+    params = make_params()
+    theirs = [p.clone() for p in params]
+    grads = make_grads(params, 0)
+    ops.masked_sgd_(iter(params), (g for g in grads), None, None, lr=0.1)
+    R.masked_sgd_(theirs, grads, [None] * len(theirs), [None] * len(theirs), lr=0.1, momentum=0.0,
+                  dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False)
+    for p, q in zip(params, theirs):
+        torch.testing.assert_close(p, q, **TOL[torch.float32])
+
+
+def test_non_contiguous_mask_words_and_float_masks_work_on_every_backend(backend):
+    from torch.nn.utils import prune
+    layer = torch.nn.Linear(70, 33).to(DEVICE)
+    prune.l1_unstructured(layer, "weight", amount=0.5)
+    w = layer.weight.detach().clone()
+    keep = layer.weight_mask.bool()
+    padded = torch.zeros(33, 6, dtype=torch.int32, device=DEVICE)
+    padded[:, ::2] = dk.Mask.from_bool(keep).packed
+    strided = dk.Mask(padded[:, ::2], keep.shape)  # built from a non-contiguous view
+    grads = [torch.randn_like(w)]
+    outs = []
+    for mask in (strided, layer.weight_mask, keep):  # packed view, 0/1 float (torch prune), bool
+        p = w.clone()
+        ops.masked_sgd_([p], grads, [None], [mask], lr=0.1, momentum=0.9)
+        outs.append(p)
+    ref = [w.clone()]
+    R.masked_sgd_(ref, grads, [None], [keep], lr=0.1, momentum=0.9, dampening=0.0,
+                  weight_decay=0.0, nesterov=False, maximize=False)
+    for p in outs:
+        torch.testing.assert_close(p, ref[0], **TOL[torch.float32])
+        assert p[~keep].eq(0).all()
+
+
+def test_load_state_dict_with_a_bad_mask_index_changes_nothing():
+    a = torch.nn.Parameter(torch.randn(6, 7))
+    opt = MaskedSGD([a], lr=0.1, momentum=0.9)
+    opt.prune(0.3)
+    state = opt.state_dict()
+    other = MaskedSGD([torch.nn.Parameter(torch.randn(6, 7))], lr=0.5)
+    before = other.state_dict()
+    for bad in (5, -1, "0"):
+        broken = {**state, "masks": {bad: state["masks"][0]}}
+        with pytest.raises(ValueError, match=f"mask for parameter {bad!r}, but this optimizer holds "
+                                             r"parameters 0\.\.0"):
+            other.load_state_dict(broken)
+        assert other.state_dict() == before and other.masks == {}
+
+
+def test_direct_op_call_checks_its_inputs_like_the_wrapper():
+    p, g = torch.zeros(4, 40), torch.zeros(4, 40)
+    bad_words = torch.zeros(4, 1, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"mask_words\[0\] \(\(4, 1\), torch.int64\) does not fit params\[0\]"):
+        torch.ops.dsd_kernels.masked_sgd_([p], [g], [], [bad_words], [], 0.1, 0.0, 0.0, 0.0, False, False)
+    with pytest.raises(ValueError, match=r"grads\[0\] .* does not match params\[0\]"):
+        torch.ops.dsd_kernels.masked_sgd_([p], [g[:2]], [], [None], [], 0.1, 0.0, 0.0, 0.0, False, False)
+    with pytest.raises(ValueError, match="momentum_buffers and first_step need 1 entries"):
+        torch.ops.dsd_kernels.masked_sgd_([p], [g], [], [None], [], 0.1, 0.9, 0.0, 0.0, False, False)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode, pytest.raises(ValueError, match=r"mask_words\[0\]"):
+        fp, fg = mode.from_tensor(p), mode.from_tensor(g)
+        torch.ops.dsd_kernels.masked_sgd_([fp], [fg], [], [mode.from_tensor(bad_words)], [], 0.1,
+                                          0.0, 0.0, 0.0, False, False)

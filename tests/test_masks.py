@@ -73,3 +73,47 @@ def test_to_device_and_clone():
     assert moved.device.type == "meta" and moved.shape == m.shape
     c = m.clone()
     assert c == m and c.packed is not m.packed
+
+
+def test_padding_bits_are_normalised_so_equal_masks_compare_equal():
+    keep = torch.rand(3, 40, generator=torch.Generator().manual_seed(2)) > 0.5
+    clean = Mask.from_bool(keep)
+    dirty_words = clean.packed.clone()
+    dirty_words[:, 1] |= 1 << 20  # bits past column 40 of each row's last word
+    dirty = Mask(dirty_words, keep.shape)
+    assert dirty == clean and dirty.count() == clean.count()
+    assert torch.equal(dirty.packed, clean.packed)
+    assert dirty_words[0, 1] != clean.packed[0, 1]  # the caller's tensor is left as it was
+
+
+def test_non_contiguous_words_are_made_contiguous():
+    words = torch.zeros(8, 4, dtype=torch.int32)
+    words[:, ::2] = -1
+    view = words[:, ::2]  # a (8, 2) non-contiguous view
+    m = Mask(view, (8, 64))
+    assert m.packed.is_contiguous() and torch.equal(m.packed, view)
+
+
+def test_shape_and_state_dict_errors_name_the_problem():
+    with pytest.raises(ValueError, match=r"non-negative sizes, got \(-1,\)"):
+        Mask(torch.zeros(1, 1, dtype=torch.int32), [-1])
+    with pytest.raises(TypeError, match="shape must be a sequence of ints"):
+        Mask(torch.zeros(1, 1, dtype=torch.int32), "abc")
+    with pytest.raises(ValueError, match="lacks 'packed'"):
+        Mask.from_state_dict({"shape": [3]})
+    with pytest.raises(ValueError, match="lacks 'shape'"):
+        Mask.from_state_dict({"packed": torch.zeros(1, 1, dtype=torch.int32)})
+    with pytest.raises(TypeError, match="must be a dict"):
+        Mask.from_state_dict([1, 2])
+
+
+def test_float_masks_from_torch_prune_are_accepted():
+    from torch.nn.utils import prune
+
+    from dsd_kernels.masks import as_mask
+    layer = torch.nn.Linear(40, 7)
+    prune.l1_unstructured(layer, "weight", amount=0.4)
+    m = as_mask(layer.weight_mask, layer.weight)
+    assert torch.equal(m.to_bool(), layer.weight_mask.bool())
+    with pytest.raises(ValueError, match="values other than 0 and 1"):
+        as_mask(layer.weight_mask * 0.5, layer.weight)

@@ -5,7 +5,9 @@ import json
 import os
 import statistics
 
-from .train import METHODS, TrainConfig, _atomic_write
+from .._files import atomic_path, atomic_write_text
+from .scheduler import PhasePlan
+from .train import METHODS, TrainConfig
 
 PHASE_SNAPSHOTS = (("dense", "after dense"), ("pruned", "right after pruning"),
                    ("sparse", "after sparse"), ("redense", "after re-dense"))
@@ -89,9 +91,8 @@ def _markdown(report: dict) -> str:
 
 
 def _save_figure(fig, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
 
 
 def plot_accuracy(report: dict, path: str) -> None:
@@ -103,11 +104,9 @@ def plot_accuracy(report: dict, path: str) -> None:
     models = cfg["models"]
     fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.5), squeeze=False,
                              layout="constrained")
-    dense, sparse, redense = cfg["epochs"]
-    boundaries = [dense]
-    for c in range(cfg["cycles"]):
-        start = dense + c * (sparse + redense)
-        boundaries += [start + sparse, start + sparse + redense]
+    # the last epoch of each phase but the last
+    boundaries = [first + length for _, first, length in
+                  PhasePlan(*cfg["epochs"], cycles=cfg["cycles"]).phases()[:-1]]
     for ax, model in zip(axes[0], models):
         for method in METHODS:
             curves = [[h["test_accuracy"] for h in r["history"]] for r in report["runs"]
@@ -121,7 +120,7 @@ def plot_accuracy(report: dict, path: str) -> None:
             ax.plot(epochs, mean, label=method)
             ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                             alpha=0.2)
-        for b in boundaries[:-1]:
+        for b in boundaries:
             ax.axvline(b + 0.5, color="grey", linestyle="--", linewidth=0.8)
         ax.set_title(f"{model}: test accuracy, mean +- std over {cfg['seeds']} seeds\n"
                      f"dashed: DSD phase boundaries (dense | sparse | re-dense)", fontsize=10)
@@ -160,8 +159,8 @@ def plot_weights(snapshots: dict, path: str) -> None:
 
 
 def write_report(report: dict, snapshots: dict, out_dir: str) -> None:
-    _atomic_write(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1))
-    _atomic_write(os.path.join(out_dir, "report.md"), _markdown(report))
+    atomic_write_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1))
+    atomic_write_text(os.path.join(out_dir, "report.md"), _markdown(report))
     plot_accuracy(report, os.path.join(out_dir, "accuracy.png"))
     plot_weights(snapshots, os.path.join(out_dir, "weights.png"))
 

@@ -16,23 +16,62 @@ followed by redense_epochs re-dense epochs (cycles=2 gives DSDSD).
 """
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 
+from ..ops import as_sparsity, magnitude_masks
+
 PHASES = ("dense", "sparse", "redense")
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    """The DSD epoch plan: `dense` epochs, then `cycles` times `sparse` then `redense` epochs.
+    The one definition of which phase an epoch is in (scheduler, train job and report use it)."""
+    dense: int
+    sparse: int
+    redense: int
+    cycles: int = 1
+
+    def __post_init__(self):
+        for name in ("dense", "sparse", "redense", "cycles"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                label = name if name == "cycles" else f"{name}_epochs"
+                raise ValueError(f"{label} must be a positive integer, got {value!r}")
+
+    @property
+    def total_epochs(self) -> int:
+        return self.dense + self.cycles * (self.sparse + self.redense)
+
+    def phase_at(self, epoch: int) -> str:
+        """Phase of 0-based epoch `epoch` ("dense" past the end: training is over)."""
+        if epoch < self.dense or epoch >= self.total_epochs:
+            return "dense"
+        offset = (epoch - self.dense) % (self.sparse + self.redense)
+        return "sparse" if offset < self.sparse else "redense"
+
+    def length(self, phase: str) -> int:
+        """Epochs in one `phase` ("dense", "sparse" or "redense")."""
+        return {"dense": self.dense, "sparse": self.sparse, "redense": self.redense}[phase]
+
+    def phases(self) -> list[tuple[str, int, int]]:
+        """[(phase, first epoch, number of epochs)] in order."""
+        plan = [("dense", 0, self.dense)]
+        start = self.dense
+        for _ in range(self.cycles):
+            plan += [("sparse", start, self.sparse), ("redense", start + self.sparse, self.redense)]
+            start += self.sparse + self.redense
+        return plan
 
 
 class DSDScheduler:
     def __init__(self, optimizer, *, dense_epochs: int, sparse_epochs: int, redense_epochs: int,
                  sparsity: float, redense_lr_scale: float = 0.1, cycles: int = 1,
                  lr_scheduler=None, model: torch.nn.Module | None = None):
-        for name, value in (("dense_epochs", dense_epochs), ("sparse_epochs", sparse_epochs),
-                            ("redense_epochs", redense_epochs), ("cycles", cycles)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0 or math.isnan(sparsity):
-            raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+        self.plan = PhasePlan(dense_epochs, sparse_epochs, redense_epochs, cycles)
+        sparsity = as_sparsity(sparsity, allow_one=False)
         if not redense_lr_scale > 0:
             raise ValueError(f"redense_lr_scale must be positive, got {redense_lr_scale!r}")
         self.masked_linears = []
@@ -49,7 +88,7 @@ class DSDScheduler:
         self.lr_scheduler = lr_scheduler
         self.dense_epochs, self.sparse_epochs = dense_epochs, sparse_epochs
         self.redense_epochs, self.cycles = redense_epochs, cycles
-        self.sparsity = float(sparsity)
+        self.sparsity = sparsity
         self.redense_lr_scale = float(redense_lr_scale)
         self.epoch = 0  # epochs completed
         self.lr_scaled = False
@@ -57,14 +96,11 @@ class DSDScheduler:
     # ------------------------------------------------------------ schedule
     @property
     def total_epochs(self) -> int:
-        return self.dense_epochs + self.cycles * (self.sparse_epochs + self.redense_epochs)
+        return self.plan.total_epochs
 
     def phase_at(self, epoch: int) -> str:
         """Phase of 0-based epoch `epoch` ("dense" past the end: training is over)."""
-        if epoch < self.dense_epochs or epoch >= self.total_epochs:
-            return "dense"
-        offset = (epoch - self.dense_epochs) % (self.sparse_epochs + self.redense_epochs)
-        return "sparse" if offset < self.sparse_epochs else "redense"
+        return self.plan.phase_at(epoch)
 
     @property
     def phase(self) -> str:
@@ -73,13 +109,7 @@ class DSDScheduler:
 
     def phase_plan(self) -> list[tuple[str, int, int]]:
         """[(phase, first epoch, number of epochs)] in order."""
-        plan = [("dense", 0, self.dense_epochs)]
-        start = self.dense_epochs
-        for _ in range(self.cycles):
-            plan += [("sparse", start, self.sparse_epochs),
-                     ("redense", start + self.sparse_epochs, self.redense_epochs)]
-            start += self.sparse_epochs + self.redense_epochs
-        return plan
+        return self.plan.phases()
 
     def step(self) -> str | None:
         """Call once at the end of every epoch. Returns the phase entered, if one starts now."""
@@ -103,7 +133,6 @@ class DSDScheduler:
         if not self.masked_linears:
             self.optimizer.prune(self.sparsity)
             return
-        from ..ops import magnitude_masks
         masks = magnitude_masks([m.weight for m in self.masked_linears], self.sparsity)
         for module, mask in zip(self.masked_linears, masks):
             module.set_mask(mask)  # zeroes the pruned weights

@@ -19,10 +19,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .._files import atomic_torch_save, atomic_write_text
 from ..optim import MaskedSGD
 from .data import Dataset, load_data
 from .models import MODELS, build_model, prunable_layers
-from .scheduler import DSDScheduler
+from .scheduler import DSDScheduler, PhasePlan
 
 METHODS = ("dense", "llr", "dsd")
 
@@ -74,22 +75,12 @@ class TrainConfig:
             raise ValueError("--device cuda requested but no CUDA device is available")
 
     @property
+    def plan(self) -> PhasePlan:
+        return PhasePlan(*self.epochs, cycles=self.cycles)
+
+    @property
     def total_epochs(self) -> int:
-        dense, sparse, redense = self.epochs
-        return dense + self.cycles * (sparse + redense)
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+        return self.plan.total_epochs
 
 
 @torch.no_grad()
@@ -202,7 +193,7 @@ class Run:
             last_of_phase = self.epoch == self.cfg.total_epochs or self.dsd.phase_at(self.epoch) != phase
             if last_of_phase:
                 self.phases.append({
-                    "name": phase, "epochs": self._phase_length(phase), "lr": lr,
+                    "name": phase, "epochs": self.cfg.plan.length(phase), "lr": lr,
                     "sparsity": self.cfg.sparsity if phase == "sparse" else 0.0,
                     "test_accuracy": acc, "measured_sparsity": zero_fractions(self.model)})
                 self._snapshot(phase)
@@ -210,10 +201,6 @@ class Run:
                 self._snapshot("pruned")
         else:
             self.lr_schedule.step()
-
-    def _phase_length(self, phase: str) -> int:
-        dense, sparse, redense = self.cfg.epochs
-        return {"dense": dense, "sparse": sparse, "redense": redense}[phase]
 
     def result(self) -> dict:
         out = {"method": self.method, "model": self.model_name, "seed": self.seed,
@@ -259,7 +246,7 @@ def run_job(cfg: TrainConfig, out_dir: str, *, resume: bool = False, progress: b
         os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
         os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
         if not resume:
-            _atomic_write(config_path, json.dumps(asdict(cfg), indent=2))
+            atomic_write_text(config_path, json.dumps(asdict(cfg), indent=2))
 
     runs, snapshots = [], {}
     plan = plan_runs(cfg)
@@ -289,7 +276,7 @@ def run_job(cfg: TrainConfig, out_dir: str, *, resume: bool = False, progress: b
                 bar.update(1)
                 if writer and cfg.checkpoint_every and run.epoch % cfg.checkpoint_every == 0 \
                         and run.epoch < cfg.total_epochs:
-                    _atomic_save(run.state_dict(), ckpt_path)
+                    atomic_torch_save(run.state_dict(), ckpt_path)
                 if on_epoch_end is not None:
                     on_epoch_end(run)
             result = run.result()
@@ -297,8 +284,8 @@ def run_job(cfg: TrainConfig, out_dir: str, *, resume: bool = False, progress: b
                 snapshots[model] = run.snapshots
             if writer:
                 if run.snapshots:
-                    _atomic_save(run.snapshots, snap_path)
-                _atomic_write(result_path, json.dumps(result))
+                    atomic_torch_save(run.snapshots, snap_path)
+                atomic_write_text(result_path, json.dumps(result))
                 if os.path.exists(ckpt_path):
                     os.remove(ckpt_path)
             runs.append(result)

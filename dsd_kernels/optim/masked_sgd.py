@@ -160,14 +160,19 @@ class MaskedSGD(torch.optim.SGD):
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
         masks = state_dict.pop("masks", {})
+        # the masks are checked before anything is loaded: a bad file changes nothing
+        params = [p for g in self.param_groups for p in g["params"]]
+        loaded = {}
+        for i, m in masks.items():
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(params):
+                raise ValueError(f"state_dict has a mask for parameter {i!r}, but this optimizer "
+                                 f"holds parameters 0..{len(params) - 1}")
+            mask = Mask.from_state_dict(m)
+            if mask.shape != _local(params[i]).shape:
+                raise ValueError(f"state_dict mask {i} has shape {tuple(mask.shape)} but parameter "
+                                 f"{i} has shape {tuple(_local(params[i]).shape)}")
+            loaded[params[i]] = mask.to(params[i].device)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group.setdefault("prune", True)
-        params = [p for g in self.param_groups for p in g["params"]]
-        self._masks = {}
-        for i, m in masks.items():
-            mask = Mask.from_state_dict(m)
-            if mask.shape != _local(params[int(i)]).shape:
-                raise ValueError(f"state_dict mask {i} has shape {tuple(mask.shape)} but parameter "
-                                 f"{i} has shape {tuple(_local(params[int(i)]).shape)}")
-            self._masks[params[int(i)]] = mask.to(params[int(i)].device)
+        self._masks = loaded
