@@ -113,7 +113,7 @@ def _select_sharded(tensors, sparsities, group, want_masks, kernels):
     local_ties = [0] * len(tensors)  # ties at the threshold key held by this rank
     ties_before = [0] * len(tensors)  # ... and by the ranks before it
     me = dist.get_rank(group)
-    # layers of one key width share digits, hence one all_reduce per pass for all of them
+    # layers of one key width share digits, hence one collective per pass for all of them
     by_bits: dict[int, list[int]] = {}
     for i, t in enumerate(tensors):
         if k[i] > 0:

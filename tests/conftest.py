@@ -26,7 +26,7 @@ def require_backend(name: str) -> None:
     of our code): no Triton, no nvcc to build csrc/cuda."""
     if name not in dsd_kernels.available_backends():
         pytest.skip(f"backend {name} unavailable: {dsd_kernels._backend.reasons()[name]}")
-    if name == "cpp" and DEVICE != "cpu" and not dsd_kernels._backend.cpp_has_cuda_kernel("masked_sgd_"):
+    if name == "cpp" and DEVICE != "cpu" and not dsd_kernels._backend.cpp_has_cuda_kernel("masked_sgd"):
         from torch.utils.cpp_extension import CUDA_HOME
         if CUDA_HOME is None:
             pytest.skip("cpp backend on CUDA: no nvcc on this machine to build csrc/cuda")
