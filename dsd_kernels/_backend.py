@@ -37,6 +37,8 @@ class Implementation:
     module: the module (relative to this package) holding the backend's functions for the op.
     auto: whether auto may choose it (False: only when forced, e.g. the Triton interpreter).
     fallback: chosen only where no preferred row can serve; reported once when it is.
+    variants: the variants of the op it computes (masked_sgd: "foreach", the arithmetic of
+    torch's single-tensor and foreach SGD, and "fused", that of torch's fused kernel).
     """
     op: str
     backend: str
@@ -45,23 +47,28 @@ class Implementation:
     module: str
     auto: bool = True
     fallback: bool = False
+    variants: tuple[str, ...] = ("default",)
 
-    def serves(self, device_type: str, dtypes) -> bool:
-        return self.device in (device_type, ANY_DEVICE) and all(d in self.dtypes for d in dtypes)
+    def serves(self, device_type: str, dtypes, variant: str = "default") -> bool:
+        return (self.device in (device_type, ANY_DEVICE) and all(d in self.dtypes for d in dtypes)
+                and variant in self.variants)
 
 
-def _rows(op: str, module: str, *, cuda: tuple[str, ...], cuda_dtypes=FLOATS) -> list[Implementation]:
+def _rows(op: str, module: str, *, cuda: tuple[str, ...], cuda_dtypes=FLOATS,
+          variants=("default",), cpp_cpu_variants=None) -> list[Implementation]:
     """The standard rows of an op: C++ then torch on CPU, Triton (interpreter) when forced on
     CPU, `cuda` in order on CUDA, and the torch composite as the declared fallback elsewhere."""
-    rows = [Implementation(op, "cpp", "cpu", FLOATS, f".cpp.{module}"),
-            Implementation(op, "torch", "cpu", FLOATS, f".composite.{module}"),
+    rows = [Implementation(op, "cpp", "cpu", FLOATS, f".cpp.{module}",
+                           variants=cpp_cpu_variants or variants),
+            Implementation(op, "torch", "cpu", FLOATS, f".composite.{module}", variants=variants),
             Implementation(op, "triton", "cpu", cuda_dtypes if "triton" in cuda else (),
-                           f".triton.{module}", auto=False)]
+                           f".triton.{module}", auto=False, variants=variants)]
     for backend in cuda:
         package = "composite" if backend == "torch" else backend
         rows.append(Implementation(op, backend, "cuda", cuda_dtypes if backend == "triton" else FLOATS,
-                                   f".{package}.{module}"))
-    rows.append(Implementation(op, "torch", ANY_DEVICE, FLOATS, f".composite.{module}", fallback=True))
+                                   f".{package}.{module}", variants=variants))
+    rows.append(Implementation(op, "torch", ANY_DEVICE, FLOATS, f".composite.{module}", fallback=True,
+                               variants=variants))
     return [r for r in rows if r.dtypes]
 
 
@@ -74,7 +81,12 @@ REGISTRY: tuple[Implementation, ...] = tuple(
     # the sharded (DTensor) selection's per-shard histograms and masks (distributed.py):
     # csrc/cuda has no such kernels
     + _rows("magnitude_select_sharded", "magnitude_select", cuda=("triton",))
-    + _rows("masked_sgd", "masked_sgd", cuda=("triton", "cpp"))
+    # SGD's two arithmetics on CPU (torch's fused kernel rounds the tail of each of its work
+    # chunks differently from its single-tensor/foreach ops): only the composite, which calls
+    # torch's own fused kernel, reproduces "fused" bit for bit, so the C++ row serves
+    # "foreach" only. On a GPU both are served by one kernel (bits not checked on a GPU yet).
+    + _rows("masked_sgd", "masked_sgd", cuda=("triton", "cpp"), variants=("foreach", "fused"),
+            cpp_cpu_variants=("foreach",))
     # tl.dot has no general fp64: fp64 on CUDA takes the declared torch fallback
     + _rows("masked_linear", "masked_linear", cuda=("triton",),
             cuda_dtypes=(torch.float16, torch.bfloat16, torch.float32))
@@ -216,26 +228,30 @@ def rows_for(op: str, device_type: str) -> list[Implementation]:
     return [r for r in REGISTRY if r.op == op and r.device in (device_type, ANY_DEVICE)]
 
 
-def resolve(op: str, device: torch.device, dtypes) -> Implementation:
-    """The registry row that runs `op` on `device` for tensors of `dtypes`."""
+def resolve(op: str, device: torch.device, dtypes, variant: str = "default") -> Implementation:
+    """The registry row that runs `variant` of `op` on `device` for tensors of `dtypes`."""
     dtypes = tuple(dict.fromkeys(dtypes))
     rows = rows_for(op, device.type)
+    if variant == "default":
+        variant = rows[0].variants[0]
     requested = get_backend()
     if requested != "auto":
-        forced = [r for r in rows if r.backend == requested and r.serves(device.type, dtypes)]
+        forced = [r for r in rows if r.backend == requested and r.serves(device.type, dtypes, variant)]
         if forced:
             ok, why = row_status(forced[0], device.type)
             if not ok:
                 raise RuntimeError(f"{op}: backend {requested!r} requested but unavailable: {why}")
             return forced[0]
-        _warn_once(("forced", op, requested, device.type, dtypes),
-                   f"dsd_kernels: {op} has no {requested!r} backend for {_dtype_names(dtypes)} "
-                   f"on {device.type}; choosing automatically")
+        what = _dtype_names(dtypes) + ("" if variant == rows[0].variants[0] else f" ({variant})")
+        _warn_once(("forced", op, requested, device.type, dtypes, variant),
+                   f"dsd_kernels: {op} has no {requested!r} backend for {what} on {device.type}; "
+                   f"choosing automatically")
     skipped = []
     for row in rows:
-        if not row.auto or not row.serves(device.type, dtypes):
+        if not row.auto or not row.serves(device.type, dtypes, variant):
             if row.auto:
-                skipped.append(f"{row.backend} does not serve {_dtype_names(dtypes)}")
+                skipped.append(f"{row.backend} does not serve {_dtype_names(dtypes)}"
+                               + ("" if variant in row.variants else f" ({variant})"))
             continue
         ok, why = row_status(row, device.type)
         if not ok:
@@ -255,9 +271,9 @@ def _module(name: str):
     return importlib.import_module(name, __package__)
 
 
-def implementation(op: str, device: torch.device, dtypes):
+def implementation(op: str, device: torch.device, dtypes, variant: str = "default"):
     """The backend module that runs `op` on `device` for `dtypes` (imported on first use)."""
-    return _module(resolve(op, device, dtypes).module)
+    return _module(resolve(op, device, dtypes, variant).module)
 
 
 def table() -> list[dict]:
@@ -272,6 +288,7 @@ def table() -> list[dict]:
         else:
             rank[(row.op, row.device)] = rank.get((row.op, row.device), 0) + 1
             role = f"auto #{rank[(row.op, row.device)]}"
-        out.append({"op": row.op, "backend": row.backend, "device": row.device,
+        name = row.op if row.variants == ("default",) else f"{row.op} ({', '.join(row.variants)})"
+        out.append({"op": name, "backend": row.backend, "device": row.device,
                     "dtypes": ", ".join(_SHORT[d] for d in row.dtypes), "role": role, "available": ok, "why": why})
     return out

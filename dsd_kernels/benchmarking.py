@@ -202,28 +202,33 @@ def format_row(r: dict) -> str:
     return "\n".join(lines)
 
 
-def masked_sgd_cases(device: str, param_sets: tuple[str, ...] = ("resnet50", "gpt2-small")) -> list[Case]:
+def masked_sgd_cases(device: str, param_sets: tuple[str, ...] = ("resnet50", "resnet50 channels_last",
+                                                                "gpt2-small")) -> list[Case]:
     """One SGD step (momentum 0.9, weight decay 1e-4, 50% masks on >= 2-D params) on whole
     parameter sets, against SGD(foreach=True) / SGD(fused=True) plus the two mask multiplies
-    (grad.mul_(mask) before, p.mul_(mask) after: what apex ASP does)."""
+    (grad.mul_(mask) before, p.mul_(mask) after: what apex ASP does). "channels_last": the
+    ResNet-50 conv weights and their gradients in channels_last memory order, for both sides."""
     from .optim import MaskedSGD
 
     shapes_of = {"resnet50": resnet50_weight_shapes, "gpt2-small": gpt2_small_param_shapes}
     cases = []
     for name in param_sets:
+        model, _, layout = name.partition(" ")
+        memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         gen = torch.Generator(device="cpu").manual_seed(0)
-        shapes = shapes_of[name]()
-        if name == "resnet50":  # + batch-norm weights and biases (1-D, never masked)
+        shapes = shapes_of[model]()
+        if model == "resnet50":  # + batch-norm weights and biases (1-D, never masked)
             shapes = shapes + [(s[0],) for s in shapes[:-1] for _ in range(2)] + [(1000,)]
         values = [torch.randn(s, generator=gen) for s in shapes]
         keeps = [(torch.rand(s, generator=gen) > 0.5).to(device) if len(s) >= 2 else None
                  for s in shapes]
         hyper = dict(lr=0.01, momentum=0.9, weight_decay=1e-4)
 
-        def fresh(values=values):
-            params = [torch.nn.Parameter(v.to(device)) for v in values]
+        def fresh(values=values, memory_format=memory_format):
+            params = [torch.nn.Parameter(v.to(device).contiguous(memory_format=memory_format)
+                                         if v.dim() == 4 else v.to(device)) for v in values]
             for p in params:
-                p.grad = torch.randn_like(p)
+                p.grad = torch.randn_like(p)  # in the parameter's memory format
             return params
 
         ours_params = fresh()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 _BYTE_WEIGHTS = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
 
@@ -189,6 +190,34 @@ def as_mask(mask, like: torch.Tensor, name: str = "mask") -> Mask:
         raise ValueError(f"{name} has shape {tuple(mask.shape)} but its parameter has shape "
                          f"{tuple(like.shape)}")
     return mask if mask.device == like.device else mask.to(like.device)
+
+
+_DERIVED = WeakTensorKeyDictionary()  # packed words -> {(version, form): Mask}
+
+
+def _derived(mask: Mask, form: tuple, build) -> Mask:
+    """build(mask) cached per mask words, their version and `form` (a key naming the
+    transform), so a step re-derives it only when the mask changes."""
+    version = mask.packed._version
+    cache = _DERIVED.get(mask.packed)
+    if cache is None or any(k[0] != version for k in cache):  # drop forms of older versions
+        cache = _DERIVED[mask.packed] = {k: v for k, v in (cache or {}).items() if k[0] == version}
+    key = (version, tuple(mask.shape), form)
+    if key not in cache:
+        cache[key] = build(mask)
+    return cache[key]
+
+
+def permuted_mask(mask: Mask, dims: tuple[int, ...]) -> Mask:
+    """The mask of `tensor.permute(dims)` (e.g. a channels_last weight in its memory order)."""
+    return _derived(mask, ("permute", dims), lambda m: Mask.from_bool(m.to_bool().permute(dims).contiguous()))
+
+
+def real_view_mask(mask: Mask) -> Mask:
+    """The mask of `torch.view_as_real(tensor)` for a mask of a complex tensor: each complex
+    element's mask bit covers both its real and imaginary parts."""
+    return _derived(mask, ("real_view",), lambda m: Mask.from_bool(
+        m.to_bool().unsqueeze(-1).expand(*m.shape, 2).contiguous()))
 
 
 # torch.load(weights_only=True) accepts a pickled Mask once this package is imported

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import _backend
 from ._floatbits import KEY_SPECS
-from .masks import Mask, as_mask, mask_rows_cols, packed_shape
+from .masks import Mask, as_mask, mask_rows_cols, packed_shape, permuted_mask, real_view_mask
 
 __all__ = ["magnitude_thresholds", "magnitude_masks", "masked_sgd_", "masked_linear"]
 
@@ -250,60 +250,75 @@ def _check_sgd_args(params, grads, momentum_buffers, mask_words, first_step, mom
                        lambda: f"masked_sgd_: momentum_buffers and first_step need {want} entries "
                                f"(momentum={momentum}), got {len(momentum_buffers)}, {len(first_step)}")
     for i, p in enumerate(params):
-        g = grads[i]
-        torch._check_type(p.dtype in KEY_SPECS, lambda: f"params[{i}] has dtype {p.dtype}; SGD needs "
-                                                        f"floating parameters")
-        torch._check_value(g.shape == p.shape and g.dtype == p.dtype and g.device == p.device,
-                           lambda: f"grads[{i}] ({tuple(g.shape)}, {g.dtype}, {g.device}) does not "
-                                   f"match params[{i}] ({tuple(p.shape)}, {p.dtype}, {p.device})")
-        torch._check_value(p.device == params[0].device,
-                           lambda: f"params[{i}] is on {p.device} but params[0] is on {params[0].device}")
-        if want:
-            b = momentum_buffers[i]
-            torch._check_value(b.shape == p.shape and b.dtype == p.dtype and b.device == p.device,
-                               lambda: f"momentum_buffers[{i}] does not match params[{i}] in shape, "
-                                       f"dtype or device")
-        words = mask_words[i]
-        if words is not None:
-            torch._check_value(words.dtype == torch.int32 and tuple(words.shape) == packed_shape(p.shape)
-                               and words.device == p.device,
-                               lambda: f"mask_words[{i}] ({tuple(words.shape)}, {words.dtype}) does not "
-                                       f"fit params[{i}]: expected int32 {packed_shape(p.shape)} on "
-                                       f"{p.device}")
+        for ok, error, message in _sgd_tensor_checks(i, p, grads[i], momentum_buffers[i] if want else None,
+                                                     mask_words[i], params[0].device):
+            if not ok:  # plain tests first: torch._check per tensor would cost a step's 15%
+                (torch._check_type if error is TypeError else torch._check_value)(False, message)
+
+
+def _sgd_tensor_checks(i, p, g, b, words, device):
+    """(holds, error type, message) of every check on parameter i's tensors."""
+    yield p.dtype in KEY_SPECS, TypeError, lambda: f"params[{i}] has dtype {p.dtype}; SGD needs floating parameters"
+    yield (g.shape == p.shape and g.dtype == p.dtype and g.device == p.device, ValueError,
+           lambda: f"grads[{i}] ({tuple(g.shape)}, {g.dtype}, {g.device}) does not match params[{i}] "
+                   f"({tuple(p.shape)}, {p.dtype}, {p.device})")
+    yield p.device == device, ValueError, lambda: f"params[{i}] is on {p.device} but params[0] is on {device}"
+    if b is not None:
+        yield (b.shape == p.shape and b.dtype == p.dtype and b.device == p.device, ValueError,
+               lambda: f"momentum_buffers[{i}] does not match params[{i}] in shape, dtype or device")
+    if words is not None:
+        yield (words.dtype == torch.int32 and tuple(words.shape) == packed_shape(p.shape)
+               and words.device == p.device, ValueError,
+               lambda: f"mask_words[{i}] ({tuple(words.shape)}, {words.dtype}) does not fit params[{i}]: "
+                       f"expected int32 {packed_shape(p.shape)} on {p.device}")
 
 
 @torch.library.custom_op("dsd_kernels::masked_sgd_", mutates_args=("params", "momentum_buffers"))
 def _masked_sgd_op(params: List[Tensor], grads: List[Tensor], momentum_buffers: List[Tensor],
                    mask_words: List[Optional[Tensor]], first_step: List[bool], lr: float,
                    momentum: float, dampening: float, weight_decay: float, nesterov: bool,
-                   maximize: bool) -> None:
+                   maximize: bool, torch_fused: bool = False) -> None:
     _check_sgd_args(params, grads, momentum_buffers, mask_words, first_step, momentum)
     if not params:
         return
-    impl = _backend.implementation("masked_sgd", params[0].device, _dtypes(params))
+    impl = _backend.implementation("masked_sgd", params[0].device, _dtypes(params),
+                                   "fused" if torch_fused else "foreach")
     impl.masked_sgd_(params, grads, momentum_buffers, mask_words, first_step, lr=lr,
                      momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                     nesterov=nesterov, maximize=maximize)
+                     nesterov=nesterov, maximize=maximize, torch_fused=torch_fused)
 
 
 @_masked_sgd_op.register_fake
 def _(params, grads, momentum_buffers, mask_words, first_step, lr, momentum, dampening,
-      weight_decay, nesterov, maximize):
+      weight_decay, nesterov, maximize, torch_fused=False):
     _check_sgd_args(params, grads, momentum_buffers, mask_words, first_step, momentum)
     return None
 
 
+def _storage_order(t: Tensor) -> tuple[int, ...] | None:
+    """The dims of a non-overlapping, dense tensor from the slowest- to the fastest-moving in
+    memory (channels_last (N, C, H, W) -> (0, 2, 3, 1)), so that t.permute(dims) is contiguous;
+    None where no permutation is (a strided slice with gaps)."""
+    dims = tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d), d)))
+    return dims if t.permute(dims).is_contiguous() else None
+
+
 def masked_sgd_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0, dampening=0.0,
-                weight_decay=0.0, nesterov=False, maximize=False) -> None:
+                weight_decay=0.0, nesterov=False, maximize=False, torch_fused=False) -> None:
     """One fused masked SGD step over a list of parameters, in place.
 
     torch.optim.SGD's arithmetic exactly (grad -> maximize -> weight decay -> momentum ->
-    nesterov -> update) on the masked gradient; pruned weights and their momentum are set
-    to exactly 0. params, grads: tensors or iterables of them. masks: None (all dense), or
-    one per parameter: a Mask, a bool or 0/1 float tensor (True/1 = kept), or None (dense).
+    nesterov -> update, each as torch computes it: fp32/fp64 results are bit-identical on CPU
+    to torch.optim.SGD's single-tensor and foreach steps, or with torch_fused=True to its fused
+    kernel) on the masked gradient; pruned weights and their momentum are set to exactly 0. params, grads: tensors or iterables of them. masks: None (all dense), or
+    one per parameter: a Mask, a bool or 0/1 float tensor (True/1 = kept; over the
+    parameter's logical shape, whatever its memory order), or None (dense).
     momentum_buffers: None, or one per parameter: a tensor, or None to create it on this
-    step (as torch does: the first buffer is the gradient itself); created buffers are
-    written into the list. All tensors on one device; params and grads of equal shape and dtype.
+    step (as torch does: the first buffer is the gradient itself, in the parameter's memory
+    format); created buffers are written into the list. All tensors of a parameter on one
+    device; parameters may be non-contiguous (channels_last steps in its memory order, with
+    no copy), complex (stepped through their real view; a mask covers each complex element)
+    or have sparse gradients (densified for the step).
     """
     params = _as_tensor_list(params, "params")
     grads = _as_tensor_list(grads, "grads")
@@ -327,42 +342,65 @@ def masked_sgd_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0, dam
         params = [local_tensor(p) for p in params]
         grads = [local_tensor(g) for g in grads]
         momentum_buffers = [None if b is None else local_tensor(b) for b in momentum_buffers]
-    device = params[0].device
     for i, (p, g) in enumerate(zip(params, grads)):
-        if g.is_sparse or g.layout != torch.strided:
-            raise RuntimeError(f"grads[{i}] is sparse; masked SGD does not support sparse gradients")
-        if p.device != device or g.device != device:
-            raise ValueError(f"params[{i}]/grads[{i}] are on {p.device}/{g.device} but params[0] "
-                             f"is on {device}; all tensors must share one device")
         if g.shape != p.shape or g.dtype != p.dtype:
             raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} and dtype {g.dtype} but "
                              f"params[{i}] has {tuple(p.shape)} and {p.dtype}")
-        if not p.is_floating_point():
-            raise TypeError(f"params[{i}] has dtype {p.dtype}; SGD needs floating parameters")
-        if not p.is_contiguous():
-            raise ValueError(f"params[{i}] is not contiguous; the fused step updates it in place")
-    words = [None if m is None else as_mask(m, p, f"masks[{i}]").packed
-             for i, (m, p) in enumerate(zip(masks, params))]
-    bufs, first = [], []
-    if momentum != 0:
-        for i, p in enumerate(params):
-            buf = momentum_buffers[i]
-            if buf is None:
-                buf = momentum_buffers[i] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                first.append(True)
-            else:
-                if buf.shape != p.shape or buf.dtype != p.dtype or buf.device != device:
-                    raise ValueError(f"momentum_buffers[{i}] does not match params[{i}] in shape, "
-                                     f"dtype or device")
-                if not buf.is_contiguous():
-                    raise ValueError(f"momentum_buffers[{i}] is not contiguous")
-                first.append(i in fresh)
-            bufs.append(buf)
-    grads = [g.contiguous() for g in grads]
-    torch.ops.dsd_kernels.masked_sgd_([p.detach() for p in params], grads,
-                                      [b.detach() for b in bufs], words, first, float(lr),
-                                      float(momentum), float(dampening), float(weight_decay),
-                                      bool(nesterov), bool(maximize))
+        if not (p.is_floating_point() or p.is_complex()):
+            raise TypeError(f"params[{i}] has dtype {p.dtype}; SGD needs floating or complex parameters")
+        if g.device != p.device:
+            raise ValueError(f"grads[{i}] is on {g.device} but params[{i}] is on {p.device}")
+    # per device (the kernels take one device per call), each parameter as a contiguous
+    # real tensor: its storage-order view where it has one, a copy written back otherwise
+    by_device: dict[torch.device, list[int]] = {}
+    for i, p in enumerate(params):
+        by_device.setdefault(p.device, []).append(i)
+    for device, index in by_device.items():
+        steps, write_back, first, words = [], [], [], []
+        for i in index:
+            p, g, buf = params[i].detach(), grads[i], momentum_buffers[i]
+            mask = None if masks[i] is None else as_mask(masks[i], p, f"masks[{i}]")
+            if g.layout != torch.strided:
+                g = g.coalesce().to_dense() if g.is_sparse else g.to_dense()
+            if momentum != 0:
+                if buf is None:
+                    buf = momentum_buffers[i] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    first.append(True)
+                else:
+                    if buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+                        raise ValueError(f"momentum_buffers[{i}] does not match params[{i}] in "
+                                         f"shape, dtype or device")
+                    first.append(i in fresh)
+                buf = buf.detach()
+            if p.is_complex():
+                p, g = torch.view_as_real(p), torch.view_as_real(g)
+                buf = None if buf is None else torch.view_as_real(buf)
+                mask = None if mask is None else real_view_mask(mask)
+            if not p.is_contiguous():
+                dims = _storage_order(p)
+                if dims is not None:  # channels_last and other dense orders: step in memory order
+                    p = p.permute(dims)
+                    g = g.permute(dims)
+                    buf = None if buf is None else buf.permute(dims)
+                    mask = None if mask is None else permuted_mask(mask, dims)
+                else:  # a strided view with gaps: step a contiguous copy, write it back
+                    write_back.append((p, p.contiguous()))
+                    p = write_back[-1][1]
+                    if buf is not None:
+                        write_back.append((buf, buf.contiguous()))
+                        buf = write_back[-1][1]
+            if buf is not None and not buf.is_contiguous():
+                write_back.append((buf, buf.contiguous()))  # a buffer in another memory order
+                buf = write_back[-1][1]
+            steps.append((p, g.contiguous(), buf))
+            words.append(None if mask is None else mask.packed)
+        torch.ops.dsd_kernels.masked_sgd_([p for p, _, _ in steps], [g for _, g, _ in steps],
+                                          [b for _, _, b in steps if b is not None], words, first,
+                                          float(lr), float(momentum), float(dampening),
+                                          float(weight_decay), bool(nesterov), bool(maximize),
+                                          bool(torch_fused))
+        for target, stepped in write_back:
+            target.copy_(stepped)
 
 
 def masked_sgd_reference_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0,
@@ -376,6 +414,8 @@ def masked_sgd_reference_(params, grads, momentum_buffers, masks, *, lr, momentu
     check_sgd_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
     keeps = [None if m is None else as_mask(m, p, f"masks[{i}]").to_bool()
              for i, (m, p) in enumerate(zip(masks, params))]
+    grads = [g.coalesce().to_dense() if g.is_sparse else g for g in grads]
+    # in place on the parameters: traced by autograd when grad mode is on (differentiable SGD)
     reference_sgd(params, grads, momentum_buffers, keeps, lr=lr, momentum=momentum,
                   dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
 

@@ -60,12 +60,22 @@ def test_auto_on_cpu_takes_cpp_when_built_else_torch():
             assert _backend.resolve(op, torch.device("cpu"), (dtype,)).backend == want
 
 
-def test_every_op_has_a_row_for_every_float_dtype_on_any_device():
+def test_every_op_has_a_row_for_every_float_dtype_and_variant_on_any_device():
     for op in _backend.OPS:
         for device in ("cpu", "cuda", "mps"):
             rows = _backend.rows_for(op, device)
-            for dtype in _backend.FLOATS:
-                assert any(r.auto and r.serves(device, (dtype,)) for r in rows), (op, device, dtype)
+            for variant in rows[0].variants:
+                for dtype in _backend.FLOATS:
+                    assert any(r.auto and r.serves(device, (dtype,), variant) for r in rows), \
+                        (op, device, dtype, variant)
+
+
+def test_sgd_with_torch_fused_arithmetic_runs_where_it_is_reproduced():
+    # on CPU only the composite calls torch's own fused kernel: auto takes it, with no warning
+    row = _backend.resolve("masked_sgd", torch.device("cpu"), (torch.float32,), "fused")
+    assert row.backend == "torch" and not row.fallback
+    want = "cpp" if "cpp" in dk.available_backends() else "torch"
+    assert _backend.resolve("masked_sgd", torch.device("cpu"), (torch.float32,)).backend == want
 
 
 def test_registry_declares_where_kernels_are_missing():

@@ -1,10 +1,18 @@
 // Fused masked SGD on CPU: one pass over memory per tensor (read p, g, b and the mask
 // words; write p, b), torch.optim.SGD's arithmetic in float (double for fp64), pruned
 // entries written as exactly +0. Work is split into 32-element mask words, in parallel.
+//
+// The arithmetic is torch's, operation for operation, so fp32/fp64 results are bit-identical
+// to torch.optim.SGD on CPU (single-tensor, foreach and fused all give the same bits there):
+// every `x.add_(y, alpha=a)` of torch is one fused multiply-add, fma(y, a, x), and
+// `buf.mul_(momentum)` is rounded before the gradient is added. Hardware FMA is used where the
+// CPU has it (a clone of the word loop compiled for it, picked at load time); elsewhere
+// std::fma gives the same bits, slowly.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -22,10 +30,17 @@ struct Hyper {
 // arrays, then AND-ed with the word's expanded lanes and stored, so a pruned entry becomes exactly
 // +0 whatever was computed there (NaN from a NaN gradient included). With kLen = 32 every loop
 // has a fixed trip count and vectorises.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__FMA__)
+#define DSD_FMA_CLONES __attribute__((target_clones("fma", "default")))
+#else
+#define DSD_FMA_CLONES
+#endif
+
 template <typename scalar_t, typename acc_t, bool kMomentum, bool kFirst, bool kNesterov,
           bool kMaximize, bool kDecay, int kLen>
-inline void step_word(scalar_t* __restrict p, const scalar_t* __restrict g, scalar_t* __restrict b,
-                      uint32_t bits, int64_t len, acc_t lr, acc_t mom, acc_t damp, acc_t wd) {
+DSD_FMA_CLONES void step_word(scalar_t* __restrict p, const scalar_t* __restrict g,
+                              scalar_t* __restrict b, uint32_t bits, int64_t len, acc_t lr,
+                              acc_t mom, acc_t damp, acc_t wd) {
   using bits_t = typename KeyTraits<scalar_t>::bits_t;
   const int64_t n = kLen > 0 ? kLen : len;
   scalar_t new_p[32], new_b[32];
@@ -33,13 +48,14 @@ inline void step_word(scalar_t* __restrict p, const scalar_t* __restrict g, scal
     acc_t d = static_cast<acc_t>(g[j]);
     const acc_t x = static_cast<acc_t>(p[j]);
     if (kMaximize) d = -d;
-    if (kDecay) d += wd * x;
+    if (kDecay) d = std::fma(x, wd, d);  // grad.add(param, alpha=weight_decay)
     if (kMomentum) {
-      const acc_t v = kFirst ? d : static_cast<acc_t>(b[j]) * mom + damp * d;
-      d = kNesterov ? d + mom * v : v;
+      // buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+      const acc_t v = kFirst ? d : std::fma(d, damp, static_cast<acc_t>(b[j]) * mom);
+      d = kNesterov ? std::fma(v, mom, d) : v;  // grad.add(buf, alpha=momentum)
       new_b[j] = static_cast<scalar_t>(v);
     }
-    new_p[j] = static_cast<scalar_t>(x - lr * d);
+    new_p[j] = static_cast<scalar_t>(std::fma(d, -lr, x));  // param.add_(grad, alpha=-lr)
   }
   bits_t lanes[32];
   expand_word(bits, lanes);

@@ -1,5 +1,7 @@
-"""Masked SGD from torch ops: torch's own fused SGD kernel (`torch._fused_sgd_`, else the
-foreach ops), then the pruned weights and momentum are zeroed by a bitwise AND on the bits.
+"""Masked SGD from torch ops: torch's own SGD arithmetic (its foreach ops, or with
+torch_fused=True its fused kernel `torch._fused_sgd_`, so the bits are those of
+torch.optim.SGD with the same flags), then the pruned weights and momentum are zeroed by a
+bitwise AND on the bits.
 
 The update is elementwise, so kept entries never see the pruned ones: stepping on the raw
 gradient and then zeroing the pruned entries of the weights and momentum gives exactly
@@ -36,11 +38,11 @@ def _foreach_sgd(params, grads, bufs, first, *, lr, momentum, dampening, weight_
     torch._foreach_add_(params, grads, alpha=-lr)
 
 
-def _sgd(params, grads, bufs, first, **hyper):
+def _sgd(params, grads, bufs, first, torch_fused, **hyper):
     fused = getattr(torch, "_fused_sgd_", None)
     # torch 2.13's CPU fused kernel departs from SGD's arithmetic for fp16/bf16 (0.7 apart
     # from SGD(foreach=False) after 4 steps in our tests), so low precision takes foreach
-    if fused is not None and params[0].dtype in (torch.float32, torch.float64):
+    if torch_fused and fused is not None and params[0].dtype in (torch.float32, torch.float64):
         try:
             fused(params, grads, bufs if hyper["momentum"] != 0 else [], is_first_step=first, **hyper)
             return
@@ -50,7 +52,7 @@ def _sgd(params, grads, bufs, first, **hyper):
 
 
 def masked_sgd_(params, grads, momentum_buffers, mask_words, first_step, *, lr, momentum,
-                dampening, weight_decay, nesterov, maximize) -> None:
+                dampening, weight_decay, nesterov, maximize, torch_fused=False) -> None:
     """All lists of equal length (momentum_buffers/first_step empty when momentum == 0)."""
     if not params:
         return
@@ -63,7 +65,8 @@ def masked_sgd_(params, grads, momentum_buffers, mask_words, first_step, *, lr, 
             groups.setdefault((p.dtype, momentum != 0 and first_step[i]), []).append(i)
         for (_, first), index in groups.items():
             _sgd([params[i] for i in index], [grads[i] for i in index],
-                 [momentum_buffers[i] for i in index] if momentum != 0 else [], first, **hyper)
+                 [momentum_buffers[i] for i in index] if momentum != 0 else [], first, torch_fused,
+                 **hyper)
         for i, words in enumerate(mask_words):
             if words is not None:
                 apply_and_(params[i], words)

@@ -25,12 +25,13 @@ def _local(t: Tensor) -> Tensor:
 def masked_sgd(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None],
                masks: list[Mask | Tensor | None], *, lr: float, momentum: float = 0.0,
                dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
-               maximize: bool = False, implementation: str = "fused") -> None:
-    """Functional masked SGD. implementation: "fused" (the op) or "reference" (per tensor)."""
+               maximize: bool = False, implementation: str = "fused", torch_fused: bool = False) -> None:
+    """Functional masked SGD. implementation: "fused" (the op) or "reference" (per tensor);
+    torch_fused: match the bits of torch's fused SGD kernel instead of its foreach ops."""
     if implementation == "fused":
         ops.masked_sgd_(params, grads, momentum_buffers, masks, lr=lr, momentum=momentum,
                         dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                        maximize=maximize)
+                        maximize=maximize, torch_fused=torch_fused)
     elif implementation == "reference":
         ops.masked_sgd_reference_(params, grads, momentum_buffers, masks, lr=lr, momentum=momentum,
                                   dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
@@ -50,22 +51,34 @@ class MaskedSGD(torch.optim.SGD):
         ...train...
         opt.clear_masks()              # re-dense: pruned weights restart from 0
 
-    A param group with ``prune=False`` is never pruned by `prune()`.
+    A param group with ``prune=False`` is never pruned by `prune()` (the key is optional: param
+    groups otherwise carry exactly SGD's keys, so SGD's state_dict loads here and ours there).
+
+    foreach / fused: accepted with SGD's defaults, checks and errors; whatever the flags, the step
+    is one fused masked update per device (one launch per dtype on a GPU), and on CPU its fp32/fp64
+    bits are those of torch.optim.SGD with the same flags (torch's three implementations agree
+    there). With fused=True a GradScaler's scale and found-inf flag are honoured as SGD's fused
+    step does (gradients unscaled in place; the step skipped on inf). differentiable=True steps
+    with the per-tensor reference under autograd, as SGD's differentiable mode does.
     """
 
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
-                 weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False):
+                 weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None):
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
                          weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
-                         foreach=False, differentiable=False, fused=False)
-        self.defaults["prune"] = True
-        for group in self.param_groups:
-            group.setdefault("prune", True)
+                         foreach=foreach, differentiable=differentiable, fused=fused)
         self._masks: dict[Tensor, Mask] = {}
 
-    def add_param_group(self, param_group: dict) -> None:
-        param_group.setdefault("prune", True)
-        super().add_param_group(param_group)
+    # torch.optim.Optimizer pickles (and deep-copies) only defaults, state and param groups
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_masks": self._masks}
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        masks = state.pop("_masks", {})
+        super().__setstate__(state)
+        self._masks = masks
 
     # ------------------------------------------------------------ masks
     @property
@@ -97,8 +110,9 @@ class MaskedSGD(torch.optim.SGD):
         self._masks.clear()
 
     def prunable_params(self) -> list[Tensor]:
-        """Parameters of 2 or more dims in groups with prune=True."""
-        return [p for g in self.param_groups if g["prune"] for p in g["params"] if p.dim() >= 2]
+        """Real floating parameters of 2 or more dims, in groups without prune=False."""
+        return [p for g in self.param_groups if g.get("prune", True) for p in g["params"]
+                if p.dim() >= 2 and p.is_floating_point()]
 
     def prune(self, sparsity) -> dict[Tensor, Mask]:
         """Magnitude-prune every prunable parameter at `sparsity` (one float or one per param),
@@ -116,38 +130,39 @@ class MaskedSGD(torch.optim.SGD):
         return new
 
     # ------------------------------------------------------------ step
-    @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            params, grads, bufs, masks = [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("MaskedSGD does not support sparse gradients")
-                params.append(p)
-                grads.append(p.grad)
-                bufs.append(self.state[p].get("momentum_buffer") if group["momentum"] != 0 else None)
-                masks.append(self._masks.get(p))
-            if not params:
-                continue
-            by_device: dict[torch.device, list[int]] = {}
-            for i, p in enumerate(params):
-                by_device.setdefault(p.device, []).append(i)
-            for index in by_device.values():
-                sub_bufs = [bufs[i] for i in index]
-                masked_sgd([params[i] for i in index], [grads[i] for i in index], sub_bufs,
-                           [masks[i] for i in index], lr=group["lr"], momentum=group["momentum"],
-                           dampening=group["dampening"], weight_decay=group["weight_decay"],
-                           nesterov=group["nesterov"], maximize=group["maximize"])
-                if group["momentum"] != 0:
-                    for i, buf in zip(index, sub_bufs):
-                        self.state[params[i]]["momentum_buffer"] = buf
+        # as SGD: the update is traced by autograd only in differentiable mode
+        with torch.set_grad_enabled(self.defaults["differentiable"]):
+            for group in self.param_groups:
+                self._step_group(group)
         return loss
+
+    def _step_group(self, group: dict) -> None:
+        params, grads, bufs = [], [], []
+        self._init_group(group, params, grads, bufs)  # SGD's own: its fused device/dtype checks
+        if not params:
+            return
+        if group["momentum"] == 0:
+            bufs = [None] * len(params)
+        if group["fused"]:  # a GradScaler hands fused optimizers the scale, as SGD's fused step
+            found_inf = getattr(self, "found_inf", None)
+            if found_inf is not None and bool(found_inf.item()):
+                return
+            grad_scale = getattr(self, "grad_scale", None)
+            if grad_scale is not None:
+                torch._foreach_div_(grads, grad_scale.to(grads[0].device))
+        masked_sgd(params, grads, bufs, [self._masks.get(p) for p in params], lr=group["lr"],
+                   momentum=group["momentum"], dampening=group["dampening"],
+                   weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                   maximize=group["maximize"], torch_fused=bool(group["fused"]),
+                   implementation="reference" if group["differentiable"] else "fused")
+        if group["momentum"] != 0:
+            for p, buf in zip(params, bufs):
+                self.state[p]["momentum_buffer"] = buf
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -173,6 +188,4 @@ class MaskedSGD(torch.optim.SGD):
                                  f"{i} has shape {tuple(_local(params[i]).shape)}")
             loaded[params[i]] = mask.to(params[i].device)
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            group.setdefault("prune", True)
         self._masks = loaded

@@ -85,9 +85,12 @@ def _cached_tiles(num_words: tuple[int, ...], tile_words: int, device: torch.dev
 
 
 def masked_sgd_(params, grads, momentum_buffers, mask_words, first_step, *, lr, momentum,
-                dampening, weight_decay, nesterov, maximize, tile_words: int | None = None) -> None:
+                dampening, weight_decay, nesterov, maximize, torch_fused=False,
+                tile_words: int | None = None) -> None:
     """Same contract as composite.masked_sgd_: contiguous tensors on one device; mask_words[i]
-    int32 (rows, ceil(cols/32)) or None; momentum_buffers/first_step empty when momentum == 0."""
+    int32 (rows, ceil(cols/32)) or None; momentum_buffers/first_step empty when momentum == 0.
+    One arithmetic for both of SGD's (torch_fused is accepted and changes nothing): torch's
+    op sequence computed in fp32 (fp64 for fp64), not checked bit for bit on a GPU yet."""
     if not params:
         return
     device = params[0].device
