@@ -1,10 +1,12 @@
 """Fused multi-tensor masked SGD step: one launch per dtype for a whole param group.
 
 Per element, in one pass over memory (torch.optim.SGD's arithmetic, computed in fp32,
-or fp64 for fp64 params):
-    g = keep ? grad : 0;  g = maximize ? -g : g;  g += weight_decay * p
-    b = first ? g : momentum * b + (1 - dampening) * g;  g = nesterov ? g + momentum * b : b
-    p = keep ? p - lr * g : 0;  b = keep ? b : 0
+or fp64 for fp64 params, op for op as torch's foreach kernels: each `x.add_(y, alpha=a)`
+one fused multiply-add; bits not yet compared with torch on a GPU, and the CPU interpreter
+does not round tl.fma as hardware does):
+    g = keep ? grad : 0;  g = maximize ? -g : g;  g = fma(p, weight_decay, g)
+    b = first ? g : fma(g, 1 - dampening, round(b * momentum));  g = nesterov ? fma(b, momentum, g) : b
+    p = keep ? fma(g, -lr, p) : 0;  b = keep ? b : 0
 Pruned weights and their momentum are written as exactly 0 whatever the gradient holds
 (NaN/inf included), so momentum can never revive a pruned weight.
 
@@ -53,7 +55,7 @@ def _masked_sgd_kernel(SEG_META, TILES, HYPER, VALUE_TYPE: tl.constexpr,
                                        tl.load(meta + SEG_WORDS_PER_ROW), num_words, TILE_WORDS)
     lr = tl.load(HYPER + 0).to(COMPUTE_TYPE)
     momentum = tl.load(HYPER + 1).to(COMPUTE_TYPE)
-    dampening = tl.load(HYPER + 2).to(COMPUTE_TYPE)
+    undamped = tl.load(HYPER + 2).to(COMPUTE_TYPE)  # 1 - dampening, computed in fp64 as torch does
     weight_decay = tl.load(HYPER + 3).to(COMPUTE_TYPE)
 
     # a dense tensor (no mask) reads no mask words: all bits set
@@ -65,17 +67,18 @@ def _masked_sgd_kernel(SEG_META, TILES, HYPER, VALUE_TYPE: tl.constexpr,
     g = tl.where(keep, g, 0.0)
     if MAXIMIZE:
         g = -g
+    # torch's op sequence, each `x.add_(y, alpha=a)` one fused multiply-add, as its kernels
     if WEIGHT_DECAY:
-        g = g + weight_decay * p
+        g = tl.fma(p, weight_decay, g)
     if MOMENTUM:
         b = tl.load(B + offsets, mask=valid, other=0).to(COMPUTE_TYPE)
-        b = tl.where((flags & FIRST_STEP) != 0, g, b * momentum + (1 - dampening) * g)
+        b = tl.where((flags & FIRST_STEP) != 0, g, tl.fma(g, undamped, b * momentum))
         if NESTEROV:
-            g = g + momentum * b
+            g = tl.fma(b, momentum, g)
         else:
             g = b
         tl.store(B + offsets, tl.where(keep, b, 0.0).to(VALUE_TYPE), mask=valid)
-    p = tl.where(keep, p - lr * g, 0.0)
+    p = tl.where(keep, tl.fma(g, -lr, p), 0.0)
     tl.store(P + offsets, p.to(VALUE_TYPE), mask=valid)
 
 
@@ -97,7 +100,7 @@ def masked_sgd_(params, grads, momentum_buffers, mask_words, first_step, *, lr, 
     if tile_words is None:
         tile_words = 256 if device.type == "cpu" else 32
     check_tile_words(tile_words)
-    hyper = torch.tensor([float(lr), momentum, dampening, weight_decay], dtype=torch.float64,
+    hyper = torch.tensor([float(lr), momentum, 1 - dampening, weight_decay], dtype=torch.float64,
                          device=device)
     groups: dict[torch.dtype, list[int]] = {}
     for i, p in enumerate(params):
