@@ -12,6 +12,8 @@ constexpr const char* kRadixHistogram =
     "float[] quantiles) -> (Tensor, Tensor[], int[])";
 constexpr const char* kThresholdMasks =
     "threshold_masks(Tensor[] tensors, int[] keys, int[] prune_ties, int[] ties) -> Tensor[]";
+// zero the pruned entries of many tensors in place (CPU only: dsd_kernels/optim/masking.py)
+constexpr const char* kApplyMasks = "apply_masks_(Tensor(a!)[] tensors, Tensor[] mask_words) -> ()";
 constexpr const char* kMaskedSgd =
     "masked_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
     "Tensor?[] mask_words, bool[] first_step, float lr, float momentum, float dampening, "

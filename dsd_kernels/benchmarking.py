@@ -98,7 +98,8 @@ def time_callable(fn: Callable[[], object], min_run_time: float) -> float:
 
 # the registry op (_backend) behind each benchmarked public op
 _REGISTRY_OP = {"magnitude_thresholds": "magnitude_select", "magnitude_masks": "magnitude_select",
-                "masked_sgd_": "masked_sgd", "masked_linear": "masked_linear"}
+                "masked_sgd_": "masked_sgd", "masked_linear": "masked_linear",
+                "apply_masks_": "apply_masks"}
 
 
 def benchmark_backends(device: str, op: str | None = None) -> list[str]:
@@ -306,3 +307,34 @@ def masked_linear_cases(device: str) -> list[Case]:
 
 
 CASE_FACTORIES["masked_linear"] = masked_linear_cases
+
+
+def apply_masks_cases(device: str) -> list[Case]:
+    """The re-masking pass DSD runs around any optimizer's step (OptimizerMasks): GPT-2 small's
+    weights of 2 or more dims (50% masks) zeroed where pruned, against the per-tensor
+    `p.mul_(mask)` loop peers use (apex ASP) and a torch._foreach_mul_ over all of them. The
+    AdamW(fused=True) step on the same parameters is timed beside, as the scale of the cost."""
+    from . import ops
+    from .masks import Mask
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    shapes = [s for s in gpt2_small_param_shapes() if len(s) >= 2]
+    weights = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    keeps = [(torch.rand(s, generator=gen) > 0.5).to(device) for s in shapes]
+    masks = [Mask.from_bool(k) for k in keeps]
+    floats = [k.to(torch.float32) for k in keeps]
+    numel = sum(w.numel() for w in weights)
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    adamw = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    adamw.step()
+    return [Case("apply_masks_", f"gpt2-small weights ({numel / 1e6:.1f}M, 50% masks)",
+                 numel * 4 * 2 + numel // 8,
+                 ours=lambda: ops.apply_masks_(weights, masks),
+                 baselines={"per-tensor p.mul_(mask) loop": lambda: [w.mul_(f) for w, f in zip(weights, floats)],
+                            "torch._foreach_mul_(weights, masks)": lambda: torch._foreach_mul_(weights, floats),
+                            "scale: AdamW(fused=True).step() on these weights": adamw.step})]
+
+
+CASE_FACTORIES["apply_masks"] = apply_masks_cases

@@ -303,6 +303,36 @@ def _storage_order(t: Tensor) -> tuple[int, ...] | None:
     return dims if t.permute(dims).is_contiguous() else None
 
 
+def _kernel_layout(t: Tensor, mask: Mask | None, companions, write_back: list, read_only: int = 0):
+    """`t` as the kernels take it, a contiguous real tensor, with its mask and companion tensors
+    of t's shape (gradients, buffers; None allowed) transformed alike: a complex tensor as its
+    real view (the mask covering both parts), a dense non-contiguous one (channels_last) as its
+    storage-order view (no copy; the mask permuted, cached), anything else as a contiguous copy
+    registered in write_back as (original, copy) to be copied back after the kernel ran; the
+    first `read_only` companions are only read, so their copies are not written back.
+    Returns (t, mask, companions)."""
+    companions = list(companions)
+    if t.is_complex():
+        t = torch.view_as_real(t)
+        companions = [None if c is None else torch.view_as_real(c) for c in companions]
+        mask = None if mask is None else real_view_mask(mask)
+    if not t.is_contiguous():
+        dims = _storage_order(t)
+        if dims is not None:
+            t = t.permute(dims)
+            companions = [None if c is None else c.permute(dims) for c in companions]
+            mask = None if mask is None else permuted_mask(mask, dims)
+        else:
+            write_back.append((t, t.contiguous()))
+            t = write_back[-1][1]
+    for i, c in enumerate(companions):
+        if c is not None and not c.is_contiguous():  # e.g. a buffer in another memory order
+            companions[i] = c.contiguous()
+            if i >= read_only:
+                write_back.append((c, companions[i]))
+    return t, mask, companions
+
+
 def masked_sgd_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0, dampening=0.0,
                 weight_decay=0.0, nesterov=False, maximize=False, torch_fused=False) -> None:
     """One fused masked SGD step over a list of parameters, in place.
@@ -372,27 +402,8 @@ def masked_sgd_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0, dam
                                          f"shape, dtype or device")
                     first.append(i in fresh)
                 buf = buf.detach()
-            if p.is_complex():
-                p, g = torch.view_as_real(p), torch.view_as_real(g)
-                buf = None if buf is None else torch.view_as_real(buf)
-                mask = None if mask is None else real_view_mask(mask)
-            if not p.is_contiguous():
-                dims = _storage_order(p)
-                if dims is not None:  # channels_last and other dense orders: step in memory order
-                    p = p.permute(dims)
-                    g = g.permute(dims)
-                    buf = None if buf is None else buf.permute(dims)
-                    mask = None if mask is None else permuted_mask(mask, dims)
-                else:  # a strided view with gaps: step a contiguous copy, write it back
-                    write_back.append((p, p.contiguous()))
-                    p = write_back[-1][1]
-                    if buf is not None:
-                        write_back.append((buf, buf.contiguous()))
-                        buf = write_back[-1][1]
-            if buf is not None and not buf.is_contiguous():
-                write_back.append((buf, buf.contiguous()))  # a buffer in another memory order
-                buf = write_back[-1][1]
-            steps.append((p, g.contiguous(), buf))
+            p, mask, (g, buf) = _kernel_layout(p, mask, (g, buf), write_back, read_only=1)
+            steps.append((p, g, buf))
             words.append(None if mask is None else mask.packed)
         torch.ops.dsd_kernels.masked_sgd_([p for p, _, _ in steps], [g for _, g, _ in steps],
                                           [b for _, _, b in steps if b is not None], words, first,
@@ -418,6 +429,52 @@ def masked_sgd_reference_(params, grads, momentum_buffers, masks, *, lr, momentu
     # in place on the parameters: traced by autograd when grad mode is on (differentiable SGD)
     reference_sgd(params, grads, momentum_buffers, keeps, lr=lr, momentum=momentum,
                   dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+
+
+# ---------------------------------------------------------------- re-masking
+@torch.library.custom_op("dsd_kernels::apply_masks_", mutates_args=("tensors",))
+def _apply_masks_op(tensors: List[Tensor], mask_words: List[Tensor]) -> None:
+    torch._check_value(len(tensors) == len(mask_words),
+                       lambda: f"apply_masks_: {len(tensors)} tensors but {len(mask_words)} masks")
+    for i, (t, w) in enumerate(zip(tensors, mask_words)):
+        torch._check_value(w.dtype == torch.int32 and tuple(w.shape) == packed_shape(t.shape)
+                           and w.device == t.device and t.dtype in KEY_SPECS,
+                           lambda: f"mask_words[{i}] does not fit tensors[{i}] ({tuple(t.shape)}, {t.dtype})")
+    if tensors:
+        impl = _backend.implementation("apply_masks", tensors[0].device, _dtypes(tensors))
+        impl.apply_masks_(tensors, mask_words)
+
+
+@_apply_masks_op.register_fake
+def _(tensors, mask_words):
+    return None
+
+
+def apply_masks_(tensors, masks) -> None:
+    """Zero the pruned entries of every tensor in place (exactly +0, NaN and inf included): one
+    fused pass per device and dtype over all of them. tensors: tensors or an iterable of them
+    (any layout: channels_last in memory order, complex through the real view); masks: one
+    per tensor, a Mask, a bool or 0/1 float tensor (True/1 = kept), or None (left as is)."""
+    tensors = _as_tensor_list(tensors)
+    masks = list(masks)
+    if len(masks) != len(tensors):
+        raise ValueError(f"apply_masks_: {len(tensors)} tensors but {len(masks)} masks")
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (t, m) in enumerate(zip(tensors, masks)):
+        if m is not None:
+            if not (t.is_floating_point() or t.is_complex()):
+                raise TypeError(f"tensors[{i}] has dtype {t.dtype}; masks apply to floating tensors")
+            by_device.setdefault(t.device, []).append(i)
+    for index in by_device.values():
+        write_back, views, words = [], [], []
+        for i in index:
+            view, mask, _ = _kernel_layout(tensors[i].detach(), as_mask(masks[i], tensors[i], f"masks[{i}]"),
+                                           (), write_back)
+            views.append(view)
+            words.append(mask.packed)
+        torch.ops.dsd_kernels.apply_masks_(views, words)
+        for target, done in write_back:
+            target.copy_(done)
 
 
 # ---------------------------------------------------------------- masked linear

@@ -55,6 +55,7 @@ def test_use_backend_selects_the_implementation_that_runs():
 
 def test_auto_on_cpu_takes_cpp_when_built_else_torch():
     want = "cpp" if "cpp" in dk.available_backends() else "torch"
+    assert _backend.resolve("apply_masks", torch.device("cpu"), (torch.float32,)).backend == "torch"
     for op in ("magnitude_select", "magnitude_select_sharded", "masked_sgd", "masked_linear"):
         for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             assert _backend.resolve(op, torch.device("cpu"), (dtype,)).backend == want

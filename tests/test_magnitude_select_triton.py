@@ -81,3 +81,12 @@ def test_tile_words_must_be_power_of_two():
     with pytest.raises(ValueError, match="tile_words"):
         T.magnitude_select([torch.randn(8, device=DEVICE)], [0.5], want_masks=False,
                            out_dtype=torch.float32, tile_words=3)
+
+
+def test_apply_masks_is_one_launch_per_dtype():
+    from dsd_kernels import ops
+    tensors = [torch.randn(s, device=DEVICE) for s in [(7, 3), (130, 2), (4, 4, 3, 3)]]
+    tensors += [t.double() for t in tensors]
+    masks = [dk.Mask.from_bool(torch.rand(t.shape, device=DEVICE) > 0.5) for t in tensors]
+    with dk.use_backend("triton"):
+        assert launches_of(lambda: ops.apply_masks_(tensors, masks)) == {"_apply_masks_kernel": 2}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops import as_sparsity, magnitude_masks
+from ..ops import as_sparsity
 
 PHASES = ("dense", "sparse", "redense")
 
@@ -67,30 +67,62 @@ class PhasePlan:
 
 
 class DSDScheduler:
+    """Dense -> sparse -> re-dense over any torch optimizer.
+
+    With MaskedSGD the masks live in the optimizer (its fused step keeps pruned weights and
+    momentum at 0). With any other optimizer pass `model`: its selected weights are masked
+    through `OptimizerMasks` (gradients and weights re-masked around every step), except the
+    weights of MaskedLinear modules (nn.sparsify), whose masks go into the modules for their
+    tile-skipping matmuls. `include`, `exclude` and `sparsity` as a {pattern: float} dict pick
+    the weights (see dsd_kernels.scope; they need `model`); scope="global" prunes with one
+    threshold over all of them. unit="step": the phase lengths count optimizer steps and
+    step() is called after every optimizer step instead of every epoch.
+    """
+
     def __init__(self, optimizer, *, dense_epochs: int, sparse_epochs: int, redense_epochs: int,
-                 sparsity: float, redense_lr_scale: float = 0.1, cycles: int = 1,
-                 lr_scheduler=None, model: torch.nn.Module | None = None):
+                 sparsity, redense_lr_scale: float = 0.1, cycles: int = 1,
+                 lr_scheduler=None, model: torch.nn.Module | None = None, include=None, exclude=None,
+                 scope: str = "layer", unit: str = "epoch"):
         self.plan = PhasePlan(dense_epochs, sparse_epochs, redense_epochs, cycles)
-        sparsity = as_sparsity(sparsity, allow_one=False)
+        if unit not in ("epoch", "step"):
+            raise ValueError(f"unit must be 'epoch' or 'step', got {unit!r}")
+        if scope not in ("layer", "global"):
+            raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
         if not redense_lr_scale > 0:
             raise ValueError(f"redense_lr_scale must be positive, got {redense_lr_scale!r}")
-        self.masked_linears = []
-        if not (callable(getattr(optimizer, "prune", None))
-                and callable(getattr(optimizer, "clear_masks", None))):
+        holds_masks = callable(getattr(optimizer, "prune", None)) and \
+            callable(getattr(optimizer, "set_masks", None)) and callable(getattr(optimizer, "clear_masks", None))
+        if model is None and (not holds_masks or include is not None or exclude is not None
+                              or isinstance(sparsity, dict) or scope != "layer"):
+            raise TypeError(f"optimizer {type(optimizer).__name__} cannot hold masks, or the scope "
+                            f"arguments need the module names: pass model= (any optimizer then "
+                            f"works), or use dsd_kernels.optim.MaskedSGD")
+        self.model, self.include, self.exclude, self.scope = model, include, exclude, scope
+        self.selected = None
+        if model is not None:  # checked now: every argument error before training starts
+            from ..scope import select
+            self.selected = select(model, sparsity, include=include, exclude=exclude)
+            held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            missing = [s.name for s in self.selected if id(s.param) not in held]
+            if missing:
+                raise ValueError(f"the optimizer does not hold {', '.join(missing[:3])}"
+                                 f"{' ...' if len(missing) > 3 else ''}, selected for pruning")
+        self.sparsity = sparsity if isinstance(sparsity, dict) else as_sparsity(sparsity, allow_one=False)
+        self.masked_linears: list = []
+        self.optimizer_masks = None
+        if not holds_masks:
             from ..nn import MaskedLinear
-            if model is not None:
-                self.masked_linears = [m for m in model.modules() if isinstance(m, MaskedLinear)]
-            if not self.masked_linears:
-                raise TypeError(f"optimizer {type(optimizer).__name__} cannot hold masks and no "
-                                f"MaskedLinear modules were given: use dsd_kernels.optim.MaskedSGD, "
-                                f"or pass model= with MaskedLinear layers (dsd_kernels.nn.sparsify)")
+            from ..optim.masking import OptimizerMasks
+            in_modules = {id(m.weight): m for m in model.modules() if isinstance(m, MaskedLinear)}
+            self.masked_linears = [in_modules[id(s.param)] for s in self.selected if id(s.param) in in_modules]
+            self.optimizer_masks = OptimizerMasks(optimizer)
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
+        self.unit = unit
         self.dense_epochs, self.sparse_epochs = dense_epochs, sparse_epochs
         self.redense_epochs, self.cycles = redense_epochs, cycles
-        self.sparsity = sparsity
         self.redense_lr_scale = float(redense_lr_scale)
-        self.epoch = 0  # epochs completed
+        self.epoch = 0  # epochs (unit="step": steps) completed
         self.lr_scaled = False
 
     # ------------------------------------------------------------ schedule
@@ -130,18 +162,25 @@ class DSDScheduler:
         return after
 
     def _prune(self) -> None:
-        if not self.masked_linears:
+        if self.selected is None:  # MaskedSGD on its own parameters
             self.optimizer.prune(self.sparsity)
             return
-        masks = magnitude_masks([m.weight for m in self.masked_linears], self.sparsity)
-        for module, mask in zip(self.masked_linears, masks):
+        from ..scope import masks_for
+        masks = masks_for(self.selected, scope=self.scope)
+        if self.optimizer_masks is None:
+            self.optimizer.set_masks(masks)
+            return
+        for module in self.masked_linears:
+            mask = masks.pop(module.weight)
             module.set_mask(mask)  # zeroes the pruned weights
             self._zero_state(module.weight, mask)
+        self.optimizer_masks.set_masks(masks)
 
     def _redense(self) -> None:
-        if not self.masked_linears:
+        if self.optimizer_masks is None:
             self.optimizer.clear_masks()
             return
+        self.optimizer_masks.clear_masks()
         for module in self.masked_linears:
             mask = module.mask
             if mask is not None:
@@ -165,10 +204,15 @@ class DSDScheduler:
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "lr_scaled": self.lr_scaled, "dense_epochs": self.dense_epochs,
-                "sparse_epochs": self.sparse_epochs, "redense_epochs": self.redense_epochs,
-                "cycles": self.cycles, "sparsity": self.sparsity,
-                "redense_lr_scale": self.redense_lr_scale}
+        """The schedule's position and plan; with a plain optimizer, also its masks (MaskedSGD
+        keeps them in its own state_dict, MaskedLinear modules in the model's)."""
+        state = {"epoch": self.epoch, "lr_scaled": self.lr_scaled, "dense_epochs": self.dense_epochs,
+                 "sparse_epochs": self.sparse_epochs, "redense_epochs": self.redense_epochs,
+                 "cycles": self.cycles, "sparsity": self.sparsity,
+                 "redense_lr_scale": self.redense_lr_scale, "unit": self.unit}
+        if self.optimizer_masks is not None:
+            state["masks"] = self.optimizer_masks.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         plan = ("dense_epochs", "sparse_epochs", "redense_epochs", "cycles", "sparsity")
@@ -176,6 +220,11 @@ class DSDScheduler:
             if state[key] != getattr(self, key):
                 raise ValueError(f"state_dict has {key}={state[key]!r} but this scheduler has "
                                  f"{getattr(self, key)!r}")
+        if state.get("unit", "epoch") != self.unit:
+            raise ValueError(f"state_dict has unit={state.get('unit', 'epoch')!r} but this scheduler "
+                             f"has {self.unit!r}")
+        if self.optimizer_masks is not None:
+            self.optimizer_masks.load_state_dict(state.get("masks", {}))
         self.epoch = int(state["epoch"])
         self.lr_scaled = bool(state["lr_scaled"])
         self.redense_lr_scale = float(state["redense_lr_scale"])

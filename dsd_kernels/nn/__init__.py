@@ -1,4 +1,4 @@
 """Modules whose weights carry a mask in the forward pass."""
-from .masked_linear import MaskedLinear, sparsify
+from .masked_linear import MaskedLinear, sparsify, strip_masks
 
-__all__ = ["MaskedLinear", "sparsify"]
+__all__ = ["MaskedLinear", "sparsify", "strip_masks"]

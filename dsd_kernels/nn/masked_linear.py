@@ -102,3 +102,22 @@ def sparsify(model: nn.Module, sparsity, block: tuple[int, int] | None = None) -
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, replacement)
     return model
+
+
+def strip_masks(model: nn.Module) -> nn.Module:
+    """Swap every MaskedLinear of `model` (in place) back for a plain nn.Linear sharing its
+    parameters, with the pruned weights zeroed, so code that has never heard of this package
+    loads and runs it (its state_dict has exactly nn.Linear's keys). Returns the model."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, MaskedLinear)]
+    for name, module in found:
+        if module.mask is not None:
+            with torch.no_grad():
+                module.mask.apply_(module.weight)
+        plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                          device="meta")
+        plain.weight, plain.bias = module.weight, module.bias
+        if name == "":
+            return plain
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+    return model

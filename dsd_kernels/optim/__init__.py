@@ -1,4 +1,6 @@
-"""Optimizers that keep pruned weights (and their momentum) exactly at zero."""
+"""Optimizers that keep pruned weights (and their optimizer state) exactly at zero: MaskedSGD's
+fused step, or OptimizerMasks around any torch optimizer."""
 from .masked_sgd import MaskedSGD, masked_sgd
+from .masking import OptimizerMasks
 
-__all__ = ["MaskedSGD", "masked_sgd"]
+__all__ = ["MaskedSGD", "masked_sgd", "OptimizerMasks"]

@@ -1,0 +1,40 @@
+// Zero the pruned entries of many tensors in place, from their packed masks: the re-masking pass
+// that keeps pruned weights (and gradients) exactly 0 under any optimizer (dsd_kernels/optim/
+// masking.py). One read and one write of every masked tensor, in parallel over 32-element mask
+// words; a pruned entry becomes exactly +0 whatever it held (NaN included).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace dsd_kernels_cpu {
+namespace {
+
+void apply_masks_(at::TensorList tensors, at::TensorList mask_words) {
+  TORCH_CHECK(tensors.size() == mask_words.size(), "apply_masks_: ", tensors.size(), " tensors but ",
+              mask_words.size(), " masks");
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    at::Tensor t = tensors[i];
+    const at::Tensor& words = mask_words[i];
+    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "apply_masks_: tensors[", i,
+                "] must be a contiguous CPU tensor");
+    const MaskLayout lay(t);
+    TORCH_CHECK(words.scalar_type() == at::kInt && words.is_contiguous() &&
+                    words.numel() == lay.num_words(),
+                "apply_masks_: mask_words[", i, "] does not fit tensors[", i, "]");
+    const int32_t* w = words.data_ptr<int32_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "apply_masks_", [&] {
+      scalar_t* data = t.data_ptr<scalar_t>();
+      parallel_for_words(lay, 2048, [&](int64_t word, int64_t base, int64_t len) {
+        const auto bits = static_cast<uint32_t>(w[word]);
+        if (bits != 0xFFFFFFFFu) mask_word(data + base, data + base, bits, len);  // all kept: as is
+      });
+    });
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dsd_kernels_cpp, CPU, m) { m.impl("apply_masks_", &apply_masks_); }
+
+}  // namespace dsd_kernels_cpu

@@ -1,0 +1,95 @@
+"""Masks on the parameters of any torch optimizer (Adam, AdamW, RMSprop, third-party ...).
+
+`OptimizerMasks(optimizer)` registers two step hooks on the optimizer: before each step the
+gradients of the masked parameters are zeroed where pruned (so no pruned gradient reaches the
+optimizer's state), after it the masked parameters themselves (whatever weight decay or
+momentum did there), each a fused multi-tensor pass (`ops.apply_masks_`). Pruned weights are
+then exactly 0 after every `optimizer.step()`. Setting masks zeroes the pruned weights and
+every per-parameter state tensor of the parameter's shape there (momentum, Adam's moments);
+clearing them zeroes that state again, so pruned weights restart from 0 with fresh state.
+MaskedSGD needs none of this: its fused step keeps pruned weights and momentum at 0 itself.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..masks import Mask, as_mask
+
+
+class OptimizerMasks:
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.optimizer = optimizer
+        self._masks: dict[Tensor, Mask] = {}
+        self._handles = [optimizer.register_step_pre_hook(self._mask_gradients),
+                         optimizer.register_step_post_hook(self._mask_parameters)]
+
+    @property
+    def masks(self) -> dict[Tensor, Mask]:
+        return dict(self._masks)
+
+    def _held(self) -> set[int]:
+        return {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+
+    @torch.no_grad()
+    def _zero_state(self, masks: dict[Tensor, Mask]) -> None:
+        tensors, applied = [], []
+        for p, m in masks.items():
+            for value in self.optimizer.state.get(p, {}).values():
+                if isinstance(value, Tensor) and value.shape == p.shape:
+                    tensors.append(value)
+                    applied.append(m)
+        ops.apply_masks_(tensors, applied)
+
+    @torch.no_grad()
+    def set_masks(self, masks: dict) -> None:
+        """{param: Mask, bool or 0/1 tensor}: zero the pruned weights and their optimizer state
+        now, and keep them at 0 after every step until clear_masks()."""
+        held = self._held()
+        checked = {}
+        for p, m in masks.items():
+            if not isinstance(p, Tensor) or id(p) not in held:
+                raise ValueError("set_masks got a mask for a tensor the optimizer does not hold")
+            checked[p] = as_mask(m, p)
+        ops.apply_masks_(list(checked), list(checked.values()))
+        self._zero_state(checked)
+        self._masks.update(checked)
+
+    @torch.no_grad()
+    def clear_masks(self) -> None:
+        """Drop every mask; pruned weights restart from exactly 0 with their state zeroed there."""
+        self._zero_state(self._masks)
+        self._masks.clear()
+
+    def remove(self) -> None:
+        """Detach from the optimizer (the masks stop being applied)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @torch.no_grad()
+    def _mask_gradients(self, optimizer, args, kwargs) -> None:
+        pairs = [(p.grad, m) for p, m in self._masks.items() if p.grad is not None and not p.grad.is_sparse]
+        ops.apply_masks_([g for g, _ in pairs], [m for _, m in pairs])
+
+    @torch.no_grad()
+    def _mask_parameters(self, optimizer, args, kwargs) -> None:
+        ops.apply_masks_(list(self._masks), list(self._masks.values()))
+
+    # masks in checkpoints, by parameter index (as MaskedSGD.state_dict stores them)
+    def state_dict(self) -> dict:
+        index = {id(p): i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
+        return {index[id(p)]: m.state_dict() for p, m in self._masks.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        loaded = {}
+        for i, m in state.items():
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(params):
+                raise ValueError(f"masks state has a mask for parameter {i!r}, but the optimizer "
+                                 f"holds parameters 0..{len(params) - 1}")
+            loaded[params[i]] = as_mask(Mask.from_state_dict(m), params[i], f"mask {i}")
+        self._masks = loaded

@@ -1,0 +1,135 @@
+"""Pruning scope: which weights of a model DSD prunes, and at which sparsity.
+
+Defaults, as torch.ao.pruning's: every floating parameter of 2 or more dims held by any module
+(Linear, Conv*, ConvTranspose*, Hugging Face's Conv1D, user modules), never those of
+embeddings or normalisation layers, never biases (1-D). `include` / `exclude` take module
+types and regular expressions searched in qualified parameter names ("h\\.\\d+\\.attn"); an
+included embedding is prunable. A parameter held by several modules (tied embeddings) is
+one weight with one mask, selected only if every module holding it is (an excluded or
+embedding owner keeps it dense unless `include` names it), whatever module its gradient
+comes through.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .ops import as_sparsity, magnitude_masks
+
+NEVER_BY_DEFAULT = (nn.Embedding, nn.EmbeddingBag, nn.modules.batchnorm._NormBase, nn.LayerNorm,
+                    nn.GroupNorm, nn.LocalResponseNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+@dataclass(frozen=True)
+class Selected:
+    name: str  # the first qualified name of the parameter in model.named_parameters() order
+    param: torch.Tensor
+    sparsity: float
+
+
+def _rules(rules, name: str) -> tuple[tuple[type, ...], list[re.Pattern]]:
+    if rules is None:
+        return (), []
+    if isinstance(rules, (str, type)):
+        rules = [rules]
+    types, patterns = [], []
+    for i, rule in enumerate(rules):
+        if isinstance(rule, type) and issubclass(rule, nn.Module):
+            types.append(rule)
+        elif isinstance(rule, str):
+            try:
+                patterns.append(re.compile(rule))
+            except re.error as err:
+                raise ValueError(f"{name}[{i}] is not a valid regular expression: {rule!r} ({err})") from err
+        else:
+            raise TypeError(f"{name}[{i}] must be a module type or a regular expression string, "
+                            f"got {type(rule).__name__}")
+    return tuple(types), patterns
+
+
+def _matches(rules, module: nn.Module, qualified: str) -> bool:
+    types, patterns = rules
+    return (bool(types) and isinstance(module, types)) or any(p.search(qualified) for p in patterns)
+
+
+def select(model: nn.Module, sparsity, *, include=None, exclude=None) -> list[Selected]:
+    """The weights of `model` to prune, each with its sparsity, in named_parameters() order.
+
+    sparsity: one float in [0, 1), or {regular expression: float}: the first pattern found in a
+    parameter's qualified name gives its sparsity; a parameter no pattern matches stays dense.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    include_rules, exclude_rules = _rules(include, "include"), _rules(exclude, "exclude")
+    if isinstance(sparsity, dict):
+        per_pattern = []
+        for pattern, value in sparsity.items():
+            if not isinstance(pattern, str):
+                raise TypeError(f"sparsity keys must be regular expression strings, got {pattern!r}")
+            per_pattern.append((re.compile(pattern), as_sparsity(value, f"sparsity[{pattern!r}]",
+                                                                   allow_one=False)))
+    else:
+        per_pattern = [(re.compile(""), as_sparsity(sparsity, allow_one=False))]
+    owners: dict[int, list[tuple[str, nn.Module, torch.Tensor]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for local, param in module.named_parameters(recurse=False):
+            qualified = f"{module_name}.{local}" if module_name else local
+            owners.setdefault(id(param), []).append((qualified, module, param))
+    chosen = []
+    for entries in owners.values():
+        param = entries[0][2]
+        if param.dim() < 2 or not param.is_floating_point():
+            continue
+        if include is not None:
+            selected = any(_matches(include_rules, m, q) for q, m, _ in entries)
+        else:
+            selected = not any(isinstance(m, NEVER_BY_DEFAULT) for _, m, _ in entries)
+        if not selected or any(_matches(exclude_rules, m, q) for q, m, _ in entries):
+            continue
+        names = [q for q, _, _ in entries]
+        value = next((s for pattern, s in per_pattern if any(pattern.search(n) for n in names)), None)
+        if value is not None:
+            chosen.append(Selected(min(names, key=_order(model)), param, value))
+    return chosen
+
+
+def _order(model: nn.Module):
+    index = {name: i for i, (name, _) in enumerate(model.named_parameters(remove_duplicate=False))}
+    return lambda name: index.get(name, len(index))
+
+
+def masks_for(selected: list[Selected], *, scope: str = "layer") -> dict[torch.Tensor, "object"]:
+    """Exact magnitude masks of the selected weights: per layer (each at its sparsity), or with
+    scope="global" one threshold over all of them (round(s * total) pruned, the same tie rule:
+    lowest index first in the weights' concatenation), which needs one sparsity for all."""
+    if not selected:
+        return {}
+    if scope == "layer":
+        by_device: dict[torch.device, list[Selected]] = {}
+        for s in selected:
+            by_device.setdefault(s.param.device, []).append(s)
+        masks = {}
+        for group in by_device.values():
+            found = magnitude_masks([s.param for s in group], [s.sparsity for s in group])
+            masks.update({s.param: m for s, m in zip(group, found)})
+        return masks
+    if scope != "global":
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    values = {s.sparsity for s in selected}
+    if len(values) != 1:
+        raise ValueError(f"scope='global' takes one sparsity for all weights, got {sorted(values)}")
+    from functools import reduce
+
+    from .masks import Mask
+    dtype = reduce(torch.promote_types, (s.param.dtype for s in selected))
+    flat = torch.cat([s.param.detach().reshape(-1).to(dtype) for s in selected])
+    keep = magnitude_masks(flat, values.pop())[0].to_bool()
+    masks, start = {}, 0
+    for s in selected:
+        n = s.param.numel()
+        masks[s.param] = Mask.from_bool(keep[start:start + n].reshape(s.param.shape))
+        start += n
+    return masks

@@ -1,0 +1,274 @@
+"""DSD with any torch optimizer and any module holding a weight: scope, tied weights, re-masking
+(ops.apply_masks_), step-based phases, strip_masks."""
+import pytest
+import torch
+from torch import nn
+
+import dsd_kernels as dk
+from dsd_kernels import ops
+from dsd_kernels import reference as R
+from dsd_kernels.dsd import DSDScheduler
+from dsd_kernels.nn import MaskedLinear, sparsify, strip_masks
+from dsd_kernels.optim import OptimizerMasks
+from dsd_kernels.scope import select
+
+from .conftest import DEVICE
+
+OPTIMIZERS = {
+    "SGD": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
+    "Adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    "AdamW": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+    "NAdam": lambda p: torch.optim.NAdam(p, lr=1e-2),
+    "RAdam": lambda p: torch.optim.RAdam(p, lr=1e-2),
+    "Adamax": lambda p: torch.optim.Adamax(p, lr=1e-2),
+    "Adagrad": lambda p: torch.optim.Adagrad(p, lr=1e-2),
+    "Adadelta": lambda p: torch.optim.Adadelta(p, lr=1.0),
+    "RMSprop": lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.5),
+    "Rprop": lambda p: torch.optim.Rprop(p, lr=1e-3),
+    "ASGD": lambda p: torch.optim.ASGD(p, lr=1e-2),
+}
+
+
+class Conv1D(nn.Module):
+    """Hugging Face GPT-2's Conv1D: y = x @ W + b with W of shape (in, out)."""
+
+    def __init__(self, nx, nf):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab=40, dim=16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = Conv1D(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight  # tied, as language models do
+
+    def forward(self, tokens):
+        h = self.emb(tokens)
+        h = h + self.conv(h.unsqueeze(1)).mean(1)
+        h = self.proj(torch.relu(self.mlp(self.norm(h))))
+        return self.head(h)
+
+
+def train_step(model, opt, g):
+    tokens = torch.randint(0, 40, (8, 6), generator=g).to(DEVICE)
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.roll(1, 1).flatten())
+    loss.backward()
+    opt.step()
+
+
+def state_tensors(opt, p):
+    return [v for v in opt.state.get(p, {}).values() if isinstance(v, torch.Tensor) and v.shape == p.shape]
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_dsd_with_every_torch_optimizer(name):
+    torch.manual_seed(0)
+    model = TinyLM().to(DEVICE)
+    opt = OPTIMIZERS[name](model.parameters())
+    dsd = DSDScheduler(opt, model=model, dense_epochs=1, sparse_epochs=2, redense_epochs=1, sparsity=0.5)
+    pruned_layers = {"conv": model.conv.weight, "mlp": model.mlp.weight, "proj": model.proj.weight}
+    assert {s.name for s in dsd.selected} == {"conv.weight", "mlp.weight", "proj.weight"}
+    untouched = {"emb": model.emb.weight, "norm": model.norm.weight}
+    g = torch.Generator().manual_seed(1)
+    lr0 = opt.param_groups[0]["lr"]
+    where = None
+    for epoch in range(dsd.total_epochs):
+        for _ in range(2):
+            train_step(model, opt, g)
+            if dsd.phase == "sparse":  # pruned weights exactly 0 after every step
+                for key, w in pruned_layers.items():
+                    assert bool((w[where[key]] == 0).all()), f"{name}: {key} revived"
+                    assert int((w == 0).sum()) >= round(0.5 * w.numel())
+        entered = dsd.step()
+        if entered == "sparse":
+            where = {k: (~dsd.optimizer_masks.masks[w].to_bool()) for k, w in pruned_layers.items()}
+            for key, w in pruned_layers.items():
+                assert int(where[key].sum()) == round(0.5 * w.numel()), key
+                assert bool((w[where[key]] == 0).all())
+                for state in state_tensors(opt, w):  # the optimizer's state zeroed where pruned
+                    assert bool((state[where[key]] == 0).all()), f"{name}: {key} state"
+            for key, w in untouched.items():
+                assert int((w == 0).sum()) == 0, f"{key} must stay dense by default"
+        elif entered == "redense":
+            assert opt.param_groups[0]["lr"] == pytest.approx(lr0 * 0.1)
+            assert dsd.optimizer_masks.masks == {}
+            for key, w in pruned_layers.items():
+                for state in state_tensors(opt, w):
+                    assert bool((state[where[key]] == 0).all()), f"{name}: {key} state at re-dense"
+    if name != "Rprop":  # Rprop's per-weight step size, zeroed with the state, stays 0
+        assert any(int((w[where[k]] != 0).sum()) > 0 for k, w in pruned_layers.items()), \
+            f"{name}: pruned weights must train again after re-dense"
+
+
+def test_a_tied_weight_included_is_pruned_once_and_stays_zero():
+    torch.manual_seed(0)
+    model = TinyLM().to(DEVICE)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    dsd = DSDScheduler(opt, model=model, dense_epochs=1, sparse_epochs=1, redense_epochs=1,
+                       sparsity={r"emb|head": 0.6, r"proj": 0.3}, include=[nn.Embedding, nn.Linear])
+    assert sorted((s.name, s.sparsity) for s in dsd.selected) == [("emb.weight", 0.6), ("proj.weight", 0.3)]
+    g = torch.Generator().manual_seed(2)
+    train_step(model, opt, g)
+    dsd.step()
+    tied = model.emb.weight
+    assert model.head.weight is tied and len(dsd.optimizer_masks.masks) == 2
+    pruned = ~dsd.optimizer_masks.masks[tied].to_bool()
+    assert int(pruned.sum()) == round(0.6 * tied.numel())
+    for _ in range(3):  # gradients reach the tied weight through the embedding and the head
+        train_step(model, opt, g)
+        assert bool((tied[pruned] == 0).all())
+
+
+def test_scope_rules_and_errors():
+    model = TinyLM()
+    assert [s.name for s in select(model, 0.5, exclude=[r"^proj"])] == ["conv.weight", "mlp.weight"]
+    assert [s.name for s in select(model, 0.5, include=[Conv1D])] == ["mlp.weight"]
+    assert [s.name for s in select(model, {"conv": 0.2, "mlp": 0.7})] == ["conv.weight", "mlp.weight"]
+    with pytest.raises(ValueError, match=r"include\[0\] is not a valid regular expression"):
+        select(model, 0.5, include=["(unclosed"])
+    with pytest.raises(TypeError, match=r"exclude\[0\] must be a module type or a regular expression"):
+        select(model, 0.5, exclude=[3])
+    with pytest.raises(ValueError, match=r"sparsity\['conv'\] must be in \[0, 1\)"):
+        select(model, {"conv": 1.0})
+    with pytest.raises(TypeError, match="pass model="):
+        DSDScheduler(torch.optim.Adam(model.parameters()), dense_epochs=1, sparse_epochs=1,
+                     redense_epochs=1, sparsity=0.5)
+    with pytest.raises(ValueError, match="the optimizer does not hold conv.weight"):
+        DSDScheduler(torch.optim.Adam(model.proj.parameters()), model=model, dense_epochs=1,
+                     sparse_epochs=1, redense_epochs=1, sparsity=0.5, include=[nn.Conv2d])
+
+
+def test_global_scope_prunes_exactly_round_s_total_with_one_threshold():
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dsd = DSDScheduler(opt, model=model, dense_epochs=1, sparse_epochs=1, redense_epochs=1,
+                       sparsity=0.5, scope="global")
+    weights = [s.param for s in dsd.selected]
+    flat = torch.cat([w.detach().reshape(-1) for w in weights])
+    want = R.magnitude_masks([flat], [0.5])[0]
+    dsd.step()
+    got = torch.cat([dsd.optimizer_masks.masks[w].to_bool().reshape(-1) for w in weights])
+    assert torch.equal(got, want) and int((~got).sum()) == round(0.5 * flat.numel())
+
+
+def test_step_unit_phases_and_resume_with_masks():
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    dsd = DSDScheduler(opt, model=model, dense_epochs=3, sparse_epochs=4, redense_epochs=2,
+                       sparsity=0.5, unit="step")
+    g = torch.Generator().manual_seed(3)
+    phases = []
+    for _ in range(5):
+        train_step(model, opt, g)
+        phases.append(dsd.step())
+    assert phases == [None, None, "sparse", None, None]
+    state = dsd.state_dict()
+    assert state["unit"] == "step" and state["masks"]
+    twin = DSDScheduler(torch.optim.Adam(model.parameters(), lr=1e-2), model=model, dense_epochs=3,
+                        sparse_epochs=4, redense_epochs=2, sparsity=0.5, unit="step")
+    twin.load_state_dict(state)
+    assert twin.phase == "sparse" and {k: v for k, v in twin.optimizer_masks.masks.items()} == \
+        dsd.optimizer_masks.masks
+    with pytest.raises(ValueError, match="unit='step' but this scheduler has 'epoch'"):
+        DSDScheduler(opt, model=model, dense_epochs=3, sparse_epochs=4, redense_epochs=2,
+                     sparsity=0.5).load_state_dict(state)
+
+
+def test_masked_linear_modules_keep_their_masks_under_any_optimizer():
+    torch.manual_seed(0)
+    model = sparsify(nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 4)), 0.0)
+    model.add_module("extra", nn.Conv1d(1, 1, 3))  # not a MaskedLinear: masked by the hooks
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    dsd = DSDScheduler(opt, model=model, dense_epochs=1, sparse_epochs=1, redense_epochs=1, sparsity=0.5)
+    dsd.step()
+    assert all(m.mask is not None for m in (model[0], model[2]))
+    assert set(dsd.optimizer_masks.masks) == {model.extra.weight}
+
+
+def test_apply_masks_matches_reference_on_every_backend(backend):
+    g = torch.Generator().manual_seed(4)
+    shapes = [(33, 70), (7,), (4, 3, 3, 3), (1, 1)]
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        tensors = [torch.randn(s, generator=g).to(dtype).to(DEVICE) for s in shapes]
+        tensors[0][0, :5] = float("nan")
+        keeps = [(torch.rand(s, generator=g) > 0.5).to(DEVICE) for s in shapes]
+        want = [t.clone() for t in tensors]
+        R.apply_masks_(want, keeps)
+        ops.apply_masks_(tensors, [dk.Mask.from_bool(k) for k in keeps])
+        for t, w in zip(tensors, want):
+            assert torch.equal(t.view(torch.uint8) if t.dtype != torch.bfloat16 else t.view(torch.int16),
+                               w.view(torch.uint8) if w.dtype != torch.bfloat16 else w.view(torch.int16))
+    conv = torch.randn(8, 4, 3, 3, generator=g).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    keep = (torch.rand(8, 4, 3, 3, generator=g) > 0.5).to(DEVICE)
+    ptr = conv.data_ptr()
+    ops.apply_masks_([conv], [keep])
+    assert conv.data_ptr() == ptr and conv.is_contiguous(memory_format=torch.channels_last)
+    assert bool((conv[~keep] == 0).all()) and bool((conv[keep] != 0).all())
+
+
+def test_strip_masks_gives_plain_modules_that_load_strictly():
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 4))
+    model = sparsify(nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 4)), 0.5)
+    x = torch.randn(5, 12)
+    y = model(x)
+    stripped = strip_masks(model)
+    assert not any(isinstance(m, MaskedLinear) for m in stripped.modules())
+    original.load_state_dict(stripped.state_dict(), strict=True)
+    torch.testing.assert_close(original(x), y)
+    assert int((original[0].weight == 0).sum()) == round(0.5 * 12 * 32)
+
+
+def test_optimizer_masks_rejects_foreign_params():
+    opt = torch.optim.Adam([nn.Parameter(torch.randn(3, 3))])
+    masks = OptimizerMasks(opt)
+    with pytest.raises(ValueError, match="does not hold"):
+        masks.set_masks({nn.Parameter(torch.randn(3, 3)): torch.ones(3, 3, dtype=torch.bool)})
+    masks.remove()
+
+
+class Drift(torch.optim.Optimizer):
+    """A third-party optimizer that moves every weight whatever its gradient: only the re-masking
+    after the step keeps pruned weights at 0 under it."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.01})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                state["velocity"] = state.get("velocity", torch.zeros_like(p)) + 1.0
+                p.add_(state["velocity"], alpha=group["lr"])
+
+
+def test_a_third_party_optimizer_cannot_revive_pruned_weights():
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = Drift(model.parameters())
+    dsd = DSDScheduler(opt, model=model, dense_epochs=1, sparse_epochs=1, redense_epochs=1, sparsity=0.5)
+    dsd.step()
+    pruned = {w: ~m.to_bool() for w, m in dsd.optimizer_masks.masks.items()}
+    assert all(bool((opt.state[w]["velocity"][where] == 0).all()) for w, where in pruned.items()
+               if w in opt.state)
+    for _ in range(3):
+        opt.step()
+        for w, where in pruned.items():
+            assert bool((w[where] == 0).all())
+    dsd.step()  # re-dense: the drift moves them again, from 0
+    opt.step()
+    assert all(bool((w[where] != 0).all()) for w, where in pruned.items())
