@@ -11,14 +11,16 @@ from .ops import magnitude_masks, magnitude_thresholds, masked_linear, masked_sg
 
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = ("optim", "nn", "dsd", "ops", "reference", "distributed")
+_LAZY_SUBMODULES = ("optim", "nn", "dsd", "ops", "reference", "distributed", "scope")
 
 __all__ = ["Mask", "magnitude_masks", "magnitude_thresholds", "masked_linear", "masked_sgd_",
            "available_backends", "get_backend", "set_backend", "use_backend", "__version__",
-           "optim", "nn", "dsd"]
+           "optim", "nn", "dsd", "summary"]
 
 
 def __getattr__(name: str):
+    if name == "summary":  # dk.summary(model): per-weight sizes, sparsity and mask state
+        return importlib.import_module(".scope", __name__).summary
     if name in _LAZY_SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -133,3 +133,28 @@ def masks_for(selected: list[Selected], *, scope: str = "layer") -> dict[torch.T
         masks[s.param] = Mask.from_bool(keep[start:start + n].reshape(s.param.shape))
         start += n
     return masks
+
+
+def summary(model: nn.Module, optimizer=None) -> str:
+    """A table, one row per weight of 2 or more dims: qualified name, module type, shape, elements,
+    measured sparsity (exact zeros), whether the default scope prunes it, and where its mask
+    lives (a MaskedLinear module, or the optimizer: MaskedSGD or OptimizerMasks)."""
+    masks = {}
+    if optimizer is not None:
+        masks = {id(p): "optimizer" for p in getattr(optimizer, "masks", {})}
+    default = {id(s.param) for s in select(model, 0.5)}
+    rows = [("weight", "module", "shape", "elements", "zeros", "default scope", "mask")]
+    seen = set()
+    for module_name, module in model.named_modules():
+        for local, p in module.named_parameters(recurse=False):
+            if p.dim() < 2 or id(p) in seen:
+                continue
+            seen.add(id(p))
+            mask = "module" if getattr(module, "mask_words", None) is not None and local == "weight" else \
+                masks.get(id(p), "-")
+            zeros = float((p.detach() == 0).float().mean()) if p.numel() else 0.0
+            rows.append((f"{module_name}.{local}" if module_name else local, type(module).__name__,
+                         "x".join(map(str, p.shape)), str(p.numel()), f"{zeros:.1%}",
+                         "pruned" if id(p) in default else "dense", mask))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

@@ -272,3 +272,17 @@ def test_a_third_party_optimizer_cannot_revive_pruned_weights():
     dsd.step()  # re-dense: the drift moves them again, from 0
     opt.step()
     assert all(bool((w[where] != 0).all()) for w, where in pruned.items())
+
+
+def test_summary_lists_every_weight_with_its_scope_and_mask():
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    dsd = DSDScheduler(opt, model=model, dense_epochs=1, sparse_epochs=1, redense_epochs=1, sparsity=0.5)
+    dsd.step()
+    lines = dk.summary(model, dsd.optimizer_masks).splitlines()
+    assert lines[0].split() == ["weight", "module", "shape", "elements", "zeros", "default", "scope", "mask"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert set(rows) == {"emb.weight", "conv.weight", "mlp.weight", "proj.weight"}  # head is emb's
+    assert rows["emb.weight"][-2:] == ["dense", "-"]
+    assert rows["proj.weight"][-3:] == ["50.0%", "pruned", "optimizer"]
