@@ -286,3 +286,17 @@ def test_summary_lists_every_weight_with_its_scope_and_mask():
     assert set(rows) == {"emb.weight", "conv.weight", "mlp.weight", "proj.weight"}  # head is emb's
     assert rows["emb.weight"][-2:] == ["dense", "-"]
     assert rows["proj.weight"][-3:] == ["50.0%", "pruned", "optimizer"]
+
+
+def test_masked_sgd_prune_takes_the_scope_arguments():
+    from dsd_kernels.optim import MaskedSGD
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = MaskedSGD(model.parameters(), lr=0.1)
+    masks = opt.prune({"conv": 0.25, "mlp": 0.75}, model=model)
+    assert set(masks) == {model.conv.weight, model.mlp.weight}
+    for w, s in ((model.conv.weight, 0.25), (model.mlp.weight, 0.75)):
+        assert masks[w].numel - masks[w].count() == round(s * w.numel())
+    assert int((model.emb.weight == 0).sum()) == 0  # the tied embedding is out by default
+    with pytest.raises(TypeError, match="need model="):
+        opt.prune(0.5, include=[nn.Linear])

@@ -114,9 +114,21 @@ class MaskedSGD(torch.optim.SGD):
         return [p for g in self.param_groups if g.get("prune", True) for p in g["params"]
                 if p.dim() >= 2 and p.is_floating_point()]
 
-    def prune(self, sparsity) -> dict[Tensor, Mask]:
+    def prune(self, sparsity, *, model=None, include=None, exclude=None, scope: str = "layer"
+              ) -> dict[Tensor, Mask]:
         """Magnitude-prune every prunable parameter at `sparsity` (one float or one per param),
-        exactly round(s * numel) weights each, in one batched call per device; returns the masks."""
+        exactly round(s * numel) weights each, in one batched call per device; returns the masks.
+
+        With `model`, the weights are chosen as dsd_kernels.scope does (embeddings, norms and
+        biases out by default; `include`/`exclude` by module type or name pattern; `sparsity`
+        a float or {pattern: float}; scope="global": one threshold over all of them)."""
+        if model is not None:
+            from ..scope import masks_for, select
+            new = masks_for(select(model, sparsity, include=include, exclude=exclude), scope=scope)
+            self.set_masks(new)
+            return new
+        if include is not None or exclude is not None or scope != "layer":
+            raise TypeError("prune: include, exclude and scope need model= (the module names)")
         params = self.prunable_params()
         sparsities = ops.sparsity_list(sparsity, len(params))
         by_device: dict[torch.device, list[int]] = {}
