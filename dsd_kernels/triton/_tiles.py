@@ -45,6 +45,23 @@ def check_tile_words(tile_words: int) -> None:
         raise ValueError(f"tile_words must be a power of two, got {tile_words}")
 
 
+def tile_words_for(device: torch.device, tile_words: int | None, gpu_default: int) -> int:
+    """The checked tile size: `tile_words` if given, else gpu_default on a GPU and 256 on CPU
+    (the interpreter pays per program: fewer, larger tiles there)."""
+    if tile_words is None:
+        tile_words = 256 if device.type == "cpu" else gpu_default
+    check_tile_words(tile_words)
+    return tile_words
+
+
+def by_dtype(tensors) -> dict[torch.dtype, list[int]]:
+    """Indices of the tensors per dtype, in order: one batch of launches per dtype."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+    return groups
+
+
 def tile_table(num_words: list[int], tile_words: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """int64 (num_tiles, TILE_COLUMNS) table of (segment, first word), and each segment's first tile."""
     per_seg = torch.tensor([-(-n // tile_words) for n in num_words], dtype=torch.int64)

@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import TL_FLOAT, check_tile_words, launch, segment_layout, tile_coords, tile_segment, tile_table
+from ._tiles import (TL_FLOAT, by_dtype, launch, segment_layout, tile_coords, tile_segment, tile_table,
+                     tile_words_for)
 
 # columns of the int64 segment table (one row per tensor)
 SEG_VALUES = tl.constexpr(0)  # pointer to the tensor's values
@@ -43,13 +44,8 @@ def apply_masks_(tensors, mask_words, *, tile_words: int | None = None) -> None:
     if not tensors:
         return
     device = tensors[0].device
-    if tile_words is None:  # the interpreter pays per program: fewer, larger tiles on CPU
-        tile_words = 256 if device.type == "cpu" else 32
-    check_tile_words(tile_words)
-    groups: dict[torch.dtype, list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault(t.dtype, []).append(i)
-    for dtype, index in groups.items():
+    tile_words = tile_words_for(device, tile_words, gpu_default=32)
+    for dtype, index in by_dtype(tensors).items():
         rows, num_words = [], []
         for i in index:
             cols, words_per_row, n_words = segment_layout(tensors[i])

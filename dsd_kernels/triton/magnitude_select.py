@@ -27,8 +27,8 @@ import triton.language as tl
 
 from .._floatbits import KEY_SPECS, digit_widths, keys_to_values
 from ..masks import packed_shape
-from ._tiles import (TILE_SEGMENT, TL_FLOAT, TL_INT, check_tile_words, launch, segment_layout,
-                     tile_coords, tile_segment, tile_table)
+from ._tiles import (TILE_SEGMENT, TL_FLOAT, TL_INT, by_dtype, launch, segment_layout, tile_coords,
+                     tile_segment, tile_table, tile_words_for)
 
 MAX_DIGIT_BITS = 11
 # columns of the int64 segment table (one row per tensor)
@@ -149,9 +149,7 @@ class _Batch:
 
     def __init__(self, tensors: list[torch.Tensor], tile_words: int | None):
         self.device, dtype = tensors[0].device, tensors[0].dtype
-        if tile_words is None:  # the interpreter pays per program: fewer, larger tiles on CPU
-            tile_words = 256 if self.device.type == "cpu" else 64
-        check_tile_words(tile_words)
+        tile_words = tile_words_for(self.device, tile_words, gpu_default=64)
         self.tensors = [t.detach().contiguous() for t in tensors]
         layouts = [segment_layout(t) for t in self.tensors]
         self.outs = [torch.empty(packed_shape(t.shape), dtype=torch.int32, device=self.device)
@@ -197,13 +195,6 @@ class _Batch:
         return self.outs
 
 
-def _by_dtype(tensors) -> dict[torch.dtype, list[int]]:
-    groups: dict[torch.dtype, list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault(t.dtype, []).append(i)
-    return groups
-
-
 def magnitude_select(tensors: list[torch.Tensor], sparsities: list[float], *, want_masks: bool,
                      out_dtype: torch.dtype, tile_words: int | None = None
                      ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -215,7 +206,7 @@ def magnitude_select(tensors: list[torch.Tensor], sparsities: list[float], *, wa
     device = tensors[0].device
     thresholds = torch.full((len(tensors),), float("-inf"), dtype=out_dtype, device=device)
     packed: list[torch.Tensor | None] = [None] * len(tensors)
-    for dtype, index in _by_dtype(tensors).items():
+    for dtype, index in by_dtype(tensors).items():
         batch = _Batch([tensors[i] for i in index], tile_words)
         ranks = [round(sparsities[i] * tensors[i].numel()) for i in index]
         state = batch.state([0] * len(index), ranks, [0] * len(index))
@@ -243,7 +234,7 @@ def digit_histograms(sources, prefixes, shift: int, width: int, *, gather: bool,
     """See composite.magnitude_select.digit_histograms. Every pass reads the values (no
     gathering: on a GPU a filtered re-read costs less than compacting the candidates)."""
     hist = torch.zeros(len(sources), 1 << width, dtype=torch.int64, device=sources[0].device)
-    for index in _by_dtype(sources).values():
+    for index in by_dtype(sources).values():
         batch = _Batch([sources[i] for i in index], None)
         state = batch.state([prefixes[i] for i in index], [1] * len(index), [0] * len(index))
         part = torch.zeros(len(index), 1 << width, dtype=torch.int64, device=hist.device)
@@ -255,7 +246,7 @@ def digit_histograms(sources, prefixes, shift: int, width: int, *, gather: bool,
 def threshold_masks(tensors, keys, need, ties_before, local_ties):
     """See composite.magnitude_select.threshold_masks."""
     packed: list[torch.Tensor | None] = [None] * len(tensors)
-    for index in _by_dtype(tensors).values():
+    for index in by_dtype(tensors).values():
         batch = _Batch([tensors[i] for i in index], None)
         # rank = ties to prune in all (>= 1 where a key is set, 0 = prune nothing); the count
         # bounds the tie ranks held here, so tiles count their ties only where that can matter

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import TL_FLOAT, check_tile_words, launch, segment_layout, tile_coords, tile_segment, tile_table
+from ._tiles import (TL_FLOAT, by_dtype, launch, segment_layout, tile_coords, tile_segment, tile_table,
+                     tile_words_for)
 
 # columns of the int64 segment table (one row per tensor)
 SEG_PARAM = tl.constexpr(0)  # pointers to the parameter, gradient, momentum buffer, mask words
@@ -97,15 +98,10 @@ def masked_sgd_(params, grads, momentum_buffers, mask_words, first_step, *, lr, 
     if not params:
         return
     device = params[0].device
-    if tile_words is None:
-        tile_words = 256 if device.type == "cpu" else 32
-    check_tile_words(tile_words)
+    tile_words = tile_words_for(device, tile_words, gpu_default=32)
     hyper = torch.tensor([float(lr), momentum, 1 - dampening, weight_decay], dtype=torch.float64,
                          device=device)
-    groups: dict[torch.dtype, list[int]] = {}
-    for i, p in enumerate(params):
-        groups.setdefault(p.dtype, []).append(i)
-    for dtype, index in groups.items():
+    for dtype, index in by_dtype(params).items():
         rows, num_words = [], []
         for i in index:
             cols, words_per_row, n_words = segment_layout(params[i])
