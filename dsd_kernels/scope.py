@@ -158,3 +158,23 @@ def summary(model: nn.Module, optimizer=None) -> str:
                          "pruned" if id(p) in default else "dense", mask))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def adopt_torch_prune(model: nn.Module) -> dict:
+    """Take over weights pruned with torch.nn.utils.prune: every `<name>_orig` / `<name>_mask`
+    reparametrisation is made permanent (torch.nn.utils.prune.remove: the parameter object the
+    optimizer holds becomes the plain `<name>` again, its pruned entries 0) and its mask returned
+    as ours, {param: Mask}, to give to MaskedSGD.set_masks or OptimizerMasks.set_masks."""
+    from torch.nn.utils import prune
+
+    from .masks import Mask
+    adopted = {}
+    for module in model.modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod) or isinstance(hook, prune.PruningContainer):
+                name = hook._tensor_name
+                keep = getattr(module, f"{name}_mask").detach() != 0
+                prune.remove(module, name)
+                param = getattr(module, name)
+                adopted[param] = Mask.from_bool(keep)
+    return adopted

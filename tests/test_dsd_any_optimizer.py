@@ -300,3 +300,62 @@ def test_masked_sgd_prune_takes_the_scope_arguments():
     assert int((model.emb.weight == 0).sum()) == 0  # the tied embedding is out by default
     with pytest.raises(TypeError, match="need model="):
         opt.prune(0.5, include=[nn.Linear])
+
+
+def test_torch_prune_reparametrisations_are_taken_over():
+    from torch.nn.utils import prune
+
+    from dsd_kernels.scope import adopt_torch_prune
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Conv1d(20, 4, 1))
+    prune.l1_unstructured(model[0], "weight", amount=0.4)
+    prune.random_unstructured(model[2], "weight", amount=0.5)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)  # holds weight_orig, as users have it
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    masks = adopt_torch_prune(model)
+    assert {id(p) for p in masks} <= held and not hasattr(model[0], "weight_orig")
+    assert [m.numel - m.count() for m in masks.values()] == [80, 40]
+    om = OptimizerMasks(opt)
+    om.set_masks(masks)
+    for _ in range(3):
+        opt.zero_grad()
+        hidden = torch.relu(model[0](torch.randn(6, 10)))
+        model[2](hidden.unsqueeze(-1)).sum().backward()  # Conv1d over a length-1 sequence
+        opt.step()
+    for p, m in masks.items():
+        assert bool((p[~m.to_bool()] == 0).all())
+
+
+def test_sparsify_follows_the_scope_and_names_what_it_cannot_convert():
+    torch.manual_seed(0)
+    model = TinyLM()
+    with pytest.warns(UserWarning, match=r"sparsify converts nn.Linear only; 2 other selected modules "
+                                         r"keep dense matmuls \(conv, mlp\)"):
+        sparsify(model, 0.5)
+    assert isinstance(model.proj, MaskedLinear)
+    assert not isinstance(model.head, MaskedLinear)  # tied to the embedding: out by default
+    assert int((model.emb.weight == 0).sum()) == 0
+
+
+def test_hugging_face_round_trip_keeps_the_zeros(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="the transformers extra")
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_positions=32, bos_token_id=0,
+                     eos_token_id=0)
+    model = GPT2LMHeadModel(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    dsd = DSDScheduler(opt, model=model, dense_epochs=1, sparse_epochs=2, redense_epochs=1, sparsity=0.5)
+    assert len(dsd.selected) == 8  # the 8 Conv1D weights; the tied wte/lm_head stays dense
+    tokens = torch.randint(0, 50, (4, 12))
+    for epoch in range(2):
+        opt.zero_grad()
+        model(tokens, labels=tokens).loss.backward()
+        opt.step()
+        dsd.step()
+    model.save_pretrained(tmp_path)
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path)
+    for (name, p), q in zip(model.named_parameters(), loaded.parameters()):
+        assert torch.equal(p, q), name
+    for s in dsd.selected:
+        assert int((dict(loaded.named_parameters())[s.name] == 0).sum()) == round(0.5 * s.param.numel())

@@ -80,14 +80,31 @@ class MaskedLinear(nn.Linear):
                                       unexpected_keys, error_msgs)
 
 
-def sparsify(model: nn.Module, sparsity, block: tuple[int, int] | None = None) -> nn.Module:
-    """Swap every nn.Linear of `model` (in place) for a MaskedLinear with exact magnitude masks.
+def sparsify(model: nn.Module, sparsity, block: tuple[int, int] | None = None, *, include=None,
+             exclude=None) -> nn.Module:
+    """Swap the nn.Linear modules of `model` (in place) for MaskedLinear with exact magnitude masks.
 
-    sparsity: one float, or one per Linear in model.named_modules() order; block: prune
-    (bh, bw) tiles by L1 norm (see magnitude_masks). Parameters are shared, not copied, so an
-    optimizer built before still holds them. Returns the model.
+    Which: the nn.Linear modules whose weight the pruning scope selects (dsd_kernels.scope:
+    by default every Linear but one whose weight is tied to an embedding; `include` /
+    `exclude` by module type or name pattern). Other selected weights (Conv, Hugging Face's
+    Conv1D) have no tile-skipping matmul: a warning names them (DSDScheduler(model=...) or
+    OptimizerMasks prune those). sparsity: one float, or one per converted Linear in
+    model.named_modules() order; block: prune (bh, bw) tiles by L1 norm (see magnitude_masks).
+    Parameters are shared, not copied, so an optimizer built before still holds them.
+    Returns the model.
     """
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    from ..scope import select
+    selected = {id(s.param) for s in select(model, 0.0, include=include, exclude=exclude)}
+    linears = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and id(m.weight) in selected]
+    others = sorted({name for name, m in model.named_modules() if not isinstance(m, nn.Linear)
+                     for local, p in m.named_parameters(recurse=False) if id(p) in selected})
+    if others:
+        import warnings
+        warnings.warn(f"sparsify converts nn.Linear only; {len(others)} other selected modules keep "
+                      f"dense matmuls ({', '.join(others[:3])}{' ...' if len(others) > 3 else ''}): "
+                      f"prune them with DSDScheduler(model=...) or dsd_kernels.optim.OptimizerMasks",
+                      UserWarning, stacklevel=2)
     if not linears:
         return model
     masks = ops.magnitude_masks([m.weight for _, m in linears], sparsity, block=block)
