@@ -6,7 +6,9 @@ optimizer's state), after it the masked parameters themselves (whatever weight d
 momentum did there), each a fused multi-tensor pass (`ops.apply_masks_`). Pruned weights are
 then exactly 0 after every `optimizer.step()`. Setting masks zeroes the pruned weights and
 every per-parameter state tensor of the parameter's shape there (momentum, Adam's moments);
-clearing them zeroes that state again, so pruned weights restart from 0 with fresh state.
+clearing them resets that state there to what a fresh optimizer holds (0 for moments, the
+initial step size for Rprop, the initial accumulator for Adagrad), so pruned weights restart
+from 0 with fresh state.
 MaskedSGD needs none of this: its fused step keeps pruned weights and momentum at 0 itself.
 """
 from __future__ import annotations
@@ -58,10 +60,34 @@ class OptimizerMasks:
         self._zero_state(checked)
         self._masks.update(checked)
 
+    def _fresh_state(self, p: Tensor) -> dict:
+        """The state tensors a fresh optimizer of this class holds for a zero weight after a step
+        with a zero gradient (the state a weight that starts training again gets)."""
+        import inspect
+        group = next(g for g in self.optimizer.param_groups if any(q is p for q in g["params"]))
+        accepted = inspect.signature(type(self.optimizer).__init__).parameters
+        hyper = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in group.items()
+                 if k != "params" and k in accepted}
+        probe = torch.zeros_like(p, requires_grad=True)
+        probe.grad = torch.zeros_like(p)
+        try:
+            fresh = type(self.optimizer)([probe], **hyper)
+            with torch.enable_grad():
+                fresh.step()
+        except Exception:  # noqa: BLE001 - an optimizer we cannot probe: its state restarts at 0
+            return {}
+        return {k: v for k, v in fresh.state[probe].items() if isinstance(v, Tensor) and v.shape == p.shape}
+
     @torch.no_grad()
     def clear_masks(self) -> None:
-        """Drop every mask; pruned weights restart from exactly 0 with their state zeroed there."""
-        self._zero_state(self._masks)
+        """Drop every mask; pruned weights restart from exactly 0 with fresh optimizer state."""
+        for p, m in self._masks.items():
+            fresh = self._fresh_state(p) if self.optimizer.state.get(p) else {}
+            keep = m.to_bool().to(p.device)
+            for key, value in self.optimizer.state.get(p, {}).items():
+                if isinstance(value, Tensor) and value.shape == p.shape:
+                    value.copy_(torch.where(keep, value, fresh[key].to(value.dtype) if key in fresh
+                                            else torch.zeros_like(value)))
         self._masks.clear()
 
     def remove(self) -> None:
