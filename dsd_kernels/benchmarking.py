@@ -99,7 +99,7 @@ def time_callable(fn: Callable[[], object], min_run_time: float) -> float:
 # the registry op (_backend) behind each benchmarked public op
 _REGISTRY_OP = {"magnitude_thresholds": "magnitude_select", "magnitude_masks": "magnitude_select",
                 "masked_sgd_": "masked_sgd", "masked_linear": "masked_linear",
-                "apply_masks_": "apply_masks"}
+                "apply_masks_": "apply_masks", "MaskedAdamW.step": "apply_masks"}
 
 
 def benchmark_backends(device: str, op: str | None = None) -> list[str]:
@@ -338,3 +338,54 @@ def apply_masks_cases(device: str) -> list[Case]:
 
 
 CASE_FACTORIES["apply_masks"] = apply_masks_cases
+
+
+def masked_adamw_cases(device: str, param_sets: tuple[str, ...] = ("resnet50", "gpt2-small")) -> list[Case]:
+    """One MaskedAdamW(fused=True) step (50% masks on >= 2-D params: torch's fused AdamW, then one
+    fused re-masking pass over weights and moments) against AdamW(fused=True) / AdamW(foreach=True)
+    plus the two mask multiplies (grad.mul_(mask) before, p.mul_(mask) after, as apex ASP does)."""
+    from .optim import MaskedAdamW
+
+    shapes_of = {"resnet50": resnet50_weight_shapes, "gpt2-small": gpt2_small_param_shapes}
+    cases = []
+    for name in param_sets:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        shapes = shapes_of[name]()
+        values = [torch.randn(s, generator=gen) for s in shapes]
+        keeps = [(torch.rand(s, generator=gen) > 0.5).to(device) if len(s) >= 2 else None for s in shapes]
+
+        def fresh(values=values):
+            params = [torch.nn.Parameter(v.to(device)) for v in values]
+            for p in params:
+                p.grad = torch.randn_like(p)
+            return params
+
+        ours_params = fresh()
+        ours = MaskedAdamW(ours_params, lr=1e-3, fused=True)
+        ours.set_masks({p: k for p, k in zip(ours_params, keeps) if k is not None})
+        numel = sum(v.numel() for v in values)
+        masked = sum(v.numel() for v, k in zip(values, keeps) if k is not None)
+        # AdamW reads p, g, m, v and writes p, m, v; the re-masking reads and writes p, m, v
+        bytes_moved = numel * 4 * 7 + masked * 4 * 6 + masked // 8
+        baselines = {}
+        for flavour in ("foreach", "fused"):
+            params = fresh()
+            opt = torch.optim.AdamW(params, lr=1e-3, **{flavour: True})
+            opt.step()
+            pairs = [(p, k) for p, k in zip(params, keeps) if k is not None]
+
+            def baseline(opt=opt, pairs=pairs):
+                for p, k in pairs:
+                    p.grad.mul_(k)
+                opt.step()
+                with torch.no_grad():
+                    for p, k in pairs:
+                        p.mul_(k)
+
+            baselines[f"AdamW({flavour}=True) + grad.mul_(mask) + p.mul_(mask)"] = baseline
+        cases.append(Case("MaskedAdamW.step", f"{name} ({numel / 1e6:.1f}M params, 50% masks)",
+                          bytes_moved, ours=ours.step, baselines=baselines))
+    return cases
+
+
+CASE_FACTORIES["masked_adamw"] = masked_adamw_cases

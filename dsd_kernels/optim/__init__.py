@@ -1,6 +1,7 @@
 """Optimizers that keep pruned weights (and their optimizer state) exactly at zero: MaskedSGD's
-fused step, or OptimizerMasks around any torch optimizer."""
+fused step, MaskedAdamW, or OptimizerMasks around any torch optimizer."""
+from .masked_adamw import MaskedAdamW
 from .masked_sgd import MaskedSGD, masked_sgd
 from .masking import OptimizerMasks
 
-__all__ = ["MaskedSGD", "masked_sgd", "OptimizerMasks"]
+__all__ = ["MaskedSGD", "masked_sgd", "MaskedAdamW", "OptimizerMasks"]

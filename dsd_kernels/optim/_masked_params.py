@@ -1,0 +1,130 @@
+"""Masks on an optimizer's own parameters: the part MaskedSGD and MaskedAdamW share (masks,
+set_masks, clear_masks, prune with the pruning scope, masks in state_dict, pickling)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..masks import Mask, as_mask
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor parameter (FSDP2), else the tensor itself."""
+    if not torch.distributed.is_available():
+        return t
+    from ..distributed import local_tensor
+    return local_tensor(t)
+
+
+class MaskedParams:
+    """Mixin for a torch.optim.Optimizer subclass holding `self._masks` ({param: Mask}).
+
+    set_masks zeroes the pruned weights and every state tensor of the parameter's shape
+    (momentum, Adam's moments) there; the subclass's step keeps them at 0.
+    """
+
+    # torch.optim.Optimizer pickles (and deep-copies) only defaults, state and param groups
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_masks": self._masks}
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        masks = state.pop("_masks", {})
+        super().__setstate__(state)
+        self._masks = masks
+
+    # ------------------------------------------------------------ masks
+    @property
+    def masks(self) -> dict[Tensor, Mask]:
+        """{param: Mask} for the masked parameters (a copy of the mapping)."""
+        return dict(self._masks)
+
+    def _held(self) -> set[int]:
+        return {id(p) for g in self.param_groups for p in g["params"]}
+
+    def set_masks(self, masks: dict) -> None:
+        """Set masks ({param: Mask, bool or 0/1 tensor, True/1 = kept}); zero the pruned weights
+        and their optimizer state (every state tensor of the parameter's shape) now."""
+        held = self._held()
+        checked = {}
+        for p, m in masks.items():
+            if not isinstance(p, Tensor) or id(p) not in held:
+                raise ValueError("set_masks got a mask for a tensor this optimizer does not hold")
+            checked[p] = as_mask(m, _local(p))  # a sharded param's mask covers its local shard
+        with torch.no_grad():
+            self._apply_masks(checked)
+        self._masks.update(checked)
+
+    def _apply_masks(self, masks: dict) -> None:
+        """Zero the pruned entries of the parameters and of their state tensors, in one pass."""
+        tensors, applied = [], []
+        for p, m in masks.items():
+            for t in [p] + [v for v in self.state.get(p, {}).values()
+                            if isinstance(v, Tensor) and v.shape == p.shape]:
+                tensors.append(_local(t).detach())
+                applied.append(m)
+        ops.apply_masks_(tensors, applied)
+
+    def clear_masks(self) -> None:
+        """Drop every mask: all weights train again (pruned ones restart from exactly 0)."""
+        self._masks.clear()
+
+    def prunable_params(self) -> list[Tensor]:
+        """Real floating parameters of 2 or more dims, in groups without prune=False."""
+        return [p for g in self.param_groups if g.get("prune", True) for p in g["params"]
+                if p.dim() >= 2 and p.is_floating_point()]
+
+    def prune(self, sparsity, *, model=None, include=None, exclude=None, scope: str = "layer"
+              ) -> dict[Tensor, Mask]:
+        """Magnitude-prune every prunable parameter at `sparsity` (one float or one per param),
+        exactly round(s * numel) weights each, in one batched call per device; returns the masks.
+
+        With `model`, the weights are chosen as dsd_kernels.scope does (embeddings, norms and
+        biases out by default; `include`/`exclude` by module type or name pattern; `sparsity`
+        a float or {pattern: float}; scope="global": one threshold over all of them)."""
+        if model is not None:
+            from ..scope import masks_for, select
+            new = masks_for(select(model, sparsity, include=include, exclude=exclude), scope=scope)
+            self.set_masks(new)
+            return new
+        if include is not None or exclude is not None or scope != "layer":
+            raise TypeError("prune: include, exclude and scope need model= (the module names)")
+        params = self.prunable_params()
+        sparsities = ops.sparsity_list(sparsity, len(params))
+        by_device: dict[torch.device, list[int]] = {}
+        for i, p in enumerate(params):
+            by_device.setdefault(p.device, []).append(i)
+        new = {}
+        for index in by_device.values():
+            found = ops.magnitude_masks([params[i] for i in index], [sparsities[i] for i in index])
+            new.update({params[i]: m for i, m in zip(index, found)})
+        self.set_masks(new)
+        return new
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """The optimizer's state dict plus "masks": {param index: {"packed", "shape"}} (plain
+        tensors and ints, so torch.load(weights_only=True) reads it)."""
+        state = super().state_dict()
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        state["masks"] = {index[id(p)]: m.state_dict() for p, m in self._masks.items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        masks = state_dict.pop("masks", {})
+        # the masks are checked before anything is loaded: a bad file changes nothing
+        params = [p for g in self.param_groups for p in g["params"]]
+        loaded = {}
+        for i, m in masks.items():
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(params):
+                raise ValueError(f"state_dict has a mask for parameter {i!r}, but this optimizer "
+                                 f"holds parameters 0..{len(params) - 1}")
+            mask = Mask.from_state_dict(m)
+            if mask.shape != _local(params[i]).shape:
+                raise ValueError(f"state_dict mask {i} has shape {tuple(mask.shape)} but parameter "
+                                 f"{i} has shape {tuple(_local(params[i]).shape)}")
+            loaded[params[i]] = mask.to(params[i].device)
+        super().load_state_dict(state_dict)
+        self._masks = loaded

@@ -1,0 +1,147 @@
+"""MaskedAdamW as torch.optim.AdamW, over the inputs PyTorch tests AdamW with (optim_db): every
+config and flag bit for bit, masked invariants, errors, checkpoints, the DSD schedule."""
+import io
+
+import pytest
+import torch
+
+from dsd_kernels.dsd import DSDScheduler
+from dsd_kernels.optim import MaskedAdamW
+
+common_optimizers = pytest.importorskip("torch.testing._internal.common_optimizers",
+                                        reason="torch's optimizer test inputs need expecttest")
+ADAMW_INFO = next(o for o in common_optimizers.optim_db if o.optim_cls is torch.optim.AdamW)
+CONFIGS = ADAMW_INFO.optim_inputs_func(device="cpu", dtype=torch.float32)
+IMPLS = [{}, {"foreach": True}, {"fused": True}]
+
+
+def fresh_kwargs(kwargs):
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
+def make_params(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtype))
+            for s in ((33, 70), (17,), (8, 3, 3, 3))]
+
+
+def set_grads(params, step, keeps=None):
+    g = torch.Generator().manual_seed(100 + step)
+    for i, p in enumerate(params):
+        grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        if keeps is not None and keeps[i] is not None:
+            grad = torch.where(keeps[i], grad, torch.zeros_like(grad))
+        p.grad = grad
+
+
+def same_bits(a, b):
+    return torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "default")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.desc)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_every_torch_config_is_bit_identical_without_masks(dtype, config, impl):
+    ours, theirs = make_params(dtype), make_params(dtype)
+    a = MaskedAdamW(ours, **fresh_kwargs(config.kwargs), **impl)
+    b = torch.optim.AdamW(theirs, **fresh_kwargs(config.kwargs), **impl)
+    for step in range(3):
+        set_grads(ours, step)
+        set_grads(theirs, step)
+        a.step()
+        b.step()
+    for p, q in zip(ours, theirs):
+        assert same_bits(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.desc)
+def test_with_masks_kept_weights_are_adamw_on_masked_gradients(config):
+    ours, theirs = make_params(torch.float32), make_params(torch.float32)
+    g = torch.Generator().manual_seed(7)
+    keeps = [torch.rand(p.shape, generator=g) > 0.4 if p.dim() >= 2 else None for p in ours]
+    a = MaskedAdamW(ours, **fresh_kwargs(config.kwargs))
+    a.set_masks({p: k for p, k in zip(ours, keeps) if k is not None})
+    b = torch.optim.AdamW(theirs, **fresh_kwargs(config.kwargs))
+    with torch.no_grad():
+        for q, k in zip(theirs, keeps):
+            if k is not None:
+                q.masked_fill_(~k, 0)
+    for step in range(4):
+        set_grads(ours, step)
+        for p, k in zip(ours, keeps):
+            if k is not None:
+                p.grad[~k] = float("nan")  # never reaches the weights or the moments
+        set_grads(theirs, step, keeps)
+        a.step()
+        b.step()
+    for p, q, k in zip(ours, theirs, keeps):
+        assert same_bits(p.detach(), q.detach())
+        if k is not None:
+            for t in [p.detach()] + [v for v in a.state[p].values() if v.shape == p.shape]:
+                assert bool((t[~k] == 0).all()) and not bool(torch.signbit(t[~k]).any())
+
+
+@pytest.mark.parametrize("error", ADAMW_INFO.optim_error_inputs_func(device="cpu", dtype=torch.float32),
+                         ids=lambda e: e.optimizer_error_input.desc)
+def test_every_torch_error_input_raises_the_same(error):
+    params, kwargs = error.optimizer_error_input.params, error.optimizer_error_input.kwargs
+    assert error.error_on == common_optimizers.OptimizerErrorEnum.CONSTRUCTION_ERROR
+    if issubclass(error.error_type, Warning):
+        with pytest.warns(error.error_type, match=error.error_regex):
+            MaskedAdamW(params, **kwargs)
+    else:
+        with pytest.raises(error.error_type, match=error.error_regex):
+            MaskedAdamW(params, **kwargs)
+
+
+def test_state_dicts_load_both_ways_and_masks_load_weights_only():
+    ours, theirs = make_params(torch.float32), make_params(torch.float32)
+    a = MaskedAdamW(ours, lr=1e-2)
+    a.prune(0.5)
+    set_grads(ours, 0)
+    a.step()
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    b = torch.optim.AdamW(theirs, lr=1e-2)
+    b.load_state_dict(state)  # our extra "masks" entry is ignored by AdamW
+    c = MaskedAdamW(make_params(torch.float32), lr=1e-2)
+    c.load_state_dict(state)
+    assert len(c.masks) == 2 and set(c.param_groups[0]) == set(b.param_groups[0])
+
+
+def test_a_grad_scaler_skipped_step_changes_nothing():
+    params = make_params(torch.float32)
+    opt = MaskedAdamW(params, lr=1e-2, fused=True)
+    opt.prune(0.5)
+    set_grads(params, 0)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    set_grads(params, 1)
+    opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(1.0)
+    opt.step()
+    del opt.grad_scale, opt.found_inf
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+def test_dsd_scheduler_drives_masked_adamw_and_channels_last_weights():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.LazyLinear(4))
+    model(torch.randn(2, 3, 6, 6))
+    model = model.to(memory_format=torch.channels_last)
+    opt = MaskedAdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    dsd = DSDScheduler(opt, dense_epochs=1, sparse_epochs=1, redense_epochs=1, sparsity=0.5)
+    x = torch.randn(4, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    zeros = []
+    for epoch in range(dsd.total_epochs):
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        zeros.append([int((m.weight == 0).sum()) for m in (model[0], model[2])])
+        dsd.step()
+    assert zeros[1] == [round(0.5 * model[0].weight.numel()), round(0.5 * model[2].weight.numel())]
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(z < e for z, e in zip(zeros[2], zeros[1]))  # pruned weights train again
