@@ -112,7 +112,7 @@ def _cmd_train(args, argv: list[str] | None = None) -> int:
         cfg = TrainConfig(data=args.data, sparsity=args.sparsity, lr=args.lr, seeds=args.seeds,
                           device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
                           checkpoint_every=args.checkpoint_every, batch_size=args.batch_size,
-                          cycles=args.cycles)
+                          cycles=args.cycles, optimizer=args.optimizer)
         if args.model != "all":
             cfg.models = [args.model]
         if args.epochs:
@@ -164,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cycles", type=int, default=d.cycles,
                    help=f"sparse+re-dense cycles, 2 = DSDSD ({d.cycles})")
     p.add_argument("--seeds", type=int, default=d.seeds, help=f"number of seeds ({d.seeds})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"SGD learning rate of the dense phase ({d.lr})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate of the dense phase ({d.lr})")
+    p.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adamw"],
+                   help=f"MaskedSGD with momentum or MaskedAdamW ({d.optimizer}; AdamW wants a "
+                        f"smaller --lr, e.g. 0.001)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"({d.batch_size})")
     p.add_argument("--train-samples", type=int,
                    help=f"training samples to use (mnist1d: {d.train_samples} of 4000; 0 = all)")

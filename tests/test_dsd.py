@@ -301,3 +301,15 @@ def test_cli_defaults_are_the_train_config_defaults():
     assert (args.data, args.sparsity, args.cycles, args.seeds, args.lr, args.batch_size,
             args.checkpoint_every) == (d.data, d.sparsity, d.cycles, d.seeds, d.lr, d.batch_size,
                                        d.checkpoint_every)
+
+
+def test_train_job_with_adamw(tmp_path):
+    out = tmp_path / "adamw"
+    assert cli.main(["train", "--quick", "--model", "mlp", "--seeds", "1", "--optimizer", "adamw",
+                     "--lr", "0.001", "--epochs", "1", "1", "1", "--no-progress", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["optimizer"] == "adamw"
+    phases = next(r for r in report["runs"] if r["method"] == "dsd")["phases"]
+    assert phases[1]["name"] == "sparse" and all(abs(v - 0.5) < 1e-2 for v in phases[1]["measured_sparsity"].values())
+    with pytest.raises(ValueError, match="--optimizer must be one of"):
+        TrainConfig(optimizer="lion").validate()

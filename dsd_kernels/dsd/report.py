@@ -71,7 +71,7 @@ def _markdown(report: dict) -> str:
            f"Data `{cfg['data']}`, {cfg['train_samples'] or 'all'} training samples; models "
            f"{', '.join(cfg['models'])}; {cfg['seeds']} seeds; epochs dense {cfg['epochs'][0]}, sparse "
            f"{cfg['epochs'][1]}, re-dense {cfg['epochs'][2]} (x{cfg['cycles']}); sparsity {cfg['sparsity']}; "
-           f"SGD lr {cfg['lr']}, momentum {cfg['momentum']}, weight decay {cfg['weight_decay']}, batch "
+           f"{cfg.get('optimizer', 'sgd').upper()} lr {cfg['lr']}, momentum {cfg['momentum']}, weight decay {cfg['weight_decay']}, batch "
            f"{cfg['batch_size']}; device {cfg['device']}.", ""]
     for model, entry in report["summary"].items():
         out += [f"## {model}", "", "| method | test accuracy % (mean +- std) |", "|---|---|"]

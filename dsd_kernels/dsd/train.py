@@ -1,6 +1,7 @@
 """The `dsd-kernels train` job: DSD against its two fair baselines, same total epochs.
 
-Methods (one MaskedSGD each, same lr, momentum, weight decay, batch order per seed):
+Methods (one MaskedSGD each, or MaskedAdamW with optimizer="adamw"; same lr, momentum, weight
+decay, batch order per seed):
 - dense: plain dense training; the learning rate drops to 1/10 at the epoch where DSD
   re-denses, so the only difference to DSD is the pruning.
 - llr:   the paper's lower-learning-rate baseline: dense, with the drop right after the
@@ -20,12 +21,18 @@ import torch
 import torch.nn.functional as F
 
 from .._files import atomic_torch_save, atomic_write_text
-from ..optim import MaskedSGD
+from ..optim import MaskedAdamW, MaskedSGD
 from .data import Dataset, load_data
 from .models import MODELS, build_model, prunable_layers
 from .scheduler import DSDScheduler, PhasePlan
 
 METHODS = ("dense", "llr", "dsd")
+# the optimizer of every method: a drop-in for torch's, keeping pruned weights and state at 0
+OPTIMIZERS = {
+    "sgd": lambda params, cfg: MaskedSGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay),
+    "adamw": lambda params, cfg: MaskedAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+}
 
 
 def world() -> tuple[int, int]:
@@ -49,11 +56,14 @@ class TrainConfig:
     train_samples: int | None = 1000
     redense_lr_scale: float = 0.1
     cycles: int = 1
+    optimizer: str = "sgd"  # sgd (MaskedSGD, with momentum) or adamw (MaskedAdamW, betas as torch's)
     device: str = "cpu"
     checkpoint_every: int = 0
 
     def validate(self) -> None:
         """Every argument error before any training starts."""
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}")
         if not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"--sparsity must be in [0, 1), got {self.sparsity}")
         if len(self.epochs) != 3 or any(int(e) != e or e < 1 for e in self.epochs):
@@ -110,8 +120,7 @@ class Run:
             from torch.nn.parallel import DistributedDataParallel
             self.forward_model = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.optimizer = MaskedSGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay)
+        self.optimizer = OPTIMIZERS[cfg.optimizer](self.model.parameters(), cfg)
         dense, sparse, redense = cfg.epochs
         self.dsd = self.lr_schedule = None
         if method == "dsd":
