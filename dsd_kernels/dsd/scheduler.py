@@ -1,14 +1,16 @@
-"""DSDScheduler: Dense -> Sparse -> re-Dense phases, stepped once per epoch like an LR scheduler.
+"""DSDScheduler: Dense -> Sparse -> re-Dense phases, stepped once per epoch (or, with
+unit="step", once per optimizer step) like an LR scheduler.
 
 Epochs 0 .. dense_epochs-1 are dense; then `cycles` times: sparse_epochs sparse epochs
 followed by redense_epochs re-dense epochs (cycles=2 gives DSDSD).
-- dense -> sparse: every weight of 2 or more dims is magnitude-pruned at one uniform
-  sparsity (exactly round(s*N) per layer) through `optimizer.prune` (MaskedSGD); pruned
-  weights and their momentum become 0 and stay 0 while sparse. With any other optimizer,
-  pass `model`: its MaskedLinear modules (see nn.sparsify) are masked instead, and the
-  optimizer's per-parameter state tensors (momentum, Adam moments) are zeroed where pruned.
-- sparse -> redense: the masks are dropped; pruned weights restart from exactly 0 with
-  zero momentum, and every group's learning rate is multiplied by redense_lr_scale
+- dense -> sparse: the selected weights (dsd_kernels.scope: by default every weight of 2 or
+  more dims but embeddings and norms) are magnitude-pruned, exactly round(s*N) per layer (or
+  over all of them with scope="global"). MaskedSGD and MaskedAdamW hold the masks themselves;
+  any other optimizer gets them through optim.OptimizerMasks (gradients and weights re-masked
+  around every step), and MaskedLinear modules keep theirs. Pruned weights and their optimizer
+  state become 0 and stay 0 while sparse.
+- sparse -> redense: the masks are dropped; pruned weights restart from exactly 0 with fresh
+  optimizer state, and every group's learning rate is multiplied by redense_lr_scale
   (once, at the first re-dense: 1/10 of the dense phase's rate by default). Nothing else
   changes. The multiplication composes with a chainable torch LR scheduler; pass a
   closed-form one (LambdaLR, CosineAnnealingLR, ...) as `lr_scheduler` so that its
