@@ -203,6 +203,32 @@ def format_row(r: dict) -> str:
     return "\n".join(lines)
 
 
+def mask_multiply_baselines(optimizer_cls, make_params, keeps, hyper: dict) -> dict:
+    """The peers' masked step for a torch optimizer, with foreach=True and with fused=True:
+    grad.mul_(mask) before the step and p.mul_(mask) after it (what apex ASP does). make_params()
+    gives fresh parameters with gradients; keeps[i]: the bool mask of parameter i or None."""
+    baselines = {}
+    for flavour in ("foreach", "fused"):
+        params = make_params()
+        try:
+            opt = optimizer_cls(params, **hyper, **{flavour: True})
+            opt.step()
+        except (RuntimeError, ValueError):
+            continue  # that implementation is unsupported on this device/torch
+        pairs = [(p, k) for p, k in zip(params, keeps) if k is not None]
+
+        def baseline(opt=opt, pairs=pairs):
+            for p, k in pairs:
+                p.grad.mul_(k)
+            opt.step()
+            with torch.no_grad():
+                for p, k in pairs:
+                    p.mul_(k)
+
+        baselines[f"{optimizer_cls.__name__}({flavour}=True) + grad.mul_(mask) + p.mul_(mask)"] = baseline
+    return baselines
+
+
 def masked_sgd_cases(device: str, param_sets: tuple[str, ...] = ("resnet50", "resnet50 channels_last",
                                                                 "gpt2-small")) -> list[Case]:
     """One SGD step (momentum 0.9, weight decay 1e-4, 50% masks on >= 2-D params) on whole
@@ -238,25 +264,7 @@ def masked_sgd_cases(device: str, param_sets: tuple[str, ...] = ("resnet50", "re
         numel = sum(v.numel() for v in values)
         masked = sum(v.numel() for v, k in zip(values, keeps) if k is not None)
         bytes_moved = numel * 4 * 5 + masked // 8  # read p, g, buf; write p, buf; mask bits
-        baselines = {}
-        for flavour in ("foreach", "fused"):
-            params = fresh()
-            try:
-                opt = torch.optim.SGD(params, **hyper, **{flavour: True})
-                opt.step()
-            except (RuntimeError, ValueError):
-                continue  # fused SGD unsupported on this device/torch
-            pairs = [(p, k) for p, k in zip(params, keeps) if k is not None]
-
-            def baseline(opt=opt, pairs=pairs):
-                for p, k in pairs:
-                    p.grad.mul_(k)
-                opt.step()
-                with torch.no_grad():
-                    for p, k in pairs:
-                        p.mul_(k)
-
-            baselines[f"SGD({flavour}=True) + grad.mul_(mask) + p.mul_(mask)"] = baseline
+        baselines = mask_multiply_baselines(torch.optim.SGD, fresh, keeps, hyper)
         cases.append(Case("masked_sgd_", f"{name} ({numel / 1e6:.1f}M params, 50% masks)",
                           bytes_moved, ours=ours.step, baselines=baselines))
     return cases
@@ -367,22 +375,7 @@ def masked_adamw_cases(device: str, param_sets: tuple[str, ...] = ("resnet50", "
         masked = sum(v.numel() for v, k in zip(values, keeps) if k is not None)
         # AdamW reads p, g, m, v and writes p, m, v; the re-masking reads and writes p, m, v
         bytes_moved = numel * 4 * 7 + masked * 4 * 6 + masked // 8
-        baselines = {}
-        for flavour in ("foreach", "fused"):
-            params = fresh()
-            opt = torch.optim.AdamW(params, lr=1e-3, **{flavour: True})
-            opt.step()
-            pairs = [(p, k) for p, k in zip(params, keeps) if k is not None]
-
-            def baseline(opt=opt, pairs=pairs):
-                for p, k in pairs:
-                    p.grad.mul_(k)
-                opt.step()
-                with torch.no_grad():
-                    for p, k in pairs:
-                        p.mul_(k)
-
-            baselines[f"AdamW({flavour}=True) + grad.mul_(mask) + p.mul_(mask)"] = baseline
+        baselines = mask_multiply_baselines(torch.optim.AdamW, fresh, keeps, dict(lr=1e-3))
         cases.append(Case("MaskedAdamW.step", f"{name} ({numel / 1e6:.1f}M params, 50% masks)",
                           bytes_moved, ours=ours.step, baselines=baselines))
     return cases

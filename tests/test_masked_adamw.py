@@ -8,15 +8,14 @@ import torch
 from dsd_kernels.dsd import DSDScheduler
 from dsd_kernels.optim import MaskedAdamW
 
+from .drop_in import (assert_pruned_exactly_zero, check_error_input, fresh_kwargs, same_bits,
+                      step_masked_beside_torch)
+
 common_optimizers = pytest.importorskip("torch.testing._internal.common_optimizers",
                                         reason="torch's optimizer test inputs need expecttest")
 ADAMW_INFO = next(o for o in common_optimizers.optim_db if o.optim_cls is torch.optim.AdamW)
 CONFIGS = ADAMW_INFO.optim_inputs_func(device="cpu", dtype=torch.float32)
 IMPLS = [{}, {"foreach": True}, {"fused": True}]
-
-
-def fresh_kwargs(kwargs):
-    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
 
 
 def make_params(dtype, seed=0):
@@ -32,10 +31,6 @@ def set_grads(params, step, keeps=None):
         if keeps is not None and keeps[i] is not None:
             grad = torch.where(keeps[i], grad, torch.zeros_like(grad))
         p.grad = grad
-
-
-def same_bits(a, b):
-    return torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
 
 
 @pytest.mark.parametrize("impl", IMPLS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "default")
@@ -57,41 +52,17 @@ def test_every_torch_config_is_bit_identical_without_masks(dtype, config, impl):
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.desc)
 def test_with_masks_kept_weights_are_adamw_on_masked_gradients(config):
     ours, theirs = make_params(torch.float32), make_params(torch.float32)
-    g = torch.Generator().manual_seed(7)
-    keeps = [torch.rand(p.shape, generator=g) > 0.4 if p.dim() >= 2 else None for p in ours]
-    a = MaskedAdamW(ours, **fresh_kwargs(config.kwargs))
-    a.set_masks({p: k for p, k in zip(ours, keeps) if k is not None})
-    b = torch.optim.AdamW(theirs, **fresh_kwargs(config.kwargs))
-    with torch.no_grad():
-        for q, k in zip(theirs, keeps):
-            if k is not None:
-                q.masked_fill_(~k, 0)
-    for step in range(4):
-        set_grads(ours, step)
-        for p, k in zip(ours, keeps):
-            if k is not None:
-                p.grad[~k] = float("nan")  # never reaches the weights or the moments
-        set_grads(theirs, step, keeps)
-        a.step()
-        b.step()
-    for p, q, k in zip(ours, theirs, keeps):
+    opt, _, keeps = step_masked_beside_torch(MaskedAdamW, torch.optim.AdamW, config.kwargs, ours,
+                                             theirs, set_grads)
+    for p, q in zip(ours, theirs):
         assert same_bits(p.detach(), q.detach())
-        if k is not None:
-            for t in [p.detach()] + [v for v in a.state[p].values() if v.shape == p.shape]:
-                assert bool((t[~k] == 0).all()) and not bool(torch.signbit(t[~k]).any())
+    assert_pruned_exactly_zero(opt, ours, keeps)
 
 
 @pytest.mark.parametrize("error", ADAMW_INFO.optim_error_inputs_func(device="cpu", dtype=torch.float32),
                          ids=lambda e: e.optimizer_error_input.desc)
 def test_every_torch_error_input_raises_the_same(error):
-    params, kwargs = error.optimizer_error_input.params, error.optimizer_error_input.kwargs
-    assert error.error_on == common_optimizers.OptimizerErrorEnum.CONSTRUCTION_ERROR
-    if issubclass(error.error_type, Warning):
-        with pytest.warns(error.error_type, match=error.error_regex):
-            MaskedAdamW(params, **kwargs)
-    else:
-        with pytest.raises(error.error_type, match=error.error_regex):
-            MaskedAdamW(params, **kwargs)
+    check_error_input(MaskedAdamW, error, common_optimizers.OptimizerErrorEnum.CONSTRUCTION_ERROR)
 
 
 def test_state_dicts_load_both_ways_and_masks_load_weights_only():

@@ -13,6 +13,8 @@ from dsd_kernels.dsd import DSDScheduler
 from dsd_kernels.optim import MaskedSGD
 
 from .conftest import DEVICE
+from .drop_in import (assert_pruned_exactly_zero, check_error_input, fresh_kwargs, same_bits,
+                      step_masked_beside_torch)
 
 common_optimizers = pytest.importorskip("torch.testing._internal.common_optimizers",
                                         reason="torch's optimizer test inputs need expecttest")
@@ -29,10 +31,6 @@ def cpu_backend(request):
         pytest.skip(f"backend {request.param} unavailable: {dk._backend.reasons()[request.param]}")
     with dk.use_backend(request.param):
         yield request.param
-
-
-def fresh_kwargs(kwargs):
-    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
 
 
 def make_params(dtype, seed=0, memory_format=torch.contiguous_format):
@@ -54,9 +52,7 @@ def set_grads(params, step, masks=None):
 
 
 def assert_same_bits(a, b, what):
-    assert a.dtype == b.dtype and a.shape == b.shape, what
-    same = a.contiguous().view(-1).view(torch.uint8) == b.contiguous().view(-1).view(torch.uint8)
-    assert bool(same.all()), f"{what}: {int((~same).sum())} bytes differ"
+    assert same_bits(a, b), f"{what}: the bits differ"
 
 
 @pytest.mark.parametrize("impl", IMPLS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "default")
@@ -84,41 +80,17 @@ def test_every_torch_config_with_masks_is_sgd_on_masked_gradients(cpu_backend, d
     """Kept weights: the bits of torch.optim.SGD stepping on grad * mask; pruned weights and
     momentum: exactly +0, whatever the gradient held there."""
     ours, theirs = make_params(dtype), make_params(dtype)
-    g = torch.Generator().manual_seed(7)
-    keeps = [torch.rand(p.shape, generator=g) > 0.4 if p.dim() >= 2 else None for p in ours]
-    opt_ours = MaskedSGD(ours, **fresh_kwargs(config.kwargs))
-    opt_ours.set_masks({p: k for p, k in zip(ours, keeps) if k is not None})
-    opt_theirs = torch.optim.SGD(theirs, **fresh_kwargs(config.kwargs))
-    with torch.no_grad():
-        for q, k in zip(theirs, keeps):
-            if k is not None:
-                q.masked_fill_(~k, 0)
-    for step in range(4):
-        set_grads(ours, step)
-        for p, k in zip(ours, keeps):  # NaN where pruned: must never reach the weights
-            if k is not None:
-                p.grad[~k] = float("nan")
-        set_grads(theirs, step, keeps)
-        opt_ours.step()
-        opt_theirs.step()
-    for i, (p, q, k) in enumerate(zip(ours, theirs, keeps)):
+    opt_ours, _, keeps = step_masked_beside_torch(MaskedSGD, torch.optim.SGD, config.kwargs, ours,
+                                                  theirs, set_grads)
+    for i, (p, q) in enumerate(zip(ours, theirs)):
         assert_same_bits(p.detach(), q.detach(), f"param {i}")
-        if k is not None:
-            for pruned in (p.detach()[~k], opt_ours.state[p].get("momentum_buffer", p.detach())[~k]):
-                assert bool((pruned == 0).all()) and not bool(torch.signbit(pruned).any())
+    assert_pruned_exactly_zero(opt_ours, ours, keeps)
 
 
 @pytest.mark.parametrize("error", SGD_INFO.optim_error_inputs_func(device="cpu", dtype=torch.float32),
                          ids=lambda e: e.optimizer_error_input.desc)
 def test_every_torch_error_input_raises_the_same(error):
-    params, kwargs = error.optimizer_error_input.params, error.optimizer_error_input.kwargs
-    assert error.error_on == common_optimizers.OptimizerErrorEnum.CONSTRUCTION_ERROR
-    if issubclass(error.error_type, Warning):
-        with pytest.warns(error.error_type, match=error.error_regex):
-            MaskedSGD(params, **kwargs)
-    else:
-        with pytest.raises(error.error_type, match=error.error_regex):
-            MaskedSGD(params, **kwargs)
+    check_error_input(MaskedSGD, error, common_optimizers.OptimizerErrorEnum.CONSTRUCTION_ERROR)
 
 
 @pytest.mark.parametrize("kwargs,err,match", [
