@@ -26,12 +26,17 @@ TL_FLOAT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float3
 TL_INT = {torch.int16: tl.int16, torch.int32: tl.int32, torch.int64: tl.int64}
 
 LAUNCHES: Counter = Counter()  # Triton launches issued so far, per kernel name (tests read it)
+# Warps per program of the multi-tensor (tile table) kernels: with triton's default of 4, the
+# momentum SGD step and the fp64 mask kernel spill registers on sm_80 (tests/test_aot.py)
+TABLE_NUM_WARPS = 8
 
 
-def launch(kernel, grid):
-    """kernel[grid], counted in LAUNCHES."""
+def launch(kernel, grid, **options):
+    """kernel[grid] with launch `options` (num_warps, ...), counted in LAUNCHES."""
     LAUNCHES[kernel.fn.__name__] += 1
-    return kernel[grid]
+    if not options:
+        return kernel[grid]
+    return lambda *args, **kwargs: kernel[grid](*args, **kwargs, **options)
 
 
 def segment_layout(t: torch.Tensor) -> tuple[int, int, int]:

@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import (TL_FLOAT, by_dtype, launch, segment_layout, tile_coords, tile_segment, tile_table,
-                     tile_words_for)
+from ._tiles import (TABLE_NUM_WARPS, TL_FLOAT, by_dtype, launch, segment_layout, tile_coords,
+                     tile_segment, tile_table, tile_words_for)
 
 # columns of the int64 segment table (one row per tensor)
 SEG_VALUES = tl.constexpr(0)  # pointer to the tensor's values
@@ -54,5 +54,5 @@ def apply_masks_(tensors, mask_words, *, tile_words: int | None = None) -> None:
         tiles = tile_table(num_words, tile_words, device)[0]
         if tiles.shape[0]:
             meta = torch.tensor(rows, dtype=torch.int64).to(device)
-            launch(_apply_masks_kernel, (tiles.shape[0],))(meta, tiles, VALUE_TYPE=TL_FLOAT[dtype],
+            launch(_apply_masks_kernel, (tiles.shape[0],), num_warps=TABLE_NUM_WARPS)(meta, tiles, VALUE_TYPE=TL_FLOAT[dtype],
                                                            TILE_WORDS=tile_words)

@@ -27,8 +27,8 @@ import triton.language as tl
 
 from .._floatbits import KEY_SPECS, digit_widths, keys_to_values
 from ..masks import packed_shape
-from ._tiles import (TILE_SEGMENT, TL_FLOAT, TL_INT, by_dtype, launch, segment_layout, tile_coords,
-                     tile_segment, tile_table, tile_words_for)
+from ._tiles import (TABLE_NUM_WARPS, TILE_SEGMENT, TL_FLOAT, TL_INT, by_dtype, launch,
+                     segment_layout, tile_coords, tile_segment, tile_table, tile_words_for)
 
 MAX_DIGIT_BITS = 11
 # columns of the int64 segment table (one row per tensor)
@@ -173,7 +173,7 @@ class _Batch:
     def histogram(self, state: torch.Tensor, hist: torch.Tensor, shift: int, width: int) -> None:
         """Add the digit counts of this pass to hist (segments x 2**width), per the state's prefixes."""
         if self.num_tiles:
-            launch(_histogram_kernel, (self.num_tiles,))(self.meta, self.tiles, state, hist,
+            launch(_histogram_kernel, (self.num_tiles,), num_warps=TABLE_NUM_WARPS)(self.meta, self.tiles, state, hist,
                                                          SHIFT=shift, DIGIT_BITS=width, **self.consts)
 
     def write_masks(self, state: torch.Tensor, ties_offset: torch.Tensor | None = None):
@@ -182,7 +182,7 @@ class _Batch:
         if not self.num_tiles:
             return self.outs
         tile_ties = torch.empty(self.num_tiles, dtype=torch.int64, device=self.device)
-        launch(_tie_count_kernel, (self.num_tiles,))(self.meta, self.tiles, state, tile_ties,
+        launch(_tie_count_kernel, (self.num_tiles,), num_warps=TABLE_NUM_WARPS)(self.meta, self.tiles, state, tile_ties,
                                                      **self.consts)
         inclusive = torch.cumsum(tile_ties, 0)
         tile_seg = self.tiles[:, TILE_SEGMENT.value]
@@ -190,7 +190,7 @@ class _Batch:
         ties_before = (inclusive - tile_ties) - base[tile_seg]
         if ties_offset is not None:
             ties_before += ties_offset[tile_seg]
-        launch(_mask_kernel, (self.num_tiles,))(self.meta, self.tiles, state, ties_before,
+        launch(_mask_kernel, (self.num_tiles,), num_warps=TABLE_NUM_WARPS)(self.meta, self.tiles, state, ties_before,
                                                 **self.consts)
         return self.outs
 
@@ -218,7 +218,7 @@ def magnitude_select(tensors: list[torch.Tensor], sparsities: list[float], *, wa
             shift -= width
             batch.histogram(state, hist[p], shift, width)
             if batch.num_tiles:
-                launch(_select_kernel, (len(index),))(state, hist[p], DIGIT_BITS=width)
+                launch(_select_kernel, (len(index),), num_warps=TABLE_NUM_WARPS)(state, hist[p], DIGIT_BITS=width)
         has_k = torch.tensor(ranks, device=device) > 0
         found = torch.where(has_k, keys_to_values(state[:, STATE_PREFIX.value], dtype),
                             torch.tensor(float("-inf"), dtype=dtype, device=device))

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import (TL_FLOAT, by_dtype, launch, segment_layout, tile_coords, tile_segment, tile_table,
-                     tile_words_for)
+from ._tiles import (TABLE_NUM_WARPS, TL_FLOAT, by_dtype, launch, segment_layout, tile_coords,
+                     tile_segment, tile_table, tile_words_for)
 
 # columns of the int64 segment table (one row per tensor)
 SEG_PARAM = tl.constexpr(0)  # pointers to the parameter, gradient, momentum buffer, mask words
@@ -117,7 +117,7 @@ def masked_sgd_(params, grads, momentum_buffers, mask_words, first_step, *, lr, 
         if tiles.shape[0] == 0:
             continue
         meta = torch.tensor(rows, dtype=torch.int64).to(device)
-        launch(_masked_sgd_kernel, (tiles.shape[0],))(
+        launch(_masked_sgd_kernel, (tiles.shape[0],), num_warps=TABLE_NUM_WARPS)(
             meta, tiles, hyper, VALUE_TYPE=TL_FLOAT[dtype],
             COMPUTE_TYPE=tl.float64 if dtype == torch.float64 else tl.float32,
             MOMENTUM=momentum != 0, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
