@@ -342,7 +342,7 @@ def test_sparsify_follows_the_scope_and_names_what_it_cannot_convert():
 
 
 def test_hugging_face_round_trip_keeps_the_zeros(tmp_path):
-    transformers = pytest.importorskip("transformers", reason="the transformers extra")
+    pytest.importorskip("transformers", reason="the transformers extra")
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     cfg = GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_positions=32, bos_token_id=0,

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops import as_sparsity
+from ..optim.masking import zero_pruned
 
 PHASES = ("dense", "sparse", "redense")
 
@@ -175,7 +176,7 @@ class DSDScheduler:
         for module in self.masked_linears:
             mask = masks.pop(module.weight)
             module.set_mask(mask)  # zeroes the pruned weights
-            self._zero_state(module.weight, mask)
+            zero_pruned(self.optimizer, {module.weight: mask}, params=False)
         self.optimizer_masks.set_masks(masks)
 
     def _redense(self) -> None:
@@ -188,14 +189,8 @@ class DSDScheduler:
             if mask is not None:
                 with torch.no_grad():
                     mask.apply_(module.weight)  # pruned weights restart from exactly 0
-                self._zero_state(module.weight, mask)
+                zero_pruned(self.optimizer, {module.weight: mask}, params=False)
                 module.set_mask(None)
-
-    @torch.no_grad()
-    def _zero_state(self, param, mask) -> None:
-        for value in self.optimizer.state.get(param, {}).values():
-            if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                mask.apply_(value)
 
     def _scale_lr(self, scale: float) -> None:
         for group in self.optimizer.param_groups:

@@ -7,14 +7,7 @@ from torch import Tensor
 
 from .. import ops
 from ..masks import Mask, as_mask
-
-
-def _local(t: Tensor) -> Tensor:
-    """The local shard of a DTensor parameter (FSDP2), else the tensor itself."""
-    if not torch.distributed.is_available():
-        return t
-    from ..distributed import local_tensor
-    return local_tensor(t)
+from .masking import _local, zero_pruned
 
 
 class MaskedParams:
@@ -52,19 +45,8 @@ class MaskedParams:
             if not isinstance(p, Tensor) or id(p) not in held:
                 raise ValueError("set_masks got a mask for a tensor this optimizer does not hold")
             checked[p] = as_mask(m, _local(p))  # a sharded param's mask covers its local shard
-        with torch.no_grad():
-            self._apply_masks(checked)
+        zero_pruned(self, checked, params=True)
         self._masks.update(checked)
-
-    def _apply_masks(self, masks: dict) -> None:
-        """Zero the pruned entries of the parameters and of their state tensors, in one pass."""
-        tensors, applied = [], []
-        for p, m in masks.items():
-            for t in [p] + [v for v in self.state.get(p, {}).values()
-                            if isinstance(v, Tensor) and v.shape == p.shape]:
-                tensors.append(_local(t).detach())
-                applied.append(m)
-        ops.apply_masks_(tensors, applied)
 
     def clear_masks(self) -> None:
         """Drop every mask: all weights train again (pruned ones restart from exactly 0)."""

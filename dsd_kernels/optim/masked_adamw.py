@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..masks import Mask
 from ._masked_params import MaskedParams
+from .masking import state_tensors, zero_pruned
 
 
 class MaskedAdamW(MaskedParams, torch.optim.AdamW):
@@ -39,10 +40,8 @@ class MaskedAdamW(MaskedParams, torch.optim.AdamW):
                     keep = m.to_bool().to(p.device)
                     p.masked_fill_(~keep, 0)
                     with torch.no_grad():
-                        for v in self.state.get(p, {}).values():
-                            if isinstance(v, Tensor) and v.shape == p.shape:
-                                v.masked_fill_(~keep, 0)
+                        for v in state_tensors(self, p):
+                            v.masked_fill_(~keep, 0)
             else:
-                with torch.no_grad():
-                    self._apply_masks(self._masks)
+                zero_pruned(self, self._masks, params=True)
         return loss

@@ -20,6 +20,31 @@ from .. import ops
 from ..masks import Mask, as_mask
 
 
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor parameter (FSDP2), else the tensor itself."""
+    if not torch.distributed.is_available():
+        return t
+    from ..distributed import local_tensor
+    return local_tensor(t)
+
+
+def state_tensors(optimizer: torch.optim.Optimizer, p: Tensor) -> list[Tensor]:
+    """The optimizer's per-parameter state tensors of p's shape (momentum, Adam's moments, ...)."""
+    return [v for v in optimizer.state.get(p, {}).values() if isinstance(v, Tensor) and v.shape == p.shape]
+
+
+@torch.no_grad()
+def zero_pruned(optimizer: torch.optim.Optimizer, masks: dict, *, params: bool) -> None:
+    """Zero the pruned entries of every masked parameter's state tensors (and, with params=True,
+    of the parameters themselves) in one fused apply_masks_ pass. masks: {param: Mask}."""
+    tensors, applied = [], []
+    for p, m in masks.items():
+        for t in ([p] if params else []) + state_tensors(optimizer, p):
+            tensors.append(_local(t).detach())
+            applied.append(m)
+    ops.apply_masks_(tensors, applied)
+
+
 class OptimizerMasks:
     def __init__(self, optimizer: torch.optim.Optimizer):
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -37,16 +62,6 @@ class OptimizerMasks:
         return {id(p) for g in self.optimizer.param_groups for p in g["params"]}
 
     @torch.no_grad()
-    def _zero_state(self, masks: dict[Tensor, Mask]) -> None:
-        tensors, applied = [], []
-        for p, m in masks.items():
-            for value in self.optimizer.state.get(p, {}).values():
-                if isinstance(value, Tensor) and value.shape == p.shape:
-                    tensors.append(value)
-                    applied.append(m)
-        ops.apply_masks_(tensors, applied)
-
-    @torch.no_grad()
     def set_masks(self, masks: dict) -> None:
         """{param: Mask, bool or 0/1 tensor}: zero the pruned weights and their optimizer state
         now, and keep them at 0 after every step until clear_masks()."""
@@ -56,8 +71,7 @@ class OptimizerMasks:
             if not isinstance(p, Tensor) or id(p) not in held:
                 raise ValueError("set_masks got a mask for a tensor the optimizer does not hold")
             checked[p] = as_mask(m, p)
-        ops.apply_masks_(list(checked), list(checked.values()))
-        self._zero_state(checked)
+        zero_pruned(self.optimizer, checked, params=True)
         self._masks.update(checked)
 
     def _fresh_state(self, p: Tensor) -> dict:
