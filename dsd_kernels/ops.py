@@ -432,14 +432,19 @@ def masked_sgd_reference_(params, grads, momentum_buffers, masks, *, lr, momentu
 
 
 # ---------------------------------------------------------------- re-masking
-@torch.library.custom_op("dsd_kernels::apply_masks_", mutates_args=("tensors",))
-def _apply_masks_op(tensors: List[Tensor], mask_words: List[Tensor]) -> None:
+def _check_apply_masks_args(tensors: list[Tensor], mask_words: list[Tensor]) -> None:
+    """The checks of the apply_masks_ op's real and fake implementations."""
     torch._check_value(len(tensors) == len(mask_words),
                        lambda: f"apply_masks_: {len(tensors)} tensors but {len(mask_words)} masks")
     for i, (t, w) in enumerate(zip(tensors, mask_words)):
         torch._check_value(w.dtype == torch.int32 and tuple(w.shape) == packed_shape(t.shape)
                            and w.device == t.device and t.dtype in KEY_SPECS,
                            lambda: f"mask_words[{i}] does not fit tensors[{i}] ({tuple(t.shape)}, {t.dtype})")
+
+
+@torch.library.custom_op("dsd_kernels::apply_masks_", mutates_args=("tensors",))
+def _apply_masks_op(tensors: List[Tensor], mask_words: List[Tensor]) -> None:
+    _check_apply_masks_args(tensors, mask_words)
     if tensors:
         impl = _backend.implementation("apply_masks", tensors[0].device, _dtypes(tensors))
         impl.apply_masks_(tensors, mask_words)
@@ -447,6 +452,7 @@ def _apply_masks_op(tensors: List[Tensor], mask_words: List[Tensor]) -> None:
 
 @_apply_masks_op.register_fake
 def _(tensors, mask_words):
+    _check_apply_masks_args(tensors, mask_words)
     return None
 
 

@@ -363,3 +363,15 @@ def test_hugging_face_round_trip_keeps_the_zeros(tmp_path):
         assert torch.equal(p, q), name
     for s in dsd.selected:
         assert int((dict(loaded.named_parameters())[s.name] == 0).sum()) == round(0.5 * s.param.numel())
+
+
+def test_apply_masks_op_checks_its_inputs_real_and_traced():
+    t = torch.zeros(4, 40)
+    with pytest.raises(ValueError, match=r"mask_words\[0\] does not fit tensors\[0\]"):
+        torch.ops.dsd_kernels.apply_masks_([t], [torch.zeros(4, 1, dtype=torch.int32)])
+    torch.library.opcheck(torch.ops.dsd_kernels.apply_masks_.default,
+                          ([torch.randn(4, 40)], [dk.Mask.from_bool(torch.rand(4, 40) > 0.5).packed]))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    words = torch.zeros(4, 1, dtype=torch.int32)
+    with FakeTensorMode() as mode, pytest.raises(ValueError, match="does not fit"):
+        torch.ops.dsd_kernels.apply_masks_([mode.from_tensor(t)], [mode.from_tensor(words)])
