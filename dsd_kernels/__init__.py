@@ -11,7 +11,7 @@ from .ops import magnitude_masks, magnitude_thresholds, masked_linear, masked_sg
 
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = ("optim", "nn", "dsd", "ops", "reference", "distributed", "scope")
+_LAZY_SUBMODULES = ("optim", "nn", "dsd", "ops", "reference", "distributed", "scope", "integrations")
 
 __all__ = ["Mask", "magnitude_masks", "magnitude_thresholds", "masked_linear", "masked_sgd_",
            "available_backends", "get_backend", "set_backend", "use_backend", "__version__",

@@ -13,8 +13,9 @@ followed by redense_epochs re-dense epochs (cycles=2 gives DSDSD).
   optimizer state, and every group's learning rate is multiplied by redense_lr_scale
   (once, at the first re-dense: 1/10 of the dense phase's rate by default). Nothing else
   changes. The multiplication composes with a chainable torch LR scheduler; pass a
-  closed-form one (LambdaLR, CosineAnnealingLR, ...) as `lr_scheduler` so that its
-  base_lrs are scaled too.
+  closed-form one (LambdaLR, CosineAnnealingLR, ...) as `lr_scheduler` (one or a list) so
+  that its base_lrs (and the groups' initial_lr) are scaled too: the rate it sets at every
+  later step is then redense_lr_scale times what it would have set.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import ops
 from ..ops import as_sparsity
 from ..optim.masking import zero_pruned
 
@@ -194,10 +196,39 @@ class DSDScheduler:
 
     def _scale_lr(self, scale: float) -> None:
         for group in self.optimizer.param_groups:
-            lr = group["lr"]
-            group["lr"] = lr * scale if not isinstance(lr, torch.Tensor) else lr.mul_(scale)
-        if self.lr_scheduler is not None and hasattr(self.lr_scheduler, "base_lrs"):
-            self.lr_scheduler.base_lrs = [lr * scale for lr in self.lr_scheduler.base_lrs]
+            for key in ("lr", "initial_lr"):  # initial_lr: where a re-created LR scheduler starts
+                if key in group:
+                    lr = group[key]
+                    group[key] = lr * scale if not isinstance(lr, torch.Tensor) else lr.mul_(scale)
+        schedulers = self.lr_scheduler if isinstance(self.lr_scheduler, (list, tuple)) else [self.lr_scheduler]
+        for scheduler in schedulers:
+            if scheduler is not None and hasattr(scheduler, "base_lrs"):
+                scheduler.base_lrs = [lr * scale for lr in scheduler.base_lrs]
+
+    # ------------------------------------------------------------ masks in force
+    @property
+    def masks(self) -> dict:
+        """{param: Mask} of every weight pruned now (empty while dense)."""
+        if self.optimizer_masks is None:
+            return dict(self.optimizer.masks)
+        held = {m.weight: m.mask for m in self.masked_linears if m.mask is not None}
+        return {**self.optimizer_masks.masks, **held}
+
+    def pruned_fraction(self) -> float:
+        """Fraction of the masked weights' elements pruned now (0.0 while dense)."""
+        masks = self.masks
+        total = sum(m.numel for m in masks.values())
+        return 0.0 if total == 0 else sum(m.numel - m.count() for m in masks.values()) / total
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """Zero the pruned entries of the masked weights' gradients now, in one fused pass: for
+        trainers that clip or log gradients between backward and the optimizer step, so the
+        norm they see is the sparse network's."""
+        pairs = [(p.grad, m) for p, m in self.masks.items() if p.grad is not None and not p.grad.is_sparse]
+        if pairs:
+            from ..optim.masking import _local
+            ops.apply_masks_([_local(g) for g, _ in pairs], [m for _, m in pairs])
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

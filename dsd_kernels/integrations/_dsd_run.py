@@ -1,0 +1,94 @@
+"""The trainer-independent half of the DSD callbacks: arguments checked when the callback is
+built, a DSDScheduler on the trainer's optimizer, advancing it by the trainer's own counters,
+and the figures the callbacks log."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..dsd.scheduler import PHASES, DSDScheduler, PhasePlan
+from ..ops import as_sparsity
+
+
+def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside a trainer's wrapper (accelerate's AcceleratedOptimizer,
+    Lightning's LightningOptimizer): the object whose step hooks fire and whose state is saved."""
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            inner = getattr(optimizer, "_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            break
+        optimizer = inner
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"DSDCallback needs a torch.optim.Optimizer, the trainer has {type(optimizer).__name__}")
+    return optimizer
+
+
+def unwrap_lr_scheduler(scheduler):
+    """The torch LR scheduler inside accelerate's AcceleratedScheduler (or the scheduler itself)."""
+    inner = getattr(scheduler, "scheduler", None)
+    return inner if inner is not None and hasattr(inner, "state_dict") else scheduler
+
+
+class DSDRun:
+    """Holds the callback's arguments and, once training starts, its DSDScheduler."""
+
+    def __init__(self, sparsity, dense_epochs: int, sparse_epochs: int, redense_epochs: int,
+                 redense_lr_scale: float = 0.1, cycles: int = 1, unit: str = "epoch",
+                 include=None, exclude=None, scope: str = "layer"):
+        # every argument error here, before the trainer starts
+        self.plan = PhasePlan(dense_epochs, sparse_epochs, redense_epochs, cycles)
+        if unit not in ("epoch", "step"):
+            raise ValueError(f"unit must be 'epoch' or 'step', got {unit!r}")
+        if scope not in ("layer", "global"):
+            raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+        if isinstance(redense_lr_scale, bool) or not isinstance(redense_lr_scale, (int, float)) \
+                or not redense_lr_scale > 0:
+            raise ValueError(f"redense_lr_scale must be a positive number, got {redense_lr_scale!r}")
+        if not isinstance(sparsity, dict):
+            sparsity = as_sparsity(sparsity, allow_one=False)
+        self.sparsity, self.include, self.exclude, self.scope = sparsity, include, exclude, scope
+        self.unit, self.redense_lr_scale = unit, float(redense_lr_scale)
+        self.scheduler: DSDScheduler | None = None
+
+    def start(self, optimizer, model: torch.nn.Module, lr_schedulers: list, state: dict | None) -> None:
+        """Build the DSD schedule over the trainer's optimizer and model; `state`: a saved
+        DSDScheduler.state_dict to continue from (a resumed run)."""
+        self.scheduler = DSDScheduler(
+            unwrap_optimizer(optimizer), dense_epochs=self.plan.dense, sparse_epochs=self.plan.sparse,
+            redense_epochs=self.plan.redense, cycles=self.plan.cycles, sparsity=self.sparsity,
+            redense_lr_scale=self.redense_lr_scale, model=model, include=self.include,
+            exclude=self.exclude, scope=self.scope, unit=self.unit,
+            lr_scheduler=[unwrap_lr_scheduler(s) for s in lr_schedulers if s is not None])
+        if state:
+            self.scheduler.load_state_dict(state)
+
+    def warn_if_short(self, trainer_length: int | None) -> None:
+        """Warn when the trainer stops before the plan ends (a run that never re-denses)."""
+        total = self.plan.total_epochs
+        if trainer_length is not None and 0 < trainer_length < total:
+            warnings.warn(f"DSDCallback: the trainer runs {trainer_length} {self.unit}s but the DSD plan "
+                          f"takes {total} ({self.plan.phases()}); the run ends in the "
+                          f"{self.plan.phase_at(trainer_length)} phase", stacklevel=3)
+
+    def advance_to(self, completed: int) -> list[str]:
+        """Step the schedule until it has seen `completed` epochs (or steps) or its plan ends;
+        returns the phases entered. Past the plan, training goes on dense at the last LR."""
+        entered = []
+        scheduler = self.scheduler
+        while scheduler.epoch < min(completed, scheduler.total_epochs):
+            phase = scheduler.step()
+            if phase is not None:
+                entered.append(phase)
+        return entered
+
+    def metrics(self) -> dict[str, float]:
+        """phase (0 dense, 1 sparse, 2 re-dense), fraction of the selected weights pruned now,
+        and the first param group's learning rate."""
+        scheduler = self.scheduler
+        lr = scheduler.optimizer.param_groups[0]["lr"]
+        phase = scheduler.phase_at(min(scheduler.epoch, scheduler.total_epochs - 1))
+        return {"dsd/phase": float(PHASES.index(phase)), "dsd/sparsity": scheduler.pruned_fraction(),
+                "dsd/lr": float(lr)}

@@ -1,0 +1,74 @@
+"""DSD in Lightning: `trainer = L.Trainer(callbacks=[DSDCallback(0.5, 4, 4, 2)])`.
+
+At fit start the callback builds a DSDScheduler over the trainer's optimizer and the
+LightningModule (any optimizer: AdamW, SGD, ...; MaskedSGD/MaskedAdamW hold the masks
+themselves); at the end of every training epoch (unit="step": after every optimizer step,
+counted by trainer.global_step) it advances the schedule: prune at dense -> sparse, drop the
+masks and scale the LR at sparse -> re-dense. The LR scale composes with the schedulers of
+`configure_optimizers` (their base_lrs are scaled too, so a LambdaLR, OneCycle-style or step
+schedule keeps running at 1/10). While sparse, the pruned gradients are zeroed in
+`on_before_optimizer_step`, before Lightning clips gradients, so clipping sees the sparse
+network's norm. Its state (position, LR scaled or not, masks of a plain optimizer) lives in
+Lightning's checkpoints; `trainer.fit(model, ckpt_path=...)` resumes in the right phase.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+try:
+    import lightning.pytorch as pl
+except ImportError as error:  # pragma: no cover - exercised only without lightning
+    raise ImportError("dsd_kernels.integrations.lightning needs Lightning: "
+                      "pip install 'dsd-kernels[lightning]'") from error
+
+from ._dsd_run import DSDRun
+
+
+class DSDCallback(DSDRun, pl.Callback):
+    """Dense -> sparse -> re-dense on the trainer's optimizer; arguments as DSDScheduler's
+    (sparsity, dense/sparse/redense epochs, redense_lr_scale, cycles, unit, include, exclude,
+    scope). Logs dsd/phase (0 dense, 1 sparse, 2 re-dense), dsd/sparsity and dsd/lr."""
+
+    def __init__(self, sparsity, dense_epochs: int, sparse_epochs: int, redense_epochs: int,
+                 redense_lr_scale: float = 0.1, cycles: int = 1, unit: str = "epoch",
+                 include=None, exclude=None, scope: str = "layer"):
+        DSDRun.__init__(self, sparsity, dense_epochs, sparse_epochs, redense_epochs,
+                        redense_lr_scale=redense_lr_scale, cycles=cycles, unit=unit,
+                        include=include, exclude=exclude, scope=scope)
+        self._loaded: dict | None = None
+
+    # ------------------------------------------------------------ start and resume
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if len(trainer.optimizers) != 1:
+            raise ValueError(f"DSDCallback drives one optimizer; configure_optimizers returned "
+                             f"{len(trainer.optimizers)}")
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        self.start(trainer.optimizers[0], pl_module, schedulers, self._loaded)
+        self._loaded = None
+        length = trainer.max_epochs if self.unit == "epoch" else trainer.max_steps
+        self.warn_if_short(length if length is not None and length >= 0 else None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict() if self.scheduler is not None else dict(self._loaded or {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.scheduler is not None:  # strategies that restore after setup
+            self.scheduler.load_state_dict(state_dict)
+        else:
+            self._loaded = dict(state_dict)
+
+    # ------------------------------------------------------------ training
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.scheduler.mask_gradients()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.unit == "step":
+            self._advance(trainer, pl_module, trainer.global_step, on_step=True)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.unit == "epoch":
+            self._advance(trainer, pl_module, self.scheduler.epoch + 1, on_step=False)
+
+    def _advance(self, trainer, pl_module, completed: int, *, on_step: bool) -> None:
+        self.advance_to(completed)
+        pl_module.log_dict(self.metrics(), on_step=on_step, on_epoch=not on_step)

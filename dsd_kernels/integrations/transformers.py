@@ -1,0 +1,112 @@
+"""DSD in the Hugging Face Trainer: `Trainer(..., callbacks=[DSDCallback(0.5, 4, 4, 2)])`.
+
+At train begin the callback builds a DSDScheduler over the trainer's optimizer (AdamW by
+default; any torch optimizer, MaskedSGD/MaskedAdamW included) and model; at the end of every
+epoch (unit="step": every optimizer step, counted by state.global_step) it advances the
+schedule: prune at dense -> sparse, drop the masks and scale the LR at sparse -> re-dense. The
+LR scale composes with the Trainer's schedule (linear, cosine, with warmup ...): the
+scheduler's base_lrs are scaled, so every later step runs at redense_lr_scale times the rate
+the schedule gives at that step. While sparse, each masked weight's gradient is zeroed as
+backward accumulates it, before the Trainer clips gradients (max_grad_norm), so clipping sees
+the sparse network's norm.
+
+Checkpoints: the DSD state (position, LR scaled or not, masks of a plain optimizer) is kept as
+an attribute of the Trainer's LR scheduler, whose state_dict the Trainer saves in every
+checkpoint (scheduler.pt) and loads on `trainer.train(resume_from_checkpoint=...)` before
+training begins: the resumed run continues in the right phase with the same masks, wherever
+the checkpoint folder was moved. Phase changes are added to `trainer.state.log_history`, and
+every log entry there gains dsd/phase and dsd/sparsity (so do the logs the callbacks after this
+one see; the report_to integrations, which the Trainer puts before user callbacks, get the
+Trainer's own learning_rate only).
+"""
+from __future__ import annotations
+
+try:
+    from transformers import TrainerCallback
+except ImportError as error:  # pragma: no cover - exercised only without transformers
+    raise ImportError("dsd_kernels.integrations.transformers needs transformers: "
+                      "pip install 'dsd-kernels[transformers]'") from error
+
+from ..ops import apply_masks_
+from ._dsd_run import DSDRun, unwrap_lr_scheduler
+
+# the LR scheduler attribute that carries the DSD state through the Trainer's checkpoints
+STATE_ATTRIBUTE = "dsd_kernels_state"
+
+
+class DSDCallback(DSDRun, TrainerCallback):
+    """Dense -> sparse -> re-dense on the Trainer's optimizer; arguments as DSDScheduler's
+    (sparsity, dense/sparse/redense epochs, redense_lr_scale, cycles, unit, include, exclude,
+    scope)."""
+
+    def __init__(self, sparsity, dense_epochs: int, sparse_epochs: int, redense_epochs: int,
+                 redense_lr_scale: float = 0.1, cycles: int = 1, unit: str = "epoch",
+                 include=None, exclude=None, scope: str = "layer"):
+        DSDRun.__init__(self, sparsity, dense_epochs, sparse_epochs, redense_epochs,
+                        redense_lr_scale=redense_lr_scale, cycles=cycles, unit=unit,
+                        include=include, exclude=exclude, scope=scope)
+        self._lr_scheduler = None
+        self._grad_hooks: list = []
+
+    # ------------------------------------------------------------ start and resume
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        if model is None or optimizer is None or lr_scheduler is None:
+            raise RuntimeError("DSDCallback needs the Trainer's model, optimizer and LR scheduler at "
+                               "train begin")
+        self._lr_scheduler = unwrap_lr_scheduler(lr_scheduler)
+        saved = getattr(self._lr_scheduler, STATE_ATTRIBUTE, None)
+        resumed = state.global_step > 0
+        if resumed and saved is None:
+            raise RuntimeError(f"resuming at step {state.global_step}, but the checkpoint's LR scheduler "
+                               f"holds no DSD state: it was saved by a run without DSDCallback")
+        self.start(optimizer, model, [lr_scheduler], saved if resumed else None)
+        self._keep_state()
+        self._hook_gradients()
+        self.warn_if_short(state.max_steps if self.unit == "step" else int(args.num_train_epochs))
+
+    def _keep_state(self) -> None:
+        setattr(self._lr_scheduler, STATE_ATTRIBUTE, self.scheduler.state_dict())
+
+    # ------------------------------------------------------------ training
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.unit == "step":
+            self._advance(state, state.global_step)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.unit == "epoch":
+            self._advance(state, self.scheduler.epoch + 1)
+
+    def _advance(self, state, completed: int) -> None:
+        entered = self.advance_to(completed)
+        self._keep_state()  # before the Trainer saves a checkpoint at this step
+        if entered:
+            self._hook_gradients()
+            state.log_history.append({**self.metrics(), "dsd/entered": entered[-1], "step": state.global_step})
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or self.scheduler is None:
+            return
+        metrics = self.metrics()
+        figures = {"dsd/phase": metrics["dsd/phase"], "dsd/sparsity": metrics["dsd/sparsity"]}
+        logs.update(figures)  # seen by the callbacks after this one (progress bar, printer)
+        last = state.log_history[-1] if state.log_history else None
+        if last is not None and last.get("step") == state.global_step and "dsd/entered" not in last:
+            last.update(figures)  # the Trainer stored its copy of `logs` before calling us
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._remove_gradient_hooks()
+
+    # ------------------------------------------------------------ gradients before clipping
+    def _hook_gradients(self) -> None:
+        """While masks are in force, zero each masked weight's pruned gradient entries right
+        after backward accumulates them (the Trainer clips before any optimizer hook runs)."""
+        self._remove_gradient_hooks()
+        for param, mask in self.scheduler.masks.items():
+            if param.requires_grad:
+                self._grad_hooks.append(param.register_post_accumulate_grad_hook(
+                    lambda p, keep=mask: apply_masks_([p.grad], [keep]) if p.grad is not None else None))
+
+    def _remove_gradient_hooks(self) -> None:
+        for handle in self._grad_hooks:
+            handle.remove()
+        self._grad_hooks.clear()
