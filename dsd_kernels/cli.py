@@ -90,48 +90,101 @@ def _init_data_parallel(args) -> str | None:
     return "cpu"
 
 
+# train options -> TrainConfig fields, for comparing a resumed job's command line with its config
+_TRAIN_FIELDS = {"protocol": "protocol", "data": "data", "model": "models", "sparsity": "sparsity",
+                 "epochs": "epochs", "cycles": "cycles", "seeds": "seeds", "lr": "lr",
+                 "sparse_lr_scale": "sparse_lr_scale", "optimizer": "optimizer", "batch_size": "batch_size",
+                 "train_samples": "train_samples", "checkpoint_every": "checkpoint_every",
+                 "nproc": "nproc", "device": "device"}
+
+
+def _given(argv: list[str], train: argparse.ArgumentParser) -> set[str]:
+    """dests of the train options written on the command line."""
+    given = set()
+    for action in train._actions:
+        for option in action.option_strings:
+            if any(token == option or token.startswith(option + "=") for token in argv):
+                given.add(action.dest)
+    return given
+
+
+def _config_value(args, dest: str):
+    value = getattr(args, dest)
+    if dest == "model":
+        from .dsd.models import MODELS
+        return list(MODELS) if value == "all" else [value]
+    if dest == "epochs":
+        return list(value)
+    if dest == "train_samples":
+        return value if value > 0 else None
+    return value
+
+
 def _cmd_train(args, argv: list[str] | None = None) -> int:
     import time
 
     from .dsd.report import format_table
-    from .dsd.train import TrainConfig, run_job
+    from .dsd.train import TrainConfig, check_device, run_job
+
+    argv = list(argv if argv is not None else sys.argv[1:])
+
+    def fail(message: str) -> int:
+        print(f"dsd-kernels train: error: {message}", file=sys.stderr)
+        return 2
 
     if args.nproc < 1:
-        print(f"dsd-kernels train: error: --nproc must be at least 1, got {args.nproc}", file=sys.stderr)
-        return 2
+        return fail(f"--nproc must be at least 1, got {args.nproc}")
+    if args.train_samples is not None and args.train_samples < 0:
+        return fail(f"--train-samples must be >= 0 (0 = all), got {args.train_samples}")
+    if args.batch_size < args.nproc:
+        return fail(f"--batch-size {args.batch_size} is smaller than --nproc {args.nproc}: some rank "
+                    f"would get no sample of a batch")
+    if args.resume and args.quick:
+        return fail("--quick cannot be combined with --resume (the job keeps its own settings)")
+    if args.device is not None:
+        try:
+            check_device(args.device)
+        except ValueError as err:
+            return fail(str(err))
     if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return _launch_data_parallel(args, list(argv if argv is not None else sys.argv[1:]))
+        return _launch_data_parallel(args, argv)
     device = _init_data_parallel(args)
     if device is not None:
         args.device = device
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
 
+    given = None
     if args.resume:
         out = args.resume
-        cfg = TrainConfig(device=args.device or "cpu")
+        cfg = TrainConfig()
+        named = _given(argv, build_parser().train_parser) & set(_TRAIN_FIELDS)
+        given = {_TRAIN_FIELDS[dest]: _config_value(args, dest) for dest in named if dest != "nproc"}
+        if args.device is not None:
+            given["device"] = args.device
     else:
-        cfg = TrainConfig(data=args.data, sparsity=args.sparsity, lr=args.lr, seeds=args.seeds,
+        cfg = TrainConfig(protocol=args.protocol, data=args.data, sparsity=args.sparsity, lr=args.lr,
+                          seeds=args.seeds, sparse_lr_scale=args.sparse_lr_scale,
                           device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
                           checkpoint_every=args.checkpoint_every, batch_size=args.batch_size,
-                          cycles=args.cycles, optimizer=args.optimizer)
+                          cycles=args.cycles, optimizer=args.optimizer, nproc=world_size)
         if args.model != "all":
             cfg.models = [args.model]
         if args.epochs:
             cfg.epochs = list(args.epochs)
         if args.train_samples is not None:
             cfg.train_samples = args.train_samples if args.train_samples > 0 else None
-        elif args.data != "mnist1d":
+        elif args.data not in (None, "mnist1d"):
             cfg.train_samples = None  # the whole training set of other data
         if args.quick:
             cfg.epochs = args.epochs and list(args.epochs) or [3, 3, 3]
             cfg.seeds = min(cfg.seeds, 2)
-            if args.train_samples is None and args.data == "mnist1d":
+            if args.train_samples is None and args.data in (None, "mnist1d"):
                 cfg.train_samples = 500
         out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     try:
-        report = run_job(cfg, out, resume=bool(args.resume), progress=not args.no_progress)
+        report = run_job(cfg, out, resume=bool(args.resume), progress=not args.no_progress, given=given)
     except ValueError as err:
-        print(f"dsd-kernels train: error: {err}", file=sys.stderr)
-        return 2
+        return fail(str(err))
     finally:
         if device is not None:
             torch.distributed.destroy_process_group()
@@ -140,7 +193,7 @@ def _cmd_train(args, argv: list[str] | None = None) -> int:
     print()
     print(format_table(report))
     print(f"report: {os.path.join(out, 'report.md')} (+ report.json, accuracy.png, weights.png); "
-          f"{report['elapsed_s']:.0f} s on {report['config']['device']}")
+          f"{report['elapsed_s']:.0f} s of training on {report['config']['device']}")
     return 0
 
 
@@ -152,15 +205,27 @@ def build_parser() -> argparse.ArgumentParser:
     from .dsd.models import MODELS
     from .dsd.train import TrainConfig
     d = TrainConfig()  # the job's defaults, stated once
-    p = sub.add_parser("train", help="DSD vs dense and lower-lr baselines on MNIST-1D (default)",
-                       description="Train dense, llr and DSD on the same seeds and report paired "
-                                   "differences, plots and per-phase sparsity.")
-    p.add_argument("--data", default=d.data, help=f"mnist1d (generated), digits, or PATH.npz ({d.data})")
+    p = sub.add_parser("train", help="DSD vs its baselines (the paper's protocol) on MNIST-1D and digits",
+                       description="Pre-train dense per seed, then compare the converged model, "
+                                   "continuing it at a lower learning rate and DSD (--protocol paper); "
+                                   "or train every arm from scratch for the same epochs (--protocol "
+                                   "matched). Reports paired differences, plots and per-phase sparsity.")
+    p.add_argument("--protocol", default=d.protocol, choices=["paper", "matched"],
+                   help=f"paper: DSD from a converged dense model vs that model and vs continuing it "
+                        f"at lr/10; matched: every arm from scratch, same epochs ({d.protocol})")
+    p.add_argument("--data", default=d.data,
+                   help="mnist1d (generated), digits, or PATH.npz for every model (default: each "
+                        "model's own: mnist1d for mlp and cnn, digits for cnn2d)")
     p.add_argument("--model", default="all", choices=["all", *MODELS], help="default: all")
     p.add_argument("--sparsity", type=float, default=d.sparsity,
                    help=f"uniform DSD sparsity in [0, 1) ({d.sparsity})")
     p.add_argument("--epochs", type=int, nargs=3, metavar=("D", "S", "R"),
-                   help=f"dense, sparse, re-dense epochs ({' '.join(map(str, d.epochs))})")
+                   help=f"dense (paper: pre-training), sparse, re-dense epochs (paper "
+                        f"{' '.join(map(str, TrainConfig(protocol='paper').epochs))}, matched "
+                        f"{' '.join(map(str, TrainConfig(protocol='matched').epochs))})")
+    p.add_argument("--sparse-lr-scale", type=float, default=d.sparse_lr_scale,
+                   help=f"paper protocol: the sparse phase's learning rate is --lr times this "
+                        f"({d.sparse_lr_scale}; re-dense: --lr times 0.1)")
     p.add_argument("--cycles", type=int, default=d.cycles,
                    help=f"sparse+re-dense cycles, 2 = DSDSD ({d.cycles})")
     p.add_argument("--seeds", type=int, default=d.seeds, help=f"number of seeds ({d.seeds})")
@@ -170,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"smaller --lr, e.g. 0.001)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"({d.batch_size})")
     p.add_argument("--train-samples", type=int,
-                   help=f"training samples to use (mnist1d: {d.train_samples} of 4000; 0 = all)")
+                   help=f"training samples to use (mnist1d: {d.train_samples} of 4000; 0 = all; "
+                        f"applies to --data, else to mnist1d only)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p.add_argument("--out", help="output folder (default runs/<timestamp>)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="N",
@@ -181,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data-parallel processes on this machine, via torchrun (gloo on CPU, nccl on GPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
+    parser.train_parser = p
     p = sub.add_parser("bench", help="time every op against its torch baselines, write JSON")
     from .benchmarking import CASE_FACTORIES
     p.add_argument("--ops", nargs="*", choices=sorted(CASE_FACTORIES),

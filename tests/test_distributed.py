@@ -204,14 +204,17 @@ def test_fsdp2_model_trains_through_dense_sparse_redense(tmp_path):
     assert record["lr"] == pytest.approx([0.05, 0.05, 0.05, 0.005])
 
 
-def test_cli_train_nproc_2_matches_single_process(tmp_path):
-    """`dsd-kernels train --nproc 2` (torchrun, gloo): each rank takes half of every batch and DDP
-    averages the gradients, so the run tracks the single-process one up to float rounding."""
+@pytest.mark.parametrize("batch", [["--batch-size", "32"], ["--batch-size", "3", "--train-samples", "9"]],
+                         ids=["even slices", "uneven slices"])
+def test_cli_train_nproc_2_matches_single_process(tmp_path, batch):
+    """`dsd-kernels train --nproc 2` (torchrun, gloo): each rank takes its slice of every batch
+    (2 and 1 samples of a batch of 3: each slice weighs by its size) and DDP averages the
+    gradients, so the run tracks the single-process one up to float rounding."""
     import json
     import subprocess
     import sys
 
-    args = ["train", "--quick", "--model", "mlp", "--seeds", "1", "--no-progress"]
+    args = ["train", "--quick", "--model", "mlp", "--seeds", "1", "--no-progress", "--epochs", "2", "2", "2", *batch]
     outs = {}
     for nproc in (1, 2):
         out = str(tmp_path / f"n{nproc}")
@@ -224,7 +227,8 @@ def test_cli_train_nproc_2_matches_single_process(tmp_path):
     for a, b in zip(outs[1]["runs"], outs[2]["runs"]):
         assert (a["method"], a["seed"]) == (b["method"], b["seed"])
         assert abs(a["test_accuracy"] - b["test_accuracy"]) <= 1.0
-        assert a["history"][0]["train_loss"] == pytest.approx(b["history"][0]["train_loss"], rel=1e-5)
+        for h1, h2 in zip(a["history"], b["history"]):
+            assert h1["train_loss"] == pytest.approx(h2["train_loss"], rel=1e-4)
         if a["method"] == "dsd":
             assert b["phases"][1]["measured_sparsity"] == a["phases"][1]["measured_sparsity"]
 

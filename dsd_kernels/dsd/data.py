@@ -47,23 +47,41 @@ def _digits():
 def _npz(path: str):
     if not os.path.isfile(path):
         raise ValueError(f"--data: {path!r} is neither 'mnist1d', 'digits' nor an existing .npz file")
-    with np.load(path, allow_pickle=False) as f:
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception as err:  # noqa: BLE001 - empty, truncated, not numpy at all
+        raise ValueError(f"--data {path}: not a readable .npz archive ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:100] if str(err) else 'empty or truncated'})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError(f"--data {path}: a single array (.npy), not an .npz archive holding "
+                         f"x_train, y_train, x_test, y_test")
+    with loaded as f:
         missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
         if missing:
             raise ValueError(f"--data {path}: missing arrays {missing} (has {sorted(f.files)})")
-        return f["x_train"], f["y_train"], f["x_test"], f["y_test"]
+        try:
+            return tuple(f[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+        except Exception as err:  # noqa: BLE001 - a member truncated or corrupt inside the zip
+            raise ValueError(f"--data {path}: an array cannot be read ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:100]})") from None
 
 
 def _check(name, x_train, y_train, x_test, y_test):
+    """Shapes, dtypes and labels; returns the number of classes. Labels must be 0..K-1 with
+    every class present in y_train (K >= 2), as the model's K-way output assumes."""
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         if x.ndim != 2:
             raise ValueError(f"{name}: x_{split} must be 2-D (samples, features), got shape {x.shape}")
+        if x.shape[1] == 0:
+            raise ValueError(f"{name}: x_{split} has no features (shape {x.shape})")
         if y.ndim != 1 or len(y) != len(x):
             raise ValueError(f"{name}: y_{split} must be 1-D with one label per row of x_{split}, "
                              f"got shape {y.shape} for {len(x)} samples")
         if len(x) == 0:
             raise ValueError(f"{name}: x_{split} is empty")
-        if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
+        if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+            raise ValueError(f"{name}: x_{split} must hold real numbers, got {x.dtype}")
+        if not np.isfinite(x).all():
             raise ValueError(f"{name}: x_{split} must hold finite numbers")
         if not np.issubdtype(y.dtype, np.integer):
             raise ValueError(f"{name}: y_{split} must hold integer class labels, got {y.dtype}")
@@ -71,13 +89,33 @@ def _check(name, x_train, y_train, x_test, y_test):
             raise ValueError(f"{name}: y_{split} has negative label {int(y.min())}")
     if x_train.shape[1] != x_test.shape[1]:
         raise ValueError(f"{name}: x_train has {x_train.shape[1]} features but x_test has {x_test.shape[1]}")
-    num_classes = int(y_train.max()) + 1
+    classes = np.unique(y_train)
+    if len(classes) < 2:
+        raise ValueError(f"{name}: need at least 2 classes, y_train has only label {int(classes[0])}")
+    if int(classes[-1]) != len(classes) - 1:
+        absent = sorted(set(range(min(int(classes[-1]), len(classes) + 5))) - {int(c) for c in classes})[:5]
+        raise ValueError(f"{name}: y_train labels must be 0..K-1 with every class present; it has "
+                         f"{len(classes)} distinct labels up to {int(classes[-1])} (missing e.g. {absent})")
+    num_classes = len(classes)
     if y_test.max() >= num_classes:
         raise ValueError(f"{name}: y_test has label {int(y_test.max())}, out of range for the "
                          f"{num_classes} classes seen in y_train (labels 0..{num_classes - 1})")
-    if num_classes < 2:
-        raise ValueError(f"{name}: need at least 2 classes, y_train has {num_classes}")
     return num_classes
+
+
+def _standardise(name: str, x_train: np.ndarray, x_test: np.ndarray):
+    """(x - mean) / std with the training statistics, in float64 (so large values do not
+    overflow), checked finite and informative before the float32 cast."""
+    train, test = x_train.astype(np.float64), x_test.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean, std = train.mean(), train.std()
+        scaled = [(a - mean) / (std if std > 0 else 1.0) for a in (train, test)]
+    if not (np.isfinite(mean) and np.isfinite(std)) or not all(np.isfinite(a).all() for a in scaled):
+        raise ValueError(f"{name}: x values too large to standardise (largest |x| "
+                         f"{float(np.abs(train).max()):.3g}); rescale the data")
+    if not np.isfinite(scaled[0].astype(np.float32)).all() or not np.isfinite(scaled[1].astype(np.float32)).all():
+        raise ValueError(f"{name}: x_test lies too far outside x_train's range to standardise in float32")
+    return scaled
 
 
 def load_data(spec: str = "mnist1d", train_samples: int | None = None) -> Dataset:
@@ -91,8 +129,8 @@ def load_data(spec: str = "mnist1d", train_samples: int | None = None) -> Datase
         if not 1 <= train_samples <= len(x_train):
             raise ValueError(f"--train-samples must be in [1, {len(x_train)}] for {spec}, got {train_samples}")
         x_train, y_train = x_train[:train_samples], y_train[:train_samples]
-    mean, std = x_train.mean(), x_train.std() or 1.0
-    as_x = lambda a: torch.from_numpy(((a - mean) / std).astype(np.float32))  # noqa: E731
-    as_y = lambda a: torch.from_numpy(a.astype(np.int64))  # noqa: E731
+    x_train, x_test = _standardise(spec, x_train, x_test)
+    as_x = lambda a: torch.from_numpy(a.astype(np.float32))  # noqa: E731
+    as_y = lambda a: torch.from_numpy(a.astype(np.int64))  # labels checked < num_classes: no overflow  # noqa: E731
     return Dataset(os.path.basename(spec), as_x(x_train), as_y(y_train), as_x(x_test), as_y(y_test),
                    num_classes)

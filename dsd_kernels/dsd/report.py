@@ -7,7 +7,7 @@ import statistics
 
 from .._files import atomic_path, atomic_write_text
 from .scheduler import PhasePlan
-from .train import METHODS, TrainConfig
+from .train import TrainConfig
 
 PHASE_SNAPSHOTS = (("dense", "after dense"), ("pruned", "right after pruning"),
                    ("sparse", "after sparse"), ("redense", "after re-dense"))
@@ -19,21 +19,28 @@ def _mean_std(values: list[float]) -> dict:
 
 
 def build_report(cfg: TrainConfig, runs: list[dict], elapsed_s: float | None = None) -> dict:
+    """Per model: each arm's test accuracy (mean, std over the seeds that did not diverge), the
+    paired per-seed differences DSD - each baseline with wins, the DSD phases' accuracies."""
     from dataclasses import asdict
 
+    arms = cfg.arms
     summary = {}
     for model in cfg.models:
-        acc = {m: {r["seed"]: r["test_accuracy"] for r in runs if r["model"] == model and r["method"] == m}
-               for m in METHODS}
-        entry = {"methods": {m: _mean_std(list(acc[m].values())) for m in METHODS if acc[m]},
+        mine = [r for r in runs if r["model"] == model]
+        acc = {m: {r["seed"]: r["test_accuracy"] for r in mine if r["method"] == m and not r.get("diverged")}
+               for m in arms}
+        entry = {"data": next((r["data"] for r in mine if "data" in r), cfg.data_for(model)),
+                 "methods": {m: _mean_std(list(acc[m].values())) for m in arms if acc[m]},
+                 "diverged": {m: sorted(r["seed"] for r in mine if r["method"] == m and r.get("diverged"))
+                              for m in arms},
                  "paired": {}}
-        for base in ("dense", "llr"):
+        for base in arms[:2]:
             seeds = sorted(set(acc["dsd"]) & set(acc[base]))
             if seeds:
                 diffs = [acc["dsd"][s] - acc[base][s] for s in seeds]
                 entry["paired"][f"dsd-{base}"] = {**_mean_std(diffs), "wins": sum(d > 0 for d in diffs),
                                                   "ties": sum(d == 0 for d in diffs)}
-        phases = [r["phases"] for r in runs if r["model"] == model and r["method"] == "dsd"]
+        phases = [r["phases"] for r in mine if r["method"] == "dsd" and not r.get("diverged")]
         if phases:
             entry["dsd_phases"] = [
                 {"name": p["name"], "test_accuracy": _mean_std([ph[i]["test_accuracy"] for ph in phases]),
@@ -47,35 +54,52 @@ def build_report(cfg: TrainConfig, runs: list[dict], elapsed_s: float | None = N
     return report
 
 
+def _describe(cfg: dict) -> str:
+    dense, sparse, redense = cfg["epochs"]
+    cycles = f" x{cfg['cycles']}" if cfg["cycles"] > 1 else ""
+    if cfg.get("protocol", "matched") == "paper":
+        return (f"paper protocol: pre-trained {dense} epochs, then sparse {sparse} + re-dense "
+                f"{redense}{cycles}, sparsity {cfg['sparsity']}")
+    return f"matched protocol: epochs {dense}+{sparse}+{redense}{cycles}, sparsity {cfg['sparsity']}"
+
+
 def format_table(report: dict) -> str:
     cfg = report["config"]
     lines = []
     for model, entry in report["summary"].items():
         samples = cfg["train_samples"] if cfg["train_samples"] is not None else "all"
-        lines.append(f"{model} on {cfg['data']} ({samples} training samples, {cfg['seeds']} seeds, "
-                     f"epochs {'+'.join(map(str, cfg['epochs']))}, sparsity {cfg['sparsity']})")
-        lines.append("  method   test accuracy %")
+        samples = samples if entry.get("data", cfg.get("data")) in ("mnist1d", cfg.get("data")) else "all"
+        lines.append(f"{model} on {entry.get('data', cfg.get('data'))} ({samples} training samples, "
+                     f"{cfg['seeds']} seeds, {_describe(cfg)})")
+        lines.append("  arm       test accuracy %")
         for m, s in entry["methods"].items():
-            lines.append(f"  {m:<7}  {s['mean']:6.2f} +- {s['std']:.2f}")
+            lines.append(f"  {m:<8}  {s['mean']:6.2f} +- {s['std']:.2f}")
+        for m, seeds in entry.get("diverged", {}).items():
+            if seeds:
+                lines.append(f"  {m:<8}  diverged on seeds {seeds}")
         for name, p in entry["paired"].items():
             base = name.split("-")[1]
-            lines.append(f"  DSD - {base:<5}  {p['mean']:+6.2f} +- {p['std']:.2f} points (paired by seed; "
+            lines.append(f"  DSD - {base:<8}  {p['mean']:+6.2f} +- {p['std']:.2f} points (paired by seed; "
                          f"DSD higher on {p['wins']}/{p['n']} seeds)")
+        sparse = next((ph for ph in entry.get("dsd_phases", []) if ph["name"] == "sparse"), None)
+        if sparse is not None:
+            lines.append(f"  DSD at the end of its sparse phase: {sparse['test_accuracy']['mean']:.2f} +- "
+                         f"{sparse['test_accuracy']['std']:.2f}")
         lines.append("")
     return "\n".join(lines)
 
 
 def _markdown(report: dict) -> str:
     cfg = report["config"]
-    out = ["# DSD vs dense training", "",
-           f"Data `{cfg['data']}`, {cfg['train_samples'] or 'all'} training samples; models "
-           f"{', '.join(cfg['models'])}; {cfg['seeds']} seeds; epochs dense {cfg['epochs'][0]}, sparse "
-           f"{cfg['epochs'][1]}, re-dense {cfg['epochs'][2]} (x{cfg['cycles']}); sparsity {cfg['sparsity']}; "
-           f"{cfg.get('optimizer', 'sgd').upper()} lr {cfg['lr']}, momentum {cfg['momentum']}, weight decay {cfg['weight_decay']}, batch "
-           f"{cfg['batch_size']}; device {cfg['device']}.", ""]
+    out = ["# DSD vs its baselines", "",
+           f"{_describe(cfg)}; models {', '.join(cfg['models'])}; {cfg['seeds']} seeds; "
+           f"{cfg.get('optimizer', 'sgd').upper()} lr {cfg['lr']}, momentum {cfg['momentum']}, weight decay "
+           f"{cfg['weight_decay']}, batch {cfg['batch_size']}; device {cfg['device']}.", ""]
     for model, entry in report["summary"].items():
-        out += [f"## {model}", "", "| method | test accuracy % (mean +- std) |", "|---|---|"]
+        out += [f"## {model} on {entry.get('data', cfg.get('data'))}", "",
+                "| arm | test accuracy % (mean +- std) |", "|---|---|"]
         out += [f"| {m} | {s['mean']:.2f} +- {s['std']:.2f} |" for m, s in entry["methods"].items()]
+        out += [f"| {m} | diverged on seeds {seeds} |" for m, seeds in entry.get("diverged", {}).items() if seeds]
         out += ["", "| paired difference | points (mean +- std) | DSD higher on |", "|---|---|---|"]
         out += [f"| DSD - {name.split('-')[1]} | {p['mean']:+.2f} +- {p['std']:.2f} | {p['wins']}/{p['n']} seeds |"
                 for name, p in entry["paired"].items()]
@@ -96,28 +120,32 @@ def _save_figure(fig, path: str) -> None:
 
 
 def plot_accuracy(report: dict, path: str) -> None:
+    """Test accuracy per epoch, mean +- std over seeds, per arm; dashed lines at DSD's phase
+    boundaries (paper protocol: the pre-training's curve is the baseline's, the arms continue it)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cfg = report["config"]
     models = cfg["models"]
-    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.5), squeeze=False,
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False,
                              layout="constrained")
     # the last epoch of each phase but the last
     boundaries = [first + length for _, first, length in
                   PhasePlan(*cfg["epochs"], cycles=cfg["cycles"]).phases()[:-1]]
+    arms = ("baseline", "llr", "dsd") if cfg.get("protocol", "matched") == "paper" else ("dense", "llr", "dsd")
     for ax, model in zip(axes[0], models):
-        for method in METHODS:
-            curves = [[h["test_accuracy"] for h in r["history"]] for r in report["runs"]
-                      if r["model"] == model and r["method"] == method]
+        for method in arms:
+            curves = [[(h["epoch"], h["test_accuracy"]) for h in r["history"]] for r in report["runs"]
+                      if r["model"] == model and r["method"] == method and not r.get("diverged")]
             if not curves:
                 continue
-            epochs = range(1, len(curves[0]) + 1)
-            mean = [statistics.fmean(c[i] for c in curves) for i in range(len(curves[0]))]
-            std = [statistics.stdev(c[i] for c in curves) if len(curves) > 1 else 0.0
-                   for i in range(len(curves[0]))]
-            ax.plot(epochs, mean, label=method)
+            epochs = [e for e, _ in curves[0]]
+            mean = [statistics.fmean(c[i][1] for c in curves) for i in range(len(epochs))]
+            std = [statistics.stdev(c[i][1] for c in curves) if len(curves) > 1 else 0.0
+                   for i in range(len(epochs))]
+            label = "baseline (pre-training)" if method == "baseline" else method
+            ax.plot(epochs, mean, label=label)
             ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                             alpha=0.2)
         for b in boundaries:
@@ -159,8 +187,11 @@ def plot_weights(snapshots: dict, path: str) -> None:
 
 
 def write_report(report: dict, snapshots: dict, out_dir: str) -> None:
-    atomic_write_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1))
-    atomic_write_text(os.path.join(out_dir, "report.md"), _markdown(report))
+    """Plots, report.md, then report.json last: its presence means the job finished. Strict
+    JSON (no NaN or inf: a diverged run's accuracy is null)."""
+    text = json.dumps(report, indent=1, allow_nan=False)  # fails here, before any file, if not strict
     plot_accuracy(report, os.path.join(out_dir, "accuracy.png"))
     plot_weights(snapshots, os.path.join(out_dir, "weights.png"))
+    atomic_write_text(os.path.join(out_dir, "report.md"), _markdown(report))
+    atomic_write_text(os.path.join(out_dir, "report.json"), text)
 

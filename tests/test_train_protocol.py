@@ -1,0 +1,237 @@
+"""The train job's protocols (paper: arms from one shared pre-training; matched: from scratch)
+and its behaviour on bad input and faults: every case here failed before its fix."""
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dsd_kernels import cli
+from dsd_kernels.dsd import report as report_module
+from dsd_kernels.dsd.data import load_data
+from dsd_kernels.dsd.train import Run, TrainConfig, run_job
+
+PAPER = dict(protocol="paper", models=["mlp"], seeds=1, epochs=[3, 2, 2], train_samples=200, checkpoint_every=1)
+
+
+def strict_json(path):
+    def no_constant(name):
+        raise ValueError(f"{path} holds {name}: not strict JSON")
+    with open(path) as f:
+        return json.load(f, parse_constant=no_constant)
+
+
+# ---------------------------------------------------------------- paper protocol
+def test_paper_arms_start_from_the_shared_pretraining():
+    cfg = TrainConfig(**{**PAPER, "sparse_lr_scale": 0.5})
+    data = load_data("mnist1d", cfg.train_samples)
+    baseline = Run(cfg, data, "baseline", "mlp", 0)
+    while baseline.epoch < baseline.epochs:
+        baseline.run_epoch()
+    assert [h["lr"] for h in baseline.history] == pytest.approx([0.05, 0.05, 0.005])  # the last third at lr/10
+    start = baseline.state_dict()
+    llr = Run(cfg, data, "llr", "mlp", 0, start=start)
+    dsd = Run(cfg, data, "dsd", "mlp", 0, start=start)
+    for arm in (llr, dsd):
+        assert arm.first_epoch == 3 and arm.epochs == 4
+        assert arm.pretrained_accuracy == baseline.history[-1]["test_accuracy"]
+        assert torch.equal(arm.generator.get_state(), baseline.generator.get_state())
+    for a, b in zip(baseline.model.parameters(), llr.model.parameters()):
+        assert torch.equal(a, b)
+    for name, p in dsd.model.named_parameters():  # pruned from the pre-trained weights right away
+        if p.dim() >= 2:
+            assert int((p == 0).sum()) == round(0.5 * p.numel())
+            kept = p != 0
+            assert torch.equal(p[kept], dict(baseline.model.named_parameters())[name][kept])
+    for arm in (llr, dsd):
+        while arm.epoch < arm.epochs:
+            arm.run_epoch()
+    assert [h["lr"] for h in llr.history] == pytest.approx([0.005] * 4)
+    assert [h["lr"] for h in dsd.history] == pytest.approx([0.025, 0.025, 0.005, 0.005])
+    assert [h["epoch"] for h in dsd.history] == [4, 5, 6, 7]
+    assert [p["name"] for p in dsd.result()["phases"]] == ["dense", "sparse", "redense"]
+
+
+def test_paper_job_report_and_pretrained_checkpoint(tmp_path):
+    report = run_job(TrainConfig(**PAPER), str(tmp_path), progress=False)
+    assert os.path.exists(tmp_path / "pretrained" / "mlp-seed0.pt")
+    saved = strict_json(tmp_path / "report.json")
+    assert saved["config"]["protocol"] == "paper"
+    assert [r["method"] for r in saved["runs"]] == ["baseline", "llr", "dsd"]
+    entry = report["summary"]["mlp"]
+    assert set(entry["paired"]) == {"dsd-baseline", "dsd-llr"}
+    assert [p["name"] for p in entry["dsd_phases"]] == ["dense", "sparse", "redense"]
+    assert report["elapsed_s"] == pytest.approx(sum(r["elapsed_s"] for r in report["runs"]))
+
+
+@pytest.mark.parametrize("protocol", ["paper", "matched"])
+def test_dsdsd_in_both_protocols(tmp_path, protocol):
+    cfg = TrainConfig(**{**PAPER, "protocol": protocol, "cycles": 2, "epochs": [2, 1, 1], "checkpoint_every": 0})
+    report = run_job(cfg, str(tmp_path), progress=False)
+    dsd = next(r for r in report["runs"] if r["method"] == "dsd")
+    assert [p["name"] for p in dsd["phases"]] == ["dense", "sparse", "redense", "sparse", "redense"]
+    llr = next(r for r in report["runs"] if r["method"] == "llr")
+    assert len(llr["history"]) == (4 if protocol == "paper" else 6)
+    assert set(report["summary"]["mlp"]["paired"]) == {f"dsd-{cfg.arms[0]}", "dsd-llr"}
+
+
+# ---------------------------------------------------------------- divergence
+def test_a_diverging_run_stops_and_is_reported_while_the_others_go_on(tmp_path):
+    def blow_up(run):
+        if run.method == "llr" and run.epoch == 2:
+            for group in run.optimizer.param_groups:
+                group["lr"] = 1e12
+
+    with pytest.warns(UserWarning, match=r"run llr-mlp-seed0: the training loss is (nan|inf) at epoch 6 .*--lr"):
+        report = run_job(TrainConfig(**PAPER), str(tmp_path), progress=False, on_epoch_end=blow_up)
+    saved = strict_json(tmp_path / "report.json")  # strict JSON: no NaN tokens
+    llr = next(r for r in saved["runs"] if r["method"] == "llr")
+    assert llr["diverged"] and llr["test_accuracy"] is None and llr["diverged_epoch"] == 6
+    assert "learning rate" in llr["message"]
+    assert os.path.exists(tmp_path / "checkpoints" / "llr-mlp-seed0.pt")  # the last finite checkpoint stays
+    assert report["summary"]["mlp"]["diverged"]["llr"] == [0]
+    assert "llr" not in report["summary"]["mlp"]["methods"] and "dsd" in report["summary"]["mlp"]["methods"]
+    assert os.path.exists(tmp_path / "accuracy.png")
+
+
+def test_lr_1e6_from_the_command_line(tmp_path, capsys):
+    out = str(tmp_path / "o")
+    with pytest.warns(UserWarning, match="baseline-mlp-seed0: the training loss"):
+        assert cli.main(["train", "--quick", "--model", "mlp", "--seeds", "1", "--lr", "1e6",
+                         "--out", out, "--no-progress"]) == 0
+    saved = strict_json(os.path.join(out, "report.json"))
+    assert all(r["diverged"] for r in saved["runs"])
+    assert "diverged on seeds [0]" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- resume
+class Interrupt(Exception):
+    pass
+
+
+def interrupted_job(out):
+    def interrupt(run):
+        if run.method == "llr" and run.epoch == 2:
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        run_job(TrainConfig(**PAPER), out, progress=False, on_epoch_end=interrupt)
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["--sparsity", "0.9"], "--sparsity 0.9"), (["--model", "cnn"], "--models ['cnn']"),
+    (["--epochs", "3", "2", "1"], "--epochs [3, 2, 1]"), (["--protocol=matched"], "--protocol 'matched'"),
+])
+def test_resume_with_other_settings_is_refused(tmp_path, argv, named, capsys):
+    out = str(tmp_path / "job")
+    interrupted_job(out)
+    assert cli.main(["train", "--resume", out, *argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "the job was started with other settings" in err
+    assert cli.main(["train", "--resume", out, "--sparsity", "0.5", "--device", "cpu", "--no-progress"]) == 0
+
+
+def test_resume_in_another_number_of_processes_is_refused(tmp_path):
+    out = str(tmp_path / "job")
+    interrupted_job(out)
+    config = json.loads(open(os.path.join(out, "config.json")).read())
+    config["nproc"] = 2
+    open(os.path.join(out, "config.json"), "w").write(json.dumps(config))
+    with pytest.raises(ValueError, match="--nproc 2 but runs in 1 process"):
+        run_job(TrainConfig(), out, resume=True, progress=False)
+
+
+def test_stale_temporaries_truncated_checkpoint_and_elapsed_time(tmp_path):
+    out = str(tmp_path / "job")
+    interrupted_job(out)
+    checkpoint = os.path.join(out, "checkpoints", "llr-mlp-seed0.pt")
+    stale = checkpoint + ".tmp12345"
+    open(stale, "wb").write(b"half a checkpoint")
+    data = open(checkpoint, "rb").read()
+    open(checkpoint, "wb").write(data[: len(data) // 2])  # truncated
+    with pytest.warns(UserWarning, match=r"llr-mlp-seed0\.pt is damaged .* run llr-mlp-seed0 restarts from scratch"):
+        report = run_job(TrainConfig(), out, resume=True, progress=False)
+    assert not glob.glob(os.path.join(out, "**", "*.tmp*"), recursive=True)
+    whole = run_job(TrainConfig(**PAPER), str(tmp_path / "whole"), progress=False)
+    assert report["runs"][1]["history"] == whole["runs"][1]["history"]  # restarted from scratch: same run
+    baseline_time = report["runs"][0]["elapsed_s"]  # trained in the first segment only
+    assert baseline_time > 0 and report["elapsed_s"] == pytest.approx(sum(r["elapsed_s"] for r in report["runs"]))
+
+
+def test_report_json_is_written_last(tmp_path, monkeypatch):
+    def broken_plot(*args, **kwargs):
+        raise RuntimeError("plotting failed")
+    monkeypatch.setattr(report_module, "plot_weights", broken_plot)
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        run_job(TrainConfig(**{**PAPER, "checkpoint_every": 0}), str(tmp_path), progress=False)
+    assert not os.path.exists(tmp_path / "report.json")  # its presence means the job finished
+    assert os.path.exists(tmp_path / "runs" / "dsd-mlp-seed0.json")
+
+
+# ---------------------------------------------------------------- bad input
+def npz(path, **override):
+    rng = np.random.default_rng(0)
+    arrays = dict(x_train=rng.normal(size=(40, 4)), y_train=np.arange(40) % 3,
+                  x_test=rng.normal(size=(10, 4)), y_test=np.arange(10) % 3)
+    arrays.update(override)
+    np.savez(path, **arrays)
+    return path
+
+
+def write_bad(tmp_path, kind):
+    path = str(tmp_path / "bad.npz")
+    if kind == "npy":
+        path = str(tmp_path / "bad.npy")
+        np.save(path, np.zeros((3, 3)))
+    elif kind == "empty":
+        open(path, "wb").close()
+    elif kind == "truncated":
+        npz(path)
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+    elif kind == "label 2^31":
+        npz(path, y_train=np.where(np.arange(40) == 5, 2**31, np.arange(40) % 3).astype(np.int64))
+    elif kind == "label 2^64-1":
+        npz(path, y_train=np.where(np.arange(40) == 5, 2**64 - 1, np.arange(40) % 3).astype(np.uint64))
+    elif kind == "huge x":
+        npz(path, x_train=np.full((40, 4), 1e308) * np.where(np.arange(40) % 2, 1, -1)[:, None])
+    elif kind == "no features":
+        npz(path, x_train=np.zeros((40, 0)), x_test=np.zeros((10, 0)))
+    elif kind == "complex x":
+        npz(path, x_train=np.zeros((40, 4), complex), x_test=np.zeros((10, 4), complex))
+    elif kind == "one class":
+        npz(path, y_train=np.ones(40, int), y_test=np.ones(10, int))
+    elif kind == "label 50000":
+        npz(path, y_train=np.where(np.arange(40) == 5, 50000, np.arange(40) % 3))
+    return path
+
+
+@pytest.mark.parametrize("kind,match", [
+    ("npy", "a single array"), ("empty", "not a readable .npz"), ("truncated", "not a readable .npz|cannot be read"),
+    ("label 2^31", "labels must be 0..K-1"), ("label 2^64-1", "labels must be 0..K-1"),
+    ("huge x", "too large to standardise"), ("no features", "no features"), ("complex x", "real numbers"),
+    ("one class", "at least 2 classes"), ("label 50000", "labels must be 0..K-1"),
+])
+def test_bad_data_files_fail_clearly_before_anything_is_written(tmp_path, kind, match, capsys):
+    path = write_bad(tmp_path, kind)
+    with pytest.raises(ValueError, match=match) as error:
+        load_data(path)
+    assert os.path.basename(path) in str(error.value)
+    out = tmp_path / "o"
+    assert cli.main(["train", "--data", path, "--model", "mlp", "--out", str(out), "--no-progress"]) == 2
+    assert os.path.basename(path) in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--device", "foo"], "--device 'foo' is not a device"), (["--device", "mps"], "cpu or cuda only"),
+    (["--device", "meta"], "cpu or cuda only"), (["--train-samples", "-5"], "--train-samples must be >= 0"),
+    (["--nproc", "3", "--batch-size", "2"], "smaller than --nproc"), (["--lr", "nan"], "--lr must be"),
+    (["--protocol", "paper", "--sparse-lr-scale", "0"], "--sparse-lr-scale"),
+])
+def test_bad_arguments_fail_before_anything_is_written(tmp_path, argv, match, capsys):
+    out = tmp_path / "o"
+    assert cli.main(["train", *argv, "--out", str(out), "--no-progress"]) == 2
+    assert match in capsys.readouterr().err
+    assert not out.exists()
