@@ -25,6 +25,7 @@ TORCH_LIBRARY(dsd_kernels_cpp, m) {
   m.def(kThresholdMasks);
   m.def(kApplyMasks);
   m.def(kMaskedSgd);
+  m.def(kMaskedAdamw);
   m.def(kMaskedLinearForward);
   m.def(kMaskedLinearBackward);
 }

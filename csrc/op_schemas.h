@@ -18,6 +18,13 @@ constexpr const char* kMaskedSgd =
     "masked_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
     "Tensor?[] mask_words, bool[] first_step, float lr, float momentum, float dampening, "
     "float weight_decay, bool nesterov, bool maximize) -> ()";
+// torch's single-tensor/foreach AdamW step with masks, CPU only; step sizes (lr / bias_correction1)
+// and sqrt(bias_correction2) per tensor, computed in Python as torch computes them
+constexpr const char* kMaskedAdamw =
+    "masked_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+    "Tensor(d!)[] max_exp_avg_sqs, Tensor?[] mask_words, float[] step_sizes, "
+    "float[] bias_correction2_sqrts, float lr, float beta1, float beta2, float eps, "
+    "float weight_decay, bool amsgrad, bool maximize) -> ()";
 constexpr const char* kMaskedLinearForward =
     "masked_linear_forward(Tensor x, Tensor weight, Tensor mask_words, Tensor? bias, "
     "Tensor? tile_kept) -> Tensor";

@@ -89,6 +89,10 @@ REGISTRY: tuple[Implementation, ...] = tuple(
     # "foreach" only. On a GPU both are served by one kernel (bits not checked on a GPU yet).
     + _rows("masked_sgd", "masked_sgd", cuda=("triton", "cpp"), variants=("foreach", "fused"),
             cpp_cpu_variants=("foreach",))
+    # AdamW as SGD: the C++ row reproduces torch's single-tensor/foreach bits, the composite
+    # (torch's own step + an AND pass) every flag; no GPU kernel yet: CUDA takes the composite
+    + _rows("masked_adamw", "masked_adamw", cuda=(), variants=("foreach", "fused"),
+            cpp_cpu_variants=("foreach",))
     # re-masking around any optimizer's step (csrc/cuda has no such kernel); on CPU the
     # composite's AND with cached unpacked words measured faster than the C++ word loop
     + _rows("apply_masks", "apply_masks", cuda=("triton",), cpu=("torch", "cpp"))

@@ -1,21 +1,45 @@
 """MaskedAdamW: torch.optim.AdamW whose pruned weights and moments stay exactly 0.
 
-Its step is torch.optim.AdamW's own (every flag: foreach, fused, capturable, differentiable,
-tensor lr, GradScaler; so the kept weights carry AdamW's bits exactly) followed by one fused
-multi-tensor re-masking pass (`ops.apply_masks_`) over the masked weights and their state
-(exp_avg, exp_avg_sq, max_exp_avg_sq): AdamW is elementwise, so the kept entries are what
-AdamW computes on `grad * mask`, and the pruned ones are exactly +0 whatever the gradient held.
-The re-masking costs one extra read and write of the masked weights and moments per step; a
-single fused masked AdamW kernel (no extra pass) is not written yet.
+Split like torch/optim/adamw.py: `masked_adamw` is the functional form (keyword-only
+hyper-parameters) with the fused implementation (`dsd_kernels.ops.masked_adamw_`: on CPU one
+C++ pass over memory, torch's single-tensor/foreach AdamW bits) and the per-tensor reference
+behind one signature; `MaskedAdamW` holds state and masks and calls it.
+
+Which step runs: groups with a float lr and betas, not capturable, not differentiable and not
+fused take `ops.masked_adamw_` (the kept weights carry AdamW's bits exactly, the pruned weights
+and moments are written as +0 in the same pass). Every other configuration (fused=True, tensor
+lr, capturable, differentiable) runs torch.optim.AdamW's own step followed by one fused
+re-masking pass (`ops.apply_masks_`) over the masked weights and their moments: AdamW is
+elementwise, so the kept entries are what AdamW computes on `grad * mask`.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from .. import ops
 from ..masks import Mask
 from ._masked_params import MaskedParams
 from .masking import state_tensors, zero_pruned
+
+
+def masked_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                 max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor], masks: list[Mask | Tensor | None], *,
+                 lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool,
+                 maximize: bool, implementation: str = "fused", torch_fused: bool = False) -> None:
+    """Functional masked AdamW (state_steps incremented here, as torch's functional does).
+    implementation: "fused" (the op) or "reference" (per tensor); torch_fused: the bits of torch's
+    fused AdamW kernel instead of its single-tensor/foreach ops."""
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                 maximize=maximize)
+    if implementation == "fused":
+        ops.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks,
+                          torch_fused=torch_fused, **hyper)
+    elif implementation == "reference":
+        ops.masked_adamw_reference_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks,
+                                    **hyper)
+    else:
+        raise ValueError(f"implementation must be 'fused' or 'reference', got {implementation!r}")
 
 
 class MaskedAdamW(MaskedParams, torch.optim.AdamW):
@@ -32,7 +56,32 @@ class MaskedAdamW(MaskedParams, torch.optim.AdamW):
                          differentiable=differentiable, fused=fused)
         self._masks: dict[Tensor, Mask] = {}
 
+    def _takes_fused_step(self, group: dict) -> bool:
+        beta1, beta2 = group["betas"]
+        return not (group["fused"] or group["capturable"] or group["differentiable"]
+                    or any(isinstance(v, Tensor) for v in (group["lr"], beta1, beta2, group["weight_decay"])))
+
     def step(self, closure=None):
+        if not all(self._takes_fused_step(g) for g in self.param_groups):
+            return self._torch_step_then_mask(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            for group in self.param_groups:
+                params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
+                self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+                if not params:
+                    continue
+                beta1, beta2 = group["betas"]
+                masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                             [self._masks.get(p) for p in params], lr=group["lr"], beta1=beta1, beta2=beta2,
+                             eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
+                             maximize=group["maximize"])
+        return loss
+
+    def _torch_step_then_mask(self, closure):
         loss = super().step(closure)
         if self._masks:
             if self.defaults["differentiable"]:  # keep the re-masking on the autograd graph

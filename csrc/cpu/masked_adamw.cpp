@@ -1,0 +1,228 @@
+// Fused masked AdamW on CPU: one pass over memory per tensor (read p, g, m, v [, vmax] and the
+// mask words; write p, m, v [, vmax]), torch.optim.AdamW's arithmetic in float (double for
+// fp64), pruned entries of the weight and of every moment written as exactly +0 (the pruned
+// gradient is never used). Work is split into 32-element mask words, in parallel.
+//
+// The arithmetic is that of torch's single-tensor and foreach AdamW on CPU (the same bits there),
+// operation for operation: param.mul_(1 - lr*wd); exp_avg.lerp_(grad, 1 - beta1), which torch
+// computes as one fused multiply-add, fma(w, g - m, m) (w < 0.5; else fma(-(g - m), 1 - w, g));
+// exp_avg_sq.mul_(beta2) rounded, then addcmul_(grad, grad, 1 - beta2) as fma((1 - beta2) * g,
+// g, v); denom = sqrt(v) / sqrt(bias_correction2) + eps (sqrt as torch computes it: see
+// torch_sqrt); param.addcdiv_(exp_avg, denom,
+// -step_size) as p + (-step_size * m) / denom. Scalars are rounded to the tensor's float type as
+// torch's kernels round them. The step count and bias corrections come from Python (ops.py),
+// computed as torch computes them. Hardware FMA is used where the CPU has it (a clone of the word
+// loop compiled for it); elsewhere std::fma gives the same bits, slowly.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "common.h"
+
+namespace dsd_kernels_cpu {
+namespace {
+
+// A clone for x86-64-v3 (AVX2 + FMA: hardware fused multiply-adds and 8-lane integer selects)
+// picked at load time where the CPU has it; elsewhere the default build, std::fma in software.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__AVX2__)
+#define DSD_ADAMW_FMA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define DSD_ADAMW_FMA_CLONES
+#endif
+
+template <typename acc_t>
+struct Coefficients {
+  acc_t decay;         // 1 - lr * weight_decay
+  acc_t avg_weight;    // 1 - beta1, lerp's weight
+  acc_t avg_keep;      // 1 - avg_weight, the other lerp branch
+  acc_t beta2;
+  acc_t sq_weight;     // 1 - beta2
+  acc_t neg_step;      // -lr / bias_correction1
+  acc_t bc2_sqrt;      // sqrt(bias_correction2)
+  acc_t eps;
+};
+
+// sqrt as torch computes it on CPU: where torch is built with MKL (x86 wheels), its float sqrt is
+// MKL's vector sqrt in high-accuracy mode (ATen/cpu/vml.h), which is not always correctly
+// rounded, so the kernel calls the same routine (exported by libtorch_cpu); elsewhere torch's
+// sqrt is the correctly rounded instruction, which std::sqrt gives. Weak: the extension loads
+// without MKL.
+extern "C" {
+__attribute__((weak)) void vmsSqrt_64(int64_t n, const float* a, float* r, int64_t mode);
+__attribute__((weak)) void vmdSqrt_64(int64_t n, const double* a, double* r, int64_t mode);
+}
+constexpr int64_t kVmlHighAccuracy = 0x2 | 0x140000 | 0x100;  // VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE
+
+inline void torch_sqrt(const float* in, float* out, int64_t n) {
+  if (vmsSqrt_64 != nullptr) {
+    vmsSqrt_64(n, in, out, kVmlHighAccuracy);
+  } else {
+    for (int64_t j = 0; j < n; ++j) out[j] = std::sqrt(in[j]);
+  }
+}
+inline void torch_sqrt(const double* in, double* out, int64_t n) {
+  if (vmdSqrt_64 != nullptr) {
+    vmdSqrt_64(n, in, out, kVmlHighAccuracy);
+  } else {
+    for (int64_t j = 0; j < n; ++j) out[j] = std::sqrt(in[j]);
+  }
+}
+
+// Words per block: the block's second moments go through one sqrt call.
+constexpr int64_t kBlockWords = 256;
+// elements of one block buffer, padded so the buffers do not start a multiple of 4 KiB apart
+// (loads of one would falsely wait on stores to another: 4K aliasing)
+constexpr int64_t kSpan = kBlockWords * 32 + 48;
+
+// One block of up to kBlockWords consecutive mask words starting at word `first`: their
+// elements are one contiguous range of the tensor (words cover each row's columns in order, rows
+// follow each other), so both phases are single loops over it. Phase 1: the decayed weight, new
+// exp_avg, exp_avg_sq (and max) into block buffers; one sqrt call over the block (as torch
+// computes sqrt); phase 2: the weight's update, every tensor stored AND-ed with its lane's bits
+// (a pruned entry becomes exactly +0 whatever was computed there, NaN and inf included). The
+// unit compiled twice (x86-64-v3 and default).
+template <typename scalar_t, typename acc_t, bool kDecay, bool kMaximize, bool kAmsgrad, bool kSmallWeight>
+DSD_ADAMW_FMA_CLONES void step_block(scalar_t* __restrict p, const scalar_t* __restrict g, scalar_t* __restrict m,
+                                     scalar_t* __restrict v, scalar_t* __restrict vmax, const int32_t* words,
+                                     const MaskLayout& lay, const Coefficients<acc_t>& coef, int64_t first,
+                                     int64_t count, acc_t* __restrict buffers,
+                                     typename KeyTraits<scalar_t>::bits_t* __restrict lanes) {
+  acc_t* __restrict xd = buffers;
+  acc_t* __restrict a = buffers + kSpan;
+  acc_t* __restrict s = buffers + 2 * kSpan;
+  acc_t* __restrict second = buffers + 3 * kSpan;
+  acc_t* __restrict root = buffers + 4 * kSpan;
+  using bits_t = typename KeyTraits<scalar_t>::bits_t;
+  const Coefficients<acc_t> c = coef;
+  // the block's range and each word's lanes
+  int64_t row = first / lay.words_per_row, in_row = first - row * lay.words_per_row;
+  const int64_t start = row * lay.cols + in_row * 32;
+  int64_t n = 0;
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t len = std::min<int64_t>(32, lay.cols - in_row * 32);
+    const uint32_t bits = words ? static_cast<uint32_t>(words[first + k]) : 0xFFFFFFFFu;
+    expand_word(bits, lanes + n);  // writes 32 lanes; the buffer has room past n + len
+    n += len;
+    if (++in_row == lay.words_per_row) in_row = 0;
+  }
+  p += start, g += start, m += start, v += start;
+  if (kAmsgrad) vmax += start;
+  for (int64_t j = 0; j < n; ++j) {
+    acc_t grad = static_cast<acc_t>(g[j]);
+    if (kMaximize) grad = -grad;
+    // param.mul_(1 - lr*wd) is rounded before the update is added: through the buffer, a
+    // multiply and an add the compiler cannot fuse
+    xd[j] = kDecay ? static_cast<acc_t>(p[j]) * c.decay : static_cast<acc_t>(p[j]);
+    const acc_t avg = static_cast<acc_t>(m[j]);
+    const acc_t diff = grad - avg;
+    a[j] = kSmallWeight ? std::fma(c.avg_weight, diff, avg) : std::fma(-diff, c.avg_keep, grad);
+    const acc_t sq = std::fma(c.sq_weight * grad, grad, static_cast<acc_t>(v[j]) * c.beta2);
+    s[j] = sq;
+    if (kAmsgrad) {
+      const acc_t old = static_cast<acc_t>(vmax[j]);
+      second[j] = (old > sq || old != old) ? old : sq;  // torch.maximum: NaN wins
+    }
+  }
+  torch_sqrt(kAmsgrad ? second : s, root, n);
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t denom = root[j] / c.bc2_sqrt + c.eps;
+    const scalar_t new_p = static_cast<scalar_t>(xd[j] + (c.neg_step * a[j]) / denom);
+    const bits_t lane = lanes[j];
+    p[j] = __builtin_bit_cast(scalar_t, __builtin_bit_cast(bits_t, new_p) & lane);
+    m[j] = __builtin_bit_cast(scalar_t, __builtin_bit_cast(bits_t, static_cast<scalar_t>(a[j])) & lane);
+    v[j] = __builtin_bit_cast(scalar_t, __builtin_bit_cast(bits_t, static_cast<scalar_t>(s[j])) & lane);
+    if (kAmsgrad) {
+      vmax[j] = __builtin_bit_cast(scalar_t, __builtin_bit_cast(bits_t, static_cast<scalar_t>(second[j])) & lane);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool kDecay, bool kMaximize, bool kAmsgrad, bool kSmallWeight>
+void step_tensor(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vmax,
+                 const int32_t* words, const MaskLayout& lay, const Coefficients<acc_t>& c) {
+  at::parallel_for(0, lay.num_words(), kBlockWords, [&](int64_t begin, int64_t end) {
+    // the block buffers of this chunk (L2-resident; on the heap, not a worker thread's stack)
+    std::vector<acc_t> buffers(5 * kSpan);
+    std::vector<typename KeyTraits<scalar_t>::bits_t> lanes(kSpan);
+    for (int64_t first = begin; first < end; first += kBlockWords) {
+      step_block<scalar_t, acc_t, kDecay, kMaximize, kAmsgrad, kSmallWeight>(
+          p, g, m, v, vmax, words, lay, c, first, std::min<int64_t>(kBlockWords, end - first), buffers.data(),
+          lanes.data());
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void step_dispatch(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+                   at::Tensor* max_exp_avg_sq, const int32_t* words, const Coefficients<acc_t>& c,
+                   bool decay, bool maximize, bool small_weight) {
+  const MaskLayout lay(param);
+  scalar_t* p = param.data_ptr<scalar_t>();
+  const scalar_t* g = grad.data_ptr<scalar_t>();
+  scalar_t* m = exp_avg.data_ptr<scalar_t>();
+  scalar_t* v = exp_avg_sq.data_ptr<scalar_t>();
+  scalar_t* vm = max_exp_avg_sq ? max_exp_avg_sq->data_ptr<scalar_t>() : nullptr;
+  // 2^4 instantiations of one loop: the options never change inside a step
+#define DSD_STEP(D, X, A, W) step_tensor<scalar_t, acc_t, D, X, A, W>(p, g, m, v, vm, words, lay, c)
+#define DSD_W(D, X, A) (small_weight ? DSD_STEP(D, X, A, true) : DSD_STEP(D, X, A, false))
+#define DSD_A(D, X) (vm ? DSD_W(D, X, true) : DSD_W(D, X, false))
+#define DSD_X(D) (maximize ? DSD_A(D, true) : DSD_A(D, false))
+  decay ? DSD_X(true) : DSD_X(false);
+#undef DSD_X
+#undef DSD_A
+#undef DSD_W
+#undef DSD_STEP
+}
+
+void check_like(const at::Tensor& t, const at::Tensor& p, const char* name, size_t i) {
+  TORCH_CHECK(t.is_contiguous() && t.sizes() == p.sizes() && t.scalar_type() == p.scalar_type(),
+              "masked_adamw_: ", name, "[", i, "] must be contiguous with the shape and dtype of params[", i, "]");
+}
+
+void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                   const c10::List<std::optional<at::Tensor>>& mask_words, at::ArrayRef<double> step_sizes,
+                   at::ArrayRef<double> bias_correction2_sqrts, double lr, double beta1, double beta2,
+                   double eps, double weight_decay, bool amsgrad, bool maximize) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
+                  mask_words.size() == n && step_sizes.size() == n && bias_correction2_sqrts.size() == n,
+              "masked_adamw_: every list needs one entry per param");
+  TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == n, "masked_adamw_: amsgrad needs max_exp_avg_sqs");
+  for (size_t i = 0; i < n; ++i) {
+    at::Tensor p = params[i];
+    TORCH_CHECK(p.is_contiguous(), "masked_adamw_: params[", i, "] must be contiguous");
+    check_like(grads[i], p, "grads", i);
+    check_like(exp_avgs[i], p, "exp_avgs", i);
+    check_like(exp_avg_sqs[i], p, "exp_avg_sqs", i);
+    at::Tensor m = exp_avgs[i], v = exp_avg_sqs[i];
+    at::Tensor vmax = amsgrad ? max_exp_avg_sqs[i] : at::Tensor();
+    if (amsgrad) check_like(vmax, p, "max_exp_avg_sqs", i);
+    const std::optional<at::Tensor> mw = mask_words.get(i);
+    const int32_t* words = nullptr;
+    if (mw.has_value()) {
+      TORCH_CHECK(mw->is_contiguous() && mw->scalar_type() == at::kInt &&
+                      mw->numel() == MaskLayout(p).num_words(),
+                  "masked_adamw_: mask_words[", i, "] does not fit params[", i, "]");
+      words = mw->data_ptr<int32_t>();
+    }
+    AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "masked_adamw_", [&] {
+      using acc_t = scalar_t;  // fp32 in float, fp64 in double: torch's opmath types
+      const acc_t avg_weight = static_cast<acc_t>(1 - beta1);
+      const Coefficients<acc_t> c{static_cast<acc_t>(1 - lr * weight_decay), avg_weight,
+                                  static_cast<acc_t>(acc_t(1) - avg_weight), static_cast<acc_t>(beta2),
+                                  static_cast<acc_t>(1 - beta2), static_cast<acc_t>(-step_sizes[i]),
+                                  static_cast<acc_t>(bias_correction2_sqrts[i]), static_cast<acc_t>(eps)};
+      step_dispatch<scalar_t, acc_t>(p, grads[i], m, v, amsgrad ? &vmax : nullptr, words, c,
+                                     weight_decay != 0, maximize, std::abs(avg_weight) < acc_t(0.5));
+    });
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dsd_kernels_cpp, CPU, m) { m.impl("masked_adamw_", &masked_adamw_); }
+
+}  // namespace dsd_kernels_cpu

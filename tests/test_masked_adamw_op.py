@@ -1,0 +1,162 @@
+"""ops.masked_adamw_ on every backend present against reference/ and torch.optim.AdamW: the kept
+weights carry AdamW's bits (fp32, fp64), the pruned weights and moments are exactly +0 whatever
+the gradient held there (NaN, inf), on adversarial shapes and layouts."""
+import itertools
+
+import pytest
+import torch
+
+import dsd_kernels as dk
+from dsd_kernels import ops
+from dsd_kernels.masks import Mask
+
+OPTIONS = [dict(weight_decay=wd, amsgrad=a, maximize=mx, beta1=b1)
+           for wd, a, mx, b1 in itertools.product([0.0, 1e-2], [False, True], [False, True], [0.9, 0.3])]
+SHAPES = [(33, 70), (17,), (4, 3, 3, 3), (1,), (0, 5), (3, 32), (2, 33)]
+
+
+def bits(t):
+    t = torch.view_as_real(t) if t.is_complex() else t
+    return t.contiguous().view({4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def make_state(dtype, seed=0, shapes=SHAPES, keep_rate=0.5):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    keeps = [(torch.rand(s, generator=g) < keep_rate) if len(s) >= 2 else None for s in shapes]
+    return params, keeps
+
+
+def grads_for(params, step, keeps=None, poison=False):
+    g = torch.Generator().manual_seed(100 + step)
+    out = []
+    for i, p in enumerate(params):
+        grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        if poison and keeps is not None and keeps[i] is not None:  # garbage where pruned: never read
+            grad = torch.where(keeps[i], grad, torch.full_like(grad, float("nan")))
+            grad.view(-1)[:1][~keeps[i].view(-1)[:1]] = float("inf")
+        out.append(grad)
+    return out
+
+
+def run(params, keeps, steps, *, backend=None, reference=False, poison=False, **opts):
+    params = [p.clone() for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    vmax = [torch.zeros_like(p) for p in params]
+    counts = [torch.tensor(0.0) for _ in params]
+    masks = [None if k is None else Mask.from_bool(k) for k in keeps]
+    for step in range(steps):
+        grads = grads_for(params, step, keeps, poison)
+        if reference:
+            ops.masked_adamw_reference_(params, grads, m, v, vmax, counts, masks, lr=1e-2, **opts)
+        else:
+            with dk.use_backend(backend):
+                ops.masked_adamw_(params, grads, m, v, vmax, counts, masks, lr=1e-2, **opts)
+    return params, m, v, vmax, counts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_matches_the_reference_bit_for_bit(backend, dtype, opts):
+    if backend == "triton":
+        pytest.skip("masked_adamw has no Triton kernel (the registry routes CUDA to the composite)")
+    params, keeps = make_state(dtype)
+    ours = run(params, keeps, 4, backend=backend, poison=True, **opts)
+    want = run(params, keeps, 4, reference=True, poison=True, **opts)
+    for a_list, b_list in zip(ours[:3] + ((ours[3],) if opts["amsgrad"] else ()), want):
+        for a, b in zip(a_list, b_list):
+            assert torch.equal(bits(a), bits(b))
+    assert [c.item() for c in ours[4]] == [4.0] * len(params)
+
+
+@pytest.mark.parametrize("opts", OPTIONS[::3], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_dense_is_torch_adamw_and_pruned_entries_are_plus_zero(backend, opts):
+    if backend == "triton":
+        pytest.skip("masked_adamw has no Triton kernel")
+    params, keeps = make_state(torch.float32, seed=3)
+    dense = run(params, [None] * len(params), 3, backend=backend, **opts)
+    theirs = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = torch.optim.AdamW(theirs, lr=1e-2, betas=(opts["beta1"], 0.999), weight_decay=opts["weight_decay"],
+                            amsgrad=opts["amsgrad"], maximize=opts["maximize"])
+    for step in range(3):
+        for q, g in zip(theirs, grads_for(params, step)):
+            q.grad = g
+        opt.step()
+    for a, q in zip(dense[0], theirs):
+        assert torch.equal(bits(a), bits(q.detach()))
+    masked = run(params, keeps, 3, backend=backend, poison=True, **opts)
+    for tensors in masked[:3]:
+        for t, keep in zip(tensors, keeps):
+            if keep is not None:
+                assert torch.equal(bits(t)[~keep], torch.zeros_like(bits(t)[~keep]))  # +0, not -0 or NaN
+
+
+def test_channels_last_and_complex_parameters_step_like_their_contiguous_real_selves():
+    g = torch.Generator().manual_seed(5)
+    conv = torch.randn(8, 4, 3, 3, generator=g).to(memory_format=torch.channels_last)
+    cplx = torch.randn(6, 10, dtype=torch.complex64, generator=g)
+    keep_conv, keep_cplx = torch.rand(conv.shape, generator=g) > 0.5, torch.rand(cplx.shape, generator=g) > 0.5
+    results = []
+    for layout in ("as given", "contiguous real"):
+        p1 = conv.clone(memory_format=torch.preserve_format) if layout == "as given" else conv.contiguous()
+        p2 = cplx.clone() if layout == "as given" else torch.view_as_real(cplx).clone()
+        k2 = keep_cplx if layout == "as given" else keep_cplx.unsqueeze(-1).expand(6, 10, 2).contiguous()
+        state = [[torch.zeros_like(p) for p in (p1, p2)] for _ in range(2)]
+        steps = [torch.tensor(0.0), torch.tensor(0.0)]
+        for step in range(3):
+            g1 = torch.randn(conv.shape, generator=torch.Generator().manual_seed(step))
+            g2 = torch.randn(cplx.shape, dtype=torch.complex64, generator=torch.Generator().manual_seed(50 + step))
+            g1 = g1.to(memory_format=torch.channels_last) if layout == "as given" else g1
+            g2 = g2 if layout == "as given" else torch.view_as_real(g2)
+            ops.masked_adamw_([p1, p2], [g1, g2], state[0], state[1], [], steps, [keep_conv, k2], lr=1e-2)
+        assert p1.is_contiguous(memory_format=torch.channels_last) == (layout == "as given")
+        results.append((p1.contiguous(), torch.view_as_real(p2) if p2.is_complex() else p2))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_torch_fused_variant_is_torch_fused_adamw_then_masks():
+    params, keeps = make_state(torch.float32, seed=7, shapes=[(33, 70), (5, 40)])
+    ours = run(params, keeps, 3, backend="torch", torch_fused=True)
+    theirs = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = torch.optim.AdamW(theirs, lr=1e-2, fused=True)
+    for step in range(3):
+        for q, g, k in zip(theirs, grads_for(params, step, keeps), keeps):
+            q.grad = torch.where(k, g, torch.zeros_like(g))
+        opt.step()
+        with torch.no_grad():
+            for q, k in zip(theirs, keeps):
+                q.masked_fill_(~k, 0)
+    for a, q in zip(ours[0], theirs):
+        assert torch.equal(bits(a), bits(q.detach()))
+
+
+def test_opcheck():
+    g = torch.Generator().manual_seed(0)
+    p = [torch.randn(6, 40, generator=g), torch.randn(7, generator=g)]
+    args = (p, [torch.randn_like(t) for t in p], [torch.zeros_like(t) for t in p], [torch.zeros_like(t) for t in p],
+            [], [torch.tensor(0.0), torch.tensor(0.0)], [Mask.from_bool(torch.rand(6, 40, generator=g) > 0.5).packed, None],
+            1e-3, 0.9, 0.999, 1e-8, 1e-2, False, False, False)
+    torch.library.opcheck(torch.ops.dsd_kernels.masked_adamw_.default, args)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda p, g, s: ops.masked_adamw_(p, g[:1], s, s, [], [torch.tensor(0.0)] * 2, None, lr=1e-3),
+     ValueError, "equal lengths"),
+    (lambda p, g, s: ops.masked_adamw_(p, g, s, s, [], [torch.tensor(0.0)] * 2, None, lr=1e-3, amsgrad=True),
+     ValueError, "amsgrad=True needs 2 max_exp_avg_sqs"),
+    (lambda p, g, s: ops.masked_adamw_(p, g, s, s, [], [torch.tensor(0.0)] * 2, None, lr=-1.0),
+     ValueError, "Invalid lr"),
+    (lambda p, g, s: ops.masked_adamw_(p, g, s, s, [], [torch.tensor(0.0)] * 2, None, lr=1e-3, beta2=1.0),
+     ValueError, "Invalid beta2"),
+    (lambda p, g, s: ops.masked_adamw_(p, g, s, s, [], [torch.tensor(0.0)] * 2, [torch.ones(3, 3, dtype=torch.bool), None],
+                                       lr=1e-3), ValueError, "masks\\[0\\]"),
+    (lambda p, g, s: ops.masked_adamw_(p, [g[0].double(), g[1]], s, s, [], [torch.tensor(0.0)] * 2, None, lr=1e-3),
+     ValueError, "grads\\[0\\]"),
+])
+def test_bad_arguments_raise_clear_errors(call, error, match):
+    params = [torch.randn(4, 40), torch.randn(3)]
+    grads = [torch.randn_like(p) for p in params]
+    state = [torch.zeros_like(p) for p in params]
+    with pytest.raises(error, match=match):
+        call(params, grads, state)
