@@ -55,10 +55,10 @@ class Implementation:
 
 
 def _rows(op: str, module: str, *, cuda: tuple[str, ...], cuda_dtypes=FLOATS, cpu=("cpp", "torch"),
-          variants=("default",), cpp_cpu_variants=None) -> list[Implementation]:
+          variants=("default",), cpp_cpu_variants=None, cpp_cpu_dtypes=FLOATS) -> list[Implementation]:
     """The standard rows of an op: `cpu` in order on CPU, Triton (interpreter) when forced on
     CPU, `cuda` in order on CUDA, and the torch composite as the declared fallback elsewhere."""
-    cpu_rows = {"cpp": Implementation(op, "cpp", "cpu", FLOATS, f".cpp.{module}",
+    cpu_rows = {"cpp": Implementation(op, "cpp", "cpu", cpp_cpu_dtypes, f".cpp.{module}",
                                       variants=cpp_cpu_variants or variants),
                 "torch": Implementation(op, "torch", "cpu", FLOATS, f".composite.{module}",
                                         variants=variants)}
@@ -89,10 +89,11 @@ REGISTRY: tuple[Implementation, ...] = tuple(
     # "foreach" only. On a GPU both are served by one kernel (bits not checked on a GPU yet).
     + _rows("masked_sgd", "masked_sgd", cuda=("triton", "cpp"), variants=("foreach", "fused"),
             cpp_cpu_variants=("foreach",))
-    # AdamW as SGD: the C++ row reproduces torch's single-tensor/foreach bits, the composite
-    # (torch's own step + an AND pass) every flag; no GPU kernel yet: CUDA takes the composite
+    # AdamW as SGD: the C++ row reproduces torch's single-tensor/foreach bits in fp32/fp64, the
+    # composite (torch's own step + an AND pass) every flag and dtype; no GPU kernel yet: CUDA
+    # takes the composite
     + _rows("masked_adamw", "masked_adamw", cuda=(), variants=("foreach", "fused"),
-            cpp_cpu_variants=("foreach",))
+            cpp_cpu_variants=("foreach",), cpp_cpu_dtypes=(torch.float32, torch.float64))
     # re-masking around any optimizer's step (csrc/cuda has no such kernel); on CPU the
     # composite's AND with cached unpacked words measured faster than the C++ word loop
     + _rows("apply_masks", "apply_masks", cuda=("triton",), cpu=("torch", "cpp"))

@@ -160,3 +160,17 @@ def test_bad_arguments_raise_clear_errors(call, error, match):
     state = [torch.zeros_like(p) for p in params]
     with pytest.raises(error, match=match):
         call(params, grads, state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_takes_the_composite_with_torch_bits(dtype):
+    params, keeps = make_state(dtype, seed=9, shapes=[(6, 40), (9,)])
+    ours = run(params, [None, None], 2, backend=None)  # auto: the C++ row serves fp32/fp64 only
+    theirs = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = torch.optim.AdamW(theirs, lr=1e-2, foreach=True)
+    for step in range(2):
+        for q, g in zip(theirs, grads_for(params, step)):
+            q.grad = g
+        opt.step()
+    for a, q in zip(ours[0], theirs):
+        assert torch.equal(a.view(torch.int16), q.detach().view(torch.int16))
