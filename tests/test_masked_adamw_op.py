@@ -7,8 +7,19 @@ import pytest
 import torch
 
 import dsd_kernels as dk
-from dsd_kernels import ops
+from dsd_kernels import _backend, ops
 from dsd_kernels.masks import Mask
+
+from .conftest import require_backend
+
+# the backends with a masked_adamw row on CPU (no Triton kernel: on CUDA the composite serves)
+BACKENDS = list(dict.fromkeys(r.backend for r in _backend.rows_for("masked_adamw", "cpu") if r.auto))
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    require_backend(request.param)
+    return request.param
 
 OPTIONS = [dict(weight_decay=wd, amsgrad=a, maximize=mx, beta1=b1)
            for wd, a, mx, b1 in itertools.product([0.0, 1e-2], [False, True], [False, True], [0.9, 0.3])]
@@ -59,8 +70,6 @@ def run(params, keeps, steps, *, backend=None, reference=False, poison=False, **
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_matches_the_reference_bit_for_bit(backend, dtype, opts):
-    if backend == "triton":
-        pytest.skip("masked_adamw has no Triton kernel (the registry routes CUDA to the composite)")
     params, keeps = make_state(dtype)
     ours = run(params, keeps, 4, backend=backend, poison=True, **opts)
     want = run(params, keeps, 4, reference=True, poison=True, **opts)
@@ -72,8 +81,6 @@ def test_matches_the_reference_bit_for_bit(backend, dtype, opts):
 
 @pytest.mark.parametrize("opts", OPTIONS[::3], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_dense_is_torch_adamw_and_pruned_entries_are_plus_zero(backend, opts):
-    if backend == "triton":
-        pytest.skip("masked_adamw has no Triton kernel")
     params, keeps = make_state(torch.float32, seed=3)
     dense = run(params, [None] * len(params), 3, backend=backend, **opts)
     theirs = [torch.nn.Parameter(p.clone()) for p in params]
