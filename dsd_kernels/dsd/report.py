@@ -67,9 +67,11 @@ def format_table(report: dict) -> str:
     cfg = report["config"]
     lines = []
     for model, entry in report["summary"].items():
-        samples = cfg["train_samples"] if cfg["train_samples"] is not None else "all"
-        samples = samples if entry.get("data", cfg.get("data")) in ("mnist1d", cfg.get("data")) else "all"
-        lines.append(f"{model} on {entry.get('data', cfg.get('data'))} ({samples} training samples, "
+        data = entry.get("data", cfg.get("data"))
+        # --train-samples applies to --data, or to MNIST-1D when each model takes its own data
+        limited = cfg["train_samples"] is not None and (cfg.get("data") is not None or data == "mnist1d")
+        samples = cfg["train_samples"] if limited else "all"
+        lines.append(f"{model} on {data} ({samples} training samples, "
                      f"{cfg['seeds']} seeds, {_describe(cfg)})")
         lines.append("  arm       test accuracy %")
         for m, s in entry["methods"].items():

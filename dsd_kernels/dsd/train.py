@@ -292,8 +292,8 @@ class Run:
         loss = self.train_epoch()
         epoch = self.first_epoch + self.epoch + 1
         if not math.isfinite(loss):
-            hint = " (likely cause: the learning rate, --lr, is too high)" if self.cfg.lr > 0 else ""
-            raise RunDiverged(f"run {self.id}: the training loss is {loss} at epoch {epoch} (lr {lr:g}){hint}")
+            raise RunDiverged(f"run {self.id}: the training loss is {loss} at epoch {epoch} (lr {lr:g}; "
+                              f"likely cause: the learning rate, --lr, is too high)")
         acc = evaluate(self.model, self.x_test, self.y_test)
         self.history.append({"epoch": epoch, "phase": phase, "lr": lr, "train_loss": loss,
                              "test_accuracy": acc})
