@@ -90,10 +90,11 @@ REGISTRY: tuple[Implementation, ...] = tuple(
     + _rows("masked_sgd", "masked_sgd", cuda=("triton", "cpp"), variants=("foreach", "fused"),
             cpp_cpu_variants=("foreach",))
     # AdamW as SGD: the C++ row reproduces torch's single-tensor/foreach bits in fp32/fp64, the
-    # composite (torch's own step + an AND pass) every flag and dtype; no GPU kernel yet: CUDA
-    # takes the composite
-    + _rows("masked_adamw", "masked_adamw", cuda=(), variants=("foreach", "fused"),
-            cpp_cpu_variants=("foreach",), cpp_cpu_dtypes=(torch.float32, torch.float64))
+    # composite (torch's own step + an AND pass) every flag and dtype; on CUDA the Triton kernel
+    # (fp32/fp64; half precision takes the composite); csrc/cuda has no AdamW kernel
+    + _rows("masked_adamw", "masked_adamw", cuda=("triton",), cuda_dtypes=(torch.float32, torch.float64),
+            variants=("foreach", "fused"), cpp_cpu_variants=("foreach",),
+            cpp_cpu_dtypes=(torch.float32, torch.float64))
     # re-masking around any optimizer's step (csrc/cuda has no such kernel); on CPU the
     # composite's AND with cached unpacked words measured faster than the C++ word loop
     + _rows("apply_masks", "apply_masks", cuda=("triton",), cpu=("torch", "cpp"))

@@ -51,6 +51,7 @@ def ptxas_report(compiled, target: str) -> tuple[int, int]:
 def multi_tensor_kernels():
     from dsd_kernels.triton import apply_masks as A
     from dsd_kernels.triton import magnitude_select as M
+    from dsd_kernels.triton import masked_adamw as W
     from dsd_kernels.triton import masked_sgd as S
     i64 = {"SEG_META": "*i64", "TILES": "*i64"}
     for name, (value, bits, key, abs_mask, nan_key, key_bits) in KEY_TYPES.items():
@@ -67,6 +68,12 @@ def multi_tensor_kernels():
                    dict(VALUE_TYPE=value, COMPUTE_TYPE=compute, MOMENTUM=momentum, NESTEROV=nesterov,
                         MAXIMIZE=True, WEIGHT_DECAY=True, TILE_WORDS=32))
         yield f"apply_masks {name}", A._apply_masks_kernel, i64, {}, dict(VALUE_TYPE=value, TILE_WORDS=32)
+        if name in ("fp32", "fp64"):  # the Triton AdamW row serves these two
+            for amsgrad, small_weight in ((False, True), (True, False)):
+                yield (f"masked_adamw {name} amsgrad={amsgrad} small_weight={small_weight}",
+                       W._masked_adamw_kernel, {**i64, "HYPER": "*fp64", "STEPS": "*fp64"}, {},
+                       dict(VALUE_TYPE=value, COMPUTE_TYPE=compute, AMSGRAD=amsgrad, MAXIMIZE=True,
+                            WEIGHT_DECAY=True, SMALL_WEIGHT=small_weight, FP64=name == "fp64", TILE_WORDS=32))
     yield "select", M._select_kernel, {"STATE": "*i64", "HIST": "*i64"}, {}, dict(DIGIT_BITS=11)
 
 
@@ -95,6 +102,9 @@ def main() -> int:
     from dsd_kernels.triton._tiles import TABLE_NUM_WARPS
     for (name, fn, pointers, scalars, constexprs), family in cases:
         options = {"num_warps": TABLE_NUM_WARPS} if family == "multi_tensor" else {}
+        if name.startswith("masked_adamw"):
+            from dsd_kernels.triton.masked_adamw import LAUNCH_OPTIONS
+            options = dict(LAUNCH_OPTIONS)
         for target in TARGETS:
             row = {"kernel": name, "family": family, "target": target}
             try:

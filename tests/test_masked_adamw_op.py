@@ -181,3 +181,24 @@ def test_half_precision_takes_the_composite_with_torch_bits(dtype):
         opt.step()
     for a, q in zip(ours[0], theirs):
         assert torch.equal(a.view(torch.int16), q.detach().view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("opts", OPTIONS[::2], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_triton_kernel_matches_the_reference(dtype, opts):
+    """The GPU path's Triton kernel, under the interpreter on CPU: one launch per dtype, the
+    reference's values (the interpreter's numpy rounds sqrt as IEEE, torch's CPU sqrt as MKL
+    does: equal up to an ulp of the denominator), exact +0 where pruned."""
+    require_backend("triton")
+    from dsd_kernels.triton._tiles import LAUNCHES
+    params, keeps = make_state(dtype, seed=11, shapes=[(9, 70), (5,), (3, 32)])
+    before = LAUNCHES["_masked_adamw_kernel"]
+    ours = run(params, keeps, 3, backend="triton", poison=True, **opts)
+    assert LAUNCHES["_masked_adamw_kernel"] - before == 3  # one per step: one dtype
+    want = run(params, keeps, 3, reference=True, poison=True, **opts)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    for a_list, b_list in zip(ours[:3], want[:3]):
+        for a, b, keep in zip(a_list, b_list, keeps):
+            torch.testing.assert_close(a, b, **tol)
+            if keep is not None:
+                assert torch.equal(bits(a)[~keep], torch.zeros_like(bits(a)[~keep]))
