@@ -33,7 +33,10 @@ def unwrap_lr_scheduler(scheduler):
 
 
 class DSDRun:
-    """Holds the callback's arguments and, once training starts, its DSDScheduler."""
+    """Holds the callback's arguments and, once training starts, its DSDScheduler. The
+    callbacks take DSDScheduler's arguments: sparsity, dense/sparse/redense epochs,
+    redense_lr_scale, cycles, unit ("epoch" or "step": optimizer steps), include, exclude,
+    scope."""
 
     def __init__(self, sparsity, dense_epochs: int, sparse_epochs: int, redense_epochs: int,
                  redense_lr_scale: float = 0.1, cycles: int = 1, unit: str = "epoch",

@@ -29,13 +29,7 @@ class DSDCallback(DSDRun, pl.Callback):
     (sparsity, dense/sparse/redense epochs, redense_lr_scale, cycles, unit, include, exclude,
     scope). Logs dsd/phase (0 dense, 1 sparse, 2 re-dense), dsd/sparsity and dsd/lr."""
 
-    def __init__(self, sparsity, dense_epochs: int, sparse_epochs: int, redense_epochs: int,
-                 redense_lr_scale: float = 0.1, cycles: int = 1, unit: str = "epoch",
-                 include=None, exclude=None, scope: str = "layer"):
-        DSDRun.__init__(self, sparsity, dense_epochs, sparse_epochs, redense_epochs,
-                        redense_lr_scale=redense_lr_scale, cycles=cycles, unit=unit,
-                        include=include, exclude=exclude, scope=scope)
-        self._loaded: dict | None = None
+    _loaded: dict | None = None  # a checkpoint's state, until on_fit_start builds the schedule
 
     # ------------------------------------------------------------ start and resume
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

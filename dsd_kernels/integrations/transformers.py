@@ -39,14 +39,8 @@ class DSDCallback(DSDRun, TrainerCallback):
     (sparsity, dense/sparse/redense epochs, redense_lr_scale, cycles, unit, include, exclude,
     scope)."""
 
-    def __init__(self, sparsity, dense_epochs: int, sparse_epochs: int, redense_epochs: int,
-                 redense_lr_scale: float = 0.1, cycles: int = 1, unit: str = "epoch",
-                 include=None, exclude=None, scope: str = "layer"):
-        DSDRun.__init__(self, sparsity, dense_epochs, sparse_epochs, redense_epochs,
-                        redense_lr_scale=redense_lr_scale, cycles=cycles, unit=unit,
-                        include=include, exclude=exclude, scope=scope)
-        self._lr_scheduler = None
-        self._grad_hooks: list = []
+    _lr_scheduler = None  # the Trainer's LR scheduler, which carries the DSD state
+    _grad_hooks: tuple = ()  # handles of the gradient hooks in force
 
     # ------------------------------------------------------------ start and resume
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
@@ -101,12 +95,12 @@ class DSDCallback(DSDRun, TrainerCallback):
         """While masks are in force, zero each masked weight's pruned gradient entries right
         after backward accumulates them (the Trainer clips before any optimizer hook runs)."""
         self._remove_gradient_hooks()
-        for param, mask in self.scheduler.masks.items():
-            if param.requires_grad:
-                self._grad_hooks.append(param.register_post_accumulate_grad_hook(
-                    lambda p, keep=mask: apply_masks_([p.grad], [keep]) if p.grad is not None else None))
+        self._grad_hooks = tuple(
+            param.register_post_accumulate_grad_hook(
+                lambda p, keep=mask: apply_masks_([p.grad], [keep]) if p.grad is not None else None)
+            for param, mask in self.scheduler.masks.items() if param.requires_grad)
 
     def _remove_gradient_hooks(self) -> None:
         for handle in self._grad_hooks:
             handle.remove()
-        self._grad_hooks.clear()
+        self._grad_hooks = ()
