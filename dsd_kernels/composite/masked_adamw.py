@@ -5,8 +5,6 @@ is elementwise: the kept entries are what AdamW computes on the masked gradient)
 torch's step, then one AND pass over the masked weights and their moments."""
 from __future__ import annotations
 
-import torch
-
 from ._mask_cache import apply_and_
 
 

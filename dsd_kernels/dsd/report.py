@@ -7,7 +7,7 @@ import statistics
 
 from .._files import atomic_path, atomic_write_text
 from .scheduler import PhasePlan
-from .train import TrainConfig
+from .train import ARMS, TrainConfig
 
 PHASE_SNAPSHOTS = (("dense", "after dense"), ("pruned", "right after pruning"),
                    ("sparse", "after sparse"), ("redense", "after re-dense"))
@@ -135,7 +135,7 @@ def plot_accuracy(report: dict, path: str) -> None:
     # the last epoch of each phase but the last
     boundaries = [first + length for _, first, length in
                   PhasePlan(*cfg["epochs"], cycles=cfg["cycles"]).phases()[:-1]]
-    arms = ("baseline", "llr", "dsd") if cfg.get("protocol", "matched") == "paper" else ("dense", "llr", "dsd")
+    arms = ARMS[cfg.get("protocol", "matched")]
     for ax, model in zip(axes[0], models):
         for method in arms:
             curves = [[(h["epoch"], h["test_accuracy"]) for h in r["history"]] for r in report["runs"]

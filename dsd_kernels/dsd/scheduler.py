@@ -23,9 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import ops
 from ..ops import as_sparsity
-from ..optim.masking import zero_pruned
+from ..optim.masking import mask_gradients_, zero_pruned
 
 PHASES = ("dense", "sparse", "redense")
 
@@ -71,6 +70,21 @@ class PhasePlan:
         return plan
 
 
+def checked_plan(dense_epochs, sparse_epochs, redense_epochs, cycles, *, unit, scope,
+                 redense_lr_scale) -> PhasePlan:
+    """The schedule's arguments checked (one set of errors for DSDScheduler and the trainer
+    callbacks, which check them when built, before any optimizer exists); the PhasePlan."""
+    plan = PhasePlan(dense_epochs, sparse_epochs, redense_epochs, cycles)
+    if unit not in ("epoch", "step"):
+        raise ValueError(f"unit must be 'epoch' or 'step', got {unit!r}")
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    if isinstance(redense_lr_scale, bool) or not isinstance(redense_lr_scale, (int, float)) \
+            or not redense_lr_scale > 0:
+        raise ValueError(f"redense_lr_scale must be a positive number, got {redense_lr_scale!r}")
+    return plan
+
+
 class DSDScheduler:
     """Dense -> sparse -> re-dense over any torch optimizer.
 
@@ -88,13 +102,8 @@ class DSDScheduler:
                  sparsity, redense_lr_scale: float = 0.1, cycles: int = 1,
                  lr_scheduler=None, model: torch.nn.Module | None = None, include=None, exclude=None,
                  scope: str = "layer", unit: str = "epoch"):
-        self.plan = PhasePlan(dense_epochs, sparse_epochs, redense_epochs, cycles)
-        if unit not in ("epoch", "step"):
-            raise ValueError(f"unit must be 'epoch' or 'step', got {unit!r}")
-        if scope not in ("layer", "global"):
-            raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
-        if not redense_lr_scale > 0:
-            raise ValueError(f"redense_lr_scale must be positive, got {redense_lr_scale!r}")
+        self.plan = checked_plan(dense_epochs, sparse_epochs, redense_epochs, cycles, unit=unit, scope=scope,
+                                 redense_lr_scale=redense_lr_scale)
         holds_masks = callable(getattr(optimizer, "prune", None)) and \
             callable(getattr(optimizer, "set_masks", None)) and callable(getattr(optimizer, "clear_masks", None))
         if model is None and (not holds_masks or include is not None or exclude is not None
@@ -220,15 +229,11 @@ class DSDScheduler:
         total = sum(m.numel for m in masks.values())
         return 0.0 if total == 0 else sum(m.numel - m.count() for m in masks.values()) / total
 
-    @torch.no_grad()
     def mask_gradients(self) -> None:
         """Zero the pruned entries of the masked weights' gradients now, in one fused pass: for
         trainers that clip or log gradients between backward and the optimizer step, so the
         norm they see is the sparse network's."""
-        pairs = [(p.grad, m) for p, m in self.masks.items() if p.grad is not None and not p.grad.is_sparse]
-        if pairs:
-            from ..optim.masking import _local
-            ops.apply_masks_([_local(g) for g, _ in pairs], [m for _, m in pairs])
+        mask_gradients_(self.masks)
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

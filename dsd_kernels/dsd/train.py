@@ -38,7 +38,6 @@ from .scheduler import DSDScheduler, PhasePlan
 
 PROTOCOLS = ("paper", "matched")
 ARMS = {"paper": ("baseline", "llr", "dsd"), "matched": ("dense", "llr", "dsd")}
-METHODS = ("dense", "baseline", "llr", "dsd")  # every arm name of either protocol
 DEFAULT_EPOCHS = {"paper": [30, 10, 10], "matched": [20, 20, 20]}
 # the optimizer of every method: a drop-in for torch's, keeping pruned weights and state at 0
 OPTIMIZERS = {
@@ -435,6 +434,13 @@ def run_job(cfg: TrainConfig, out_dir: str, *, resume: bool = False, progress: b
         torch.distributed.barrier()
 
     runs, snapshots = [], {}
+
+    def record(result: dict, path: str) -> None:
+        """A finished (or diverged) run: into the report and, on the writing rank, runs/."""
+        runs.append(result)
+        if writer:
+            atomic_write_text(path, json.dumps(result, allow_nan=False))
+
     plan = plan_runs(cfg)
     started = time.perf_counter()
     with tqdm(total=sum(cfg.run_epochs(m) for m, _, _ in plan), unit="epoch",
@@ -460,10 +466,8 @@ def run_job(cfg: TrainConfig, out_dir: str, *, resume: bool = False, progress: b
                 pretraining = next(r for r in runs if r["model"] == model and r["seed"] == seed
                                    and r["method"] == "baseline")
                 if pretraining.get("diverged"):
-                    result = diverged_result(method, model, seed, data.name, "its pre-training diverged", None)
-                    runs.append(result)
-                    if writer:
-                        atomic_write_text(result_path, json.dumps(result, allow_nan=False))
+                    record(diverged_result(method, model, seed, data.name, "its pre-training diverged", None),
+                           result_path)
                     bar.update(cfg.run_epochs(method))
                     continue
                 start = _load_checkpoint(pretrained_path, "the pre-training cannot be shared; delete "
@@ -490,13 +494,10 @@ def run_job(cfg: TrainConfig, out_dir: str, *, resume: bool = False, progress: b
             except RunDiverged as err:
                 # the last finite checkpoint (if any) stays in checkpoints/
                 warnings.warn(str(err), stacklevel=1)
-                result = diverged_result(method, model, seed, data.name, str(err), run.first_epoch + run.epoch + 1)
-                runs.append(result)
-                if writer:
-                    atomic_write_text(result_path, json.dumps(result, allow_nan=False))
+                record(diverged_result(method, model, seed, data.name, str(err), run.first_epoch + run.epoch + 1),
+                       result_path)
                 bar.update(run.epochs - run.epoch)
                 continue
-            result = run.result()
             if run.snapshots:
                 snapshots[model] = run.snapshots
             if writer:
@@ -504,10 +505,9 @@ def run_job(cfg: TrainConfig, out_dir: str, *, resume: bool = False, progress: b
                     atomic_torch_save(run.snapshots, snap_path)
                 if method == "baseline":  # the arms of this seed start from it
                     atomic_torch_save(run.state_dict(), pretrained_path)
-                atomic_write_text(result_path, json.dumps(result, allow_nan=False))
-                if os.path.exists(ckpt_path):
-                    os.remove(ckpt_path)
-            runs.append(result)
+            record(run.result(), result_path)
+            if writer and os.path.exists(ckpt_path):
+                os.remove(ckpt_path)
     report = build_report(cfg, runs, elapsed_s=sum(r.get("elapsed_s", 0.0) for r in runs))
     report["segment_elapsed_s"] = time.perf_counter() - started
     if writer:

@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from ..dsd.scheduler import PHASES, DSDScheduler, PhasePlan
+from ..dsd.scheduler import PHASES, DSDScheduler, checked_plan
 from ..ops import as_sparsity
 
 
@@ -42,19 +42,14 @@ class DSDRun:
                  redense_lr_scale: float = 0.1, cycles: int = 1, unit: str = "epoch",
                  include=None, exclude=None, scope: str = "layer"):
         # every argument error here, before the trainer starts
-        self.plan = PhasePlan(dense_epochs, sparse_epochs, redense_epochs, cycles)
-        if unit not in ("epoch", "step"):
-            raise ValueError(f"unit must be 'epoch' or 'step', got {unit!r}")
-        if scope not in ("layer", "global"):
-            raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
-        if isinstance(redense_lr_scale, bool) or not isinstance(redense_lr_scale, (int, float)) \
-                or not redense_lr_scale > 0:
-            raise ValueError(f"redense_lr_scale must be a positive number, got {redense_lr_scale!r}")
+        self.plan = checked_plan(dense_epochs, sparse_epochs, redense_epochs, cycles, unit=unit, scope=scope,
+                                 redense_lr_scale=redense_lr_scale)
         if not isinstance(sparsity, dict):
             sparsity = as_sparsity(sparsity, allow_one=False)
         self.sparsity, self.include, self.exclude, self.scope = sparsity, include, exclude, scope
         self.unit, self.redense_lr_scale = unit, float(redense_lr_scale)
         self.scheduler: DSDScheduler | None = None
+        self._counted: tuple = (None, 0.0)  # (the masks' identities, their pruned fraction)
 
     def start(self, optimizer, model: torch.nn.Module, lr_schedulers: list, state: dict | None) -> None:
         """Build the DSD schedule over the trainer's optimizer and model; `state`: a saved
@@ -93,5 +88,9 @@ class DSDRun:
         scheduler = self.scheduler
         lr = scheduler.optimizer.param_groups[0]["lr"]
         phase = scheduler.phase_at(min(scheduler.epoch, scheduler.total_epochs - 1))
-        return {"dsd/phase": float(PHASES.index(phase)), "dsd/sparsity": scheduler.pruned_fraction(),
-                "dsd/lr": float(lr)}
+        # counting the pruned weights unpacks every mask: done again only when the masks change
+        # (metrics are logged every step with unit="step")
+        key = tuple((id(m.packed), m.packed._version) for m in scheduler.masks.values())
+        if key != self._counted[0]:
+            self._counted = (key, scheduler.pruned_fraction())
+        return {"dsd/phase": float(PHASES.index(phase)), "dsd/sparsity": self._counted[1], "dsd/lr": float(lr)}

@@ -45,6 +45,14 @@ def zero_pruned(optimizer: torch.optim.Optimizer, masks: dict, *, params: bool) 
     ops.apply_masks_(tensors, applied)
 
 
+@torch.no_grad()
+def mask_gradients_(masks: dict) -> None:
+    """Zero the pruned entries of the masked parameters' gradients in one fused apply_masks_
+    pass (sparse gradients are left to the step). masks: {param: Mask}."""
+    pairs = [(p.grad, m) for p, m in masks.items() if p.grad is not None and not p.grad.is_sparse]
+    ops.apply_masks_([_local(g) for g, _ in pairs], [m for _, m in pairs])
+
+
 class OptimizerMasks:
     def __init__(self, optimizer: torch.optim.Optimizer):
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -112,8 +120,7 @@ class OptimizerMasks:
 
     @torch.no_grad()
     def _mask_gradients(self, optimizer, args, kwargs) -> None:
-        pairs = [(p.grad, m) for p, m in self._masks.items() if p.grad is not None and not p.grad.is_sparse]
-        ops.apply_masks_([g for g, _ in pairs], [m for _, m in pairs])
+        mask_gradients_(self._masks)
 
     @torch.no_grad()
     def _mask_parameters(self, optimizer, args, kwargs) -> None:

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._adamw_steps import advance_steps
 from ._tiles import (TABLE_NUM_WARPS, TL_FLOAT, by_dtype, launch, segment_layout, tile_coords,
                      tile_segment, tile_table, tile_words_for)
 
@@ -124,20 +125,14 @@ def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_s
         return
     device = params[0].device
     tile_words = tile_words_for(device, tile_words, gpu_default=32)
-    torch._foreach_add_(state_steps, 1)
-    steps = [float(s.item()) for s in state_steps]  # as torch's non-capturable step reads them
-    avg_weight = 1 - beta1
-    hyper = torch.tensor([1 - lr * weight_decay, avg_weight, 1 - float(torch.tensor(avg_weight, dtype=torch.float32)),
-                          beta2, 1 - beta2, eps], dtype=torch.float64, device=device)
+    step_sizes, bias_correction2_sqrts = advance_steps(state_steps, lr, beta1, beta2)
     for dtype, index in by_dtype(params).items():
-        rows, num_words, scalars = [], [], []
-        compute = torch.float64 if dtype == torch.float64 else torch.float32
-        small_weight = abs(float(torch.tensor(avg_weight, dtype=compute))) < 0.5
-        if dtype == torch.float64:
-            hyper_d = hyper.clone()
-            hyper_d[2] = 1 - avg_weight  # 1 - w in fp64, as the lerp's other branch computes it
-        else:
-            hyper_d = hyper
+        rows, num_words = [], []
+        # lerp's weight as the kernel rounds it, and its other branch's 1 - weight from it
+        # (1 - w in fp64 is exact: rounded to fp32 by the kernel, it is fp32's 1.0f - w)
+        weight = float(torch.tensor(1 - beta1, dtype=torch.float64 if dtype == torch.float64 else torch.float32))
+        hyper = torch.tensor([1 - lr * weight_decay, 1 - beta1, 1 - weight, beta2, 1 - beta2, eps],
+                             dtype=torch.float64, device=device)
         for i in index:
             cols, words_per_row, n_words = segment_layout(params[i])
             words = mask_words[i]
@@ -147,14 +142,14 @@ def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_s
                          words.data_ptr() if words is not None else params[i].data_ptr(),
                          cols, words_per_row, n_words, int(words is not None)])
             num_words.append(n_words)
-            scalars.append([-(lr / (1 - beta1 ** steps[i])), (1 - beta2 ** steps[i]) ** 0.5])
         tiles = _cached_tiles(tuple(num_words), tile_words, device)
         if tiles.shape[0] == 0:
             continue
         meta = torch.tensor(rows, dtype=torch.int64).to(device)
-        step_table = torch.tensor(scalars, dtype=torch.float64).to(device)
+        step_table = torch.tensor([[-step_sizes[i], bias_correction2_sqrts[i]] for i in index],
+                                  dtype=torch.float64).to(device)
         launch(_masked_adamw_kernel, (tiles.shape[0],), **LAUNCH_OPTIONS)(
-            meta, tiles, hyper_d, step_table, VALUE_TYPE=TL_FLOAT[dtype],
+            meta, tiles, hyper, step_table, VALUE_TYPE=TL_FLOAT[dtype],
             COMPUTE_TYPE=tl.float64 if dtype == torch.float64 else tl.float32, AMSGRAD=bool(amsgrad),
-            MAXIMIZE=bool(maximize), WEIGHT_DECAY=weight_decay != 0, SMALL_WEIGHT=small_weight,
+            MAXIMIZE=bool(maximize), WEIGHT_DECAY=weight_decay != 0, SMALL_WEIGHT=abs(weight) < 0.5,
             FP64=dtype == torch.float64, TILE_WORDS=tile_words)
