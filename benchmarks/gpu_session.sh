@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# One time-boxed session on a lent GPU machine (torch and triton installed, no network):
+# build with csrc/cuda, `pytest -m gpu`, `dsd-kernels bench` per suite, the per-backend suite on
+# CUDA tensors, and the train job on CUDA. Every step gets what is left of BUDGET seconds (capped
+# per step) and the session goes on after a failure, so one call yields every result it can.
+#
+#   OUT=/some/dir BUDGET=540 bash benchmarks/gpu_session.sh
+#
+# Writes OUT/log.txt (everything printed) and OUT/results.tar (bench JSONs, junit XML, `info`),
+# packed again after each step so a run cut short keeps what it finished. Optional: wheels in
+# .whl/ (expecttest for torch's optimizer test inputs, mnist1d for the train job) are installed
+# into a temporary site folder first, offline.
+set -u
+OUT=${OUT:-gpu-out}
+BUDGET=${BUDGET:-540}
+MIN_RUN_TIME=${MIN_RUN_TIME:-0.15}
+mkdir -p "$OUT/r"
+exec > >(tee "$OUT/log.txt") 2>&1
+start=$SECONDS
+export PYTHONUNBUFFERED=1
+
+pack() { tar -C "$OUT" -cf "$OUT/results.tar" r 2>/dev/null; }
+
+# step CAP CMD...: run CMD with at most CAP seconds and never past the budget
+step() {
+    local cap=$1; shift
+    local left=$(( BUDGET - (SECONDS - start) ))
+    local limit=$(( left < cap ? left : cap ))
+    if (( limit < 15 )); then echo "=== SKIPPED (budget spent): $*"; return; fi
+    echo "=== [$(( SECONDS - start ))s] $* (limit ${limit}s)"
+    timeout -k 5 "$limit" "$@"
+    echo "=== rc=$? at $(( SECONDS - start ))s"
+    pack
+}
+
+nvidia-smi -L
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+
+# csrc/cuda for the H100/H200 only (sm_90): one architecture keeps the build short
+# (auto: a failed CUDA build falls back to the CPU kernels, and the Triton steps still run;
+# `info` then says why). The checkout stays importable even if pip fails.
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} DSD_KERNELS_BUILD_EXT=auto
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+DSD="python3 -m dsd_kernels.cli"
+step 240 python3 -m pip install --no-deps --no-build-isolation -e .
+step 30 bash -c "$DSD info | tee $OUT/r/info.txt"
+
+# the device's copy bandwidth, the yardstick for the memory-bound ops' GB/s
+step 30 python3 -c "
+import torch
+from torch.utils.benchmark import Timer
+x = torch.empty(2**28, device='cuda'); y = torch.empty_like(x)
+t = Timer('y.copy_(x)', globals=dict(x=x, y=y)).blocked_autorange(min_run_time=1).median
+print(f'copy of 1 GiB fp32: {t * 1e3:.3f} ms, {2 * x.numel() * 4 / t / 1e9:.0f} GB/s read+written')
+" | tee $OUT/r/copy-bandwidth.txt
+step 150 python3 -m pytest -m gpu -p no:cacheprovider -q -s -rfE --junitxml="$OUT/r/gpu.xml"
+
+for suite in masked_adamw masked_sgd apply_masks magnitude_select masked_linear; do
+    cap=60; [[ $suite == masked_linear ]] && cap=150
+    step $cap $DSD bench --ops $suite --min-run-time "$MIN_RUN_TIME" --out "$OUT/r/bench-$suite.json"
+done
+
+# the ops' own tests on CUDA tensors, per backend (the `backend` fixture)
+step 150 python3 -m pytest -p no:cacheprovider -q -rfE -m "not slow and not distributed and not aot" \
+    --timeout 60 --junitxml="$OUT/r/suite-cuda.xml" \
+    tests/test_magnitude_select.py tests/test_magnitude_select_triton.py tests/test_masked_linear.py \
+    tests/test_masked_sgd.py tests/test_masked_sgd_torch_inputs.py tests/test_dsd_any_optimizer.py
+step 60 $DSD train --quick --device cuda --no-progress --out /tmp/train-cuda
+echo "=== done at $(( SECONDS - start ))s"
+pack
