@@ -57,18 +57,34 @@ x = torch.empty(2**28, device='cuda'); y = torch.empty_like(x)
 t = Timer('y.copy_(x)', globals=dict(x=x, y=y)).blocked_autorange(min_run_time=1).median
 print(f'copy of 1 GiB fp32: {t * 1e3:.3f} ms, {2 * x.numel() * 4 / t / 1e9:.0f} GB/s read+written')
 " | tee $OUT/r/copy-bandwidth.txt
+# the C++ CPU kernels' argument checks in this build (a TORCH_CHECK must raise, not crash)
+cat > /tmp/cpp_check_probe.py <<'PY'
+import torch, dsd_kernels as dk
+from dsd_kernels.masks import Mask
+w = torch.randn(70, 130)
+words = Mask.from_bool(torch.rand(70, 130) > 0.5).packed
+try:
+    torch.ops.dsd_kernels_cpp.masked_linear_forward(torch.randn(4, 130), w, words, None, torch.ones(3, 2, dtype=torch.int32))
+    print("probe: no error raised")
+except RuntimeError as err:
+    print("probe: RuntimeError raised as it should:", str(err).splitlines()[0])
+PY
+step 30 python3 -X faulthandler /tmp/cpp_check_probe.py
+
 step 150 python3 -m pytest -m gpu -p no:cacheprovider -q -s -rfE --junitxml="$OUT/r/gpu.xml"
 
-for suite in masked_adamw masked_sgd apply_masks magnitude_select masked_linear; do
-    cap=60; [[ $suite == masked_linear ]] && cap=150
-    step $cap $DSD bench --ops $suite --min-run-time "$MIN_RUN_TIME" --out "$OUT/r/bench-$suite.json"
-done
+[[ ${SWEEP:-1} == 1 ]] && step 60 python3 benchmarks/sweep_tile_words.py --out "$OUT/r/sweep-tile-words.json"
+
+# the bench, one process, all suites into one file (written after every case)
+step ${BENCH_CAP:-200} $DSD bench --ops ${BENCH_OPS:-masked_adamw masked_sgd apply_masks magnitude_select masked_linear} \
+    --min-run-time "$MIN_RUN_TIME" --out "$OUT/r/bench.json"
 
 # the ops' own tests on CUDA tensors, per backend (the `backend` fixture)
-step 150 python3 -m pytest -p no:cacheprovider -q -rfE -m "not slow and not distributed and not aot" \
+step ${SUITE_CAP:-150} python3 -m pytest -p no:cacheprovider -q -rfE -m "not slow and not distributed and not aot" \
     --timeout 60 --junitxml="$OUT/r/suite-cuda.xml" \
-    tests/test_magnitude_select.py tests/test_magnitude_select_triton.py tests/test_masked_linear.py \
-    tests/test_masked_sgd.py tests/test_masked_sgd_torch_inputs.py tests/test_dsd_any_optimizer.py
-step 60 $DSD train --quick --device cuda --no-progress --out /tmp/train-cuda
+    --deselect tests/test_masked_linear.py::test_cpp_kernel_checks_the_tile_grid_it_is_given \
+    ${SUITE_FILES:-tests/test_masked_linear.py tests/test_magnitude_select.py tests/test_magnitude_select_triton.py \
+    tests/test_masked_sgd.py tests/test_masked_sgd_torch_inputs.py tests/test_dsd_any_optimizer.py}
+[[ ${TRAIN:-1} == 1 ]] && step 60 $DSD train --quick --device cuda --no-progress --out /tmp/train-cuda
 echo "=== done at $(( SECONDS - start ))s"
 pack

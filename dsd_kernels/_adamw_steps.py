@@ -9,9 +9,10 @@ def advance_steps(state_steps, lr: float, beta1: float, beta2: float) -> tuple[l
     """Increment the step counts (as torch does) and return, per tensor, lr / bias_correction1
     and sqrt(bias_correction2), Python floats from the incremented counts as torch takes them."""
     torch._foreach_add_(state_steps, 1)
-    step_sizes, bias_correction2_sqrts = [], []
-    for step_t in state_steps:
-        step = step_t.item()
-        step_sizes.append(lr / (1 - beta1 ** step))
-        bias_correction2_sqrts.append((1 - beta2 ** step) ** 0.5)
+    if len({t.dtype for t in state_steps}) == 1:
+        steps = torch.stack(state_steps).tolist()  # one read for all (each .item() costs a call)
+    else:
+        steps = [t.item() for t in state_steps]
+    step_sizes = [lr / (1 - beta1 ** step) for step in steps]
+    bias_correction2_sqrts = [(1 - beta2 ** step) ** 0.5 for step in steps]
     return step_sizes, bias_correction2_sqrts

@@ -67,7 +67,7 @@ def _rows(op: str, module: str, *, cuda: tuple[str, ...], cuda_dtypes=FLOATS, cp
                            f".triton.{module}", auto=False, variants=variants)]
     for backend in cuda:
         package = "composite" if backend == "torch" else backend
-        rows.append(Implementation(op, backend, "cuda", cuda_dtypes if backend == "triton" else FLOATS,
+        rows.append(Implementation(op, backend, "cuda", cuda_dtypes,
                                    f".{package}.{module}", variants=variants))
     rows.append(Implementation(op, "torch", ANY_DEVICE, FLOATS, f".composite.{module}", fallback=True,
                                variants=variants))
@@ -75,11 +75,12 @@ def _rows(op: str, module: str, *, cuda: tuple[str, ...], cuda_dtypes=FLOATS, cp
 
 
 # Order within an (op, device) is the preference under auto. On CPU the C++ kernels measured
-# faster than the torch composites for every op (benchmarks/results/cpu-*.json). On CUDA the
-# order of Triton and csrc/cuda is not measured yet: Triton first, as the kernels tested longest;
-# `dsd-kernels bench` on a GPU times both and this table should follow its results.
+# faster than the torch composites for every op (benchmarks/results/cpu-*.json). On CUDA
+# csrc/cuda comes before Triton where both exist: on an H200 (benchmarks/results/NVIDIA-H200.json)
+# its selection took a tenth of the Triton kernels' time, and its masked SGD step less wall time
+# (the Triton step's GPU time is lower, its Python launcher's host time higher).
 REGISTRY: tuple[Implementation, ...] = tuple(
-    _rows("magnitude_select", "magnitude_select", cuda=("triton", "cpp"))
+    _rows("magnitude_select", "magnitude_select", cuda=("cpp", "triton"))
     # the sharded (DTensor) selection's per-shard histograms and masks (distributed.py):
     # csrc/cuda has no such kernels
     + _rows("magnitude_select_sharded", "magnitude_select", cuda=("triton",))
@@ -87,12 +88,13 @@ REGISTRY: tuple[Implementation, ...] = tuple(
     # chunks differently from its single-tensor/foreach ops): only the composite, which calls
     # torch's own fused kernel, reproduces "fused" bit for bit, so the C++ row serves
     # "foreach" only. On a GPU both are served by one kernel (bits not checked on a GPU yet).
-    + _rows("masked_sgd", "masked_sgd", cuda=("triton", "cpp"), variants=("foreach", "fused"),
+    + _rows("masked_sgd", "masked_sgd", cuda=("cpp", "triton"), variants=("foreach", "fused"),
             cpp_cpu_variants=("foreach",))
     # AdamW as SGD: the C++ row reproduces torch's single-tensor/foreach bits in fp32/fp64, the
     # composite (torch's own step + an AND pass) every flag and dtype; on CUDA the Triton kernel
-    # (fp32/fp64; half precision takes the composite); csrc/cuda has no AdamW kernel
-    + _rows("masked_adamw", "masked_adamw", cuda=("triton",), cuda_dtypes=(torch.float32, torch.float64),
+    # (measured: torch's foreach bits and 81-84% of copy bandwidth on an H200), then csrc/cuda's
+    # (the same arithmetic, not yet run on a GPU); fp32/fp64, half precision takes the composite
+    + _rows("masked_adamw", "masked_adamw", cuda=("triton", "cpp"), cuda_dtypes=(torch.float32, torch.float64),
             variants=("foreach", "fused"), cpp_cpu_variants=("foreach",),
             cpp_cpu_dtypes=(torch.float32, torch.float64))
     # re-masking around any optimizer's step (csrc/cuda has no such kernel); on CPU the
@@ -105,7 +107,8 @@ REGISTRY: tuple[Implementation, ...] = tuple(
 OPS = tuple(dict.fromkeys(r.op for r in REGISTRY))
 
 # the compiled op of csrc/ behind each registry op, where the cpp backend has a CUDA kernel
-_CPP_CUDA_KERNELS = {"magnitude_select": "magnitude_select", "masked_sgd": "masked_sgd_"}
+_CPP_CUDA_KERNELS = {"magnitude_select": "magnitude_select", "masked_sgd": "masked_sgd_",
+                     "masked_adamw": "masked_adamw_"}
 
 _forced: str | None = None
 _warned: set = set()

@@ -41,16 +41,19 @@ def _cmd_bench(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     suites = args.ops or list(B.CASE_FACTORIES)
     results = []
+    out = args.out or f"benchmarks/results/{B.device_label(device)}.json"
+    env = B.environment(device)
     print(f"timing our backends {args.backends or B.benchmark_backends(device)} against the "
-          f"torch baselines on {device}")
+          f"torch baselines on {device}, into {out}")
     for suite in suites:
         kwargs = {"sizes_m": tuple(args.sizes)} if suite == "magnitude_select" and args.sizes else {}
         for case in B.CASE_FACTORIES[suite](device, **kwargs):
-            r = B.run_case(case, args.min_run_time, args.backends or B.benchmark_backends(device, case.op))
+            r = B.run_case(case, args.min_run_time, args.backends or B.benchmark_backends(device, case.op),
+                           kernel_times=device.startswith("cuda"))
             print(B.format_row(r), flush=True)
             results.append(r)
-    out = args.out or f"benchmarks/results/{B.device_label(device)}.json"
-    B.write_results(out, B.environment(device), results)
+            # after every case: a run cut short (a time-boxed GPU lease) keeps what it timed
+            B.write_results(out, env, results)
     print(f"wrote {out}")
     return 0
 

@@ -423,6 +423,15 @@ def _check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, sta
                                f"mask_words need {n} entries each")
     torch._check_value(len(max_exp_avg_sqs) == (n if amsgrad else len(max_exp_avg_sqs)),
                        lambda: f"masked_adamw_: amsgrad needs {n} max_exp_avg_sqs, got {len(max_exp_avg_sqs)}")
+    # one pass of plain comparisons first (an optimizer step checks every parameter, every step);
+    # the detailed loop below runs only to name what is wrong
+    state_lists = (grads, exp_avgs, exp_avg_sqs) + ((max_exp_avg_sqs,) if amsgrad else ())
+    if all(p.dtype in KEY_SPECS
+           and all(t.shape == p.shape and t.dtype == p.dtype and t.device == p.device
+                   for t in (s[i] for s in state_lists))
+           and (w is None or (w.dtype == torch.int32 and tuple(w.shape) == packed_shape(p.shape)))
+           for i, (p, w) in enumerate(zip(params, mask_words))):
+        return
     for i, p in enumerate(params):
         torch._check_type(p.dtype in KEY_SPECS, lambda: f"params[{i}] has dtype {p.dtype}; AdamW needs "
                                                         f"floating parameters")
@@ -563,9 +572,10 @@ def _check_apply_masks_args(tensors: list[Tensor], mask_words: list[Tensor]) -> 
     torch._check_value(len(tensors) == len(mask_words),
                        lambda: f"apply_masks_: {len(tensors)} tensors but {len(mask_words)} masks")
     for i, (t, w) in enumerate(zip(tensors, mask_words)):
-        torch._check_value(w.dtype == torch.int32 and tuple(w.shape) == packed_shape(t.shape)
-                           and w.device == t.device and t.dtype in KEY_SPECS,
-                           lambda: f"mask_words[{i}] does not fit tensors[{i}] ({tuple(t.shape)}, {t.dtype})")
+        if not (w.dtype == torch.int32 and tuple(w.shape) == packed_shape(t.shape)
+                and w.device == t.device and t.dtype in KEY_SPECS):  # plain test first: see _check_sgd_args
+            torch._check_value(False, lambda: f"mask_words[{i}] does not fit tensors[{i}] "
+                                              f"({tuple(t.shape)}, {t.dtype})")
 
 
 @torch.library.custom_op("dsd_kernels::apply_masks_", mutates_args=("tensors",))

@@ -66,14 +66,15 @@ def multi_tensor_kernels():
             yield (f"masked_sgd {name} momentum={momentum} nesterov={nesterov}", S._masked_sgd_kernel,
                    {**i64, "HYPER": "*fp64"}, {},
                    dict(VALUE_TYPE=value, COMPUTE_TYPE=compute, MOMENTUM=momentum, NESTEROV=nesterov,
-                        MAXIMIZE=True, WEIGHT_DECAY=True, TILE_WORDS=32))
-        yield f"apply_masks {name}", A._apply_masks_kernel, i64, {}, dict(VALUE_TYPE=value, TILE_WORDS=32)
+                        MAXIMIZE=True, WEIGHT_DECAY=True, TILE_WORDS=S.GPU_TILE_WORDS))
+        yield f"apply_masks {name}", A._apply_masks_kernel, i64, {}, dict(VALUE_TYPE=value, TILE_WORDS=A.GPU_TILE_WORDS)
         if name in ("fp32", "fp64"):  # the Triton AdamW row serves these two
             for amsgrad, small_weight in ((False, True), (True, False)):
                 yield (f"masked_adamw {name} amsgrad={amsgrad} small_weight={small_weight}",
                        W._masked_adamw_kernel, {**i64, "HYPER": "*fp64", "STEPS": "*fp64"}, {},
                        dict(VALUE_TYPE=value, COMPUTE_TYPE=compute, AMSGRAD=amsgrad, MAXIMIZE=True,
-                            WEIGHT_DECAY=True, SMALL_WEIGHT=small_weight, FP64=name == "fp64", TILE_WORDS=32))
+                            WEIGHT_DECAY=True, SMALL_WEIGHT=small_weight, FP64=name == "fp64", CUDA_FOREACH=True,
+                            TILE_WORDS=W.GPU_TILE_WORDS))
     yield "select", M._select_kernel, {"STATE": "*i64", "HIST": "*i64"}, {}, dict(DIGIT_BITS=11)
 
 

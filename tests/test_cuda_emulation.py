@@ -1,5 +1,6 @@
 """The CUDA kernels of csrc/cuda, compiled for the CPU emulation of tests/cuda_emulation
-(real threads, barriers and ballots; see emulation.h), against reference/.
+(real threads, barriers and ballots; see emulation.h), against reference/ (the AdamW kernel
+against the Triton kernel's CUDA rounding, bit for bit: the same operations, each IEEE-rounded).
 
 This checks the kernels' logic (tiles, digits, tie ranks across tiles, the multi-tensor tables,
 the SGD arithmetic) on machines without a GPU. Their speed and anything specific to the hardware
@@ -25,8 +26,9 @@ HERE = Path(__file__).parent / "cuda_emulation"
 def emu(tmp_path_factory):
     from torch.utils.cpp_extension import load
     load(name="dsd_kernels_cuda_emu",
-         sources=[str(HERE / f"{name}.cpp") for name in ("schemas", "magnitude_select", "masked_sgd")],
-         extra_cflags=["-O1", "-std=c++20"], is_python_module=False,
+         sources=[str(HERE / f"{name}.cpp")
+                  for name in ("schemas", "magnitude_select", "masked_sgd", "masked_adamw")],
+         extra_cflags=["-O1", "-std=c++20", "-ffp-contract=off"], is_python_module=False,
          build_directory=str(tmp_path_factory.mktemp("cuda_emulation")))
     return torch.ops.dsd_kernels_cuda_emu
 
@@ -132,3 +134,65 @@ def test_masked_sgd_errors_name_the_argument(emu):
                         False, False)
     with pytest.raises(RuntimeError, match=r"grads\[0\]"):
         emu.masked_sgd_([p], [g.double()], [], [None], [], 0.1, 0.0, 0.0, 0.0, False, False)
+
+
+ADAMW_OPTIONS = [dict(weight_decay=wd, amsgrad=a, maximize=mx, beta1=b1)
+                 for wd, a, mx, b1 in [(0.0, False, False, 0.9), (1e-2, True, True, 0.9),
+                                       (1e-2, False, True, 0.3), (0.0, True, False, 0.3)]]
+
+
+def adamw_step_emulated(emu, params, grads, m, v, vmax, steps, words, opts):
+    from dsd_kernels._adamw_steps import advance_steps
+    step_sizes, bc2_sqrts = advance_steps(steps, 1e-2, opts["beta1"], 0.999)
+    emu.masked_adamw_(params, grads, m, v, vmax if opts["amsgrad"] else [], words, step_sizes, bc2_sqrts,
+                      1e-2, opts["beta1"], 0.999, 1e-8, opts["weight_decay"], opts["amsgrad"], opts["maximize"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("opts", ADAMW_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_masked_adamw_matches_the_triton_kernels_cuda_rounding_bit_for_bit(emu, dtype, opts):
+    """The two GPU AdamW kernels compute the same IEEE-rounded operations in the same order
+    (torch's CUDA foreach AdamW, which the Triton one matched bit for bit on an H200): the
+    emulated CUDA kernel and the Triton kernel under the interpreter give the same bits; pruned
+    weights and moments are +0 whatever the gradient held there."""
+    if "triton" not in __import__("dsd_kernels").available_backends():
+        pytest.skip("triton backend unavailable")
+    from dsd_kernels.triton import masked_adamw as T
+    params, keeps = sgd_inputs(dtype)
+    words = [None if k is None else R.pack_bits(k) for k in keeps]
+    runs = {}
+    for name in ("emulated", "triton"):
+        p = [t.clone() for t in params]
+        m, v = [torch.zeros_like(t) for t in p], [torch.zeros_like(t) for t in p]
+        vmax = [torch.zeros_like(t) for t in p]
+        steps = [torch.tensor(0.0) for _ in p]
+        g = torch.Generator().manual_seed(9)
+        for step in range(3):
+            grads = [torch.randn(t.shape, generator=g).to(dtype) for t in p]
+            for gr, k in zip(grads, keeps):
+                if k is not None:
+                    gr[~k] = float("nan")
+            if name == "emulated":
+                adamw_step_emulated(emu, p, grads, m, v, vmax, steps, words, opts)
+            else:
+                T.masked_adamw_(p, grads, m, v, vmax, steps, words, lr=1e-2, beta2=0.999, eps=1e-8,
+                                cuda_foreach=True, **opts)
+        runs[name] = p + m + v + (vmax if opts["amsgrad"] else [])
+    for i, (a, b) in enumerate(zip(runs["emulated"], runs["triton"])):
+        assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), f"tensor {i}"
+    for i, k in enumerate(keeps):
+        if k is not None:
+            for t in runs["emulated"][i::len(params)]:
+                assert t[~k].eq(0).all() and not t[~k].signbit().any()
+
+
+def test_masked_adamw_errors_name_the_argument(emu):
+    p = torch.randn(4, 40)
+    state = [torch.zeros_like(p) for _ in range(3)]
+    with pytest.raises(RuntimeError, match=r"mask_words\[0\]"):
+        emu.masked_adamw_([p], [state[0]], [state[1]], [state[2]], [], [torch.zeros(3, dtype=torch.int32)],
+                          [0.1], [0.5], 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False)
+    with pytest.raises(RuntimeError, match=r"params\[0\] is Half"):
+        h = p.half()
+        emu.masked_adamw_([h], [h.clone()], [h.clone()], [h.clone()], [], [None], [0.1], [0.5],
+                          1e-3, 0.9, 0.999, 1e-8, 0.0, False, False)

@@ -1,10 +1,12 @@
 """csrc/cuda compiles with nvcc against the installed torch's headers, for the H100 (sm_90),
-with the flags torch's extension builder passes, and without warnings from our own files.
+with the flags torch's extension builder passes, without warnings from our own files, and
+without register spills (ptxas -v; its registers per kernel are printed).
 
 Where torch is a CUDA build the package's install already builds these files; this test is for
 machines like CI's, whose torch is CPU-only but which have nvcc: the kernels' logic is tested by
 test_cuda_emulation.py, their CUDA syntax and device code here. Running them needs a GPU (`gpu`).
 """
+import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +22,7 @@ SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 
 
 def test_there_are_cuda_sources():
-    assert {p.name for p in SOURCES} >= {"magnitude_select.cu", "masked_sgd.cu"}
+    assert {p.name for p in SOURCES} >= {"magnitude_select.cu", "masked_sgd.cu", "masked_adamw.cu"}
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found on this machine")
@@ -34,7 +36,7 @@ def test_cuda_sources_compile(tmp_path):
         shim.mkdir(parents=True)
         (shim / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
         includes.insert(0, str(tmp_path / "shim"))
-    flags = [*cpp_extension.COMMON_NVCC_FLAGS, "-std=c++20", "-O3", "-arch=sm_90",
+    flags = [*cpp_extension.COMMON_NVCC_FLAGS, "-std=c++20", "-O3", "-arch=sm_90", "-Xptxas", "-v",
              *(f"-I{p}" for p in includes)]
 
     def compile_one(src: Path):
@@ -47,3 +49,9 @@ def test_cuda_sources_compile(tmp_path):
         assert out.returncode == 0, f"{src.name} failed to compile:\n{out.stderr[-4000:]}"
         ours = [line for line in out.stderr.splitlines() if "csrc/" in line and "warning" in line]
         assert not ours, f"{src.name}: warnings in our sources:\n" + "\n".join(ours)
+        registers = [int(r) for r in re.findall(r"Used (\d+) registers", out.stderr)]
+        spills = [(int(a), int(b)) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
+                                                           out.stderr)]
+        print(f"{src.name}: {len(registers)} kernels, {min(registers)}-{max(registers)} registers, "
+              f"spill bytes {max(a + b for a, b in spills)}")
+        assert registers and all(a == b == 0 for a, b in spills), f"{src.name} spills registers"

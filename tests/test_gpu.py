@@ -93,8 +93,9 @@ def test_masked_linear_large_block_sparse(triton_backend, dtype):
 
 def test_compile_masked_linear_on_gpu(triton_backend):
     from dsd_kernels.nn import sparsify
+    # on the GPU before sparsify: the forced Triton backend selects on CUDA tensors only
     model = sparsify(torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(),
-                                         torch.nn.Linear(512, 64)), 0.5).cuda()
+                                         torch.nn.Linear(512, 64)).cuda(), 0.5)
     x = torch.randn(32, 256, device="cuda")
     torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=1e-2, atol=1e-2)
 
@@ -112,32 +113,43 @@ def test_selection_over_2_31_elements(kernels):
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_masked_adamw_triton_against_torch_adamw_on_cuda(triton_backend, amsgrad):
-    """The Triton AdamW step on CUDA against torch.optim.AdamW(foreach=True) on the masked
-    gradient: bit for bit is what the kernel aims at (IEEE sqrt and division, torch's fused
-    multiply-adds); this test reports how many elements differ and bounds the difference."""
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_masked_adamw_matches_torch_foreach_adamw_bits_on_cuda(kernels, amsgrad, weight_decay):
+    """The Triton and the csrc/cuda AdamW steps on CUDA, bit for bit against
+    torch.optim.AdamW(foreach=True), CUDA's default, on the masked gradient (torch's CUDA foreach
+    rounding: IEEE sqrt and division, addcmul as v + value * (g * g) and addcdiv as
+    p + value * (m / denom), each contracted to one fma). On an H200 the Triton kernel gave 0
+    differing elements; the csrc/cuda kernel has not run on a GPU yet. Also printed: how many elements differ from foreach=False, whose CUDA kernels round
+    otherwise (MaskedAdamW(foreach=False) on CUDA takes torch's own step for that reason)."""
     from dsd_kernels.optim import MaskedAdamW
     g = torch.Generator(device="cuda").manual_seed(0)
-    shapes = [(768, 3072), (3072,), (50, 7, 3, 3)]
+    shapes = [(768, 3072), (3072,), (50, 7, 3, 3), (33, 70)]
     values = [torch.randn(s, generator=g, device="cuda") for s in shapes]
     keeps = [torch.rand(s, generator=g, device="cuda") > 0.5 if len(s) >= 2 else None for s in shapes]
     ours = [torch.nn.Parameter(v.clone()) for v in values]
-    theirs = [torch.nn.Parameter(v.clone()) for v in values]
-    opt = MaskedAdamW(ours, lr=1e-3, amsgrad=amsgrad)
+    opt = MaskedAdamW(ours, lr=1e-3, amsgrad=amsgrad, weight_decay=weight_decay)
     opt.set_masks({p: k for p, k in zip(ours, keeps) if k is not None})
-    ref = torch.optim.AdamW(theirs, lr=1e-3, amsgrad=amsgrad, foreach=True)
+    refs = {}
+    for foreach in (True, False):
+        params = [torch.nn.Parameter(v.clone()) for v in values]
+        refs[foreach] = (params, torch.optim.AdamW(params, lr=1e-3, amsgrad=amsgrad,
+                                                   weight_decay=weight_decay, foreach=foreach))
     for step in range(5):
         grads = [torch.randn(s, generator=g, device="cuda") for s in shapes]
-        for p, q, gr, k in zip(ours, theirs, grads, keeps):
+        for p, gr in zip(ours, grads):
             p.grad = gr.clone()
-            q.grad = gr if k is None else torch.where(k, gr, torch.zeros_like(gr))
         opt.step()
-        ref.step()
-        with torch.no_grad():
-            for q, k in zip(theirs, keeps):
-                if k is not None:
-                    q.masked_fill_(~k, 0)
-    differing = sum(int((p != q).sum()) for p, q in zip(ours, theirs))
-    print(f"masked AdamW on CUDA, amsgrad={amsgrad}: {differing} elements differ from torch's bits")
-    for p, q in zip(ours, theirs):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        for params, ref in refs.values():
+            for q, gr, k in zip(params, grads, keeps):
+                q.grad = gr if k is None else torch.where(k, gr, torch.zeros_like(gr))
+            ref.step()
+            with torch.no_grad():
+                for q, k in zip(params, keeps):
+                    if k is not None:
+                        q.masked_fill_(~k, 0)
+    for foreach, (params, _) in refs.items():
+        differing = sum(int((p != q).sum()) for p, q in zip(ours, params))
+        print(f"masked AdamW on CUDA [{kernels}] (amsgrad={amsgrad}, weight_decay={weight_decay}): "
+              f"{differing} of {sum(p.numel() for p in ours)} elements differ from AdamW(foreach={foreach})")
+    for p, q in zip(ours, refs[True][0]):
+        assert torch.equal(p.view(torch.int32), q.detach().view(torch.int32))

@@ -185,12 +185,17 @@ def test_half_precision_takes_the_composite_with_torch_bits(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("opts", OPTIONS[::2], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
-def test_triton_kernel_matches_the_reference(dtype, opts):
-    """The GPU path's Triton kernel, under the interpreter on CPU: one launch per dtype, the
-    reference's values (the interpreter's numpy rounds sqrt as IEEE, torch's CPU sqrt as MKL
-    does: equal up to an ulp of the denominator), exact +0 where pruned."""
+@pytest.mark.parametrize("rounding", ["cpu", "cuda"])
+def test_triton_kernel_matches_the_reference(dtype, opts, rounding, monkeypatch):
+    """The GPU path's Triton kernel, under the interpreter on CPU, in both of its roundings
+    (torch's CPU and CUDA foreach orders of addcmul/addcdiv; the CUDA one is checked bit for
+    bit against torch on a GPU, tests/test_gpu.py): one launch per dtype, the reference's values
+    (the interpreter's numpy rounds sqrt as IEEE, torch's CPU sqrt as MKL does: equal up to an
+    ulp of the denominator), exact +0 where pruned."""
     require_backend("triton")
+    from dsd_kernels.triton import masked_adamw as triton_adamw
     from dsd_kernels.triton._tiles import LAUNCHES
+    monkeypatch.setattr(triton_adamw, "torch_cuda_rounding", lambda device: rounding == "cuda")
     params, keeps = make_state(dtype, seed=11, shapes=[(9, 70), (5,), (3, 32)])
     before = LAUNCHES["_masked_adamw_kernel"]
     ours = run(params, keeps, 3, backend="triton", poison=True, **opts)

@@ -1,4 +1,6 @@
-"""masked_adamw_ on the compiled kernel: csrc/cpu/masked_adamw.cpp (CPU tensors only)."""
+"""masked_adamw_ on the compiled kernels: csrc/cpu/masked_adamw.cpp on CPU tensors (torch's CPU
+single-tensor/foreach bits), csrc/cuda/masked_adamw.cu on CUDA tensors (torch's CUDA foreach
+bits, as the Triton kernel)."""
 from __future__ import annotations
 
 import torch

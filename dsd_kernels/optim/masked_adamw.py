@@ -57,9 +57,14 @@ class MaskedAdamW(MaskedParams, torch.optim.AdamW):
         self._masks: dict[Tensor, Mask] = {}
 
     def _takes_fused_step(self, group: dict) -> bool:
+        """Whether the op reproduces the step torch would take for this group: not for fused,
+        capturable, differentiable or tensor hyper-parameters, nor for foreach=False on CUDA
+        (torch's single-tensor CUDA kernels round otherwise than its foreach ones, which the op
+        follows there; on CPU the two give the same bits)."""
         beta1, beta2 = group["betas"]
         return not (group["fused"] or group["capturable"] or group["differentiable"]
-                    or any(isinstance(v, Tensor) for v in (group["lr"], beta1, beta2, group["weight_decay"])))
+                    or any(isinstance(v, Tensor) for v in (group["lr"], beta1, beta2, group["weight_decay"]))
+                    or (group["foreach"] is False and any(p.is_cuda for p in group["params"])))
 
     def step(self, closure=None):
         if not all(self._takes_fused_step(g) for g in self.param_groups):

@@ -5,4 +5,5 @@
 TORCH_LIBRARY(dsd_kernels_cuda_emu, m) {
   m.def(dsd_kernels_schemas::kMagnitudeSelect);
   m.def(dsd_kernels_schemas::kMaskedSgd);
+  m.def(dsd_kernels_schemas::kMaskedAdamw);
 }
