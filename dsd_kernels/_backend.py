@@ -75,10 +75,11 @@ def _rows(op: str, module: str, *, cuda: tuple[str, ...], cuda_dtypes=FLOATS, cp
 
 
 # Order within an (op, device) is the preference under auto. On CPU the C++ kernels measured
-# faster than the torch composites for every op (benchmarks/results/cpu-*.json). On CUDA
-# csrc/cuda comes before Triton where both exist: on an H200 (benchmarks/results/NVIDIA-H200.json)
-# its selection took a tenth of the Triton kernels' time, and its masked SGD step less wall time
-# (the Triton step's GPU time is lower, its Python launcher's host time higher).
+# faster than the torch composites for every op (benchmarks/results/cpu-*.json). On CUDA, by an
+# H200's figures (benchmarks/results/NVIDIA-H200.json): the csrc/cuda selection first (a tenth
+# of the Triton kernels' time); Triton first for the SGD step, whose GPU time was 20% below the
+# CUDA kernel's (its wall time per call was higher, by host work that a training loop overlaps
+# with the backward pass still running on the GPU).
 REGISTRY: tuple[Implementation, ...] = tuple(
     _rows("magnitude_select", "magnitude_select", cuda=("cpp", "triton"))
     # the sharded (DTensor) selection's per-shard histograms and masks (distributed.py):
@@ -88,7 +89,7 @@ REGISTRY: tuple[Implementation, ...] = tuple(
     # chunks differently from its single-tensor/foreach ops): only the composite, which calls
     # torch's own fused kernel, reproduces "fused" bit for bit, so the C++ row serves
     # "foreach" only. On a GPU both are served by one kernel (bits not checked on a GPU yet).
-    + _rows("masked_sgd", "masked_sgd", cuda=("cpp", "triton"), variants=("foreach", "fused"),
+    + _rows("masked_sgd", "masked_sgd", cuda=("triton", "cpp"), variants=("foreach", "fused"),
             cpp_cpu_variants=("foreach",))
     # AdamW as SGD: the C++ row reproduces torch's single-tensor/foreach bits in fp32/fp64, the
     # composite (torch's own step + an AND pass) every flag and dtype; on CUDA the Triton kernel

@@ -43,6 +43,12 @@ def resnet50_weight_shapes() -> list[tuple[int, ...]]:
     return shapes + [(1000, 2048)]
 
 
+def resnet50_sgd_shapes() -> list[tuple[int, ...]]:
+    """ResNet-50's conv and fc weights with the batch-norm weights and biases (1-D, never masked)."""
+    shapes = resnet50_weight_shapes()
+    return shapes + [(s[0],) for s in shapes[:-1] for _ in range(2)] + [(1000,)]
+
+
 def gpt2_small_param_shapes() -> list[tuple[int, ...]]:
     """GPT-2 small (124M) parameter shapes, embeddings and biases included."""
     d, v, ctx = 768, 50257, 1024
@@ -271,15 +277,13 @@ def masked_sgd_cases(device: str, param_sets: tuple[str, ...] = ("resnet50", "re
     ResNet-50 conv weights and their gradients in channels_last memory order, for both sides."""
     from .optim import MaskedSGD
 
-    shapes_of = {"resnet50": resnet50_weight_shapes, "gpt2-small": gpt2_small_param_shapes}
+    shapes_of = {"resnet50": resnet50_sgd_shapes, "gpt2-small": gpt2_small_param_shapes}
     cases = []
     for name in param_sets:
         model, _, layout = name.partition(" ")
         memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         gen = torch.Generator(device="cpu").manual_seed(0)
         shapes = shapes_of[model]()
-        if model == "resnet50":  # + batch-norm weights and biases (1-D, never masked)
-            shapes = shapes + [(s[0],) for s in shapes[:-1] for _ in range(2)] + [(1000,)]
         values = [torch.randn(s, generator=gen) for s in shapes]
         keeps = [(torch.rand(s, generator=gen) > 0.5).to(device) if len(s) >= 2 else None
                  for s in shapes]

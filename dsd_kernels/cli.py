@@ -38,6 +38,18 @@ def _cmd_info(args) -> int:
 
 def _cmd_bench(args) -> int:
     from . import benchmarking as B
+    if args.predict:  # a cost model, not a measurement: printed apart, never in the results files
+        import json
+
+        from . import cost_model
+        rows = cost_model.predict(args.predict, args.ops)
+        print(cost_model.format_predictions(args.predict, rows))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"predicted_for": cost_model.PEAKS[args.predict].name,
+                           "note": "roofline predictions, not measurements", "rows": rows}, f, indent=1)
+            print(f"wrote {args.out}")
+        return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     suites = args.ops or list(B.CASE_FACTORIES)
     results = []
@@ -261,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", nargs="*", type=int, help="threshold sizes in M elements (default 1 16 64)")
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per timing (default 0.5)")
     p.add_argument("--out", help="results JSON (default benchmarks/results/<device>.json)")
+    p.add_argument("--predict", choices=["h100", "a100", "h200"],
+                   help="print the cost model's predicted GPU times instead of measuring (no GPU needed)")
     p.set_defaults(func=_cmd_bench)
     return parser
 

@@ -1,0 +1,149 @@
+"""Predicted GPU times of the bench's GPU cases (`dsd-kernels bench --predict h100|a100|h200`).
+
+Per op and case: the bytes the kernels that auto runs on a GPU must move, the FLOPs they must
+do, their launches (kernels and host-to-device table copies per call), and the time those take
+at the device's peak memory bandwidth and dense bf16 FLOP rate, whichever is longer (a
+roofline; launch latency and host time are not in it). These are predictions: nothing here
+runs a kernel, and they are printed apart from, and never written into, the measured results.
+
+Where the counts come from: the module docstrings of triton/ and csrc/cuda/ (each states its
+launches and bytes per call); tests/test_cost_model.py counts the Triton launches under the
+interpreter against the figures here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .benchmarking import (GPT2_LINEARS, LLAMA7B_LINEARS, gpt2_small_param_shapes, resnet50_sgd_shapes,
+                           resnet50_weight_shapes)
+
+
+@dataclass(frozen=True)
+class Peak:
+    name: str
+    bytes_per_s: float  # HBM bandwidth
+    bf16_flops_per_s: float  # dense bf16 tensor-core rate
+
+
+PEAKS = {
+    "h100": Peak("H100 SXM (3.35 TB/s HBM3, 989 TFLOP/s dense bf16)", 3.35e12, 989e12),
+    "a100": Peak("A100 80GB (2.0 TB/s HBM2e, 312 TFLOP/s dense bf16)", 2.0e12, 312e12),
+    "h200": Peak("H200 (4.8 TB/s HBM3e, 989 TFLOP/s dense bf16)", 4.8e12, 989e12),
+}
+
+# launches per call of the kernels auto takes on a GPU (kernels, host-to-device copies)
+SELECTION_PASSES = {"fp32": 3}  # radix passes over 31 key bits (float_keys.h)
+THRESHOLD_LAUNCHES = (2 * SELECTION_PASSES["fp32"] + 3, 1)  # csrc/cuda: 2 per pass + 3 fills
+MASK_LAUNCHES = (2 * SELECTION_PASSES["fp32"] + 4 + 3, 1)  # + tie count, cumsum, subtraction, mask
+SGD_LAUNCHES = (1, 1)  # csrc/cuda/masked_sgd.cu: one kernel and one table per dtype
+ADAMW_LAUNCHES = (1, 3)  # triton/masked_adamw.py: one kernel; segment, hyper-parameter, step tables
+APPLY_MASKS_LAUNCHES = (1, 1)  # triton/apply_masks.py
+LINEAR_FORWARD_LAUNCHES = (1, 0)  # triton/masked_linear.py (tile lists cached per mask version)
+TILE = 64
+
+
+@dataclass(frozen=True)
+class Work:
+    op: str
+    case: str
+    kernels: str  # which implementation the counts are of
+    bytes: int
+    flops: int
+    launches: tuple[int, int]  # (kernels, host-to-device copies)
+
+    def seconds(self, peak: Peak) -> float:
+        return max(self.bytes / peak.bytes_per_s, self.flops / peak.bf16_flops_per_s)
+
+    def bound(self, peak: Peak) -> str:
+        return "memory" if self.bytes / peak.bytes_per_s >= self.flops / peak.bf16_flops_per_s else "compute"
+
+
+def _numel(shapes) -> int:
+    total = 0
+    for s in shapes:
+        n = 1
+        for d in s:
+            n *= d
+        total += n
+    return total
+
+
+def _masked_numel(shapes) -> int:  # the bench masks every tensor of 2 or more dims
+    return _numel([s for s in shapes if len(s) >= 2])
+
+
+def selection_work() -> list[Work]:
+    out = []
+    for m in (1, 16, 64):
+        n = m * 2**20
+        out.append(Work("magnitude_thresholds", f"{m}M fp32 k=N/2", "csrc/cuda",
+                        SELECTION_PASSES["fp32"] * n * 4, 0, THRESHOLD_LAUNCHES))
+    shapes = resnet50_weight_shapes()
+    n = _numel(shapes)
+    name = f"ResNet-50 weights ({n / 1e6:.1f}M, {len(shapes)} layers)"
+    histograms = len(shapes) * 2048 * 8 * 2 * SELECTION_PASSES["fp32"]  # added to, then read
+    out.append(Work("magnitude_thresholds", name, "csrc/cuda", SELECTION_PASSES["fp32"] * n * 4 + histograms, 0,
+                    THRESHOLD_LAUNCHES))
+    out.append(Work("magnitude_masks", name, "csrc/cuda",
+                    (SELECTION_PASSES["fp32"] + 1) * n * 4 + n // 8 + histograms, 0, MASK_LAUNCHES))
+    return out
+
+
+def optimizer_work() -> list[Work]:
+    out = []
+    for name, shapes in (("resnet50", resnet50_sgd_shapes()), ("gpt2-small", gpt2_small_param_shapes())):
+        n, masked = _numel(shapes), _masked_numel(shapes)
+        out.append(Work("masked_sgd_", f"{name} ({n / 1e6:.1f}M params, 50% masks)", "csrc/cuda",
+                        n * 4 * 5 + masked // 8, 0, SGD_LAUNCHES))
+    for name, shapes in (("resnet50", resnet50_weight_shapes()), ("gpt2-small", gpt2_small_param_shapes())):
+        n, masked = _numel(shapes), _masked_numel(shapes)
+        out.append(Work("masked_adamw_", f"{name} ({n / 1e6:.1f}M params, 50% masks)", "triton",
+                        n * 4 * 7 + masked // 8, 0, ADAMW_LAUNCHES))
+    shapes = [s for s in gpt2_small_param_shapes() if len(s) >= 2]
+    n = _numel(shapes)
+    out.append(Work("apply_masks_", f"gpt2-small weights ({n / 1e6:.1f}M, 50% masks)", "triton",
+                    n * 4 * 2 + n // 8, 0, APPLY_MASKS_LAUNCHES))
+    return out
+
+
+def masked_linear_work() -> list[Work]:
+    """The forward of the bench's GPU cases (bf16): x (M, K), W (N, K), kept = the fraction of
+    64x64 tiles of the mask that keep anything (unstructured 50%: all of them)."""
+    out = []
+    e = 2
+    for tokens in (1, 2048, 8192):
+        for k, n in GPT2_LINEARS[2:] + LLAMA7B_LINEARS[1:]:
+            for kind, kept in (("unstructured 50%", 1.0), ("64x64 blocks 50%", 0.5), ("64x64 blocks 75%", 0.25),
+                               ("64x64 blocks 90%", 0.1)):
+                nbytes = int((tokens * k + n * k * kept + tokens * n) * e + n * k // 8)
+                flops = int(2 * tokens * n * k * kept)
+                out.append(Work("masked_linear", f"{tokens}x{k}->{n} {kind} bfloat16", "triton", nbytes, flops,
+                                LINEAR_FORWARD_LAUNCHES))
+    return out
+
+
+SUITES = {"magnitude_select": selection_work, "masked_sgd": lambda: optimizer_work()[:2],
+          "masked_adamw": lambda: optimizer_work()[2:4], "apply_masks": lambda: optimizer_work()[4:],
+          "masked_linear": masked_linear_work}
+
+
+def predict(device: str, suites=None) -> list[dict]:
+    peak = PEAKS[device]
+    rows = []
+    for suite in suites or SUITES:
+        for w in SUITES[suite]():
+            rows.append({"op": w.op, "case": w.case, "kernels": w.kernels, "bytes": w.bytes, "flops": w.flops,
+                         "kernel_launches": w.launches[0], "table_copies": w.launches[1],
+                         "predicted_s": w.seconds(peak), "bound": w.bound(peak)})
+    return rows
+
+
+def format_predictions(device: str, rows: list[dict]) -> str:
+    lines = [f"PREDICTED (roofline at peak, not measured) for {PEAKS[device].name}:",
+             f"  {'op':<22} {'case':<48} {'kernels':<10} {'MB':>9} {'GFLOP':>9} {'launches':>9} "
+             f"{'predicted':>12}  bound"]
+    for r in rows:
+        lines.append(f"  {r['op']:<22} {r['case'][:48]:<48} {r['kernels']:<10} {r['bytes'] / 1e6:9.1f} "
+                     f"{r['flops'] / 1e9:9.2f} {r['kernel_launches']:>5}+{r['table_copies']:<3} "
+                     f"{r['predicted_s'] * 1e6:9.1f} us  {r['bound']}")
+    return "\n".join(lines)
