@@ -79,21 +79,25 @@ def multi_tensor_kernels():
 
 
 def masked_linear_kernels():
+    """Every specialisation the launchers issue: fp16/bf16, and fp32 both exact (torch's default)
+    and tf32 (torch.backends.cuda.matmul.allow_tf32)."""
     from dsd_kernels.triton import masked_linear as L
-    for dtype in ("fp32", "fp16", "bf16"):
+    for dtype, ieee in (("fp32", True), ("fp32", False), ("fp16", False), ("bf16", False)):
         pointer = "*" + dtype
-        tiles = dict(BLOCK_M=L.BLOCK_M, BLOCK_N=L.BLOCK_N, BLOCK_K=L.BLOCK_K, UPCAST=False,
-                     IEEE=dtype == "fp32")
+        label = f"{dtype}{' ieee' if ieee else ' tf32' if dtype == 'fp32' else ''}"
+        common = dict(UPCAST=False, IEEE=ieee, STEP=L.reduction_step(ieee))
         sizes = {"M": "i64", "N": "i64", "K": "i64", "words_per_row": "i64"}
-        yield (f"masked_linear forward {dtype}", L._forward_kernel,
+        yield (f"masked_linear forward {label}", L._forward_kernel,
                {"X": pointer, "W": pointer, "WORDS": "*i32", "BIAS": pointer, "Y": pointer,
-                "ROW_PTR": "*i64", "COL_IDX": "*i64"}, sizes, {**tiles, "HAS_BIAS": True})
-        yield (f"masked_linear grad_input {dtype}", L._grad_input_kernel,
+                "ROW_PTR": "*i64", "COL_IDX": "*i64"}, sizes,
+               {**common, "HAS_BIAS": True, "BLOCK_M": L.BLOCK_M, "BLOCK_N": L.BLOCK_N, "BLOCK_K": L.BLOCK_K})
+        yield (f"masked_linear grad_input {label}", L._grad_input_kernel,
                {"DY": pointer, "W": pointer, "WORDS": "*i32", "DX": pointer, "COL_PTR": "*i64",
-                "ROW_IDX": "*i64"}, sizes, tiles)
-        yield (f"masked_linear grad_weight {dtype}", L._grad_weight_kernel,
+                "ROW_IDX": "*i64"}, sizes,
+               {**common, "BLOCK_M": L.BLOCK_M, "BLOCK_N": L.BLOCK_N, "HALF_K": L.HALF_K})
+        yield (f"masked_linear grad_weight {label}", L._grad_weight_kernel,
                {"DY": pointer, "X": pointer, "WORDS": "*i32", "DW": pointer, "TILE_KEPT": "*i32"},
-               {**sizes, "tiles_k": "i64"}, tiles)
+               {**sizes, "tiles_k": "i64"}, {**common, "BLOCK_N": L.BLOCK_N, "BLOCK_K": L.BLOCK_K})
 
 
 def main() -> int:
@@ -102,12 +106,15 @@ def main() -> int:
         [(c, "masked_linear") for c in masked_linear_kernels()]
     from dsd_kernels.triton._tiles import TABLE_NUM_WARPS
     for (name, fn, pointers, scalars, constexprs), family in cases:
-        options = {"num_warps": TABLE_NUM_WARPS} if family == "multi_tensor" else {}
+        from dsd_kernels.triton.masked_linear import launch_options as linear_launch_options
+        options = {"num_warps": TABLE_NUM_WARPS}
         if name.startswith("masked_adamw"):
             from dsd_kernels.triton.masked_adamw import LAUNCH_OPTIONS
             options = dict(LAUNCH_OPTIONS)
         for target in TARGETS:
             row = {"kernel": name, "family": family, "target": target}
+            if family == "masked_linear":  # the launcher's options for a GPU of this capability
+                options = linear_launch_options((int(target[3]), int(target[4])))
             try:
                 compiled = compile_kernel(fn, pointers, scalars, constexprs, target, **options)
                 row["registers"], row["spills"] = ptxas_report(compiled, target)

@@ -15,10 +15,19 @@ forward  x M*K*e + W N*K*e*kept + mask N*K/8 + y M*N*e;  dX  dY M*N*e + W*kept +
 dW  dY M*N*e + X M*K*e (each read once per tile column/row that keeps something) + dW N*K*e.
 The grid re-reads x once per n-tile and W once per m-tile; L2 absorbs most of that at these
 tile sizes (64 x 64 x 64, fixed: no autotuning until a GPU can be measured).
+
+Registers: each tl.dot reduces over a slice of the tile that lies within one mask word per
+weight row (32 elements; 16 for exact fp32, whose FMA dot holds whole operand rows), so the mask
+costs one word load per row and a shift, and dX programs write half a k-tile (32 columns). With
+8 warps (and no software pipelining before sm_90: launch_options) every kernel compiles for
+sm_80 and sm_90 without spills (tests/test_aot.py, triton 3.6
+and the installed one). fp32 follows torch's TF32 setting for matmuls, as F.linear does: exact
+fp32 products by default, tensor-core tf32 when allowed.
 """
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 
 import torch
 import triton
@@ -27,50 +36,75 @@ import triton.language as tl
 from ..tile_structure import TILE, tile_structure
 from ._tiles import launch
 
-BLOCK_M, BLOCK_N, BLOCK_K = 64, TILE, TILE  # BLOCK_K is a multiple of 32 (mask words)
+BLOCK_N = BLOCK_K = TILE  # the mask's tile: the unit of tile skipping (tile_structure.py)
+BLOCK_M = 64  # rows of x / dY per program
+HALF_K = TILE // 2  # grad_input: a program writes half a k-tile (32 columns: one mask word a row)
+NUM_WARPS = 8  # with 4, every dtype spilled registers on sm_80 or sm_90 (tests/test_aot.py)
+
+
+def launch_options(capability: tuple[int, int]) -> dict:
+    """num_warps and num_stages for a GPU of this compute capability: before Hopper, software
+    pipelining (triton's default 3 stages) made the forward kernels spill (fp16/bf16, and fp32 tf32
+    with triton 3.6), so sm_80-class GPUs run unpipelined; the short kept-tile loops lose little."""
+    return {"num_warps": NUM_WARPS, "num_stages": 3 if capability >= (9, 0) else 1}
+
+
+@lru_cache(maxsize=None)
+def _device_launch_options(device: torch.device) -> dict:
+    if device.type != "cuda":  # the interpreter: options do not matter
+        return {"num_warps": NUM_WARPS}
+    return launch_options(torch.cuda.get_device_capability(device))
+
+
+def reduction_step(ieee: bool) -> int:
+    """Elements of the reduced dimension per tl.dot: exact fp32 products (FMA, not tensor cores)
+    hold whole operand rows in registers, so they take 16 at a time (32 spilled); tensor-core
+    dots (fp16, bf16, tf32) take 32, one mask word per weight row."""
+    return 16 if ieee else 32
 
 
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
-    # fp32 inputs: full fp32 products, like F.linear (torch does not use TF32 by default)
+    # fp32 inputs: full fp32 products unless torch allows TF32 for matmuls (as F.linear)
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
 
 
 @triton.jit
-def _masked_weight_tile(W, WORDS, n, k, N, K, words_per_row, UPCAST: tl.constexpr):
-    """(BLOCK_N, BLOCK_K) tile of W*M for row offsets n (BN, 1) and column offsets k (1, BK)."""
-    inside = (n < N) & (k < K)
-    w = tl.load(W + n * K + k, mask=inside, other=0.0)
-    words = tl.load(WORDS + n * words_per_row + k // 32, mask=inside, other=0)
-    kept = ((words >> (k % 32)) & 1) != 0
-    w = tl.where(kept, w, 0.0)
-    if UPCAST:
-        w = w.to(tl.float32)
-    return w
+def _row_word_keep(WORDS, n, k0, bits, N, words_per_row):
+    """Mask bits of W rows n (R, 1) at columns k0 + bits (1, S), S <= 32 within one mask word:
+    one word per row, shifted per column (no per-element gather of words)."""
+    rows = tl.where(k0 < words_per_row * 32, N, 0)  # no row's word past the last one
+    word = tl.load(WORDS + n * words_per_row + k0 // 32, mask=n < rows, other=0)
+    return ((word >> ((k0 % 32) + bits)) & 1) != 0
 
 
 @triton.jit
 def _forward_kernel(X, W, WORDS, BIAS, Y, ROW_PTR, COL_IDX, M, N, K, words_per_row,
                     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                    BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    STEP: tl.constexpr):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)[:, None]
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)[:, None]
-    kk = tl.arange(0, BLOCK_K).to(tl.int64)[None, :]
+    bits = tl.arange(0, STEP).to(tl.int64)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     start = tl.load(ROW_PTR + pid_n)
     end = tl.load(ROW_PTR + pid_n + 1)
     for i in range(start, end):  # only the k-tiles of this n-tile that keep something
-        k = tl.load(COL_IDX + i) * BLOCK_K + kk
-        x = tl.load(X + m * K + k, mask=(m < M) & (k < K), other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-        w = _masked_weight_tile(W, WORDS, n, k, N, K, words_per_row, UPCAST)
-        acc += _dot(x, tl.trans(w), IEEE)
+        tile_k0 = tl.load(COL_IDX + i) * BLOCK_K
+        for s in tl.static_range(BLOCK_K // STEP):
+            k0 = tile_k0 + s * STEP
+            k = k0 + bits
+            x = tl.load(X + m * K + k, mask=(m < M) & (k < K), other=0.0)
+            w = tl.load(W + n * K + k, mask=(n < N) & (k < K), other=0.0)
+            w = tl.where(_row_word_keep(WORDS, n, k0, bits, N, words_per_row), w, 0.0)
+            if UPCAST:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            acc += _dot(x, tl.trans(w), IEEE)
     n_row = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)[None, :]
     if HAS_BIAS:
         acc += tl.load(BIAS + n_row, mask=n_row < N, other=0.0).to(tl.float32)
@@ -80,42 +114,50 @@ def _forward_kernel(X, W, WORDS, BIAS, Y, ROW_PTR, COL_IDX, M, N, K, words_per_r
 @triton.jit
 def _grad_input_kernel(DY, W, WORDS, DX, COL_PTR, ROW_IDX, M, N, K, words_per_row,
                        UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_N: tl.constexpr, HALF_K: tl.constexpr, STEP: tl.constexpr):
+    # program (pid_m, pid_h): dX rows of pid_m, columns of half h = pid_h % 2 of k-tile pid_h // 2
     pid_m = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1).to(tl.int64)
+    pid_h = tl.program_id(1).to(tl.int64)
+    tile = pid_h // 2
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)[:, None]
-    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)[None, :]
-    nn = tl.arange(0, BLOCK_N).to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    start = tl.load(COL_PTR + pid_k)
-    end = tl.load(COL_PTR + pid_k + 1)
+    k0 = pid_h * HALF_K  # one mask word per weight row
+    k = k0 + tl.arange(0, HALF_K).to(tl.int64)[None, :]
+    rows = tl.arange(0, STEP).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, HALF_K), dtype=tl.float32)
+    start = tl.load(COL_PTR + tile)
+    end = tl.load(COL_PTR + tile + 1)
     for j in range(start, end):  # only the n-tiles of this k-tile that keep something
-        n0 = tl.load(ROW_IDX + j) * BLOCK_N
-        n_col = n0 + nn[None, :]
-        dy = tl.load(DY + m * N + n_col, mask=(m < M) & (n_col < N), other=0.0)
-        if UPCAST:
-            dy = dy.to(tl.float32)
-        w = _masked_weight_tile(W, WORDS, n0 + nn[:, None], k, N, K, words_per_row, UPCAST)
-        acc += _dot(dy, w, IEEE)
+        tile_n0 = tl.load(ROW_IDX + j) * BLOCK_N
+        for s in tl.static_range(BLOCK_N // STEP):
+            n_col = tile_n0 + s * STEP + rows[None, :]
+            n_row = tile_n0 + s * STEP + rows[:, None]
+            dy = tl.load(DY + m * N + n_col, mask=(m < M) & (n_col < N), other=0.0)
+            w = tl.load(W + n_row * K + k, mask=(n_row < N) & (k < K), other=0.0)
+            keep = _row_word_keep(WORDS, n_row, k0, tl.arange(0, HALF_K).to(tl.int64)[None, :], N, words_per_row)
+            w = tl.where(keep, w, 0.0)
+            if UPCAST:
+                dy = dy.to(tl.float32)
+                w = w.to(tl.float32)
+            acc += _dot(dy, w, IEEE)
     tl.store(DX + m * K + k, acc.to(DX.dtype.element_ty), mask=(m < M) & (k < K))
 
 
 @triton.jit
 def _grad_weight_kernel(DY, X, WORDS, DW, TILE_KEPT, M, N, K, words_per_row, tiles_k,
-                        UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, STEP: tl.constexpr):
     pid_n = tl.program_id(0).to(tl.int64)
     pid_k = tl.program_id(1).to(tl.int64)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)[:, None]
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     if tl.load(TILE_KEPT + pid_n * tiles_k + pid_k) != 0:  # an empty tile's gradient is 0
-        mm = tl.arange(0, BLOCK_M).to(tl.int64)
-        for m0 in range(0, M, BLOCK_M):
+        mm = tl.arange(0, STEP).to(tl.int64)
+        for m0 in range(0, M, STEP):  # the reduction over rows, STEP at a time
             m_col = m0 + mm[None, :]
             m_row = m0 + mm[:, None]
-            dy_t = tl.load(DY + m_col * N + n, mask=(m_col < M) & (n < N), other=0.0)  # (BN, BM)
-            x = tl.load(X + m_row * K + k, mask=(m_row < M) & (k < K), other=0.0)  # (BM, BK)
+            dy_t = tl.load(DY + m_col * N + n, mask=(m_col < M) & (n < N), other=0.0)  # (BN, STEP)
+            x = tl.load(X + m_row * K + k, mask=(m_row < M) & (k < K), other=0.0)  # (STEP, BK)
             if UPCAST:
                 dy_t = dy_t.to(tl.float32)
                 x = x.to(tl.float32)
@@ -124,6 +166,12 @@ def _grad_weight_kernel(DY, X, WORDS, DW, TILE_KEPT, M, N, K, words_per_row, til
         words = tl.load(WORDS + n * words_per_row + k // 32, mask=inside, other=0)
         acc = tl.where(((words >> (k % 32)) & 1) != 0, acc, 0.0)
     tl.store(DW + n * K + k, acc.to(DW.dtype.element_ty), mask=(n < N) & (k < K))
+
+
+def use_ieee(dtype: torch.dtype) -> bool:
+    """Exact fp32 products for fp32 inputs unless torch allows TF32 in matmuls, as F.linear does
+    (torch.backends.cuda.matmul.allow_tf32, set by torch.set_float32_matmul_precision)."""
+    return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -137,11 +185,12 @@ def forward(x2d: torch.Tensor, weight: torch.Tensor, words: torch.Tensor,
     M, K = x2d.shape
     N = weight.shape[0]
     s = tile_structure(words, N, K)
+    ieee = use_ieee(x2d.dtype)
     y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
-    launch(_forward_kernel, (triton.cdiv(M, BLOCK_M), s.tiles_n))(
+    launch(_forward_kernel, (triton.cdiv(M, BLOCK_M), s.tiles_n), **_device_launch_options(x2d.device))(
         x2d, weight, words, bias if bias is not None else weight, y, s.row_ptr, s.col_idx,
         M, N, K, words.shape[1], HAS_BIAS=bias is not None, UPCAST=_upcast(x2d.dtype),
-        IEEE=x2d.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, STEP=reduction_step(ieee))
     return y
 
 
@@ -151,16 +200,18 @@ def backward(grad2d, x2d, weight, words, needs_input: bool, needs_weight: bool):
     N = weight.shape[0]
     s = tile_structure(words, N, K)
     upcast = _upcast(x2d.dtype)
-    ieee = x2d.dtype == torch.float32
+    ieee = use_ieee(x2d.dtype)
+    step = reduction_step(ieee)
     dx = dw = None
     if needs_input:
         dx = torch.empty((M, K), dtype=x2d.dtype, device=x2d.device)
-        launch(_grad_input_kernel, (triton.cdiv(M, BLOCK_M), s.tiles_k))(
+        launch(_grad_input_kernel, (triton.cdiv(M, BLOCK_M), 2 * s.tiles_k),
+               **_device_launch_options(x2d.device))(
             grad2d, weight, words, dx, s.col_ptr, s.row_idx, M, N, K, words.shape[1],
-            UPCAST=upcast, IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+            UPCAST=upcast, IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HALF_K=HALF_K, STEP=step)
     if needs_weight:
         dw = torch.empty((N, K), dtype=weight.dtype, device=weight.device)
-        launch(_grad_weight_kernel, (s.tiles_n, s.tiles_k))(
+        launch(_grad_weight_kernel, (s.tiles_n, s.tiles_k), **_device_launch_options(x2d.device))(
             grad2d, x2d, words, dw, s.kept, M, N, K, words.shape[1], s.tiles_k,
-            UPCAST=upcast, IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+            UPCAST=upcast, IEEE=ieee, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, STEP=step)
     return dx, dw
