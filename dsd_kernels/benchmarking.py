@@ -105,6 +105,8 @@ def time_callable(fn: Callable[[], object], min_run_time: float) -> float:
 # the registry op (_backend) behind each benchmarked public op
 _REGISTRY_OP = {"magnitude_thresholds": "magnitude_select", "magnitude_masks": "magnitude_select",
                 "masked_sgd_": "masked_sgd", "masked_linear": "masked_linear",
+                "masked_linear dX": "masked_linear", "masked_linear dW": "masked_linear",
+                "masked_linear step": "masked_linear",
                 "apply_masks_": "apply_masks", "MaskedAdamW.step": "apply_masks",
                 "masked_adamw_": "masked_adamw"}
 
@@ -314,11 +316,15 @@ GPT2_LINEARS = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (in, out)
 LLAMA7B_LINEARS = [(4096, 4096), (4096, 11008), (11008, 4096)]
 
 
-def masked_linear_cases(device: str) -> list[Case]:
-    """masked_linear forward vs F.linear(x, W*M) and dense F.linear(x, W), same run.
+def masked_linear_cases(device: str, shapes: list[tuple[int, int, int]] | None = None) -> list[Case]:
+    """masked_linear against F.linear(x, W*M) and dense F.linear(x, W), same run. Masks:
+    unstructured 50% and 64x64 blocks at 50/75/90%.
 
-    CPU: fp32 at 512 x 1024 x 1024. GPU: bf16, the MLP shapes of GPT-2 and LLaMA-7B, 1 to 8192
-    tokens. Masks: unstructured 50% and 64x64 blocks at 50/75/90%.
+    CPU: fp32, the 512 x 1024 -> 1024 layer and a transformer MLP's two (2048 tokens, 768 -> 3072
+    and 3072 -> 768); the forward, the two gradients (dX = dY (W*M), dW = (dY^T X) * M) and all
+    three as one training step, each against the same products done by torch. GPU: bf16
+    forwards, the MLP shapes of GPT-2 and LLaMA-7B, 1 to 8192 tokens. shapes: (tokens, in, out)
+    instead of those.
     """
     import torch.nn.functional as F
 
@@ -326,29 +332,62 @@ def masked_linear_cases(device: str) -> list[Case]:
 
     if device.startswith("cuda"):
         dtype = torch.bfloat16
-        shapes = [(t, i, o) for t in (1, 2048, 8192) for i, o in GPT2_LINEARS[2:] + LLAMA7B_LINEARS[1:]]
+        default = [(t, i, o) for t in (1, 2048, 8192) for i, o in GPT2_LINEARS[2:] + LLAMA7B_LINEARS[1:]]
     else:
         dtype = torch.float32
-        shapes = [(512, 1024, 1024)]
+        default = [(512, 1024, 1024), (2048, 768, 3072), (2048, 3072, 768)]
+    shapes = shapes or default
+    gradients = not device.startswith("cuda")
+    backward = torch.ops.dsd_kernels.masked_linear_backward
     gen = torch.Generator(device="cpu").manual_seed(0)
     cases = []
     for tokens, d_in, d_out in shapes:
         x = torch.randn(tokens, d_in, generator=gen).to(device, dtype)
         w = torch.randn(d_out, d_in, generator=gen).to(device, dtype)
+        dy = torch.randn(tokens, d_out, generator=gen).to(device, dtype)
         masks = {"unstructured 50%": ops.magnitude_masks(w, 0.5)[0]}
         for s in (0.5, 0.75, 0.9):
             masks[f"64x64 blocks {s:.0%}"] = ops.magnitude_masks(w, s, block=(64, 64))[0]
+        e = x.element_size()
+        mm_flops = 2 * tokens * d_in * d_out
         for kind, mask in masks.items():
             words = mask.packed.to(device)
-            dense_mask = mask.to_bool().to(device, dtype)
-            flops = 2 * tokens * d_in * d_out
-            nbytes = (tokens * d_in + d_in * d_out + tokens * d_out) * x.element_size()
+            m = mask.to_bool().to(device, dtype)
+            name = f"{tokens}x{d_in}->{d_out} {kind} {str(dtype)[6:]}"
+            fwd_bytes = (tokens * d_in + d_in * d_out + tokens * d_out) * e
             cases.append(Case(
-                "masked_linear", f"{tokens}x{d_in}->{d_out} {kind} {str(dtype)[6:]}", nbytes,
-                ours=lambda x=x, w=w, m=words: ops.masked_linear(x, w, m),
-                baselines={"F.linear(x, W*M)": lambda x=x, w=w, m=dense_mask: F.linear(x, w * m),
+                "masked_linear", name, fwd_bytes,
+                ours=lambda x=x, w=w, k=words: ops.masked_linear(x, w, k),
+                baselines={"F.linear(x, W*M)": lambda x=x, w=w, m=m: F.linear(x, w * m),
                            "dense F.linear(x, W)": lambda x=x, w=w: F.linear(x, w)},
-                flops=flops))
+                flops=mm_flops))
+            if not gradients:
+                continue
+            cases.append(Case(
+                "masked_linear dX", name, fwd_bytes,
+                ours=lambda dy=dy, x=x, w=w, k=words: backward(dy, x, w, k, True, False, False),
+                baselines={"dY @ (W*M)": lambda dy=dy, w=w, m=m: dy @ (w * m),
+                           "dense dY @ W": lambda dy=dy, w=w: dy @ w},
+                flops=mm_flops))
+            cases.append(Case(
+                "masked_linear dW", name, fwd_bytes,
+                ours=lambda dy=dy, x=x, w=w, k=words: backward(dy, x, w, k, False, True, False),
+                baselines={"(dY^T @ X) * M": lambda dy=dy, x=x, m=m: (dy.t() @ x) * m,
+                           "dense dY^T @ X": lambda dy=dy, x=x: dy.t() @ x},
+                flops=mm_flops))
+
+            def torch_step(x=x, w=w, dy=dy, m=m):
+                wm = w * m
+                return F.linear(x, wm), dy @ wm, (dy.t() @ x) * m
+
+            cases.append(Case(
+                "masked_linear step", name, 3 * fwd_bytes,
+                ours=lambda dy=dy, x=x, w=w, k=words: (ops.masked_linear(x, w, k),
+                                                       backward(dy, x, w, k, True, True, False)),
+                baselines={"F.linear(x, W*M), dY @ (W*M), (dY^T @ X) * M": torch_step,
+                           "dense: the three matmuls": lambda x=x, w=w, dy=dy: (F.linear(x, w), dy @ w,
+                                                                                dy.t() @ x)},
+                flops=3 * mm_flops))
     return cases
 
 

@@ -36,6 +36,16 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _linear_shape(text: str) -> tuple[int, int, int]:
+    try:
+        tokens, d_in, d_out = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not TOKENSxINxOUT, e.g. 512x1024x1024")
+    if min(tokens, d_in, d_out) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} has a size below 1")
+    return tokens, d_in, d_out
+
+
 def _cmd_bench(args) -> int:
     from . import benchmarking as B
     if args.predict:  # a cost model, not a measurement: printed apart, never in the results files
@@ -59,6 +69,8 @@ def _cmd_bench(args) -> int:
           f"torch baselines on {device}, into {out}")
     for suite in suites:
         kwargs = {"sizes_m": tuple(args.sizes)} if suite == "magnitude_select" and args.sizes else {}
+        if suite == "masked_linear" and args.linear_shapes:
+            kwargs = {"shapes": args.linear_shapes}
         for case in B.CASE_FACTORIES[suite](device, **kwargs):
             r = B.run_case(case, args.min_run_time, args.backends or B.benchmark_backends(device, case.op),
                            kernel_times=device.startswith("cuda"))
@@ -271,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", nargs="*", choices=["torch", "cpp", "triton"],
                    help="our backends to time (default: the compiled ones present for the device)")
     p.add_argument("--sizes", nargs="*", type=int, help="threshold sizes in M elements (default 1 16 64)")
+    p.add_argument("--linear-shapes", nargs="*", type=_linear_shape, metavar="TOKENSxINxOUT",
+                   help="masked_linear shapes, e.g. 512x1024x1024 (default: the suite's)")
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per timing (default 0.5)")
     p.add_argument("--out", help="results JSON (default benchmarks/results/<device>.json)")
     p.add_argument("--predict", choices=["h100", "a100", "h200"],

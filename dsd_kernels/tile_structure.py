@@ -6,10 +6,10 @@ import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
 TILE = 64  # tile rows and columns; a multiple of 32 so a tile holds whole mask words
-# On CPU, tile-by-tile matmuls win once at most this fraction of tiles keep anything (measured at
-# 512 x 1024 x 1024 fp32 on 2 cores: 1.8x dense at 25% kept, 4x at 10%, a tie at 50%); the torch
-# and C++ backends both follow it.
-BLOCKED_MAX_KEPT = 0.4
+# On CPU, the matmuls over runs of kept tiles win once at most this fraction of tiles keep
+# anything (benchmarks/results/cpu-*.json: at 75% kept they still tied with one matmul on W*M for
+# a 3072 -> 768 layer); the torch and C++ backends both follow it.
+BLOCKED_MAX_KEPT = 0.7
 
 
 class TileStructure:
@@ -35,13 +35,24 @@ class TileStructure:
         self.kept_fraction = float(kept.float().mean()) if kept.numel() else 0.0
         self._lists = None
 
-    def host_lists(self) -> tuple[list[list[int]], list[list[int]]]:
-        """(per n-tile its kept k-tiles, per k-tile its kept n-tiles) as Python lists."""
+    def host_runs(self) -> tuple[list[list[tuple[int, int]]], list[list[tuple[int, int]]]]:
+        """(per n-tile the runs of adjacent kept k-tiles, per k-tile the runs of adjacent kept
+        n-tiles), each run (first, end) in tiles: one matmul per run on CPU."""
         if self._lists is None:
             kept = self.kept.cpu().bool()
-            self._lists = ([row.nonzero().squeeze(1).tolist() for row in kept],
-                           [col.nonzero().squeeze(1).tolist() for col in kept.t()])
+            self._lists = ([_runs(row.tolist()) for row in kept], [_runs(col.tolist()) for col in kept.t()])
         return self._lists
+
+
+def _runs(flags: list[bool]) -> list[tuple[int, int]]:
+    runs, start = [], None
+    for i, flag in enumerate(flags + [False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
 
 
 _STRUCTURES = WeakTensorKeyDictionary()  # packed words -> ((version, N, K), TileStructure)

@@ -1,9 +1,9 @@
 """Masked linear from torch ops (CPU path, and fp64 anywhere).
 
 W*M costs one bitwise-AND pass over W with the cached 0/-1 words of the mask (see
-_mask_cache). When most (TILE x TILE) tiles of the mask are empty (block pruning), the CPU
-matmuls run tile by tile over the kept tiles only (addmm_ into views, no copies), so block
-sparsity turns into speed; otherwise one dense matmul on W*M is faster.
+_mask_cache). When enough (TILE x TILE) tiles of the mask are empty (block pruning), the CPU
+matmuls cover the kept tiles only, one addmm_ per run of adjacent kept tiles (views, no
+copies), so block sparsity turns into speed; otherwise one dense matmul on W*M is faster.
 """
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ def forward(x2d, weight, words, bias):
         return torch.nn.functional.linear(x2d, wm, bias)
     M, N = x2d.shape[0], weight.shape[0]
     y = bias.expand(M, N).clone() if bias is not None else x2d.new_zeros(M, N)
-    for n, ks in enumerate(s.host_lists()[0]):
+    for n, runs in enumerate(s.host_runs()[0]):
         y_n, w_n = y[:, n * TILE:(n + 1) * TILE], wm[n * TILE:(n + 1) * TILE]
-        for k in ks:
-            y_n.addmm_(x2d[:, k * TILE:(k + 1) * TILE], w_n[:, k * TILE:(k + 1) * TILE].t())
+        for a, b in runs:
+            y_n.addmm_(x2d[:, a * TILE:b * TILE], w_n[:, a * TILE:b * TILE].t())
     return y
 
 
@@ -40,20 +40,18 @@ def backward(grad2d, x2d, weight, words, needs_input: bool, needs_weight: bool):
             dx = grad2d @ wm
         else:
             dx = x2d.new_zeros(x2d.shape)
-            for k, ns in enumerate(s.host_lists()[1]):
+            for k, runs in enumerate(s.host_runs()[1]):
                 dx_k = dx[:, k * TILE:(k + 1) * TILE]
-                for n in ns:
-                    dx_k.addmm_(grad2d[:, n * TILE:(n + 1) * TILE],
-                                wm[n * TILE:(n + 1) * TILE, k * TILE:(k + 1) * TILE])
+                for a, b in runs:
+                    dx_k.addmm_(grad2d[:, a * TILE:b * TILE], wm[a * TILE:b * TILE, k * TILE:(k + 1) * TILE])
     if needs_weight:
         if s is None:
             dw = grad2d.t() @ x2d
         else:
             dw = weight.new_zeros(weight.shape)
-            for n, ks in enumerate(s.host_lists()[0]):
+            for n, runs in enumerate(s.host_runs()[0]):
                 g_n = grad2d[:, n * TILE:(n + 1) * TILE].t()
-                for k in ks:
-                    dw[n * TILE:(n + 1) * TILE, k * TILE:(k + 1) * TILE].addmm_(
-                        g_n, x2d[:, k * TILE:(k + 1) * TILE])
+                for a, b in runs:
+                    dw[n * TILE:(n + 1) * TILE, a * TILE:b * TILE].addmm_(g_n, x2d[:, a * TILE:b * TILE])
         apply_and_(dw, words)
     return dx, dw
