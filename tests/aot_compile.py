@@ -87,14 +87,16 @@ def masked_linear_kernels():
         label = f"{dtype}{' ieee' if ieee else ' tf32' if dtype == 'fp32' else ''}"
         common = dict(UPCAST=False, IEEE=ieee, STEP=L.reduction_step(ieee))
         sizes = {"M": "i64", "N": "i64", "K": "i64", "words_per_row": "i64"}
-        yield (f"masked_linear forward {label}", L._forward_kernel,
-               {"X": pointer, "W": pointer, "WORDS": "*i32", "BIAS": pointer, "Y": pointer,
-                "ROW_PTR": "*i64", "COL_IDX": "*i64"}, sizes,
-               {**common, "HAS_BIAS": True, "BLOCK_M": L.BLOCK_M, "BLOCK_N": L.BLOCK_N, "BLOCK_K": L.BLOCK_K})
-        yield (f"masked_linear grad_input {label}", L._grad_input_kernel,
-               {"DY": pointer, "W": pointer, "WORDS": "*i32", "DX": pointer, "COL_PTR": "*i64",
-                "ROW_IDX": "*i64"}, sizes,
-               {**common, "BLOCK_M": L.BLOCK_M, "BLOCK_N": L.BLOCK_N, "HALF_K": L.HALF_K})
+        for block_m in (L.block_m_for(1), L.block_m_for(4096)):  # decode-like and large batches
+            rows = f" M<={L.SMALL_M}" if block_m == L.SMALL_M else ""
+            yield (f"masked_linear forward {label}{rows}", L._forward_kernel,
+                   {"X": pointer, "W": pointer, "WORDS": "*i32", "BIAS": pointer, "Y": pointer,
+                    "ROW_PTR": "*i64", "COL_IDX": "*i64"}, sizes,
+                   {**common, "HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": L.BLOCK_N, "BLOCK_K": L.BLOCK_K})
+            yield (f"masked_linear grad_input {label}{rows}", L._grad_input_kernel,
+                   {"DY": pointer, "W": pointer, "WORDS": "*i32", "DX": pointer, "COL_PTR": "*i64",
+                    "ROW_IDX": "*i64"}, sizes,
+                   {**common, "BLOCK_M": block_m, "BLOCK_N": L.BLOCK_N, "HALF_K": L.HALF_K})
         yield (f"masked_linear grad_weight {label}", L._grad_weight_kernel,
                {"DY": pointer, "X": pointer, "WORDS": "*i32", "DW": pointer, "TILE_KEPT": "*i32"},
                {**sizes, "tiles_k": "i64"}, {**common, "BLOCK_N": L.BLOCK_N, "BLOCK_K": L.BLOCK_K})
@@ -114,7 +116,8 @@ def main() -> int:
         for target in TARGETS:
             row = {"kernel": name, "family": family, "target": target}
             if family == "masked_linear":  # the launcher's options for a GPU of this capability
-                options = linear_launch_options((int(target[3]), int(target[4])))
+                options = linear_launch_options((int(target[3]), int(target[4])),
+                                                constexprs.get("BLOCK_M", 64))
             try:
                 compiled = compile_kernel(fn, pointers, scalars, constexprs, target, **options)
                 row["registers"], row["spills"] = ptxas_report(compiled, target)

@@ -271,3 +271,23 @@ def test_sparsify_gives_sparsities_in_named_modules_order():
                                 torch.nn.ReLU(), MaskedLinear(16, 4)).to(DEVICE)
     sparsify(model, [0.25, 0.5, 0.75])
     assert [round(m.sparsity, 4) for m in (model[0], model[2], model[4])] == [0.25, 0.5, 0.75]
+
+
+@pytest.mark.skipif("triton" not in dk.available_backends(), reason="triton backend unavailable")
+def test_triton_configuration_follows_torch_and_the_batch():
+    """fp32 takes exact products unless torch allows TF32 in matmuls (as F.linear); decode-like
+    batches take 16-row programs on 4 warps; before sm_90 no software pipelining (the configs
+    tests/test_aot.py compiles without spills)."""
+    from dsd_kernels.triton import masked_linear as L
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert L.use_ieee(torch.float32) and not L.use_ieee(torch.bfloat16)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert not L.use_ieee(torch.float32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert L.reduction_step(True) == 16 and L.reduction_step(False) == 32
+    assert [L.block_m_for(m) for m in (1, 16, 17, 4096)] == [16, 16, 64, 64]
+    assert L.launch_options((8, 0), 64) == {"num_warps": 8, "num_stages": 1}
+    assert L.launch_options((9, 0), 16) == {"num_warps": 4, "num_stages": 3}

@@ -14,7 +14,9 @@ Bytes each pass must move at least (e = element size, kept = fraction of non-emp
 forward  x M*K*e + W N*K*e*kept + mask N*K/8 + y M*N*e;  dX  dY M*N*e + W*kept + mask + dX M*K*e;
 dW  dY M*N*e + X M*K*e (each read once per tile column/row that keeps something) + dW N*K*e.
 The grid re-reads x once per n-tile and W once per m-tile; L2 absorbs most of that at these
-tile sizes (64 x 64 x 64, fixed: no autotuning until a GPU can be measured).
+tile sizes. Two shape classes, chosen statically (block_m_for, launch_options): decode-like
+batches of at most 16 rows run 16 x 64 programs on 4 warps, larger ones 64 x 64 on 8 warps; no
+autotuning yet (no GPU has measured these kernels).
 
 Registers: each tl.dot reduces over a slice of the tile that lies within one mask word per
 weight row (32 elements; 16 for exact fp32, whose FMA dot holds whole operand rows), so the mask
@@ -38,22 +40,31 @@ from ._tiles import launch
 
 BLOCK_N = BLOCK_K = TILE  # the mask's tile: the unit of tile skipping (tile_structure.py)
 BLOCK_M = 64  # rows of x / dY per program
+SMALL_M = 16  # decode-like batches, at most this many rows: 16-row programs (block_m_for)
 HALF_K = TILE // 2  # grad_input: a program writes half a k-tile (32 columns: one mask word a row)
 NUM_WARPS = 8  # with 4, every dtype spilled registers on sm_80 or sm_90 (tests/test_aot.py)
 
 
-def launch_options(capability: tuple[int, int]) -> dict:
-    """num_warps and num_stages for a GPU of this compute capability: before Hopper, software
-    pipelining (triton's default 3 stages) made the forward kernels spill (fp16/bf16, and fp32 tf32
-    with triton 3.6), so sm_80-class GPUs run unpipelined; the short kept-tile loops lose little."""
-    return {"num_warps": NUM_WARPS, "num_stages": 3 if capability >= (9, 0) else 1}
+def block_m_for(M: int) -> int:
+    """Rows of x per program for a batch of M rows: decode-like batches (M <= SMALL_M) take
+    16-row programs, where a 64-row one would leave three quarters of its tile idle."""
+    return SMALL_M if M <= SMALL_M else BLOCK_M
+
+
+def launch_options(capability: tuple[int, int], block_m: int = BLOCK_M) -> dict:
+    """num_warps and num_stages for a GPU of this compute capability and programs of block_m
+    rows (16-row programs on 4 warps). Before Hopper, software pipelining (triton's default 3
+    stages) made the forward kernels spill (fp16/bf16, and fp32 tf32 with triton 3.6), so
+    sm_80-class GPUs run unpipelined; the short kept-tile loops lose little."""
+    return {"num_warps": 4 if block_m == SMALL_M else NUM_WARPS,
+            "num_stages": 3 if capability >= (9, 0) else 1}
 
 
 @lru_cache(maxsize=None)
-def _device_launch_options(device: torch.device) -> dict:
+def _device_launch_options(device: torch.device, block_m: int = BLOCK_M) -> dict:
     if device.type != "cuda":  # the interpreter: options do not matter
-        return {"num_warps": NUM_WARPS}
-    return launch_options(torch.cuda.get_device_capability(device))
+        return {"num_warps": 4 if block_m == SMALL_M else NUM_WARPS}
+    return launch_options(torch.cuda.get_device_capability(device), block_m)
 
 
 def reduction_step(ieee: bool) -> int:
@@ -187,10 +198,11 @@ def forward(x2d: torch.Tensor, weight: torch.Tensor, words: torch.Tensor,
     s = tile_structure(words, N, K)
     ieee = use_ieee(x2d.dtype)
     y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
-    launch(_forward_kernel, (triton.cdiv(M, BLOCK_M), s.tiles_n), **_device_launch_options(x2d.device))(
+    block_m = block_m_for(M)
+    launch(_forward_kernel, (triton.cdiv(M, block_m), s.tiles_n), **_device_launch_options(x2d.device, block_m))(
         x2d, weight, words, bias if bias is not None else weight, y, s.row_ptr, s.col_idx,
         M, N, K, words.shape[1], HAS_BIAS=bias is not None, UPCAST=_upcast(x2d.dtype),
-        IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, STEP=reduction_step(ieee))
+        IEEE=ieee, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, STEP=reduction_step(ieee))
     return y
 
 
@@ -205,10 +217,11 @@ def backward(grad2d, x2d, weight, words, needs_input: bool, needs_weight: bool):
     dx = dw = None
     if needs_input:
         dx = torch.empty((M, K), dtype=x2d.dtype, device=x2d.device)
-        launch(_grad_input_kernel, (triton.cdiv(M, BLOCK_M), 2 * s.tiles_k),
-               **_device_launch_options(x2d.device))(
+        block_m = block_m_for(M)
+        launch(_grad_input_kernel, (triton.cdiv(M, block_m), 2 * s.tiles_k),
+               **_device_launch_options(x2d.device, block_m))(
             grad2d, weight, words, dx, s.col_ptr, s.row_idx, M, N, K, words.shape[1],
-            UPCAST=upcast, IEEE=ieee, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HALF_K=HALF_K, STEP=step)
+            UPCAST=upcast, IEEE=ieee, BLOCK_M=block_m, BLOCK_N=BLOCK_N, HALF_K=HALF_K, STEP=step)
     if needs_weight:
         dw = torch.empty((N, K), dtype=weight.dtype, device=weight.device)
         launch(_grad_weight_kernel, (s.tiles_n, s.tiles_k), **_device_launch_options(x2d.device))(
