@@ -60,14 +60,20 @@ print(f'copy of 1 GiB fp32: {t * 1e3:.3f} ms, {2 * x.numel() * 4 / t / 1e9:.0f} 
 # the C++ CPU kernels' argument checks in this build (a TORCH_CHECK must raise, not crash)
 cat > /tmp/cpp_check_probe.py <<'PY'
 import torch, dsd_kernels as dk
+import dsd_kernels._C  # noqa: F401  (the extension registers torch.ops.dsd_kernels_cpp)
 from dsd_kernels.masks import Mask
 w = torch.randn(70, 130)
 words = Mask.from_bool(torch.rand(70, 130) > 0.5).packed
-try:
-    torch.ops.dsd_kernels_cpp.masked_linear_forward(torch.randn(4, 130), w, words, None, torch.ones(3, 2, dtype=torch.int32))
-    print("probe: no error raised")
-except RuntimeError as err:
-    print("probe: RuntimeError raised as it should:", str(err).splitlines()[0])
+for when in ("before any CUDA work", "after a CUDA selection"):
+    if when.startswith("after"):
+        dk.ops.magnitude_masks(torch.randn(1000, device="cuda"), 0.5)
+        torch.cuda.synchronize()
+    try:
+        torch.ops.dsd_kernels_cpp.masked_linear_forward(torch.randn(4, 130), w, words, None,
+                                                        torch.ones(3, 2, dtype=torch.int32))
+        print(f"probe ({when}): no error raised")
+    except RuntimeError as err:
+        print(f"probe ({when}): RuntimeError raised as it should:", str(err).splitlines()[0])
 PY
 step 30 python3 -X faulthandler /tmp/cpp_check_probe.py
 
@@ -79,12 +85,15 @@ step 150 python3 -m pytest -m gpu -p no:cacheprovider -q -s -rfE --junitxml="$OU
 step ${BENCH_CAP:-200} $DSD bench --ops ${BENCH_OPS:-masked_adamw masked_sgd apply_masks magnitude_select masked_linear} \
     --min-run-time "$MIN_RUN_TIME" --out "$OUT/r/bench.json"
 
-# the ops' own tests on CUDA tensors, per backend (the `backend` fixture)
-step ${SUITE_CAP:-150} python3 -m pytest -p no:cacheprovider -q -rfE -m "not slow and not distributed and not aot" \
-    --timeout 60 --junitxml="$OUT/r/suite-cuda.xml" \
-    --deselect tests/test_masked_linear.py::test_cpp_kernel_checks_the_tile_grid_it_is_given \
-    ${SUITE_FILES:-tests/test_masked_linear.py tests/test_magnitude_select.py tests/test_magnitude_select_triton.py \
-    tests/test_masked_sgd.py tests/test_masked_sgd_torch_inputs.py tests/test_dsd_any_optimizer.py}
+# the ops' own tests on CUDA tensors, per backend (the `backend` fixture): one pytest per file, so
+# that a crash in one (a segfault ends the process) leaves the others' results; -v names each test
+for file in ${SUITE_FILES:-tests/test_masked_linear.py tests/test_magnitude_select.py tests/test_masked_sgd.py \
+            tests/test_masked_adamw_op.py tests/test_magnitude_select_triton.py tests/test_masked_sgd_torch_inputs.py \
+            tests/test_dsd_any_optimizer.py}; do
+    step ${SUITE_CAP:-90} python3 -X faulthandler -m pytest -p no:cacheprovider -v -rfE \
+        -m "not slow and not distributed and not aot" --timeout 60 \
+        --junitxml="$OUT/r/suite-$(basename "$file" .py).xml" "$file"
+done
 [[ ${TRAIN:-1} == 1 ]] && step 60 $DSD train --quick --device cuda --no-progress --out /tmp/train-cuda
 echo "=== done at $(( SECONDS - start ))s"
 pack
