@@ -153,6 +153,27 @@ def element_pointers(address, offsets, VALUE_TYPE: tl.constexpr):
 
 
 @triton.jit
+def segment_tile(TILES, pid, cols, words_per_row, num_words, TILE_WORDS: tl.constexpr, FLAT: tl.constexpr):
+    """(offsets, valid, word) of tile pid: flat_tile_coords where FLAT (the caller checked
+    flat_tile), else tile_coords."""
+    if FLAT:
+        return flat_tile_coords(TILES, pid, num_words, TILE_WORDS)
+    else:
+        return tile_coords(TILES, pid, cols, words_per_row, num_words, TILE_WORDS)
+
+
+@triton.jit
+def tensor_pointers(address, offsets, VALUE_TYPE: tl.constexpr, FLAT: tl.constexpr):
+    """vector_pointers where FLAT, else element_pointers. A kernel calls its per-tile step once
+    per branch of `if flat_tile(...)` with FLAT=True / False: after an if, the compiler forgets
+    what it knew of the pointers inside it (contiguity, alignment), and with it the vector loads."""
+    if FLAT:
+        return vector_pointers(address, offsets, VALUE_TYPE)
+    else:
+        return element_pointers(address, offsets, VALUE_TYPE)
+
+
+@triton.jit
 def tile_keep(W, word, mask_words):
     """The (TILE_WORDS, 32) mask bits of a tile; words at or past mask_words read as all kept."""
     words = tl.load(W + word, mask=word < mask_words, other=-1)

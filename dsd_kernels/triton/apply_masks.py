@@ -14,9 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import (FLAT, TABLE_NUM_WARPS, TL_FLOAT, by_dtype, cached_tile_table, element_pointers,
-                     flat_tile, flat_tile_coords, host_table, launch, segment_flags, segment_layout,
-                     tile_coords, tile_keep, tile_segment, tile_words_for, vector_pointers)
+from ._tiles import (FLAT, TABLE_NUM_WARPS, TL_FLOAT, by_dtype, cached_tile_table, flat_tile, host_table,
+                     launch, segment_flags, segment_layout, segment_tile, tensor_pointers, tile_keep,
+                     tile_segment, tile_words_for)
 
 # columns of the int64 segment table (one row per tensor)
 SEG_VALUES = tl.constexpr(0)  # pointer to the tensor's values
@@ -32,9 +32,13 @@ GPU_TILE_WORDS = 64
 
 
 @triton.jit
-def _mask_tile(X, valid, keep, VALUE_TYPE: tl.constexpr):
+def _mask_tile(meta, TILES, pid, W, num_words, VALUE_TYPE: tl.constexpr, TILE_WORDS: tl.constexpr,
+               FLAT: tl.constexpr):
+    offsets, valid, word = segment_tile(TILES, pid, tl.load(meta + SEG_COLS), tl.load(meta + SEG_WORDS_PER_ROW),
+                                        num_words, TILE_WORDS, FLAT)
+    X = tensor_pointers(tl.load(meta + SEG_VALUES), offsets, VALUE_TYPE, FLAT)
     x = tl.load(X, mask=valid, other=0)
-    tl.store(X, tl.where(keep, x, 0.0).to(VALUE_TYPE), mask=valid)
+    tl.store(X, tl.where(tile_keep(W, word, num_words), x, 0.0).to(VALUE_TYPE), mask=valid)
 
 
 @triton.jit
@@ -43,16 +47,10 @@ def _apply_masks_kernel(SEG_META, TILES, VALUE_TYPE: tl.constexpr, TILE_WORDS: t
     meta = SEG_META + tile_segment(TILES, pid) * SEG_COLUMNS
     W = tl.load(meta + SEG_MASK).to(tl.pointer_type(tl.int32))
     num_words = tl.load(meta + SEG_WORDS)
-    # each branch masks the tile itself (see masked_adamw: vector loads in the flat branch)
     if flat_tile(TILES, pid, (tl.load(meta + SEG_FLAGS) & FLAT) != 0, tl.load(meta + SEG_NUMEL), TILE_WORDS):
-        offsets, valid, word = flat_tile_coords(TILES, pid, num_words, TILE_WORDS)
-        _mask_tile(vector_pointers(tl.load(meta + SEG_VALUES), offsets, VALUE_TYPE), valid,
-                   tile_keep(W, word, num_words), VALUE_TYPE)
+        _mask_tile(meta, TILES, pid, W, num_words, VALUE_TYPE, TILE_WORDS, True)  # see tensor_pointers
     else:
-        offsets, valid, word = tile_coords(TILES, pid, tl.load(meta + SEG_COLS),
-                                           tl.load(meta + SEG_WORDS_PER_ROW), num_words, TILE_WORDS)
-        _mask_tile(element_pointers(tl.load(meta + SEG_VALUES), offsets, VALUE_TYPE), valid,
-                   tile_keep(W, word, num_words), VALUE_TYPE)
+        _mask_tile(meta, TILES, pid, W, num_words, VALUE_TYPE, TILE_WORDS, False)
 
 
 def apply_masks_(tensors, mask_words, *, tile_words: int | None = None) -> None:

@@ -30,10 +30,9 @@ import triton
 import triton.language as tl
 
 from .._adamw_steps import advance_steps
-from ._tiles import (FLAT, HAS_MASK, TABLE_NUM_WARPS, TL_FLOAT, by_dtype, cached_tile_table,
-                     element_pointers, flat_tile, flat_tile_coords, host_table, launch, segment_flags,
-                     segment_layout, tile_coords, tile_keep, tile_segment, tile_words_for,
-                     vector_pointers)
+from ._tiles import (FLAT, HAS_MASK, TABLE_NUM_WARPS, TL_FLOAT, by_dtype, cached_tile_table, flat_tile,
+                     host_table, launch, segment_flags, segment_layout, segment_tile, tensor_pointers,
+                     tile_keep, tile_segment, tile_words_for)
 
 # columns of the int64 segment table (one row per tensor)
 SEG_PARAM = tl.constexpr(0)  # pointers to the parameter, gradient, moments, max moment, mask words
@@ -58,12 +57,20 @@ GPU_TILE_WORDS = 64
 
 
 @triton.jit
-def _adamw_tile(P, G, M, V, VMAX, valid, keep, decay, avg_weight, avg_keep, beta2, sq_weight, eps,
+def _adamw_tile(meta, TILES, pid, W, num_words, mask_words, decay, avg_weight, avg_keep, beta2, sq_weight, eps,
                 neg_step, bc2_sqrt, VALUE_TYPE: tl.constexpr, COMPUTE_TYPE: tl.constexpr,
                 AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-                SMALL_WEIGHT: tl.constexpr, FP64: tl.constexpr, CUDA_FOREACH: tl.constexpr):
-    """The step of one tile: P, G, M, V, VMAX point at its (TILE_WORDS, 32) elements of the
-    parameter, gradient and moments; valid: which exist; keep: their mask bits."""
+                SMALL_WEIGHT: tl.constexpr, FP64: tl.constexpr, CUDA_FOREACH: tl.constexpr,
+                TILE_WORDS: tl.constexpr, FLAT: tl.constexpr):
+    """The step of tile pid of the segment at meta (FLAT: see tensor_pointers)."""
+    offsets, valid, word = segment_tile(TILES, pid, tl.load(meta + SEG_COLS), tl.load(meta + SEG_WORDS_PER_ROW),
+                                        num_words, TILE_WORDS, FLAT)
+    P = tensor_pointers(tl.load(meta + SEG_PARAM), offsets, VALUE_TYPE, FLAT)
+    G = tensor_pointers(tl.load(meta + SEG_GRAD), offsets, VALUE_TYPE, FLAT)
+    M = tensor_pointers(tl.load(meta + SEG_EXP_AVG), offsets, VALUE_TYPE, FLAT)
+    V = tensor_pointers(tl.load(meta + SEG_EXP_AVG_SQ), offsets, VALUE_TYPE, FLAT)
+    VMAX = tensor_pointers(tl.load(meta + SEG_MAX_EXP_AVG_SQ), offsets, VALUE_TYPE, FLAT)
+    keep = tile_keep(W, word, mask_words)
     g = tl.load(G, mask=valid, other=0).to(COMPUTE_TYPE)
     if MAXIMIZE:
         g = -g
@@ -127,30 +134,15 @@ def _masked_adamw_kernel(SEG_META, TILES, HYPER, STEPS, VALUE_TYPE: tl.constexpr
     # a dense tensor (no mask) reads no mask words: all bits set
     mask_words = tl.where((flags & HAS_MASK) != 0, num_words, 0)
 
-    # each branch calls the step itself: after an if, the compiler forgets what it knew of the
-    # pointers inside it (contiguity, alignment), and with it the vector loads
+    # consecutive elements, 16-byte aligned tensors: whole vectors per load and store
     if flat_tile(TILES, pid, (flags & FLAT) != 0, tl.load(meta + SEG_NUMEL), TILE_WORDS):
-        # consecutive elements, 16-byte aligned tensors: whole vectors per load and store
-        offsets, valid, word = flat_tile_coords(TILES, pid, num_words, TILE_WORDS)
-        _adamw_tile(vector_pointers(tl.load(meta + SEG_PARAM), offsets, VALUE_TYPE),
-                    vector_pointers(tl.load(meta + SEG_GRAD), offsets, VALUE_TYPE),
-                    vector_pointers(tl.load(meta + SEG_EXP_AVG), offsets, VALUE_TYPE),
-                    vector_pointers(tl.load(meta + SEG_EXP_AVG_SQ), offsets, VALUE_TYPE),
-                    vector_pointers(tl.load(meta + SEG_MAX_EXP_AVG_SQ), offsets, VALUE_TYPE),
-                    valid, tile_keep(W, word, mask_words), decay, avg_weight, avg_keep, beta2, sq_weight,
-                    eps, neg_step, bc2_sqrt, VALUE_TYPE, COMPUTE_TYPE, AMSGRAD, MAXIMIZE, WEIGHT_DECAY,
-                    SMALL_WEIGHT, FP64, CUDA_FOREACH)
+        _adamw_tile(meta, TILES, pid, W, num_words, mask_words, decay, avg_weight, avg_keep, beta2, sq_weight, eps,
+                    neg_step, bc2_sqrt, VALUE_TYPE, COMPUTE_TYPE, AMSGRAD, MAXIMIZE, WEIGHT_DECAY, SMALL_WEIGHT,
+                    FP64, CUDA_FOREACH, TILE_WORDS, True)
     else:
-        offsets, valid, word = tile_coords(TILES, pid, tl.load(meta + SEG_COLS),
-                                           tl.load(meta + SEG_WORDS_PER_ROW), num_words, TILE_WORDS)
-        _adamw_tile(element_pointers(tl.load(meta + SEG_PARAM), offsets, VALUE_TYPE),
-                    element_pointers(tl.load(meta + SEG_GRAD), offsets, VALUE_TYPE),
-                    element_pointers(tl.load(meta + SEG_EXP_AVG), offsets, VALUE_TYPE),
-                    element_pointers(tl.load(meta + SEG_EXP_AVG_SQ), offsets, VALUE_TYPE),
-                    element_pointers(tl.load(meta + SEG_MAX_EXP_AVG_SQ), offsets, VALUE_TYPE),
-                    valid, tile_keep(W, word, mask_words), decay, avg_weight, avg_keep, beta2, sq_weight,
-                    eps, neg_step, bc2_sqrt, VALUE_TYPE, COMPUTE_TYPE, AMSGRAD, MAXIMIZE, WEIGHT_DECAY,
-                    SMALL_WEIGHT, FP64, CUDA_FOREACH)
+        _adamw_tile(meta, TILES, pid, W, num_words, mask_words, decay, avg_weight, avg_keep, beta2, sq_weight, eps,
+                    neg_step, bc2_sqrt, VALUE_TYPE, COMPUTE_TYPE, AMSGRAD, MAXIMIZE, WEIGHT_DECAY, SMALL_WEIGHT,
+                    FP64, CUDA_FOREACH, TILE_WORDS, False)
 
 
 # no contraction of a multiply and a later add into one fma where torch rounds between them

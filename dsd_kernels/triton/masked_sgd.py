@@ -21,10 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import (FLAT, HAS_MASK, TABLE_NUM_WARPS, TL_FLOAT, by_dtype, cached_tile_table,
-                     element_pointers, flat_tile, flat_tile_coords, host_table, launch, segment_flags,
-                     segment_layout, tile_coords, tile_keep, tile_segment, tile_words_for,
-                     vector_pointers)
+from ._tiles import (FLAT, HAS_MASK, TABLE_NUM_WARPS, TL_FLOAT, by_dtype, cached_tile_table, flat_tile,
+                     host_table, launch, segment_flags, segment_layout, segment_tile, tensor_pointers,
+                     tile_keep, tile_segment, tile_words_for)
 
 # columns of the int64 segment table (one row per tensor)
 SEG_PARAM = tl.constexpr(0)  # pointers to the parameter, gradient, momentum buffer, mask words
@@ -43,11 +42,17 @@ GPU_TILE_WORDS = 32
 
 
 @triton.jit
-def _sgd_tile(P, G, B, valid, keep, first_step, lr, momentum, undamped, weight_decay,
+def _sgd_tile(meta, TILES, pid, W, num_words, mask_words, first_step, lr, momentum, undamped, weight_decay,
               VALUE_TYPE: tl.constexpr, COMPUTE_TYPE: tl.constexpr, MOMENTUM: tl.constexpr,
-              NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr):
-    """The step of one tile: P, G, B point at its (TILE_WORDS, 32) elements of the parameter,
-    gradient and momentum buffer; valid: which exist; keep: their mask bits."""
+              NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+              TILE_WORDS: tl.constexpr, FLAT: tl.constexpr):
+    """The step of tile pid of the segment at meta (FLAT: see tensor_pointers)."""
+    offsets, valid, word = segment_tile(TILES, pid, tl.load(meta + SEG_COLS), tl.load(meta + SEG_WORDS_PER_ROW),
+                                        num_words, TILE_WORDS, FLAT)
+    P = tensor_pointers(tl.load(meta + SEG_PARAM), offsets, VALUE_TYPE, FLAT)
+    G = tensor_pointers(tl.load(meta + SEG_GRAD), offsets, VALUE_TYPE, FLAT)
+    B = tensor_pointers(tl.load(meta + SEG_BUFFER), offsets, VALUE_TYPE, FLAT)
+    keep = tile_keep(W, word, mask_words)
     p = tl.load(P, mask=valid, other=0).to(COMPUTE_TYPE)
     g = tl.load(G, mask=valid, other=0).to(COMPUTE_TYPE)
     g = tl.where(keep, g, 0.0)
@@ -87,22 +92,12 @@ def _masked_sgd_kernel(SEG_META, TILES, HYPER, VALUE_TYPE: tl.constexpr,
     # a dense tensor (no mask) reads no mask words: all bits set
     mask_words = tl.where((flags & HAS_MASK) != 0, num_words, 0)
 
-    # each branch calls the step itself (see masked_adamw: vector loads in the flat branch)
     if flat_tile(TILES, pid, (flags & FLAT) != 0, tl.load(meta + SEG_NUMEL), TILE_WORDS):
-        offsets, valid, word = flat_tile_coords(TILES, pid, num_words, TILE_WORDS)
-        _sgd_tile(vector_pointers(tl.load(meta + SEG_PARAM), offsets, VALUE_TYPE),
-                  vector_pointers(tl.load(meta + SEG_GRAD), offsets, VALUE_TYPE),
-                  vector_pointers(tl.load(meta + SEG_BUFFER), offsets, VALUE_TYPE),
-                  valid, tile_keep(W, word, mask_words), first_step, lr, momentum, undamped, weight_decay,
-                  VALUE_TYPE, COMPUTE_TYPE, MOMENTUM, NESTEROV, MAXIMIZE, WEIGHT_DECAY)
+        _sgd_tile(meta, TILES, pid, W, num_words, mask_words, first_step, lr, momentum, undamped, weight_decay,
+                  VALUE_TYPE, COMPUTE_TYPE, MOMENTUM, NESTEROV, MAXIMIZE, WEIGHT_DECAY, TILE_WORDS, True)
     else:
-        offsets, valid, word = tile_coords(TILES, pid, tl.load(meta + SEG_COLS),
-                                           tl.load(meta + SEG_WORDS_PER_ROW), num_words, TILE_WORDS)
-        _sgd_tile(element_pointers(tl.load(meta + SEG_PARAM), offsets, VALUE_TYPE),
-                  element_pointers(tl.load(meta + SEG_GRAD), offsets, VALUE_TYPE),
-                  element_pointers(tl.load(meta + SEG_BUFFER), offsets, VALUE_TYPE),
-                  valid, tile_keep(W, word, mask_words), first_step, lr, momentum, undamped, weight_decay,
-                  VALUE_TYPE, COMPUTE_TYPE, MOMENTUM, NESTEROV, MAXIMIZE, WEIGHT_DECAY)
+        _sgd_tile(meta, TILES, pid, W, num_words, mask_words, first_step, lr, momentum, undamped, weight_decay,
+                  VALUE_TYPE, COMPUTE_TYPE, MOMENTUM, NESTEROV, MAXIMIZE, WEIGHT_DECAY, TILE_WORDS, False)
 
 
 def masked_sgd_(params, grads, momentum_buffers, mask_words, first_step, *, lr, momentum,
