@@ -19,6 +19,7 @@
 #include <cmath>
 #include <vector>
 
+#include "../masked_adamw_args.h"
 #include "common.h"
 
 namespace dsd_kernels_cpu {
@@ -176,38 +177,19 @@ void step_dispatch(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_av
 #undef DSD_STEP
 }
 
-void check_like(const at::Tensor& t, const at::Tensor& p, const char* name, size_t i) {
-  TORCH_CHECK(t.is_contiguous() && t.sizes() == p.sizes() && t.scalar_type() == p.scalar_type(),
-              "masked_adamw_: ", name, "[", i, "] must be contiguous with the shape and dtype of params[", i, "]");
-}
-
 void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                    const c10::List<std::optional<at::Tensor>>& mask_words, at::ArrayRef<double> step_sizes,
                    at::ArrayRef<double> bias_correction2_sqrts, double lr, double beta1, double beta2,
                    double eps, double weight_decay, bool amsgrad, bool maximize) {
-  const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
-                  mask_words.size() == n && step_sizes.size() == n && bias_correction2_sqrts.size() == n,
-              "masked_adamw_: every list needs one entry per param");
-  TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == n, "masked_adamw_: amsgrad needs max_exp_avg_sqs");
-  for (size_t i = 0; i < n; ++i) {
+  dsd_kernels_adamw::check_masked_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mask_words,
+                                             step_sizes, bias_correction2_sqrts, amsgrad);
+  for (size_t i = 0; i < params.size(); ++i) {
     at::Tensor p = params[i];
-    TORCH_CHECK(p.is_contiguous(), "masked_adamw_: params[", i, "] must be contiguous");
-    check_like(grads[i], p, "grads", i);
-    check_like(exp_avgs[i], p, "exp_avgs", i);
-    check_like(exp_avg_sqs[i], p, "exp_avg_sqs", i);
     at::Tensor m = exp_avgs[i], v = exp_avg_sqs[i];
     at::Tensor vmax = amsgrad ? max_exp_avg_sqs[i] : at::Tensor();
-    if (amsgrad) check_like(vmax, p, "max_exp_avg_sqs", i);
     const std::optional<at::Tensor> mw = mask_words.get(i);
-    const int32_t* words = nullptr;
-    if (mw.has_value()) {
-      TORCH_CHECK(mw->is_contiguous() && mw->scalar_type() == at::kInt &&
-                      mw->numel() == MaskLayout(p).num_words(),
-                  "masked_adamw_: mask_words[", i, "] does not fit params[", i, "]");
-      words = mw->data_ptr<int32_t>();
-    }
+    const int32_t* words = mw.has_value() ? mw->data_ptr<int32_t>() : nullptr;
     AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "masked_adamw_", [&] {
       using acc_t = scalar_t;  // fp32 in float, fp64 in double: torch's opmath types
       const acc_t avg_weight = static_cast<acc_t>(1 - beta1);

@@ -82,4 +82,16 @@ __device__ __forceinline__ WordSpan word_span(int64_t word, int64_t cols, int64_
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The words a multi-tensor kernel walks over tensor t: its mask's layout, or, for a dense tensor
+// (no mask), one row of 32-element words.
+struct WordGrid {
+  int64_t cols, words_per_row, words;
+};
+inline WordGrid word_grid(const at::Tensor& t, bool has_mask) {
+  const MaskLayout lay(t);
+  const int64_t cols = has_mask ? lay.cols : t.numel();
+  const int64_t words_per_row = ceil_div(cols, kWarpSize);
+  return {cols, words_per_row, (has_mask ? lay.rows : 1) * words_per_row};
+}
+
 }  // namespace dsd_kernels_cuda

@@ -22,6 +22,7 @@
 #include <cstring>
 #include <map>
 
+#include "../masked_adamw_args.h"
 #include "common.cuh"
 
 namespace dsd_kernels_cuda {
@@ -134,12 +135,10 @@ void step_group(const std::vector<int64_t>& index, at::TensorList params, at::Te
     m[kExpAvgSq] = reinterpret_cast<int64_t>(exp_avg_sqs[i].data_ptr());
     m[kMaxExpAvgSq] = amsgrad ? reinterpret_cast<int64_t>(max_exp_avg_sqs[i].data_ptr()) : 0;
     m[kMaskWords] = mw.has_value() ? reinterpret_cast<int64_t>(mw->data_ptr()) : 0;
-    const MaskLayout lay(params[i]);  // a dense tensor is one row of 32-element words
-    const int64_t cols = mw.has_value() ? lay.cols : params[i].numel();
-    const int64_t rows = mw.has_value() ? lay.rows : 1;
-    m[kCols] = cols;
-    m[kWordsPerRow] = ceil_div(cols, kWarpSize);
-    m[kWords] = rows * m[kWordsPerRow];
+    const WordGrid grid = word_grid(params[i], mw.has_value());
+    m[kCols] = grid.cols;
+    m[kWordsPerRow] = grid.words_per_row;
+    m[kWords] = grid.words;
     m[kHasMask] = mw.has_value() ? 1 : 0;
     const double neg_step = -step_sizes[i], bc2_sqrt = bias_correction2_sqrts[i];
     std::memcpy(m + kNegStepSize, &neg_step, sizeof(double));
@@ -180,41 +179,13 @@ void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList e
                    const c10::List<std::optional<at::Tensor>>& mask_words, at::ArrayRef<double> step_sizes,
                    at::ArrayRef<double> bias_correction2_sqrts, double lr, double beta1, double beta2,
                    double eps, double weight_decay, bool amsgrad, bool maximize) {
-  const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
-                  mask_words.size() == n && step_sizes.size() == n && bias_correction2_sqrts.size() == n,
-              "masked_adamw_: params, grads, exp_avgs, exp_avg_sqs, mask_words, step_sizes and "
-              "bias_correction2_sqrts must have equal lengths");
-  TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == n,
-              "masked_adamw_: amsgrad needs one max_exp_avg_sq per param");
-  if (n == 0) return;
+  dsd_kernels_adamw::check_masked_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mask_words,
+                                             step_sizes, bias_correction2_sqrts, amsgrad);
+  if (params.empty()) return;
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
   std::map<at::ScalarType, std::vector<int64_t>> groups;
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble,
-                "masked_adamw_: params[", i, "] is ", p.scalar_type(),
-                "; the CUDA kernel takes float32 and float64");
-    TORCH_CHECK(p.device() == device && p.is_contiguous(), "masked_adamw_: params[", i,
-                "] must be contiguous on ", device);
-    for (const at::Tensor* other : {&grads[i], &exp_avgs[i], &exp_avg_sqs[i]}) {
-      TORCH_CHECK(other->device() == device && other->is_contiguous() && other->sizes() == p.sizes() &&
-                      other->scalar_type() == p.scalar_type(),
-                  "masked_adamw_: the gradient and moments of params[", i,
-                  "] must be contiguous tensors of its shape, dtype and device");
-    }
-    TORCH_CHECK(!amsgrad || (max_exp_avg_sqs[i].device() == device && max_exp_avg_sqs[i].is_contiguous() &&
-                             max_exp_avg_sqs[i].sizes() == p.sizes() &&
-                             max_exp_avg_sqs[i].scalar_type() == p.scalar_type()),
-                "masked_adamw_: max_exp_avg_sqs[", i, "] does not match params[", i, "]");
-    const std::optional<at::Tensor> mw = mask_words.get(i);
-    TORCH_CHECK(!mw.has_value() || (mw->device() == device && mw->is_contiguous() &&
-                                    mw->scalar_type() == at::kInt &&
-                                    mw->numel() == MaskLayout(p).num_words()),
-                "masked_adamw_: mask_words[", i, "] does not fit params[", i, "]");
-    groups[p.scalar_type()].push_back(static_cast<int64_t>(i));
-  }
+  for (size_t i = 0; i < params.size(); ++i) groups[params[i].scalar_type()].push_back(static_cast<int64_t>(i));
   for (const auto& [dtype, index] : groups) {
     AT_DISPATCH_FLOATING_TYPES(dtype, "masked_adamw_", [&] {
       step_group<scalar_t>(index, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mask_words,

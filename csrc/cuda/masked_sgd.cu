@@ -93,13 +93,10 @@ void step_group(const std::vector<int64_t>& index, at::TensorList params, at::Te
     m[kGrad] = reinterpret_cast<int64_t>(grads[i].data_ptr());
     m[kBuffer] = use_momentum ? reinterpret_cast<int64_t>(bufs[i].data_ptr()) : 0;
     m[kMaskWords] = mw.has_value() ? reinterpret_cast<int64_t>(mw->data_ptr()) : 0;
-    // a dense tensor is one row of 32-element words
-    const MaskLayout lay(params[i]);
-    const int64_t cols = mw.has_value() ? lay.cols : params[i].numel();
-    const int64_t rows = mw.has_value() ? lay.rows : 1;
-    m[kCols] = cols;
-    m[kWordsPerRow] = ceil_div(cols, kWarpSize);
-    m[kWords] = rows * m[kWordsPerRow];
+    const WordGrid grid = word_grid(params[i], mw.has_value());
+    m[kCols] = grid.cols;
+    m[kWordsPerRow] = grid.words_per_row;
+    m[kWords] = grid.words;
     m[kFlags] = (mw.has_value() ? kHasMask : 0) |
                 (use_momentum && first_step.get(i) ? kFirstStep : 0);
     tile_starts[j + 1] = tile_starts[j] + ceil_div(m[kWords], kTileWords);
