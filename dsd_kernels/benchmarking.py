@@ -59,7 +59,10 @@ def gpt2_small_param_shapes() -> list[tuple[int, ...]]:
     return shapes + [(d,), (d,)]
 
 
-def magnitude_select_cases(device: str, sizes_m: tuple[int, ...] = (1, 16, 64)) -> list[Case]:
+THRESHOLD_SIZES_M = (1, 16, 64)  # single-tensor selection cases, in M elements
+
+
+def magnitude_select_cases(device: str, sizes_m: tuple[int, ...] = THRESHOLD_SIZES_M) -> list[Case]:
     from . import ops
 
     cases = []
@@ -314,6 +317,9 @@ CASE_FACTORIES["masked_sgd"] = masked_sgd_cases
 
 GPT2_LINEARS = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # (in, out)
 LLAMA7B_LINEARS = [(4096, 4096), (4096, 11008), (11008, 4096)]
+# the GPU cases (tokens, in, out): MLP shapes of GPT-2 and LLaMA-7B, decode to long prefill
+GPU_LINEAR_SHAPES = [(t, i, o) for t in (1, 2048, 8192) for i, o in GPT2_LINEARS[2:] + LLAMA7B_LINEARS[1:]]
+BLOCK_SPARSITIES = (0.5, 0.75, 0.9)  # 64x64 block masks of the cases, beside unstructured 50%
 
 
 def masked_linear_cases(device: str, shapes: list[tuple[int, int, int]] | None = None) -> list[Case]:
@@ -332,7 +338,7 @@ def masked_linear_cases(device: str, shapes: list[tuple[int, int, int]] | None =
 
     if device.startswith("cuda"):
         dtype = torch.bfloat16
-        default = [(t, i, o) for t in (1, 2048, 8192) for i, o in GPT2_LINEARS[2:] + LLAMA7B_LINEARS[1:]]
+        default = GPU_LINEAR_SHAPES
     else:
         dtype = torch.float32
         default = [(512, 1024, 1024), (2048, 768, 3072), (2048, 3072, 768)]
@@ -346,7 +352,7 @@ def masked_linear_cases(device: str, shapes: list[tuple[int, int, int]] | None =
         w = torch.randn(d_out, d_in, generator=gen).to(device, dtype)
         dy = torch.randn(tokens, d_out, generator=gen).to(device, dtype)
         masks = {"unstructured 50%": ops.magnitude_masks(w, 0.5)[0]}
-        for s in (0.5, 0.75, 0.9):
+        for s in BLOCK_SPARSITIES:
             masks[f"64x64 blocks {s:.0%}"] = ops.magnitude_masks(w, s, block=(64, 64))[0]
         e = x.element_size()
         mm_flops = 2 * tokens * d_in * d_out

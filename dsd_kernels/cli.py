@@ -52,12 +52,13 @@ def _cmd_bench(args) -> int:
         import json
 
         from . import cost_model
+        from ._files import atomic_write_text
         rows = cost_model.predict(args.predict, args.ops)
         print(cost_model.format_predictions(args.predict, rows))
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump({"predicted_for": cost_model.PEAKS[args.predict].name,
-                           "note": "roofline predictions, not measurements", "rows": rows}, f, indent=1)
+            atomic_write_text(args.out, json.dumps({"predicted_for": cost_model.PEAKS[args.predict].name,
+                                                    "note": "roofline predictions, not measurements",
+                                                    "rows": rows}, indent=1))
             print(f"wrote {args.out}")
         return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

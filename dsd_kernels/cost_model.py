@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .benchmarking import (GPT2_LINEARS, LLAMA7B_LINEARS, gpt2_small_param_shapes, resnet50_sgd_shapes,
-                           resnet50_weight_shapes)
+import math
+
+from .benchmarking import (BLOCK_SPARSITIES, GPU_LINEAR_SHAPES, THRESHOLD_SIZES_M, gpt2_small_param_shapes,
+                           resnet50_sgd_shapes, resnet50_weight_shapes)
 
 
 @dataclass(frozen=True)
@@ -59,13 +61,7 @@ class Work:
 
 
 def _numel(shapes) -> int:
-    total = 0
-    for s in shapes:
-        n = 1
-        for d in s:
-            n *= d
-        total += n
-    return total
+    return sum(math.prod(s) for s in shapes)
 
 
 def _masked_numel(shapes) -> int:  # the bench masks every tensor of 2 or more dims
@@ -74,7 +70,7 @@ def _masked_numel(shapes) -> int:  # the bench masks every tensor of 2 or more d
 
 def selection_work() -> list[Work]:
     out = []
-    for m in (1, 16, 64):
+    for m in THRESHOLD_SIZES_M:
         n = m * 2**20
         out.append(Work("magnitude_thresholds", f"{m}M fp32 k=N/2", "csrc/cuda",
                         SELECTION_PASSES["fp32"] * n * 4, 0, THRESHOLD_LAUNCHES))
@@ -89,21 +85,28 @@ def selection_work() -> list[Work]:
     return out
 
 
-def optimizer_work() -> list[Work]:
+def sgd_work() -> list[Work]:
     out = []
     for name, shapes in (("resnet50", resnet50_sgd_shapes()), ("gpt2-small", gpt2_small_param_shapes())):
         n, masked = _numel(shapes), _masked_numel(shapes)
         out.append(Work("masked_sgd_", f"{name} ({n / 1e6:.1f}M params, 50% masks)", "csrc/cuda",
                         n * 4 * 5 + masked // 8, 0, SGD_LAUNCHES))
+    return out
+
+
+def adamw_work() -> list[Work]:
+    out = []
     for name, shapes in (("resnet50", resnet50_weight_shapes()), ("gpt2-small", gpt2_small_param_shapes())):
         n, masked = _numel(shapes), _masked_numel(shapes)
         out.append(Work("masked_adamw_", f"{name} ({n / 1e6:.1f}M params, 50% masks)", "triton",
                         n * 4 * 7 + masked // 8, 0, ADAMW_LAUNCHES))
-    shapes = [s for s in gpt2_small_param_shapes() if len(s) >= 2]
-    n = _numel(shapes)
-    out.append(Work("apply_masks_", f"gpt2-small weights ({n / 1e6:.1f}M, 50% masks)", "triton",
-                    n * 4 * 2 + n // 8, 0, APPLY_MASKS_LAUNCHES))
     return out
+
+
+def apply_masks_work() -> list[Work]:
+    n = _masked_numel(gpt2_small_param_shapes())
+    return [Work("apply_masks_", f"gpt2-small weights ({n / 1e6:.1f}M, 50% masks)", "triton",
+                 n * 4 * 2 + n // 8, 0, APPLY_MASKS_LAUNCHES)]
 
 
 def masked_linear_work() -> list[Work]:
@@ -111,20 +114,18 @@ def masked_linear_work() -> list[Work]:
     64x64 tiles of the mask that keep anything (unstructured 50%: all of them)."""
     out = []
     e = 2
-    for tokens in (1, 2048, 8192):
-        for k, n in GPT2_LINEARS[2:] + LLAMA7B_LINEARS[1:]:
-            for kind, kept in (("unstructured 50%", 1.0), ("64x64 blocks 50%", 0.5), ("64x64 blocks 75%", 0.25),
-                               ("64x64 blocks 90%", 0.1)):
-                nbytes = int((tokens * k + n * k * kept + tokens * n) * e + n * k // 8)
-                flops = int(2 * tokens * n * k * kept)
-                out.append(Work("masked_linear", f"{tokens}x{k}->{n} {kind} bfloat16", "triton", nbytes, flops,
-                                LINEAR_FORWARD_LAUNCHES))
+    kinds = [("unstructured 50%", 1.0)] + [(f"64x64 blocks {s:.0%}", 1 - s) for s in BLOCK_SPARSITIES]
+    for tokens, k, n in GPU_LINEAR_SHAPES:
+        for kind, kept in kinds:
+            nbytes = int((tokens * k + n * k * kept + tokens * n) * e + n * k // 8)
+            flops = int(2 * tokens * n * k * kept)
+            out.append(Work("masked_linear", f"{tokens}x{k}->{n} {kind} bfloat16", "triton", nbytes, flops,
+                            LINEAR_FORWARD_LAUNCHES))
     return out
 
 
-SUITES = {"magnitude_select": selection_work, "masked_sgd": lambda: optimizer_work()[:2],
-          "masked_adamw": lambda: optimizer_work()[2:4], "apply_masks": lambda: optimizer_work()[4:],
-          "masked_linear": masked_linear_work}
+SUITES = {"magnitude_select": selection_work, "masked_sgd": sgd_work, "masked_adamw": adamw_work,
+          "apply_masks": apply_masks_work, "masked_linear": masked_linear_work}
 
 
 def predict(device: str, suites=None) -> list[dict]:
