@@ -33,15 +33,15 @@ class TileStructure:
         self.col_ptr = torch.cat([zero, kept.sum(0).cumsum(0)])
         self.row_idx = kept.t().nonzero()[:, 1].contiguous()
         self.kept_fraction = float(kept.float().mean()) if kept.numel() else 0.0
-        self._lists = None
+        self._runs = None
 
     def host_runs(self) -> tuple[list[list[tuple[int, int]]], list[list[tuple[int, int]]]]:
         """(per n-tile the runs of adjacent kept k-tiles, per k-tile the runs of adjacent kept
         n-tiles), each run (first, end) in tiles: one matmul per run on CPU."""
-        if self._lists is None:
+        if self._runs is None:
             kept = self.kept.cpu().bool()
-            self._lists = ([_runs(row.tolist()) for row in kept], [_runs(col.tolist()) for col in kept.t()])
-        return self._lists
+            self._runs = ([_runs(row.tolist()) for row in kept], [_runs(col.tolist()) for col in kept.t()])
+        return self._runs
 
 
 def _runs(flags: list[bool]) -> list[tuple[int, int]]:
