@@ -31,4 +31,6 @@ constexpr const char* kMaskedLinearForward =
 constexpr const char* kMaskedLinearBackward =
     "masked_linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor mask_words, "
     "bool needs_input, bool needs_weight, Tensor? tile_kept) -> (Tensor, Tensor)";
+// "avx512" or "aten": what multiplies kept tiles of fp32 on this CPU (csrc/cpu/masked_linear.cpp)
+constexpr const char* kMaskedLinearTileKernel = "masked_linear_tile_kernel() -> str";
 }  // namespace dsd_kernels_schemas

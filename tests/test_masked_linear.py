@@ -62,6 +62,20 @@ def test_block_sparse_matches_reference(backend, dtype):
     check_against_reference(x, w, b, mask.to_bool(), mask)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_one_row_block_sparse_leaves_the_bias_alone(backend, dtype):
+    """Decoding one token through a block-pruned layer: the output starts from the bias, and the
+    bias itself must not change (a one-row expand of it is contiguous, so a kernel that
+    accumulates into expand(bias).contiguous() would write into the bias)."""
+    x, w, b, _ = case(1, 200, 150, dtype)
+    mask = dk.magnitude_masks(w.detach(), 0.75, block=(64, 64))[0]
+    before = b.detach().clone()
+    for _ in range(2):
+        y = ops.masked_linear(x.detach(), w.detach(), mask, b.detach())
+        torch.testing.assert_close(y, R.masked_linear(x, w, mask.to_bool(), before).detach(), **TOL[dtype])
+    assert torch.equal(b.detach(), before)
+
+
 def test_empty_tiles_are_skipped(backend):
     """A skipped tile is never multiplied: inf in the inputs it would meet stays out of the result.
     W*M is 0 in a pruned tile, and 0 * inf = NaN, so a backend that multiplies pruned tiles (the

@@ -1,18 +1,32 @@
-// masked_linear on CPU: the matmuls are ATen's (MKL/oneDNN); the mask is applied straight
-// from the packed words (no unpacked copy of the mask is kept), in parallel, to W before
-// the forward and dX matmuls and to dW after its matmul.
+// masked_linear on CPU: the mask is applied straight from the packed words (no unpacked copy of
+// the mask is kept), in parallel.
 //
-// Tile skipping: when the caller passes `tile_kept` (the (kTile x kTile) tiles of the mask that keep
-// anything, from tile_structure.py, which also decides when skipping pays), the matmuls cover the
-// kept tiles only, threads splitting the output tiles, and W*M is only formed inside kept tiles.
-// Each run of adjacent kept tiles along the reduced dimension is one matmul on strided views (no
-// copies): fewer, larger matmuls than one per tile, which is what made block sparsity pay at half
-// the tiles kept. Otherwise one dense matmul on W*M.
+// Without `tile_kept`: one ATen matmul (MKL/oneDNN) on W*M, the mask applied to W before the
+// forward and dX matmuls and to dW after its matmul.
+//
+// With `tile_kept` (the (kTile x kTile) tiles of the mask that keep anything, from
+// tile_structure.py, which also decides when skipping pays) only kept tiles are multiplied, two ways:
+// - fp32 on a CPU with AVX-512F (`tile_gemm_available`): this file's register-tiled kernel
+//   (tile_gemm), which reads x, dY and the kept tiles of W*M (packed per call, mask applied while
+//   packing) and writes every output element once: no zero-fill pass, no read-modify-write of the
+//   output per tile, no per-tile matmul call. It beats the BLAS calls on small tiles, and on CPUs
+//   where the BLAS takes its AVX2 path it does more FLOPs per cycle too.
+// - otherwise one ATen matmul per run of adjacent kept tiles along the reduced dimension, on strided
+//   views (no copies), threads splitting the output tiles.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
+
+#include "../op_schemas.h"
 #include "common.h"
 
 namespace dsd_kernels_cpu {
@@ -57,6 +71,142 @@ TileGrid tile_grid(const at::Tensor& tile_kept, const at::Tensor& weight) {
   g.kept = tile_kept.data_ptr<int32_t>();
   return g;
 }
+
+// ---------------------------------------------------------------- tile_gemm: the AVX-512 kernel
+// C[r, 0:cols] = init + sum over segments s, k < s.kc of A[r, s.a_off + k] * s.b[k * b_ks + 0:cols]
+// for the rows r of one output tile (cols <= kTile), A read through strides (a_rs, a_ks) so that
+// x, dY and dY^T are used where they lie. Register tile: kRows rows x 64 columns (24 of the 32
+// vector registers accumulate; each A element, broadcast, meets 4 vectors of B).
+namespace tile_gemm {
+
+constexpr int kRows = 6;
+
+struct Segment {
+  int64_t a_off;   // A's first reduction column
+  const float* b;  // B's first row (kTile floats per row, b_ks apart)
+  int64_t kc;      // reduction steps
+};
+
+struct Panel {
+  const float* a;
+  int64_t a_rs, a_ks;
+  const Segment* segs;
+  int64_t num_segs, b_ks;
+  float* c;
+  int64_t c_rs, cols;
+  const float* init;          // kTile values added to every row (the bias), or nullptr: 0
+  const int32_t* keep_words;  // C's mask words (2 per row of the tile, words_rs apart), or nullptr
+  int64_t words_rs;
+  bool accumulate = false;    // start from C's values instead of init
+};
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define DSD_TILE_GEMM_AVX512 __attribute__((target("avx512f")))
+
+template <int MR>
+DSD_TILE_GEMM_AVX512 void rows(const Panel& p, int64_t r0) {
+  __mmask16 cm[4];
+  #pragma GCC unroll 8
+  for (int j = 0; j < 4; ++j) {
+    const int64_t n = std::clamp<int64_t>(p.cols - 16 * j, 0, 16);
+    cm[j] = static_cast<__mmask16>((1u << n) - 1u);
+  }
+  __m512 acc[MR][4];
+  #pragma GCC unroll 8
+  for (int j = 0; j < 4; ++j) {
+    const __m512 v = p.init ? _mm512_maskz_loadu_ps(cm[j], p.init + 16 * j) : _mm512_setzero_ps();
+    #pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      acc[r][j] = p.accumulate ? _mm512_maskz_loadu_ps(cm[j], p.c + (r0 + r) * p.c_rs + 16 * j) : v;
+    }
+  }
+  for (int64_t s = 0; s < p.num_segs; ++s) {
+    const Segment seg = p.segs[s];
+    const float* a = p.a + r0 * p.a_rs + seg.a_off * p.a_ks;
+    const float* b = seg.b;
+    for (int64_t k = 0; k < seg.kc; ++k, a += p.a_ks, b += p.b_ks) {
+      const __m512 b0 = _mm512_maskz_loadu_ps(cm[0], b), b1 = _mm512_maskz_loadu_ps(cm[1], b + 16);
+      const __m512 b2 = _mm512_maskz_loadu_ps(cm[2], b + 32), b3 = _mm512_maskz_loadu_ps(cm[3], b + 48);
+      #pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const __m512 av = _mm512_set1_ps(a[r * p.a_rs]);
+        acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+        acc[r][2] = _mm512_fmadd_ps(av, b2, acc[r][2]);
+        acc[r][3] = _mm512_fmadd_ps(av, b3, acc[r][3]);
+      }
+    }
+  }
+  #pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    float* c = p.c + (r0 + r) * p.c_rs;
+    #pragma GCC unroll 8
+    for (int j = 0; j < 4; ++j) {
+      if (cm[j] == 0) continue;
+      __m512 v = acc[r][j];
+      if (p.keep_words) {  // exactly +0 where pruned, whatever the sum (NaN included)
+        const uint32_t w = static_cast<uint32_t>(p.keep_words[(r0 + r) * p.words_rs + j / 2]);
+        v = _mm512_maskz_mov_ps(static_cast<__mmask16>(j % 2 ? w >> 16 : w & 0xFFFFu), v);
+      }
+      _mm512_mask_storeu_ps(c + 16 * j, cm[j], v);
+    }
+  }
+}
+
+// rows [r_begin, r_end) of the panel's output tile
+DSD_TILE_GEMM_AVX512 void panel_rows(const Panel& p, int64_t r_begin, int64_t r_end) {
+  int64_t r = r_begin;
+  for (; r + kRows <= r_end; r += kRows) rows<kRows>(p, r);
+  switch (r_end - r) {
+    case 5: rows<5>(p, r); break;
+    case 4: rows<4>(p, r); break;
+    case 3: rows<3>(p, r); break;
+    case 2: rows<2>(p, r); break;
+    case 1: rows<1>(p, r); break;
+    default: break;
+  }
+}
+
+// dst (kTile x kTile, row-major) = the tile of W*M at rows [r0, r0 + rows), columns [c0, c0 + cols),
+// zero-padded; transposed: dst[col][row].
+DSD_TILE_GEMM_AVX512 void pack_tile(const float* w, const int32_t* words, const MaskLayout& lay,
+                                    int64_t r0, int64_t rows, int64_t c0, int64_t cols,
+                                    bool transposed, float* dst) {
+  alignas(64) float tile[kTile * kTile];
+  float* out = transposed ? tile : dst;
+  for (int64_t r = 0; r < kTile; ++r) {
+    for (int j = 0; j < 4; ++j) {
+      const int64_t n = r < rows ? std::clamp<int64_t>(cols - 16 * j, 0, 16) : 0;
+      __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+      if (m != 0) {
+        const uint32_t word = static_cast<uint32_t>(words[(r0 + r) * lay.words_per_row + c0 / 32 + j / 2]);
+        m &= static_cast<__mmask16>(j % 2 ? word >> 16 : word & 0xFFFFu);
+      }
+      // masked-off lanes read nothing and come out +0
+      _mm512_storeu_ps(out + r * kTile + 16 * j,
+                       _mm512_maskz_loadu_ps(m, w + (r0 + r) * lay.cols + c0 + 16 * j));
+    }
+  }
+  if (!transposed) return;
+  for (int64_t i = 0; i < kTile; ++i) {
+    for (int64_t j = 0; j < kTile; ++j) dst[j * kTile + i] = tile[i * kTile + j];
+  }
+}
+
+bool cpu_has_avx512f() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+#else
+void panel_rows(const Panel&, int64_t, int64_t) { TORCH_CHECK(false, "tile_gemm: not built for this CPU"); }
+void pack_tile(const float*, const int32_t*, const MaskLayout&, int64_t, int64_t, int64_t, int64_t,
+               bool, float*) {
+  TORCH_CHECK(false, "tile_gemm: not built for this CPU");
+}
+bool cpu_has_avx512f() { return false; }
+#endif
+
+}  // namespace tile_gemm
 
 void check_words(const at::Tensor& t, const at::Tensor& words) {
   TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), "masked_linear: weights must be contiguous 2-D");
@@ -111,6 +261,191 @@ inline at::Tensor tile_span(const at::Tensor& t, int64_t dim, int64_t first, int
   return t.narrow(dim, first * kTile, std::min(count * kTile, t.size(dim) - first * kTile));
 }
 
+// ---------------------------------------------------------------- the tile_gemm products
+// DSD_KERNELS_TILE_GEMM=0 (read at each call) sends fp32 to the ATen matmuls instead, e.g. to
+// compare the two.
+bool tile_gemm_enabled() {
+  const char* env = std::getenv("DSD_KERNELS_TILE_GEMM");
+  return tile_gemm::cpu_has_avx512f() && !(env != nullptr && std::strcmp(env, "0") == 0);
+}
+
+bool use_tile_gemm(std::initializer_list<at::Tensor> tensors) {
+  for (const at::Tensor& t : tensors) {
+    if (t.scalar_type() != at::kFloat) return false;
+  }
+  return tile_gemm_enabled();
+}
+
+// The kept tiles grouped by n-tile (by_n) or by k-tile: group g's tiles are other[ptr[g], ptr[g+1]).
+struct KeptLists {
+  std::vector<int64_t> ptr, other;
+};
+
+KeptLists kept_lists(const TileGrid& g, bool by_n) {
+  KeptLists l;
+  const int64_t groups = by_n ? g.tiles_n : g.tiles_k, len = by_n ? g.tiles_k : g.tiles_n;
+  l.ptr.push_back(0);
+  for (int64_t i = 0; i < groups; ++i) {
+    for (int64_t j = 0; j < len; ++j) {
+      if (by_n ? g.is_kept(i, j) : g.is_kept(j, i)) l.other.push_back(j);
+    }
+    l.ptr.push_back(static_cast<int64_t>(l.other.size()));
+  }
+  return l;
+}
+
+inline int64_t tile_extent(int64_t size, int64_t tile) { return std::min(kTile, size - tile * kTile); }
+
+// run(tile, r_begin, r_end) for every output tile over all M rows. The rows are cut into one chunk
+// per thread (balanced whatever the tiles' costs); a thread sweeps its chunk tile by tile, so that
+// a tile's packed operands stay in cache while its rows go by. Few rows: the threads split tiles.
+template <typename F>
+void for_row_chunks(int64_t M, int64_t tiles, const F& run) {
+  const int64_t blocks = (M + tile_gemm::kRows - 1) / tile_gemm::kRows;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+  const int64_t chunk_rows = (blocks + chunks - 1) / chunks * tile_gemm::kRows;
+  at::parallel_for(0, chunks * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r0 = (i / tiles) * chunk_rows;
+      if (r0 < M) run(i % tiles, r0, std::min(M, r0 + chunk_rows));
+    }
+  });
+}
+
+// The kept tiles of W*M, one kTile x kTile block each (transposed: B = (W*M)^T for the forward),
+// in the order of `lists`, and one Segment per tile reading it.
+std::pair<at::Tensor, std::vector<tile_gemm::Segment>> pack_kept(const at::Tensor& w, const at::Tensor& words,
+                                                                  const KeptLists& lists, bool by_n) {
+  const MaskLayout lay(w);
+  const int64_t N = w.size(0), K = w.size(1), count = static_cast<int64_t>(lists.other.size());
+  at::Tensor packed = at::empty({count, kTile, kTile}, w.options());
+  float* pk = packed.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const int32_t* wd = words.data_ptr<int32_t>();
+  std::vector<tile_gemm::Segment> segs(count);
+  for (size_t g = 0; g + 1 < lists.ptr.size(); ++g) {
+    for (int64_t i = lists.ptr[g]; i < lists.ptr[g + 1]; ++i) {
+      const int64_t n = by_n ? g : lists.other[i], k = by_n ? lists.other[i] : g;
+      // forward: reduce over k (x's columns); dX: over n (dY's columns)
+      segs[i] = by_n ? tile_gemm::Segment{k * kTile, pk + i * kTile * kTile, tile_extent(K, k)}
+                     : tile_gemm::Segment{n * kTile, pk + i * kTile * kTile, tile_extent(N, n)};
+    }
+  }
+  at::parallel_for(0, lists.ptr.size() - 1, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      for (int64_t i = lists.ptr[g]; i < lists.ptr[g + 1]; ++i) {
+        const int64_t n = by_n ? g : lists.other[i], k = by_n ? lists.other[i] : g;
+        tile_gemm::pack_tile(wp, wd, lay, n * kTile, tile_extent(N, n), k * kTile, tile_extent(K, k),
+                             /*transposed=*/by_n, pk + i * kTile * kTile);
+      }
+    }
+  });
+  return {packed, std::move(segs)};
+}
+
+// y (M, N) = x (M, K) (W*M)^T + bias over the kept tiles; every element of y written once.
+at::Tensor tile_gemm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& words,
+                             const std::optional<at::Tensor>& bias, const TileGrid& g) {
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+  const KeptLists lists = kept_lists(g, /*by_n=*/true);
+  const auto [packed, segs] = pack_kept(w, words, lists, /*by_n=*/true);
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for_row_chunks(M, g.tiles_n, [&](int64_t n, int64_t r0, int64_t r1) {
+    const tile_gemm::Panel p{xp, K, 1, segs.data() + lists.ptr[n], lists.ptr[n + 1] - lists.ptr[n], kTile,
+                             yp + n * kTile, N, tile_extent(N, n),
+                             b.defined() ? b.data_ptr<float>() + n * kTile : nullptr, nullptr, 0};
+    tile_gemm::panel_rows(p, r0, r1);
+  });
+  return y;
+}
+
+// dX (M, K) = dY (M, N) (W*M) over the kept tiles; every element of dX written once.
+at::Tensor tile_gemm_grad_input(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& words,
+                                const TileGrid& g) {
+  const int64_t M = grad.size(0), N = w.size(0), K = w.size(1);
+  const KeptLists lists = kept_lists(g, /*by_n=*/false);
+  const auto [packed, segs] = pack_kept(w, words, lists, /*by_n=*/false);
+  at::Tensor dx = at::empty({M, K}, grad.options());
+  const float* gp = grad.data_ptr<float>();
+  float* dxp = dx.data_ptr<float>();
+  for_row_chunks(M, g.tiles_k, [&](int64_t k, int64_t r0, int64_t r1) {
+    const tile_gemm::Panel p{gp, N, 1, segs.data() + lists.ptr[k], lists.ptr[k + 1] - lists.ptr[k], kTile,
+                             dxp + k * kTile, K, tile_extent(K, k), nullptr, nullptr, 0};
+    tile_gemm::panel_rows(p, r0, r1);
+  });
+  return dx;
+}
+
+// [begin, end) of the items (their costs given) that part `part` of `parts` takes: contiguous
+// ranges of about equal cost.
+std::pair<int64_t, int64_t> cost_range(const std::vector<int64_t>& prefix_cost, int64_t part, int64_t parts) {
+  const int64_t items = static_cast<int64_t>(prefix_cost.size()) - 1, total = prefix_cost.back();
+  const auto first_at = [&](int64_t p) {  // first item whose cost starts at or after p/parts of the total
+    if (p >= parts) return items;
+    return static_cast<int64_t>(std::lower_bound(prefix_cost.begin(), prefix_cost.end() - 1,
+                                                 (total * p + parts - 1) / parts) - prefix_cost.begin());
+  };
+  return {first_at(part), first_at(part + 1)};
+}
+
+// dW (N, K) = (dY^T x) * M, by k-tile (a column of tiles): the rows of x are taken kDwRows at a
+// time, that slice of the k-tile packed into a contiguous buffer (x's row stride, a multiple of
+// 4 KiB for common widths, would make its rows evict each other from cache), and every kept tile of
+// the column accumulates over it; stores go through the mask. The other tiles are zero-filled.
+constexpr int64_t kDwRows = 256;
+
+at::Tensor tile_gemm_grad_weight(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& words,
+                                 const TileGrid& g) {
+  const int64_t M = x.size(0), N = grad.size(1), K = x.size(1);
+  const int64_t words_per_row = (K + 31) / 32;
+  at::Tensor dw = at::empty({N, K}, x.options());
+  const float* gp = grad.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const int32_t* wd = words.data_ptr<int32_t>();
+  float* dwp = dw.data_ptr<float>();
+  const KeptLists cols = kept_lists(g, /*by_n=*/false);
+  std::vector<int64_t> prefix_cost(g.tiles_k + 1, 0);  // a column's cost: its kept tiles, and 1 to zero-fill
+  for (int64_t k = 0; k < g.tiles_k; ++k) prefix_cost[k + 1] = prefix_cost[k] + 1 + cols.ptr[k + 1] - cols.ptr[k];
+  const int64_t parts = std::min<int64_t>(at::get_num_threads(), g.tiles_k);
+  at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
+    std::vector<float> slice(kDwRows * kTile), dy_slice(kDwRows * kTile);
+    for (int64_t part = part_begin; part < part_end; ++part) {
+      const auto [k_begin, k_end] = cost_range(prefix_cost, part, parts);
+      for (int64_t k = k_begin; k < k_end; ++k) {
+        const int64_t k0 = k * kTile, width = tile_extent(K, k);
+        for (int64_t n = 0; n < g.tiles_n; ++n) {
+          if (g.is_kept(n, k)) continue;
+          for (int64_t r = n * kTile; r < n * kTile + tile_extent(N, n); ++r) {
+            std::memset(dwp + r * K + k0, 0, width * sizeof(float));
+          }
+        }
+        if (cols.ptr[k] == cols.ptr[k + 1]) continue;
+        for (int64_t m0 = 0; m0 < std::max<int64_t>(M, 1); m0 += kDwRows) {
+          const int64_t rows = std::min(kDwRows, M - m0);
+          for (int64_t m = 0; m < rows; ++m) {
+            std::memcpy(slice.data() + m * kTile, xp + (m0 + m) * K + k0, width * sizeof(float));
+          }
+          const tile_gemm::Segment seg{0, slice.data(), rows};
+          for (int64_t i = cols.ptr[k]; i < cols.ptr[k + 1]; ++i) {
+            const int64_t n0 = cols.other[i] * kTile, height = tile_extent(N, cols.other[i]);
+            for (int64_t m = 0; m < rows; ++m) {
+              std::memcpy(dy_slice.data() + m * kTile, gp + (m0 + m) * N + n0, height * sizeof(float));
+            }
+            tile_gemm::Panel p{dy_slice.data(), 1, kTile, &seg, 1, kTile, dwp + n0 * K + k0, K, width,
+                               nullptr, wd + n0 * words_per_row + k * kTileWords, words_per_row};
+            p.accumulate = m0 > 0;
+            tile_gemm::panel_rows(p, 0, tile_extent(N, cols.other[i]));
+          }
+        }
+      }
+    }
+  });
+  return dw;
+}
+
 at::Tensor masked_linear_forward(const at::Tensor& x2d, const at::Tensor& weight,
                                  const at::Tensor& words, const std::optional<at::Tensor>& bias,
                                  const std::optional<at::Tensor>& tile_kept) {
@@ -121,9 +456,12 @@ at::Tensor masked_linear_forward(const at::Tensor& x2d, const at::Tensor& weight
     return bias.has_value() ? at::addmm(*bias, x2d, w.t()) : at::mm(x2d, w.t());
   }
   const TileGrid grid = tile_grid(*tile_kept, wc);
+  if (use_tile_gemm({x2d, wc, bias.value_or(wc)})) return tile_gemm_forward(x2d.contiguous(), wc, words, bias, grid);
   const at::Tensor w = masked(wc, words, false, &grid);
   const int64_t M = x2d.size(0), N = wc.size(0);
-  at::Tensor y = bias.has_value() ? bias->expand({M, N}).contiguous() : at::zeros({M, N}, x2d.options());
+  // a copy, always: with one row, expand() is already contiguous and would alias the bias
+  at::Tensor y = bias.has_value() ? bias->expand({M, N}).clone(at::MemoryFormat::Contiguous)
+                                  : at::zeros({M, N}, x2d.options());
   // threads own whole n-tiles (output columns); each small matmul runs single-threaded
   at::parallel_for(0, grid.tiles_n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
@@ -148,8 +486,12 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_backward(const at::Tensor& grad
   const bool tiled = tile_kept.has_value();
   const TileGrid grid = tiled ? tile_grid(*tile_kept, wc) : TileGrid();
   at::Tensor dx, dw;
+  if (tiled && use_tile_gemm({grad2d, x2d, wc})) {
+    if (needs_input) dx = tile_gemm_grad_input(grad2d.contiguous(), wc, words, grid);
+    if (needs_weight) dw = tile_gemm_grad_weight(grad2d.contiguous(), x2d.contiguous(), words, grid);
+  }
   if (needs_input && !tiled) dx = at::mm(grad2d, masked(wc, words, false));
-  if (needs_input && tiled) {
+  if (needs_input && tiled && !dx.defined()) {
     const at::Tensor w = masked(wc, words, false, &grid);
     dx = at::zeros_like(x2d);
     at::parallel_for(0, grid.tiles_k, 1, [&](int64_t begin, int64_t end) {
@@ -163,7 +505,7 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_backward(const at::Tensor& grad
     });
   }
   if (needs_weight && !tiled) dw = masked(at::mm(grad2d.t(), x2d).contiguous(), words, /*in_place=*/true);
-  if (needs_weight && tiled) {
+  if (needs_weight && tiled && !dw.defined()) {
     dw = at::zeros_like(wc);
     at::parallel_for(0, grid.tiles_n, 1, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
@@ -182,6 +524,13 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_backward(const at::Tensor& grad
 }
 
 }  // namespace
+
+// Which kernel multiplies the kept tiles of fp32 here: "avx512" (tile_gemm) or "aten".
+std::string masked_linear_tile_kernel() { return tile_gemm_enabled() ? "avx512" : "aten"; }
+
+TORCH_LIBRARY_FRAGMENT(dsd_kernels_cpp, m) {
+  m.def(dsd_kernels_schemas::kMaskedLinearTileKernel, &masked_linear_tile_kernel);
+}
 
 TORCH_LIBRARY_IMPL(dsd_kernels_cpp, CPU, m) {
   m.impl("masked_linear_forward", &masked_linear_forward);

@@ -1,0 +1,128 @@
+"""The C++ backend's AVX-512 kernel for kept tiles (tile_gemm in csrc/cpu/masked_linear.cpp)
+against float64 products and against the ATen matmuls it replaces (DSD_KERNELS_TILE_GEMM=0):
+every edge of its register tiles (row remainders, partial tiles in N and K, reductions longer
+than its dW slice), bias, empty tiles, and the masked semantics (pruned dW exactly +0; NaN in
+pruned weights or in inputs that meet only skipped tiles stays out)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dsd_kernels as dk
+from dsd_kernels.tile_structure import tile_structure
+
+if "cpp" not in dk.available_backends():
+    pytest.skip("C++ extension not built", allow_module_level=True)
+
+OPS = torch.ops.dsd_kernels_cpp
+HAS_AVX512 = torch.ops.dsd_kernels_cpp.masked_linear_tile_kernel() == "avx512"
+
+
+@pytest.fixture(params=["avx512", "aten"])
+def kernel(request, monkeypatch):
+    """Run once with the AVX-512 kernel (skipped where the CPU lacks AVX-512F: then there is no
+    such path to test) and once with the ATen matmuls."""
+    if request.param == "avx512" and not HAS_AVX512:
+        pytest.skip("this CPU has no AVX-512F: the C++ backend multiplies tiles with ATen here")
+    monkeypatch.setenv("DSD_KERNELS_TILE_GEMM", "1" if request.param == "avx512" else "0")
+    assert OPS.masked_linear_tile_kernel() == request.param
+    return request.param
+
+
+def products(x, w, dy, keep, bias=None):
+    """y, dX, dW with every tile multiplied, in float64."""
+    wm = (w * keep).double()
+    y = F.linear(x.double(), wm, None if bias is None else bias.double())
+    return y, dy.double() @ wm, (dy.double().t() @ x.double()) * keep
+
+
+def run(x, w, dy, keep, bias=None):
+    words = dk.Mask.from_bool(keep).packed
+    kept = tile_structure(words, *w.shape).kept  # the tiled path, whatever the kept fraction
+    y = OPS.masked_linear_forward(x, w, words, bias, kept)
+    dx, dw = OPS.masked_linear_backward(dy, x, w, words, True, True, kept)
+    return y, dx, dw
+
+
+def block_keep(N, K, kept_fraction, gen):
+    tiles = torch.rand(-(-N // 64), -(-K // 64), generator=gen) < kept_fraction
+    inside = torch.rand(N, K, generator=gen) > 0.3
+    return tiles.repeat_interleave(64, 0).repeat_interleave(64, 1)[:N, :K] & inside
+
+
+@pytest.mark.parametrize("M", [1, 5, 6, 7, 13, 300])  # register tiles of 6 rows; dW slices of 256 rows
+@pytest.mark.parametrize("K,N", [(1, 1), (31, 33), (64, 64), (65, 130), (200, 150), (129, 257)])
+def test_matches_float64_products(kernel, M, K, N):
+    gen = torch.Generator().manual_seed(M * 1000 + K * 10 + N)
+    x, w, dy = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen), torch.randn(M, N, generator=gen)
+    bias = torch.randn(N, generator=gen) if M % 2 else None
+    keep = block_keep(N, K, 0.6, gen)
+    bias_before = None if bias is None else bias.clone()
+    for got, want in zip(run(x, w, dy, keep, bias), products(x, w, dy, keep, bias_before)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    if bias is not None:  # the output starts from a copy of the bias, never the bias itself
+        assert torch.equal(bias, bias_before)
+
+
+@pytest.mark.parametrize("kept_fraction", [0.0, 1.0])
+def test_no_tile_and_every_tile_kept(kernel, kept_fraction):
+    gen = torch.Generator().manual_seed(1)
+    x, w, dy = torch.randn(20, 130, generator=gen), torch.randn(70, 130, generator=gen), torch.randn(20, 70, generator=gen)
+    bias = torch.randn(70, generator=gen)
+    keep = block_keep(70, 130, kept_fraction, gen)
+    y, dx, dw = run(x, w, dy, keep, bias)
+    for got, want in zip((y, dx, dw), products(x, w, dy, keep, bias)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    if kept_fraction == 0.0:
+        assert torch.equal(y, bias.expand(20, 70)) and dx.eq(0).all() and dw.eq(0).all()
+
+
+def test_the_two_kernels_agree_on_the_bench_shape(monkeypatch):
+    if not HAS_AVX512:
+        pytest.skip("this CPU has no AVX-512F")
+    gen = torch.Generator().manual_seed(2)
+    x, w, dy = torch.randn(512, 1024, generator=gen), torch.randn(1024, 1024, generator=gen), torch.randn(512, 1024, generator=gen)
+    keep = dk.magnitude_masks(w, 0.75, block=(64, 64))[0].to_bool()
+    monkeypatch.setenv("DSD_KERNELS_TILE_GEMM", "1")
+    ours = run(x, w, dy, keep)
+    monkeypatch.setenv("DSD_KERNELS_TILE_GEMM", "0")
+    aten = run(x, w, dy, keep)
+    for a, b in zip(ours, aten):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-3)
+
+
+def test_pruned_weights_and_gradients_stay_out(kernel):
+    """NaN stored in pruned weights inside kept tiles never reaches y or dX; dW is exactly +0
+    where pruned even where the product there is NaN; inf in inputs that meet only skipped tiles
+    changes nothing."""
+    gen = torch.Generator().manual_seed(3)
+    M, K, N = 9, 192, 130
+    x, w, dy = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen), torch.randn(M, N, generator=gen)
+    keep = torch.zeros(N, K, dtype=torch.bool)
+    keep[:64, :128] = torch.rand(64, 128, generator=gen) > 0.5  # k-tiles 0-1 of n-tile 0 only
+    w_nan = w.masked_fill(~keep, float("nan"))
+    x_inf = x.clone()
+    x_inf[:, 128:] = float("inf")  # k-tile 2: no kept tile, so never multiplied, not even for dW
+    dy_inf = dy.clone()
+    dy_inf[:, 64:] = float("inf")  # n-tiles 1-2: no kept tile
+    y, dx, dw = run(x_inf, w_nan, dy_inf, keep)
+    want_y, want_dx, want_dw = products(x, w, dy, keep)
+    torch.testing.assert_close(y[:, :64].double(), want_y[:, :64], rtol=1e-5, atol=1e-4)
+    assert y[:, 64:].eq(0).all()
+    torch.testing.assert_close(dx[:, :128].double(), want_dx[:, :128], rtol=1e-5, atol=1e-4)
+    assert dx[:, 128:].eq(0).all()
+    torch.testing.assert_close(dw.double(), want_dw, rtol=1e-5, atol=1e-4)
+    assert dw[~keep].eq(0).all() and not dw[~keep].signbit().any()
+    x_nan = x.clone()
+    x_nan[0, 5] = float("nan")  # meets kept tiles: NaN in dW's row kept entries, +0 where pruned
+    _, _, dw = run(x_nan, w, dy, keep)
+    assert dw[~keep].eq(0).all() and not dw[~keep].signbit().any()
+    assert dw[:64, 5][keep[:64, 5]].isnan().all()
+
+
+def test_non_float32_takes_the_aten_matmuls():
+    gen = torch.Generator().manual_seed(4)
+    x, w, dy = (torch.randn(7, 130, generator=gen, dtype=torch.float64), torch.randn(70, 130, generator=gen, dtype=torch.float64),
+                torch.randn(7, 70, generator=gen, dtype=torch.float64))
+    keep = block_keep(70, 130, 0.5, gen)
+    for got, want in zip(run(x, w, dy, keep), products(x, w, dy, keep)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
