@@ -297,17 +297,27 @@ KeptLists kept_lists(const TileGrid& g, bool by_n) {
 inline int64_t tile_extent(int64_t size, int64_t tile) { return std::min(kTile, size - tile * kTile); }
 
 // run(tile, r_begin, r_end) for every output tile over all M rows. The rows are cut into one chunk
-// per thread (balanced whatever the tiles' costs); a thread sweeps its chunk tile by tile, so that
-// a tile's packed operands stay in cache while its rows go by. Few rows: the threads split tiles.
+// per thread (balanced whatever the tiles' costs), and a chunk into slices of A (rows of
+// a_row_bytes) that fit in L2: a thread sweeps a slice over all its tiles before the next, so A is
+// read from memory once, while a tile's packed operands (a few tiles, from L2 or L3) meet many
+// rows. Few rows: the threads split tiles.
+constexpr int64_t kRowSliceBytes = 512 * 1024;
+
 template <typename F>
-void for_row_chunks(int64_t M, int64_t tiles, const F& run) {
-  const int64_t blocks = (M + tile_gemm::kRows - 1) / tile_gemm::kRows;
+void for_row_chunks(int64_t M, int64_t tiles, int64_t a_row_bytes, const F& run) {
+  constexpr int64_t kRows = tile_gemm::kRows;
+  const int64_t blocks = (M + kRows - 1) / kRows;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
-  const int64_t chunk_rows = (blocks + chunks - 1) / chunks * tile_gemm::kRows;
+  const int64_t chunk_rows = (blocks + chunks - 1) / chunks * kRows;
+  const int64_t slice_rows = std::max<int64_t>(kRows, kRowSliceBytes / std::max<int64_t>(a_row_bytes, 1) / kRows * kRows);
   at::parallel_for(0, chunks * tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t r0 = (i / tiles) * chunk_rows;
-      if (r0 < M) run(i % tiles, r0, std::min(M, r0 + chunk_rows));
+    if (tiles == 0) return;
+    for (int64_t c = begin / tiles; c <= (end - 1) / tiles; ++c) {  // items are chunk-major
+      const int64_t t_begin = std::max(begin, c * tiles) - c * tiles, t_end = std::min(end, (c + 1) * tiles) - c * tiles;
+      const int64_t r_end = std::min(M, (c + 1) * chunk_rows);
+      for (int64_t r0 = c * chunk_rows; r0 < r_end; r0 += slice_rows) {
+        for (int64_t t = t_begin; t < t_end; ++t) run(t, r0, std::min(r_end, r0 + slice_rows));
+      }
     }
   });
 }
@@ -353,7 +363,7 @@ at::Tensor tile_gemm_forward(const at::Tensor& x, const at::Tensor& w, const at:
   at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  for_row_chunks(M, g.tiles_n, [&](int64_t n, int64_t r0, int64_t r1) {
+  for_row_chunks(M, g.tiles_n, K * 4, [&](int64_t n, int64_t r0, int64_t r1) {
     const tile_gemm::Panel p{xp, K, 1, segs.data() + lists.ptr[n], lists.ptr[n + 1] - lists.ptr[n], kTile,
                              yp + n * kTile, N, tile_extent(N, n),
                              b.defined() ? b.data_ptr<float>() + n * kTile : nullptr, nullptr, 0};
@@ -371,7 +381,7 @@ at::Tensor tile_gemm_grad_input(const at::Tensor& grad, const at::Tensor& w, con
   at::Tensor dx = at::empty({M, K}, grad.options());
   const float* gp = grad.data_ptr<float>();
   float* dxp = dx.data_ptr<float>();
-  for_row_chunks(M, g.tiles_k, [&](int64_t k, int64_t r0, int64_t r1) {
+  for_row_chunks(M, g.tiles_k, N * 4, [&](int64_t k, int64_t r0, int64_t r1) {
     const tile_gemm::Panel p{gp, N, 1, segs.data() + lists.ptr[k], lists.ptr[k + 1] - lists.ptr[k], kTile,
                              dxp + k * kTile, K, tile_extent(K, k), nullptr, nullptr, 0};
     tile_gemm::panel_rows(p, r0, r1);
@@ -391,11 +401,15 @@ std::pair<int64_t, int64_t> cost_range(const std::vector<int64_t>& prefix_cost, 
   return {first_at(part), first_at(part + 1)};
 }
 
-// dW (N, K) = (dY^T x) * M, by k-tile (a column of tiles): the rows of x are taken kDwRows at a
-// time, that slice of the k-tile packed into a contiguous buffer (x's row stride, a multiple of
-// 4 KiB for common widths, would make its rows evict each other from cache), and every kept tile of
-// the column accumulates over it; stores go through the mask. The other tiles are zero-filled.
+// dW (N, K) = (dY^T x) * M. Threads split the k-tiles (columns of tiles) by cost and take theirs
+// kDwColumns at a time. The rows of x and dY go by kDwRows at a time: that slice of each of the
+// group's k-tiles, and then of each n-tile that keeps a tile in the group, is packed into a
+// contiguous buffer (x's and dY's row strides, multiples of 4 KiB for common widths, would make
+// their rows evict each other from cache), so each slice of dY is packed once per group, and
+// every kept tile of the group accumulates over the slices; stores go through the mask. The other
+// tiles are zero-filled.
 constexpr int64_t kDwRows = 256;
+constexpr int64_t kDwColumns = 8;  // x slices of a group: kDwColumns * kDwRows * kTile floats, in L2
 
 at::Tensor tile_gemm_grad_weight(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& words,
                                  const TileGrid& g) {
@@ -411,33 +425,46 @@ at::Tensor tile_gemm_grad_weight(const at::Tensor& grad, const at::Tensor& x, co
   for (int64_t k = 0; k < g.tiles_k; ++k) prefix_cost[k + 1] = prefix_cost[k] + 1 + cols.ptr[k + 1] - cols.ptr[k];
   const int64_t parts = std::min<int64_t>(at::get_num_threads(), g.tiles_k);
   at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
-    std::vector<float> slice(kDwRows * kTile), dy_slice(kDwRows * kTile);
+    std::vector<float> x_slices(kDwColumns * kDwRows * kTile), dy_slice(kDwRows * kTile);
     for (int64_t part = part_begin; part < part_end; ++part) {
       const auto [k_begin, k_end] = cost_range(prefix_cost, part, parts);
       for (int64_t k = k_begin; k < k_end; ++k) {
-        const int64_t k0 = k * kTile, width = tile_extent(K, k);
         for (int64_t n = 0; n < g.tiles_n; ++n) {
           if (g.is_kept(n, k)) continue;
           for (int64_t r = n * kTile; r < n * kTile + tile_extent(N, n); ++r) {
-            std::memset(dwp + r * K + k0, 0, width * sizeof(float));
+            std::memset(dwp + r * K + k * kTile, 0, tile_extent(K, k) * sizeof(float));
           }
         }
-        if (cols.ptr[k] == cols.ptr[k + 1]) continue;
+      }
+      for (int64_t group = k_begin; group < k_end; group += kDwColumns) {
+        const int64_t group_end = std::min(k_end, group + kDwColumns);
         for (int64_t m0 = 0; m0 < std::max<int64_t>(M, 1); m0 += kDwRows) {
           const int64_t rows = std::min(kDwRows, M - m0);
-          for (int64_t m = 0; m < rows; ++m) {
-            std::memcpy(slice.data() + m * kTile, xp + (m0 + m) * K + k0, width * sizeof(float));
-          }
-          const tile_gemm::Segment seg{0, slice.data(), rows};
-          for (int64_t i = cols.ptr[k]; i < cols.ptr[k + 1]; ++i) {
-            const int64_t n0 = cols.other[i] * kTile, height = tile_extent(N, cols.other[i]);
+          for (int64_t k = group; k < group_end; ++k) {
+            if (cols.ptr[k] == cols.ptr[k + 1]) continue;
+            float* dst = x_slices.data() + (k - group) * kDwRows * kTile;
             for (int64_t m = 0; m < rows; ++m) {
-              std::memcpy(dy_slice.data() + m * kTile, gp + (m0 + m) * N + n0, height * sizeof(float));
+              std::memcpy(dst + m * kTile, xp + (m0 + m) * K + k * kTile, tile_extent(K, k) * sizeof(float));
             }
-            tile_gemm::Panel p{dy_slice.data(), 1, kTile, &seg, 1, kTile, dwp + n0 * K + k0, K, width,
-                               nullptr, wd + n0 * words_per_row + k * kTileWords, words_per_row};
-            p.accumulate = m0 > 0;
-            tile_gemm::panel_rows(p, 0, tile_extent(N, cols.other[i]));
+          }
+          for (int64_t n = 0; n < g.tiles_n; ++n) {
+            bool packed = false;
+            for (int64_t k = group; k < group_end; ++k) {
+              if (!g.is_kept(n, k)) continue;
+              if (!packed) {
+                for (int64_t m = 0; m < rows; ++m) {
+                  std::memcpy(dy_slice.data() + m * kTile, gp + (m0 + m) * N + n * kTile,
+                              tile_extent(N, n) * sizeof(float));
+                }
+                packed = true;
+              }
+              const tile_gemm::Segment seg{0, x_slices.data() + (k - group) * kDwRows * kTile, rows};
+              tile_gemm::Panel p{dy_slice.data(), 1, kTile, &seg, 1, kTile, dwp + n * kTile * K + k * kTile, K,
+                                 tile_extent(K, k), nullptr, wd + n * kTile * words_per_row + k * kTileWords,
+                                 words_per_row};
+              p.accumulate = m0 > 0;
+              tile_gemm::panel_rows(p, 0, tile_extent(N, n));
+            }
           }
         }
       }
