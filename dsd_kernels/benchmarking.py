@@ -207,10 +207,32 @@ def environment(device: str) -> dict:
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
+    else:
+        info["cpu"] = cpu_model()
     from . import _backend
     info["backend"] = _backend.get_backend()
     info["available_backends"] = _backend.available_backends()
+    if "cpp" in info["available_backends"]:  # the masked_linear timings depend on it
+        info["cpp_masked_linear_tiles"] = torch.ops.dsd_kernels_cpp.masked_linear_tile_kernel()
     return info
+
+
+def cpu_model() -> str:
+    """The CPU's model name (and x86 family/model: which vector units it has), where Linux says."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+                if not line.strip():
+                    break
+    except OSError:
+        return platform.processor() or "unknown"
+    name = fields.get("model name", platform.processor() or "unknown")
+    if "cpu family" in fields:
+        name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    return name
 
 
 def device_label(device: str) -> str:
