@@ -26,6 +26,7 @@ TORCH_LIBRARY(dsd_kernels_cpp, m) {
   m.def(kApplyMasks);
   m.def(kMaskedSgd);
   m.def(kMaskedAdamw);
+  m.def(kMaskedAdamwFused);
   m.def(kMaskedLinearForward);
   m.def(kMaskedLinearBackward);
 }

@@ -25,6 +25,14 @@ constexpr const char* kMaskedAdamw =
     "Tensor(d!)[] max_exp_avg_sqs, Tensor?[] mask_words, float[] step_sizes, "
     "float[] bias_correction2_sqrts, float lr, float beta1, float beta2, float eps, "
     "float weight_decay, bool amsgrad, bool maximize) -> ()";
+// the same with torch's fused AdamW bits (CPU only): its step sizes and bias corrections, the
+// vector width in elements of its kernel's vector loop and of the compiler's vectorisation of the
+// scalar loop after it (the last numel % vector_lanes elements)
+constexpr const char* kMaskedAdamwFused =
+    "masked_adamw_fused_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+    "Tensor(d!)[] max_exp_avg_sqs, Tensor?[] mask_words, float[] step_sizes, "
+    "float[] bias_correction2_sqrts, float lr, float beta1, float beta2, float eps, "
+    "float weight_decay, bool amsgrad, bool maximize, int vector_lanes, int epilogue_lanes) -> ()";
 constexpr const char* kMaskedLinearForward =
     "masked_linear_forward(Tensor x, Tensor weight, Tensor mask_words, Tensor? bias, "
     "Tensor? tile_kept) -> Tensor";

@@ -91,13 +91,13 @@ REGISTRY: tuple[Implementation, ...] = tuple(
     # "foreach" only. On a GPU both are served by one kernel (bits not checked on a GPU yet).
     + _rows("masked_sgd", "masked_sgd", cuda=("triton", "cpp"), variants=("foreach", "fused"),
             cpp_cpu_variants=("foreach",))
-    # AdamW as SGD: the C++ row reproduces torch's single-tensor/foreach bits in fp32/fp64, the
-    # composite (torch's own step + an AND pass) every flag and dtype; on CUDA the Triton kernel
+    # AdamW: the C++ row reproduces torch's single-tensor/foreach bits and its fused kernel's in
+    # fp32/fp64 (the fused ones where ATen's vector width is known: else it calls torch's step),
+    # the composite (torch's own step + an AND pass) every flag and dtype; on CUDA the Triton kernel
     # (measured: torch's foreach bits and 81-84% of copy bandwidth on an H200), then csrc/cuda's
     # (the same arithmetic, not yet run on a GPU); fp32/fp64, half precision takes the composite
     + _rows("masked_adamw", "masked_adamw", cuda=("triton", "cpp"), cuda_dtypes=(torch.float32, torch.float64),
-            variants=("foreach", "fused"), cpp_cpu_variants=("foreach",),
-            cpp_cpu_dtypes=(torch.float32, torch.float64))
+            variants=("foreach", "fused"), cpp_cpu_dtypes=(torch.float32, torch.float64))
     # re-masking around any optimizer's step (csrc/cuda has no such kernel); on CPU the
     # composite's AND with cached unpacked words measured faster than the C++ word loop
     + _rows("apply_masks", "apply_masks", cuda=("triton",), cpu=("torch", "cpp"))

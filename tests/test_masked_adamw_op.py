@@ -122,7 +122,55 @@ def test_channels_last_and_complex_parameters_step_like_their_contiguous_real_se
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
-def test_torch_fused_variant_is_torch_fused_adamw_then_masks():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_torch_fused_variant_is_torch_fused_adamw_then_masks(backend, dtype, options):
+    """With torch_fused=True every CPU backend gives the bits of torch's fused AdamW kernel on the
+    kept weights (the C++ kernel its own way: one pass, torch's tail rounding included; every
+    tail length of the vector loop below), +0 where pruned."""
+    shapes = [(33, 70), (5, 40), (3, 7), (1, 31), (2, 9)]
+    params, keeps = make_state(dtype, seed=7, shapes=shapes)
+    ours = run(params, keeps, 3, backend=backend, poison=True, torch_fused=True, **options)
+    beta1 = options["beta1"]
+    theirs = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = torch.optim.AdamW(theirs, lr=1e-2, fused=True, betas=(beta1, 0.999),
+                            **{k: v for k, v in options.items() if k != "beta1"})
+    for step in range(3):
+        for q, g, k in zip(theirs, grads_for(params, step, keeps), keeps):
+            q.grad = torch.where(k, g, torch.zeros_like(g))
+        opt.step()
+        with torch.no_grad():
+            for q, k in zip(theirs, keeps):
+                q.masked_fill_(~k, 0)
+    for a, q, k in zip(ours[0], theirs, keeps):
+        assert torch.equal(bits(a), bits(q.detach()))
+        assert bits(a)[~k].eq(0).all()
+
+
+def test_the_cpp_kernel_reproduces_torch_fused_here_itself():
+    """Where ATen's CPU kernels are AVX-512 or AVX2 builds, the C++ kernel's fused arithmetic
+    matches torch's (checked at first use); it must not fall back to torch's own step there, or
+    a fault in the kernel would hide behind the fallback. Also under ATen's AVX2 kernels."""
+    import subprocess
+    import sys
+
+    from dsd_kernels._adamw_steps import fused_layout
+    require_backend("cpp")
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX2"):
+        pytest.skip(f"ATen's CPU kernels here are {torch.backends.cpu.get_cpu_capability()} builds: "
+                    "the fused arithmetic falls back to torch's own step")
+    assert fused_layout(torch.float32) is not None and fused_layout(torch.float64) is not None
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        probe = ("import torch, dsd_kernels._C; from dsd_kernels._adamw_steps import fused_layout; "
+                 "print(torch.backends.cpu.get_cpu_capability(), fused_layout(torch.float32), "
+                 "fused_layout(torch.float64))")
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                             env={**__import__("os").environ, "ATEN_CPU_CAPABILITY": "avx2"})
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("AVX2") and "None" not in out.stdout, out.stdout
+
+
+def test_torch_fused_variant_on_the_composite_matches_torch():
     params, keeps = make_state(torch.float32, seed=7, shapes=[(33, 70), (5, 40)])
     ours = run(params, keeps, 3, backend="torch", torch_fused=True)
     theirs = [torch.nn.Parameter(p.clone()) for p in params]

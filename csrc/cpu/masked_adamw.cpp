@@ -28,7 +28,7 @@ namespace {
 // A clone for x86-64-v3 (AVX2 + FMA: hardware fused multiply-adds and 8-lane integer selects)
 // picked at load time where the CPU has it; elsewhere the default build, std::fma in software.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__AVX2__)
-#define DSD_ADAMW_FMA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define DSD_ADAMW_FMA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define DSD_ADAMW_FMA_CLONES
 #endif
@@ -77,6 +77,25 @@ constexpr int64_t kBlockWords = 256;
 // (loads of one would falsely wait on stores to another: 4K aliasing)
 constexpr int64_t kSpan = kBlockWords * 32 + 48;
 
+// The lanes of `count` mask words from word `first` (all ones without words), and the range of
+// elements they cover: (first element, elements). Words cover each row's columns in order and rows
+// follow each other, so the range is contiguous.
+template <typename bits_t>
+std::pair<int64_t, int64_t> block_lanes(const int32_t* words, const MaskLayout& lay, int64_t first,
+                                        int64_t count, bits_t* __restrict lanes) {
+  int64_t row = first / lay.words_per_row, in_row = first - row * lay.words_per_row;
+  const int64_t start = row * lay.cols + in_row * 32;
+  int64_t n = 0;
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t len = std::min<int64_t>(32, lay.cols - in_row * 32);
+    const uint32_t bits = words ? static_cast<uint32_t>(words[first + k]) : 0xFFFFFFFFu;
+    expand_word(bits, lanes + n);  // writes 32 lanes; the buffer has room past n + len
+    n += len;
+    if (++in_row == lay.words_per_row) in_row = 0;
+  }
+  return {start, n};
+}
+
 // One block of up to kBlockWords consecutive mask words starting at word `first`: their
 // elements are one contiguous range of the tensor (words cover each row's columns in order, rows
 // follow each other), so both phases are single loops over it. Phase 1: the decayed weight, new
@@ -97,17 +116,7 @@ DSD_ADAMW_FMA_CLONES void step_block(scalar_t* __restrict p, const scalar_t* __r
   acc_t* __restrict root = buffers + 4 * kSpan;
   using bits_t = typename KeyTraits<scalar_t>::bits_t;
   const Coefficients<acc_t> c = coef;
-  // the block's range and each word's lanes
-  int64_t row = first / lay.words_per_row, in_row = first - row * lay.words_per_row;
-  const int64_t start = row * lay.cols + in_row * 32;
-  int64_t n = 0;
-  for (int64_t k = 0; k < count; ++k) {
-    const int64_t len = std::min<int64_t>(32, lay.cols - in_row * 32);
-    const uint32_t bits = words ? static_cast<uint32_t>(words[first + k]) : 0xFFFFFFFFu;
-    expand_word(bits, lanes + n);  // writes 32 lanes; the buffer has room past n + len
-    n += len;
-    if (++in_row == lay.words_per_row) in_row = 0;
-  }
+  const auto [start, n] = block_lanes(words, lay, first, count, lanes);
   p += start, g += start, m += start, v += start;
   if (kAmsgrad) vmax += start;
   for (int64_t j = 0; j < n; ++j) {
@@ -155,18 +164,100 @@ void step_tensor(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v, scala
   });
 }
 
+// ---------------------------------------------------------------- torch's fused kernel's bits
+// torch.optim.AdamW(fused=True) on CPU (ATen's fused Adam kernel) rounds as the step above except
+// that its square root is the correctly rounded one (not MKL's), and in the last
+// numel % vector_lanes elements of a tensor (its scalar loop after the vector one): past the part
+// of that loop the compiler vectorised (epilogue_lanes at a time), exp_avg_sq is
+// fma(exp_avg_sq, beta2, (1 - beta2) * grad * grad) and the amsgrad maximum is std::max's (NaN in
+// the new exp_avg_sq does not win). Those widths are of torch's binary: Python
+// passes them and checks them against torch's own step at first use (_adamw_steps.py). The root
+// being a plain instruction, this is one loop over the block: read p, g, m, v, write them AND-ed
+// with the lanes. Contraction is off, so that exactly the fmas written here fuse (the job of
+// the first-phase buffers above).
+#if defined(__GNUC__) && !defined(__clang__)
+#define DSD_ADAMW_EXACT_ARITHMETIC __attribute__((optimize("fp-contract=off", "no-math-errno")))
+#else
+#define DSD_ADAMW_EXACT_ARITHMETIC
+#endif
+
+// kRegion: 0 torch's vector loop, 1 the vectorised part of its scalar loop, 2 the rest
+template <typename scalar_t, bool kDecay, bool kMaximize, bool kAmsgrad, bool kSmallWeight, int kRegion>
+DSD_ADAMW_FMA_CLONES DSD_ADAMW_EXACT_ARITHMETIC void fused_range(
+    scalar_t* __restrict p, const scalar_t* __restrict g, scalar_t* __restrict m, scalar_t* __restrict v,
+    scalar_t* __restrict vmax, const typename KeyTraits<scalar_t>::bits_t* __restrict lanes, int64_t n,
+    const Coefficients<scalar_t>& coef) {
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#endif
+  using bits_t = typename KeyTraits<scalar_t>::bits_t;
+  const Coefficients<scalar_t> c = coef;
+  for (int64_t j = 0; j < n; ++j) {
+    scalar_t grad = g[j];
+    if (kMaximize) grad = -grad;
+    const scalar_t param = kDecay ? p[j] * c.decay : p[j];
+    const scalar_t avg = m[j];
+    const scalar_t diff = grad - avg;
+    const scalar_t a = kSmallWeight ? std::fma(c.avg_weight, diff, avg) : std::fma(-diff, c.avg_keep, grad);
+    const scalar_t weighted = c.sq_weight * grad;
+    const scalar_t sq =
+        kRegion == 2 ? std::fma(v[j], c.beta2, weighted * grad) : std::fma(weighted, grad, v[j] * c.beta2);
+    scalar_t second = sq;
+    if (kAmsgrad) {
+      const scalar_t old = vmax[j];
+      second = kRegion == 2 ? (old < sq ? sq : old) : ((old > sq || old != old) ? old : sq);
+    }
+    const scalar_t denom = std::sqrt(second) / c.bc2_sqrt + c.eps;
+    const scalar_t new_p = param + (c.neg_step * a) / denom;
+    const bits_t lane = lanes[j];
+    p[j] = __builtin_bit_cast(scalar_t, __builtin_bit_cast(bits_t, new_p) & lane);
+    m[j] = __builtin_bit_cast(scalar_t, __builtin_bit_cast(bits_t, a) & lane);
+    v[j] = __builtin_bit_cast(scalar_t, __builtin_bit_cast(bits_t, sq) & lane);
+    if (kAmsgrad) vmax[j] = __builtin_bit_cast(scalar_t, __builtin_bit_cast(bits_t, second) & lane);
+  }
+}
+
+// elements [0, vector_end) of the tensor round as torch's vector loop, [vector_end, epilogue_end)
+// as the vectorised part of its scalar loop, the rest as that loop's scalar part
+template <typename scalar_t, bool kDecay, bool kMaximize, bool kAmsgrad, bool kSmallWeight>
+void fused_tensor(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vmax, const int32_t* words,
+                  const MaskLayout& lay, const Coefficients<scalar_t>& c, int64_t vector_end, int64_t epilogue_end) {
+  at::parallel_for(0, lay.num_words(), kBlockWords, [&](int64_t begin, int64_t end) {
+    std::vector<typename KeyTraits<scalar_t>::bits_t> lanes(kSpan);
+    for (int64_t first = begin; first < end; first += kBlockWords) {
+      const auto [start, n] = block_lanes(words, lay, first, std::min<int64_t>(kBlockWords, end - first), lanes.data());
+      const int64_t cut1 = std::clamp<int64_t>(vector_end - start, 0, n);
+      const int64_t cut2 = std::clamp<int64_t>(epilogue_end - start, cut1, n);
+      const auto at = [&](scalar_t* t, int64_t j) { return t ? t + start + j : nullptr; };
+#define DSD_REGION(R, FROM, TO)                                                                         \
+  fused_range<scalar_t, kDecay, kMaximize, kAmsgrad, kSmallWeight, R>(                                  \
+      p + start + FROM, g + start + FROM, m + start + FROM, v + start + FROM, at(vmax, FROM), lanes.data() + FROM, \
+      TO - FROM, c)
+      DSD_REGION(0, 0, cut1);
+      DSD_REGION(1, cut1, cut2);
+      DSD_REGION(2, cut2, n);
+#undef DSD_REGION
+    }
+  });
+}
+
 template <typename scalar_t, typename acc_t>
 void step_dispatch(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
                    at::Tensor* max_exp_avg_sq, const int32_t* words, const Coefficients<acc_t>& c,
-                   bool decay, bool maximize, bool small_weight) {
+                   bool decay, bool maximize, bool small_weight, int64_t vector_lanes, int64_t epilogue_lanes) {
   const MaskLayout lay(param);
   scalar_t* p = param.data_ptr<scalar_t>();
   const scalar_t* g = grad.data_ptr<scalar_t>();
   scalar_t* m = exp_avg.data_ptr<scalar_t>();
   scalar_t* v = exp_avg_sq.data_ptr<scalar_t>();
   scalar_t* vm = max_exp_avg_sq ? max_exp_avg_sq->data_ptr<scalar_t>() : nullptr;
-  // 2^4 instantiations of one loop: the options never change inside a step
-#define DSD_STEP(D, X, A, W) step_tensor<scalar_t, acc_t, D, X, A, W>(p, g, m, v, vm, words, lay, c)
+  const int64_t numel = param.numel();
+  const int64_t vector_end = vector_lanes > 0 ? numel - numel % vector_lanes : 0;
+  const int64_t epilogue_end = epilogue_lanes > 0 ? numel - (numel - vector_end) % epilogue_lanes : vector_end;
+  // 2^4 instantiations of each loop: the options never change inside a step
+#define DSD_STEP(D, X, A, W)                                                                     \
+  (vector_lanes > 0 ? fused_tensor<scalar_t, D, X, A, W>(p, g, m, v, vm, words, lay, c, vector_end, epilogue_end) \
+                    : step_tensor<scalar_t, acc_t, D, X, A, W>(p, g, m, v, vm, words, lay, c))
 #define DSD_W(D, X, A) (small_weight ? DSD_STEP(D, X, A, true) : DSD_STEP(D, X, A, false))
 #define DSD_A(D, X) (vm ? DSD_W(D, X, true) : DSD_W(D, X, false))
 #define DSD_X(D) (maximize ? DSD_A(D, true) : DSD_A(D, false))
@@ -177,11 +268,15 @@ void step_dispatch(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_av
 #undef DSD_STEP
 }
 
-void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                   const c10::List<std::optional<at::Tensor>>& mask_words, at::ArrayRef<double> step_sizes,
-                   at::ArrayRef<double> bias_correction2_sqrts, double lr, double beta1, double beta2,
-                   double eps, double weight_decay, bool amsgrad, bool maximize) {
+// vector_lanes: 0 for the single-tensor/foreach bits; for the fused kernel's, its vector width in
+// elements of the params' dtype (the last numel % vector_lanes elements round as its scalar loop),
+// and epilogue_lanes the width at which the compiler vectorised that loop (0: not at all)
+void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                const c10::List<std::optional<at::Tensor>>& mask_words, at::ArrayRef<double> step_sizes,
+                at::ArrayRef<double> bias_correction2_sqrts, double lr, double beta1, double beta2,
+                double eps, double weight_decay, bool amsgrad, bool maximize, int64_t vector_lanes,
+                int64_t epilogue_lanes) {
   dsd_kernels_adamw::check_masked_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mask_words,
                                              step_sizes, bias_correction2_sqrts, amsgrad);
   for (size_t i = 0; i < params.size(); ++i) {
@@ -198,13 +293,39 @@ void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList e
                                   static_cast<acc_t>(1 - beta2), static_cast<acc_t>(-step_sizes[i]),
                                   static_cast<acc_t>(bias_correction2_sqrts[i]), static_cast<acc_t>(eps)};
       step_dispatch<scalar_t, acc_t>(p, grads[i], m, v, amsgrad ? &vmax : nullptr, words, c,
-                                     weight_decay != 0, maximize, std::abs(avg_weight) < acc_t(0.5));
+                                     weight_decay != 0, maximize, std::abs(avg_weight) < acc_t(0.5),
+                                     vector_lanes, epilogue_lanes);
     });
   }
 }
 
+void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                   const c10::List<std::optional<at::Tensor>>& mask_words, at::ArrayRef<double> step_sizes,
+                   at::ArrayRef<double> bias_correction2_sqrts, double lr, double beta1, double beta2,
+                   double eps, double weight_decay, bool amsgrad, bool maximize) {
+  adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mask_words, step_sizes, bias_correction2_sqrts,
+             lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, 0, 0);
+}
+
+void masked_adamw_fused_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                         at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                         const c10::List<std::optional<at::Tensor>>& mask_words, at::ArrayRef<double> step_sizes,
+                         at::ArrayRef<double> bias_correction2_sqrts, double lr, double beta1, double beta2,
+                         double eps, double weight_decay, bool amsgrad, bool maximize, int64_t vector_lanes,
+                         int64_t epilogue_lanes) {
+  TORCH_CHECK(vector_lanes > 0 && epilogue_lanes >= 0 && epilogue_lanes < vector_lanes,
+              "masked_adamw_fused_: need vector_lanes > 0 and 0 <= epilogue_lanes < vector_lanes, got ",
+              vector_lanes, " and ", epilogue_lanes);
+  adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, mask_words, step_sizes, bias_correction2_sqrts,
+             lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, vector_lanes, epilogue_lanes);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dsd_kernels_cpp, CPU, m) { m.impl("masked_adamw_", &masked_adamw_); }
+TORCH_LIBRARY_IMPL(dsd_kernels_cpp, CPU, m) {
+  m.impl("masked_adamw_", &masked_adamw_);
+  m.impl("masked_adamw_fused_", &masked_adamw_fused_);
+}
 
 }  // namespace dsd_kernels_cpu

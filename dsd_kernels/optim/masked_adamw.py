@@ -5,11 +5,11 @@ hyper-parameters) with the fused implementation (`dsd_kernels.ops.masked_adamw_`
 C++ pass over memory, torch's single-tensor/foreach AdamW bits) and the per-tensor reference
 behind one signature; `MaskedAdamW` holds state and masks and calls it.
 
-Which step runs: groups with a float lr and betas, not capturable, not differentiable and not
-fused take `ops.masked_adamw_` (the kept weights carry AdamW's bits exactly, the pruned weights
-and moments are written as +0 in the same pass). Every other configuration (fused=True, tensor
-lr, capturable, differentiable) runs torch.optim.AdamW's own step followed by one fused
-re-masking pass (`ops.apply_masks_`) over the masked weights and their moments: AdamW is
+Which step runs: groups with a float lr and betas, not capturable and not differentiable take
+`ops.masked_adamw_` (the kept weights carry AdamW's bits exactly, those of its fused kernel with
+fused=True; the pruned weights and moments are written as +0 in the same pass). Every other
+configuration (tensor lr, capturable, differentiable, fused=True on CUDA or under a GradScaler)
+runs torch.optim.AdamW's own step followed by one fused re-masking pass (`ops.apply_masks_`) over the masked weights and their moments: AdamW is
 elementwise, so the kept entries are what AdamW computes on `grad * mask`.
 """
 from __future__ import annotations
@@ -56,25 +56,33 @@ class MaskedAdamW(MaskedParams, torch.optim.AdamW):
                          differentiable=differentiable, fused=fused)
         self._masks: dict[Tensor, Mask] = {}
 
-    def _takes_fused_step(self, group: dict) -> bool:
-        """Whether the op reproduces the step torch would take for this group: not for fused,
-        capturable, differentiable or tensor hyper-parameters, nor for foreach=False on CUDA
-        (torch's single-tensor CUDA kernels round otherwise than its foreach ones, which the op
-        follows there; on CPU the two give the same bits)."""
+    def _op_arithmetic(self, group: dict) -> str | None:
+        """Which arithmetic of the op reproduces the step torch would take for this group:
+        "foreach" (torch's single-tensor/foreach bits), "fused" (its fused kernel's, CPU only), or
+        None: not for capturable, differentiable or tensor hyper-parameters, nor for
+        foreach=False on CUDA (torch's single-tensor CUDA kernels round otherwise than its foreach
+        ones, which the op follows there; on CPU the two give the same bits), nor for fused=True
+        on CUDA or under a GradScaler (which hands the fused step its scale and inf flag)."""
         beta1, beta2 = group["betas"]
-        return not (group["fused"] or group["capturable"] or group["differentiable"]
-                    or any(isinstance(v, Tensor) for v in (group["lr"], beta1, beta2, group["weight_decay"]))
-                    or (group["foreach"] is False and any(p.is_cuda for p in group["params"])))
+        if (group["capturable"] or group["differentiable"]
+                or any(isinstance(v, Tensor) for v in (group["lr"], beta1, beta2, group["weight_decay"]))):
+            return None
+        on_cuda = any(p.is_cuda for p in group["params"])
+        if group["fused"]:
+            scaled = getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None
+            return None if on_cuda or scaled else "fused"
+        return None if group["foreach"] is False and on_cuda else "foreach"
 
     def step(self, closure=None):
-        if not all(self._takes_fused_step(g) for g in self.param_groups):
+        arithmetic = [self._op_arithmetic(g) for g in self.param_groups]
+        if None in arithmetic:
             return self._torch_step_then_mask(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         with torch.no_grad():
-            for group in self.param_groups:
+            for group, how in zip(self.param_groups, arithmetic):
                 params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
                 self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
                 if not params:
@@ -83,7 +91,7 @@ class MaskedAdamW(MaskedParams, torch.optim.AdamW):
                 masked_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
                              [self._masks.get(p) for p in params], lr=group["lr"], beta1=beta1, beta2=beta2,
                              eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
-                             maximize=group["maximize"])
+                             maximize=group["maximize"], torch_fused=how == "fused")
         return loss
 
     def _torch_step_then_mask(self, closure):
