@@ -23,8 +23,10 @@ BUILD_CUDA = os.environ.get("DSD_KERNELS_BUILD_CUDA", "auto").strip().lower()
 if BUILD_CUDA not in ("auto", "0", "1"):
     sys.exit(f"DSD_KERNELS_BUILD_CUDA must be auto, 0 or 1, got {BUILD_CUDA!r}")
 
-# no -std flag: torch's build helper picks the standard its headers need
-CXX_FLAGS = ["-O3", "-fopenmp"]
+# no -std flag: torch's build helper picks the standard its headers need. -ffp-contract=off: the
+# kernels that reproduce torch's bits write every fused multiply-add they mean (std::fma), and no
+# other product may fuse into a sum; -fno-math-errno as torch builds (sqrt vectorises).
+CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
 CPU_SOURCES = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 
 

@@ -173,23 +173,14 @@ void step_tensor(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v, scala
 // the new exp_avg_sq does not win). Those widths are of torch's binary: Python
 // passes them and checks them against torch's own step at first use (_adamw_steps.py). The root
 // being a plain instruction, this is one loop over the block: read p, g, m, v, write them AND-ed
-// with the lanes. Contraction is off, so that exactly the fmas written here fuse (the job of
-// the first-phase buffers above).
-#if defined(__GNUC__) && !defined(__clang__)
-#define DSD_ADAMW_EXACT_ARITHMETIC __attribute__((optimize("fp-contract=off", "no-math-errno")))
-#else
-#define DSD_ADAMW_EXACT_ARITHMETIC
-#endif
-
+// with the lanes. The extension builds with -ffp-contract=off (setup.py), so exactly the fmas
+// written here fuse.
 // kRegion: 0 torch's vector loop, 1 the vectorised part of its scalar loop, 2 the rest
 template <typename scalar_t, bool kDecay, bool kMaximize, bool kAmsgrad, bool kSmallWeight, int kRegion>
-DSD_ADAMW_FMA_CLONES DSD_ADAMW_EXACT_ARITHMETIC void fused_range(
+DSD_ADAMW_FMA_CLONES void fused_range(
     scalar_t* __restrict p, const scalar_t* __restrict g, scalar_t* __restrict m, scalar_t* __restrict v,
     scalar_t* __restrict vmax, const typename KeyTraits<scalar_t>::bits_t* __restrict lanes, int64_t n,
     const Coefficients<scalar_t>& coef) {
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT OFF
-#endif
   using bits_t = typename KeyTraits<scalar_t>::bits_t;
   const Coefficients<scalar_t> c = coef;
   for (int64_t j = 0; j < n; ++j) {
