@@ -458,9 +458,10 @@ CASE_FACTORIES["apply_masks"] = apply_masks_cases
 def masked_adamw_cases(device: str, param_sets: tuple[str, ...] = ("resnet50", "gpt2-small")) -> list[Case]:
     """One masked AdamW step (50% masks on >= 2-D params) against AdamW(fused=True) /
     AdamW(foreach=True) plus the two mask multiplies (gradients before, weights after, as apex
-    ASP does; see mask_multiply_baselines), two ways: `masked_adamw_`, MaskedAdamW's default step (one fused masked
-    pass: on CPU the C++ kernel, torch's single-tensor/foreach bits), and `MaskedAdamW.step` with
-    fused=True (torch's fused AdamW, then one re-masking pass over weights and moments)."""
+    ASP does; see mask_multiply_baselines), two ways: `masked_adamw_`, MaskedAdamW's default step (one
+    fused masked pass: on CPU the C++ kernel with torch's single-tensor/foreach bits), and
+    `MaskedAdamW.step` with fused=True (on CPU the C++ kernel with the bits of torch's fused
+    kernel; the torch composite: torch's fused AdamW, then one re-masking pass)."""
     from .optim import MaskedAdamW
 
     shapes_of = {"resnet50": resnet50_weight_shapes, "gpt2-small": gpt2_small_param_shapes}
@@ -485,9 +486,9 @@ def masked_adamw_cases(device: str, param_sets: tuple[str, ...] = ("resnet50", "
             ours = MaskedAdamW(ours_params, lr=1e-3, **flags)
             ours.set_masks({p: k for p, k in zip(ours_params, keeps) if k is not None})
             ours.step()  # the state exists before timing, as in the baselines
-            # AdamW reads p, g, m, v and writes p, m, v (+ the mask bits); with fused=True the
-            # re-masking reads and writes p, m, v of the masked weights once more
-            bytes_moved = numel * 4 * 7 + masked // 8 + (masked * 4 * 6 if flags else 0)
+            # what the step must move: AdamW reads p, g, m, v and writes p, m, v, + the mask bits
+            # (the torch composite moves more: its re-masking pass reads and writes p, m, v again)
+            bytes_moved = numel * 4 * 7 + masked // 8
             cases.append(Case(op, f"{name} ({numel / 1e6:.1f}M params, 50% masks)", bytes_moved,
                               ours=ours.step, baselines=baselines))
     return cases
