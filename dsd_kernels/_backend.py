@@ -161,6 +161,17 @@ def cpp_status() -> tuple[bool, str]:
     return True, f"built: CPU kernels (no CUDA kernels: {why})"
 
 
+def cpp_tile_kernel() -> str:
+    """What multiplies the kept tiles of fp32 weights in the C++ masked_linear on this CPU, in words
+    (`dsd-kernels info`)."""
+    if not cpp_status()[0]:
+        return "no C++ extension"
+    if torch.ops.dsd_kernels_cpp.masked_linear_tile_kernel() == "avx512":
+        return "the AVX-512 kernel of csrc/cpu/masked_linear.cpp (DSD_KERNELS_TILE_GEMM=0: ATen matmuls)"
+    why = "DSD_KERNELS_TILE_GEMM=0" if os.environ.get("DSD_KERNELS_TILE_GEMM") == "0" else "no AVX-512F here"
+    return f"ATen matmuls, one per run of kept tiles ({why})"
+
+
 def row_status(row: Implementation, device_type: str | None = None) -> tuple[bool, str]:
     """(can run here, why not) for a registry row on `device_type` (default: the row's device)."""
     device_type = device_type or row.device

@@ -27,8 +27,7 @@ def _cmd_info(args) -> int:
     for name, why in _backend.reasons().items():
         print(f"  {name:<7} {'yes' if name in available else 'no ':<4} {why}")
     if "cpp" in available:
-        from .cpp.masked_linear import tile_kernel
-        print(f"  cpp masked_linear, kept tiles of fp32 on CPU: {tile_kernel()}")
+        print(f"  cpp masked_linear, kept tiles of fp32 on CPU: {_backend.cpp_tile_kernel()}")
     print("\nregistry (per op and device, auto takes the first available row serving the dtypes):")
     columns = ("op", "backend", "device", "dtypes", "role", "available")
     rows = [{**r, "available": "yes" if r["available"] else f"no: {r['why']}"} for r in _backend.table()]

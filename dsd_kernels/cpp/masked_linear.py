@@ -3,20 +3,10 @@ tiles of fp32 multiplied by its AVX-512 kernel where the CPU has AVX-512F); ther
 (the registry gives CUDA tensors to Triton)."""
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .. import _C  # noqa: F401  (registers torch.ops.dsd_kernels_cpp)
 from ..tile_structure import blocked_tiles
-
-
-def tile_kernel() -> str:
-    """What multiplies the kept tiles of fp32 weights on this CPU, in words."""
-    if torch.ops.dsd_kernels_cpp.masked_linear_tile_kernel() == "avx512":
-        return "the AVX-512 kernel of csrc/cpu/masked_linear.cpp (DSD_KERNELS_TILE_GEMM=0: ATen matmuls)"
-    why = "DSD_KERNELS_TILE_GEMM=0" if os.environ.get("DSD_KERNELS_TILE_GEMM") == "0" else "no AVX-512F here"
-    return f"ATen matmuls, one per run of kept tiles ({why})"
 
 
 def _tile_kept(words, weight):
