@@ -17,18 +17,20 @@ def advance_steps(state_steps, lr: float, beta1: float, beta2: float) -> tuple[l
     return step_sizes, bias_correction2_sqrts
 
 
-def _incremented_steps(state_steps) -> list[float]:
+def _incremented_steps(state_steps, as_float32: bool = False) -> list[float]:
+    """Increment the counts and read them back (as float32 values with as_float32)."""
     torch._foreach_add_(state_steps, 1)
     if len({t.dtype for t in state_steps}) == 1:
-        return torch.stack(state_steps).tolist()  # one read for all (each .item() costs a call)
-    return [t.item() for t in state_steps]
+        steps = torch.stack(state_steps)  # one read for all (each .item() costs a call)
+        return (steps.to(torch.float32) if as_float32 else steps).tolist()
+    return [float(t.to(torch.float32)) if as_float32 else t.item() for t in state_steps]
 
 
 def advance_fused_steps(state_steps, lr: float, beta1: float, beta2: float) -> tuple[list[float], list[float]]:
     """As advance_steps, with the scalars of torch's fused CPU kernel: the count read as float32,
     then in double lr / (1 - beta1^step) and std::sqrt(1 - beta2^step) (not ** 0.5: pow and
     sqrt differ in the last bit at times)."""
-    steps = [float(torch.tensor(s, dtype=torch.float32)) for s in _incremented_steps(state_steps)]
+    steps = _incremented_steps(state_steps, as_float32=True)
     return ([lr / (1 - beta1 ** step) for step in steps],
             [math.sqrt(1 - beta2 ** step) for step in steps])
 
