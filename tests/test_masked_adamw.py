@@ -49,10 +49,11 @@ def test_every_torch_config_is_bit_identical_without_masks(dtype, config, impl):
         assert same_bits(p.detach(), q.detach())
 
 
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "default")
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.desc)
-def test_with_masks_kept_weights_are_adamw_on_masked_gradients(config):
+def test_with_masks_kept_weights_are_adamw_on_masked_gradients(config, impl):
     ours, theirs = make_params(torch.float32), make_params(torch.float32)
-    opt, _, keeps = step_masked_beside_torch(MaskedAdamW, torch.optim.AdamW, config.kwargs, ours,
+    opt, _, keeps = step_masked_beside_torch(MaskedAdamW, torch.optim.AdamW, {**config.kwargs, **impl}, ours,
                                              theirs, set_grads)
     for p, q in zip(ours, theirs):
         assert same_bits(p.detach(), q.detach())

@@ -170,22 +170,6 @@ def test_the_cpp_kernel_reproduces_torch_fused_here_itself():
         assert out.stdout.startswith("AVX2") and "None" not in out.stdout, out.stdout
 
 
-def test_torch_fused_variant_on_the_composite_matches_torch():
-    params, keeps = make_state(torch.float32, seed=7, shapes=[(33, 70), (5, 40)])
-    ours = run(params, keeps, 3, backend="torch", torch_fused=True)
-    theirs = [torch.nn.Parameter(p.clone()) for p in params]
-    opt = torch.optim.AdamW(theirs, lr=1e-2, fused=True)
-    for step in range(3):
-        for q, g, k in zip(theirs, grads_for(params, step, keeps), keeps):
-            q.grad = torch.where(k, g, torch.zeros_like(g))
-        opt.step()
-        with torch.no_grad():
-            for q, k in zip(theirs, keeps):
-                q.masked_fill_(~k, 0)
-    for a, q in zip(ours[0], theirs):
-        assert torch.equal(bits(a), bits(q.detach()))
-
-
 def test_opcheck():
     g = torch.Generator().manual_seed(0)
     p = [torch.randn(6, 40, generator=g), torch.randn(7, generator=g)]
