@@ -78,6 +78,23 @@ def test_no_tile_and_every_tile_kept(kernel, kept_fraction):
         assert torch.equal(y, bias.expand(20, 70)) and dx.eq(0).all() and dw.eq(0).all()
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_any_thread_count(kernel, threads):
+    """The row chunks, k-tile shares and slices are cut per thread count: 1 and 3 threads (the
+    suite otherwise runs with this machine's count) give the same products."""
+    gen = torch.Generator().manual_seed(5)
+    x, w, dy = torch.randn(301, 200, generator=gen), torch.randn(150, 200, generator=gen), torch.randn(301, 150, generator=gen)
+    keep = block_keep(150, 200, 0.6, gen)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = run(x, w, dy, keep)
+    finally:
+        torch.set_num_threads(before)
+    for g, want in zip(got, products(x, w, dy, keep)):
+        torch.testing.assert_close(g.double(), want, rtol=1e-5, atol=1e-4)
+
+
 def test_the_two_kernels_agree_on_the_bench_shape(monkeypatch):
     if not HAS_AVX512:
         pytest.skip("this CPU has no AVX-512F")
