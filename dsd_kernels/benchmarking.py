@@ -352,13 +352,15 @@ def masked_linear_cases(device: str, shapes: list[tuple[int, int, int]] | None =
 
     CPU: fp32, the 512 x 1024 -> 1024 layer and a transformer MLP's two (2048 tokens, 768 -> 3072
     and 3072 -> 768); the forward, the two gradients (dX = dY (W*M), dW = (dY^T X) * M) and all
-    three as one training step, each against the same products done by torch. GPU: bf16
+    three as one training step, each against the same products done by torch (MKL through
+    F.linear / @, and dense oneDNN through torch.ops.mkldnn where torch has it). GPU: bf16
     forwards, the MLP shapes of GPT-2 and LLaMA-7B, 1 to 8192 tokens. shapes: (tokens, in, out)
     instead of those.
     """
     import torch.nn.functional as F
 
     from . import ops
+    from .dense_matmul import linear, onednn_linear_available
 
     if device.startswith("cuda"):
         dtype = torch.bfloat16
@@ -385,11 +387,15 @@ def masked_linear_cases(device: str, shapes: list[tuple[int, int, int]] | None =
             m = mask.to_bool().to(device, dtype)
             name = f"{tokens}x{d_in}->{d_out} {kind} {str(dtype)[6:]}"
             fwd_bytes = (tokens * d_in + d_in * d_out + tokens * d_out) * e
+            # torch's fastest dense fp32 matmul on CPU where it has oneDNN (what inductor emits;
+            # MKL's sgemm behind F.linear measured 1.5-2.9x slower on this project's AMD CPU)
+            onednn = gradients and onednn_linear_available(x)
             cases.append(Case(
                 "masked_linear", name, fwd_bytes,
                 ours=lambda x=x, w=w, k=words: ops.masked_linear(x, w, k),
                 baselines={"F.linear(x, W*M)": lambda x=x, w=w, m=m: F.linear(x, w * m),
-                           "dense F.linear(x, W)": lambda x=x, w=w: F.linear(x, w)},
+                           "dense F.linear(x, W)": lambda x=x, w=w: F.linear(x, w),
+                           **({"dense oneDNN linear(x, W)": lambda x=x, w=w: linear(x, w)} if onednn else {})},
                 flops=mm_flops))
             if not gradients:
                 continue
@@ -397,13 +403,15 @@ def masked_linear_cases(device: str, shapes: list[tuple[int, int, int]] | None =
                 "masked_linear dX", name, fwd_bytes,
                 ours=lambda dy=dy, x=x, w=w, k=words: backward(dy, x, w, k, True, False, False),
                 baselines={"dY @ (W*M)": lambda dy=dy, w=w, m=m: dy @ (w * m),
-                           "dense dY @ W": lambda dy=dy, w=w: dy @ w},
+                           "dense dY @ W": lambda dy=dy, w=w: dy @ w,
+                           **({"dense oneDNN dY @ W": lambda dy=dy, w=w: linear(dy, w.t())} if onednn else {})},
                 flops=mm_flops))
             cases.append(Case(
                 "masked_linear dW", name, fwd_bytes,
                 ours=lambda dy=dy, x=x, w=w, k=words: backward(dy, x, w, k, False, True, False),
                 baselines={"(dY^T @ X) * M": lambda dy=dy, x=x, m=m: (dy.t() @ x) * m,
-                           "dense dY^T @ X": lambda dy=dy, x=x: dy.t() @ x},
+                           "dense dY^T @ X": lambda dy=dy, x=x: dy.t() @ x,
+                           **({"dense oneDNN dY^T @ X": lambda dy=dy, x=x: linear(dy.t(), x.t())} if onednn else {})},
                 flops=mm_flops))
 
             def torch_step(x=x, w=w, dy=dy, m=m):
@@ -416,7 +424,9 @@ def masked_linear_cases(device: str, shapes: list[tuple[int, int, int]] | None =
                                                        backward(dy, x, w, k, True, True, False)),
                 baselines={"F.linear(x, W*M), dY @ (W*M), (dY^T @ X) * M": torch_step,
                            "dense: the three matmuls": lambda x=x, w=w, dy=dy: (F.linear(x, w), dy @ w,
-                                                                                dy.t() @ x)},
+                                                                                dy.t() @ x),
+                           **({"dense oneDNN: the three matmuls": lambda x=x, w=w, dy=dy: (
+                               linear(x, w), linear(dy, w.t()), linear(dy.t(), x.t()))} if onednn else {})},
                 flops=3 * mm_flops))
     return cases
 
