@@ -388,7 +388,7 @@ def masked_linear_cases(device: str, shapes: list[tuple[int, int, int]] | None =
             name = f"{tokens}x{d_in}->{d_out} {kind} {str(dtype)[6:]}"
             fwd_bytes = (tokens * d_in + d_in * d_out + tokens * d_out) * e
             # torch's fastest dense fp32 matmul on CPU where it has oneDNN (what inductor emits;
-            # MKL's sgemm behind F.linear measured 1.5-2.9x slower on this project's AMD CPU)
+            # MKL's sgemm behind F.linear measured slower on this project's AMD CPU)
             onednn = gradients and onednn_linear_available(x)
             cases.append(Case(
                 "masked_linear", name, fwd_bytes,

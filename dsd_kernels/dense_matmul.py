@@ -4,7 +4,7 @@ tiles): oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, what inductor emi
 linears) for fp32 where torch was built with it, else ATen's matmul (MKL or OpenBLAS).
 
 Why: torch's own F.linear / mm take MKL's sgemm, which on CPUs MKL does not run its AVX-512 code
-on (AMD's) measured 1.5-2.9x slower than oneDNN in every pass and shape of the bench
+on (AMD's) measured slower than oneDNN in every pass and shape of the bench
 (benchmarks/results/cpu-*.json); elsewhere the two are on a par. The bench times both as
 baselines."""
 from __future__ import annotations
