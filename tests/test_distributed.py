@@ -32,8 +32,18 @@ SPARSITIES = [0.5, 0.6, 0.37, 0.9]
 def run_ranks(worker, tmp_path, name, world=2):
     """worker(rank, world, init_file, out_dir) in `world` processes (each joins a gloo group through
     init_file and saves out_dir/{name}{rank}.pt); returns the ranks' saved results."""
-    mp.spawn(worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_exit_after, args=(worker, world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
     return [torch.load(tmp_path / f"{name}{r}.pt", weights_only=True) for r in range(world)]
+
+
+def _exit_after(rank, worker, world, init_file, out_dir):
+    """Run worker, then leave without interpreter teardown (its results are on disk, its group
+    destroyed). Once in about 40 runs a rank aborted with std::terminate ("terminate called
+    without an active exception", what a thread object left joinable raises when destroyed, as at
+    teardown); if that abort comes at exit this skips it, if earlier the test still fails. A
+    failure inside worker still raises."""
+    worker(rank, world, init_file, out_dir)
+    os._exit(0)
 
 
 def _worker(rank, world, init_file, out_dir):
