@@ -85,22 +85,23 @@ def selection_work() -> list[Work]:
     return out
 
 
-def sgd_work() -> list[Work]:
+def _optimizer_work(op: str, backend: str, resnet50_shapes, fp32_words: int, launches: int) -> list[Work]:
+    """One step over ResNet-50's and GPT-2 small's parameters with 50% masks: fp32_words 4-byte
+    reads and writes per element, plus the mask bits."""
     out = []
-    for name, shapes in (("resnet50", resnet50_sgd_shapes()), ("gpt2-small", gpt2_small_param_shapes())):
+    for name, shapes in (("resnet50", resnet50_shapes), ("gpt2-small", gpt2_small_param_shapes())):
         n, masked = _numel(shapes), _masked_numel(shapes)
-        out.append(Work("masked_sgd_", f"{name} ({n / 1e6:.1f}M params, 50% masks)", "csrc/cuda",
-                        n * 4 * 5 + masked // 8, 0, SGD_LAUNCHES))
+        out.append(Work(op, f"{name} ({n / 1e6:.1f}M params, 50% masks)", backend,
+                        n * 4 * fp32_words + masked // 8, 0, launches))
     return out
+
+
+def sgd_work() -> list[Work]:
+    return _optimizer_work("masked_sgd_", "csrc/cuda", resnet50_sgd_shapes(), 5, SGD_LAUNCHES)
 
 
 def adamw_work() -> list[Work]:
-    out = []
-    for name, shapes in (("resnet50", resnet50_weight_shapes()), ("gpt2-small", gpt2_small_param_shapes())):
-        n, masked = _numel(shapes), _masked_numel(shapes)
-        out.append(Work("masked_adamw_", f"{name} ({n / 1e6:.1f}M params, 50% masks)", "triton",
-                        n * 4 * 7 + masked // 8, 0, ADAMW_LAUNCHES))
-    return out
+    return _optimizer_work("masked_adamw_", "triton", resnet50_weight_shapes(), 7, ADAMW_LAUNCHES)
 
 
 def apply_masks_work() -> list[Work]:

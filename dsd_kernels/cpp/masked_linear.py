@@ -25,14 +25,14 @@ def _tile_kept(words, weight):
 def forward(x2d, weight, words, bias):
     kept = _tile_kept(words, weight)
     if kept is None and onednn_linear_available(x2d):  # W*M whole: oneDNN's matmul (dense_matmul)
-        return linear(x2d, _masked(weight, words), bias)
+        return linear(x2d, masked_copy(weight, words), bias)
     return torch.ops.dsd_kernels_cpp.masked_linear_forward(x2d, weight, words, bias, kept)
 
 
 def backward(grad2d, x2d, weight, words, needs_input: bool, needs_weight: bool):
     kept = _tile_kept(words, weight)
     if kept is None and onednn_linear_available(x2d):
-        dx = linear(grad2d, _masked(weight, words).t()) if needs_input else None
+        dx = linear(grad2d, masked_copy(weight, words).t()) if needs_input else None
         dw = None
         if needs_weight and x2d.shape[0] >= ONEDNN_MIN_ROWS_FOR_DW:
             dw = linear(grad2d.t(), x2d.t())
@@ -44,7 +44,3 @@ def backward(grad2d, x2d, weight, words, needs_input: bool, needs_weight: bool):
                                                               needs_input, needs_weight, kept)
     return (dx if needs_input else None), (dw if needs_weight else None)
 
-
-def _masked(weight, words):
-    """W*M, exactly +0 where pruned: one AND pass with the mask's cached 0/-1 words."""
-    return masked_copy(weight, words)
