@@ -67,10 +67,11 @@ def _matches_torch_fused(dtype: torch.dtype, vector_lanes: int, epilogue_lanes: 
         for n in sizes:
             grad = torch.randn(n, generator=gen, dtype=dtype)
             grad[torch.randint(n, (1,), generator=gen)] = float("nan")
+            max_exp_avg_sq = torch.rand(n, generator=gen, dtype=dtype) * 0.2
+            max_exp_avg_sq[torch.randint(n, (1,), generator=gen)] = float("nan")  # the maximum's NaN rule
             tensors.append([torch.randn(n, generator=gen, dtype=dtype), grad,
                             torch.randn(n, generator=gen, dtype=dtype) * 0.1,
-                            torch.rand(n, generator=gen, dtype=dtype) * 0.1,
-                            torch.rand(n, generator=gen, dtype=dtype) * 0.2])
+                            torch.rand(n, generator=gen, dtype=dtype) * 0.1, max_exp_avg_sq])
         ours = [[t.clone() for t in ts] for ts in tensors]
         steps = [torch.tensor(2.0) for _ in sizes]
         adamw([t[0] for t in tensors], [t[1] for t in tensors], [t[2] for t in tensors], [t[3] for t in tensors],

@@ -28,6 +28,21 @@ class Case:
     ours: Callable[[], object]
     baselines: dict[str, Callable[[], object]] = field(default_factory=dict)
     flops: int | None = None  # for matmuls: report TFLOP/s too
+    # not the job, timed beside it for scale: name -> (fn, bytes fn moves); e.g. copy_reference
+    references: dict[str, tuple[Callable[[], object], int]] = field(default_factory=dict)
+
+
+COPY_REFERENCE_BYTES = 2**29  # the copy moves up to this much: far past any cache, little memory
+
+
+def copy_reference(device: str, bytes_moved: int) -> dict[str, tuple[Callable[[], object], int]]:
+    """The memory bandwidth a streaming op can hope for, measured beside it: one `dst.copy_(src)`
+    of fp32 buffers (read + write counted; at most COPY_REFERENCE_BYTES in all, so it costs no
+    more memory than the op's own tensors)."""
+    n = min(bytes_moved, COPY_REFERENCE_BYTES) // 8  # fp32 elements per buffer
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    return {"copy_ (read + write)": (lambda: dst.copy_(src), 8 * n)}
 
 
 def resnet50_weight_shapes() -> list[tuple[int, ...]]:
@@ -163,6 +178,7 @@ def run_case(case: Case, min_run_time: float = 0.5, backends: list[str] | None =
     backends = backends or [_backend.get_backend()]
     ours: dict[str, float] = {}
     base: dict[str, float] = {}
+    refs: dict[str, float] = {}
     per_round = min_run_time / ROUNDS
     for _ in range(ROUNDS):
         for name in backends:
@@ -172,6 +188,9 @@ def run_case(case: Case, min_run_time: float = 0.5, backends: list[str] | None =
         for name, fn in case.baselines.items():
             t = time_callable(fn, per_round)
             base[name] = min(t, base.get(name, t))
+        for name, (fn, _) in case.references.items():
+            t = time_callable(fn, per_round)
+            refs[name] = min(t, refs.get(name, t))
     best_base = min(base, key=base.get) if base else None
     best_ours = min(ours, key=ours.get)
     out = {
@@ -180,6 +199,11 @@ def run_case(case: Case, min_run_time: float = 0.5, backends: list[str] | None =
         "speedup_vs_best_baseline": {b: base[best_base] / t for b, t in ours.items()} if best_base else None,
         "bytes_moved": case.bytes_moved, "ours_GBps": {b: case.bytes_moved / t / 1e9 for b, t in ours.items()},
     }
+    if refs:  # ours as a fraction of each reference's bandwidth
+        ref_GBps = {k: case.references[k][1] / t / 1e9 for k, t in refs.items()}
+        out.update(references_s=refs, references_GBps=ref_GBps,
+                   ours_fraction_of_reference_GBps={k: {b: gbps / r for b, gbps in out["ours_GBps"].items()}
+                                                    for k, r in ref_GBps.items()})
     if case.flops:
         out.update(flops=case.flops, ours_TFLOPs={b: case.flops / t / 1e12 for b, t in ours.items()},
                    baselines_TFLOPs={k: case.flops / v / 1e12 for k, v in base.items()})
@@ -263,6 +287,10 @@ def format_row(r: dict) -> str:
         lines.append(f"    ours [{b:<6}] {t * 1e3:10.3f} ms {rate}  {ratio}")
     for k, v in r["baselines_s"].items():
         lines.append(f"    {k:<50} {v * 1e3:10.3f} ms")
+    for k, v in r.get("references_s", {}).items():
+        fractions = ", ".join(f"{b} {f:.0%}" for b, f in r["ours_fraction_of_reference_GBps"][k].items())
+        lines.append(f"    reference: {k:<39} {v * 1e3:10.3f} ms {r['references_GBps'][k]:8.2f} GB/s"
+                     f"  (ours at {fractions} of it)")
     if r.get("ours_device_s"):
         busy = {**{f"ours [{b}]": t for b, t in r["ours_device_s"].items()}, **r["baselines_device_s"]}
         lines.append("    GPU busy per call: " + ", ".join(
@@ -333,7 +361,8 @@ def masked_sgd_cases(device: str, param_sets: tuple[str, ...] = ("resnet50", "re
         bytes_moved = numel * 4 * 5 + masked // 8  # read p, g, buf; write p, buf; mask bits
         baselines = mask_multiply_baselines(torch.optim.SGD, fresh, keeps, hyper)
         cases.append(Case("masked_sgd_", f"{name} ({numel / 1e6:.1f}M params, 50% masks)",
-                          bytes_moved, ours=ours.step, baselines=baselines))
+                          bytes_moved, ours=ours.step, baselines=baselines,
+                          references=copy_reference(device, bytes_moved)))
     return cases
 
 
@@ -459,7 +488,8 @@ def apply_masks_cases(device: str) -> list[Case]:
                  ours=lambda: ops.apply_masks_(weights, masks),
                  baselines={"per-tensor p.mul_(mask) loop": lambda: [w.mul_(f) for w, f in zip(weights, floats)],
                             "torch._foreach_mul_(weights, masks)": lambda: torch._foreach_mul_(weights, floats),
-                            "scale: AdamW(fused=True).step() on these weights": adamw.step})]
+                            "scale: AdamW(fused=True).step() on these weights": adamw.step},
+                 references=copy_reference(device, numel * 4 * 2))]
 
 
 CASE_FACTORIES["apply_masks"] = apply_masks_cases
@@ -491,6 +521,7 @@ def masked_adamw_cases(device: str, param_sets: tuple[str, ...] = ("resnet50", "
         numel = sum(v.numel() for v in values)
         masked = sum(v.numel() for v, k in zip(values, keeps) if k is not None)
         baselines = mask_multiply_baselines(torch.optim.AdamW, fresh, keeps, dict(lr=1e-3))
+        copy = copy_reference(device, numel * 4 * 7)
         for op, flags in (("masked_adamw_", {}), ("MaskedAdamW.step", {"fused": True})):
             ours_params = fresh()
             ours = MaskedAdamW(ours_params, lr=1e-3, **flags)
@@ -500,7 +531,7 @@ def masked_adamw_cases(device: str, param_sets: tuple[str, ...] = ("resnet50", "
             # (the torch composite moves more: its re-masking pass reads and writes p, m, v again)
             bytes_moved = numel * 4 * 7 + masked // 8
             cases.append(Case(op, f"{name} ({numel / 1e6:.1f}M params, 50% masks)", bytes_moved,
-                              ours=ours.step, baselines=baselines))
+                              ours=ours.step, baselines=baselines, references=copy))
     return cases
 
 

@@ -203,3 +203,19 @@ def test_submodules_are_imported_on_first_use():
     assert out.stdout.strip() == "['dsd', 'nn', 'optim']"
     with pytest.raises(AttributeError, match="has no attribute 'optimm'"):
         dk.optimm
+
+
+def test_bench_reports_ours_against_the_copy_bandwidth_measured_beside_it():
+    from dsd_kernels import benchmarking as B
+    x = torch.randn(1 << 16)
+    refs = B.copy_reference("cpu", x.numel() * 4 * 2)
+    (fn, moved), = refs.values()
+    assert moved == x.numel() * 4 * 2  # under the cap: the op's own bytes
+    assert list(B.copy_reference("cpu", 1 << 40).values())[0][1] == B.COPY_REFERENCE_BYTES
+    case = B.Case("apply_masks_", "tiny", x.numel() * 4 * 2, ours=lambda: x.mul_(1.0),
+                  baselines={"x.mul_(1)": lambda: x.mul_(1.0)}, references=refs)
+    r = B.run_case(case, min_run_time=0.03, backends=["torch"])
+    ref = r["references_GBps"]["copy_ (read + write)"]
+    assert ref == moved / r["references_s"]["copy_ (read + write)"] / 1e9 and ref > 0
+    assert r["ours_fraction_of_reference_GBps"]["copy_ (read + write)"]["torch"] == r["ours_GBps"]["torch"] / ref
+    assert "reference: copy_ (read + write)" in B.format_row(r)

@@ -127,10 +127,13 @@ def test_channels_last_and_complex_parameters_step_like_their_contiguous_real_se
 def test_torch_fused_variant_is_torch_fused_adamw_then_masks(backend, dtype, options):
     """With torch_fused=True every CPU backend gives the bits of torch's fused AdamW kernel on the
     kept weights (the C++ kernel its own way: one pass, torch's tail rounding included; every
-    tail length of the vector loop below), +0 where pruned."""
-    shapes = [(33, 70), (5, 40), (3, 7), (1, 31), (2, 9)]
+    tail length of the vector loop below; rows of whole mask words, which fp32 steps with the
+    words as vector masks where the CPU has AVX-512, in one block, in several, and dense), +0
+    where pruned."""
+    shapes = [(33, 70), (5, 40), (3, 7), (1, 31), (2, 9), (3, 64), (1, 32), (300, 64), (160,)]
     params, keeps = make_state(dtype, seed=7, shapes=shapes)
     ours = run(params, keeps, 3, backend=backend, poison=True, torch_fused=True, **options)
+    keeps = [torch.ones(p.shape, dtype=torch.bool) if k is None else k for p, k in zip(params, keeps)]
     beta1 = options["beta1"]
     theirs = [torch.nn.Parameter(p.clone()) for p in params]
     opt = torch.optim.AdamW(theirs, lr=1e-2, fused=True, betas=(beta1, 0.999),

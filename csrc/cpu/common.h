@@ -20,6 +20,17 @@ using dsd_kernels_keys::KeyTraits;
 using dsd_kernels_keys::magnitude_key;
 using dsd_kernels_layout::MaskLayout;
 
+// Whether this CPU has AVX-512F: the kernels that use it are compiled for it with a target
+// attribute and chosen at run time, so the extension itself stays baseline x86-64.
+inline bool cpu_has_avx512f() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+#else
+  return false;
+#endif
+}
+
 // fn(word index, flat offset of its first element, elements in it) for every mask word, in
 // parallel: the unit of work of the kernels that read or write packed masks.
 template <typename F>

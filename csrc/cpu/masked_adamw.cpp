@@ -16,8 +16,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
 
 #include "../masked_adamw_args.h"
 #include "common.h"
@@ -208,23 +214,87 @@ DSD_ADAMW_FMA_CLONES void fused_range(
   }
 }
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define DSD_ADAMW_AVX512 __attribute__((target("avx512f")))
+// fused_range's region 0 for fp32 in AVX-512, 16 elements at a time, for tensors whose rows are
+// whole mask words (cols % 32 == 0: element e of the range is bit e % 32 of word e / 32). The
+// keep bits go straight from the word into a vector mask, where fused_range reads lanes expanded
+// into a buffer first; the operations are fused_range's, one for one (the same bits), and a
+// masked move writes exactly +0 where pruned, as the AND does. n: a multiple of 16; words: the
+// range's first word, or nullptr (dense).
+template <bool kDecay, bool kMaximize, bool kAmsgrad, bool kSmallWeight>
+DSD_ADAMW_AVX512 void fused_words_avx512(float* __restrict p, const float* __restrict g, float* __restrict m,
+                                         float* __restrict v, float* __restrict vmax, const int32_t* words,
+                                         int64_t n, const Coefficients<float>& c) {
+  const __m512 decay = _mm512_set1_ps(c.decay), avg_weight = _mm512_set1_ps(c.avg_weight);
+  const __m512 avg_keep = _mm512_set1_ps(c.avg_keep), beta2 = _mm512_set1_ps(c.beta2);
+  const __m512 sq_weight = _mm512_set1_ps(c.sq_weight), neg_step = _mm512_set1_ps(c.neg_step);
+  const __m512 bc2_sqrt = _mm512_set1_ps(c.bc2_sqrt), eps = _mm512_set1_ps(c.eps);
+  const __m512i sign = _mm512_set1_epi32(INT32_MIN);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 keep =
+        words ? static_cast<__mmask16>(static_cast<uint32_t>(words[j >> 5]) >> (j & 16)) : __mmask16(0xFFFF);
+    __m512 grad = _mm512_loadu_ps(g + j);
+    if (kMaximize) grad = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(grad), sign));
+    __m512 param = _mm512_loadu_ps(p + j);
+    if (kDecay) param = _mm512_mul_ps(param, decay);
+    const __m512 avg = _mm512_loadu_ps(m + j);
+    const __m512 diff = _mm512_sub_ps(grad, avg);
+    // fma(-diff, avg_keep, grad) is fnmadd(diff, avg_keep, grad): negation is exact
+    const __m512 a = kSmallWeight ? _mm512_fmadd_ps(avg_weight, diff, avg) : _mm512_fnmadd_ps(diff, avg_keep, grad);
+    const __m512 sq = _mm512_fmadd_ps(_mm512_mul_ps(sq_weight, grad), grad, _mm512_mul_ps(_mm512_loadu_ps(v + j), beta2));
+    __m512 second = sq;
+    if (kAmsgrad) {
+      const __m512 old = _mm512_loadu_ps(vmax + j);
+      const __mmask16 take_old = _mm512_cmp_ps_mask(old, sq, _CMP_GT_OQ) | _mm512_cmp_ps_mask(old, old, _CMP_UNORD_Q);
+      second = _mm512_mask_blend_ps(take_old, sq, old);  // torch.maximum: NaN wins
+    }
+    const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(second), bc2_sqrt), eps);
+    const __m512 new_p = _mm512_add_ps(param, _mm512_div_ps(_mm512_mul_ps(neg_step, a), denom));
+    _mm512_storeu_ps(p + j, _mm512_maskz_mov_ps(keep, new_p));
+    _mm512_storeu_ps(m + j, _mm512_maskz_mov_ps(keep, a));
+    _mm512_storeu_ps(v + j, _mm512_maskz_mov_ps(keep, sq));
+    if (kAmsgrad) _mm512_storeu_ps(vmax + j, _mm512_maskz_mov_ps(keep, second));
+  }
+}
+#define DSD_HAVE_ADAMW_AVX512 1
+#endif
+
 // elements [0, vector_end) of the tensor round as torch's vector loop, [vector_end, epilogue_end)
 // as the vectorised part of its scalar loop, the rest as that loop's scalar part
 template <typename scalar_t, bool kDecay, bool kMaximize, bool kAmsgrad, bool kSmallWeight>
 void fused_tensor(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vmax, const int32_t* words,
                   const MaskLayout& lay, const Coefficients<scalar_t>& c, int64_t vector_end, int64_t epilogue_end) {
+  bool whole_words = false;  // AVX-512 for region 0 (fused_words_avx512)
+#ifdef DSD_HAVE_ADAMW_AVX512
+  whole_words = std::is_same_v<scalar_t, float> && lay.cols % 32 == 0 && cpu_has_avx512f();
+#endif
   at::parallel_for(0, lay.num_words(), kBlockWords, [&](int64_t begin, int64_t end) {
     std::vector<typename KeyTraits<scalar_t>::bits_t> lanes(kSpan);
     for (int64_t first = begin; first < end; first += kBlockWords) {
-      const auto [start, n] = block_lanes(words, lay, first, std::min<int64_t>(kBlockWords, end - first), lanes.data());
-      const int64_t cut1 = std::clamp<int64_t>(vector_end - start, 0, n);
+      const int64_t count = std::min<int64_t>(kBlockWords, end - first);
+      int64_t done = 0;  // elements of the block already stepped
+#ifdef DSD_HAVE_ADAMW_AVX512
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (whole_words) {
+          const int64_t start = first * 32;
+          done = std::clamp<int64_t>(vector_end - start, 0, count * 32) / 16 * 16;
+          fused_words_avx512<kDecay, kMaximize, kAmsgrad, kSmallWeight>(
+              p + start, g + start, m + start, v + start, vmax ? vmax + start : nullptr, words ? words + first : nullptr,
+              done, c);
+          if (done == count * 32) continue;
+        }
+      }
+#endif
+      const auto [start, n] = block_lanes(words, lay, first, count, lanes.data());
+      const int64_t cut1 = std::clamp<int64_t>(vector_end - start, done, n);
       const int64_t cut2 = std::clamp<int64_t>(epilogue_end - start, cut1, n);
       const auto at = [&](scalar_t* t, int64_t j) { return t ? t + start + j : nullptr; };
 #define DSD_REGION(R, FROM, TO)                                                                         \
   fused_range<scalar_t, kDecay, kMaximize, kAmsgrad, kSmallWeight, R>(                                  \
       p + start + FROM, g + start + FROM, m + start + FROM, v + start + FROM, at(vmax, FROM), lanes.data() + FROM, \
       TO - FROM, c)
-      DSD_REGION(0, 0, cut1);
+      DSD_REGION(0, done, cut1);
       DSD_REGION(1, cut1, cut2);
       DSD_REGION(2, cut2, n);
 #undef DSD_REGION

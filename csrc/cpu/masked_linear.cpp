@@ -213,10 +213,6 @@ DSD_TILE_GEMM_AVX512 void mask_row(const float* src, float* dst, const int32_t* 
   }
 }
 
-bool cpu_has_avx512f() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-}
 #else
 void panel_rows(const Panel&, int64_t, int64_t) { TORCH_CHECK(false, "tile_gemm: not built for this CPU"); }
 void pack_tile(const float*, const int32_t*, const MaskLayout&, int64_t, int64_t, int64_t, int64_t,
@@ -224,7 +220,6 @@ void pack_tile(const float*, const int32_t*, const MaskLayout&, int64_t, int64_t
   TORCH_CHECK(false, "tile_gemm: not built for this CPU");
 }
 void mask_row(const float*, float*, const int32_t*, int64_t) { TORCH_CHECK(false, "tile_gemm: not built for this CPU"); }
-bool cpu_has_avx512f() { return false; }
 #endif
 
 }  // namespace tile_gemm
@@ -247,7 +242,7 @@ at::Tensor masked(const at::Tensor& t, const at::Tensor& words, bool in_place,
     const scalar_t* src = t.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     const int32_t* w = words.data_ptr<int32_t>();
-    if (grid == nullptr && std::is_same_v<scalar_t, float> && tile_gemm::cpu_has_avx512f()) {
+    if (grid == nullptr && std::is_same_v<scalar_t, float> && cpu_has_avx512f()) {
       at::parallel_for(0, lay.rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(lay.cols, 1)), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           tile_gemm::mask_row(reinterpret_cast<const float*>(src) + r * lay.cols,
@@ -296,7 +291,7 @@ inline at::Tensor tile_span(const at::Tensor& t, int64_t dim, int64_t first, int
 // compare the two.
 bool tile_gemm_enabled() {
   const char* env = std::getenv("DSD_KERNELS_TILE_GEMM");
-  return tile_gemm::cpu_has_avx512f() && !(env != nullptr && std::strcmp(env, "0") == 0);
+  return cpu_has_avx512f() && !(env != nullptr && std::strcmp(env, "0") == 0);
 }
 
 bool use_tile_gemm(std::initializer_list<at::Tensor> tensors) {
