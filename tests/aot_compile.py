@@ -4,10 +4,8 @@ machine (`pytest -m aot`): the interpreter accepts code real GPUs reject, so eve
 multi-tensor launchers issue is compiled with the constants they pass on a GPU, and ptxas -v
 (bundled with triton) reports its registers and spills.
 
-Checked: no compile error anywhere; for the multi-tensor kernels (selection, masked SGD,
-re-masking) no spill and shared memory within the target's limit. The masked_linear kernels
-are compiled and their spills printed, not asserted: their fp32 tiles spill today (its own
-issue, block sparsity at its limit).
+Checked by the test: no compile error, no spill and shared memory within the target's limit,
+for every kernel. `python -m tests.aot_compile masked_linear` compiles one family alone.
 """
 import json
 import re
@@ -80,34 +78,39 @@ def multi_tensor_kernels():
 
 def masked_linear_kernels():
     """Every specialisation the launchers issue: fp16/bf16, and fp32 both exact (torch's default)
-    and tf32 (torch.backends.cuda.matmul.allow_tf32)."""
+    and tf32 (torch.backends.cuda.matmul.allow_tf32); forward and dX in every (rows, warps)
+    candidate of autotuning (the static choices among them), dW in every warp count. The sixth
+    field: num_warps (None: the static launch options for the program's rows)."""
     from dsd_kernels.triton import masked_linear as L
     for dtype, ieee in (("fp32", True), ("fp32", False), ("fp16", False), ("bf16", False)):
         pointer = "*" + dtype
         label = f"{dtype}{' ieee' if ieee else ' tf32' if dtype == 'fp32' else ''}"
         common = dict(UPCAST=False, IEEE=ieee, STEP=L.reduction_step(ieee))
         sizes = {"M": "i64", "N": "i64", "K": "i64", "words_per_row": "i64"}
-        for block_m in (L.block_m_for(1), L.block_m_for(4096)):  # decode-like and large batches
-            rows = f" M<={L.SMALL_M}" if block_m == L.SMALL_M else ""
+        for block_m, warps in L.row_candidates(ieee):
+            rows = f" BLOCK_M={block_m} warps={warps}"
             yield (f"masked_linear forward {label}{rows}", L._forward_kernel,
                    {"X": pointer, "W": pointer, "WORDS": "*i32", "BIAS": pointer, "Y": pointer,
                     "ROW_PTR": "*i64", "COL_IDX": "*i64"}, sizes,
-                   {**common, "HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": L.BLOCK_N, "BLOCK_K": L.BLOCK_K})
+                   {**common, "HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": L.BLOCK_N, "BLOCK_K": L.BLOCK_K},
+                   warps)
             yield (f"masked_linear grad_input {label}{rows}", L._grad_input_kernel,
                    {"DY": pointer, "W": pointer, "WORDS": "*i32", "DX": pointer, "COL_PTR": "*i64",
                     "ROW_IDX": "*i64"}, sizes,
-                   {**common, "BLOCK_M": block_m, "BLOCK_N": L.BLOCK_N, "HALF_K": L.HALF_K})
-        yield (f"masked_linear grad_weight {label}", L._grad_weight_kernel,
-               {"DY": pointer, "X": pointer, "WORDS": "*i32", "DW": pointer, "TILE_KEPT": "*i32"},
-               {**sizes, "tiles_k": "i64"}, {**common, "BLOCK_N": L.BLOCK_N, "BLOCK_K": L.BLOCK_K})
+                   {**common, "BLOCK_M": block_m, "BLOCK_N": L.BLOCK_N, "HALF_K": L.HALF_K}, warps)
+        for warps in L.GRAD_WEIGHT_WARPS:
+            yield (f"masked_linear grad_weight {label} warps={warps}", L._grad_weight_kernel,
+                   {"DY": pointer, "X": pointer, "WORDS": "*i32", "DW": pointer, "TILE_KEPT": "*i32"},
+                   {**sizes, "tiles_k": "i64"}, {**common, "BLOCK_N": L.BLOCK_N, "BLOCK_K": L.BLOCK_K}, warps)
 
 
 def main() -> int:
     """One JSON line per (kernel, target): registers, spill bytes, shared bytes, or the error."""
-    cases = [(c, "multi_tensor") for c in multi_tensor_kernels()] + \
-        [(c, "masked_linear") for c in masked_linear_kernels()]
+    only = sys.argv[1] if len(sys.argv) > 1 else None  # a family alone, e.g. masked_linear
+    cases = [(c + (None,), "multi_tensor") for c in multi_tensor_kernels() if only in (None, "multi_tensor")] + \
+        [(c, "masked_linear") for c in masked_linear_kernels() if only in (None, "masked_linear")]
     from dsd_kernels.triton._tiles import TABLE_NUM_WARPS
-    for (name, fn, pointers, scalars, constexprs), family in cases:
+    for (name, fn, pointers, scalars, constexprs, warps), family in cases:
         from dsd_kernels.triton.masked_linear import launch_options as linear_launch_options
         options = {"num_warps": TABLE_NUM_WARPS}
         if name.startswith("masked_adamw"):
@@ -118,6 +121,7 @@ def main() -> int:
             if family == "masked_linear":  # the launcher's options for a GPU of this capability
                 options = linear_launch_options((int(target[3]), int(target[4])),
                                                 constexprs.get("BLOCK_M", 64))
+                options["num_warps"] = warps
             try:
                 compiled = compile_kernel(fn, pointers, scalars, constexprs, target, **options)
                 row["registers"], row["spills"] = ptxas_report(compiled, target)

@@ -209,8 +209,8 @@ def test_bench_reports_ours_against_the_copy_bandwidth_measured_beside_it():
     from dsd_kernels import benchmarking as B
     x = torch.randn(1 << 16)
     refs = B.copy_reference("cpu", x.numel() * 4 * 2)
-    (fn, moved), = refs.values()
-    assert moved == x.numel() * 4 * 2  # under the cap: the op's own bytes
+    (fn, moved), (_, in_place) = refs.values()
+    assert moved == x.numel() * 4 * 2 and in_place == moved * 3 // 2  # under the cap: the op's own bytes
     assert list(B.copy_reference("cpu", 1 << 40).values())[0][1] == B.COPY_REFERENCE_BYTES
     case = B.Case("apply_masks_", "tiny", x.numel() * 4 * 2, ours=lambda: x.mul_(1.0),
                   baselines={"x.mul_(1)": lambda: x.mul_(1.0)}, references=refs)

@@ -311,3 +311,50 @@ def test_triton_configuration_follows_torch_and_the_batch():
     assert [L.block_m_for(m) for m in (1, 16, 17, 4096)] == [16, 16, 64, 64]
     assert L.launch_options((8, 0), 64) == {"num_warps": 8, "num_stages": 1}
     assert L.launch_options((9, 0), 16) == {"num_warps": 4, "num_stages": 3}
+
+
+def test_autotuning_candidates_per_batch_class_and_switch(monkeypatch):
+    """Decode-like batches have one candidate (the static choice: nothing to tune); larger ones
+    the two largest programs that fit the batch; exact fp32 never the 128-row programs that
+    spill; DSD_KERNELS_AUTOTUNE=0 keeps the static choice on a GPU, =1 tunes under the interpreter."""
+    from dsd_kernels.triton import masked_linear as L
+    assert [L.rows_class(m) for m in (0, 1, 16, 17, 33, 200, 4096)] == [16, 16, 16, 32, 64, 256, 256]
+    assert L.row_configs_for(1, False) == ((16, 4),)
+    assert L.row_configs_for(20, False) == ((16, 4), (32, 8))
+    assert L.row_configs_for(4096, False) == ((64, 8), (128, 8))
+    assert L.row_configs_for(4096, True) == ((32, 8), (64, 8))
+    statics = {(L.block_m_for(m), L.launch_options((9, 0), L.block_m_for(m))["num_warps"]) for m in (1, 4096)}
+    assert statics <= set(L.ROW_CONFIGS) and L.NUM_WARPS in L.GRAD_WEIGHT_WARPS
+    monkeypatch.delenv("DSD_KERNELS_AUTOTUNE", raising=False)
+    assert L.autotune_enabled(torch.device("cuda")) and not L.autotune_enabled(torch.device("cpu"))
+    monkeypatch.setenv("DSD_KERNELS_AUTOTUNE", "0")
+    assert not L.autotune_enabled(torch.device("cuda"))
+    monkeypatch.setenv("DSD_KERNELS_AUTOTUNE", "1")
+    assert L.autotune_enabled(torch.device("cpu"))
+    assert L.tuned_kernel("forward", torch.device("cpu"), 8, False) is None  # one candidate
+
+
+@pytest.mark.skipif("triton" not in dk.available_backends(), reason="triton backend unavailable")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_autotuned_launches_match_the_reference(monkeypatch, dtype):
+    """The autotuned path (what a GPU runs by default) under the interpreter, every candidate
+    timed by wall clock: each kernel keeps one of its candidates, gives the reference's results,
+    and counts as one launch per call."""
+    from dsd_kernels.triton import _tiles
+    from dsd_kernels.triton import masked_linear as L
+    monkeypatch.setenv("DSD_KERNELS_AUTOTUNE", "1")
+    for tokens in (20, 200):  # batch classes 32 and 256: two candidates each
+        x, w, b, _ = case(tokens, 130, 70, dtype, seed=tokens)
+        mask = dk.magnitude_masks(w, 0.5, block=(64, 64))[0]
+        before = dict(_tiles.LAUNCHES)
+        with dk.use_backend("triton"):
+            check_against_reference(x, w, b, mask.to_bool(), mask)
+        launched = {k: v - before.get(k, 0) for k, v in _tiles.LAUNCHES.items()}
+        assert {k: v for k, v in launched.items() if v} == {
+            "_forward_kernel": 1, "_grad_input_kernel": 1, "_grad_weight_kernel": 1}
+        ieee = L.use_ieee(dtype)
+        for name in ("forward", "grad_input", "grad_weight"):
+            tuner = L.tuned_kernel(name, x.device, tokens, ieee)
+            assert tuner is not None and tuner.best_config in tuner.configs
+        rows = {c.kwargs["BLOCK_M"] for c in L.tuned_kernel("forward", x.device, tokens, ieee).configs}
+        assert rows == {m for m, _ in L.row_configs_for(tokens, ieee)}

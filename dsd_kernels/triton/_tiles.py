@@ -38,8 +38,9 @@ TABLE_NUM_WARPS = 8
 
 
 def launch(kernel, grid, **options):
-    """kernel[grid] with launch `options` (num_warps, ...), counted in LAUNCHES."""
-    LAUNCHES[kernel.fn.__name__] += 1
+    """kernel[grid] with launch `options` (num_warps, ...), counted in LAUNCHES. kernel: a
+    @triton.jit function or a triton.autotune of one (counted once per call, its trial runs not)."""
+    LAUNCHES[getattr(kernel, "base_fn", kernel.fn).__name__] += 1
     if not options:
         return kernel[grid]
     return lambda *args, **kwargs: kernel[grid](*args, **kwargs, **options)

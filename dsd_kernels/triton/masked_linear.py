@@ -14,9 +14,12 @@ Bytes each pass must move at least (e = element size, kept = fraction of non-emp
 forward  x M*K*e + W N*K*e*kept + mask N*K/8 + y M*N*e;  dX  dY M*N*e + W*kept + mask + dX M*K*e;
 dW  dY M*N*e + X M*K*e (each read once per tile column/row that keeps something) + dW N*K*e.
 The grid re-reads x once per n-tile and W once per m-tile; L2 absorbs most of that at these
-tile sizes. Two shape classes, chosen statically (block_m_for, launch_options): decode-like
-batches of at most 16 rows run 16 x 64 programs on 4 warps, larger ones 64 x 64 on 8 warps; no
-autotuning yet (no GPU has measured these kernels).
+tile sizes. Launch configs: the static choice (block_m_for, launch_options) runs decode-like
+batches of at most 16 rows as 16 x 64 programs on 4 warps, larger ones 64 x 64 on 8 warps. On a
+GPU, triton.autotune times a small set of candidates per batch-size class instead (ROW_CONFIGS,
+GRAD_WEIGHT_WARPS; row_configs_for) once per layer shape, dtype and precision, and keeps the
+fastest; DSD_KERNELS_AUTOTUNE=0 keeps the static choice (autotune_enabled). Every candidate
+compiles for sm_80 and sm_90 without spills (tests/test_aot.py).
 
 Registers: each tl.dot reduces over a slice of the tile that lies within one mask word per
 weight row (32 elements; 16 for exact fp32, whose FMA dot holds whole operand rows), so the mask
@@ -65,6 +68,79 @@ def _device_launch_options(device: torch.device, block_m: int = BLOCK_M) -> dict
     if device.type != "cuda":  # the interpreter: options do not matter
         return {"num_warps": 4 if block_m == SMALL_M else NUM_WARPS}
     return launch_options(torch.cuda.get_device_capability(device), block_m)
+
+
+# Autotuning candidates, each compiled without spills for sm_80 and sm_90 (tests/test_aot.py):
+# forward and dX (rows per program, warps), smallest first; dW warps (its programs are one
+# 64 x 64 tile of dW, reducing over all rows). Pipeline stages stay launch_options'.
+ROW_CONFIGS = ((SMALL_M, 4), (32, NUM_WARPS), (BLOCK_M, NUM_WARPS), (128, NUM_WARPS))
+GRAD_WEIGHT_WARPS = (NUM_WARPS, 4)
+EXACT_FP32_MAX_ROWS = 64  # exact fp32 (FMA) dots hold whole operand rows: 128-row forwards spill
+
+
+def row_candidates(ieee: bool) -> tuple[tuple[int, int], ...]:
+    """ROW_CONFIGS that compile without spills for this precision."""
+    return tuple(c for c in ROW_CONFIGS if not (ieee and c[0] > EXACT_FP32_MAX_ROWS))
+
+
+def rows_class(M: int) -> int:
+    """The batch-size class of M rows that autotuning keys on: M rounded up to a power of two,
+    clamped to [SMALL_M, 256] (beyond 256 rows the same candidates compete)."""
+    return max(SMALL_M, min(triton.next_power_of_2(max(M, 1)), 256))
+
+
+def row_configs_for(M: int, ieee: bool) -> tuple[tuple[int, int], ...]:
+    """The (BLOCK_M, num_warps) candidates autotuning weighs for the forward and dX of a batch of
+    M rows: the two largest programs of at most rows_class(M) rows (one for decode-like batches:
+    nothing to tune)."""
+    return tuple(c for c in row_candidates(ieee) if c[0] <= rows_class(M))[-2:]
+
+
+def autotune_enabled(device: torch.device) -> bool:
+    """DSD_KERNELS_AUTOTUNE: unset, on for CUDA tensors; "0" never (the static choice); "1" also
+    under the Triton interpreter, where the candidates are timed by wall clock: that checks the
+    tuning's plumbing on a CPU machine, and nothing about speed."""
+    flag = os.environ.get("DSD_KERNELS_AUTOTUNE", "")
+    if flag == "0":
+        return False
+    return flag == "1" or device.type == "cuda"
+
+
+def _wall_clock_bench(kernel_call, quantiles=None):
+    # the interpreter has no GPU benchmarker: median of three wall-clock runs, in ms
+    import time
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        kernel_call()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return [times[1]] * (len(quantiles) if quantiles else 1)
+
+
+@lru_cache(maxsize=None)
+def _tuned_kernel(name: str, rows: int, ieee: bool, capability: tuple[int, int] | None):
+    """triton.autotune of kernel `name` over its candidates for batches of class `rows` in this
+    precision, with the stages of a GPU of this capability (None: the interpreter), or None where
+    one candidate is left. Its cache keys on the layer shape (N, K) and the dtypes."""
+    kernel = {"forward": _forward_kernel, "grad_input": _grad_input_kernel, "grad_weight": _grad_weight_kernel}[name]
+    stages = launch_options(capability)["num_stages"] if capability else 1
+    if name == "grad_weight":
+        configs = [triton.Config({}, num_warps=w, num_stages=stages) for w in GRAD_WEIGHT_WARPS]
+    else:
+        configs = [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=stages) for m, w in row_configs_for(rows, ieee)]
+    if len(configs) == 1:
+        return None
+    return triton.autotune(configs, key=["N", "K"], do_bench=None if capability else _wall_clock_bench)(kernel)
+
+
+def tuned_kernel(name: str, device: torch.device, M: int, ieee: bool):
+    """The autotuned kernel for a batch of M rows on `device` in this precision (use_ieee), or
+    None: the static choice."""
+    if not autotune_enabled(device):
+        return None
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return _tuned_kernel(name, rows_class(M), ieee, capability)
 
 
 def reduction_step(ieee: bool) -> int:
@@ -198,11 +274,17 @@ def forward(x2d: torch.Tensor, weight: torch.Tensor, words: torch.Tensor,
     s = tile_structure(words, N, K)
     ieee = use_ieee(x2d.dtype)
     y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
-    block_m = block_m_for(M)
-    launch(_forward_kernel, (triton.cdiv(M, block_m), s.tiles_n), **_device_launch_options(x2d.device, block_m))(
-        x2d, weight, words, bias if bias is not None else weight, y, s.row_ptr, s.col_idx,
-        M, N, K, words.shape[1], HAS_BIAS=bias is not None, UPCAST=_upcast(x2d.dtype),
-        IEEE=ieee, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, STEP=reduction_step(ieee))
+    args = (x2d, weight, words, bias if bias is not None else weight, y, s.row_ptr, s.col_idx,
+            M, N, K, words.shape[1])
+    consts = dict(HAS_BIAS=bias is not None, UPCAST=_upcast(x2d.dtype), IEEE=ieee, BLOCK_N=BLOCK_N,
+                  BLOCK_K=BLOCK_K, STEP=reduction_step(ieee))
+    tuned = tuned_kernel("forward", x2d.device, M, ieee)
+    if tuned is not None:
+        launch(tuned, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), s.tiles_n))(*args, **consts)
+    else:
+        block_m = block_m_for(M)
+        launch(_forward_kernel, (triton.cdiv(M, block_m), s.tiles_n), **_device_launch_options(x2d.device, block_m))(
+            *args, **consts, BLOCK_M=block_m)
     return y
 
 
@@ -217,14 +299,22 @@ def backward(grad2d, x2d, weight, words, needs_input: bool, needs_weight: bool):
     dx = dw = None
     if needs_input:
         dx = torch.empty((M, K), dtype=x2d.dtype, device=x2d.device)
-        block_m = block_m_for(M)
-        launch(_grad_input_kernel, (triton.cdiv(M, block_m), 2 * s.tiles_k),
-               **_device_launch_options(x2d.device, block_m))(
-            grad2d, weight, words, dx, s.col_ptr, s.row_idx, M, N, K, words.shape[1],
-            UPCAST=upcast, IEEE=ieee, BLOCK_M=block_m, BLOCK_N=BLOCK_N, HALF_K=HALF_K, STEP=step)
+        args = (grad2d, weight, words, dx, s.col_ptr, s.row_idx, M, N, K, words.shape[1])
+        consts = dict(UPCAST=upcast, IEEE=ieee, BLOCK_N=BLOCK_N, HALF_K=HALF_K, STEP=step)
+        tuned = tuned_kernel("grad_input", x2d.device, M, ieee)
+        if tuned is not None:
+            launch(tuned, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), 2 * s.tiles_k))(*args, **consts)
+        else:
+            block_m = block_m_for(M)
+            launch(_grad_input_kernel, (triton.cdiv(M, block_m), 2 * s.tiles_k),
+                   **_device_launch_options(x2d.device, block_m))(*args, **consts, BLOCK_M=block_m)
     if needs_weight:
         dw = torch.empty((N, K), dtype=weight.dtype, device=weight.device)
-        launch(_grad_weight_kernel, (s.tiles_n, s.tiles_k), **_device_launch_options(x2d.device))(
-            grad2d, x2d, words, dw, s.kept, M, N, K, words.shape[1], s.tiles_k,
-            UPCAST=upcast, IEEE=ieee, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, STEP=step)
+        args = (grad2d, x2d, words, dw, s.kept, M, N, K, words.shape[1], s.tiles_k)
+        consts = dict(UPCAST=upcast, IEEE=ieee, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, STEP=step)
+        tuned = tuned_kernel("grad_weight", x2d.device, M, ieee)
+        if tuned is not None:
+            launch(tuned, (s.tiles_n, s.tiles_k))(*args, **consts)
+        else:
+            launch(_grad_weight_kernel, (s.tiles_n, s.tiles_k), **_device_launch_options(x2d.device))(*args, **consts)
     return dx, dw
