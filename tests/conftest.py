@@ -34,6 +34,16 @@ def require_backend(name: str) -> None:
                     f"({dsd_kernels._backend.reasons()['cpp']}); reinstall and read the build log")
 
 
+@pytest.fixture(params=["torch", "cpp"])
+def cpu_backend(request):
+    """The optimizer tests' CPU backends (the Triton interpreter is not an optimizer's CPU path),
+    each in force for the whole test."""
+    if request.param not in dsd_kernels.available_backends():
+        pytest.skip(f"backend {request.param} unavailable: {dsd_kernels._backend.reasons()[request.param]}")
+    with dsd_kernels.use_backend(request.param):
+        yield request.param
+
+
 @pytest.fixture(params=[b for b in ("torch", "cpp", "triton")])
 def backend(request):
     """Run the test once per backend present here; absent ones are reported as skipped. On a GPU

@@ -8,7 +8,6 @@ import copy
 import pytest
 import torch
 
-import dsd_kernels as dk
 from dsd_kernels.dsd import DSDScheduler
 from dsd_kernels.optim import MaskedSGD
 
@@ -23,14 +22,6 @@ CONFIGS = SGD_INFO.optim_inputs_func(device="cpu", dtype=torch.float32)
 IMPLS = [{}, {"foreach": False}, {"foreach": True}, {"fused": True}]
 
 pytestmark = pytest.mark.skipif(DEVICE != "cpu", reason="bitwise comparisons with torch's CPU SGD")
-
-
-@pytest.fixture(params=["torch", "cpp"])
-def cpu_backend(request):
-    if request.param not in dk.available_backends():
-        pytest.skip(f"backend {request.param} unavailable: {dk._backend.reasons()[request.param]}")
-    with dk.use_backend(request.param):
-        yield request.param
 
 
 def make_params(dtype, seed=0, memory_format=torch.contiguous_format):

@@ -61,7 +61,8 @@ class MaskedAdamW(MaskedParams, torch.optim.AdamW):
         "foreach" (torch's single-tensor/foreach bits), "fused" (its fused kernel's, CPU only), or
         None: not for capturable, differentiable or tensor hyper-parameters, nor for
         foreach=False on CUDA (torch's single-tensor CUDA kernels round otherwise than its foreach
-        ones, which the op follows there; on CPU the two give the same bits), nor for fused=True
+        ones, which the op follows there; on CPU the two give the same bits, except in fp16:
+        single-tensor fp16 on CPU, the default there, is None too), nor for fused=True
         on CUDA or under a GradScaler (which hands the fused step its scale and inf flag)."""
         beta1, beta2 = group["betas"]
         if (group["capturable"] or group["differentiable"]
@@ -71,6 +72,8 @@ class MaskedAdamW(MaskedParams, torch.optim.AdamW):
         if group["fused"]:
             scaled = getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None
             return None if on_cuda or scaled else "fused"
+        if group["foreach"] is not True and not on_cuda and any(p.dtype == torch.float16 for p in group["params"]):
+            return None  # torch's single-tensor CPU step rounds fp16 otherwise than its foreach one
         return None if group["foreach"] is False and on_cuda else "foreach"
 
     def step(self, closure=None):
@@ -101,8 +104,10 @@ class MaskedAdamW(MaskedParams, torch.optim.AdamW):
                 for p, m in self._masks.items():
                     keep = m.to_bool().to(p.device)
                     p.masked_fill_(~keep, 0)
-                    with torch.no_grad():
-                        for v in state_tensors(self, p):
+                    for v in state_tensors(self, p):
+                        # the moments too (a leaf that requires grad cannot change in place:
+                        # such a state tensor is masked outside the graph)
+                        with torch.set_grad_enabled(not (v.is_leaf and v.requires_grad)):
                             v.masked_fill_(~keep, 0)
             else:
                 zero_pruned(self, self._masks, params=True)

@@ -1,0 +1,288 @@
+"""MaskedAdamW as a drop-in for torch.optim.AdamW beyond optim_db's configs (test_masked_adamw.py),
+on every CPU backend: every config and flag with masks, channels_last and strided parameters,
+fp16/bf16 and complex parameters, state_dict both ways, older state formats, deepcopy, hooks,
+a tensor lr with a scheduler, differentiable mode, the fused GradScaler protocol and pruning's
+scope arguments; bit for bit against AdamW wherever AdamW's arithmetic is claimed."""
+import copy
+
+import pytest
+import torch
+
+from dsd_kernels.optim import MaskedAdamW
+
+from .conftest import DEVICE
+from .drop_in import assert_pruned_exactly_zero, fresh_kwargs, same_bits, step_masked_beside_torch
+
+common_optimizers = pytest.importorskip("torch.testing._internal.common_optimizers",
+                                        reason="torch's optimizer test inputs need expecttest")
+ADAMW_INFO = next(o for o in common_optimizers.optim_db if o.optim_cls is torch.optim.AdamW)
+CONFIGS = ADAMW_INFO.optim_inputs_func(device="cpu", dtype=torch.float32)
+IMPLS = [{}, {"foreach": False}, {"foreach": True}, {"fused": True}]
+impl_id = lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "default"  # noqa: E731
+
+pytestmark = pytest.mark.skipif(DEVICE != "cpu", reason="bitwise comparisons with torch's CPU AdamW")
+
+
+def make_params(dtype, seed=0, memory_format=torch.contiguous_format):
+    g = torch.Generator().manual_seed(seed)
+    conv = torch.randn(8, 3, 3, 3, generator=g).to(dtype).contiguous(memory_format=memory_format)
+    return [torch.nn.Parameter(t) for t in
+            (torch.randn(33, 70, generator=g).to(dtype), torch.randn(17, generator=g).to(dtype), conv,
+             torch.randn(64, 96, generator=g).to(dtype))]
+
+
+def set_grads(params, step, keeps=None):
+    """Gradients from a per-step seed, in each parameter's dtype and memory format; +0 where
+    keeps says pruned (what AdamW steps on in the comparisons)."""
+    g = torch.Generator().manual_seed(100 + step)
+    for i, p in enumerate(params):
+        grad = torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype)
+        if keeps is not None and keeps[i] is not None:
+            grad = torch.where(keeps[i], grad, torch.zeros_like(grad))
+        p.grad = torch.empty_like(p).copy_(grad)
+
+
+def assert_same_bits(a, b, what):
+    assert same_bits(a, b), f"{what}: the bits differ"
+
+
+def assert_same_state(ours, theirs, ours_params, their_params, keeps=None):
+    """The weights and moments carry the same bits; with keeps, on the kept entries only."""
+    keeps = keeps or [None] * len(ours_params)
+    for p, q, k in zip(ours_params, their_params, keeps):
+        pairs = [(p.detach(), q.detach(), "param")] + [
+            (ours.state[p][key], theirs.state[q][key], key)
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if key in theirs.state[q]]
+        for a, b, what in pairs:
+            assert_same_bits(a if k is None else a[k], b if k is None else b[k], what)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=impl_id)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.desc)
+def test_every_config_and_flag_with_masks_on_every_cpu_backend(cpu_backend, config, impl):
+    ours, theirs = make_params(torch.float32), make_params(torch.float32)
+    opt, other, keeps = step_masked_beside_torch(MaskedAdamW, torch.optim.AdamW, {**config.kwargs, **impl},
+                                                 ours, theirs, set_grads)
+    assert_same_state(opt, other, ours, theirs)
+    assert_pruned_exactly_zero(opt, ours, keeps)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=impl_id)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_params_step_like_adamw(cpu_backend, dtype, impl):
+    ours, theirs = make_params(dtype), make_params(dtype)
+    opt, other, keeps = step_masked_beside_torch(MaskedAdamW, torch.optim.AdamW,
+                                                 dict(lr=1e-2, weight_decay=0.1, amsgrad=True, **impl),
+                                                 ours, theirs, set_grads, steps=3)
+    # kept entries only: AdamW's own half-precision step turns never-updated entries into NaN
+    # (eps = 1e-8 rounds to 0 in fp16, and 0 / 0), where the masked step keeps pruned ones +0
+    assert_same_state(opt, other, ours, theirs, keeps)
+    assert_pruned_exactly_zero(opt, ours, keeps)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=impl_id)
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_channels_last_and_strided_params_step_in_place(cpu_backend, layout, impl):
+    g = torch.Generator().manual_seed(3)
+    if layout == "sliced":  # a strided view with gaps
+        ours_param = torch.nn.Parameter(torch.randn(8, 6, 5, 10, generator=g)[:, :, :, ::2])
+        weight = torch.nn.Parameter(ours_param.detach().clone())
+        assert not ours_param.is_contiguous()
+    else:
+        weight = torch.nn.Parameter(torch.randn(8, 6, 5, 5, generator=g))
+        ours_param = torch.nn.Parameter(weight.detach().clone().contiguous(memory_format=torch.channels_last))
+    keep = torch.rand(weight.shape, generator=g) > 0.5
+    ptr, strides = ours_param.data_ptr(), ours_param.stride()
+    kwargs = dict(lr=1e-2, weight_decay=0.01, amsgrad=True, **impl)
+    ours = MaskedAdamW([ours_param], **kwargs)
+    ours.set_masks({ours_param: keep})  # over the logical shape
+    theirs = torch.optim.AdamW([weight], **kwargs)
+    with torch.no_grad():
+        weight.masked_fill_(~keep, 0)
+    for step in range(3):
+        grad = torch.randn(weight.shape, generator=g)
+        ours_param.grad = grad.clone() if layout == "sliced" else grad.contiguous(memory_format=torch.channels_last)
+        ours_param.grad[~keep] = float("nan")  # never read
+        weight.grad = torch.where(keep, grad, torch.zeros_like(grad))
+        ours.step()
+        theirs.step()
+    assert ours_param.data_ptr() == ptr and ours_param.stride() == strides  # stepped in place
+    assert_same_state(ours, theirs, [ours_param], [weight])
+    assert_pruned_exactly_zero(ours, [ours_param], [keep])
+    if layout == "channels_last":
+        assert ours.state[ours_param]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("impl", IMPLS[:3], ids=impl_id)
+def test_complex_params_step_like_adamw(cpu_backend, impl):
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(6, 7, dtype=torch.complex64, generator=g)
+    ours_param, their_param = torch.nn.Parameter(z.clone()), torch.nn.Parameter(z.clone())
+    keep = torch.rand(6, 7, generator=g) > 0.5
+    kwargs = dict(lr=1e-2, weight_decay=0.1, amsgrad=True, **impl)
+    ours = MaskedAdamW([ours_param], **kwargs)
+    ours.set_masks({ours_param: keep})  # one bit per complex element
+    theirs = torch.optim.AdamW([their_param], **kwargs)
+    with torch.no_grad():
+        their_param.masked_fill_(~keep, 0)
+    for step in range(3):
+        grad = torch.randn(6, 7, dtype=torch.complex64, generator=g)
+        ours_param.grad = grad.clone()
+        their_param.grad = torch.where(keep, grad, torch.zeros_like(grad))
+        ours.step()
+        theirs.step()
+    assert_same_state(ours, theirs, [ours_param], [their_param])
+    assert bool((ours_param.detach()[~keep] == 0).all())
+
+
+def test_fused_rejects_complex_as_adamw_fused_does():
+    for cls in (torch.optim.AdamW, MaskedAdamW):
+        q = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+        q.grad = torch.zeros_like(q)
+        with pytest.raises(RuntimeError, match="`fused=True` requires all the params to be floating point"):
+            cls([q], lr=0.1, fused=True).step()
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=impl_id)
+def test_state_dict_of_adamw_loads_here_and_back(cpu_backend, impl):
+    a, b, c = make_params(torch.float32), make_params(torch.float32), make_params(torch.float32)
+    kwargs = dict(lr=1e-2, weight_decay=0.1, amsgrad=True, **impl)
+    adamw = torch.optim.AdamW(a, **kwargs)
+    for step in range(2):
+        set_grads(a, step)
+        adamw.step()
+    with torch.no_grad():
+        for x, y, z in zip(a, b, c):
+            y.copy_(x)
+            z.copy_(x)
+    ours = MaskedAdamW(b, **kwargs)
+    ours.load_state_dict(copy.deepcopy(adamw.state_dict()))
+    back = torch.optim.AdamW(c, **kwargs)
+    back.load_state_dict(copy.deepcopy(ours.state_dict()))  # our extra "masks" entry is ignored
+    assert set(ours.param_groups[0]) == set(adamw.param_groups[0])
+    for step in range(2, 4):
+        for params, opt in ((a, adamw), (b, ours), (c, back)):
+            set_grads(params, step)
+            opt.step()
+    assert_same_state(ours, adamw, b, a)
+    assert_same_state(back, adamw, c, a)
+
+
+def test_older_state_dict_formats_load():
+    params = make_params(torch.float32)
+    opt = MaskedAdamW(params, lr=1e-2)
+    set_grads(params, 0)
+    opt.step()
+    state = opt.state_dict()
+    for group in state["param_groups"]:  # as saved before these flags existed
+        for key in ("foreach", "differentiable", "fused", "maximize", "capturable", "amsgrad"):
+            group.pop(key, None)
+    for s in state["state"].values():  # steps saved as Python numbers
+        s["step"] = float(s["step"])
+    state.pop("masks")
+    other = MaskedAdamW(make_params(torch.float32), lr=1e-2)
+    other.load_state_dict(state)
+    set_grads([p for g in other.param_groups for p in g["params"]], 1)
+    other.step()
+    group = other.param_groups[0]
+    assert group["foreach"] is None and group["maximize"] is False and group["amsgrad"] is False
+    assert all(torch.is_tensor(s["step"]) and s["step"].item() == 2.0 for s in other.state.values())
+
+
+def test_deepcopy_and_step_hooks(cpu_backend):
+    params = make_params(torch.float32)
+    opt = MaskedAdamW(params, lr=1e-2, weight_decay=0.1)
+    opt.prune(0.5)
+    set_grads(params, 0)
+    opt.step()
+    twin_params = copy.deepcopy(params)
+    twin = MaskedAdamW(twin_params, lr=1e-2, weight_decay=0.1)
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    for step in range(1, 3):
+        set_grads(params, step)
+        set_grads(twin_params, step)
+        opt.step()
+        twin.step()
+    assert calls == ["pre", "post"] * 2
+    assert_same_state(twin, opt, twin_params, params)
+    clone = copy.deepcopy(opt)  # masks follow the copied parameters
+    cloned = [p for g in clone.param_groups for p in g["params"]]
+    assert [clone.masks.get(p) for p in cloned] == [opt.masks.get(p) for p in params]
+    assert all(c is not p for c, p in zip(cloned, params))
+
+
+def test_tensor_lr_closure_and_scheduler_step_like_adamw(cpu_backend):
+    ours_params, their_params = make_params(torch.float32), make_params(torch.float32)
+    ours = MaskedAdamW(ours_params, lr=torch.tensor(1e-2), weight_decay=0.1)
+    theirs = torch.optim.AdamW(their_params, lr=torch.tensor(1e-2), weight_decay=0.1)
+    schedules = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5) for o in (ours, theirs)]
+    for step in range(3):
+        for params, opt, sched in ((ours_params, ours, schedules[0]), (their_params, theirs, schedules[1])):
+            def closure(params=params, opt=opt):
+                opt.zero_grad()
+                set_grads(params, step)
+                return torch.tensor(float(step))
+            assert opt.step(closure).item() == step
+            sched.step()
+    lr = ours.param_groups[0]["lr"]
+    assert torch.is_tensor(lr) and lr.item() == pytest.approx(1e-2 / 8) and torch.equal(lr, theirs.param_groups[0]["lr"])
+    assert_same_state(ours, theirs, ours_params, their_params)
+
+
+def test_differentiable_mode_is_traced_by_autograd():
+    def step(param, grad, exp_avg, exp_avg_sq):
+        p = param.clone()  # a non-leaf, as torch's own differentiable tests use
+        p.grad = grad
+        opt = MaskedAdamW([p], lr=0.1, weight_decay=0.1, differentiable=True)
+        opt.state[p]["step"] = torch.tensor(1.0, dtype=torch.float64)
+        opt.state[p]["exp_avg"] = exp_avg.clone()
+        opt.state[p]["exp_avg_sq"] = exp_avg_sq.clone()
+        opt.set_masks({p: torch.tensor([[True, False, True], [True, True, False]])})
+        opt.step()
+        return p, opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]
+
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(2, 3, dtype=torch.float64, generator=g).requires_grad_() for _ in range(3)]
+    args.append(torch.rand(2, 3, dtype=torch.float64, generator=g).add_(0.1).requires_grad_())
+    out = step(*args)[0]
+    assert out.requires_grad and out.grad_fn is not None
+    assert bool((out.detach()[:, [1, 2]].flatten()[[0, 3]] == 0).all())
+    assert torch.autograd.gradcheck(step, args)
+
+
+def test_fused_honours_the_grad_scaler_protocol(cpu_backend):
+    ours_params, their_params = make_params(torch.float32), make_params(torch.float32)
+    ours = MaskedAdamW(ours_params, lr=1e-2, fused=True)
+    theirs = torch.optim.AdamW(their_params, lr=1e-2, fused=True)
+    assert ours._step_supports_amp_scaling
+    for step, inf in ((0, 0.0), (1, 1.0), (2, 0.0)):
+        for params, opt in ((ours_params, ours), (their_params, theirs)):
+            set_grads(params, step)
+            for p in params:
+                p.grad.mul_(1024.0)
+            opt.grad_scale = torch.tensor(1024.0)
+            opt.found_inf = torch.tensor(inf)
+            opt.step()
+            del opt.grad_scale, opt.found_inf
+    assert_same_state(ours, theirs, ours_params, their_params)
+    for p, q in zip(ours_params, their_params):
+        assert_same_bits(p.grad, q.grad, "unscaled gradients")
+
+
+def test_prune_scope_arguments_and_groups():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 16), torch.nn.LayerNorm(16),
+                                torch.nn.Linear(16, 4))
+    opt = MaskedAdamW(model.parameters(), lr=1e-2)
+    masks = opt.prune(0.5, model=model, exclude=[r"^3"])  # embeddings and norms out by default
+    assert set(masks) == {model[1].weight}
+    assert int((model[1].weight == 0).sum()) == 64 and int((model[3].weight == 0).sum()) == 0
+    lin, head = torch.nn.Linear(20, 10), torch.nn.Linear(10, 3)
+    opt = MaskedAdamW([{"params": lin.parameters()}, {"params": head.parameters(), "prune": False}], lr=1e-2)
+    assert set(opt.prune(0.5)) == {lin.weight}
+    adamw_keys = set(torch.optim.AdamW([torch.nn.Parameter(torch.randn(2))]).param_groups[0])
+    assert set(opt.param_groups[0]) == adamw_keys and set(opt.param_groups[1]) == adamw_keys | {"prune"}
+    opt.clear_masks()
+    assert opt.masks == {}
