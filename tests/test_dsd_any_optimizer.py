@@ -204,10 +204,14 @@ def test_masked_linear_modules_keep_their_masks_under_any_optimizer():
 
 def test_apply_masks_matches_reference_on_every_backend(backend):
     g = torch.Generator().manual_seed(4)
-    shapes = [(33, 70), (7,), (4, 3, 3, 3), (1, 1)]
+    # rows of whole mask words (fp32 on AVX-512 takes them as one long row: several parallel
+    # chunks for (1100, 64)) and rows ending inside a word
+    shapes = [(33, 70), (7,), (4, 3, 3, 3), (1, 1), (1100, 64), (64,), (5, 40)]
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         tensors = [torch.randn(s, generator=g).to(dtype).to(DEVICE) for s in shapes]
         tensors[0][0, :5] = float("nan")
+        tensors[4][::3, 7] = float("nan")
+        tensors[6][:, 33] = -0.0  # pruned: +0, kept: -0 stays
         keeps = [(torch.rand(s, generator=g) > 0.5).to(DEVICE) for s in shapes]
         want = [t.clone() for t in tensors]
         R.apply_masks_(want, keeps)

@@ -22,7 +22,7 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12
 
 def make_params(dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    shapes = [(33, 70), (17,), (4, 3, 3, 3), (1,)]
+    shapes = [(33, 70), (17,), (4, 3, 3, 3), (1,), (64, 96), (64,)]  # the last two: rows of whole mask words
     return [torch.randn(s, generator=g).to(dtype).to(DEVICE) for s in shapes]
 
 

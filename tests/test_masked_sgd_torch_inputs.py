@@ -29,7 +29,8 @@ def make_params(dtype, seed=0, memory_format=torch.contiguous_format):
     conv = torch.randn(8, 3, 3, 3, generator=g, dtype=dtype).contiguous(memory_format=memory_format)
     return [torch.nn.Parameter(t) for t in
             (torch.randn(33, 70, generator=g, dtype=dtype), torch.randn(17, generator=g, dtype=dtype),
-             conv, torch.randn(1, generator=g, dtype=dtype))]
+             conv, torch.randn(1, generator=g, dtype=dtype), torch.randn(64, 96, generator=g, dtype=dtype),
+             torch.randn(64, generator=g, dtype=dtype))]
 
 
 def set_grads(params, step, masks=None):

@@ -1,7 +1,8 @@
 // Zero the pruned entries of many tensors in place, from their packed masks: the re-masking pass
 // that keeps pruned weights (and gradients) exactly 0 under any optimizer (dsd_kernels/optim/
 // masking.py). One read and one write of every masked tensor, in parallel over 32-element mask
-// words; a pruned entry becomes exactly +0 whatever it held (NaN included).
+// words; a pruned entry becomes exactly +0 whatever it held (NaN included). fp32 on AVX-512:
+// masked stores of +0 into the pruned lanes only (common.h).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -23,6 +24,24 @@ void apply_masks_(at::TensorList tensors, at::TensorList mask_words) {
                     words.numel() == lay.num_words(),
                 "apply_masks_: mask_words[", i, "] does not fit tensors[", i, "]");
     const int32_t* w = words.data_ptr<int32_t>();
+#ifdef DSD_HAVE_AVX512_KERNELS
+    if (t.scalar_type() == at::kFloat && cpu_has_avx512f()) {
+      float* data = t.data_ptr<float>();
+      if (lay.cols % 32 == 0) {  // rows of whole words: one row of all the words
+        at::parallel_for(0, lay.num_words(), 2048, [&](int64_t begin, int64_t end) {
+          zero_pruned_row_avx512(data + begin * 32, w + begin, (end - begin) * 32);
+        });
+      } else {
+        at::parallel_for(0, lay.rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(lay.cols, 1)),
+                         [&](int64_t begin, int64_t end) {
+                           for (int64_t r = begin; r < end; ++r) {
+                             zero_pruned_row_avx512(data + r * lay.cols, w + r * lay.words_per_row, lay.cols);
+                           }
+                         });
+      }
+      continue;
+    }
+#endif
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "apply_masks_", [&] {
       scalar_t* data = t.data_ptr<scalar_t>();
       parallel_for_words(lay, 2048, [&](int64_t word, int64_t base, int64_t len) {

@@ -13,6 +13,12 @@
 #include "../float_keys.h"
 #include "../mask_layout.h"
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define DSD_HAVE_AVX512_KERNELS 1
+#define DSD_AVX512 __attribute__((target("avx512f")))
+#endif
+
 namespace dsd_kernels_cpu {
 
 using dsd_kernels_keys::key_value;
@@ -95,5 +101,37 @@ inline void mask_word(const scalar_t* src, scalar_t* dst, uint32_t bits, int64_t
     and_lanes(src, dst, lanes, len);
   }
 }
+
+#ifdef DSD_HAVE_AVX512_KERNELS
+// AVX-512 loops over one row of mask words (bit j of word w = column 32*w + j), 16 columns a
+// step with the word's half as the vector mask; callers check cpu_has_avx512f().
+
+// dst[0, cols) = src where the row's mask bits are set, exactly +0 elsewhere (dst may be src)
+DSD_AVX512 inline void mask_row_avx512(const float* src, float* dst, const int32_t* words, int64_t cols) {
+  for (int64_t c = 0; c < cols; c += 16) {
+    const __mmask16 limit = static_cast<__mmask16>((1u << std::min<int64_t>(16, cols - c)) - 1u);
+    const uint32_t word = static_cast<uint32_t>(words[c / 32]);
+    const __mmask16 keep = limit & static_cast<__mmask16>(c % 32 ? word >> 16 : word & 0xFFFFu);
+    const __m512 v = _mm512_maskz_loadu_ps(keep, src + c);
+    if (limit == 0xFFFF) {
+      _mm512_storeu_ps(dst + c, v);  // a whole vector: a plain store, cheaper than a masked one
+    } else {
+      _mm512_mask_storeu_ps(dst + c, limit, v);
+    }
+  }
+}
+
+// data[0, cols) = exactly +0 where the row's mask bits are clear, untouched where set (in place:
+// only the pruned lanes are stored, nothing is loaded)
+DSD_AVX512 inline void zero_pruned_row_avx512(float* data, const int32_t* words, int64_t cols) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t c = 0; c < cols; c += 16) {
+    const __mmask16 limit = static_cast<__mmask16>((1u << std::min<int64_t>(16, cols - c)) - 1u);
+    const uint32_t word = static_cast<uint32_t>(words[c / 32]);
+    const __mmask16 pruned = limit & static_cast<__mmask16>(~(c % 32 ? word >> 16 : word & 0xFFFFu));
+    if (pruned) _mm512_mask_storeu_ps(data + c, pruned, zero);
+  }
+}
+#endif
 
 }  // namespace dsd_kernels_cpu

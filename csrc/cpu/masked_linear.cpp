@@ -198,20 +198,6 @@ DSD_TILE_GEMM_AVX512 void pack_tile(const float* w, const int32_t* words, const 
   }
 }
 
-// dst[0, cols) = src where the row's mask bits are set, exactly +0 elsewhere (dst may be src)
-DSD_TILE_GEMM_AVX512 void mask_row(const float* src, float* dst, const int32_t* words, int64_t cols) {
-  for (int64_t c = 0; c < cols; c += 16) {
-    const __mmask16 limit = static_cast<__mmask16>((1u << std::min<int64_t>(16, cols - c)) - 1u);
-    const uint32_t word = static_cast<uint32_t>(words[c / 32]);
-    const __mmask16 keep = limit & static_cast<__mmask16>(c % 32 ? word >> 16 : word & 0xFFFFu);
-    const __m512 v = _mm512_maskz_loadu_ps(keep, src + c);
-    if (limit == 0xFFFF) {
-      _mm512_storeu_ps(dst + c, v);  // a whole vector: a plain store, cheaper than a masked one
-    } else {
-      _mm512_mask_storeu_ps(dst + c, limit, v);
-    }
-  }
-}
 
 #else
 void panel_rows(const Panel&, int64_t, int64_t) { TORCH_CHECK(false, "tile_gemm: not built for this CPU"); }
@@ -219,7 +205,6 @@ void pack_tile(const float*, const int32_t*, const MaskLayout&, int64_t, int64_t
                bool, float*) {
   TORCH_CHECK(false, "tile_gemm: not built for this CPU");
 }
-void mask_row(const float*, float*, const int32_t*, int64_t) { TORCH_CHECK(false, "tile_gemm: not built for this CPU"); }
 #endif
 
 }  // namespace tile_gemm
@@ -242,15 +227,17 @@ at::Tensor masked(const at::Tensor& t, const at::Tensor& words, bool in_place,
     const scalar_t* src = t.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     const int32_t* w = words.data_ptr<int32_t>();
+#ifdef DSD_HAVE_AVX512_KERNELS
     if (grid == nullptr && std::is_same_v<scalar_t, float> && cpu_has_avx512f()) {
       at::parallel_for(0, lay.rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(lay.cols, 1)), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
-          tile_gemm::mask_row(reinterpret_cast<const float*>(src) + r * lay.cols,
-                              reinterpret_cast<float*>(dst) + r * lay.cols, w + r * lay.words_per_row, lay.cols);
+          mask_row_avx512(reinterpret_cast<const float*>(src) + r * lay.cols,
+                          reinterpret_cast<float*>(dst) + r * lay.cols, w + r * lay.words_per_row, lay.cols);
         }
       });
       return;
     }
+#endif
     if (grid == nullptr) {
       parallel_for_words(lay, 2048, [&](int64_t i, int64_t base, int64_t len) {
         mask_word(src + base, dst + base, static_cast<uint32_t>(w[i]), len);

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -63,12 +64,52 @@ DSD_FMA_CLONES void step_word(scalar_t* __restrict p, const scalar_t* __restrict
   if (kMomentum) and_lanes(new_b, b, lanes, n);
 }
 
+#ifdef DSD_HAVE_AVX512_KERNELS
+// step_word for fp32 in AVX-512 over n elements of whole mask words (n a multiple of 32; words:
+// their first word, or nullptr: dense), 16 lanes a step with the word's half as the vector mask
+// instead of lanes expanded into a buffer: the same operations (the same bits), and a masked move
+// writes exactly +0 where pruned, as the AND does.
+template <bool kMomentum, bool kFirst, bool kNesterov, bool kMaximize, bool kDecay>
+DSD_AVX512 void step_words_avx512(float* __restrict p, const float* __restrict g, float* __restrict b,
+                                  const int32_t* words, int64_t n, float lr, float mom, float damp, float wd) {
+  const __m512 neg_lr = _mm512_set1_ps(-lr), momentum = _mm512_set1_ps(mom);
+  const __m512 dampening = _mm512_set1_ps(damp), decay = _mm512_set1_ps(wd);
+  const __m512i sign = _mm512_set1_epi32(INT32_MIN);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 keep =
+        words ? static_cast<__mmask16>(static_cast<uint32_t>(words[j >> 5]) >> (j & 16)) : __mmask16(0xFFFF);
+    __m512 d = _mm512_loadu_ps(g + j);
+    const __m512 x = _mm512_loadu_ps(p + j);
+    if (kMaximize) d = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(d), sign));
+    if (kDecay) d = _mm512_fmadd_ps(x, decay, d);
+    if (kMomentum) {
+      const __m512 v = kFirst ? d : _mm512_fmadd_ps(d, dampening, _mm512_mul_ps(_mm512_loadu_ps(b + j), momentum));
+      d = kNesterov ? _mm512_fmadd_ps(v, momentum, d) : v;
+      _mm512_storeu_ps(b + j, _mm512_maskz_mov_ps(keep, v));
+    }
+    _mm512_storeu_ps(p + j, _mm512_maskz_mov_ps(keep, _mm512_fmadd_ps(d, neg_lr, x)));
+  }
+}
+#endif
+
 // One tensor, with the options as template flags so the inner loops have no branches.
 template <typename scalar_t, typename acc_t, bool kMomentum, bool kFirst, bool kNesterov,
           bool kMaximize, bool kDecay>
 void step_tensor(scalar_t* __restrict p, const scalar_t* __restrict g, scalar_t* __restrict b,
                  const int32_t* words, const MaskLayout& lay, const Hyper& h) {
   const acc_t lr = h.lr, mom = h.momentum, damp = 1 - h.dampening, wd = h.weight_decay;
+#ifdef DSD_HAVE_AVX512_KERNELS
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (lay.cols % 32 == 0 && cpu_has_avx512f()) {  // rows of whole words: one row of all the words
+      at::parallel_for(0, lay.num_words(), 2048, [&](int64_t begin, int64_t end) {
+        step_words_avx512<kMomentum, kFirst, kNesterov, kMaximize, kDecay>(
+            p + begin * 32, g + begin * 32, kMomentum ? b + begin * 32 : nullptr, words ? words + begin : nullptr,
+            (end - begin) * 32, lr, mom, damp, wd);
+      });
+      return;
+    }
+  }
+#endif
   parallel_for_words(lay, 2048, [&](int64_t w, int64_t base, int64_t len) {
     const uint32_t bits = words ? static_cast<uint32_t>(words[w]) : 0xFFFFFFFFu;
     scalar_t* bw = kMomentum ? b + base : nullptr;
