@@ -99,7 +99,8 @@ REGISTRY: tuple[Implementation, ...] = tuple(
     + _rows("masked_adamw", "masked_adamw", cuda=("triton", "cpp"), cuda_dtypes=(torch.float32, torch.float64),
             variants=("foreach", "fused"), cpp_cpu_dtypes=(torch.float32, torch.float64))
     # re-masking around any optimizer's step (csrc/cuda has no such kernel); on CPU the
-    # composite's AND with cached unpacked words measured faster than the C++ word loop
+    # composite's AND with cached unpacked words measured faster than the C++ word loop, which
+    # serves every dtype and CPU (its AVX-512 fp32 loop beats the composite, the rest does not)
     + _rows("apply_masks", "apply_masks", cuda=("triton",), cpu=("torch", "cpp"))
     # tl.dot has no general fp64: fp64 on CUDA takes the declared torch fallback
     + _rows("masked_linear", "masked_linear", cuda=("triton",),
