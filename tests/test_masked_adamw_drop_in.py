@@ -3,15 +3,15 @@ on every CPU backend: every config and flag with masks, channels_last and stride
 fp16/bf16 and complex parameters, state_dict both ways, older state formats, deepcopy, hooks,
 a tensor lr with a scheduler, differentiable mode, the fused GradScaler protocol and pruning's
 scope arguments; bit for bit against AdamW wherever AdamW's arithmetic is claimed."""
-import copy
-
 import pytest
 import torch
 
 from dsd_kernels.optim import MaskedAdamW
 
 from .conftest import DEVICE
-from .drop_in import assert_pruned_exactly_zero, fresh_kwargs, same_bits, step_masked_beside_torch
+from .drop_in import (assert_pruned_exactly_zero, assert_same_state, check_deepcopy_and_step_hooks,
+                      check_fused_grad_scaler_protocol, check_layout_steps_in_place, check_state_dict_loads_both_ways,
+                      step_masked_beside_torch)
 
 common_optimizers = pytest.importorskip("torch.testing._internal.common_optimizers",
                                         reason="torch's optimizer test inputs need expecttest")
@@ -42,21 +42,6 @@ def set_grads(params, step, keeps=None):
         p.grad = torch.empty_like(p).copy_(grad)
 
 
-def assert_same_bits(a, b, what):
-    assert same_bits(a, b), f"{what}: the bits differ"
-
-
-def assert_same_state(ours, theirs, ours_params, their_params, keeps=None):
-    """The weights and moments carry the same bits; with keeps, on the kept entries only."""
-    keeps = keeps or [None] * len(ours_params)
-    for p, q, k in zip(ours_params, their_params, keeps):
-        pairs = [(p.detach(), q.detach(), "param")] + [
-            (ours.state[p][key], theirs.state[q][key], key)
-            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if key in theirs.state[q]]
-        for a, b, what in pairs:
-            assert_same_bits(a if k is None else a[k], b if k is None else b[k], what)
-
-
 @pytest.mark.parametrize("impl", IMPLS, ids=impl_id)
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.desc)
 def test_every_config_and_flag_with_masks_on_every_cpu_backend(cpu_backend, config, impl):
@@ -83,34 +68,8 @@ def test_half_precision_params_step_like_adamw(cpu_backend, dtype, impl):
 @pytest.mark.parametrize("impl", IMPLS, ids=impl_id)
 @pytest.mark.parametrize("layout", ["channels_last", "sliced"])
 def test_channels_last_and_strided_params_step_in_place(cpu_backend, layout, impl):
-    g = torch.Generator().manual_seed(3)
-    if layout == "sliced":  # a strided view with gaps
-        ours_param = torch.nn.Parameter(torch.randn(8, 6, 5, 10, generator=g)[:, :, :, ::2])
-        weight = torch.nn.Parameter(ours_param.detach().clone())
-        assert not ours_param.is_contiguous()
-    else:
-        weight = torch.nn.Parameter(torch.randn(8, 6, 5, 5, generator=g))
-        ours_param = torch.nn.Parameter(weight.detach().clone().contiguous(memory_format=torch.channels_last))
-    keep = torch.rand(weight.shape, generator=g) > 0.5
-    ptr, strides = ours_param.data_ptr(), ours_param.stride()
-    kwargs = dict(lr=1e-2, weight_decay=0.01, amsgrad=True, **impl)
-    ours = MaskedAdamW([ours_param], **kwargs)
-    ours.set_masks({ours_param: keep})  # over the logical shape
-    theirs = torch.optim.AdamW([weight], **kwargs)
-    with torch.no_grad():
-        weight.masked_fill_(~keep, 0)
-    for step in range(3):
-        grad = torch.randn(weight.shape, generator=g)
-        ours_param.grad = grad.clone() if layout == "sliced" else grad.contiguous(memory_format=torch.channels_last)
-        ours_param.grad[~keep] = float("nan")  # never read
-        weight.grad = torch.where(keep, grad, torch.zeros_like(grad))
-        ours.step()
-        theirs.step()
-    assert ours_param.data_ptr() == ptr and ours_param.stride() == strides  # stepped in place
-    assert_same_state(ours, theirs, [ours_param], [weight])
-    assert_pruned_exactly_zero(ours, [ours_param], [keep])
-    if layout == "channels_last":
-        assert ours.state[ours_param]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+    check_layout_steps_in_place(MaskedAdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.01, amsgrad=True, **impl),
+                                layout)
 
 
 @pytest.mark.parametrize("impl", IMPLS[:3], ids=impl_id)
@@ -145,27 +104,8 @@ def test_fused_rejects_complex_as_adamw_fused_does():
 
 @pytest.mark.parametrize("impl", IMPLS, ids=impl_id)
 def test_state_dict_of_adamw_loads_here_and_back(cpu_backend, impl):
-    a, b, c = make_params(torch.float32), make_params(torch.float32), make_params(torch.float32)
-    kwargs = dict(lr=1e-2, weight_decay=0.1, amsgrad=True, **impl)
-    adamw = torch.optim.AdamW(a, **kwargs)
-    for step in range(2):
-        set_grads(a, step)
-        adamw.step()
-    with torch.no_grad():
-        for x, y, z in zip(a, b, c):
-            y.copy_(x)
-            z.copy_(x)
-    ours = MaskedAdamW(b, **kwargs)
-    ours.load_state_dict(copy.deepcopy(adamw.state_dict()))
-    back = torch.optim.AdamW(c, **kwargs)
-    back.load_state_dict(copy.deepcopy(ours.state_dict()))  # our extra "masks" entry is ignored
-    assert set(ours.param_groups[0]) == set(adamw.param_groups[0])
-    for step in range(2, 4):
-        for params, opt in ((a, adamw), (b, ours), (c, back)):
-            set_grads(params, step)
-            opt.step()
-    assert_same_state(ours, adamw, b, a)
-    assert_same_state(back, adamw, c, a)
+    check_state_dict_loads_both_ways(MaskedAdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True, **impl),
+                                     lambda: make_params(torch.float32), set_grads)
 
 
 def test_older_state_dict_formats_load():
@@ -190,28 +130,8 @@ def test_older_state_dict_formats_load():
 
 
 def test_deepcopy_and_step_hooks(cpu_backend):
-    params = make_params(torch.float32)
-    opt = MaskedAdamW(params, lr=1e-2, weight_decay=0.1)
-    opt.prune(0.5)
-    set_grads(params, 0)
-    opt.step()
-    twin_params = copy.deepcopy(params)
-    twin = MaskedAdamW(twin_params, lr=1e-2, weight_decay=0.1)
-    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
-    calls = []
-    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
-    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
-    for step in range(1, 3):
-        set_grads(params, step)
-        set_grads(twin_params, step)
-        opt.step()
-        twin.step()
-    assert calls == ["pre", "post"] * 2
-    assert_same_state(twin, opt, twin_params, params)
-    clone = copy.deepcopy(opt)  # masks follow the copied parameters
-    cloned = [p for g in clone.param_groups for p in g["params"]]
-    assert [clone.masks.get(p) for p in cloned] == [opt.masks.get(p) for p in params]
-    assert all(c is not p for c, p in zip(cloned, params))
+    check_deepcopy_and_step_hooks(MaskedAdamW, dict(lr=1e-2, weight_decay=0.1), lambda: make_params(torch.float32),
+                                  set_grads)
 
 
 def test_tensor_lr_closure_and_scheduler_step_like_adamw(cpu_backend):
@@ -254,22 +174,7 @@ def test_differentiable_mode_is_traced_by_autograd():
 
 
 def test_fused_honours_the_grad_scaler_protocol(cpu_backend):
-    ours_params, their_params = make_params(torch.float32), make_params(torch.float32)
-    ours = MaskedAdamW(ours_params, lr=1e-2, fused=True)
-    theirs = torch.optim.AdamW(their_params, lr=1e-2, fused=True)
-    assert ours._step_supports_amp_scaling
-    for step, inf in ((0, 0.0), (1, 1.0), (2, 0.0)):
-        for params, opt in ((ours_params, ours), (their_params, theirs)):
-            set_grads(params, step)
-            for p in params:
-                p.grad.mul_(1024.0)
-            opt.grad_scale = torch.tensor(1024.0)
-            opt.found_inf = torch.tensor(inf)
-            opt.step()
-            del opt.grad_scale, opt.found_inf
-    assert_same_state(ours, theirs, ours_params, their_params)
-    for p, q in zip(ours_params, their_params):
-        assert_same_bits(p.grad, q.grad, "unscaled gradients")
+    check_fused_grad_scaler_protocol(MaskedAdamW, torch.optim.AdamW, dict(lr=1e-2), lambda: make_params(torch.float32), set_grads)
 
 
 def test_prune_scope_arguments_and_groups():

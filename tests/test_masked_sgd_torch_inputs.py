@@ -12,8 +12,9 @@ from dsd_kernels.dsd import DSDScheduler
 from dsd_kernels.optim import MaskedSGD
 
 from .conftest import DEVICE
-from .drop_in import (assert_pruned_exactly_zero, check_error_input, fresh_kwargs, same_bits,
-                      step_masked_beside_torch)
+from .drop_in import (assert_pruned_exactly_zero, check_deepcopy_and_step_hooks, check_error_input,
+                      check_fused_grad_scaler_protocol, check_layout_steps_in_place,
+                      check_state_dict_loads_both_ways, fresh_kwargs, same_bits, step_masked_beside_torch)
 
 common_optimizers = pytest.importorskip("torch.testing._internal.common_optimizers",
                                         reason="torch's optimizer test inputs need expecttest")
@@ -104,28 +105,8 @@ def test_fused_rejects_what_sgd_fused_rejects():
 
 
 def test_state_dict_of_sgd_loads_here_and_back(cpu_backend):
-    a, b, c = make_params(torch.float32), make_params(torch.float32), make_params(torch.float32)
-    kwargs = dict(lr=0.05, momentum=0.9, weight_decay=0.01, nesterov=True)
-    sgd = torch.optim.SGD(a, **kwargs)
-    for step in range(2):
-        set_grads(a, step)
-        sgd.step()
-    with torch.no_grad():
-        for x, y, z in zip(a, b, c):
-            y.copy_(x)
-            z.copy_(x)
-    ours = MaskedSGD(b, **kwargs)
-    ours.load_state_dict(copy.deepcopy(sgd.state_dict()))  # (state dicts share the buffers)
-    back = torch.optim.SGD(c, **kwargs)
-    back.load_state_dict(copy.deepcopy(ours.state_dict()))  # our extra "masks" entry is ignored
-    assert set(ours.param_groups[0]) == set(sgd.param_groups[0])
-    for step in range(2, 4):
-        for params, opt in ((a, sgd), (b, ours), (c, back)):
-            set_grads(params, step)
-            opt.step()
-    for x, y, z in zip(a, b, c):
-        assert_same_bits(y.detach(), x.detach(), "SGD -> MaskedSGD")
-        assert_same_bits(z.detach(), x.detach(), "MaskedSGD -> SGD")
+    check_state_dict_loads_both_ways(MaskedSGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=0.01, nesterov=True),
+                                     lambda: make_params(torch.float32), set_grads)
 
 
 def test_older_state_dict_formats_load():
@@ -144,61 +125,12 @@ def test_older_state_dict_formats_load():
 
 
 def test_deepcopy_and_step_hooks(cpu_backend):
-    params = make_params(torch.float32)
-    opt = MaskedSGD(params, lr=0.1, momentum=0.9)
-    opt.prune(0.5)
-    set_grads(params, 0)
-    opt.step()
-    twin_params = copy.deepcopy(params)
-    twin = MaskedSGD(twin_params, lr=0.1, momentum=0.9)
-    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
-    calls = []
-    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
-    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
-    for step in range(1, 3):
-        set_grads(params, step)
-        set_grads(twin_params, step)
-        opt.step()
-        twin.step()
-    assert calls == ["pre", "post"] * 2
-    for p, q in zip(params, twin_params):
-        assert_same_bits(p.detach(), q.detach(), "deepcopied optimizer")
-    clone = copy.deepcopy(opt)  # masks follow the copied parameters
-    cloned = [p for g in clone.param_groups for p in g["params"]]
-    assert [clone.masks.get(p) for p in cloned] == [opt.masks.get(p) for p in params]
-    assert all(c is not p for c, p in zip(cloned, params))
+    check_deepcopy_and_step_hooks(MaskedSGD, dict(lr=0.1, momentum=0.9), lambda: make_params(torch.float32), set_grads)
 
 
-@pytest.mark.parametrize("memory_format", [torch.channels_last, "sliced"], ids=str)
-def test_channels_last_and_non_contiguous_params_step_in_place(cpu_backend, memory_format):
-    g = torch.Generator().manual_seed(3)
-    if memory_format == "sliced":  # a strided view with gaps: stepped through a copy
-        ours_param = torch.nn.Parameter(torch.randn(8, 6, 5, 10, generator=g)[:, :, :, ::2])
-        weight = torch.nn.Parameter(ours_param.detach().clone())
-        assert not ours_param.is_contiguous()
-    else:
-        weight = torch.nn.Parameter(torch.randn(8, 6, 5, 5, generator=g))
-        ours_param = torch.nn.Parameter(weight.detach().clone().contiguous(memory_format=memory_format))
-    keep = torch.rand(weight.shape, generator=g) > 0.5
-    ptr, strides = ours_param.data_ptr(), ours_param.stride()
-    ours = MaskedSGD([ours_param], lr=0.1, momentum=0.9, weight_decay=0.01)
-    ours.set_masks({ours_param: keep})  # the mask is over the logical shape
-    theirs = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=0.01)
-    with torch.no_grad():
-        weight.masked_fill_(~keep, 0)
-    for step in range(3):
-        grad = torch.randn(weight.shape, generator=g)
-        ours_param.grad = grad.clone() if memory_format == "sliced" else \
-            grad.contiguous(memory_format=memory_format)
-        weight.grad = torch.where(keep, grad, torch.zeros_like(grad))
-        ours.step()
-        theirs.step()
-    assert ours_param.data_ptr() == ptr and ours_param.stride() == strides  # no copy kept
-    assert_same_bits(ours_param.detach(), weight.detach(), "param")
-    assert_same_bits(ours.state[ours_param]["momentum_buffer"], theirs.state[weight]["momentum_buffer"],
-                     "momentum buffer")
-    if memory_format == torch.channels_last:
-        assert ours.state[ours_param]["momentum_buffer"].is_contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_channels_last_and_non_contiguous_params_step_in_place(cpu_backend, layout):
+    check_layout_steps_in_place(MaskedSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.01), layout)
 
 
 def test_complex_params_step_through_their_real_view(cpu_backend):
@@ -263,22 +195,7 @@ def test_differentiable_mode_is_traced_by_autograd():
 
 
 def test_fused_honours_the_grad_scaler_protocol(cpu_backend):
-    ours_params, their_params = make_params(torch.float32), make_params(torch.float32)
-    ours = MaskedSGD(ours_params, lr=0.1, momentum=0.9, fused=True)
-    theirs = torch.optim.SGD(their_params, lr=0.1, momentum=0.9, fused=True)
-    assert ours._step_supports_amp_scaling
-    for step, inf in ((0, 0.0), (1, 1.0), (2, 0.0)):
-        for params, opt in ((ours_params, ours), (their_params, theirs)):
-            set_grads(params, step)
-            for p in params:
-                p.grad.mul_(1024.0)
-            opt.grad_scale = torch.tensor(1024.0)
-            opt.found_inf = torch.tensor(inf)
-            opt.step()
-            del opt.grad_scale, opt.found_inf
-    for p, q in zip(ours_params, their_params):
-        assert_same_bits(p.detach(), q.detach(), "fused with grad scaling")
-        assert_same_bits(p.grad, q.grad, "unscaled gradients")
+    check_fused_grad_scaler_protocol(MaskedSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9), lambda: make_params(torch.float32), set_grads)
 
 
 def test_channels_last_resnet_trains_through_dense_sparse_redense():
