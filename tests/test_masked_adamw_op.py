@@ -23,7 +23,7 @@ def backend(request):
 
 OPTIONS = [dict(weight_decay=wd, amsgrad=a, maximize=mx, beta1=b1)
            for wd, a, mx, b1 in itertools.product([0.0, 1e-2], [False, True], [False, True], [0.9, 0.3])]
-SHAPES = [(33, 70), (17,), (4, 3, 3, 3), (1,), (0, 5), (3, 32), (2, 33)]
+SHAPES = [(33, 70), (17,), (4, 3, 3, 3), (1,), (0, 5), (3, 32), (2, 33), (300, 64), (64,)]  # rows of whole words: in one block and several
 
 
 def bits(t):

@@ -21,10 +21,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#endif
-
 #include "../masked_adamw_args.h"
 #include "common.h"
 
@@ -155,9 +151,82 @@ DSD_ADAMW_FMA_CLONES void step_block(scalar_t* __restrict p, const scalar_t* __r
   }
 }
 
+#ifdef DSD_HAVE_AVX512_KERNELS
+// 16 gradients, negated for maximize (a sign flip: exact)
+template <bool kMaximize>
+DSD_AVX512 inline __m512 load_gradient(const float* g) {
+  const __m512 grad = _mm512_loadu_ps(g);
+  if (!kMaximize) return grad;
+  return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(grad), _mm512_set1_epi32(INT32_MIN)));
+}
+
+// step_block for fp32 in AVX-512, for tensors whose rows are whole mask words (cols % 32 == 0:
+// element e of the block is bit e % 32 of word e / 32; words: the block's first word, or
+// nullptr: dense), 16 elements a step with half a word as the vector mask. Phase 1 keeps only
+// what the sqrt call needs (exp_avg_sq, and the amsgrad maximum); phase 2 recomputes the
+// decayed weight and exp_avg from p, g, m (the block is still in cache) rather than reading them
+// back from buffers. The operations are step_block's, one for one: the same bits.
+template <bool kDecay, bool kMaximize, bool kAmsgrad, bool kSmallWeight>
+DSD_AVX512 void step_words_avx512(
+    float* __restrict p, const float* __restrict g, float* __restrict m, float* __restrict v,
+    float* __restrict vmax, const int32_t* words, int64_t n, const Coefficients<float>& c,
+    float* __restrict buffers) {
+  float* __restrict s = buffers + 2 * kSpan;
+  float* __restrict second = buffers + 3 * kSpan;
+  float* __restrict root = buffers + 4 * kSpan;
+  const __m512 decay = _mm512_set1_ps(c.decay), avg_weight = _mm512_set1_ps(c.avg_weight);
+  const __m512 avg_keep = _mm512_set1_ps(c.avg_keep), beta2 = _mm512_set1_ps(c.beta2);
+  const __m512 sq_weight = _mm512_set1_ps(c.sq_weight), neg_step = _mm512_set1_ps(c.neg_step);
+  const __m512 bc2_sqrt = _mm512_set1_ps(c.bc2_sqrt), eps = _mm512_set1_ps(c.eps);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __m512 grad = load_gradient<kMaximize>(g + j);
+    const __m512 sq = _mm512_fmadd_ps(_mm512_mul_ps(sq_weight, grad), grad, _mm512_mul_ps(_mm512_loadu_ps(v + j), beta2));
+    _mm512_storeu_ps(s + j, sq);
+    if (kAmsgrad) {
+      const __m512 old = _mm512_loadu_ps(vmax + j);
+      const __mmask16 take_old = _mm512_cmp_ps_mask(old, sq, _CMP_GT_OQ) | _mm512_cmp_ps_mask(old, old, _CMP_UNORD_Q);
+      _mm512_storeu_ps(second + j, _mm512_mask_blend_ps(take_old, sq, old));  // torch.maximum: NaN wins
+    }
+  }
+  torch_sqrt(kAmsgrad ? second : s, root, n);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 keep =
+        words ? static_cast<__mmask16>(static_cast<uint32_t>(words[j >> 5]) >> (j & 16)) : __mmask16(0xFFFF);
+    const __m512 grad = load_gradient<kMaximize>(g + j);
+    __m512 param = _mm512_loadu_ps(p + j);
+    if (kDecay) param = _mm512_mul_ps(param, decay);
+    const __m512 avg = _mm512_loadu_ps(m + j);
+    const __m512 diff = _mm512_sub_ps(grad, avg);
+    const __m512 a = kSmallWeight ? _mm512_fmadd_ps(avg_weight, diff, avg) : _mm512_fnmadd_ps(diff, avg_keep, grad);
+    const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_loadu_ps(root + j), bc2_sqrt), eps);
+    const __m512 new_p = _mm512_add_ps(param, _mm512_div_ps(_mm512_mul_ps(neg_step, a), denom));
+    _mm512_storeu_ps(p + j, _mm512_maskz_mov_ps(keep, new_p));
+    _mm512_storeu_ps(m + j, _mm512_maskz_mov_ps(keep, a));
+    _mm512_storeu_ps(v + j, _mm512_maskz_mov_ps(keep, _mm512_loadu_ps(s + j)));
+    if (kAmsgrad) _mm512_storeu_ps(vmax + j, _mm512_maskz_mov_ps(keep, _mm512_loadu_ps(second + j)));
+  }
+}
+#endif
+
 template <typename scalar_t, typename acc_t, bool kDecay, bool kMaximize, bool kAmsgrad, bool kSmallWeight>
 void step_tensor(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vmax,
                  const int32_t* words, const MaskLayout& lay, const Coefficients<acc_t>& c) {
+#ifdef DSD_HAVE_AVX512_KERNELS
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (lay.cols % 32 == 0 && cpu_has_avx512f()) {
+      at::parallel_for(0, lay.num_words(), kBlockWords, [&](int64_t begin, int64_t end) {
+        std::vector<float> buffers(5 * kSpan);
+        for (int64_t first = begin; first < end; first += kBlockWords) {
+          const int64_t start = first * 32;
+          step_words_avx512<kDecay, kMaximize, kAmsgrad, kSmallWeight>(
+              p + start, g + start, m + start, v + start, vmax ? vmax + start : nullptr, words ? words + first : nullptr,
+              std::min<int64_t>(kBlockWords, end - first) * 32, c, buffers.data());
+        }
+      });
+      return;
+    }
+  }
+#endif
   at::parallel_for(0, lay.num_words(), kBlockWords, [&](int64_t begin, int64_t end) {
     // the block buffers of this chunk (L2-resident; on the heap, not a worker thread's stack)
     std::vector<acc_t> buffers(5 * kSpan);
@@ -214,8 +283,7 @@ DSD_ADAMW_FMA_CLONES void fused_range(
   }
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define DSD_ADAMW_AVX512 __attribute__((target("avx512f")))
+#ifdef DSD_HAVE_AVX512_KERNELS
 // fused_range's region 0 for fp32 in AVX-512, 16 elements at a time, for tensors whose rows are
 // whole mask words (cols % 32 == 0: element e of the range is bit e % 32 of word e / 32). The
 // keep bits go straight from the word into a vector mask, where fused_range reads lanes expanded
@@ -223,19 +291,17 @@ DSD_ADAMW_FMA_CLONES void fused_range(
 // masked move writes exactly +0 where pruned, as the AND does. n: a multiple of 16; words: the
 // range's first word, or nullptr (dense).
 template <bool kDecay, bool kMaximize, bool kAmsgrad, bool kSmallWeight>
-DSD_ADAMW_AVX512 void fused_words_avx512(float* __restrict p, const float* __restrict g, float* __restrict m,
+DSD_AVX512 void fused_words_avx512(float* __restrict p, const float* __restrict g, float* __restrict m,
                                          float* __restrict v, float* __restrict vmax, const int32_t* words,
                                          int64_t n, const Coefficients<float>& c) {
   const __m512 decay = _mm512_set1_ps(c.decay), avg_weight = _mm512_set1_ps(c.avg_weight);
   const __m512 avg_keep = _mm512_set1_ps(c.avg_keep), beta2 = _mm512_set1_ps(c.beta2);
   const __m512 sq_weight = _mm512_set1_ps(c.sq_weight), neg_step = _mm512_set1_ps(c.neg_step);
   const __m512 bc2_sqrt = _mm512_set1_ps(c.bc2_sqrt), eps = _mm512_set1_ps(c.eps);
-  const __m512i sign = _mm512_set1_epi32(INT32_MIN);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 keep =
         words ? static_cast<__mmask16>(static_cast<uint32_t>(words[j >> 5]) >> (j & 16)) : __mmask16(0xFFFF);
-    __m512 grad = _mm512_loadu_ps(g + j);
-    if (kMaximize) grad = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(grad), sign));
+    const __m512 grad = load_gradient<kMaximize>(g + j);
     __m512 param = _mm512_loadu_ps(p + j);
     if (kDecay) param = _mm512_mul_ps(param, decay);
     const __m512 avg = _mm512_loadu_ps(m + j);
@@ -257,7 +323,6 @@ DSD_ADAMW_AVX512 void fused_words_avx512(float* __restrict p, const float* __res
     if (kAmsgrad) _mm512_storeu_ps(vmax + j, _mm512_maskz_mov_ps(keep, second));
   }
 }
-#define DSD_HAVE_ADAMW_AVX512 1
 #endif
 
 // elements [0, vector_end) of the tensor round as torch's vector loop, [vector_end, epilogue_end)
@@ -266,7 +331,7 @@ template <typename scalar_t, bool kDecay, bool kMaximize, bool kAmsgrad, bool kS
 void fused_tensor(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vmax, const int32_t* words,
                   const MaskLayout& lay, const Coefficients<scalar_t>& c, int64_t vector_end, int64_t epilogue_end) {
   bool whole_words = false;  // AVX-512 for region 0 (fused_words_avx512)
-#ifdef DSD_HAVE_ADAMW_AVX512
+#ifdef DSD_HAVE_AVX512_KERNELS
   whole_words = std::is_same_v<scalar_t, float> && lay.cols % 32 == 0 && cpu_has_avx512f();
 #endif
   at::parallel_for(0, lay.num_words(), kBlockWords, [&](int64_t begin, int64_t end) {
@@ -274,7 +339,7 @@ void fused_tensor(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v, scal
     for (int64_t first = begin; first < end; first += kBlockWords) {
       const int64_t count = std::min<int64_t>(kBlockWords, end - first);
       int64_t done = 0;  // elements of the block already stepped
-#ifdef DSD_HAVE_ADAMW_AVX512
+#ifdef DSD_HAVE_AVX512_KERNELS
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (whole_words) {
           const int64_t start = first * 32;
