@@ -12,7 +12,9 @@
 // -step_size) as p + (-step_size * m) / denom. Scalars are rounded to the tensor's float type as
 // torch's kernels round them. The step count and bias corrections come from Python (ops.py),
 // computed as torch computes them. Hardware FMA is used where the CPU has it (a clone of the word
-// loop compiled for it); elsewhere std::fma gives the same bits, slowly.
+// loop compiled for it); elsewhere std::fma gives the same bits, slowly. For fp32 tensors whose
+// rows are whole mask words, AVX-512 versions of both arithmetics (chosen at run time) read the
+// mask words as vector masks instead of expanding them into lane buffers.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
