@@ -13,6 +13,11 @@ from dsd_kernels.nn import MaskedLinear, sparsify
 
 from .conftest import DEVICE
 
+try:
+    from dsd_kernels.triton.masked_linear import ROW_CONFIGS as TRITON_ROW_CONFIGS
+except ImportError:  # no triton here: the Triton tests skip
+    TRITON_ROW_CONFIGS = ()
+
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10, atol=1e-10),
        torch.float16: dict(rtol=1e-2, atol=2e-2), torch.bfloat16: dict(rtol=2e-2, atol=1.5e-1)}
 SHAPES = [(1, 7, 33), (7, 33, 130), (33, 130, 7), (130, 1023, 33), (5, 64, 64)]  # tokens, in, out
@@ -358,3 +363,18 @@ def test_autotuned_launches_match_the_reference(monkeypatch, dtype):
             assert tuner is not None and tuner.best_config in tuner.configs
         rows = {c.kwargs["BLOCK_M"] for c in L.tuned_kernel("forward", x.device, tokens, ieee).configs}
         assert rows == {m for m, _ in L.row_configs_for(tokens, ieee)}
+
+
+@pytest.mark.skipif("triton" not in dk.available_backends(), reason="triton backend unavailable")
+@pytest.mark.parametrize("block_m", sorted({m for m, _ in TRITON_ROW_CONFIGS}))
+def test_every_autotuning_row_count_matches_the_reference(monkeypatch, block_m):
+    """Each program height autotuning may pick, launched alone (static path), on a batch that
+    leaves a partial last program and on one smaller than a program."""
+    from dsd_kernels.triton import masked_linear as L
+    monkeypatch.setenv("DSD_KERNELS_AUTOTUNE", "0")
+    monkeypatch.setattr(L, "block_m_for", lambda M: block_m)
+    for tokens in (block_m + 3, 5):
+        x, w, b, _ = case(tokens, 130, 70, torch.float32, seed=block_m + tokens)
+        mask = dk.magnitude_masks(w, 0.5, block=(64, 64))[0]
+        with dk.use_backend("triton"):
+            check_against_reference(x, w, b, mask.to_bool(), mask)

@@ -8,8 +8,6 @@ copies), so block sparsity turns into speed; otherwise one dense matmul on W*M i
 """
 from __future__ import annotations
 
-import torch
-
 from ..dense_matmul import linear
 from ..tile_structure import TILE, blocked_tiles
 from ._mask_cache import apply_and_, masked_copy
