@@ -85,6 +85,11 @@ step 150 python3 -m pytest -m gpu -p no:cacheprovider -q -s -rfE --junitxml="$OU
 step ${BENCH_CAP:-200} $DSD bench --ops ${BENCH_OPS:-masked_adamw masked_sgd apply_masks magnitude_select masked_linear} \
     --min-run-time "$MIN_RUN_TIME" --out "$OUT/r/bench.json"
 
+# masked_linear again with autotuning off (DSD_KERNELS_AUTOTUNE=0: the static launch configs),
+# to set beside the autotuned run above
+[[ ${STATIC_LINEAR:-1} == 1 ]] && step ${STATIC_CAP:-90} env DSD_KERNELS_AUTOTUNE=0 $DSD bench --ops masked_linear \
+    --min-run-time "$MIN_RUN_TIME" --out "$OUT/r/bench-masked-linear-static.json"
+
 # the ops' own tests on CUDA tensors, per backend (the `backend` fixture): one pytest per file, so
 # that a crash in one (a segfault ends the process) leaves the others' results; -v names each test
 for file in ${SUITE_FILES:-tests/test_masked_linear.py tests/test_magnitude_select.py tests/test_masked_sgd.py \
