@@ -198,6 +198,70 @@ DSD_TILE_GEMM_AVX512 void pack_tile(const float* w, const int32_t* words, const 
   }
 }
 
+// Few rows (decoding) with unstructured masks: y = x (W*M)^T + b and dX = dY (W*M) read W and
+// its mask words once and never write W*M, where a W*M copy would cost another write and read
+// of W. Masked-off lanes of W load as exactly 0 (as in W*M). Sums in another order than a matmul.
+
+// y[:, n] for rows n in [n_begin, n_end): MR rows of x (MR <= kFewRows), 16 columns a step;
+// with a grid, the columns of tiles that keep nothing are skipped
+template <int MR>
+DSD_TILE_GEMM_AVX512 void few_rows_forward(const float* x, const float* w, const int32_t* words, const float* bias,
+                                           float* y, int64_t N, int64_t K, int64_t words_per_row, int64_t n_begin,
+                                           int64_t n_end, const TileGrid* grid) {
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const float* wr = w + n * K;
+    const int32_t* wd = words + n * words_per_row;
+    __m512 acc[MR];
+    for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      if (grid && k % kTile == 0 && !grid->is_kept(n / kTile, k / kTile)) {
+        k += kTile - 16;
+        continue;
+      }
+      const __mmask16 limit = static_cast<__mmask16>((1u << std::min<int64_t>(16, K - k)) - 1u);
+      const uint32_t word = static_cast<uint32_t>(wd[k / 32]);
+      const __mmask16 keep = limit & static_cast<__mmask16>(k % 32 ? word >> 16 : word & 0xFFFFu);
+      const __m512 wv = _mm512_maskz_loadu_ps(keep, wr + k);
+      for (int m = 0; m < MR; ++m) acc[m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(limit, x + m * K + k), acc[m]);
+    }
+    for (int m = 0; m < MR; ++m) y[m * N + n] = _mm512_reduce_add_ps(acc[m]) + (bias ? bias[n] : 0.0f);
+  }
+}
+
+// dx[MR rows, K] = sum over rows n in [n_begin, n_end) of dy[:, n] * (W*M)[n, :], four weight
+// rows per pass over dx (dx stays in cache; it is read and written once per four rows of W);
+// n_begin a multiple of 4, so with a grid the four rows lie in one row of tiles, whose empty
+// tiles are skipped
+template <int MR>
+DSD_TILE_GEMM_AVX512 void few_rows_grad_input(const float* dy, const float* w, const int32_t* words, float* dx,
+                                              int64_t N, int64_t K, int64_t words_per_row, int64_t n_begin,
+                                              int64_t n_end, const TileGrid* grid) {
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += 4) {
+    const int rows = static_cast<int>(std::min<int64_t>(4, n_end - n0));
+    for (int64_t k = 0; k < K; k += 16) {
+      if (grid && k % kTile == 0 && !grid->is_kept(n0 / kTile, k / kTile)) {
+        k += kTile - 16;
+        continue;
+      }
+      const __mmask16 limit = static_cast<__mmask16>((1u << std::min<int64_t>(16, K - k)) - 1u);
+      __m512 wv[4];
+      for (int r = 0; r < 4; ++r) {
+        if (r >= rows) {
+          wv[r] = _mm512_setzero_ps();
+          continue;
+        }
+        const uint32_t word = static_cast<uint32_t>(words[(n0 + r) * words_per_row + k / 32]);
+        const __mmask16 keep = limit & static_cast<__mmask16>(k % 32 ? word >> 16 : word & 0xFFFFu);
+        wv[r] = _mm512_maskz_loadu_ps(keep, w + (n0 + r) * K + k);
+      }
+      for (int m = 0; m < MR; ++m) {
+        __m512 acc = _mm512_maskz_loadu_ps(limit, dx + m * K + k);
+        for (int r = 0; r < rows; ++r) acc = _mm512_fmadd_ps(wv[r], _mm512_set1_ps(dy[m * N + n0 + r]), acc);
+        _mm512_mask_storeu_ps(dx + m * K + k, limit, acc);
+      }
+    }
+  }
+}
 
 #else
 void panel_rows(const Panel&, int64_t, int64_t) { TORCH_CHECK(false, "tile_gemm: not built for this CPU"); }
@@ -286,6 +350,65 @@ bool use_tile_gemm(std::initializer_list<at::Tensor> tensors) {
     if (t.scalar_type() != at::kFloat) return false;
   }
   return tile_gemm_enabled();
+}
+
+// Batches of at most this many rows with unstructured masks take the few-rows kernels (fp32,
+// AVX-512; tile_gemm_enabled), which read W once and write no W*M.
+constexpr int64_t kFewRows = 4;
+
+#ifdef DSD_HAVE_AVX512_KERNELS
+// kernel<MR> for MR = rows (1 .. kFewRows)
+#define DSD_FEW_ROWS(kernel, rows, ...)                 \
+  switch (rows) {                                       \
+    case 1: tile_gemm::kernel<1>(__VA_ARGS__); break;   \
+    case 2: tile_gemm::kernel<2>(__VA_ARGS__); break;   \
+    case 3: tile_gemm::kernel<3>(__VA_ARGS__); break;   \
+    default: tile_gemm::kernel<4>(__VA_ARGS__); break;  \
+  }
+
+// x2d (M <= kFewRows, K) contiguous fp32; weight (N, K) contiguous -> y (M, N); grid: the kept
+// tiles, or nullptr (every tile)
+at::Tensor few_rows_forward(const at::Tensor& x2d, const at::Tensor& weight, const at::Tensor& words,
+                            const std::optional<at::Tensor>& bias, const TileGrid* grid) {
+  const int64_t M = x2d.size(0), K = x2d.size(1), N = weight.size(0);
+  at::Tensor y = at::empty({M, N}, x2d.options());
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
+    DSD_FEW_ROWS(few_rows_forward, M, x2d.data_ptr<float>(), weight.data_ptr<float>(), words.data_ptr<int32_t>(), bp,
+                 y.data_ptr<float>(), N, K, words.size(1), begin, end, grid);
+  });
+  return y;
+}
+
+// grad2d (M <= kFewRows, N) contiguous fp32 -> dX (M, K): threads sum their rows of W into
+// buffers of their own, added up at the end
+at::Tensor few_rows_grad_input(const at::Tensor& grad2d, const at::Tensor& weight, const at::Tensor& words,
+                               const TileGrid* grid) {
+  const int64_t M = grad2d.size(0), N = grad2d.size(1), K = weight.size(1);
+  // whole rows of tiles per chunk
+  const int64_t per_thread = (N + at::get_num_threads() - 1) / at::get_num_threads();
+  const int64_t chunk = std::max<int64_t>(1, (per_thread + kTile - 1) / kTile) * kTile;
+  const int64_t chunks = std::max<int64_t>(1, (N + chunk - 1) / chunk);
+  at::Tensor partial = at::zeros({chunks, M, K}, grad2d.options());
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      DSD_FEW_ROWS(few_rows_grad_input, M, grad2d.data_ptr<float>(), weight.data_ptr<float>(),
+                   words.data_ptr<int32_t>(), partial[c].data_ptr<float>(), N, K, words.size(1), c * chunk,
+                   std::min(N, (c + 1) * chunk), grid);
+    }
+  });
+  return chunks == 1 ? partial[0] : partial.sum(0);
+}
+#undef DSD_FEW_ROWS
+#endif
+
+bool use_few_rows(const at::Tensor& x2d, std::initializer_list<at::Tensor> tensors) {
+#ifdef DSD_HAVE_AVX512_KERNELS
+  return x2d.size(0) >= 1 && x2d.size(0) <= kFewRows && use_tile_gemm(tensors);
+#else
+  return false;
+#endif
 }
 
 // The kept tiles grouped by n-tile (by_n) or by k-tile: group g's tiles are other[ptr[g], ptr[g+1]).
@@ -491,10 +614,18 @@ at::Tensor masked_linear_forward(const at::Tensor& x2d, const at::Tensor& weight
   const at::Tensor wc = weight.contiguous();
   check_words(wc, words);
   if (!tile_kept.has_value()) {
+#ifdef DSD_HAVE_AVX512_KERNELS
+    if (use_few_rows(x2d, {x2d, wc, bias.value_or(wc)})) {
+      return few_rows_forward(x2d.contiguous(), wc, words, bias, nullptr);
+    }
+#endif
     const at::Tensor w = masked(wc, words, /*in_place=*/false);
     return bias.has_value() ? at::addmm(*bias, x2d, w.t()) : at::mm(x2d, w.t());
   }
   const TileGrid grid = tile_grid(*tile_kept, wc);
+#ifdef DSD_HAVE_AVX512_KERNELS
+  if (use_few_rows(x2d, {x2d, wc, bias.value_or(wc)})) return few_rows_forward(x2d.contiguous(), wc, words, bias, &grid);
+#endif
   if (use_tile_gemm({x2d, wc, bias.value_or(wc)})) return tile_gemm_forward(x2d.contiguous(), wc, words, bias, grid);
   const at::Tensor w = masked(wc, words, false, &grid);
   const int64_t M = x2d.size(0), N = wc.size(0);
@@ -526,10 +657,18 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_backward(const at::Tensor& grad
   const TileGrid grid = tiled ? tile_grid(*tile_kept, wc) : TileGrid();
   at::Tensor dx, dw;
   if (tiled && use_tile_gemm({grad2d, x2d, wc})) {
-    if (needs_input) dx = tile_gemm_grad_input(grad2d.contiguous(), wc, words, grid);
+#ifdef DSD_HAVE_AVX512_KERNELS
+    if (needs_input && use_few_rows(grad2d, {grad2d, wc})) dx = few_rows_grad_input(grad2d.contiguous(), wc, words, &grid);
+#endif
+    if (needs_input && !dx.defined()) dx = tile_gemm_grad_input(grad2d.contiguous(), wc, words, grid);
     if (needs_weight) dw = tile_gemm_grad_weight(grad2d.contiguous(), x2d.contiguous(), words, grid);
   }
-  if (needs_input && !tiled) dx = at::mm(grad2d, masked(wc, words, false));
+#ifdef DSD_HAVE_AVX512_KERNELS
+  if (needs_input && !tiled && use_few_rows(grad2d, {grad2d, wc})) {
+    dx = few_rows_grad_input(grad2d.contiguous(), wc, words, nullptr);
+  }
+#endif
+  if (needs_input && !tiled && !dx.defined()) dx = at::mm(grad2d, masked(wc, words, false));
   if (needs_input && tiled && !dx.defined()) {
     const at::Tensor w = masked(wc, words, false, &grid);
     dx = at::zeros_like(x2d);
