@@ -384,7 +384,7 @@ def masked_linear_cases(device: str, shapes: list[tuple[int, int, int]] | None =
     unstructured 50% and 64x64 blocks at 50/75/90%.
 
     CPU: fp32, the 512 x 1024 -> 1024 layer and a transformer MLP's two (2048 tokens, 768 -> 3072
-    and 3072 -> 768); the forward, the two gradients (dX = dY (W*M), dW = (dY^T X) * M) and all
+    and 3072 -> 768), and the MLP's at decoding (1 and 4 tokens); the forward, the two gradients (dX = dY (W*M), dW = (dY^T X) * M) and all
     three as one training step, each against the same products done by torch (MKL through
     F.linear / @, and dense oneDNN through torch.ops.mkldnn where torch has it). GPU: bf16
     forwards, the MLP shapes of GPT-2 and LLaMA-7B, 1 to 8192 tokens. shapes: (tokens, in, out)
@@ -400,7 +400,7 @@ def masked_linear_cases(device: str, shapes: list[tuple[int, int, int]] | None =
         default = GPU_LINEAR_SHAPES
     else:
         dtype = torch.float32
-        default = [(512, 1024, 1024), (2048, 768, 3072), (2048, 3072, 768)]
+        default = [(512, 1024, 1024), (2048, 768, 3072), (2048, 3072, 768), (1, 768, 3072), (4, 3072, 768)]
     shapes = shapes or default
     gradients = not device.startswith("cuda")
     backward = torch.ops.dsd_kernels.masked_linear_backward

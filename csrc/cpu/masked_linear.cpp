@@ -198,33 +198,47 @@ DSD_TILE_GEMM_AVX512 void pack_tile(const float* w, const int32_t* words, const 
   }
 }
 
-// Few rows (decoding) with unstructured masks: y = x (W*M)^T + b and dX = dY (W*M) read W and
-// its mask words once and never write W*M, where a W*M copy would cost another write and read
-// of W. Masked-off lanes of W load as exactly 0 (as in W*M). Sums in another order than a matmul.
+// Few rows (decoding): y = x (W*M)^T + b and dX = dY (W*M) read W and its mask words once and
+// never write W*M (with unstructured masks a W*M copy cost another write and read of W; with
+// tiles, packing), and dW = (dY^T X) * M is written once, through the mask. Masked-off lanes of W
+// load as exactly 0 (as in W*M). Sums in another order than a matmul.
 
-// y[:, n] for rows n in [n_begin, n_end): MR rows of x (MR <= kFewRows), 16 columns a step;
-// with a grid, the columns of tiles that keep nothing are skipped
+// y[:, n] for rows n in [n_begin, n_end) (n_begin a multiple of 4): MR rows of x (MR <=
+// kFewRows), four rows of W at a time (four independent sums per row of x, each x load used four
+// times), 16 columns a step; with a grid, the columns of tiles that keep nothing are skipped (four
+// rows lie in one row of tiles)
 template <int MR>
 DSD_TILE_GEMM_AVX512 void few_rows_forward(const float* x, const float* w, const int32_t* words, const float* bias,
                                            float* y, int64_t N, int64_t K, int64_t words_per_row, int64_t n_begin,
                                            int64_t n_end, const TileGrid* grid) {
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const float* wr = w + n * K;
-    const int32_t* wd = words + n * words_per_row;
-    __m512 acc[MR];
-    for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+  constexpr int R = 4;
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += R) {
+    const int rows = static_cast<int>(std::min<int64_t>(R, n_end - n0));
+    __m512 acc[R][MR];
+    for (int r = 0; r < R; ++r) {
+      for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
+    }
     for (int64_t k = 0; k < K; k += 16) {
-      if (grid && k % kTile == 0 && !grid->is_kept(n / kTile, k / kTile)) {
+      if (grid && k % kTile == 0 && !grid->is_kept(n0 / kTile, k / kTile)) {
         k += kTile - 16;
         continue;
       }
       const __mmask16 limit = static_cast<__mmask16>((1u << std::min<int64_t>(16, K - k)) - 1u);
-      const uint32_t word = static_cast<uint32_t>(wd[k / 32]);
-      const __mmask16 keep = limit & static_cast<__mmask16>(k % 32 ? word >> 16 : word & 0xFFFFu);
-      const __m512 wv = _mm512_maskz_loadu_ps(keep, wr + k);
-      for (int m = 0; m < MR; ++m) acc[m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(limit, x + m * K + k), acc[m]);
+      __m512 xv[MR];
+      for (int m = 0; m < MR; ++m) xv[m] = _mm512_maskz_loadu_ps(limit, x + m * K + k);
+      for (int r = 0; r < R; ++r) {
+        if (r >= rows) break;
+        const uint32_t word = static_cast<uint32_t>(words[(n0 + r) * words_per_row + k / 32]);
+        const __mmask16 keep = limit & static_cast<__mmask16>(k % 32 ? word >> 16 : word & 0xFFFFu);
+        const __m512 wv = _mm512_maskz_loadu_ps(keep, w + (n0 + r) * K + k);
+        for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+      }
     }
-    for (int m = 0; m < MR; ++m) y[m * N + n] = _mm512_reduce_add_ps(acc[m]) + (bias ? bias[n] : 0.0f);
+    for (int r = 0; r < rows; ++r) {
+      for (int m = 0; m < MR; ++m) {
+        y[m * N + n0 + r] = _mm512_reduce_add_ps(acc[r][m]) + (bias ? bias[n0 + r] : 0.0f);
+      }
+    }
   }
 }
 
@@ -259,6 +273,31 @@ DSD_TILE_GEMM_AVX512 void few_rows_grad_input(const float* dy, const float* w, c
         for (int r = 0; r < rows; ++r) acc = _mm512_fmadd_ps(wv[r], _mm512_set1_ps(dy[m * N + n0 + r]), acc);
         _mm512_mask_storeu_ps(dx + m * K + k, limit, acc);
       }
+    }
+  }
+}
+
+// dw[n, :] = (sum over the MR rows m of dy[m, n] x[m, :]) where kept, exactly +0 where pruned, for
+// rows n in [n_begin, n_end): every element of dW written once; with a grid, the tiles that keep
+// nothing are written as zeros without reading x
+template <int MR>
+DSD_TILE_GEMM_AVX512 void few_rows_grad_weight(const float* dy, const float* x, const int32_t* words, float* dw,
+                                               int64_t N, int64_t K, int64_t words_per_row, int64_t n_begin,
+                                               int64_t n_end, const TileGrid* grid) {
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    __m512 g[MR];
+    for (int m = 0; m < MR; ++m) g[m] = _mm512_set1_ps(dy[m * N + n]);
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 limit = static_cast<__mmask16>((1u << std::min<int64_t>(16, K - k)) - 1u);
+      __m512 acc = _mm512_setzero_ps();
+      __mmask16 keep = 0;
+      if (!grid || grid->is_kept(n / kTile, k / kTile)) {
+        const uint32_t word = static_cast<uint32_t>(words[n * words_per_row + k / 32]);
+        keep = limit & static_cast<__mmask16>(k % 32 ? word >> 16 : word & 0xFFFFu);
+        acc = _mm512_mul_ps(g[0], _mm512_maskz_loadu_ps(limit, x + k));
+        for (int m = 1; m < MR; ++m) acc = _mm512_fmadd_ps(g[m], _mm512_maskz_loadu_ps(limit, x + m * K + k), acc);
+      }
+      _mm512_mask_storeu_ps(dw + n * K + k, limit, _mm512_maskz_mov_ps(keep, acc));
     }
   }
 }
@@ -374,11 +413,24 @@ at::Tensor few_rows_forward(const at::Tensor& x2d, const at::Tensor& weight, con
   at::Tensor y = at::empty({M, N}, x2d.options());
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
+  // groups of 4 rows of W (the kernel's step): a group never straddles a row of tiles
+  at::parallel_for(0, (N + 3) / 4, std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
     DSD_FEW_ROWS(few_rows_forward, M, x2d.data_ptr<float>(), weight.data_ptr<float>(), words.data_ptr<int32_t>(), bp,
-                 y.data_ptr<float>(), N, K, words.size(1), begin, end, grid);
+                 y.data_ptr<float>(), N, K, words.size(1), begin * 4, std::min(N, end * 4), grid);
   });
   return y;
+}
+
+// grad2d (M <= kFewRows, N), x2d (M, K) contiguous fp32 -> dW (N, K), exactly +0 where pruned
+at::Tensor few_rows_grad_weight(const at::Tensor& grad2d, const at::Tensor& x2d, const at::Tensor& words,
+                                const TileGrid* grid) {
+  const int64_t M = grad2d.size(0), N = grad2d.size(1), K = x2d.size(1);
+  at::Tensor dw = at::empty({N, K}, x2d.options());
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
+    DSD_FEW_ROWS(few_rows_grad_weight, M, grad2d.data_ptr<float>(), x2d.data_ptr<float>(), words.data_ptr<int32_t>(),
+                 dw.data_ptr<float>(), N, K, words.size(1), begin, end, grid);
+  });
+  return dw;
 }
 
 // grad2d (M <= kFewRows, N) contiguous fp32 -> dX (M, K): threads sum their rows of W into
@@ -661,7 +713,12 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_backward(const at::Tensor& grad
     if (needs_input && use_few_rows(grad2d, {grad2d, wc})) dx = few_rows_grad_input(grad2d.contiguous(), wc, words, &grid);
 #endif
     if (needs_input && !dx.defined()) dx = tile_gemm_grad_input(grad2d.contiguous(), wc, words, grid);
-    if (needs_weight) dw = tile_gemm_grad_weight(grad2d.contiguous(), x2d.contiguous(), words, grid);
+#ifdef DSD_HAVE_AVX512_KERNELS
+    if (needs_weight && use_few_rows(grad2d, {grad2d, x2d})) {
+      dw = few_rows_grad_weight(grad2d.contiguous(), x2d.contiguous(), words, &grid);
+    }
+#endif
+    if (needs_weight && !dw.defined()) dw = tile_gemm_grad_weight(grad2d.contiguous(), x2d.contiguous(), words, grid);
   }
 #ifdef DSD_HAVE_AVX512_KERNELS
   if (needs_input && !tiled && use_few_rows(grad2d, {grad2d, wc})) {
@@ -682,7 +739,12 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_backward(const at::Tensor& grad
       }
     });
   }
-  if (needs_weight && !tiled) dw = masked(at::mm(grad2d.t(), x2d).contiguous(), words, /*in_place=*/true);
+#ifdef DSD_HAVE_AVX512_KERNELS
+  if (needs_weight && !tiled && use_few_rows(grad2d, {grad2d, x2d, wc})) {
+    dw = few_rows_grad_weight(grad2d.contiguous(), x2d.contiguous(), words, nullptr);
+  }
+#endif
+  if (needs_weight && !tiled && !dw.defined()) dw = masked(at::mm(grad2d.t(), x2d).contiguous(), words, /*in_place=*/true);
   if (needs_weight && tiled && !dw.defined()) {
     dw = at::zeros_like(wc);
     at::parallel_for(0, grid.tiles_n, 1, [&](int64_t begin, int64_t end) {
