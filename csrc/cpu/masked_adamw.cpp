@@ -162,6 +162,52 @@ DSD_AVX512 inline __m512 load_gradient(const float* g) {
   return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(grad), _mm512_set1_epi32(INT32_MIN)));
 }
 
+// The coefficients broadcast to 16 lanes
+struct Lanes16 {
+  __m512 decay, avg_weight, avg_keep, beta2, sq_weight, neg_step, bc2_sqrt, eps;
+};
+DSD_AVX512 inline Lanes16 broadcast(const Coefficients<float>& c) {
+  return {_mm512_set1_ps(c.decay),     _mm512_set1_ps(c.avg_weight), _mm512_set1_ps(c.avg_keep),
+          _mm512_set1_ps(c.beta2),     _mm512_set1_ps(c.sq_weight),  _mm512_set1_ps(c.neg_step),
+          _mm512_set1_ps(c.bc2_sqrt),  _mm512_set1_ps(c.eps)};
+}
+
+// The keep bits of elements [j, j + 16) of a run of whole mask words (j a multiple of 16): half
+// of word j / 32; all kept without words
+DSD_AVX512 inline __mmask16 keep_bits(const int32_t* words, int64_t j) {
+  return words ? static_cast<__mmask16>(static_cast<uint32_t>(words[j >> 5]) >> (j & 16)) : __mmask16(0xFFFF);
+}
+
+// param.mul_(1 - lr*wd) and exp_avg.lerp_(grad, 1 - beta1) for 16 elements, as step_block and
+// fused_range compute them (fma(-diff, avg_keep, grad) is fnmadd(diff, avg_keep, grad): negation
+// is exact)
+template <bool kDecay, bool kSmallWeight>
+DSD_AVX512 inline void decayed_weight_and_avg(const float* p, const float* m, __m512 grad, const Lanes16& c,
+                                              __m512& param, __m512& avg_out) {
+  param = _mm512_loadu_ps(p);
+  if (kDecay) param = _mm512_mul_ps(param, c.decay);
+  const __m512 avg = _mm512_loadu_ps(m);
+  const __m512 diff = _mm512_sub_ps(grad, avg);
+  avg_out = kSmallWeight ? _mm512_fmadd_ps(c.avg_weight, diff, avg) : _mm512_fnmadd_ps(diff, c.avg_keep, grad);
+}
+
+// exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2) for 16 elements
+DSD_AVX512 inline __m512 new_exp_avg_sq(const float* v, __m512 grad, const Lanes16& c) {
+  return _mm512_fmadd_ps(_mm512_mul_ps(c.sq_weight, grad), grad, _mm512_mul_ps(_mm512_loadu_ps(v), c.beta2));
+}
+
+// torch.maximum(old, sq): NaN wins
+DSD_AVX512 inline __m512 torch_maximum(__m512 old, __m512 sq) {
+  const __mmask16 take_old = _mm512_cmp_ps_mask(old, sq, _CMP_GT_OQ) | _mm512_cmp_ps_mask(old, old, _CMP_UNORD_Q);
+  return _mm512_mask_blend_ps(take_old, sq, old);
+}
+
+// param + (-step_size * exp_avg) / (root / sqrt(bias_correction2) + eps) for 16 elements
+DSD_AVX512 inline __m512 updated_weight(__m512 param, __m512 a, __m512 root, const Lanes16& c) {
+  const __m512 denom = _mm512_add_ps(_mm512_div_ps(root, c.bc2_sqrt), c.eps);
+  return _mm512_add_ps(param, _mm512_div_ps(_mm512_mul_ps(c.neg_step, a), denom));
+}
+
 // step_block for fp32 in AVX-512, for tensors whose rows are whole mask words (cols % 32 == 0:
 // element e of the block is bit e % 32 of word e / 32; words: the block's first word, or
 // nullptr: dense), 16 elements a step with half a word as the vector mask. Phase 1 keeps only
@@ -176,33 +222,18 @@ DSD_AVX512 void step_words_avx512(
   float* __restrict s = buffers + 2 * kSpan;
   float* __restrict second = buffers + 3 * kSpan;
   float* __restrict root = buffers + 4 * kSpan;
-  const __m512 decay = _mm512_set1_ps(c.decay), avg_weight = _mm512_set1_ps(c.avg_weight);
-  const __m512 avg_keep = _mm512_set1_ps(c.avg_keep), beta2 = _mm512_set1_ps(c.beta2);
-  const __m512 sq_weight = _mm512_set1_ps(c.sq_weight), neg_step = _mm512_set1_ps(c.neg_step);
-  const __m512 bc2_sqrt = _mm512_set1_ps(c.bc2_sqrt), eps = _mm512_set1_ps(c.eps);
+  const Lanes16 c16 = broadcast(c);
   for (int64_t j = 0; j < n; j += 16) {
-    const __m512 grad = load_gradient<kMaximize>(g + j);
-    const __m512 sq = _mm512_fmadd_ps(_mm512_mul_ps(sq_weight, grad), grad, _mm512_mul_ps(_mm512_loadu_ps(v + j), beta2));
+    const __m512 sq = new_exp_avg_sq(v + j, load_gradient<kMaximize>(g + j), c16);
     _mm512_storeu_ps(s + j, sq);
-    if (kAmsgrad) {
-      const __m512 old = _mm512_loadu_ps(vmax + j);
-      const __mmask16 take_old = _mm512_cmp_ps_mask(old, sq, _CMP_GT_OQ) | _mm512_cmp_ps_mask(old, old, _CMP_UNORD_Q);
-      _mm512_storeu_ps(second + j, _mm512_mask_blend_ps(take_old, sq, old));  // torch.maximum: NaN wins
-    }
+    if (kAmsgrad) _mm512_storeu_ps(second + j, torch_maximum(_mm512_loadu_ps(vmax + j), sq));
   }
   torch_sqrt(kAmsgrad ? second : s, root, n);
   for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 keep =
-        words ? static_cast<__mmask16>(static_cast<uint32_t>(words[j >> 5]) >> (j & 16)) : __mmask16(0xFFFF);
-    const __m512 grad = load_gradient<kMaximize>(g + j);
-    __m512 param = _mm512_loadu_ps(p + j);
-    if (kDecay) param = _mm512_mul_ps(param, decay);
-    const __m512 avg = _mm512_loadu_ps(m + j);
-    const __m512 diff = _mm512_sub_ps(grad, avg);
-    const __m512 a = kSmallWeight ? _mm512_fmadd_ps(avg_weight, diff, avg) : _mm512_fnmadd_ps(diff, avg_keep, grad);
-    const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_loadu_ps(root + j), bc2_sqrt), eps);
-    const __m512 new_p = _mm512_add_ps(param, _mm512_div_ps(_mm512_mul_ps(neg_step, a), denom));
-    _mm512_storeu_ps(p + j, _mm512_maskz_mov_ps(keep, new_p));
+    const __mmask16 keep = keep_bits(words, j);
+    __m512 param, a;
+    decayed_weight_and_avg<kDecay, kSmallWeight>(p + j, m + j, load_gradient<kMaximize>(g + j), c16, param, a);
+    _mm512_storeu_ps(p + j, _mm512_maskz_mov_ps(keep, updated_weight(param, a, _mm512_loadu_ps(root + j), c16)));
     _mm512_storeu_ps(m + j, _mm512_maskz_mov_ps(keep, a));
     _mm512_storeu_ps(v + j, _mm512_maskz_mov_ps(keep, _mm512_loadu_ps(s + j)));
     if (kAmsgrad) _mm512_storeu_ps(vmax + j, _mm512_maskz_mov_ps(keep, _mm512_loadu_ps(second + j)));
@@ -296,30 +327,16 @@ template <bool kDecay, bool kMaximize, bool kAmsgrad, bool kSmallWeight>
 DSD_AVX512 void fused_words_avx512(float* __restrict p, const float* __restrict g, float* __restrict m,
                                          float* __restrict v, float* __restrict vmax, const int32_t* words,
                                          int64_t n, const Coefficients<float>& c) {
-  const __m512 decay = _mm512_set1_ps(c.decay), avg_weight = _mm512_set1_ps(c.avg_weight);
-  const __m512 avg_keep = _mm512_set1_ps(c.avg_keep), beta2 = _mm512_set1_ps(c.beta2);
-  const __m512 sq_weight = _mm512_set1_ps(c.sq_weight), neg_step = _mm512_set1_ps(c.neg_step);
-  const __m512 bc2_sqrt = _mm512_set1_ps(c.bc2_sqrt), eps = _mm512_set1_ps(c.eps);
+  const Lanes16 c16 = broadcast(c);
   for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 keep =
-        words ? static_cast<__mmask16>(static_cast<uint32_t>(words[j >> 5]) >> (j & 16)) : __mmask16(0xFFFF);
+    const __mmask16 keep = keep_bits(words, j);
     const __m512 grad = load_gradient<kMaximize>(g + j);
-    __m512 param = _mm512_loadu_ps(p + j);
-    if (kDecay) param = _mm512_mul_ps(param, decay);
-    const __m512 avg = _mm512_loadu_ps(m + j);
-    const __m512 diff = _mm512_sub_ps(grad, avg);
-    // fma(-diff, avg_keep, grad) is fnmadd(diff, avg_keep, grad): negation is exact
-    const __m512 a = kSmallWeight ? _mm512_fmadd_ps(avg_weight, diff, avg) : _mm512_fnmadd_ps(diff, avg_keep, grad);
-    const __m512 sq = _mm512_fmadd_ps(_mm512_mul_ps(sq_weight, grad), grad, _mm512_mul_ps(_mm512_loadu_ps(v + j), beta2));
-    __m512 second = sq;
-    if (kAmsgrad) {
-      const __m512 old = _mm512_loadu_ps(vmax + j);
-      const __mmask16 take_old = _mm512_cmp_ps_mask(old, sq, _CMP_GT_OQ) | _mm512_cmp_ps_mask(old, old, _CMP_UNORD_Q);
-      second = _mm512_mask_blend_ps(take_old, sq, old);  // torch.maximum: NaN wins
-    }
-    const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(second), bc2_sqrt), eps);
-    const __m512 new_p = _mm512_add_ps(param, _mm512_div_ps(_mm512_mul_ps(neg_step, a), denom));
-    _mm512_storeu_ps(p + j, _mm512_maskz_mov_ps(keep, new_p));
+    __m512 param, a;
+    decayed_weight_and_avg<kDecay, kSmallWeight>(p + j, m + j, grad, c16, param, a);
+    const __m512 sq = new_exp_avg_sq(v + j, grad, c16);
+    const __m512 second = kAmsgrad ? torch_maximum(_mm512_loadu_ps(vmax + j), sq) : sq;
+    // the root is the IEEE instruction here (torch's fused kernel), MKL's in step_words_avx512
+    _mm512_storeu_ps(p + j, _mm512_maskz_mov_ps(keep, updated_weight(param, a, _mm512_sqrt_ps(second), c16)));
     _mm512_storeu_ps(m + j, _mm512_maskz_mov_ps(keep, a));
     _mm512_storeu_ps(v + j, _mm512_maskz_mov_ps(keep, sq));
     if (kAmsgrad) _mm512_storeu_ps(vmax + j, _mm512_maskz_mov_ps(keep, second));
