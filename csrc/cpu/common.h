@@ -7,6 +7,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <cstring>
 
@@ -106,12 +107,30 @@ inline void mask_word(const scalar_t* src, scalar_t* dst, uint32_t bits, int64_t
 // AVX-512 loops over one row of mask words (bit j of word w = column 32*w + j), 16 columns a
 // step with the word's half as the vector mask; callers check cpu_has_avx512f().
 
+// The keep bits of columns [c, c + 16) of a row of mask words (c a multiple of 16): half of
+// word c / 32; all kept without words (a dense tensor)
+inline __mmask16 keep_bits16(const int32_t* words, int64_t c) {
+  if (words == nullptr) return 0xFFFF;
+  const uint32_t word = static_cast<uint32_t>(words[c >> 5]);
+  return static_cast<__mmask16>(c & 16 ? word >> 16 : word & 0xFFFFu);
+}
+
+// Lanes [0, n) of a 16-lane step (all 16 for n >= 16): the columns left in a row
+inline __mmask16 lanes16(int64_t n) { return static_cast<__mmask16>((1u << std::min<int64_t>(16, n)) - 1u); }
+
+// 16 floats, negated when kNegate (a sign flip: exact), e.g. the gradient under maximize
+template <bool kNegate>
+DSD_AVX512 inline __m512 load_negated_if(const float* src) {
+  const __m512 v = _mm512_loadu_ps(src);
+  if (!kNegate) return v;
+  return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN)));
+}
+
 // dst[0, cols) = src where the row's mask bits are set, exactly +0 elsewhere (dst may be src)
 DSD_AVX512 inline void mask_row_avx512(const float* src, float* dst, const int32_t* words, int64_t cols) {
   for (int64_t c = 0; c < cols; c += 16) {
-    const __mmask16 limit = static_cast<__mmask16>((1u << std::min<int64_t>(16, cols - c)) - 1u);
-    const uint32_t word = static_cast<uint32_t>(words[c / 32]);
-    const __mmask16 keep = limit & static_cast<__mmask16>(c % 32 ? word >> 16 : word & 0xFFFFu);
+    const __mmask16 limit = lanes16(cols - c);
+    const __mmask16 keep = limit & keep_bits16(words, c);
     const __m512 v = _mm512_maskz_loadu_ps(keep, src + c);
     if (limit == 0xFFFF) {
       _mm512_storeu_ps(dst + c, v);  // a whole vector: a plain store, cheaper than a masked one
@@ -126,9 +145,8 @@ DSD_AVX512 inline void mask_row_avx512(const float* src, float* dst, const int32
 DSD_AVX512 inline void zero_pruned_row_avx512(float* data, const int32_t* words, int64_t cols) {
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t c = 0; c < cols; c += 16) {
-    const __mmask16 limit = static_cast<__mmask16>((1u << std::min<int64_t>(16, cols - c)) - 1u);
-    const uint32_t word = static_cast<uint32_t>(words[c / 32]);
-    const __mmask16 pruned = limit & static_cast<__mmask16>(~(c % 32 ? word >> 16 : word & 0xFFFFu));
+    const __mmask16 limit = lanes16(cols - c);
+    const __mmask16 pruned = limit & static_cast<__mmask16>(~keep_bits16(words, c));
     if (pruned) _mm512_mask_storeu_ps(data + c, pruned, zero);
   }
 }

@@ -154,14 +154,6 @@ DSD_ADAMW_FMA_CLONES void step_block(scalar_t* __restrict p, const scalar_t* __r
 }
 
 #ifdef DSD_HAVE_AVX512_KERNELS
-// 16 gradients, negated for maximize (a sign flip: exact)
-template <bool kMaximize>
-DSD_AVX512 inline __m512 load_gradient(const float* g) {
-  const __m512 grad = _mm512_loadu_ps(g);
-  if (!kMaximize) return grad;
-  return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(grad), _mm512_set1_epi32(INT32_MIN)));
-}
-
 // The coefficients broadcast to 16 lanes
 struct Lanes16 {
   __m512 decay, avg_weight, avg_keep, beta2, sq_weight, neg_step, bc2_sqrt, eps;
@@ -170,12 +162,6 @@ DSD_AVX512 inline Lanes16 broadcast(const Coefficients<float>& c) {
   return {_mm512_set1_ps(c.decay),     _mm512_set1_ps(c.avg_weight), _mm512_set1_ps(c.avg_keep),
           _mm512_set1_ps(c.beta2),     _mm512_set1_ps(c.sq_weight),  _mm512_set1_ps(c.neg_step),
           _mm512_set1_ps(c.bc2_sqrt),  _mm512_set1_ps(c.eps)};
-}
-
-// The keep bits of elements [j, j + 16) of a run of whole mask words (j a multiple of 16): half
-// of word j / 32; all kept without words
-DSD_AVX512 inline __mmask16 keep_bits(const int32_t* words, int64_t j) {
-  return words ? static_cast<__mmask16>(static_cast<uint32_t>(words[j >> 5]) >> (j & 16)) : __mmask16(0xFFFF);
 }
 
 // param.mul_(1 - lr*wd) and exp_avg.lerp_(grad, 1 - beta1) for 16 elements, as step_block and
@@ -224,15 +210,15 @@ DSD_AVX512 void step_words_avx512(
   float* __restrict root = buffers + 4 * kSpan;
   const Lanes16 c16 = broadcast(c);
   for (int64_t j = 0; j < n; j += 16) {
-    const __m512 sq = new_exp_avg_sq(v + j, load_gradient<kMaximize>(g + j), c16);
+    const __m512 sq = new_exp_avg_sq(v + j, load_negated_if<kMaximize>(g + j), c16);
     _mm512_storeu_ps(s + j, sq);
     if (kAmsgrad) _mm512_storeu_ps(second + j, torch_maximum(_mm512_loadu_ps(vmax + j), sq));
   }
   torch_sqrt(kAmsgrad ? second : s, root, n);
   for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 keep = keep_bits(words, j);
+    const __mmask16 keep = keep_bits16(words, j);
     __m512 param, a;
-    decayed_weight_and_avg<kDecay, kSmallWeight>(p + j, m + j, load_gradient<kMaximize>(g + j), c16, param, a);
+    decayed_weight_and_avg<kDecay, kSmallWeight>(p + j, m + j, load_negated_if<kMaximize>(g + j), c16, param, a);
     _mm512_storeu_ps(p + j, _mm512_maskz_mov_ps(keep, updated_weight(param, a, _mm512_loadu_ps(root + j), c16)));
     _mm512_storeu_ps(m + j, _mm512_maskz_mov_ps(keep, a));
     _mm512_storeu_ps(v + j, _mm512_maskz_mov_ps(keep, _mm512_loadu_ps(s + j)));
@@ -329,8 +315,8 @@ DSD_AVX512 void fused_words_avx512(float* __restrict p, const float* __restrict 
                                          int64_t n, const Coefficients<float>& c) {
   const Lanes16 c16 = broadcast(c);
   for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 keep = keep_bits(words, j);
-    const __m512 grad = load_gradient<kMaximize>(g + j);
+    const __mmask16 keep = keep_bits16(words, j);
+    const __m512 grad = load_negated_if<kMaximize>(g + j);
     __m512 param, a;
     decayed_weight_and_avg<kDecay, kSmallWeight>(p + j, m + j, grad, c16, param, a);
     const __m512 sq = new_exp_avg_sq(v + j, grad, c16);

@@ -223,13 +223,12 @@ DSD_TILE_GEMM_AVX512 void few_rows_forward(const float* x, const float* w, const
         k += kTile - 16;
         continue;
       }
-      const __mmask16 limit = static_cast<__mmask16>((1u << std::min<int64_t>(16, K - k)) - 1u);
+      const __mmask16 limit = lanes16(K - k);
       __m512 xv[MR];
       for (int m = 0; m < MR; ++m) xv[m] = _mm512_maskz_loadu_ps(limit, x + m * K + k);
       for (int r = 0; r < R; ++r) {
         if (r >= rows) break;
-        const uint32_t word = static_cast<uint32_t>(words[(n0 + r) * words_per_row + k / 32]);
-        const __mmask16 keep = limit & static_cast<__mmask16>(k % 32 ? word >> 16 : word & 0xFFFFu);
+        const __mmask16 keep = limit & keep_bits16(words + (n0 + r) * words_per_row, k);
         const __m512 wv = _mm512_maskz_loadu_ps(keep, w + (n0 + r) * K + k);
         for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
       }
@@ -257,15 +256,14 @@ DSD_TILE_GEMM_AVX512 void few_rows_grad_input(const float* dy, const float* w, c
         k += kTile - 16;
         continue;
       }
-      const __mmask16 limit = static_cast<__mmask16>((1u << std::min<int64_t>(16, K - k)) - 1u);
+      const __mmask16 limit = lanes16(K - k);
       __m512 wv[4];
       for (int r = 0; r < 4; ++r) {
         if (r >= rows) {
           wv[r] = _mm512_setzero_ps();
           continue;
         }
-        const uint32_t word = static_cast<uint32_t>(words[(n0 + r) * words_per_row + k / 32]);
-        const __mmask16 keep = limit & static_cast<__mmask16>(k % 32 ? word >> 16 : word & 0xFFFFu);
+        const __mmask16 keep = limit & keep_bits16(words + (n0 + r) * words_per_row, k);
         wv[r] = _mm512_maskz_loadu_ps(keep, w + (n0 + r) * K + k);
       }
       for (int m = 0; m < MR; ++m) {
@@ -288,12 +286,11 @@ DSD_TILE_GEMM_AVX512 void few_rows_grad_weight(const float* dy, const float* x, 
     __m512 g[MR];
     for (int m = 0; m < MR; ++m) g[m] = _mm512_set1_ps(dy[m * N + n]);
     for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 limit = static_cast<__mmask16>((1u << std::min<int64_t>(16, K - k)) - 1u);
+      const __mmask16 limit = lanes16(K - k);
       __m512 acc = _mm512_setzero_ps();
       __mmask16 keep = 0;
       if (!grid || grid->is_kept(n / kTile, k / kTile)) {
-        const uint32_t word = static_cast<uint32_t>(words[n * words_per_row + k / 32]);
-        keep = limit & static_cast<__mmask16>(k % 32 ? word >> 16 : word & 0xFFFFu);
+        keep = limit & keep_bits16(words + n * words_per_row, k);
         acc = _mm512_mul_ps(g[0], _mm512_maskz_loadu_ps(limit, x + k));
         for (int m = 1; m < MR; ++m) acc = _mm512_fmadd_ps(g[m], _mm512_maskz_loadu_ps(limit, x + m * K + k), acc);
       }
@@ -453,8 +450,23 @@ at::Tensor few_rows_grad_input(const at::Tensor& grad2d, const at::Tensor& weigh
   return chunks == 1 ? partial[0] : partial.sum(0);
 }
 #undef DSD_FEW_ROWS
+#else
+at::Tensor few_rows_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            const TileGrid*) {
+  TORCH_CHECK(false, "masked_linear: the few-rows kernels are not built for this CPU");
+  return {};
+}
+at::Tensor few_rows_grad_weight(const at::Tensor&, const at::Tensor&, const at::Tensor&, const TileGrid*) {
+  TORCH_CHECK(false, "masked_linear: the few-rows kernels are not built for this CPU");
+  return {};
+}
+at::Tensor few_rows_grad_input(const at::Tensor&, const at::Tensor&, const at::Tensor&, const TileGrid*) {
+  TORCH_CHECK(false, "masked_linear: the few-rows kernels are not built for this CPU");
+  return {};
+}
 #endif
 
+// Whether a batch of x2d's rows takes the few-rows kernels (tensors: every operand, all fp32)
 bool use_few_rows(const at::Tensor& x2d, std::initializer_list<at::Tensor> tensors) {
 #ifdef DSD_HAVE_AVX512_KERNELS
   return x2d.size(0) >= 1 && x2d.size(0) <= kFewRows && use_tile_gemm(tensors);
@@ -665,19 +677,15 @@ at::Tensor masked_linear_forward(const at::Tensor& x2d, const at::Tensor& weight
                                  const std::optional<at::Tensor>& tile_kept) {
   const at::Tensor wc = weight.contiguous();
   check_words(wc, words);
-  if (!tile_kept.has_value()) {
-#ifdef DSD_HAVE_AVX512_KERNELS
-    if (use_few_rows(x2d, {x2d, wc, bias.value_or(wc)})) {
-      return few_rows_forward(x2d.contiguous(), wc, words, bias, nullptr);
-    }
-#endif
+  const bool tiled = tile_kept.has_value();
+  const TileGrid grid = tiled ? tile_grid(*tile_kept, wc) : TileGrid();
+  if (use_few_rows(x2d, {x2d, wc, bias.value_or(wc)})) {
+    return few_rows_forward(x2d.contiguous(), wc, words, bias, tiled ? &grid : nullptr);
+  }
+  if (!tiled) {
     const at::Tensor w = masked(wc, words, /*in_place=*/false);
     return bias.has_value() ? at::addmm(*bias, x2d, w.t()) : at::mm(x2d, w.t());
   }
-  const TileGrid grid = tile_grid(*tile_kept, wc);
-#ifdef DSD_HAVE_AVX512_KERNELS
-  if (use_few_rows(x2d, {x2d, wc, bias.value_or(wc)})) return few_rows_forward(x2d.contiguous(), wc, words, bias, &grid);
-#endif
   if (use_tile_gemm({x2d, wc, bias.value_or(wc)})) return tile_gemm_forward(x2d.contiguous(), wc, words, bias, grid);
   const at::Tensor w = masked(wc, words, false, &grid);
   const int64_t M = x2d.size(0), N = wc.size(0);
@@ -708,23 +716,15 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_backward(const at::Tensor& grad
   const bool tiled = tile_kept.has_value();
   const TileGrid grid = tiled ? tile_grid(*tile_kept, wc) : TileGrid();
   at::Tensor dx, dw;
+  if (use_few_rows(grad2d, {grad2d, x2d, wc})) {
+    const TileGrid* kept = tiled ? &grid : nullptr;
+    if (needs_input) dx = few_rows_grad_input(grad2d.contiguous(), wc, words, kept);
+    if (needs_weight) dw = few_rows_grad_weight(grad2d.contiguous(), x2d.contiguous(), words, kept);
+  }
   if (tiled && use_tile_gemm({grad2d, x2d, wc})) {
-#ifdef DSD_HAVE_AVX512_KERNELS
-    if (needs_input && use_few_rows(grad2d, {grad2d, wc})) dx = few_rows_grad_input(grad2d.contiguous(), wc, words, &grid);
-#endif
     if (needs_input && !dx.defined()) dx = tile_gemm_grad_input(grad2d.contiguous(), wc, words, grid);
-#ifdef DSD_HAVE_AVX512_KERNELS
-    if (needs_weight && use_few_rows(grad2d, {grad2d, x2d})) {
-      dw = few_rows_grad_weight(grad2d.contiguous(), x2d.contiguous(), words, &grid);
-    }
-#endif
     if (needs_weight && !dw.defined()) dw = tile_gemm_grad_weight(grad2d.contiguous(), x2d.contiguous(), words, grid);
   }
-#ifdef DSD_HAVE_AVX512_KERNELS
-  if (needs_input && !tiled && use_few_rows(grad2d, {grad2d, wc})) {
-    dx = few_rows_grad_input(grad2d.contiguous(), wc, words, nullptr);
-  }
-#endif
   if (needs_input && !tiled && !dx.defined()) dx = at::mm(grad2d, masked(wc, words, false));
   if (needs_input && tiled && !dx.defined()) {
     const at::Tensor w = masked(wc, words, false, &grid);
@@ -739,11 +739,6 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_backward(const at::Tensor& grad
       }
     });
   }
-#ifdef DSD_HAVE_AVX512_KERNELS
-  if (needs_weight && !tiled && use_few_rows(grad2d, {grad2d, x2d, wc})) {
-    dw = few_rows_grad_weight(grad2d.contiguous(), x2d.contiguous(), words, nullptr);
-  }
-#endif
   if (needs_weight && !tiled && !dw.defined()) dw = masked(at::mm(grad2d.t(), x2d).contiguous(), words, /*in_place=*/true);
   if (needs_weight && tiled && !dw.defined()) {
     dw = at::zeros_like(wc);

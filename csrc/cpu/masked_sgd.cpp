@@ -74,13 +74,10 @@ DSD_AVX512 void step_words_avx512(float* __restrict p, const float* __restrict g
                                   const int32_t* words, int64_t n, float lr, float mom, float damp, float wd) {
   const __m512 neg_lr = _mm512_set1_ps(-lr), momentum = _mm512_set1_ps(mom);
   const __m512 dampening = _mm512_set1_ps(damp), decay = _mm512_set1_ps(wd);
-  const __m512i sign = _mm512_set1_epi32(INT32_MIN);
   for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 keep =
-        words ? static_cast<__mmask16>(static_cast<uint32_t>(words[j >> 5]) >> (j & 16)) : __mmask16(0xFFFF);
-    __m512 d = _mm512_loadu_ps(g + j);
+    const __mmask16 keep = keep_bits16(words, j);
+    __m512 d = load_negated_if<kMaximize>(g + j);
     const __m512 x = _mm512_loadu_ps(p + j);
-    if (kMaximize) d = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(d), sign));
     if (kDecay) d = _mm512_fmadd_ps(x, decay, d);
     if (kMomentum) {
       const __m512 v = kFirst ? d : _mm512_fmadd_ps(d, dampening, _mm512_mul_ps(_mm512_loadu_ps(b + j), momentum));
