@@ -32,6 +32,7 @@ fp32 products by default, tensor-core tf32 when allowed.
 from __future__ import annotations
 
 import os
+import time
 from functools import lru_cache
 
 import torch
@@ -108,7 +109,6 @@ def autotune_enabled(device: torch.device) -> bool:
 
 def _wall_clock_bench(kernel_call, quantiles=None):
     # the interpreter has no GPU benchmarker: median of three wall-clock runs, in ms
-    import time
     times = []
     for _ in range(3):
         start = time.perf_counter()
@@ -123,7 +123,7 @@ def _tuned_kernel(name: str, rows: int, ieee: bool, capability: tuple[int, int] 
     """triton.autotune of kernel `name` over its candidates for batches of class `rows` in this
     precision, with the stages of a GPU of this capability (None: the interpreter), or None where
     one candidate is left. Its cache keys on the layer shape (N, K) and the dtypes."""
-    kernel = {"forward": _forward_kernel, "grad_input": _grad_input_kernel, "grad_weight": _grad_weight_kernel}[name]
+    kernel = _KERNELS[name]
     stages = launch_options(capability)["num_stages"] if capability else 1
     if name == "grad_weight":
         configs = [triton.Config({}, num_warps=w, num_stages=stages) for w in GRAD_WEIGHT_WARPS]
@@ -255,6 +255,9 @@ def _grad_weight_kernel(DY, X, WORDS, DW, TILE_KEPT, M, N, K, words_per_row, til
     tl.store(DW + n * K + k, acc.to(DW.dtype.element_ty), mask=(n < N) & (k < K))
 
 
+_KERNELS = {"forward": _forward_kernel, "grad_input": _grad_input_kernel, "grad_weight": _grad_weight_kernel}
+
+
 def use_ieee(dtype: torch.dtype) -> bool:
     """Exact fp32 products for fp32 inputs unless torch allows TF32 in matmuls, as F.linear does
     (torch.backends.cuda.matmul.allow_tf32, set by torch.set_float32_matmul_precision)."""
@@ -264,6 +267,20 @@ def use_ieee(dtype: torch.dtype) -> bool:
 def _upcast(dtype: torch.dtype) -> bool:
     # the interpreter multiplies raw bf16 bits in tl.dot (TRITON-ON-CPU.md): compute in fp32 there
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _launch_over_rows(name: str, device: torch.device, M: int, ieee: bool, columns: int, args: tuple,
+                      consts: dict) -> None:
+    """Kernel `name` (forward or grad_input) on a (row blocks of M, columns) grid: autotuned where
+    tuned_kernel gives a tuner (the row block is the tuner's pick), else the static choice."""
+    tuned = tuned_kernel(name, device, M, ieee)
+    if tuned is not None:
+        launch(tuned, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), columns))(*args, **consts)
+        return
+    block_m = block_m_for(M)
+    kernel = _KERNELS[name]
+    launch(kernel, (triton.cdiv(M, block_m), columns), **_device_launch_options(device, block_m))(
+        *args, **consts, BLOCK_M=block_m)
 
 
 def forward(x2d: torch.Tensor, weight: torch.Tensor, words: torch.Tensor,
@@ -278,13 +295,7 @@ def forward(x2d: torch.Tensor, weight: torch.Tensor, words: torch.Tensor,
             M, N, K, words.shape[1])
     consts = dict(HAS_BIAS=bias is not None, UPCAST=_upcast(x2d.dtype), IEEE=ieee, BLOCK_N=BLOCK_N,
                   BLOCK_K=BLOCK_K, STEP=reduction_step(ieee))
-    tuned = tuned_kernel("forward", x2d.device, M, ieee)
-    if tuned is not None:
-        launch(tuned, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), s.tiles_n))(*args, **consts)
-    else:
-        block_m = block_m_for(M)
-        launch(_forward_kernel, (triton.cdiv(M, block_m), s.tiles_n), **_device_launch_options(x2d.device, block_m))(
-            *args, **consts, BLOCK_M=block_m)
+    _launch_over_rows("forward", x2d.device, M, ieee, s.tiles_n, args, consts)
     return y
 
 
@@ -301,13 +312,7 @@ def backward(grad2d, x2d, weight, words, needs_input: bool, needs_weight: bool):
         dx = torch.empty((M, K), dtype=x2d.dtype, device=x2d.device)
         args = (grad2d, weight, words, dx, s.col_ptr, s.row_idx, M, N, K, words.shape[1])
         consts = dict(UPCAST=upcast, IEEE=ieee, BLOCK_N=BLOCK_N, HALF_K=HALF_K, STEP=step)
-        tuned = tuned_kernel("grad_input", x2d.device, M, ieee)
-        if tuned is not None:
-            launch(tuned, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), 2 * s.tiles_k))(*args, **consts)
-        else:
-            block_m = block_m_for(M)
-            launch(_grad_input_kernel, (triton.cdiv(M, block_m), 2 * s.tiles_k),
-                   **_device_launch_options(x2d.device, block_m))(*args, **consts, BLOCK_M=block_m)
+        _launch_over_rows("grad_input", x2d.device, M, ieee, 2 * s.tiles_k, args, consts)
     if needs_weight:
         dw = torch.empty((N, K), dtype=weight.dtype, device=weight.device)
         args = (grad2d, x2d, words, dw, s.kept, M, N, K, words.shape[1], s.tiles_k)
