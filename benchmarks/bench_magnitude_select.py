@@ -1,7 +1,7 @@
 """magnitude_thresholds / magnitude_masks vs torch.kthvalue, torch.topk and a per-layer loop."""
 import pytest
 
-from dsd_kernels.benchmarking import magnitude_select_cases
+from dsd_kernels.app.bench import magnitude_select_cases
 
 from conftest import DEVICE, run
 

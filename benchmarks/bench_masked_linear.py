@@ -1,7 +1,7 @@
 """masked_linear vs F.linear(x, W*M) and dense F.linear, unstructured and 64x64 block masks."""
 import pytest
 
-from dsd_kernels.benchmarking import masked_linear_cases
+from dsd_kernels.app.bench import masked_linear_cases
 
 from conftest import DEVICE, run
 

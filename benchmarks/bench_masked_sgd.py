@@ -1,7 +1,7 @@
 """MaskedSGD.step vs torch SGD (foreach / fused) + mask multiplies, ResNet-50 and GPT-2 small."""
 import pytest
 
-from dsd_kernels.benchmarking import masked_sgd_cases
+from dsd_kernels.app.bench import masked_sgd_cases
 
 from conftest import DEVICE, run
 

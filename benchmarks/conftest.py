@@ -1,4 +1,4 @@
-"""pytest-benchmark runs of the cases in dsd_kernels.benchmarking (our op under the backend that
+"""pytest-benchmark runs of the cases in dsd_kernels.app.bench (our op under the backend that
 DSD_KERNELS_BACKEND selects, default auto).
 
     pytest benchmarks/bench_magnitude_select.py --benchmark-group-by=param:case

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 CASES = {"16M fp32": lambda g: [torch.randn(4096, 4096, generator=g)],
-         "ResNet-50 weights": None}  # filled in main() (needs dsd_kernels.benchmarking)
+         "ResNet-50 weights": None}  # filled in main() (needs dsd_kernels.app.bench)
 
 
 def _time_alternating(fns: dict, repeats: int) -> dict:
@@ -42,7 +42,7 @@ def _time_alternating(fns: dict, repeats: int) -> dict:
 
 
 def _weights(name):
-    from dsd_kernels.benchmarking import resnet50_weight_shapes
+    from dsd_kernels.app.bench import resnet50_weight_shapes
     g = torch.Generator().manual_seed(0)
     if name == "ResNet-50 weights":
         return [torch.randn(s, generator=g) for s in resnet50_weight_shapes()]
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import dsd_kernels as dk
     from dsd_kernels import _backend
-    from dsd_kernels.benchmarking import device_label, environment
+    from dsd_kernels.app.bench import device_label, environment
     backend = _backend.resolve("magnitude_select_sharded", torch.device("cpu"), (torch.float32,)).backend
     results = []
     with tempfile.TemporaryDirectory() as tmp:

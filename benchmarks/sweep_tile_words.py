@@ -9,7 +9,7 @@ import json
 
 import torch
 
-from dsd_kernels.benchmarking import device_time, gpt2_small_param_shapes, resnet50_weight_shapes
+from dsd_kernels.app.bench import device_time, gpt2_small_param_shapes, resnet50_weight_shapes
 from dsd_kernels.masks import Mask
 
 
@@ -18,7 +18,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--tile-words", type=int, nargs="*", default=[32, 64, 128])
     args = parser.parse_args()
-    from dsd_kernels.triton import apply_masks, masked_adamw, masked_sgd
+    from dsd_kernels.backends.triton import apply_masks, masked_adamw, masked_sgd
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for set_name, shapes in (("gpt2-small", gpt2_small_param_shapes()), ("resnet50", resnet50_weight_shapes())):

@@ -1,21 +1,24 @@
 """dsd-kernels: fast, exact kernels for Dense-Sparse-Dense (DSD) training in PyTorch.
 
-`import dsd_kernels as dk` gives the ops (`dk.magnitude_masks`, `dk.masked_sgd_`, ...) and the
-`Mask`; `dk.optim`, `dk.nn` and `dk.dsd` are imported on first use, so importing the ops stays light.
+`import dsd_kernels as dk` gives every op (`dk.magnitude_masks`, `dk.magnitude_thresholds`,
+`dk.masked_sgd_`, `dk.masked_adamw_`, `dk.apply_masks_`, `dk.masked_linear`) and the `Mask`; the
+submodules of _LAZY_SUBMODULES (`dk.optim`, `dk.nn`, `dk.dsd`, ...) are imported on first use, so
+importing the ops stays light. The application (`dsd_kernels.app`: the train job, the benchmarks,
+the command line) is never imported by the library.
 """
 import importlib
 
 from ._backend import available_backends, get_backend, set_backend, use_backend
 from .masks import Mask
-from .ops import magnitude_masks, magnitude_thresholds, masked_linear, masked_sgd_
+from .ops import apply_masks_, magnitude_masks, magnitude_thresholds, masked_adamw_, masked_linear, masked_sgd_
 
 __version__ = "0.1.0"
 
 _LAZY_SUBMODULES = ("optim", "nn", "dsd", "ops", "reference", "distributed", "scope", "integrations")
 
-__all__ = ["Mask", "magnitude_masks", "magnitude_thresholds", "masked_linear", "masked_sgd_",
-           "available_backends", "get_backend", "set_backend", "use_backend", "__version__",
-           "optim", "nn", "dsd", "summary"]
+__all__ = ["Mask", "magnitude_masks", "magnitude_thresholds", "masked_sgd_", "masked_adamw_", "apply_masks_",
+           "masked_linear", "available_backends", "get_backend", "set_backend", "use_backend", "__version__",
+           "summary", *_LAZY_SUBMODULES]
 
 
 def __getattr__(name: str):

@@ -1,7 +1,7 @@
 """The backend registry: per op, which backend serves which device and dtypes, in which order.
 
-`ops.py` is the only caller of `implementation()`, and with the backend packages the only
-module that imports one (`importlib`, from the `module` named in the table). A backend is
+`ops/` is the only caller of `implementation()`, and with the backend packages (backends/) the
+only module that imports one (`importlib`, from the `module` named in the table). A backend is
 declared here by its rows of `REGISTRY`; nothing else branches on backend names.
 
 The choice comes from `use_backend()` / `set_backend()` or the `DSD_KERNELS_BACKEND`
@@ -58,18 +58,17 @@ def _rows(op: str, module: str, *, cuda: tuple[str, ...], cuda_dtypes=FLOATS, cp
           variants=("default",), cpp_cpu_variants=None, cpp_cpu_dtypes=FLOATS) -> list[Implementation]:
     """The standard rows of an op: `cpu` in order on CPU, Triton (interpreter) when forced on
     CPU, `cuda` in order on CUDA, and the torch composite as the declared fallback elsewhere."""
-    cpu_rows = {"cpp": Implementation(op, "cpp", "cpu", cpp_cpu_dtypes, f".cpp.{module}",
+    cpu_rows = {"cpp": Implementation(op, "cpp", "cpu", cpp_cpu_dtypes, f".backends.cpp.{module}",
                                       variants=cpp_cpu_variants or variants),
-                "torch": Implementation(op, "torch", "cpu", FLOATS, f".composite.{module}",
+                "torch": Implementation(op, "torch", "cpu", FLOATS, f".backends.torch.{module}",
                                         variants=variants)}
     rows = [cpu_rows[b] for b in cpu] + [
             Implementation(op, "triton", "cpu", cuda_dtypes if "triton" in cuda else (),
-                           f".triton.{module}", auto=False, variants=variants)]
+                           f".backends.triton.{module}", auto=False, variants=variants)]
     for backend in cuda:
-        package = "composite" if backend == "torch" else backend
         rows.append(Implementation(op, backend, "cuda", cuda_dtypes,
-                                   f".{package}.{module}", variants=variants))
-    rows.append(Implementation(op, "torch", ANY_DEVICE, FLOATS, f".composite.{module}", fallback=True,
+                                   f".backends.{backend}.{module}", variants=variants))
+    rows.append(Implementation(op, "torch", ANY_DEVICE, FLOATS, f".backends.torch.{module}", fallback=True,
                                variants=variants))
     return [r for r in rows if r.dtypes]
 

@@ -1,6 +1,6 @@
 """Exact magnitude selection over sharded weights (DTensor, as FSDP2's fully_shard holds them).
 
-A front end called only from ops.py, which passes it the backend modules the registry picks
+A front end called only from ops/magnitude_select.py, which passes it the backend modules the registry picks
 for the device of the local shards: `local` (magnitude_select) for replicated tensors and
 `sharded` (digit_histograms, threshold_masks) for the per-shard work of Shard(0) tensors.
 This module runs the collectives around those kernels and never touches a weight itself.
@@ -24,25 +24,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ._dtensor import DTensor, Replicate, Shard, local_tensor
 from ._floatbits import KEY_SPECS, digit_widths, keys_to_values
 from .masks import Mask
 
 DIGIT_BITS = 11
 COLLECTIVE_BYTES = [0]  # bytes sent through collectives by this module (tests and notes)
-
-try:  # public since torch 2.5
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # pragma: no cover - torch 2.4
-    from torch.distributed._tensor import DTensor, Replicate, Shard
-
-
-def is_dtensor(t) -> bool:
-    return isinstance(t, DTensor)
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (sharing its storage), or t itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _placement(t: DTensor, name: str) -> str:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .ops import as_sparsity, magnitude_masks
+from .ops import magnitude_masks
+from .ops._common import as_sparsity
 
 NEVER_BY_DEFAULT = (nn.Embedding, nn.EmbeddingBag, nn.modules.batchnorm._NormBase, nn.LayerNorm,
                     nn.GroupNorm, nn.LocalResponseNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())

@@ -1,5 +1,5 @@
 """`pytest -m aot`: every Triton kernel of the GPU path compiled ahead of time for sm_80 and sm_90
-on this CPU machine (tests/aot_compile.py, in a process without the interpreter), with the
+on this CPU machine (tests/_helpers/aot_compile.py, in a process without the interpreter), with the
 constants and launch options the launchers pass on a GPU, by the installed Triton and by Triton
 3.6 (the version that goes with torch 2.11, which users run; installed by this test into a
 cache folder of its own, outside any environment, when absent). Fails on any compile error, any
@@ -39,7 +39,7 @@ def compiled(request):
                          cwd=ROOT, env=env, capture_output=True, text=True)
     version = out.stdout.split()[-1]
     assert request.param == "installed" or version == OLDER_TRITON, out.stdout + out.stderr
-    out = subprocess.run([sys.executable, "-m", "tests.aot_compile"], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-m", "tests._helpers.aot_compile"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
@@ -64,3 +64,16 @@ def test_no_kernel_spills_or_overflows_shared_memory(compiled):
     bad = [f"{r['kernel']} {r['target']}: {r['spills']} spill bytes, {r['shared']} B shared"
            for r in compiled if "error" not in r and (r["spills"] or r["shared"] > r["shared_limit"])]
     assert bad == []
+
+
+REGISTER_BUDGET = 128  # per thread: two 256-thread blocks of a streaming kernel fit an SM's 64K registers
+
+
+def test_optimizer_and_mask_kernels_fit_the_register_budget(compiled):
+    # the multi-tensor kernels (selection, masked SGD and AdamW, re-masking) only stream memory:
+    # more registers per thread than the budget would cap the blocks per SM, hence the bandwidth
+    rows = [r for r in compiled if r["family"] == "multi_tensor" and "error" not in r]
+    assert rows and {r["kernel"].split()[0] for r in rows} >= {"masked_sgd", "masked_adamw", "apply_masks"}
+    over = [f"{r['kernel']} {r['target']}: {r['registers']} registers" for r in rows
+            if r["registers"] > REGISTER_BUDGET]
+    assert over == []

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import dsd_kernels as dk
-from dsd_kernels import cli, cost_model
+from dsd_kernels.app import cli
+from dsd_kernels.app.bench import cost_model
 from dsd_kernels.masks import Mask
 
 
@@ -36,37 +37,50 @@ def test_cli_prints_predictions_and_writes_no_results(tmp_path, capsys, monkeypa
     assert not any(tmp_path.rglob("*"))  # nothing written, least of all a results file
 
 
-def count_host_tables(monkeypatch, modules):
+def count_host_tables(monkeypatch):
+    """Counts the host-built tables copied to the device (kept tables are not copied again)."""
+    from dsd_kernels.backends.triton import _tiles, apply_masks, masked_adamw
+    _tiles._TABLES.clear()
     calls = []
-    for module in modules:
-        real = module.host_table
-        monkeypatch.setattr(module, "host_table", lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
+    real = _tiles.host_table
+    for module in (_tiles, masked_adamw, apply_masks):
+        if hasattr(module, "host_table"):
+            monkeypatch.setattr(module, "host_table", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 
 @pytest.mark.skipif("triton" not in dk.available_backends(), reason="triton backend unavailable")
 def test_triton_launch_counts_are_the_models(monkeypatch):
-    from dsd_kernels.triton import apply_masks, masked_adamw
-    from dsd_kernels.triton._tiles import LAUNCHES
+    from dsd_kernels.backends.triton import apply_masks, masked_adamw
+    from dsd_kernels.backends.triton._tiles import LAUNCHES
     params = [torch.randn(40, 70), torch.randn(33)]
     words = [Mask.from_bool(torch.rand(40, 70) > 0.5).packed, None]
     zeros = [torch.zeros_like(p) for p in params]
-    tables = count_host_tables(monkeypatch, [masked_adamw, apply_masks])
+    state = [zeros, [z.clone() for z in zeros], [torch.tensor(0.0), torch.tensor(0.0)]]
+    grads = [torch.randn_like(p) for p in params]
+    tables = count_host_tables(monkeypatch)
+
+    def adamw_step():
+        masked_adamw.masked_adamw_(params, grads, state[0], state[1], [], state[2], words, lr=1e-3, beta1=0.9,
+                                   beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False)
+
+    adamw_step()  # the first step of these tensors builds every table
+    assert len(tables) == 3
+    tables.clear()
     before = LAUNCHES.copy()
-    masked_adamw.masked_adamw_(params, [torch.randn_like(p) for p in params], zeros, [z.clone() for z in zeros],
-                               [], [torch.tensor(0.0), torch.tensor(0.0)], words, lr=1e-3, beta1=0.9,
-                               beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False)
+    adamw_step()  # the steady state: the same tensors, only the step table is new
     assert (LAUNCHES["_masked_adamw_kernel"] - before["_masked_adamw_kernel"], len(tables)) == \
         cost_model.ADAMW_LAUNCHES
+    apply_masks.apply_masks_(params[:1], words[:1])
     tables.clear()
     before = LAUNCHES.copy()
     apply_masks.apply_masks_(params[:1], words[:1])
     assert (LAUNCHES["_apply_masks_kernel"] - before["_apply_masks_kernel"], len(tables)) == \
         cost_model.APPLY_MASKS_LAUNCHES
     x, w = torch.randn(8, 128), torch.randn(64, 128)
-    mask = dk.ops.magnitude_masks(w, 0.5, block=(64, 64))[0]
+    mask = dk.magnitude_masks(w, 0.5, block=(64, 64))[0]
     with dk.use_backend("triton"):
-        dk.ops.masked_linear(x, w, mask)  # the tile lists of this mask version are built once
+        dk.masked_linear(x, w, mask)  # the tile lists of this mask version are built once
         before = LAUNCHES.copy()
-        dk.ops.masked_linear(x, w, mask)
+        dk.masked_linear(x, w, mask)
     assert dict(LAUNCHES - before) == {"_forward_kernel": cost_model.LINEAR_FORWARD_LAUNCHES[0]}

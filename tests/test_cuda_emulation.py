@@ -1,4 +1,4 @@
-"""The CUDA kernels of csrc/cuda, compiled for the CPU emulation of tests/cuda_emulation
+"""The CUDA kernels of csrc/cuda, compiled for the CPU emulation of tests/_helpers/cuda_emulation
 (real threads, barriers and ballots; see emulation.h), against reference/ (the AdamW kernel
 against the Triton kernel's CUDA rounding, bit for bit: the same operations, each IEEE-rounded).
 
@@ -19,7 +19,7 @@ from .test_magnitude_select import FLOATS, SPARSITIES, adversarial
 
 pytestmark = pytest.mark.slow
 
-HERE = Path(__file__).parent / "cuda_emulation"
+HERE = Path(__file__).parent / "_helpers" / "cuda_emulation"
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ ADAMW_OPTIONS = [dict(weight_decay=wd, amsgrad=a, maximize=mx, beta1=b1)
 
 
 def adamw_step_emulated(emu, params, grads, m, v, vmax, steps, words, opts):
-    from dsd_kernels._adamw_steps import advance_steps
+    from dsd_kernels.backends._adamw_steps import advance_steps
     step_sizes, bc2_sqrts = advance_steps(steps, 1e-2, opts["beta1"], 0.999)
     emu.masked_adamw_(params, grads, m, v, vmax if opts["amsgrad"] else [], words, step_sizes, bc2_sqrts,
                       1e-2, opts["beta1"], 0.999, 1e-8, opts["weight_decay"], opts["amsgrad"], opts["maximize"])
@@ -157,7 +157,7 @@ def test_masked_adamw_matches_the_triton_kernels_cuda_rounding_bit_for_bit(emu, 
     weights and moments are +0 whatever the gradient held there."""
     if "triton" not in __import__("dsd_kernels").available_backends():
         pytest.skip("triton backend unavailable")
-    from dsd_kernels.triton import masked_adamw as T
+    from dsd_kernels.backends.triton import masked_adamw as T
     params, keeps = sgd_inputs(dtype)
     words = [None if k is None else R.pack_bits(k) for k in keeps]
     runs = {}

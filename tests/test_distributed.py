@@ -51,7 +51,7 @@ def _worker(rank, world, init_file, out_dir):
 
     from dsd_kernels import _backend
     from dsd_kernels.distributed import COLLECTIVE_BYTES, Replicate, Shard
-    from dsd_kernels.triton._tiles import LAUNCHES
+    from dsd_kernels.backends.triton._tiles import LAUNCHES
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -228,7 +228,7 @@ def test_cli_train_nproc_2_matches_single_process(tmp_path, batch):
     outs = {}
     for nproc in (1, 2):
         out = str(tmp_path / f"n{nproc}")
-        done = subprocess.run([sys.executable, "-m", "dsd_kernels.cli", *args, "--nproc", str(nproc),
+        done = subprocess.run([sys.executable, "-m", "dsd_kernels.app.cli", *args, "--nproc", str(nproc),
                                "--out", out], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         with open(os.path.join(out, "report.json")) as f:

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from dsd_kernels import cli
+from dsd_kernels.app import cli
 from dsd_kernels.dsd import DSDScheduler
-from dsd_kernels.dsd.data import load_data
-from dsd_kernels.dsd.train import Run, TrainConfig, run_job
+from dsd_kernels.app.data import load_data
+from dsd_kernels.app.train import Run, TrainConfig, run_job
 from dsd_kernels.optim import MaskedSGD
 
 
@@ -221,7 +221,7 @@ def test_cli_killed_and_resumed(tmp_path, capsys):
     args = ["--quick", "--model", "mlp", "--seeds", "1", "--train-samples", "4000", "--epochs", "2", "3", "3",
             "--checkpoint-every", "1", "--no-progress"]
     killed = str(tmp_path / "killed")
-    proc = subprocess.Popen([sys.executable, "-m", "dsd_kernels.cli", "train", *args, "--out", killed],
+    proc = subprocess.Popen([sys.executable, "-m", "dsd_kernels.app.cli", "train", *args, "--out", killed],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     ckpts = os.path.join(killed, "checkpoints")

@@ -1,11 +1,10 @@
 """DSD with any torch optimizer and any module holding a weight: scope, tied weights, re-masking
-(ops.apply_masks_), step-based phases, strip_masks."""
+around any optimizer (OptimizerMasks), step-based phases, strip_masks."""
 import pytest
 import torch
 from torch import nn
 
 import dsd_kernels as dk
-from dsd_kernels import ops
 from dsd_kernels import reference as R
 from dsd_kernels.dsd import DSDScheduler
 from dsd_kernels.nn import MaskedLinear, sparsify, strip_masks
@@ -202,31 +201,6 @@ def test_masked_linear_modules_keep_their_masks_under_any_optimizer():
     assert set(dsd.optimizer_masks.masks) == {model.extra.weight}
 
 
-def test_apply_masks_matches_reference_on_every_backend(backend):
-    g = torch.Generator().manual_seed(4)
-    # rows of whole mask words (fp32 on AVX-512 takes them as one long row: several parallel
-    # chunks for (1100, 64)) and rows ending inside a word
-    shapes = [(33, 70), (7,), (4, 3, 3, 3), (1, 1), (1100, 64), (64,), (5, 40)]
-    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        tensors = [torch.randn(s, generator=g).to(dtype).to(DEVICE) for s in shapes]
-        tensors[0][0, :5] = float("nan")
-        tensors[4][::3, 7] = float("nan")
-        tensors[6][:, 33] = -0.0  # pruned: +0, kept: -0 stays
-        keeps = [(torch.rand(s, generator=g) > 0.5).to(DEVICE) for s in shapes]
-        want = [t.clone() for t in tensors]
-        R.apply_masks_(want, keeps)
-        ops.apply_masks_(tensors, [dk.Mask.from_bool(k) for k in keeps])
-        for t, w in zip(tensors, want):
-            assert torch.equal(t.view(torch.uint8) if t.dtype != torch.bfloat16 else t.view(torch.int16),
-                               w.view(torch.uint8) if w.dtype != torch.bfloat16 else w.view(torch.int16))
-    conv = torch.randn(8, 4, 3, 3, generator=g).to(DEVICE).contiguous(memory_format=torch.channels_last)
-    keep = (torch.rand(8, 4, 3, 3, generator=g) > 0.5).to(DEVICE)
-    ptr = conv.data_ptr()
-    ops.apply_masks_([conv], [keep])
-    assert conv.data_ptr() == ptr and conv.is_contiguous(memory_format=torch.channels_last)
-    assert bool((conv[~keep] == 0).all()) and bool((conv[keep] != 0).all())
-
-
 def test_strip_masks_gives_plain_modules_that_load_strictly():
     torch.manual_seed(0)
     original = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -367,15 +341,3 @@ def test_hugging_face_round_trip_keeps_the_zeros(tmp_path):
         assert torch.equal(p, q), name
     for s in dsd.selected:
         assert int((dict(loaded.named_parameters())[s.name] == 0).sum()) == round(0.5 * s.param.numel())
-
-
-def test_apply_masks_op_checks_its_inputs_real_and_traced():
-    t = torch.zeros(4, 40)
-    with pytest.raises(ValueError, match=r"mask_words\[0\] does not fit tensors\[0\]"):
-        torch.ops.dsd_kernels.apply_masks_([t], [torch.zeros(4, 1, dtype=torch.int32)])
-    torch.library.opcheck(torch.ops.dsd_kernels.apply_masks_.default,
-                          ([torch.randn(4, 40)], [dk.Mask.from_bool(torch.rand(4, 40) > 0.5).packed]))
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    words = torch.zeros(4, 1, dtype=torch.int32)
-    with FakeTensorMode() as mode, pytest.raises(ValueError, match="does not fit"):
-        torch.ops.dsd_kernels.apply_masks_([mode.from_tensor(t)], [mode.from_tensor(words)])

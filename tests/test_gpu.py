@@ -8,7 +8,7 @@ import torch
 import dsd_kernels as dk
 from dsd_kernels import ops
 from dsd_kernels import reference as R
-from dsd_kernels.benchmarking import resnet50_weight_shapes
+from dsd_kernels.app.bench import resnet50_weight_shapes
 
 from .conftest import require_backend
 

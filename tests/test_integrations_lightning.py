@@ -14,7 +14,7 @@ import torch
 
 pl = pytest.importorskip("lightning.pytorch")
 from dsd_kernels.integrations.lightning import DSDCallback  # noqa: E402
-from .lightning_dsd import BATCH, SAMPLES, TinyNet, loader  # noqa: E402
+from ._helpers.lightning_dsd import BATCH, SAMPLES, TinyNet, loader  # noqa: E402
 
 STEPS_PER_EPOCH = SAMPLES // BATCH
 PLAN = dict(dense_epochs=2, sparse_epochs=2, redense_epochs=1)
@@ -180,7 +180,7 @@ def test_ddp_two_processes(tmp_path):
     """strategy="ddp" on 2 CPU processes (gloo): the ranks prune the same weights, hold the
     same weights every epoch, and the pruned ones are exactly 0 while sparse."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-m", "tests.lightning_dsd", str(tmp_path)], cwd=root,
+    result = subprocess.run([sys.executable, "-m", "tests._helpers.lightning_dsd", str(tmp_path)], cwd=root,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]

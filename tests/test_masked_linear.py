@@ -14,7 +14,7 @@ from dsd_kernels.nn import MaskedLinear, sparsify
 from .conftest import DEVICE
 
 try:
-    from dsd_kernels.triton.masked_linear import ROW_CONFIGS as TRITON_ROW_CONFIGS
+    from dsd_kernels.backends.triton.masked_linear import ROW_CONFIGS as TRITON_ROW_CONFIGS
 except ImportError:  # no triton here: the Triton tests skip
     TRITON_ROW_CONFIGS = ()
 
@@ -303,7 +303,7 @@ def test_triton_configuration_follows_torch_and_the_batch():
     """fp32 takes exact products unless torch allows TF32 in matmuls (as F.linear); decode-like
     batches take 16-row programs on 4 warps; before sm_90 no software pipelining (the configs
     tests/test_aot.py compiles without spills)."""
-    from dsd_kernels.triton import masked_linear as L
+    from dsd_kernels.backends.triton import masked_linear as L
     before = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -322,7 +322,7 @@ def test_autotuning_candidates_per_batch_class_and_switch(monkeypatch):
     """Decode-like batches have one candidate (the static choice: nothing to tune); larger ones
     the two largest programs that fit the batch; exact fp32 never the 128-row programs that
     spill; DSD_KERNELS_AUTOTUNE=0 keeps the static choice on a GPU, =1 tunes under the interpreter."""
-    from dsd_kernels.triton import masked_linear as L
+    from dsd_kernels.backends.triton import masked_linear as L
     assert [L.rows_class(m) for m in (0, 1, 16, 17, 33, 200, 4096)] == [16, 16, 16, 32, 64, 256, 256]
     assert L.row_configs_for(1, False) == ((16, 4),)
     assert L.row_configs_for(20, False) == ((16, 4), (32, 8))
@@ -345,8 +345,8 @@ def test_autotuned_launches_match_the_reference(monkeypatch, dtype):
     """The autotuned path (what a GPU runs by default) under the interpreter, every candidate
     timed by wall clock: each kernel keeps one of its candidates, gives the reference's results,
     and counts as one launch per call."""
-    from dsd_kernels.triton import _tiles
-    from dsd_kernels.triton import masked_linear as L
+    from dsd_kernels.backends.triton import _tiles
+    from dsd_kernels.backends.triton import masked_linear as L
     monkeypatch.setenv("DSD_KERNELS_AUTOTUNE", "1")
     for tokens in (20, 200):  # batch classes 32 and 256: two candidates each
         x, w, b, _ = case(tokens, 130, 70, dtype, seed=tokens)
@@ -370,7 +370,7 @@ def test_autotuned_launches_match_the_reference(monkeypatch, dtype):
 def test_every_autotuning_row_count_matches_the_reference(monkeypatch, block_m):
     """Each program height autotuning may pick, launched alone (static path), on a batch that
     leaves a partial last program and on one smaller than a program."""
-    from dsd_kernels.triton import masked_linear as L
+    from dsd_kernels.backends.triton import masked_linear as L
     monkeypatch.setenv("DSD_KERNELS_AUTOTUNE", "0")
     monkeypatch.setattr(L, "block_m_for", lambda M: block_m)
     for tokens in (block_m + 3, 5):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import dsd_kernels as dk
-from dsd_kernels.tile_structure import tile_structure
+from dsd_kernels.backends.tile_structure import tile_structure
 
 if "cpp" not in dk.available_backends():
     pytest.skip("C++ extension not built", allow_module_level=True)

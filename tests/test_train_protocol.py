@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from dsd_kernels import cli
-from dsd_kernels.dsd import report as report_module
-from dsd_kernels.dsd.data import load_data
-from dsd_kernels.dsd.train import Run, TrainConfig, run_job
+from dsd_kernels.app import cli
+from dsd_kernels.app import report as report_module
+from dsd_kernels.app.data import load_data
+from dsd_kernels.app.train import Run, TrainConfig, run_job
 
 PAPER = dict(protocol="paper", models=["mlp"], seeds=1, epochs=[3, 2, 2], train_samples=200, checkpoint_every=1)
 

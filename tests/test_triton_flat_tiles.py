@@ -33,7 +33,7 @@ def make(dtype, seed):
 
 
 def run_all(dtype, tile_words):
-    from dsd_kernels.triton import apply_masks, masked_adamw, masked_sgd
+    from dsd_kernels.backends.triton import apply_masks, masked_adamw, masked_sgd
     out = {}
     tensors, words, keeps = make(dtype, 0)
     apply_masks.apply_masks_(tensors, words, tile_words=tile_words)
@@ -63,7 +63,7 @@ def run_all(dtype, tile_words):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("tile_words", [1, 2, 4])
 def test_flat_and_general_addressing_give_the_same_bits(dtype, tile_words, monkeypatch):
-    from dsd_kernels.triton import _tiles, apply_masks, masked_adamw, masked_sgd
+    from dsd_kernels.backends.triton import _tiles, apply_masks, masked_adamw, masked_sgd
     flat, keeps = run_all(dtype, tile_words)
     # the same calls with no segment marked FLAT: every tile takes the general path
     general_flags = lambda *args: _tiles.segment_flags(*args) & ~_tiles.FLAT.value  # noqa: E731
@@ -78,7 +78,7 @@ def test_flat_and_general_addressing_give_the_same_bits(dtype, tile_words, monke
 
 
 def test_segment_flags():
-    from dsd_kernels.triton._tiles import FLAT, HAS_MASK, segment_flags, segment_layout
+    from dsd_kernels.backends.triton._tiles import FLAT, HAS_MASK, segment_flags, segment_layout
     def flags(t, has_mask=True):
         cols, words_per_row, num_words = segment_layout(t)
         return segment_flags(has_mask, cols, words_per_row, num_words, [t.data_ptr()])

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops import as_sparsity
+from ..ops._common import as_sparsity
 from ..optim.masking import mask_gradients_, zero_pruned
 
 PHASES = ("dense", "sparse", "redense")

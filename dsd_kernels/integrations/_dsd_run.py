@@ -8,7 +8,7 @@ import warnings
 import torch
 
 from ..dsd.scheduler import PHASES, DSDScheduler, checked_plan
-from ..ops import as_sparsity
+from ..ops._common import as_sparsity
 
 
 def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..masks import Mask, packed_shape
+from ..ops.masked_linear import mask_words_for_weight
 
 
 class MaskedLinear(nn.Linear):
@@ -46,7 +47,7 @@ class MaskedLinear(nn.Linear):
         if mask is None:
             self.mask_words = None
             return
-        words = ops.mask_words_for_weight(mask.to(self.weight.device), self.weight, "mask")
+        words = mask_words_for_weight(mask.to(self.weight.device), self.weight, "mask")
         self.mask_words = words.clone()
         if zero_pruned:
             self.mask.apply_(self.weight)

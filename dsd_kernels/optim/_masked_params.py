@@ -1,13 +1,21 @@
 """Masks on an optimizer's own parameters: the part MaskedSGD and MaskedAdamW share (masks,
-set_masks, clear_masks, prune with the pruning scope, masks in state_dict, pickling)."""
+set_masks, clear_masks, prune with the pruning scope, masks in state_dict, pickling, and the
+step plans of their groups)."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
 from .. import ops
+from .._dtensor import local_tensor
 from ..masks import Mask, as_mask
-from .masking import _local, zero_pruned
+from ..ops._common import sparsity_list
+from ..ops._plan import NotPlannable
+from .masking import zero_pruned
+
+
+class NotReady(Exception):
+    """A group has no plan yet (state created by the first step, a gradient missing)."""
 
 
 class MaskedParams:
@@ -26,6 +34,65 @@ class MaskedParams:
         masks = state.pop("_masks", {})
         super().__setstate__(state)
         self._masks = masks
+        self._forget_plans()
+
+    # ------------------------------------------------------------ step plans
+    # A group's plan (ops/_plan.py) holds what the kernels need for its parameters, state and
+    # masks. It is dropped by everything that changes those (set_masks, clear_masks, prune,
+    # load_state_dict, add_param_group, unpickling) and checked at every step for what can
+    # change behind the optimizer's back (a parameter's or state tensor's storage, a state
+    # tensor replaced, a derived mask changed, the backend choice, the group's flags).
+    def _forget_plans(self) -> None:
+        self.__dict__["_step_plans"] = {}
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._forget_plans()
+
+    def _group_plan(self, group: dict, key, build):
+        """The group's plan if it still holds for `key` (the group flags it was built for), else
+        build()'s; None where the group takes the general path (NotPlannable, kept until
+        something drops the plans) or cannot have a plan yet (NotReady, asked again next step)."""
+        plans = self.__dict__.setdefault("_step_plans", {})
+        params = group["params"]
+        entry = plans.get(id(params))
+        if entry is not None and entry[0] is params and entry[1] == key and entry[2] == len(params):
+            plan = entry[3]
+            if plan is None or plan.current():
+                return plan
+        try:
+            plan = build()
+        except NotReady:
+            return None
+        except NotPlannable:
+            plan = None
+        plans[id(params)] = (params, key, len(params), plan)
+        return plan
+
+    def _state_holds(self, plan, keys: tuple[str, ...], extra: tuple = ()) -> bool:
+        """Whether the optimizer's state still holds, under `keys`, the very tensors the plan
+        steps (plan.state_tensors, then the `extra` lists); drops the plans where it does not (a
+        state tensor or a parameter's state replaced: the plan would step the old one). The
+        per-parameter state dicts are compared by identity in the state's own order, so no
+        parameter is hashed."""
+        state = self.state
+        snapshot = plan.__dict__.get("state_snapshot")
+        if snapshot is None:
+            plan.state_snapshot = list(state.values())
+            plan.state_dicts = [state.get(p, {}) for p in plan.tensors]
+        elif len(state) != len(snapshot) or not all(a is b for a, b in zip(state.values(), snapshot)):
+            self._forget_plans()
+            return False
+        for key, tensors in zip(keys, (*plan.state_tensors, *extra)):
+            if not all(sd.get(key) is t for sd, t in zip(plan.state_dicts, tensors)):
+                self._forget_plans()
+                return False
+        return True
+
+    def _planned_gradients(self, plan) -> list | None:
+        """The gradients of a plan's parameters for this step, laid out for its kernels, or
+        None where the general path must step (a missing or sparse gradient, another layout)."""
+        return plan.gradients([p.grad for p in plan.tensors])
 
     # ------------------------------------------------------------ masks
     @property
@@ -44,13 +111,15 @@ class MaskedParams:
         for p, m in masks.items():
             if not isinstance(p, Tensor) or id(p) not in held:
                 raise ValueError("set_masks got a mask for a tensor this optimizer does not hold")
-            checked[p] = as_mask(m, _local(p))  # a sharded param's mask covers its local shard
+            checked[p] = as_mask(m, local_tensor(p))  # a sharded param's mask covers its local shard
         zero_pruned(self, checked, params=True)
         self._masks.update(checked)
+        self._forget_plans()
 
     def clear_masks(self) -> None:
         """Drop every mask: all weights train again (pruned ones restart from exactly 0)."""
         self._masks.clear()
+        self._forget_plans()
 
     def prunable_params(self) -> list[Tensor]:
         """Real floating parameters of 2 or more dims, in groups without prune=False."""
@@ -73,7 +142,7 @@ class MaskedParams:
         if include is not None or exclude is not None or scope != "layer":
             raise TypeError("prune: include, exclude and scope need model= (the module names)")
         params = self.prunable_params()
-        sparsities = ops.sparsity_list(sparsity, len(params))
+        sparsities = sparsity_list(sparsity, len(params))
         by_device: dict[torch.device, list[int]] = {}
         for i, p in enumerate(params):
             by_device.setdefault(p.device, []).append(i)
@@ -104,9 +173,10 @@ class MaskedParams:
                 raise ValueError(f"state_dict has a mask for parameter {i!r}, but this optimizer "
                                  f"holds parameters 0..{len(params) - 1}")
             mask = Mask.from_state_dict(m)
-            if mask.shape != _local(params[i]).shape:
+            if mask.shape != local_tensor(params[i]).shape:
                 raise ValueError(f"state_dict mask {i} has shape {tuple(mask.shape)} but parameter "
-                                 f"{i} has shape {tuple(_local(params[i]).shape)}")
+                                 f"{i} has shape {tuple(local_tensor(params[i]).shape)}")
             loaded[params[i]] = mask.to(params[i].device)
         super().load_state_dict(state_dict)
         self._masks = loaded
+        self._forget_plans()

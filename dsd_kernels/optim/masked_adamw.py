@@ -9,17 +9,20 @@ Which step runs: groups with a float lr and betas, not capturable and not differ
 `ops.masked_adamw_` (the kept weights carry AdamW's bits exactly, those of its fused kernel with
 fused=True; the pruned weights and moments are written as +0 in the same pass). Every other
 configuration (tensor lr, capturable, differentiable, fused=True on CUDA or under a GradScaler)
-runs torch.optim.AdamW's own step followed by one fused re-masking pass (`ops.apply_masks_`) over the masked weights and their moments: AdamW is
-elementwise, so the kept entries are what AdamW computes on `grad * mask`.
+runs torch.optim.AdamW's own step followed by one fused re-masking pass (`ops.apply_masks_`) over
+the masked weights and their moments: AdamW is elementwise, so the kept entries are what AdamW computes on `grad * mask`.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .. import ops
-from ..masks import Mask
-from ._masked_params import MaskedParams
+from .. import ops, reference
+from ..masks import Mask, as_mask
+from ..ops._common import as_tensor_list
+from ..ops._plan import KernelPlan, NotPlannable
+from ..ops.masked_adamw import check_adamw_hyperparameters
+from ._masked_params import MaskedParams, NotReady
 from .masking import state_tensors, zero_pruned
 
 
@@ -36,10 +39,23 @@ def masked_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
         ops.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks,
                           torch_fused=torch_fused, **hyper)
     elif implementation == "reference":
-        ops.masked_adamw_reference_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks,
-                                    **hyper)
+        _reference_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks,
+                                 **hyper)
     else:
         raise ValueError(f"implementation must be 'fused' or 'reference', got {implementation!r}")
+
+
+def _reference_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks, *,
+                             lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, amsgrad=False,
+                             maximize=False) -> None:
+    """masked_adamw_ by the per-tensor reference (reference/masked_adamw.py); slow, obviously right."""
+    params = as_tensor_list(params, "params")
+    keeps = [None if m is None else as_mask(m, p, f"masks[{i}]").to_bool().to(p.device)
+             for i, (m, p) in enumerate(zip(masks if masks is not None else [None] * len(params), params))]
+    reference.masked_adamw_(params, list(grads), list(exp_avgs), list(exp_avg_sqs),
+                            list(max_exp_avg_sqs) if max_exp_avg_sqs is not None else [], list(state_steps), keeps,
+                            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                            maximize=maximize)
 
 
 class MaskedAdamW(MaskedParams, torch.optim.AdamW):
@@ -76,8 +92,38 @@ class MaskedAdamW(MaskedParams, torch.optim.AdamW):
             return None  # torch's single-tensor CPU step rounds fp16 otherwise than its foreach one
         return None if group["foreach"] is False and on_cuda else "foreach"
 
+    def _flags(self, group: dict) -> tuple:
+        """What _op_arithmetic reads of a group besides its parameters' devices and dtypes."""
+        beta1, beta2 = group["betas"]
+        return (group["capturable"], group["differentiable"], group["fused"], group["foreach"], group["amsgrad"],
+                any(isinstance(v, Tensor) for v in (group["lr"], beta1, beta2, group["weight_decay"])),
+                getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None)
+
+    def _plan_for(self, group: dict):
+        """The group's step plan (None: the general path), its arithmetic cached with it."""
+        if torch.compiler.is_compiling():
+            return None
+        return self._group_plan(group, self._flags(group), lambda: self._build_plan(group))
+
+    def _build_plan(self, group: dict) -> KernelPlan:
+        how = self._op_arithmetic(group)
+        if how is None:
+            raise NotPlannable  # AdamW's own step; a change of flags asks again
+        params = group["params"]
+        keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+        states = [self.state.get(p, {}) for p in params]
+        if not all(all(k in st for k in keys + ("step",)) for st in states):
+            raise NotReady  # the first step creates the state, as AdamW's does
+        plan = KernelPlan("masked_adamw", params, [self._masks.get(p) for p in params],
+                          tuple([st[k] for st in states] for k in keys), variant=how)
+        plan.arithmetic, plan.state_keys = how, keys
+        plan.steps = [st["step"] for st in states]
+        return plan
+
     def step(self, closure=None):
-        arithmetic = [self._op_arithmetic(g) for g in self.param_groups]
+        plans = [self._plan_for(g) for g in self.param_groups]
+        arithmetic = [self._op_arithmetic(g) if plan is None else plan.arithmetic
+                      for g, plan in zip(self.param_groups, plans)]
         if None in arithmetic:
             return self._torch_step_then_mask(closure)
         loss = None
@@ -85,7 +131,9 @@ class MaskedAdamW(MaskedParams, torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         with torch.no_grad():
-            for group, how in zip(self.param_groups, arithmetic):
+            for group, how, plan in zip(self.param_groups, arithmetic, plans):
+                if plan is not None and self._planned_step(group, plan):
+                    continue
                 params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
                 self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
                 if not params:
@@ -96,6 +144,23 @@ class MaskedAdamW(MaskedParams, torch.optim.AdamW):
                              eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
                              maximize=group["maximize"], torch_fused=how == "fused")
         return loss
+
+    def _planned_step(self, group: dict, plan: KernelPlan) -> bool:
+        """The steady-state step: one backend call with the plan's lists and this step's
+        gradients; False where the general path must step (a missing or sparse gradient, a
+        state tensor replaced, anything the plan does not cover)."""
+        grads = self._planned_gradients(plan)
+        if grads is None or not self._state_holds(plan, plan.state_keys + ("step",), (plan.steps,)):
+            return False
+        beta1, beta2 = group["betas"]
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        check_adamw_hyperparameters(lr, beta1, beta2, eps, weight_decay)
+        views = plan.state_views
+        plan.impl.masked_adamw_(plan.views, grads, views[0], views[1], views[2] if group["amsgrad"] else [],
+                                plan.steps, plan.words, lr=float(lr), beta1=float(beta1), beta2=float(beta2),
+                                eps=float(eps), weight_decay=float(weight_decay), amsgrad=bool(group["amsgrad"]),
+                                maximize=bool(group["maximize"]), torch_fused=plan.arithmetic == "fused")
+        return True
 
     def _torch_step_then_mask(self, closure):
         loss = super().step(closure)

@@ -10,9 +10,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import ops
-from ..masks import Mask
-from ._masked_params import MaskedParams
+from .. import ops, reference
+from ..masks import Mask, as_mask
+from ..ops._common import as_tensor_list
+from ..ops.masked_sgd import check_sgd_hyperparameters
+from ..ops._plan import KernelPlan
+from ._masked_params import MaskedParams, NotReady
 
 
 def masked_sgd(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None],
@@ -26,11 +29,27 @@ def masked_sgd(params: list[Tensor], grads: list[Tensor], momentum_buffers: list
                         dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize, torch_fused=torch_fused)
     elif implementation == "reference":
-        ops.masked_sgd_reference_(params, grads, momentum_buffers, masks, lr=lr, momentum=momentum,
-                                  dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                                  maximize=maximize)
+        _reference_masked_sgd_(params, grads, momentum_buffers, masks, lr=lr, momentum=momentum,
+                               dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                               maximize=maximize)
     else:
         raise ValueError(f"implementation must be 'fused' or 'reference', got {implementation!r}")
+
+
+def _reference_masked_sgd_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0,
+                           dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False) -> None:
+    """masked_sgd_ by the per-tensor reference (reference/masked_sgd.py: torch.optim.SGD's
+    `_single_tensor_sgd` arithmetic on masked gradients), same arguments; slow, obviously right."""
+    params = as_tensor_list(params, "params")
+    grads = as_tensor_list(grads, "grads")
+    masks = [None] * len(params) if masks is None else list(masks)
+    check_sgd_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
+    keeps = [None if m is None else as_mask(m, p, f"masks[{i}]").to_bool()
+             for i, (m, p) in enumerate(zip(masks, params))]
+    grads = [g.coalesce().to_dense() if g.is_sparse else g for g in grads]
+    # in place on the parameters: traced by autograd when grad mode is on (differentiable SGD)
+    reference.masked_sgd_(params, grads, momentum_buffers, keeps, lr=lr, momentum=momentum,
+                          dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
 
 
 class MaskedSGD(MaskedParams, torch.optim.SGD):
@@ -76,6 +95,8 @@ class MaskedSGD(MaskedParams, torch.optim.SGD):
         return loss
 
     def _step_group(self, group: dict) -> None:
+        if self._planned_step(group):
+            return
         params, grads, bufs = [], [], []
         self._init_group(group, params, grads, bufs)  # SGD's own: its fused device/dtype checks
         if not params:
@@ -97,3 +118,43 @@ class MaskedSGD(MaskedParams, torch.optim.SGD):
         if group["momentum"] != 0:
             for p, buf in zip(params, bufs):
                 self.state[p]["momentum_buffer"] = buf
+
+    def _planned_step(self, group: dict) -> bool:
+        """The steady-state step: one backend call with the group's plan (ops/_plan.py) and
+        this step's gradients; False where the general path must step (the first step, which
+        creates the momentum buffers; differentiable mode; tracing; a fused step under a
+        GradScaler; a missing or sparse gradient; anything the plan does not cover)."""
+        if (group["differentiable"] or torch.compiler.is_compiling()
+                or (group["fused"] and (getattr(self, "grad_scale", None) is not None
+                                        or getattr(self, "found_inf", None) is not None))):
+            return False
+        momentum = group["momentum"] != 0
+        plan = self._group_plan(group, (bool(group["fused"]), momentum), lambda: self._build_plan(group, momentum))
+        if plan is None:
+            return False
+        grads = self._planned_gradients(plan)
+        if grads is None:
+            return False
+        bufs = plan.state_views[0] if momentum else []
+        if momentum and not self._state_holds(plan, ("momentum_buffer",)):
+            return False
+        lr, weight_decay = group["lr"], group["weight_decay"]
+        check_sgd_hyperparameters(lr, group["momentum"], group["dampening"], weight_decay, group["nesterov"])
+        plan.impl.masked_sgd_(plan.views, grads, bufs, plan.words, plan.no_first_step if momentum else [],
+                              lr=float(lr), momentum=float(group["momentum"]),
+                              dampening=float(group["dampening"]), weight_decay=float(weight_decay),
+                              nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]),
+                              torch_fused=bool(group["fused"]))
+        return True
+
+    def _build_plan(self, group: dict, momentum: bool) -> KernelPlan:
+        params = group["params"]
+        state = []
+        if momentum:
+            state = [[self.state.get(p, {}).get("momentum_buffer") for p in params]]
+            if any(b is None for b in state[0]):
+                raise NotReady  # the first step creates them, as SGD's does
+        plan = KernelPlan("masked_sgd", params, [self._masks.get(p) for p in params], tuple(state),
+                          variant="fused" if group["fused"] else "foreach")
+        plan.no_first_step = [False] * len(params)
+        return plan

@@ -17,15 +17,9 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from .._dtensor import local_tensor
 from ..masks import Mask, as_mask
-
-
-def _local(t: Tensor) -> Tensor:
-    """The local shard of a DTensor parameter (FSDP2), else the tensor itself."""
-    if not torch.distributed.is_available():
-        return t
-    from ..distributed import local_tensor
-    return local_tensor(t)
+from ..ops._plan import KernelPlan, NotPlannable
 
 
 def state_tensors(optimizer: torch.optim.Optimizer, p: Tensor) -> list[Tensor]:
@@ -40,7 +34,7 @@ def zero_pruned(optimizer: torch.optim.Optimizer, masks: dict, *, params: bool) 
     tensors, applied = [], []
     for p, m in masks.items():
         for t in ([p] if params else []) + state_tensors(optimizer, p):
-            tensors.append(_local(t).detach())
+            tensors.append(local_tensor(t).detach())
             applied.append(m)
     ops.apply_masks_(tensors, applied)
 
@@ -50,7 +44,7 @@ def mask_gradients_(masks: dict) -> None:
     """Zero the pruned entries of the masked parameters' gradients in one fused apply_masks_
     pass (sparse gradients are left to the step). masks: {param: Mask}."""
     pairs = [(p.grad, m) for p, m in masks.items() if p.grad is not None and not p.grad.is_sparse]
-    ops.apply_masks_([_local(g) for g, _ in pairs], [m for _, m in pairs])
+    ops.apply_masks_([local_tensor(g) for g, _ in pairs], [m for _, m in pairs])
 
 
 class OptimizerMasks:
@@ -59,12 +53,16 @@ class OptimizerMasks:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
         self._masks: dict[Tensor, Mask] = {}
+        self._plans = None  # per device, the kernel plan of the masked parameters (see _planned)
         self._handles = [optimizer.register_step_pre_hook(self._mask_gradients),
                          optimizer.register_step_post_hook(self._mask_parameters)]
 
     @property
     def masks(self) -> dict[Tensor, Mask]:
         return dict(self._masks)
+
+    def __getstate__(self) -> dict:  # a copy builds its own plans, over its own tensors
+        return {**self.__dict__, "_plans": None}
 
     def _held(self) -> set[int]:
         return {id(p) for g in self.optimizer.param_groups for p in g["params"]}
@@ -81,6 +79,7 @@ class OptimizerMasks:
             checked[p] = as_mask(m, p)
         zero_pruned(self.optimizer, checked, params=True)
         self._masks.update(checked)
+        self._plans = None
 
     def _fresh_state(self, p: Tensor) -> dict:
         """The state tensors a fresh optimizer of this class holds for a zero weight after a step
@@ -111,6 +110,7 @@ class OptimizerMasks:
                     value.copy_(torch.where(keep, value, fresh[key].to(value.dtype) if key in fresh
                                             else torch.zeros_like(value)))
         self._masks.clear()
+        self._plans = None
 
     def remove(self) -> None:
         """Detach from the optimizer (the masks stop being applied)."""
@@ -118,12 +118,42 @@ class OptimizerMasks:
             handle.remove()
         self._handles.clear()
 
+    def _planned(self) -> list | None:
+        """One apply_masks_ kernel plan per device of the masked parameters (ops/_plan.py), built
+        once and dropped by set_masks, clear_masks and load_state_dict; None where the masks
+        need the general front end (complex or sharded parameters, other layouts) or while tracing."""
+        if torch.compiler.is_compiling() or not self._masks:
+            return None
+        if self._plans is not None and all(plan.current() for plan in self._plans):
+            return self._plans
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for p in self._masks:
+            by_device.setdefault(p.device, []).append(p)
+        try:
+            self._plans = [KernelPlan("apply_masks", params, [self._masks[p] for p in params])
+                           for params in by_device.values()]
+        except NotPlannable:
+            self._plans = None
+        return self._plans
+
     @torch.no_grad()
     def _mask_gradients(self, optimizer, args, kwargs) -> None:
+        plans = self._planned()
+        if plans is not None:
+            gradients = [plan.gradients([p.grad for p in plan.tensors]) for plan in plans]
+            if all(g is not None for g in gradients):
+                for plan, grads in zip(plans, gradients):
+                    plan.impl.apply_masks_(grads, plan.words)
+                return
         mask_gradients_(self._masks)
 
     @torch.no_grad()
     def _mask_parameters(self, optimizer, args, kwargs) -> None:
+        plans = self._planned()
+        if plans is not None:
+            for plan in plans:
+                plan.impl.apply_masks_(plan.views, plan.words)
+            return
         ops.apply_masks_(list(self._masks), list(self._masks.values()))
 
     # masks in checkpoints, by parameter index (as MaskedSGD.state_dict stores them)
@@ -140,3 +170,4 @@ class OptimizerMasks:
                                  f"holds parameters 0..{len(params) - 1}")
             loaded[params[i]] = as_mask(Mask.from_state_dict(m), params[i], f"mask {i}")
         self._masks = loaded
+        self._plans = None

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The GPU check, one prepared command for a lent H100/H200 (torch and triton installed, nothing
+# downloaded), under 8 minutes: build with csrc/cuda, `pytest -m gpu`, then wall and GPU time of
+# the host-bound optimizer step, masked SGD and AdamW (GPT-2 small and ResNet-50 sets) against
+# torch's fused step + float-mask multiplies, re-masking, the csrc/cuda AdamW path beside Triton's,
+# masked_linear against F.linear(x, W*M) and torch's BSR matmul, selection against topk/kthvalue;
+# optionally (SUITES=1, TRAIN=1, SWEEP=1) the per-backend suites on CUDA tensors, the train job and
+# the tile sweep. Every step gets what is left of BUDGET seconds (capped per step) and the check
+# goes on after a failure, so one call yields every result it can.
+#
+#   OUT=/some/dir BUDGET=450 bash benchmarks/gpu_check.sh
+#
+# Writes OUT/log.txt (everything printed) and OUT/results.tar (bench JSONs, junit XML, `info`),
+# packed again after each step so a run cut short keeps what it finished. Optional: wheels in
+# .whl/ (expecttest for torch's optimizer test inputs, mnist1d for the train job) are installed
+# into a temporary site folder first, offline.
+set -u
+OUT=${OUT:-gpu-out}
+BUDGET=${BUDGET:-450}
+MIN_RUN_TIME=${MIN_RUN_TIME:-0.15}
+mkdir -p "$OUT/r"
+exec > >(tee "$OUT/log.txt") 2>&1
+start=$SECONDS
+export PYTHONUNBUFFERED=1
+
+pack() { tar -C "$OUT" -cf "$OUT/results.tar" r 2>/dev/null; }
+
+# step CAP CMD...: run CMD with at most CAP seconds and never past the budget
+step() {
+    local cap=$1; shift
+    local left=$(( BUDGET - (SECONDS - start) ))
+    local limit=$(( left < cap ? left : cap ))
+    if (( limit < 15 )); then echo "=== SKIPPED (budget spent): $*"; return; fi
+    echo "=== [$(( SECONDS - start ))s] $* (limit ${limit}s)"
+    timeout -k 5 "$limit" "$@"
+    echo "=== rc=$? at $(( SECONDS - start ))s"
+    pack
+}
+
+nvidia-smi -L
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+
+# csrc/cuda for the H100/H200 only (sm_90): one architecture keeps the build short
+# (auto: a failed CUDA build falls back to the CPU kernels, and the Triton steps still run;
+# `info` then says why). The checkout stays importable even if pip fails.
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} DSD_KERNELS_BUILD_EXT=auto
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+DSD="python3 -m dsd_kernels.app.cli"
+step 200 python3 -m pip install --no-deps --no-build-isolation -e .
+step 30 bash -c "$DSD info | tee $OUT/r/info.txt"
+
+# the device's copy bandwidth, the yardstick for the memory-bound ops' GB/s
+step 30 python3 -c "
+import torch
+from torch.utils.benchmark import Timer
+x = torch.empty(2**28, device='cuda'); y = torch.empty_like(x)
+t = Timer('y.copy_(x)', globals=dict(x=x, y=y)).blocked_autorange(min_run_time=1).median
+print(f'copy of 1 GiB fp32: {t * 1e3:.3f} ms, {2 * x.numel() * 4 / t / 1e9:.0f} GB/s read+written')
+" | tee $OUT/r/copy-bandwidth.txt
+# the C++ CPU kernels' argument checks in this build (a TORCH_CHECK must raise, not crash)
+cat > /tmp/cpp_check_probe.py <<'PY'
+import torch, dsd_kernels as dk
+import dsd_kernels._C  # noqa: F401  (the extension registers torch.ops.dsd_kernels_cpp)
+from dsd_kernels.masks import Mask
+w = torch.randn(70, 130)
+words = Mask.from_bool(torch.rand(70, 130) > 0.5).packed
+for when in ("before any CUDA work", "after a CUDA selection"):
+    if when.startswith("after"):
+        dk.ops.magnitude_masks(torch.randn(1000, device="cuda"), 0.5)
+        torch.cuda.synchronize()
+    try:
+        torch.ops.dsd_kernels_cpp.masked_linear_forward(torch.randn(4, 130), w, words, None,
+                                                        torch.ones(3, 2, dtype=torch.int32))
+        print(f"probe ({when}): no error raised")
+    except RuntimeError as err:
+        print(f"probe ({when}): RuntimeError raised as it should:", str(err).splitlines()[0])
+PY
+step 30 python3 -X faulthandler /tmp/cpp_check_probe.py
+
+step 120 python3 -m pytest -m gpu -p no:cacheprovider -q -s -rfE --junitxml="$OUT/r/gpu.xml"
+
+[[ ${SWEEP:-0} == 1 ]] && step 60 python3 benchmarks/sweep_tile_words.py --out "$OUT/r/sweep-tile-words.json"
+
+# the bench, one process, all suites into one file (written after every case)
+step ${BENCH_CAP:-200} $DSD bench --ops ${BENCH_OPS:-host_step masked_sgd masked_adamw apply_masks masked_linear magnitude_select} \
+    --min-run-time "$MIN_RUN_TIME" --out "$OUT/r/bench.json"
+
+# masked_linear again with autotuning off (DSD_KERNELS_AUTOTUNE=0: the static launch configs),
+# to set beside the autotuned run above
+[[ ${STATIC_LINEAR:-0} == 1 ]] && step ${STATIC_CAP:-90} env DSD_KERNELS_AUTOTUNE=0 $DSD bench --ops masked_linear \
+    --min-run-time "$MIN_RUN_TIME" --out "$OUT/r/bench-masked-linear-static.json"
+
+# the ops' own tests on CUDA tensors, per backend (the `backend` fixture): one pytest per file, so
+# that a crash in one (a segfault ends the process) leaves the others' results; -v names each test
+[[ ${SUITES:-0} == 1 ]] && for file in ${SUITE_FILES:-tests/test_masked_linear.py tests/test_magnitude_select.py \
+            tests/test_masked_sgd.py tests/test_masked_adamw.py tests/test_triton_launches.py \
+            tests/test_masked_sgd_drop_in.py tests/test_apply_masks.py tests/test_dsd_any_optimizer.py}; do
+    step ${SUITE_CAP:-90} python3 -X faulthandler -m pytest -p no:cacheprovider -v -rfE \
+        -m "not slow and not distributed and not aot" --timeout 60 \
+        --junitxml="$OUT/r/suite-$(basename "$file" .py).xml" "$file"
+done
+[[ ${TRAIN:-0} == 1 ]] && step 60 $DSD train --quick --device cuda --no-progress --out /tmp/train-cuda
+echo "=== done at $(( SECONDS - start ))s"
+pack

@@ -1,0 +1,25 @@
+"""DTensor (FSDP2's sharded parameters) seen from the single-process code: is it one, and its
+local shard. The one place outside distributed.py that knows DTensor, so that ops, optim and
+distributed share one spelling and torch.distributed is imported only where it exists."""
+from __future__ import annotations
+
+import torch
+
+if torch.distributed.is_available():
+    try:  # public since torch 2.5
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+    except ImportError:  # pragma: no cover - torch 2.4
+        from torch.distributed._tensor import DTensor, Replicate, Shard
+else:  # pragma: no cover - torch built without distributed
+    DTensor = Replicate = Shard = None
+
+__all__ = ["DTensor", "Replicate", "Shard", "is_dtensor", "local_tensor"]
+
+
+def is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (sharing its storage), or t itself."""
+    return t.to_local() if is_dtensor(t) else t

@@ -1,0 +1,308 @@
+"""`dsd-kernels` command line: train (the DSD job: train.py) | bench (bench/) | info."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+import torch
+
+
+def _cmd_info(args) -> int:
+    from .. import __version__, _backend
+    print(f"dsd-kernels {__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}", end="")
+    try:
+        import triton
+        print(f", triton {triton.__version__}")
+    except ImportError:
+        print(", triton not installed")
+    if torch.cuda.is_available():
+        print(f"device: cuda ({torch.cuda.get_device_name()}, CUDA {torch.version.cuda})")
+    else:
+        print(f"device: cpu ({torch.get_num_threads()} threads); no CUDA device")
+    print(f"backend requested: {_backend.get_backend()}")
+    available = _backend.available_backends()
+    for name, why in _backend.reasons().items():
+        print(f"  {name:<7} {'yes' if name in available else 'no ':<4} {why}")
+    if "cpp" in available:
+        print(f"  cpp masked_linear, kept tiles of fp32 on CPU: {_backend.cpp_tile_kernel()}")
+    print("\nregistry (per op and device, auto takes the first available row serving the dtypes):")
+    columns = ("op", "backend", "device", "dtypes", "role", "available")
+    rows = [{**r, "available": "yes" if r["available"] else f"no: {r['why']}"} for r in _backend.table()]
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns[:-1]}
+    print("  " + "  ".join(c.ljust(widths.get(c, 0)) for c in columns))
+    for r in rows:
+        print("  " + "  ".join(str(r[c]).ljust(widths.get(c, 0)) for c in columns))
+    return 0
+
+
+def _linear_shape(text: str) -> tuple[int, int, int]:
+    try:
+        tokens, d_in, d_out = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not TOKENSxINxOUT, e.g. 512x1024x1024")
+    if min(tokens, d_in, d_out) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} has a size below 1")
+    return tokens, d_in, d_out
+
+
+def _cmd_bench(args) -> int:
+    from . import bench as B
+    if args.predict:  # a cost model, not a measurement: printed apart, never in the results files
+        import json
+
+        from .._files import atomic_write_text
+        from .bench import cost_model
+        rows = cost_model.predict(args.predict, args.ops)
+        print(cost_model.format_predictions(args.predict, rows))
+        if args.out:
+            atomic_write_text(args.out, json.dumps({"predicted_for": cost_model.PEAKS[args.predict].name,
+                                                    "note": "roofline predictions, not measurements",
+                                                    "rows": rows}, indent=1))
+            print(f"wrote {args.out}")
+        return 0
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    suites = args.ops or list(B.CASE_FACTORIES)
+    results = []
+    out = args.out or f"benchmarks/results/{B.device_label(device)}.json"
+    env = B.environment(device)
+    print(f"timing our backends {args.backends or B.benchmark_backends(device)} against the "
+          f"torch baselines on {device}, into {out}")
+    for suite in suites:
+        kwargs = {"sizes_m": tuple(args.sizes)} if suite == "magnitude_select" and args.sizes else {}
+        if suite == "masked_linear" and args.linear_shapes:
+            kwargs = {"shapes": args.linear_shapes}
+        for case in B.CASE_FACTORIES[suite](device, **kwargs):
+            r = B.run_case(case, args.min_run_time, args.backends or B.benchmark_backends(device, case.op),
+                           kernel_times=device.startswith("cuda"))
+            print(B.format_row(r), flush=True)
+            results.append(r)
+            # after every case: a run cut short (a time-boxed GPU lease) keeps what it timed
+            B.write_results(out, env, results)
+    print(f"wrote {out}")
+    return 0
+
+
+def _launch_data_parallel(args, argv: list[str]) -> int:
+    """Re-run this train command under torchrun with args.nproc processes on this machine."""
+    import subprocess
+    import time
+
+    out = args.resume or args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    rest, skip = [], False
+    for a in argv:  # drop --nproc N (and --out, set explicitly so every rank writes one folder)
+        if skip:
+            skip = False
+        elif a in ("--nproc", "--out"):
+            skip = True
+        elif not a.startswith(("--nproc=", "--out=")):
+            rest.append(a)
+    if not args.resume:
+        rest += ["--out", out]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={args.nproc}", "-m", "dsd_kernels.app.cli", *rest]
+    return subprocess.call(cmd)
+
+
+def _init_data_parallel(args) -> str | None:
+    """Under torchrun: join the process group; returns this rank's device (None: single process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch.distributed as dist
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
+    return "cpu"
+
+
+# train options -> TrainConfig fields, for comparing a resumed job's command line with its config
+_TRAIN_FIELDS = {"protocol": "protocol", "data": "data", "model": "models", "sparsity": "sparsity",
+                 "epochs": "epochs", "cycles": "cycles", "seeds": "seeds", "lr": "lr",
+                 "sparse_lr_scale": "sparse_lr_scale", "optimizer": "optimizer", "batch_size": "batch_size",
+                 "train_samples": "train_samples", "checkpoint_every": "checkpoint_every",
+                 "nproc": "nproc", "device": "device"}
+
+
+def _given(argv: list[str], train: argparse.ArgumentParser) -> set[str]:
+    """dests of the train options written on the command line."""
+    given = set()
+    for action in train._actions:
+        for option in action.option_strings:
+            if any(token == option or token.startswith(option + "=") for token in argv):
+                given.add(action.dest)
+    return given
+
+
+def _config_value(args, dest: str):
+    value = getattr(args, dest)
+    if dest == "model":
+        from .models import MODELS
+        return list(MODELS) if value == "all" else [value]
+    if dest == "epochs":
+        return list(value)
+    if dest == "train_samples":
+        return value if value > 0 else None
+    return value
+
+
+def _cmd_train(args, argv: list[str] | None = None) -> int:
+    import time
+
+    from .report import format_table
+    from .config import TrainConfig, check_device
+    from .train import run_job
+
+    argv = list(argv if argv is not None else sys.argv[1:])
+
+    def fail(message: str) -> int:
+        print(f"dsd-kernels train: error: {message}", file=sys.stderr)
+        return 2
+
+    if args.nproc < 1:
+        return fail(f"--nproc must be at least 1, got {args.nproc}")
+    if args.train_samples is not None and args.train_samples < 0:
+        return fail(f"--train-samples must be >= 0 (0 = all), got {args.train_samples}")
+    if args.batch_size < args.nproc:
+        return fail(f"--batch-size {args.batch_size} is smaller than --nproc {args.nproc}: some rank "
+                    f"would get no sample of a batch")
+    if args.resume and args.quick:
+        return fail("--quick cannot be combined with --resume (the job keeps its own settings)")
+    if args.device is not None:
+        try:
+            check_device(args.device)
+        except ValueError as err:
+            return fail(str(err))
+    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _launch_data_parallel(args, argv)
+    device = _init_data_parallel(args)
+    if device is not None:
+        args.device = device
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+
+    given = None
+    if args.resume:
+        out = args.resume
+        cfg = TrainConfig()
+        named = _given(argv, build_parser().train_parser) & set(_TRAIN_FIELDS)
+        given = {_TRAIN_FIELDS[dest]: _config_value(args, dest) for dest in named if dest != "nproc"}
+        if args.device is not None:
+            given["device"] = args.device
+    else:
+        cfg = TrainConfig(protocol=args.protocol, data=args.data, sparsity=args.sparsity, lr=args.lr,
+                          seeds=args.seeds, sparse_lr_scale=args.sparse_lr_scale,
+                          device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                          checkpoint_every=args.checkpoint_every, batch_size=args.batch_size,
+                          cycles=args.cycles, optimizer=args.optimizer, nproc=world_size)
+        if args.model != "all":
+            cfg.models = [args.model]
+        if args.epochs:
+            cfg.epochs = list(args.epochs)
+        if args.train_samples is not None:
+            cfg.train_samples = args.train_samples if args.train_samples > 0 else None
+        elif args.data not in (None, "mnist1d"):
+            cfg.train_samples = None  # the whole training set of other data
+        if args.quick:
+            cfg.epochs = args.epochs and list(args.epochs) or [3, 3, 3]
+            cfg.seeds = min(cfg.seeds, 2)
+            if args.train_samples is None and args.data in (None, "mnist1d"):
+                cfg.train_samples = 500
+        out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    try:
+        report = run_job(cfg, out, resume=bool(args.resume), progress=not args.no_progress, given=given)
+    except ValueError as err:
+        return fail(str(err))
+    finally:
+        if device is not None:
+            torch.distributed.destroy_process_group()
+    if device is not None and int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 prints the report
+    print()
+    print(format_table(report))
+    print(f"report: {os.path.join(out, 'report.md')} (+ report.json, accuracy.png, weights.png); "
+          f"{report['elapsed_s']:.0f} s of training on {report['config']['device']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsd-kernels", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="versions, device, and which backends are available and why")
+    p.set_defaults(func=_cmd_info)
+    from .models import MODELS
+    from .config import TrainConfig
+    d = TrainConfig()  # the job's defaults, stated once
+    p = sub.add_parser("train", help="DSD vs its baselines (the paper's protocol) on MNIST-1D and digits",
+                       description="Pre-train dense per seed, then compare the converged model, "
+                                   "continuing it at a lower learning rate and DSD (--protocol paper); "
+                                   "or train every arm from scratch for the same epochs (--protocol "
+                                   "matched). Reports paired differences, plots and per-phase sparsity.")
+    p.add_argument("--protocol", default=d.protocol, choices=["paper", "matched"],
+                   help=f"paper: DSD from a converged dense model vs that model and vs continuing it "
+                        f"at lr/10; matched: every arm from scratch, same epochs ({d.protocol})")
+    p.add_argument("--data", default=d.data,
+                   help="mnist1d (generated), digits, or PATH.npz for every model (default: each "
+                        "model's own: mnist1d for mlp and cnn, digits for cnn2d)")
+    p.add_argument("--model", default="all", choices=["all", *MODELS], help="default: all")
+    p.add_argument("--sparsity", type=float, default=d.sparsity,
+                   help=f"uniform DSD sparsity in [0, 1) ({d.sparsity})")
+    p.add_argument("--epochs", type=int, nargs=3, metavar=("D", "S", "R"),
+                   help=f"dense (paper: pre-training), sparse, re-dense epochs (paper "
+                        f"{' '.join(map(str, TrainConfig(protocol='paper').epochs))}, matched "
+                        f"{' '.join(map(str, TrainConfig(protocol='matched').epochs))})")
+    p.add_argument("--sparse-lr-scale", type=float, default=d.sparse_lr_scale,
+                   help=f"paper protocol: the sparse phase's learning rate is --lr times this "
+                        f"({d.sparse_lr_scale}; re-dense: --lr times 0.1)")
+    p.add_argument("--cycles", type=int, default=d.cycles,
+                   help=f"sparse+re-dense cycles, 2 = DSDSD ({d.cycles})")
+    p.add_argument("--seeds", type=int, default=d.seeds, help=f"number of seeds ({d.seeds})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate of the dense phase ({d.lr})")
+    p.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adamw"],
+                   help=f"MaskedSGD with momentum or MaskedAdamW ({d.optimizer}; AdamW wants a "
+                        f"smaller --lr, e.g. 0.001)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"({d.batch_size})")
+    p.add_argument("--train-samples", type=int,
+                   help=f"training samples to use (mnist1d: {d.train_samples} of 4000; 0 = all; "
+                        f"applies to --data, else to mnist1d only)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--out", help="output folder (default runs/<timestamp>)")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="N",
+                   help="checkpoint every N epochs so --resume can continue a killed job")
+    p.add_argument("--resume", metavar="DIR", help="continue the job in DIR")
+    p.add_argument("--quick", action="store_true", help="a small run for smoke tests (< 1 min)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes on this machine, via torchrun (gloo on CPU, nccl on GPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+    parser.train_parser = p
+    p = sub.add_parser("bench", help="time every op against its torch baselines, write JSON")
+    from .bench import CASE_FACTORIES
+    p.add_argument("--ops", nargs="*", choices=sorted(CASE_FACTORIES),
+                   help="benchmark suites (default: all)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--backends", nargs="*", choices=["torch", "cpp", "triton"],
+                   help="our backends to time (default: the compiled ones present for the device)")
+    p.add_argument("--sizes", nargs="*", type=int, help="threshold sizes in M elements (default 1 16 64)")
+    p.add_argument("--linear-shapes", nargs="*", type=_linear_shape, metavar="TOKENSxINxOUT",
+                   help="masked_linear shapes, e.g. 512x1024x1024 (default: the suite's)")
+    p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per timing (default 0.5)")
+    p.add_argument("--out", help="results JSON (default benchmarks/results/<device>.json)")
+    p.add_argument("--predict", choices=["h100", "a100", "h200"],
+                   help="print the cost model's predicted GPU times instead of measuring (no GPU needed)")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.func is _cmd_train:
+        return _cmd_train(args, argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

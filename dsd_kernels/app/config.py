@@ -1,0 +1,141 @@
+"""The train job's settings: `TrainConfig` (every command-line setting, validated before
+anything is written or trained) and the config of a job being resumed."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..dsd.scheduler import PhasePlan
+from .models import MODEL_DATA, MODELS
+
+PROTOCOLS = ("paper", "matched")
+ARMS = {"paper": ("baseline", "llr", "dsd"), "matched": ("dense", "llr", "dsd")}
+DEFAULT_EPOCHS = {"paper": [30, 10, 10], "matched": [20, 20, 20]}
+OPTIMIZER_NAMES = ("sgd", "adamw")  # MaskedSGD (with momentum), MaskedAdamW (betas as torch's)
+
+
+@dataclass
+class TrainConfig:
+    protocol: str = "paper"
+    data: str | None = None  # None: each model's own (MODEL_DATA)
+    models: list[str] = field(default_factory=lambda: list(MODELS))
+    sparsity: float = 0.5
+    epochs: list[int] | None = None  # dense (paper: pre-training), sparse, re-dense; None: DEFAULT_EPOCHS
+    seeds: int = 5
+    lr: float = 0.05
+    sparse_lr_scale: float = 1.0  # paper protocol: the sparse phase runs at lr x this
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    train_samples: int | None = 1000  # of MNIST-1D's 4000; other data: all unless given
+    redense_lr_scale: float = 0.1
+    cycles: int = 1
+    optimizer: str = "sgd"  # sgd (MaskedSGD, with momentum) or adamw (MaskedAdamW, betas as torch's)
+    device: str = "cpu"
+    checkpoint_every: int = 0
+    nproc: int = 1
+
+    def __post_init__(self):
+        if self.epochs is None and self.protocol in DEFAULT_EPOCHS:
+            self.epochs = list(DEFAULT_EPOCHS[self.protocol])
+
+    def validate(self) -> None:
+        """Every argument error before anything is written or trained."""
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"--protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.optimizer not in OPTIMIZER_NAMES:
+            raise ValueError(f"--optimizer must be one of {OPTIMIZER_NAMES}, got {self.optimizer!r}")
+        if not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        if self.epochs is None or len(self.epochs) != 3 or any(int(e) != e or e < 1 for e in self.epochs):
+            raise ValueError(f"--epochs needs three positive integers (dense sparse redense), got {self.epochs}")
+        for name in ("seeds", "batch_size", "cycles", "nproc"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        for name in ("lr", "sparse_lr_scale", "redense_lr_scale"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive finite number, got {value}")
+        unknown = [m for m in self.models if m not in MODELS]
+        if unknown or not self.models:
+            raise ValueError(f"--model must be among {MODELS}, got {self.models}")
+        if self.train_samples is not None and self.train_samples < 1:
+            raise ValueError(f"--train-samples must be at least 1 (0 on the command line: all), "
+                             f"got {self.train_samples}")
+        if self.batch_size < self.nproc:
+            raise ValueError(f"--batch-size {self.batch_size} is smaller than --nproc {self.nproc}: "
+                             f"some rank would get no sample of a batch")
+        check_device(self.device)
+
+    @property
+    def plan(self) -> PhasePlan:
+        return PhasePlan(*self.epochs, cycles=self.cycles)
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs of a DSD run from scratch (matched) or from pre-training start to its end (paper)."""
+        return self.plan.total_epochs
+
+    @property
+    def arms(self) -> tuple[str, ...]:
+        return ARMS[self.protocol]
+
+    def data_for(self, model: str) -> str:
+        return self.data if self.data is not None else MODEL_DATA[model]
+
+    def run_epochs(self, method: str) -> int:
+        """Epochs one run of `method` trains (paper: the arms after pre-training)."""
+        if self.protocol == "matched":
+            return self.total_epochs
+        dense, sparse, redense = self.epochs
+        return dense if method == "baseline" else self.cycles * (sparse + redense)
+
+
+def check_device(device: str) -> None:
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"--device {device!r} is not a device (cpu or cuda[:N]): {err}") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: the train job runs on cpu or cuda only")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device} requested but no CUDA device is available")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA devices here")
+
+
+# the keys a resumed job may take from the command line (they change no result)
+RESUME_MAY_CHANGE = ("device",)
+
+
+def load_config(out_dir: str, given: dict | None = None) -> TrainConfig:
+    """The config of the job in out_dir; `given`: settings named on the command line, which
+    must equal the saved ones (but RESUME_MAY_CHANGE, applied)."""
+    path = os.path.join(out_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"--resume {out_dir}: no config.json there (not a dsd-kernels train output)")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        cfg = TrainConfig(**saved)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"--resume {out_dir}: {path} is not a train job's config ({err})") from None
+    differing = []
+    for key, value in (given or {}).items():
+        if key in RESUME_MAY_CHANGE:
+            setattr(cfg, key, value)
+        elif getattr(cfg, key) != value:
+            differing.append(f"--{key.replace('_', '-')} {value!r} (the job has {getattr(cfg, key)!r})")
+    if differing:
+        raise ValueError(f"--resume {out_dir}: the job was started with other settings: "
+                         f"{'; '.join(differing)}. Resume without them, or start a new --out")
+    return cfg
+
+

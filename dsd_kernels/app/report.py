@@ -1,0 +1,199 @@
+"""Summary statistics, report.json / report.md, and the plots of `dsd-kernels train`."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+
+from .._files import atomic_path, atomic_write_text
+from ..dsd.scheduler import PhasePlan
+from .config import ARMS, TrainConfig
+
+PHASE_SNAPSHOTS = (("dense", "after dense"), ("pruned", "right after pruning"),
+                   ("sparse", "after sparse"), ("redense", "after re-dense"))
+
+
+def _mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def build_report(cfg: TrainConfig, runs: list[dict], elapsed_s: float | None = None) -> dict:
+    """Per model: each arm's test accuracy (mean, std over the seeds that did not diverge), the
+    paired per-seed differences DSD - each baseline with wins, the DSD phases' accuracies."""
+    from dataclasses import asdict
+
+    arms = cfg.arms
+    summary = {}
+    for model in cfg.models:
+        mine = [r for r in runs if r["model"] == model]
+        acc = {m: {r["seed"]: r["test_accuracy"] for r in mine if r["method"] == m and not r.get("diverged")}
+               for m in arms}
+        entry = {"data": next((r["data"] for r in mine if "data" in r), cfg.data_for(model)),
+                 "methods": {m: _mean_std(list(acc[m].values())) for m in arms if acc[m]},
+                 "diverged": {m: sorted(r["seed"] for r in mine if r["method"] == m and r.get("diverged"))
+                              for m in arms},
+                 "paired": {}}
+        for base in arms[:2]:
+            seeds = sorted(set(acc["dsd"]) & set(acc[base]))
+            if seeds:
+                diffs = [acc["dsd"][s] - acc[base][s] for s in seeds]
+                entry["paired"][f"dsd-{base}"] = {**_mean_std(diffs), "wins": sum(d > 0 for d in diffs),
+                                                  "ties": sum(d == 0 for d in diffs)}
+        phases = [r["phases"] for r in mine if r["method"] == "dsd" and not r.get("diverged")]
+        if phases:
+            entry["dsd_phases"] = [
+                {"name": p["name"], "test_accuracy": _mean_std([ph[i]["test_accuracy"] for ph in phases]),
+                 "measured_sparsity": {layer: statistics.fmean(ph[i]["measured_sparsity"][layer] for ph in phases)
+                                       for layer in p["measured_sparsity"]}}
+                for i, p in enumerate(phases[0])]
+        summary[model] = entry
+    report = {"config": asdict(cfg), "runs": runs, "summary": summary}
+    if elapsed_s is not None:
+        report["elapsed_s"] = elapsed_s
+    return report
+
+
+def _describe(cfg: dict) -> str:
+    dense, sparse, redense = cfg["epochs"]
+    cycles = f" x{cfg['cycles']}" if cfg["cycles"] > 1 else ""
+    if cfg.get("protocol", "matched") == "paper":
+        return (f"paper protocol: pre-trained {dense} epochs, then sparse {sparse} + re-dense "
+                f"{redense}{cycles}, sparsity {cfg['sparsity']}")
+    return f"matched protocol: epochs {dense}+{sparse}+{redense}{cycles}, sparsity {cfg['sparsity']}"
+
+
+def format_table(report: dict) -> str:
+    cfg = report["config"]
+    lines = []
+    for model, entry in report["summary"].items():
+        data = entry.get("data", cfg.get("data"))
+        # --train-samples applies to --data, or to MNIST-1D when each model takes its own data
+        limited = cfg["train_samples"] is not None and (cfg.get("data") is not None or data == "mnist1d")
+        samples = cfg["train_samples"] if limited else "all"
+        lines.append(f"{model} on {data} ({samples} training samples, "
+                     f"{cfg['seeds']} seeds, {_describe(cfg)})")
+        lines.append("  arm       test accuracy %")
+        for m, s in entry["methods"].items():
+            lines.append(f"  {m:<8}  {s['mean']:6.2f} +- {s['std']:.2f}")
+        for m, seeds in entry.get("diverged", {}).items():
+            if seeds:
+                lines.append(f"  {m:<8}  diverged on seeds {seeds}")
+        for name, p in entry["paired"].items():
+            base = name.split("-")[1]
+            lines.append(f"  DSD - {base:<8}  {p['mean']:+6.2f} +- {p['std']:.2f} points (paired by seed; "
+                         f"DSD higher on {p['wins']}/{p['n']} seeds)")
+        sparse = next((ph for ph in entry.get("dsd_phases", []) if ph["name"] == "sparse"), None)
+        if sparse is not None:
+            lines.append(f"  DSD at the end of its sparse phase: {sparse['test_accuracy']['mean']:.2f} +- "
+                         f"{sparse['test_accuracy']['std']:.2f}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _markdown(report: dict) -> str:
+    cfg = report["config"]
+    out = ["# DSD vs its baselines", "",
+           f"{_describe(cfg)}; models {', '.join(cfg['models'])}; {cfg['seeds']} seeds; "
+           f"{cfg.get('optimizer', 'sgd').upper()} lr {cfg['lr']}, momentum {cfg['momentum']}, weight decay "
+           f"{cfg['weight_decay']}, batch {cfg['batch_size']}; device {cfg['device']}.", ""]
+    for model, entry in report["summary"].items():
+        out += [f"## {model} on {entry.get('data', cfg.get('data'))}", "",
+                "| arm | test accuracy % (mean +- std) |", "|---|---|"]
+        out += [f"| {m} | {s['mean']:.2f} +- {s['std']:.2f} |" for m, s in entry["methods"].items()]
+        out += [f"| {m} | diverged on seeds {seeds} |" for m, seeds in entry.get("diverged", {}).items() if seeds]
+        out += ["", "| paired difference | points (mean +- std) | DSD higher on |", "|---|---|---|"]
+        out += [f"| DSD - {name.split('-')[1]} | {p['mean']:+.2f} +- {p['std']:.2f} | {p['wins']}/{p['n']} seeds |"
+                for name, p in entry["paired"].items()]
+        if "dsd_phases" in entry:
+            out += ["", "| DSD phase | test accuracy % at its end | mean measured sparsity |", "|---|---|---|"]
+            for ph in entry["dsd_phases"]:
+                sp = ph["measured_sparsity"]
+                out.append(f"| {ph['name']} | {ph['test_accuracy']['mean']:.2f} +- {ph['test_accuracy']['std']:.2f}"
+                           f" | {statistics.fmean(sp.values()):.3f} |")
+        out.append("")
+    out += ["![test accuracy](accuracy.png)", "", "![weight distribution](weights.png)", ""]
+    return "\n".join(out)
+
+
+def _save_figure(fig, path: str) -> None:
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+
+
+def plot_accuracy(report: dict, path: str) -> None:
+    """Test accuracy per epoch, mean +- std over seeds, per arm; dashed lines at DSD's phase
+    boundaries (paper protocol: the pre-training's curve is the baseline's, the arms continue it)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = report["config"]
+    models = cfg["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False,
+                             layout="constrained")
+    # the last epoch of each phase but the last
+    boundaries = [first + length for _, first, length in
+                  PhasePlan(*cfg["epochs"], cycles=cfg["cycles"]).phases()[:-1]]
+    arms = ARMS[cfg.get("protocol", "matched")]
+    for ax, model in zip(axes[0], models):
+        for method in arms:
+            curves = [[(h["epoch"], h["test_accuracy"]) for h in r["history"]] for r in report["runs"]
+                      if r["model"] == model and r["method"] == method and not r.get("diverged")]
+            if not curves:
+                continue
+            epochs = [e for e, _ in curves[0]]
+            mean = [statistics.fmean(c[i][1] for c in curves) for i in range(len(epochs))]
+            std = [statistics.stdev(c[i][1] for c in curves) if len(curves) > 1 else 0.0
+                   for i in range(len(epochs))]
+            label = "baseline (pre-training)" if method == "baseline" else method
+            ax.plot(epochs, mean, label=label)
+            ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            alpha=0.2)
+        for b in boundaries:
+            ax.axvline(b + 0.5, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_title(f"{model}: test accuracy, mean +- std over {cfg['seeds']} seeds\n"
+                     f"dashed: DSD phase boundaries (dense | sparse | re-dense)", fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy %")
+        ax.legend()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_weights(snapshots: dict, path: str) -> None:
+    """Histograms of one layer's weights after each DSD phase (the paper's figure)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in snapshots if snapshots[m]]
+    fig, axes = plt.subplots(max(1, len(models)), 4, figsize=(16, 3.4 * max(1, len(models))),
+                             squeeze=False, layout="constrained")
+    for row, model in zip(axes, models):
+        snaps = snapshots[model]
+        dense = snaps.get("dense")
+        limit = float(dense.abs().max()) if dense is not None and dense.numel() else 1.0
+        for ax, (key, title) in zip(row, PHASE_SNAPSHOTS):
+            if key not in snaps:
+                ax.set_visible(False)
+                continue
+            w = snaps[key].flatten().float()
+            zero = float((w == 0).float().mean())
+            # the exact zeros are one spike that would flatten the rest: count them in the title
+            ax.hist(w[w != 0].numpy(), bins=120, range=(-limit, limit), color="C0")
+            ax.set_title(f"{model}: {title}\n{zero:.1%} exactly zero (not drawn)", fontsize=10)
+            ax.set_xlabel(f"weight ({w.numel()} in layer)")
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def write_report(report: dict, snapshots: dict, out_dir: str) -> None:
+    """Plots, report.md, then report.json last: its presence means the job finished. Strict
+    JSON (no NaN or inf: a diverged run's accuracy is null)."""
+    text = json.dumps(report, indent=1, allow_nan=False)  # fails here, before any file, if not strict
+    plot_accuracy(report, os.path.join(out_dir, "accuracy.png"))
+    plot_weights(snapshots, os.path.join(out_dir, "weights.png"))
+    atomic_write_text(os.path.join(out_dir, "report.md"), _markdown(report))
+    atomic_write_text(os.path.join(out_dir, "report.json"), text)
+
