@@ -2,7 +2,7 @@
 // Kernels: csrc/cpu (CPU dispatch key) and, in a CUDA build, csrc/cuda (CUDA dispatch key).
 //
 // The public ops are the Python custom ops `dsd_kernels::*`; they choose a backend in
-// dsd_kernels/ops.py and call these when the C++ backend is selected. Keeping the C++
+// dsd_kernels/ops/ and call these when the C++ backend is selected. Keeping the C++
 // kernels under their own namespace lets every backend stay selectable at run time
 // (DSD_KERNELS_BACKEND) and tested against the same reference.
 #include <Python.h>
@@ -27,6 +27,7 @@ TORCH_LIBRARY(dsd_kernels_cpp, m) {
   m.def(kMaskedSgd);
   m.def(kMaskedAdamw);
   m.def(kMaskedAdamwFused);
+  m.def(kAdvanceAdamwSteps);
   m.def(kMaskedLinearForward);
   m.def(kMaskedLinearBackward);
 }

@@ -33,6 +33,11 @@ constexpr const char* kMaskedAdamwFused =
     "Tensor(d!)[] max_exp_avg_sqs, Tensor?[] mask_words, float[] step_sizes, "
     "float[] bias_correction2_sqrts, float lr, float beta1, float beta2, float eps, "
     "float weight_decay, bool amsgrad, bool maximize, int vector_lanes, int epilogue_lanes) -> ()";
+// AdamW's step counts advanced in place and, per tensor, lr / bias_correction1 and
+// sqrt(bias_correction2) as torch computes them (CPU counts only; fused: its fused kernel's rule)
+constexpr const char* kAdvanceAdamwSteps =
+    "advance_adamw_steps(Tensor(a!)[] state_steps, float lr, float beta1, float beta2, bool fused) "
+    "-> (float[], float[])";
 constexpr const char* kMaskedLinearForward =
     "masked_linear_forward(Tensor x, Tensor weight, Tensor mask_words, Tensor? bias, "
     "Tensor? tile_kept) -> Tensor";

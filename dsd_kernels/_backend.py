@@ -85,11 +85,10 @@ REGISTRY: tuple[Implementation, ...] = tuple(
     # csrc/cuda has no such kernels
     + _rows("magnitude_select_sharded", "magnitude_select", cuda=("triton",))
     # SGD's two arithmetics on CPU (torch's fused kernel rounds the tail of each of its work
-    # chunks differently from its single-tensor/foreach ops): only the composite, which calls
-    # torch's own fused kernel, reproduces "fused" bit for bit, so the C++ row serves
-    # "foreach" only. On a GPU both are served by one kernel (bits not checked on a GPU yet).
-    + _rows("masked_sgd", "masked_sgd", cuda=("triton", "cpp"), variants=("foreach", "fused"),
-            cpp_cpu_variants=("foreach",))
+    # chunks differently from its single-tensor/foreach ops): "fused" comes from torch's own fused
+    # kernel in both CPU rows, followed by the C++ masking pass (one call) or the composite's AND
+    # (one per tensor). On a GPU both are served by one kernel (bits not checked on a GPU yet).
+    + _rows("masked_sgd", "masked_sgd", cuda=("triton", "cpp"), variants=("foreach", "fused"))
     # AdamW: the C++ row reproduces torch's single-tensor/foreach bits and its fused kernel's in
     # fp32/fp64 (the fused ones where ATen's vector width is known: else it calls torch's step),
     # the composite (torch's own step + an AND pass) every flag and dtype; on CUDA the Triton kernel

@@ -73,10 +73,13 @@ def test_every_op_has_a_row_for_every_float_dtype_and_variant_on_any_device():
 
 
 def test_sgd_with_torch_fused_arithmetic_runs_where_it_is_reproduced():
-    # on CPU only the composite calls torch's own fused kernel: auto takes it, with no warning
-    row = _backend.resolve("masked_sgd", torch.device("cpu"), (torch.float32,), "fused")
-    assert row.backend == "torch" and not row.fallback
+    # on CPU both rows call torch's own fused kernel for "fused" (then mask): auto takes the C++
+    # row where it is built (one masking call), with no warning, as for the foreach arithmetic
     want = "cpp" if "cpp" in dk.available_backends() else "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        row = _backend.resolve("masked_sgd", torch.device("cpu"), (torch.float32,), "fused")
+    assert row.backend == want and not row.fallback
     assert _backend.resolve("masked_sgd", torch.device("cpu"), (torch.float32,)).backend == want
 
 

@@ -153,3 +153,36 @@ def test_masked_adamw_matches_torch_foreach_adamw_bits_on_cuda(kernels, amsgrad,
               f"{differing} of {sum(p.numel() for p in ours)} elements differ from AdamW(foreach={foreach})")
     for p, q in zip(ours, refs[True][0]):
         assert torch.equal(p.view(torch.int32), q.detach().view(torch.int32))
+
+
+@pytest.mark.parametrize("name", ["sgd", "sgd-fused", "adamw", "adamw-amsgrad"])
+def test_planned_steps_are_the_general_steps_on_cuda(kernels, name):
+    # the steady-state step plans (ops/_plan.py) on CUDA parameters: bit for bit the general front
+    # end's steps, in the kernels' own arithmetic, channels_last included
+    from dsd_kernels.optim import MaskedAdamW, MaskedSGD
+    make = {"sgd": lambda ps: MaskedSGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3),
+            "sgd-fused": lambda ps: MaskedSGD(ps, lr=0.05, momentum=0.9, fused=True),
+            "adamw": lambda ps: MaskedAdamW(ps, lr=1e-2),
+            "adamw-amsgrad": lambda ps: MaskedAdamW(ps, lr=1e-2, amsgrad=True)}[name]
+    g = torch.Generator().manual_seed(0)
+    values = [torch.randn(s, generator=g) for s in resnet50_weight_shapes()[::6]]
+    keeps = [(torch.rand(v.shape, generator=g) > 0.5).cuda() for v in values]
+    runs = []
+    for planned in (True, False):
+        params = [torch.nn.Parameter(v.cuda().contiguous(memory_format=torch.channels_last)
+                                     if v.dim() == 4 else v.cuda()) for v in values]
+        opt = make(params)
+        if not planned:
+            opt._group_plan = lambda *args, **kwargs: None
+        opt.set_masks(dict(zip(params, keeps)))
+        for step in range(4):
+            gen = torch.Generator().manual_seed(100 + step)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).cuda().contiguous(
+                    memory_format=torch.channels_last if p.dim() == 4 else torch.contiguous_format)
+            opt.step()
+        if planned:
+            assert opt.__dict__["_step_plans"]
+        runs.append([p.detach().cpu() for p in params])
+    for a, b in zip(*runs):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))

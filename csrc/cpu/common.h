@@ -10,6 +10,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "../float_keys.h"
 #include "../mask_layout.h"
@@ -26,6 +27,17 @@ using dsd_kernels_keys::key_value;
 using dsd_kernels_keys::KeyTraits;
 using dsd_kernels_keys::magnitude_key;
 using dsd_kernels_layout::MaskLayout;
+
+// A buffer of at least n elements of T owned by the calling thread and kept between calls: a step
+// over many small tensors would otherwise allocate (and zero) a block buffer per tensor and chunk,
+// which cost more than the arithmetic. One buffer per element type: a caller needing two of the
+// same type at once takes one of twice the size.
+template <typename T>
+T* thread_scratch(size_t n) {
+  thread_local std::vector<T> buffer;
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
+}
 
 // Whether this CPU has AVX-512F: the kernels that use it are compiled for it with a target
 // attribute and chosen at run time, so the extension itself stays baseline x86-64.

@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -234,12 +235,12 @@ void step_tensor(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v, scala
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (lay.cols % 32 == 0 && cpu_has_avx512f()) {
       at::parallel_for(0, lay.num_words(), kBlockWords, [&](int64_t begin, int64_t end) {
-        std::vector<float> buffers(5 * kSpan);
+        float* buffers = thread_scratch<float>(5 * kSpan);
         for (int64_t first = begin; first < end; first += kBlockWords) {
           const int64_t start = first * 32;
           step_words_avx512<kDecay, kMaximize, kAmsgrad, kSmallWeight>(
               p + start, g + start, m + start, v + start, vmax ? vmax + start : nullptr, words ? words + first : nullptr,
-              std::min<int64_t>(kBlockWords, end - first) * 32, c, buffers.data());
+              std::min<int64_t>(kBlockWords, end - first) * 32, c, buffers);
         }
       });
       return;
@@ -248,12 +249,11 @@ void step_tensor(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v, scala
 #endif
   at::parallel_for(0, lay.num_words(), kBlockWords, [&](int64_t begin, int64_t end) {
     // the block buffers of this chunk (L2-resident; on the heap, not a worker thread's stack)
-    std::vector<acc_t> buffers(5 * kSpan);
-    std::vector<typename KeyTraits<scalar_t>::bits_t> lanes(kSpan);
+    acc_t* buffers = thread_scratch<acc_t>(5 * kSpan);
+    auto* lanes = thread_scratch<typename KeyTraits<scalar_t>::bits_t>(kSpan);
     for (int64_t first = begin; first < end; first += kBlockWords) {
       step_block<scalar_t, acc_t, kDecay, kMaximize, kAmsgrad, kSmallWeight>(
-          p, g, m, v, vmax, words, lay, c, first, std::min<int64_t>(kBlockWords, end - first), buffers.data(),
-          lanes.data());
+          p, g, m, v, vmax, words, lay, c, first, std::min<int64_t>(kBlockWords, end - first), buffers, lanes);
     }
   });
 }
@@ -340,7 +340,7 @@ void fused_tensor(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v, scal
   whole_words = std::is_same_v<scalar_t, float> && lay.cols % 32 == 0 && cpu_has_avx512f();
 #endif
   at::parallel_for(0, lay.num_words(), kBlockWords, [&](int64_t begin, int64_t end) {
-    std::vector<typename KeyTraits<scalar_t>::bits_t> lanes(kSpan);
+    auto* lanes = thread_scratch<typename KeyTraits<scalar_t>::bits_t>(kSpan);
     for (int64_t first = begin; first < end; first += kBlockWords) {
       const int64_t count = std::min<int64_t>(kBlockWords, end - first);
       int64_t done = 0;  // elements of the block already stepped
@@ -356,13 +356,13 @@ void fused_tensor(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v, scal
         }
       }
 #endif
-      const auto [start, n] = block_lanes(words, lay, first, count, lanes.data());
+      const auto [start, n] = block_lanes(words, lay, first, count, lanes);
       const int64_t cut1 = std::clamp<int64_t>(vector_end - start, done, n);
       const int64_t cut2 = std::clamp<int64_t>(epilogue_end - start, cut1, n);
       const auto at = [&](scalar_t* t, int64_t j) { return t ? t + start + j : nullptr; };
 #define DSD_REGION(R, FROM, TO)                                                                         \
   fused_range<scalar_t, kDecay, kMaximize, kAmsgrad, kSmallWeight, R>(                                  \
-      p + start + FROM, g + start + FROM, m + start + FROM, v + start + FROM, at(vmax, FROM), lanes.data() + FROM, \
+      p + start + FROM, g + start + FROM, m + start + FROM, v + start + FROM, at(vmax, FROM), lanes + FROM, \
       TO - FROM, c)
       DSD_REGION(0, done, cut1);
       DSD_REGION(1, cut1, cut2);
@@ -452,9 +452,45 @@ void masked_adamw_fused_(at::TensorList params, at::TensorList grads, at::Tensor
              lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, vector_lanes, epilogue_lanes);
 }
 
+// AdamW's step counts advanced as torch's non-capturable step does (`_foreach_add_(steps, 1)`),
+// and per tensor the scalars the step takes from them, as torch computes them in Python:
+// lr / (1 - beta1 ** step) and (1 - beta2 ** step) ** 0.5 (pow, as Python's float ** does), or
+// with torch's fused CPU kernel's rule, from the count read as float32, with std::sqrt. One call
+// for all tensors: a dispatched add per 0-d tensor cost more than a small model's whole step.
+// Every count is checked before any is changed.
+std::tuple<std::vector<double>, std::vector<double>> advance_adamw_steps(at::TensorList state_steps, double lr,
+                                                                         double beta1, double beta2,
+                                                                         bool fused_rule) {
+  for (size_t i = 0; i < state_steps.size(); ++i) {
+    const at::Tensor& t = state_steps[i];
+    TORCH_CHECK(t.device().is_cpu() && t.numel() == 1 &&
+                    (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
+                "advance_adamw_steps: state_steps[", i, "] must be a one-element float32 or float64 CPU tensor");
+  }
+  std::vector<double> step_sizes(state_steps.size()), bias_correction2_sqrts(state_steps.size());
+  for (size_t i = 0; i < state_steps.size(); ++i) {
+    const at::Tensor& t = state_steps[i];
+    double step;
+    if (t.scalar_type() == at::kFloat) {
+      float* count = t.data_ptr<float>();
+      *count += 1.0f;
+      step = *count;
+    } else {
+      double* count = t.data_ptr<double>();
+      *count += 1.0;
+      step = fused_rule ? static_cast<double>(static_cast<float>(*count)) : *count;
+    }
+    step_sizes[i] = lr / (1 - std::pow(beta1, step));
+    const double bias_correction2 = 1 - std::pow(beta2, step);
+    bias_correction2_sqrts[i] = fused_rule ? std::sqrt(bias_correction2) : std::pow(bias_correction2, 0.5);
+  }
+  return {step_sizes, bias_correction2_sqrts};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dsd_kernels_cpp, CPU, m) {
+  m.impl("advance_adamw_steps", &advance_adamw_steps);
   m.impl("masked_adamw_", &masked_adamw_);
   m.impl("masked_adamw_fused_", &masked_adamw_fused_);
 }

@@ -4,13 +4,39 @@ kernel computes them (the C++ backend's fused bits)."""
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
+
+
+@lru_cache(maxsize=None)
+def _compiled_steps():
+    """The C++ extension's advance_adamw_steps (one call for every count), or None without it."""
+    try:
+        from .. import _C  # noqa: F401  (registers torch.ops.dsd_kernels_cpp)
+        return torch.ops.dsd_kernels_cpp.advance_adamw_steps
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
+def _advance_compiled(state_steps, lr, beta1, beta2, fused: bool):
+    """(step sizes, sqrt(bias_correction2)s) from the compiled helper, which checks every count
+    (one-element float32/float64 CPU tensors) before it changes any; None where it cannot take them."""
+    compiled = _compiled_steps()
+    if compiled is None or not state_steps:
+        return None
+    try:
+        return compiled(state_steps, float(lr), float(beta1), float(beta2), fused)
+    except RuntimeError:
+        return None
 
 
 def advance_steps(state_steps, lr: float, beta1: float, beta2: float) -> tuple[list[float], list[float]]:
     """Increment the step counts (as torch does) and return, per tensor, lr / bias_correction1
     and sqrt(bias_correction2), Python floats from the incremented counts as torch takes them."""
+    done = _advance_compiled(state_steps, lr, beta1, beta2, False)
+    if done is not None:
+        return list(done[0]), list(done[1])
     steps = _incremented_steps(state_steps)
     # once per distinct count (an optimizer steps every tensor alike), the same floats as per tensor
     scalars = {step: (lr / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5) for step in set(steps)}
@@ -30,6 +56,9 @@ def advance_fused_steps(state_steps, lr: float, beta1: float, beta2: float) -> t
     """As advance_steps, with the scalars of torch's fused CPU kernel: the count read as float32,
     then in double lr / (1 - beta1^step) and std::sqrt(1 - beta2^step) (not ** 0.5: pow and
     sqrt differ in the last bit at times)."""
+    done = _advance_compiled(state_steps, lr, beta1, beta2, True)
+    if done is not None:
+        return list(done[0]), list(done[1])
     steps = _incremented_steps(state_steps, as_float32=True)
     scalars = {step: (lr / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step)) for step in set(steps)}
     return [scalars[step][0] for step in steps], [scalars[step][1] for step in steps]

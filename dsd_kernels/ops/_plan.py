@@ -44,7 +44,11 @@ def _kernel_view(t: Tensor) -> tuple[Tensor, tuple[int, ...] | None]:
     return t.permute(dims), dims
 
 
-class KernelPlan:
+class PlanKey:
+    """A key the backends may keep launch tables under (see backends/triton/_tiles.planned_tables)."""
+
+
+class KernelPlan(PlanKey):
     """One op's kernel-ready lists over tensors on one device.
 
     tensors: the tensors stepped in place (an optimizer's parameters); masks: one Mask (or
@@ -87,6 +91,7 @@ class KernelPlan:
                     raise NotPlannable
                 views.append(s.detach() if dims is None else s.detach().permute(dims))
             self.state_views.append(views)
+        self.gradient_key = PlanKey()  # the same tensors' gradients (their own launch tables)
         self.backend = _backend.get_backend()
         self.impl = _backend.implementation(op, device, dtypes_of(self.views), variant)
         self._pointers = self._current_pointers()

@@ -159,7 +159,8 @@ class MaskedAdamW(MaskedParams, torch.optim.AdamW):
         plan.impl.masked_adamw_(plan.views, grads, views[0], views[1], views[2] if group["amsgrad"] else [],
                                 plan.steps, plan.words, lr=float(lr), beta1=float(beta1), beta2=float(beta2),
                                 eps=float(eps), weight_decay=float(weight_decay), amsgrad=bool(group["amsgrad"]),
-                                maximize=bool(group["maximize"]), torch_fused=plan.arithmetic == "fused")
+                                maximize=bool(group["maximize"]), torch_fused=plan.arithmetic == "fused",
+                                static_key=plan)
         return True
 
     def _torch_step_then_mask(self, closure):
@@ -175,5 +176,44 @@ class MaskedAdamW(MaskedParams, torch.optim.AdamW):
                         with torch.set_grad_enabled(not (v.is_leaf and v.requires_grad)):
                             v.masked_fill_(~keep, 0)
             else:
-                zero_pruned(self, self._masks, params=True)
+                plans = self._remask_plans()
+                if plans is None:
+                    zero_pruned(self, self._masks, params=True)
+                else:
+                    for plan in plans:
+                        plan.impl.apply_masks_(plan.views, plan.words, static_key=plan)
         return loss
+
+    def _remask_plans(self) -> list | None:
+        """apply_masks_ plans (one per device) over the masked weights and every state tensor of
+        their shape, for the steps AdamW itself takes; kept while every tensor is the one the plan
+        holds (see _group_plan), None where they need the general front end or under tracing."""
+        if torch.compiler.is_compiling():
+            return None
+        plans = self.__dict__.setdefault("_step_plans", {})
+        entry = plans.get("remask")
+        state = self.state
+        if entry is not None:
+            built, snapshot, held = entry
+            if (built is not None and len(state) == len(snapshot)
+                    and all(a is b for a, b in zip(state.values(), snapshot))
+                    and all(sd.get(key) is t for sd, key, t in held) and all(plan.current() for plan in built)):
+                return built
+        by_device: dict = {}
+        held = []
+        for p, m in self._masks.items():
+            tensors, masks = by_device.setdefault(p.device, ([], []))
+            tensors.append(p)
+            masks.append(m)
+            sd = state.get(p, {})
+            for key, value in sd.items():
+                if isinstance(value, Tensor) and value.shape == p.shape:
+                    tensors.append(value)
+                    masks.append(m)
+                    held.append((sd, key, value))
+        try:
+            built = [KernelPlan("apply_masks", tensors, masks) for tensors, masks in by_device.values()]
+        except NotPlannable:
+            built = None
+        plans["remask"] = (built, list(state.values()), held)
+        return built

@@ -144,7 +144,7 @@ class MaskedSGD(MaskedParams, torch.optim.SGD):
                               lr=float(lr), momentum=float(group["momentum"]),
                               dampening=float(group["dampening"]), weight_decay=float(weight_decay),
                               nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]),
-                              torch_fused=bool(group["fused"]))
+                              torch_fused=bool(group["fused"]), static_key=plan)
         return True
 
     def _build_plan(self, group: dict, momentum: bool) -> KernelPlan:

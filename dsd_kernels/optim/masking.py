@@ -143,7 +143,7 @@ class OptimizerMasks:
             gradients = [plan.gradients([p.grad for p in plan.tensors]) for plan in plans]
             if all(g is not None for g in gradients):
                 for plan, grads in zip(plans, gradients):
-                    plan.impl.apply_masks_(grads, plan.words)
+                    plan.impl.apply_masks_(grads, plan.words, static_key=plan.gradient_key)
                 return
         mask_gradients_(self._masks)
 
@@ -152,7 +152,7 @@ class OptimizerMasks:
         plans = self._planned()
         if plans is not None:
             for plan in plans:
-                plan.impl.apply_masks_(plan.views, plan.words)
+                plan.impl.apply_masks_(plan.views, plan.words, static_key=plan)
             return
         ops.apply_masks_(list(self._masks), list(self._masks.values()))
 

@@ -7,5 +7,5 @@ import torch
 from ... import _C  # noqa: F401  (registers torch.ops.dsd_kernels_cpp)
 
 
-def apply_masks_(tensors, mask_words) -> None:
+def apply_masks_(tensors, mask_words, *, static_key=None) -> None:
     torch.ops.dsd_kernels_cpp.apply_masks_(list(tensors), list(mask_words))

@@ -10,7 +10,7 @@ from .._adamw_steps import advance_fused_steps, advance_steps, fused_layout
 
 
 def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_words, *,
-                  lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, torch_fused=False) -> None:
+                  lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, torch_fused=False, static_key=None) -> None:
     """torch's single-tensor/foreach AdamW arithmetic, or with torch_fused=True (CPU) that of its
     fused kernel. The step counts and bias corrections come from advance_steps /
     advance_fused_steps, as torch computes them."""

@@ -1,16 +1,29 @@
-"""masked_sgd_ on the compiled kernels: csrc/cpu/masked_sgd.cpp on CPU tensors, csrc/cuda/masked_sgd.cu
-on CUDA tensors."""
+"""masked_sgd_ on the compiled kernels: csrc/cpu/masked_sgd.cpp on CPU tensors (torch's
+single-tensor/foreach bits), csrc/cuda/masked_sgd.cu on CUDA tensors. The bits of torch's fused
+CPU kernel (torch_fused=True) come from that kernel itself, followed by one compiled masking pass
+over the weights and momentum buffers (csrc/cpu/apply_masks.cpp)."""
 from __future__ import annotations
 
 import torch
 
 from ... import _C  # noqa: F401  (registers torch.ops.dsd_kernels_cpp)
+from ..torch.masked_sgd import sgd_steps
 
 
 def masked_sgd_(params, grads, momentum_buffers, mask_words, first_step, *, lr, momentum,
-                dampening, weight_decay, nesterov, maximize, torch_fused=False) -> None:
-    """torch's single-tensor/foreach SGD arithmetic (the registry routes torch_fused=True on CPU
-    to the composite, which calls torch's fused kernel); on CUDA one arithmetic for both."""
+                dampening, weight_decay, nesterov, maximize, torch_fused=False, static_key=None) -> None:
+    """torch's single-tensor/foreach SGD arithmetic; with torch_fused=True on CPU, torch's fused
+    kernel and then the pruned entries zeroed (exactly +0); on CUDA one arithmetic for both."""
+    if torch_fused and params and not params[0].is_cuda:
+        with torch.no_grad():
+            sgd_steps(params, grads, momentum_buffers, first_step, True, lr=lr, momentum=momentum,
+                      dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+        masked = [i for i, words in enumerate(mask_words) if words is not None]
+        if masked:
+            tensors = [params[i] for i in masked] + ([momentum_buffers[i] for i in masked] if momentum != 0 else [])
+            words = [mask_words[i] for i in masked] * (2 if momentum != 0 else 1)
+            torch.ops.dsd_kernels_cpp.apply_masks_(tensors, words)
+        return
     torch.ops.dsd_kernels_cpp.masked_sgd_(params, grads, momentum_buffers, mask_words,
                                           first_step, float(lr), float(momentum), float(dampening),
                                           float(weight_decay), bool(nesterov), bool(maximize))

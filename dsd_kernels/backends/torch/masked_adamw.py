@@ -9,7 +9,7 @@ from ._mask_cache import apply_and_
 
 
 def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_words, *,
-                  lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, torch_fused=False) -> None:
+                  lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, torch_fused=False, static_key=None) -> None:
     from torch.optim.adamw import adamw
     adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], state_steps,
           foreach=not torch_fused, fused=torch_fused or None, amsgrad=amsgrad, beta1=beta1, beta2=beta2,

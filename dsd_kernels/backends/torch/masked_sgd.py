@@ -51,22 +51,26 @@ def _sgd(params, grads, bufs, first, torch_fused, **hyper):
     _foreach_sgd(params, grads, bufs, first, **hyper)
 
 
+def sgd_steps(params, grads, momentum_buffers, first_step, torch_fused, **hyper) -> None:
+    """torch's SGD step without masks: one fused (or foreach) call per (dtype, first-step) group."""
+    momentum = hyper["momentum"]
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault((p.dtype, momentum != 0 and first_step[i]), []).append(i)
+    for (_, first), index in groups.items():
+        _sgd([params[i] for i in index], [grads[i] for i in index],
+             [momentum_buffers[i] for i in index] if momentum != 0 else [], first, torch_fused, **hyper)
+
+
 def masked_sgd_(params, grads, momentum_buffers, mask_words, first_step, *, lr, momentum,
-                dampening, weight_decay, nesterov, maximize, torch_fused=False) -> None:
-    """All lists of equal length (momentum_buffers/first_step empty when momentum == 0)."""
+                dampening, weight_decay, nesterov, maximize, torch_fused=False, static_key=None) -> None:
+    """All lists of equal length (momentum_buffers/first_step empty when momentum == 0).
+    static_key: accepted as the Triton launcher's (nothing here is kept between calls)."""
     if not params:
         return
-    hyper = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                 nesterov=nesterov, maximize=maximize)
     with torch.no_grad():
-        # one fused call per (dtype, first-step) group
-        groups: dict[tuple, list[int]] = {}
-        for i, p in enumerate(params):
-            groups.setdefault((p.dtype, momentum != 0 and first_step[i]), []).append(i)
-        for (_, first), index in groups.items():
-            _sgd([params[i] for i in index], [grads[i] for i in index],
-                 [momentum_buffers[i] for i in index] if momentum != 0 else [], first, torch_fused,
-                 **hyper)
+        sgd_steps(params, grads, momentum_buffers, first_step, torch_fused, lr=lr, momentum=momentum,
+                  dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
         for i, words in enumerate(mask_words):
             if words is not None:
                 apply_and_(params[i], words)

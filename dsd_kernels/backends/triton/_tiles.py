@@ -13,6 +13,7 @@ stores; the host sets the flag (segment_flags), the kernel branches per tile.
 """
 from __future__ import annotations
 
+import weakref
 from collections import Counter, OrderedDict
 from functools import lru_cache
 
@@ -91,6 +92,25 @@ def cached_table(rows: list, dtype: torch.dtype, device: torch.device) -> torch.
     else:
         _TABLES.move_to_end(key)
     return table
+
+
+_PLANNED = weakref.WeakKeyDictionary()  # static_key -> (varying key, launch tables)
+
+
+def planned_tables(static_key, varying: tuple, build):
+    """build()'s launch tables, kept for `static_key` while `varying` is unchanged. static_key:
+    None (build every call), or an object the caller keeps (an optimizer's step plan) with which
+    it promises that every tensor it passes is the one it passed before, unchanged, but for
+    those whose pointers and flags `varying` lists (the step's gradients): a steady-state step
+    then rebuilds nothing on the host."""
+    if static_key is None:
+        return build()
+    entry = _PLANNED.get(static_key)
+    if entry is not None and entry[0] == varying:
+        return entry[1]
+    tables = build()
+    _PLANNED[static_key] = (varying, tables)
+    return tables
 
 
 def check_tile_words(tile_words: int) -> None:

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._tiles import (FLAT, TABLE_NUM_WARPS, TL_FLOAT, by_dtype, cached_table, cached_tile_table, flat_tile,
-                     launch, segment_flags, segment_layout, segment_tile, tensor_pointers, tile_keep,
+                     launch, planned_tables, segment_flags, segment_layout, segment_tile, tensor_pointers, tile_keep,
                      tile_segment, tile_words_for)
 
 # columns of the int64 segment table (one row per tensor)
@@ -53,22 +53,30 @@ def _apply_masks_kernel(SEG_META, TILES, VALUE_TYPE: tl.constexpr, TILE_WORDS: t
         _mask_tile(meta, TILES, pid, W, num_words, VALUE_TYPE, TILE_WORDS, False)
 
 
-def apply_masks_(tensors, mask_words, *, tile_words: int | None = None) -> None:
-    """Contiguous real tensors on one device and their packed int32 words (rows, ceil(cols/32))."""
+def apply_masks_(tensors, mask_words, *, tile_words: int | None = None, static_key=None) -> None:
+    """Contiguous real tensors on one device and their packed int32 words (rows, ceil(cols/32)).
+    static_key: see _tiles.planned_tables (the tensors' pointers may change, their layouts not)."""
     if not tensors:
         return
     device = tensors[0].device
     tile_words = tile_words_for(device, tile_words, gpu_default=GPU_TILE_WORDS)
-    for dtype, index in by_dtype(tensors).items():
-        rows, num_words = [], []
-        for i in index:
-            cols, words_per_row, n_words = segment_layout(tensors[i])
-            pointer = tensors[i].data_ptr()
-            rows.append([pointer, mask_words[i].data_ptr(), cols, words_per_row, n_words, tensors[i].numel(),
-                         segment_flags(True, cols, words_per_row, n_words, [pointer])])
-            num_words.append(n_words)
-        tiles = cached_tile_table(tuple(num_words), tile_words, device)
-        if tiles.shape[0]:
-            meta = cached_table(rows, torch.int64, device)
-            launch(_apply_masks_kernel, (tiles.shape[0],), num_warps=TABLE_NUM_WARPS)(meta, tiles, VALUE_TYPE=TL_FLOAT[dtype],
-                                                           TILE_WORDS=tile_words)
+
+    def tables():
+        out = []
+        for dtype, index in by_dtype(tensors).items():
+            rows, num_words = [], []
+            for i in index:
+                cols, words_per_row, n_words = segment_layout(tensors[i])
+                pointer = tensors[i].data_ptr()
+                rows.append([pointer, mask_words[i].data_ptr(), cols, words_per_row, n_words, tensors[i].numel(),
+                             segment_flags(True, cols, words_per_row, n_words, [pointer])])
+                num_words.append(n_words)
+            tiles = cached_tile_table(tuple(num_words), tile_words, device)
+            if tiles.shape[0]:
+                out.append((dtype, tiles, cached_table(rows, torch.int64, device)))
+        return out
+
+    varying = (tuple(t.data_ptr() for t in tensors), tile_words) if static_key is not None else ()
+    for dtype, tiles, meta in planned_tables(static_key, varying, tables):
+        launch(_apply_masks_kernel, (tiles.shape[0],), num_warps=TABLE_NUM_WARPS)(
+            meta, tiles, VALUE_TYPE=TL_FLOAT[dtype], TILE_WORDS=tile_words)

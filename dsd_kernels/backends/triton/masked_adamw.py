@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .._adamw_steps import advance_steps
 from ._tiles import (FLAT, HAS_MASK, TABLE_NUM_WARPS, TL_FLOAT, by_dtype, cached_table, cached_tile_table, flat_tile,
-                     host_table, launch, segment_flags, segment_layout, segment_tile, tensor_pointers,
+                     host_table, launch, planned_tables, segment_flags, segment_layout, segment_tile, tensor_pointers,
                      tile_keep, tile_segment, tile_words_for)
 
 # columns of the int64 segment table (one row per tensor)
@@ -158,14 +158,15 @@ def torch_cuda_rounding(device: torch.device) -> bool:
 
 def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_words, *,
                   lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, torch_fused=False,
-                  tile_words: int | None = None, cuda_foreach: bool | None = None) -> None:
-    """Same contract as composite.masked_adamw_: contiguous fp32/fp64 tensors on one device;
+                  tile_words: int | None = None, cuda_foreach: bool | None = None, static_key=None) -> None:
+    """Same contract as backends/torch/masked_adamw.masked_adamw_: contiguous fp32/fp64 tensors on one device;
     mask_words[i] int32 (rows, ceil(cols/32)) or None; state_steps incremented here. One
     arithmetic for both of AdamW's (torch_fused is accepted and changes nothing).
 
     The rounding follows torch's foreach AdamW on the tensors' device: its CUDA kernels and its
     CPU kernels order addcmul and addcdiv differently (cuda_foreach: None = by the device; the
-    tests set it to check both orders under the interpreter)."""
+    tests set it to check both orders under the interpreter). static_key: see
+    _tiles.planned_tables (the gradients may change)."""
     if not params:
         return
     device = params[0].device
@@ -173,27 +174,33 @@ def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_s
         cuda_foreach = torch_cuda_rounding(device)
     tile_words = tile_words_for(device, tile_words, gpu_default=GPU_TILE_WORDS)
     step_sizes, bias_correction2_sqrts = advance_steps(state_steps, lr, beta1, beta2)
-    for dtype, index in by_dtype(params).items():
-        rows, num_words = [], []
+
+    def tables():
+        out = []
+        for dtype, index in by_dtype(params).items():
+            rows, num_words = [], []
+            for i in index:
+                cols, words_per_row, n_words = segment_layout(params[i])
+                words = mask_words[i]
+                pointers = [params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
+                            exp_avg_sqs[i].data_ptr(),
+                            max_exp_avg_sqs[i].data_ptr() if amsgrad else params[i].data_ptr()]
+                rows.append([*pointers, words.data_ptr() if words is not None else pointers[0],
+                             cols, words_per_row, n_words, params[i].numel(),
+                             segment_flags(words is not None, cols, words_per_row, n_words, pointers)])
+                num_words.append(n_words)
+            tiles = cached_tile_table(tuple(num_words), tile_words, device)
+            if tiles.shape[0]:
+                out.append((dtype, index, tiles, cached_table(rows, torch.int64, device)))
+        return out
+
+    varying = (tuple(g.data_ptr() for g in grads), bool(amsgrad), tile_words) if static_key is not None else ()
+    for dtype, index, tiles, meta in planned_tables(static_key, varying, tables):
         # lerp's weight as the kernel rounds it, and its other branch's 1 - weight from it
         # (1 - w in fp64 is exact: rounded to fp32 by the kernel, it is fp32's 1.0f - w)
         weight = float(torch.tensor(1 - beta1, dtype=torch.float64 if dtype == torch.float64 else torch.float32))
         hyper = cached_table([1 - lr * weight_decay, 1 - beta1, 1 - weight, beta2, 1 - beta2, eps],
-                           torch.float64, device)
-        for i in index:
-            cols, words_per_row, n_words = segment_layout(params[i])
-            words = mask_words[i]
-            pointers = [params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
-                        exp_avg_sqs[i].data_ptr(),
-                        max_exp_avg_sqs[i].data_ptr() if amsgrad else params[i].data_ptr()]
-            rows.append([*pointers, words.data_ptr() if words is not None else pointers[0],
-                         cols, words_per_row, n_words, params[i].numel(),
-                         segment_flags(words is not None, cols, words_per_row, n_words, pointers)])
-            num_words.append(n_words)
-        tiles = cached_tile_table(tuple(num_words), tile_words, device)
-        if tiles.shape[0] == 0:
-            continue
-        meta = cached_table(rows, torch.int64, device)
+                             torch.float64, device)
         step_table = host_table([[-step_sizes[i], bias_correction2_sqrts[i]] for i in index],
                                 torch.float64, device)
         launch(_masked_adamw_kernel, (tiles.shape[0],), **LAUNCH_OPTIONS)(

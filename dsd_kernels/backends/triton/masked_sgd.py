@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._tiles import (FLAT, HAS_MASK, TABLE_NUM_WARPS, TL_FLOAT, by_dtype, cached_table, cached_tile_table, flat_tile,
-                     launch, segment_flags, segment_layout, segment_tile, tensor_pointers,
+                     launch, planned_tables, segment_flags, segment_layout, segment_tile, tensor_pointers,
                      tile_keep, tile_segment, tile_words_for)
 
 # columns of the int64 segment table (one row per tensor)
@@ -102,32 +102,40 @@ def _masked_sgd_kernel(SEG_META, TILES, HYPER, VALUE_TYPE: tl.constexpr,
 
 def masked_sgd_(params, grads, momentum_buffers, mask_words, first_step, *, lr, momentum,
                 dampening, weight_decay, nesterov, maximize, torch_fused=False,
-                tile_words: int | None = None) -> None:
-    """Same contract as composite.masked_sgd_: contiguous tensors on one device; mask_words[i]
-    int32 (rows, ceil(cols/32)) or None; momentum_buffers/first_step empty when momentum == 0.
-    One arithmetic for both of SGD's (torch_fused is accepted and changes nothing): torch's
-    op sequence computed in fp32 (fp64 for fp64), not checked bit for bit on a GPU yet."""
+                tile_words: int | None = None, static_key=None) -> None:
+    """Same contract as backends/torch/masked_sgd.masked_sgd_: contiguous tensors on one device;
+    mask_words[i] int32 (rows, ceil(cols/32)) or None; momentum_buffers/first_step empty when
+    momentum == 0. One arithmetic for both of SGD's (torch_fused is accepted and changes nothing):
+    torch's op sequence computed in fp32 (fp64 for fp64), not checked bit for bit on a GPU yet.
+    static_key: see _tiles.planned_tables (the gradients and first_step may change)."""
     if not params:
         return
     device = params[0].device
     tile_words = tile_words_for(device, tile_words, gpu_default=GPU_TILE_WORDS)
     hyper = cached_table([float(lr), momentum, 1 - dampening, weight_decay], torch.float64, device)
-    for dtype, index in by_dtype(params).items():
-        rows, num_words = [], []
-        for i in index:
-            cols, words_per_row, n_words = segment_layout(params[i])
-            words = mask_words[i]
-            pointers = [params[i].data_ptr(), grads[i].data_ptr(),
-                        momentum_buffers[i].data_ptr() if momentum != 0 else params[i].data_ptr()]
-            flags = segment_flags(words is not None, cols, words_per_row, n_words, pointers) | (
-                FIRST_STEP.value if momentum != 0 and first_step[i] else 0)
-            rows.append([*pointers, words.data_ptr() if words is not None else pointers[0],
-                         cols, words_per_row, n_words, params[i].numel(), flags])
-            num_words.append(n_words)
-        tiles = cached_tile_table(tuple(num_words), tile_words, device)
-        if tiles.shape[0] == 0:
-            continue
-        meta = cached_table(rows, torch.int64, device)
+
+    def tables():
+        out = []
+        for dtype, index in by_dtype(params).items():
+            rows, num_words = [], []
+            for i in index:
+                cols, words_per_row, n_words = segment_layout(params[i])
+                words = mask_words[i]
+                pointers = [params[i].data_ptr(), grads[i].data_ptr(),
+                            momentum_buffers[i].data_ptr() if momentum != 0 else params[i].data_ptr()]
+                flags = segment_flags(words is not None, cols, words_per_row, n_words, pointers) | (
+                    FIRST_STEP.value if momentum != 0 and first_step[i] else 0)
+                rows.append([*pointers, words.data_ptr() if words is not None else pointers[0],
+                             cols, words_per_row, n_words, params[i].numel(), flags])
+                num_words.append(n_words)
+            tiles = cached_tile_table(tuple(num_words), tile_words, device)
+            if tiles.shape[0]:
+                out.append((dtype, tiles, cached_table(rows, torch.int64, device)))
+        return out
+
+    varying = ((tuple(g.data_ptr() for g in grads), tuple(first_step), momentum != 0, tile_words)
+               if static_key is not None else ())
+    for dtype, tiles, meta in planned_tables(static_key, varying, tables):
         launch(_masked_sgd_kernel, (tiles.shape[0],), num_warps=TABLE_NUM_WARPS)(
             meta, tiles, hyper, VALUE_TYPE=TL_FLOAT[dtype],
             COMPUTE_TYPE=tl.float64 if dtype == torch.float64 else tl.float32,
