@@ -291,3 +291,18 @@ def test_a_compiled_training_step_trains_like_the_eager_one(cls, hyper):
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_masks_a_plan_cannot_serve_are_decided_once_and_still_applied():
+    # complex parameters need the general front end: OptimizerMasks keeps that decision (no
+    # rebuilt views every step) and the pruned entries are zeroed all the same
+    w = torch.nn.Parameter(torch.randn(6, 8, dtype=torch.complex64, device=DEVICE))
+    opt = torch.optim.SGD([w], lr=0.1)
+    masks = OptimizerMasks(opt)
+    keep = (torch.rand(6, 8) > 0.5).to(DEVICE)
+    masks.set_masks({w: keep})
+    for _ in range(2):
+        w.grad = torch.randn_like(w)
+        opt.step()
+        assert masks._plans == []
+        assert bool((w.detach()[~keep] == 0).all())

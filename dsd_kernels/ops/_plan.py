@@ -122,3 +122,16 @@ class KernelPlan(PlanKey):
                 return None
         return grads
 
+
+def apply_masks_plans(tensors: list[Tensor], masks: list) -> list[KernelPlan] | None:
+    """One apply_masks plan per device of `tensors` (masks: one per tensor), or None where they
+    need the general front end (NotPlannable)."""
+    by_device: dict = {}
+    for t, m in zip(tensors, masks):
+        on_device = by_device.setdefault(t.device, ([], []))
+        on_device[0].append(t)
+        on_device[1].append(m)
+    try:
+        return [KernelPlan("apply_masks", ts, ms) for ts, ms in by_device.values()]
+    except NotPlannable:
+        return None

@@ -80,7 +80,7 @@ class MaskedParams:
         if snapshot is None:
             plan.state_snapshot = list(state.values())
             plan.state_dicts = [state.get(p, {}) for p in plan.tensors]
-        elif len(state) != len(snapshot) or not all(a is b for a, b in zip(state.values(), snapshot)):
+        elif not self._same_state(snapshot):
             self._forget_plans()
             return False
         for key, tensors in zip(keys, (*plan.state_tensors, *extra)):
@@ -88,6 +88,12 @@ class MaskedParams:
                 self._forget_plans()
                 return False
         return True
+
+    def _same_state(self, snapshot: list) -> bool:
+        """Whether the state holds the very per-parameter dicts of `snapshot` (list(state.values())
+        when a plan was made), in order and no more: compared by identity, no parameter hashed."""
+        state = self.state
+        return len(state) == len(snapshot) and all(a is b for a, b in zip(state.values(), snapshot))
 
     def _planned_gradients(self, plan) -> list | None:
         """The gradients of a plan's parameters for this step, laid out for its kernels, or

@@ -20,7 +20,7 @@ from torch import Tensor
 from .. import ops, reference
 from ..masks import Mask, as_mask
 from ..ops._common import as_tensor_list
-from ..ops._plan import KernelPlan, NotPlannable
+from ..ops._plan import KernelPlan, NotPlannable, apply_masks_plans
 from ..ops.masked_adamw import check_adamw_hyperparameters
 from ._masked_params import MaskedParams, NotReady
 from .masking import state_tensors, zero_pruned
@@ -186,23 +186,21 @@ class MaskedAdamW(MaskedParams, torch.optim.AdamW):
 
     def _remask_plans(self) -> list | None:
         """apply_masks_ plans (one per device) over the masked weights and every state tensor of
-        their shape, for the steps AdamW itself takes; kept while every tensor is the one the plan
-        holds (see _group_plan), None where they need the general front end or under tracing."""
+        their shape, for the steps AdamW itself takes; kept while the state holds the tensors they
+        were made of (see _state_holds) and every tensor its storage, None where they need the
+        general front end (decided once for that state) or under tracing."""
         if torch.compiler.is_compiling():
             return None
         plans = self.__dict__.setdefault("_step_plans", {})
         entry = plans.get("remask")
-        state = self.state
         if entry is not None:
             built, snapshot, held = entry
-            if (built is not None and len(state) == len(snapshot)
-                    and all(a is b for a, b in zip(state.values(), snapshot))
-                    and all(sd.get(key) is t for sd, key, t in held) and all(plan.current() for plan in built)):
+            if (self._same_state(snapshot) and all(sd.get(key) is t for sd, key, t in held)
+                    and (built is None or all(plan.current() for plan in built))):
                 return built
-        by_device: dict = {}
-        held = []
+        state = self.state
+        tensors, masks, held = [], [], []
         for p, m in self._masks.items():
-            tensors, masks = by_device.setdefault(p.device, ([], []))
             tensors.append(p)
             masks.append(m)
             sd = state.get(p, {})
@@ -211,9 +209,6 @@ class MaskedAdamW(MaskedParams, torch.optim.AdamW):
                     tensors.append(value)
                     masks.append(m)
                     held.append((sd, key, value))
-        try:
-            built = [KernelPlan("apply_masks", tensors, masks) for tensors, masks in by_device.values()]
-        except NotPlannable:
-            built = None
+        built = apply_masks_plans(tensors, masks)
         plans["remask"] = (built, list(state.values()), held)
         return built

@@ -19,7 +19,7 @@ from torch import Tensor
 from .. import ops
 from .._dtensor import local_tensor
 from ..masks import Mask, as_mask
-from ..ops._plan import KernelPlan, NotPlannable
+from ..ops._plan import apply_masks_plans
 
 
 def state_tensors(optimizer: torch.optim.Optimizer, p: Tensor) -> list[Tensor]:
@@ -53,7 +53,7 @@ class OptimizerMasks:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
         self._masks: dict[Tensor, Mask] = {}
-        self._plans = None  # per device, the kernel plan of the masked parameters (see _planned)
+        self._plans = None  # per device, the kernel plans of the masked parameters (see _planned)
         self._handles = [optimizer.register_step_pre_hook(self._mask_gradients),
                          optimizer.register_step_post_hook(self._mask_parameters)]
 
@@ -121,20 +121,13 @@ class OptimizerMasks:
     def _planned(self) -> list | None:
         """One apply_masks_ kernel plan per device of the masked parameters (ops/_plan.py), built
         once and dropped by set_masks, clear_masks and load_state_dict; None where the masks
-        need the general front end (complex or sharded parameters, other layouts) or while tracing."""
+        need the general front end (complex or sharded parameters, other layouts: decided once,
+        kept as an empty list) or while tracing."""
         if torch.compiler.is_compiling() or not self._masks:
             return None
-        if self._plans is not None and all(plan.current() for plan in self._plans):
-            return self._plans
-        by_device: dict[torch.device, list[Tensor]] = {}
-        for p in self._masks:
-            by_device.setdefault(p.device, []).append(p)
-        try:
-            self._plans = [KernelPlan("apply_masks", params, [self._masks[p] for p in params])
-                           for params in by_device.values()]
-        except NotPlannable:
-            self._plans = None
-        return self._plans
+        if self._plans is None or not all(plan.current() for plan in self._plans):
+            self._plans = apply_masks_plans(list(self._masks), list(self._masks.values())) or []
+        return self._plans or None
 
     @torch.no_grad()
     def _mask_gradients(self, optimizer, args, kwargs) -> None:
