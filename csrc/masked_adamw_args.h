@@ -3,7 +3,10 @@
 #pragma once
 #include <ATen/ATen.h>
 
-#include "mask_layout.h"
+#include <utility>
+#include <vector>
+
+#include "op_args.h"
 
 namespace dsd_kernels_adamw {
 
@@ -22,28 +25,31 @@ inline void check_masked_adamw_args(at::TensorList params, at::TensorList grads,
               "bias_correction2_sqrts must have equal lengths");
   TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == n,
               "masked_adamw_: amsgrad needs one max_exp_avg_sq per param");
+  constexpr const char* op = "masked_adamw_";
+  using namespace dsd_kernels_args;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble,
                 "masked_adamw_: params[", i, "] is ", p.scalar_type(),
                 "; the compiled kernels take float32 and float64");
-    TORCH_CHECK(p.device() == params[0].device() && p.is_contiguous(), "masked_adamw_: params[", i,
-                "] must be contiguous on ", params[0].device());
-    for (const at::Tensor* other : {&grads[i], &exp_avgs[i], &exp_avg_sqs[i]}) {
-      TORCH_CHECK(other->device() == p.device() && other->is_contiguous() && other->sizes() == p.sizes() &&
-                      other->scalar_type() == p.scalar_type(),
-                  "masked_adamw_: the gradient and moments of params[", i,
-                  "] must be contiguous tensors of its shape, dtype and device");
+    TORCH_CHECK(p.device() == params[0].device(), "masked_adamw_: params[", i, "] is on ", p.device(),
+                " but params[0] is on ", params[0].device());
+    check_like(op, "params", i, p, p);
+    check_like(op, "grads", i, grads[i], p);
+    std::vector<std::pair<const char*, const at::Tensor*>> mutated{{"exp_avgs", &exp_avgs[i]},
+                                                                  {"exp_avg_sqs", &exp_avg_sqs[i]}};
+    if (amsgrad) mutated.emplace_back("max_exp_avg_sqs", &max_exp_avg_sqs[i]);
+    for (const auto& [name, t] : mutated) check_like(op, name, i, *t, p);
+    mutated.emplace_back("params", &p);
+    // every mutated tensor apart from every other argument of the parameter
+    for (size_t a = 0; a < mutated.size(); ++a) {
+      check_apart(op, mutated[a].first, i, *mutated[a].second, "grads", grads[i]);
+      for (size_t b = a + 1; b < mutated.size(); ++b) {
+        check_apart(op, mutated[a].first, i, *mutated[a].second, mutated[b].first, *mutated[b].second);
+      }
     }
-    TORCH_CHECK(!amsgrad || (max_exp_avg_sqs[i].device() == p.device() && max_exp_avg_sqs[i].is_contiguous() &&
-                             max_exp_avg_sqs[i].sizes() == p.sizes() &&
-                             max_exp_avg_sqs[i].scalar_type() == p.scalar_type()),
-                "masked_adamw_: max_exp_avg_sqs[", i, "] does not match params[", i, "]");
     const std::optional<at::Tensor> mw = mask_words.get(i);
-    TORCH_CHECK(!mw.has_value() || (mw->device() == p.device() && mw->is_contiguous() &&
-                                    mw->scalar_type() == at::kInt &&
-                                    mw->numel() == dsd_kernels_layout::MaskLayout(p).num_words()),
-                "masked_adamw_: mask_words[", i, "] does not fit params[", i, "]");
+    if (mw.has_value()) check_words(op, i, *mw, p);
   }
 }
 

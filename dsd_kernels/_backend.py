@@ -16,6 +16,7 @@ error; `dsd-kernels info` prints the table and why each backend is or is not ava
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import importlib.util
 import os
@@ -110,7 +111,9 @@ OPS = tuple(dict.fromkeys(r.op for r in REGISTRY))
 _CPP_CUDA_KERNELS = {"magnitude_select": "magnitude_select", "masked_sgd": "masked_sgd_",
                      "masked_adamw": "masked_adamw_"}
 
-_forced: str | None = None
+_forced: str | None = None  # set_backend: the whole process
+# use_backend: this thread (and asyncio task) only, so concurrent blocks cannot see each other's choice
+_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("dsd_kernels_backend", default=None)
 _warned: set = set()
 
 
@@ -211,8 +214,12 @@ def set_backend(name: str | None) -> None:
 
 
 def get_backend() -> str:
-    """The requested backend name: set_backend() first, then DSD_KERNELS_BACKEND, else auto."""
-    if _forced is not None:
+    """The requested backend name: an enclosing use_backend() of this thread first, then
+    set_backend(), then DSD_KERNELS_BACKEND, else auto."""
+    scoped = _scoped.get()
+    if scoped is not None and scoped != "auto":
+        return scoped
+    if _forced is not None and scoped is None:
         return _forced
     name = os.environ.get("DSD_KERNELS_BACKEND", "auto").strip().lower() or "auto"
     if name not in BACKENDS:
@@ -222,15 +229,16 @@ def get_backend() -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str | None):
-    """Within the block, ops use backend `name` ("torch", "triton", "cpp", or None/"auto");
-    the previous choice is restored on exit, exceptions included."""
-    global _forced
-    previous = _forced
-    set_backend(name)
+    """Within the block, ops called from this thread use backend `name` ("torch", "triton",
+    "cpp", or None/"auto"); the previous choice is restored on exit, exceptions included. Other
+    threads keep theirs (a context variable); set_backend() is the process-wide choice."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    token = _scoped.set("auto" if name is None else name)
     try:
         yield
     finally:
-        _forced = previous
+        _scoped.reset(token)
 
 
 def _warn_once(key, message: str) -> None:

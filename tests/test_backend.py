@@ -227,3 +227,38 @@ def test_bench_reports_ours_against_the_copy_bandwidth_measured_beside_it():
     assert ref == moved / r["references_s"]["copy_ (read + write)"] / 1e9 and ref > 0
     assert r["ours_fraction_of_reference_GBps"]["copy_ (read + write)"]["torch"] == r["ours_GBps"]["torch"] / ref
     assert "reference: copy_ (read + write)" in B.format_row(r)
+
+
+def test_use_backend_is_per_thread():
+    """Two threads in overlapping use_backend blocks each see their own choice, and the process
+    is left on its own choice (set_backend) after both exit."""
+    import threading
+
+    entered, seen, errors = threading.Barrier(2), {}, []
+
+    def worker(name):
+        try:
+            with dk.use_backend(name):
+                entered.wait(timeout=10)  # both blocks open at once
+                seen[name] = dk.get_backend()
+                entered.wait(timeout=10)
+            seen[name + " after"] = dk.get_backend()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    dk.set_backend("torch")
+    try:
+        threads = [threading.Thread(target=worker, args=(n,)) for n in ("cpp", "triton")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert not errors
+        assert seen == {"cpp": "cpp", "triton": "triton", "cpp after": "torch", "triton after": "torch"}
+        assert dk.get_backend() == "torch"
+        with dk.use_backend(None):  # "auto" inside a block overrides the process-wide choice
+            assert dk.get_backend() == "auto"
+        assert dk.get_backend() == "torch"
+    finally:
+        dk.set_backend(None)
+    assert _backend._forced is None

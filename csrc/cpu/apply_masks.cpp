@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../op_args.h"
 #include "common.h"
 
 namespace dsd_kernels_cpu {
@@ -17,12 +18,12 @@ void apply_masks_(at::TensorList tensors, at::TensorList mask_words) {
   for (size_t i = 0; i < tensors.size(); ++i) {
     at::Tensor t = tensors[i];
     const at::Tensor& words = mask_words[i];
-    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "apply_masks_: tensors[", i,
+    TORCH_CHECK(t.device().is_cpu() && t.layout() == at::kStrided && t.is_contiguous(), "apply_masks_: tensors[", i,
                 "] must be a contiguous CPU tensor");
+    TORCH_CHECK(at::isFloatingType(t.scalar_type()), "apply_masks_: tensors[", i, "] is ", t.scalar_type(),
+                "; masks apply to floating tensors");
+    dsd_kernels_args::check_words("apply_masks_", i, words, t, "tensors");
     const MaskLayout lay(t);
-    TORCH_CHECK(words.scalar_type() == at::kInt && words.is_contiguous() &&
-                    words.numel() == lay.num_words(),
-                "apply_masks_: mask_words[", i, "] does not fit tensors[", i, "]");
     const int32_t* w = words.data_ptr<int32_t>();
 #ifdef DSD_HAVE_AVX512_KERNELS
     if (t.scalar_type() == at::kFloat && cpu_has_avx512f()) {

@@ -27,6 +27,7 @@
 #include <immintrin.h>
 #endif
 
+#include "../op_args.h"
 #include "../op_schemas.h"
 #include "common.h"
 
@@ -65,7 +66,7 @@ TileGrid tile_grid(const at::Tensor& tile_kept, const at::Tensor& weight) {
   TileGrid g;
   g.tiles_n = (weight.size(0) + kTile - 1) / kTile;
   g.tiles_k = (weight.size(1) + kTile - 1) / kTile;
-  TORCH_CHECK(tile_kept.scalar_type() == at::kInt && tile_kept.is_contiguous() &&
+  TORCH_CHECK(tile_kept.device() == weight.device() && tile_kept.scalar_type() == at::kInt && tile_kept.is_contiguous() &&
                   tile_kept.dim() == 2 && tile_kept.size(0) == g.tiles_n && tile_kept.size(1) == g.tiles_k,
               "masked_linear: tile_kept must be contiguous int32 of shape (", g.tiles_n, ", ",
               g.tiles_k, ") for a weight of shape ", weight.sizes());
@@ -311,9 +312,27 @@ void pack_tile(const float*, const int32_t*, const MaskLayout&, int64_t, int64_t
 
 void check_words(const at::Tensor& t, const at::Tensor& words) {
   TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), "masked_linear: weights must be contiguous 2-D");
-  TORCH_CHECK(words.scalar_type() == at::kInt && words.is_contiguous() &&
-                  words.numel() == MaskLayout(t).num_words(),
-              "masked_linear: mask_words do not fit a weight of shape ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "masked_linear: weight is ", t.scalar_type(),
+              "; it must be floating");
+  dsd_kernels_args::check_words("masked_linear", 0, words, t, "weight");
+}
+
+// x2d (M, K) of weight's dtype and device, and with them grad2d (M, N) or bias (N,): the
+// matmuls index them by those sizes.
+void check_operands(const at::Tensor& x2d, const at::Tensor& weight, const at::Tensor* grad2d,
+                    const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x2d.dim() == 2 && x2d.size(1) == weight.size(1) && x2d.scalar_type() == weight.scalar_type() &&
+                  x2d.device() == weight.device() && x2d.layout() == at::kStrided,
+              "masked_linear: x must be a strided (rows, ", weight.size(1), ") tensor of weight's dtype and device, got ",
+              x2d.sizes(), " ", x2d.scalar_type(), " on ", x2d.device());
+  TORCH_CHECK(grad2d == nullptr || (grad2d->dim() == 2 && grad2d->size(0) == x2d.size(0) &&
+                                    grad2d->size(1) == weight.size(0) && grad2d->scalar_type() == weight.scalar_type() &&
+                                    grad2d->device() == weight.device() && grad2d->layout() == at::kStrided),
+              "masked_linear: grad must be a strided (", x2d.size(0), ", ", weight.size(0),
+              ") tensor of weight's dtype and device");
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0) &&
+                                    bias->scalar_type() == weight.scalar_type() && bias->device() == weight.device()),
+              "masked_linear: bias must be a (", weight.size(0), ",) tensor of weight's dtype and device");
 }
 
 // W*M (out of place, or in place on t, which has W's shape; words checked by the caller). With
@@ -677,6 +696,7 @@ at::Tensor masked_linear_forward(const at::Tensor& x2d, const at::Tensor& weight
                                  const std::optional<at::Tensor>& tile_kept) {
   const at::Tensor wc = weight.contiguous();
   check_words(wc, words);
+  check_operands(x2d, wc, nullptr, bias);
   const bool tiled = tile_kept.has_value();
   const TileGrid grid = tiled ? tile_grid(*tile_kept, wc) : TileGrid();
   if (use_few_rows(x2d, {x2d, wc, bias.value_or(wc)})) {
@@ -713,6 +733,7 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_backward(const at::Tensor& grad
                                                           const std::optional<at::Tensor>& tile_kept) {
   const at::Tensor wc = weight.contiguous();
   check_words(wc, words);
+  check_operands(x2d, wc, &grad2d, std::nullopt);
   const bool tiled = tile_kept.has_value();
   const TileGrid grid = tiled ? tile_grid(*tile_kept, wc) : TileGrid();
   at::Tensor dx, dw;

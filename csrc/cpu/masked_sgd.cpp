@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../masked_sgd_args.h"
 #include "common.h"
 
 namespace dsd_kernels_cpu {
@@ -150,25 +151,12 @@ void masked_sgd_(at::TensorList params, at::TensorList grads, at::TensorList buf
                  double weight_decay, bool nesterov, bool maximize) {
   const Hyper h{lr, momentum, dampening, weight_decay, nesterov, maximize};
   const bool use_momentum = momentum != 0;
-  TORCH_CHECK(grads.size() == params.size() && mask_words.size() == params.size(),
-              "masked_sgd_: params, grads and mask_words must have equal lengths");
-  TORCH_CHECK(!use_momentum || (bufs.size() == params.size() && first_step.size() == params.size()),
-              "masked_sgd_: momentum needs one buffer and one first_step flag per param");
+  dsd_kernels_sgd::check_masked_sgd_args(params, grads, bufs, mask_words, first_step, use_momentum);
   for (size_t i = 0; i < params.size(); ++i) {
     at::Tensor p = params[i];
-    TORCH_CHECK(p.is_contiguous() && grads[i].is_contiguous(), "masked_sgd_: params[", i,
-                "] and grads[", i, "] must be contiguous");
-    TORCH_CHECK(grads[i].sizes() == p.sizes() && grads[i].scalar_type() == p.scalar_type(),
-                "masked_sgd_: grads[", i, "] does not match params[", i, "]");
     at::Tensor b = use_momentum ? bufs[i] : at::Tensor();
     const std::optional<at::Tensor> mw = mask_words.get(i);
-    const int32_t* words = nullptr;
-    if (mw.has_value()) {
-      TORCH_CHECK(mw->is_contiguous() && mw->scalar_type() == at::kInt &&
-                      mw->numel() == MaskLayout(p).num_words(),
-                  "masked_sgd_: mask_words[", i, "] does not fit params[", i, "]");
-      words = mw->data_ptr<int32_t>();
-    }
+    const int32_t* words = mw.has_value() ? mw->data_ptr<int32_t>() : nullptr;
     const bool first = use_momentum && first_step.get(i);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "masked_sgd_", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;

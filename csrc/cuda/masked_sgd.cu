@@ -18,6 +18,7 @@
 
 #include <map>
 
+#include "../masked_sgd_args.h"
 #include "common.cuh"
 
 namespace dsd_kernels_cuda {
@@ -133,31 +134,13 @@ void masked_sgd_(at::TensorList params, at::TensorList grads, at::TensorList buf
                  const c10::List<bool>& first_step, double lr, double momentum, double dampening,
                  double weight_decay, bool nesterov, bool maximize) {
   const bool use_momentum = momentum != 0;
-  TORCH_CHECK(grads.size() == params.size() && mask_words.size() == params.size(),
-              "masked_sgd_: params, grads and mask_words must have equal lengths");
-  TORCH_CHECK(!use_momentum || (bufs.size() == params.size() && first_step.size() == params.size()),
-              "masked_sgd_: momentum needs one buffer and one first_step flag per param");
+  dsd_kernels_sgd::check_masked_sgd_args(params, grads, bufs, mask_words, first_step, use_momentum);
   if (params.empty()) return;
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
   std::map<at::ScalarType, std::vector<int64_t>> groups;
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
-    TORCH_CHECK(p.device() == device && grads[i].device() == device &&
-                    (!use_momentum || bufs[i].device() == device),
-                "masked_sgd_: params[", i, "], grads[", i, "] and its buffer must be on ", device);
-    TORCH_CHECK(p.is_contiguous() && grads[i].is_contiguous(), "masked_sgd_: params[", i,
-                "] and grads[", i, "] must be contiguous");
-    TORCH_CHECK(grads[i].sizes() == p.sizes() && grads[i].scalar_type() == p.scalar_type(),
-                "masked_sgd_: grads[", i, "] does not match params[", i, "]");
-    TORCH_CHECK(!use_momentum || (bufs[i].is_contiguous() && bufs[i].sizes() == p.sizes() &&
-                                  bufs[i].scalar_type() == p.scalar_type()),
-                "masked_sgd_: momentum_buffers[", i, "] does not match params[", i, "]");
-    const std::optional<at::Tensor> mw = mask_words.get(i);
-    TORCH_CHECK(!mw.has_value() || (mw->device() == device && mw->is_contiguous() &&
-                                    mw->scalar_type() == at::kInt &&
-                                    mw->numel() == MaskLayout(p).num_words()),
-                "masked_sgd_: mask_words[", i, "] does not fit params[", i, "]");
     groups[p.scalar_type()].push_back(static_cast<int64_t>(i));
   }
   for (const auto& [dtype, index] : groups) {

@@ -90,6 +90,16 @@ def storage_order(t: Tensor) -> tuple[int, ...] | None:
     return dims if t.permute(dims).is_contiguous() else None
 
 
+def check_writable(named) -> None:
+    """A tensor written in place must not have elements that share memory (an expand()ed
+    tensor): its result would depend on the order of the writes. named: (name, tensor or None)."""
+    for name, t in named:
+        if t is not None and t.layout == torch.strided and torch._debug_has_internal_overlap(t) == 1:
+            raise ValueError(f"{name} has elements that share memory (strides {t.stride()} for shape "
+                             f"{tuple(t.shape)}, an expanded tensor?); it is written in place, so give "
+                             f"it memory of its own (.clone())")
+
+
 def kernel_layout(t: Tensor, mask: Mask | None, companions, write_back: list, read_only: int = 0):
     """`t` as the kernels take it, a contiguous real tensor, with its mask and companion tensors
     of t's shape (gradients, buffers; None allowed) transformed alike: a complex tensor as its
@@ -119,3 +129,37 @@ def kernel_layout(t: Tensor, mask: Mask | None, companions, write_back: list, re
                 write_back.append((c, companions[i]))
     return t, mask, companions
 
+
+
+def check_kernel_tensors(op: str, named_lists, mutated: tuple[str, ...], *, real: bool) -> None:
+    """The layout checks of the list ops (masked_sgd_, masked_adamw_, apply_masks_) on direct
+    torch.ops calls, whichever backend runs: every tensor strided and contiguous (so no two of its
+    elements share memory, and the kernels may walk it in order), and no tensor of a list in
+    `mutated` sharing memory with any other argument. named_lists: (name, list) pairs; None
+    entries are skipped; real=False (the fake implementations) checks the layouts only. The
+    wrappers (dk.masked_sgd_, ...) take any layout and pass these checks."""
+    intervals = []
+    for name, tensors in named_lists:
+        for i, t in enumerate(tensors):
+            if t is None:
+                continue
+            if t.layout != torch.strided or not t.is_contiguous():
+                strides = t.stride() if t.layout == torch.strided else t.layout
+                raise ValueError(f"{op}: {name}[{i}] must be a contiguous strided tensor (its elements "
+                                 f"apart and in order), got strides {strides} for shape {tuple(t.shape)}; "
+                                 f"dk.{op} takes any layout")
+            if real and t.numel() and t.device.type != "meta":
+                start = t.data_ptr()
+                intervals.append((start, start + t.numel() * t.element_size(), name in mutated, name, i))
+    intervals.sort()
+    # a sweep in address order: the furthest end so far, of any argument and of a mutated one
+    furthest = furthest_mutated = None
+    for start, end, is_mutated, name, i in intervals:
+        for before, needs_mutated in ((furthest_mutated, False), (furthest, True)):
+            if before is not None and start < before[0] and (is_mutated or not needs_mutated):
+                raise ValueError(f"{op}: {name}[{i}] shares memory with {before[1]}[{before[2]}]; "
+                                 f"a tensor the op writes must not overlap another argument")
+        if furthest is None or end > furthest[0]:
+            furthest = (end, name, i)
+        if is_mutated and (furthest_mutated is None or end > furthest_mutated[0]):
+            furthest_mutated = (end, name, i)

@@ -10,12 +10,12 @@ from torch import Tensor
 from .. import _backend
 from .._floatbits import KEY_SPECS
 from ..masks import as_mask, packed_shape
-from ._common import as_tensor_list, dtypes_of, kernel_layout
+from ._common import as_tensor_list, check_kernel_tensors, check_writable, dtypes_of, kernel_layout
 
 __all__ = ["apply_masks_"]
 
 
-def _check_apply_masks_args(tensors: list[Tensor], mask_words: list[Tensor]) -> None:
+def _check_apply_masks_args(tensors: list[Tensor], mask_words: list[Tensor], *, real: bool) -> None:
     """The checks of the apply_masks_ op's real and fake implementations."""
     torch._check_value(len(tensors) == len(mask_words),
                        lambda: f"apply_masks_: {len(tensors)} tensors but {len(mask_words)} masks")
@@ -24,11 +24,12 @@ def _check_apply_masks_args(tensors: list[Tensor], mask_words: list[Tensor]) -> 
                 and w.device == t.device and t.dtype in KEY_SPECS):  # plain test first: see _check_sgd_args
             torch._check_value(False, lambda: f"mask_words[{i}] does not fit tensors[{i}] "
                                               f"({tuple(t.shape)}, {t.dtype})")
+    check_kernel_tensors("apply_masks_", (("tensors", tensors), ("mask_words", mask_words)), ("tensors",), real=real)
 
 
 @torch.library.custom_op("dsd_kernels::apply_masks_", mutates_args=("tensors",))
 def _apply_masks_op(tensors: List[Tensor], mask_words: List[Tensor]) -> None:
-    _check_apply_masks_args(tensors, mask_words)
+    _check_apply_masks_args(tensors, mask_words, real=True)
     if tensors:
         impl = _backend.implementation("apply_masks", tensors[0].device, dtypes_of(tensors))
         impl.apply_masks_(tensors, mask_words)
@@ -36,7 +37,7 @@ def _apply_masks_op(tensors: List[Tensor], mask_words: List[Tensor]) -> None:
 
 @_apply_masks_op.register_fake
 def _(tensors, mask_words):
-    _check_apply_masks_args(tensors, mask_words)
+    _check_apply_masks_args(tensors, mask_words, real=False)
     return None
 
 
@@ -58,6 +59,7 @@ def apply_masks_(tensors, masks) -> None:
     for index in by_device.values():
         write_back, views, words = [], [], []
         for i in index:
+            check_writable(((f"tensors[{i}]", tensors[i]),))
             view, mask, _ = kernel_layout(tensors[i].detach(), as_mask(masks[i], tensors[i], f"masks[{i}]"),
                                            (), write_back)
             views.append(view)

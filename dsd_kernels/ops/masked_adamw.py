@@ -10,7 +10,7 @@ from torch import Tensor
 from .. import _backend
 from .._floatbits import KEY_SPECS
 from ..masks import as_mask, packed_shape
-from ._common import as_tensor_list, dtypes_of, kernel_layout
+from ._common import as_tensor_list, check_kernel_tensors, check_writable, dtypes_of, kernel_layout
 
 __all__ = ["masked_adamw_", "check_adamw_hyperparameters"]
 
@@ -26,7 +26,7 @@ def check_adamw_hyperparameters(lr, beta1, beta2, eps, weight_decay) -> None:
 
 
 def _check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_words,
-                      amsgrad) -> None:
+                      amsgrad, *, real) -> None:
     """The checks of the masked_adamw_ op's real and fake implementations."""
     n = len(params)
     torch._check_value(len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(state_steps) == len(mask_words) == n,
@@ -42,6 +42,7 @@ def _check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, sta
                    for t in (s[i] for s in state_lists))
            and (w is None or (w.dtype == torch.int32 and tuple(w.shape) == packed_shape(p.shape)))
            for i, (p, w) in enumerate(zip(params, mask_words))):
+        _check_adamw_layouts(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_words, real)
         return
     for i, p in enumerate(params):
         torch._check_type(p.dtype in KEY_SPECS, lambda: f"params[{i}] has dtype {p.dtype}; AdamW needs "
@@ -58,6 +59,14 @@ def _check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, sta
         if words is not None and not (words.dtype == torch.int32 and tuple(words.shape) == packed_shape(p.shape)):
             torch._check_value(False, lambda: f"mask_words[{i}] ({tuple(words.shape)}, {words.dtype}) does not "
                                               f"fit params[{i}]: expected int32 {packed_shape(p.shape)}")
+    _check_adamw_layouts(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_words, real)
+
+
+def _check_adamw_layouts(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_words, real):
+    check_kernel_tensors("masked_adamw_", (("params", params), ("grads", grads), ("exp_avgs", exp_avgs),
+                                           ("exp_avg_sqs", exp_avg_sqs), ("max_exp_avg_sqs", max_exp_avg_sqs),
+                                           ("state_steps", state_steps), ("mask_words", mask_words)),
+                         ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"), real=real)
 
 
 @torch.library.custom_op("dsd_kernels::masked_adamw_",
@@ -66,7 +75,8 @@ def _masked_adamw_op(params: List[Tensor], grads: List[Tensor], exp_avgs: List[T
                      exp_avg_sqs: List[Tensor], max_exp_avg_sqs: List[Tensor], state_steps: List[Tensor],
                      mask_words: List[Optional[Tensor]], lr: float, beta1: float, beta2: float, eps: float,
                      weight_decay: float, amsgrad: bool, maximize: bool, torch_fused: bool = False) -> None:
-    _check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_words, amsgrad)
+    _check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_words, amsgrad,
+                      real=True)
     if not params:
         return
     impl = _backend.implementation("masked_adamw", params[0].device, dtypes_of(params),
@@ -79,7 +89,8 @@ def _masked_adamw_op(params: List[Tensor], grads: List[Tensor], exp_avgs: List[T
 @_masked_adamw_op.register_fake
 def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_words, lr, beta1, beta2, eps,
       weight_decay, amsgrad, maximize, torch_fused=False):
-    _check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_words, amsgrad)
+    _check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask_words, amsgrad,
+                      real=False)
     return None
 
 
@@ -128,6 +139,8 @@ def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_s
             if g.layout != torch.strided:
                 raise ValueError(f"grads[{i}]: AdamW does not support sparse gradients")
             state = [exp_avgs[i], exp_avg_sqs[i]] + ([max_exp_avg_sqs[i]] if amsgrad else [])
+            check_writable([(f"params[{i}]", p)] + [(f"{name}[{i}]", t) for name, t in
+                                                     zip(("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"), state)])
             p, mask, (g, *state) = kernel_layout(p, mask, [g] + [t.detach() for t in state], write_back,
                                                    read_only=1)
             stepped.append((p, g, state))

@@ -11,7 +11,7 @@ from .. import _backend
 from .._dtensor import local_tensor
 from .._floatbits import KEY_SPECS
 from ..masks import as_mask, packed_shape
-from ._common import any_dtensor, as_tensor_list, dtypes_of, kernel_layout
+from ._common import any_dtensor, as_tensor_list, check_kernel_tensors, check_writable, dtypes_of, kernel_layout
 
 __all__ = ["masked_sgd_", "check_sgd_hyperparameters"]
 
@@ -31,7 +31,7 @@ def check_sgd_hyperparameters(lr, momentum, dampening, weight_decay, nesterov) -
 
 
 
-def _check_sgd_args(params, grads, momentum_buffers, mask_words, first_step, momentum) -> None:
+def _check_sgd_args(params, grads, momentum_buffers, mask_words, first_step, momentum, *, real) -> None:
     """The checks of the masked_sgd_ op's real and fake implementations."""
     torch._check_value(len(params) == len(grads) == len(mask_words),
                        lambda: f"masked_sgd_: params, grads and mask_words have lengths "
@@ -45,6 +45,8 @@ def _check_sgd_args(params, grads, momentum_buffers, mask_words, first_step, mom
                                                      mask_words[i], params[0].device):
             if not ok:  # plain tests first: torch._check per tensor would cost a step's 15%
                 (torch._check_type if error is TypeError else torch._check_value)(False, message)
+    check_kernel_tensors("masked_sgd_", (("params", params), ("grads", grads), ("momentum_buffers", momentum_buffers),
+                                         ("mask_words", mask_words)), ("params", "momentum_buffers"), real=real)
 
 
 def _sgd_tensor_checks(i, p, g, b, words, device):
@@ -69,7 +71,7 @@ def _masked_sgd_op(params: List[Tensor], grads: List[Tensor], momentum_buffers: 
                    mask_words: List[Optional[Tensor]], first_step: List[bool], lr: float,
                    momentum: float, dampening: float, weight_decay: float, nesterov: bool,
                    maximize: bool, torch_fused: bool = False) -> None:
-    _check_sgd_args(params, grads, momentum_buffers, mask_words, first_step, momentum)
+    _check_sgd_args(params, grads, momentum_buffers, mask_words, first_step, momentum, real=True)
     if not params:
         return
     impl = _backend.implementation("masked_sgd", params[0].device, dtypes_of(params),
@@ -82,7 +84,7 @@ def _masked_sgd_op(params: List[Tensor], grads: List[Tensor], momentum_buffers: 
 @_masked_sgd_op.register_fake
 def _(params, grads, momentum_buffers, mask_words, first_step, lr, momentum, dampening,
       weight_decay, nesterov, maximize, torch_fused=False):
-    _check_sgd_args(params, grads, momentum_buffers, mask_words, first_step, momentum)
+    _check_sgd_args(params, grads, momentum_buffers, mask_words, first_step, momentum, real=False)
     return None
 
 def masked_sgd_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0, dampening=0.0,
@@ -153,6 +155,7 @@ def masked_sgd_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0, dam
                                          f"shape, dtype or device")
                     first.append(i in fresh)
                 buf = buf.detach()
+            check_writable(((f"params[{i}]", p), (f"momentum_buffers[{i}]", buf)))
             p, mask, (g, buf) = kernel_layout(p, mask, (g, buf), write_back, read_only=1)
             steps.append((p, g, buf))
             words.append(None if mask is None else mask.packed)

@@ -164,7 +164,12 @@ class MaskedAdamW(MaskedParams, torch.optim.AdamW):
         return True
 
     def _torch_step_then_mask(self, closure):
-        loss = super().step(closure)
+        # AdamW's step without the hooks: torch wraps each optimizer class's step in the hook
+        # runner once an instance of that class exists, and this step runs inside our own wrapper
+        adamw_step = torch.optim.AdamW.step
+        if getattr(adamw_step, "hooked", False):
+            adamw_step = adamw_step.__wrapped__
+        loss = adamw_step(self, closure)
         if self._masks:
             if self.defaults["differentiable"]:  # keep the re-masking on the autograd graph
                 for p, m in self._masks.items():
