@@ -378,3 +378,13 @@ def test_every_autotuning_row_count_matches_the_reference(monkeypatch, block_m):
         mask = dk.magnitude_masks(w, 0.5, block=(64, 64))[0]
         with dk.use_backend("triton"):
             check_against_reference(x, w, b, mask.to_bool(), mask)
+
+
+def test_expanded_bias_is_read_as_its_values(backend):
+    """A bias with shared elements (expand) is its logical values on every path (oneDNN's linear
+    read such a bias as dense memory)."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(3, 1, generator=g), torch.randn(3, 1, generator=g)
+    bias = torch.randn(1, generator=g).expand(3)
+    mask = torch.ones(3, 1, dtype=torch.bool)
+    torch.testing.assert_close(dk.masked_linear(x, w, mask, bias), torch.nn.functional.linear(x, w, bias))

@@ -234,3 +234,25 @@ def test_channels_last_resnet_trains_through_dense_sparse_redense():
     assert zeros[1] == exact and zeros[2] == exact  # sparse phase: exactly half of every conv
     assert all(z < e for z, e in zip(zeros[3], exact))  # re-dense: pruned weights train again
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.desc)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_is_bit_identical_to_sgds_default_step(cpu_backend, dtype, config):
+    """fp16/bf16: the bits of torch.optim.SGD's default CPU step (single-tensor), which rounds
+    each op to the dtype (with masks, on the masked gradients)."""
+    kwargs = {k: v for k, v in fresh_kwargs(config.kwargs).items() if k not in ("foreach", "fused")}
+    ours, theirs = make_params(dtype), make_params(dtype)
+    opt_ours = MaskedSGD(ours, **kwargs)
+    opt_theirs = torch.optim.SGD(theirs, foreach=False, **kwargs)
+    keep = torch.rand(33, 70, generator=torch.Generator().manual_seed(3)) > 0.5
+    opt_ours.set_masks({ours[0]: keep})
+    with torch.no_grad():
+        theirs[0].masked_fill_(~keep, 0)
+    for step in range(4):
+        set_grads(ours, step)
+        set_grads(theirs, step, masks=[keep] + [None] * (len(theirs) - 1))
+        opt_ours.step()
+        opt_theirs.step()
+    for i, (p, q) in enumerate(zip(ours, theirs)):
+        assert_same_bits(p.detach(), q.detach(), f"param {i}")

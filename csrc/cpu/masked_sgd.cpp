@@ -42,19 +42,22 @@ template <typename scalar_t, typename acc_t, bool kMomentum, bool kFirst, bool k
           bool kMaximize, bool kDecay, int kLen>
 DSD_FMA_CLONES void step_word(scalar_t* __restrict p, const scalar_t* __restrict g,
                               scalar_t* __restrict b, uint32_t bits, int64_t len, acc_t lr,
-                              acc_t mom, acc_t damp, acc_t wd) {
+                              acc_t mom, acc_t damp, acc_t wd, acc_t mom_alpha) {
   using bits_t = typename KeyTraits<scalar_t>::bits_t;
   const int64_t n = kLen > 0 ? kLen : len;
   scalar_t new_p[32], new_b[32];
+  // torch rounds every op's result to the tensor's dtype: a no-op in fp32/fp64, where acc_t is
+  // the dtype, and one rounding to fp16/bf16 per op for the half types (computed in float)
+  const auto round = [](acc_t v) { return static_cast<acc_t>(static_cast<scalar_t>(v)); };
   for (int64_t j = 0; j < n; ++j) {
     acc_t d = static_cast<acc_t>(g[j]);
     const acc_t x = static_cast<acc_t>(p[j]);
     if (kMaximize) d = -d;
-    if (kDecay) d = std::fma(x, wd, d);  // grad.add(param, alpha=weight_decay)
+    if (kDecay) d = round(std::fma(x, wd, d));  // grad.add(param, alpha=weight_decay)
     if (kMomentum) {
       // buf.mul_(momentum).add_(grad, alpha=1 - dampening)
-      const acc_t v = kFirst ? d : std::fma(d, damp, static_cast<acc_t>(b[j]) * mom);
-      d = kNesterov ? std::fma(v, mom, d) : v;  // grad.add(buf, alpha=momentum)
+      const acc_t v = kFirst ? d : round(std::fma(d, damp, round(static_cast<acc_t>(b[j]) * mom)));
+      d = kNesterov ? round(std::fma(v, mom_alpha, d)) : v;  // grad.add(buf, alpha=momentum)
       new_b[j] = static_cast<scalar_t>(v);
     }
     new_p[j] = static_cast<scalar_t>(std::fma(d, -lr, x));  // param.add_(grad, alpha=-lr)
@@ -95,14 +98,18 @@ template <typename scalar_t, typename acc_t, bool kMomentum, bool kFirst, bool k
           bool kMaximize, bool kDecay>
 void step_tensor(scalar_t* __restrict p, const scalar_t* __restrict g, scalar_t* __restrict b,
                  const int32_t* words, const MaskLayout& lay, const Hyper& h) {
-  const acc_t lr = h.lr, mom = h.momentum, damp = 1 - h.dampening, wd = h.weight_decay;
+  // torch's CPU add(other, alpha) takes alpha in the tensor's dtype (a rounding for fp16/bf16),
+  // mul(scalar) the scalar in float
+  const auto in_dtype = [](double v) { return static_cast<acc_t>(static_cast<scalar_t>(v)); };
+  const acc_t lr = in_dtype(h.lr), mom = h.momentum, damp = in_dtype(1 - h.dampening), wd = in_dtype(h.weight_decay);
+  const acc_t mom_alpha = in_dtype(h.momentum);
 #ifdef DSD_HAVE_AVX512_KERNELS
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (lay.cols % 32 == 0 && cpu_has_avx512f()) {  // rows of whole words: one row of all the words
       at::parallel_for(0, lay.num_words(), 2048, [&](int64_t begin, int64_t end) {
         step_words_avx512<kMomentum, kFirst, kNesterov, kMaximize, kDecay>(
             p + begin * 32, g + begin * 32, kMomentum ? b + begin * 32 : nullptr, words ? words + begin : nullptr,
-            (end - begin) * 32, lr, mom, damp, wd);
+            (end - begin) * 32, lr, mom, damp, wd);  // fp32: alphas as given
       });
       return;
     }
@@ -113,10 +120,10 @@ void step_tensor(scalar_t* __restrict p, const scalar_t* __restrict g, scalar_t*
     scalar_t* bw = kMomentum ? b + base : nullptr;
     if (len == 32) {
       step_word<scalar_t, acc_t, kMomentum, kFirst, kNesterov, kMaximize, kDecay, 32>(
-          p + base, g + base, bw, bits, len, lr, mom, damp, wd);
+          p + base, g + base, bw, bits, len, lr, mom, damp, wd, mom_alpha);
     } else {
       step_word<scalar_t, acc_t, kMomentum, kFirst, kNesterov, kMaximize, kDecay, 0>(
-          p + base, g + base, bw, bits, len, lr, mom, damp, wd);
+          p + base, g + base, bw, bits, len, lr, mom, damp, wd, mom_alpha);
     }
   });
 }

@@ -22,5 +22,6 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     """x (M, K) @ w (N, K)^T + bias; w and x may be transposed views (dX = linear(dY, W.t()),
     dW = linear(dY.t(), x.t()))."""
     if onednn_linear_available(x):
-        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+        # oneDNN reads the bias as dense memory: an expanded (stride 0) bias would be misread
+        return torch.ops.mkldnn._linear_pointwise(x, w, None if bias is None else bias.contiguous(), "none", [], "")
     return torch.nn.functional.linear(x, w, bias)

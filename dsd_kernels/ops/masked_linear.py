@@ -37,6 +37,13 @@ def _check_linear_args(x: Tensor, weight: Tensor, mask_words: Tensor, bias: Opti
                                    f"on {weight.device}, got {tuple(bias.shape)} {bias.dtype} {bias.device}")
 
 
+def _check_linear_grad(grad: Tensor, x: Tensor, weight: Tensor) -> None:
+    expected = (*x.shape[:-1], weight.shape[0])
+    torch._check_value(tuple(grad.shape) == expected and grad.dtype == weight.dtype and grad.device == weight.device,
+                       lambda: f"grad ({tuple(grad.shape)}, {grad.dtype}, {grad.device}) must have the output's "
+                               f"shape {expected}, dtype {weight.dtype} and device {weight.device}")
+
+
 def _as_rows(t: Tensor) -> Tensor:
     """(..., features) as a contiguous (rows, features) matrix; zero rows or features included."""
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1]).contiguous()
@@ -55,7 +62,9 @@ def _masked_linear_op(x: Tensor, weight: Tensor, mask_words: Tensor, bias: Optio
         if bias is not None:
             y += bias
     else:
-        y = _linear_impl(x2d).forward(x2d, weight.contiguous(), mask_words.contiguous(), bias)
+        # every tensor dense for the kernels (a bias may be expanded, a weight transposed)
+        y = _linear_impl(x2d).forward(x2d, weight.contiguous(), mask_words.contiguous(),
+                                      None if bias is None else bias.contiguous())
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -71,6 +80,7 @@ def _masked_linear_backward_op(grad: Tensor, x: Tensor, weight: Tensor, mask_wor
                                ) -> Tuple[Tensor, Tensor, Tensor]:
     """(dX like x, dW like weight, db (out,)); an unneeded gradient comes back empty."""
     _check_linear_args(x, weight, mask_words, None)
+    _check_linear_grad(grad, x, weight)
     g2d = _as_rows(grad)
     x2d = _as_rows(x)
     if x2d.numel() == 0:  # nothing to multiply: dX is empty or 0, dW is 0
@@ -88,6 +98,7 @@ def _masked_linear_backward_op(grad: Tensor, x: Tensor, weight: Tensor, mask_wor
 @_masked_linear_backward_op.register_fake
 def _(grad, x, weight, mask_words, needs_input, needs_weight, needs_bias):
     _check_linear_args(x, weight, mask_words, None)
+    _check_linear_grad(grad, x, weight)
     return (x.new_empty(x.shape if needs_input else (0,)),
             weight.new_empty(weight.shape if needs_weight else (0,)),
             weight.new_empty((weight.shape[0],) if needs_bias else (0,)))

@@ -7,13 +7,31 @@ from __future__ import annotations
 import torch
 
 from ... import _C  # noqa: F401  (registers torch.ops.dsd_kernels_cpp)
+from ..torch import masked_sgd as torch_masked_sgd
 from ..torch.masked_sgd import sgd_steps
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def masked_sgd_(params, grads, momentum_buffers, mask_words, first_step, *, lr, momentum,
                 dampening, weight_decay, nesterov, maximize, torch_fused=False, static_key=None) -> None:
     """torch's single-tensor/foreach SGD arithmetic; with torch_fused=True on CPU, torch's fused
-    kernel and then the pruned entries zeroed (exactly +0); on CUDA one arithmetic for both."""
+    kernel and then the pruned entries zeroed (exactly +0); on CUDA one arithmetic for both.
+    fp16/bf16 on CPU take torch's own ops (the torch backend): torch rounds them op by op with
+    scalars in the dtype or in float depending on whether an element falls in its vector loop or
+    its scalar tail, which only its own kernels reproduce on every CPU."""
+    if params and not params[0].is_cuda and any(p.dtype in _HALF for p in params):
+        half = [i for i, p in enumerate(params) if p.dtype in _HALF]
+        rest = [i for i, p in enumerate(params) if p.dtype not in _HALF]
+        hyper = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                     nesterov=nesterov, maximize=maximize, torch_fused=torch_fused)
+        for index, step in ((half, torch_masked_sgd.masked_sgd_), (rest, masked_sgd_)):
+            if index:
+                step([params[i] for i in index], [grads[i] for i in index],
+                     [momentum_buffers[i] for i in index] if momentum != 0 else [],
+                     [mask_words[i] for i in index], [first_step[i] for i in index] if momentum != 0 else [],
+                     **hyper)
+        return
     if torch_fused and params and not params[0].is_cuda:
         with torch.no_grad():
             sgd_steps(params, grads, momentum_buffers, first_step, True, lr=lr, momentum=momentum,

@@ -38,6 +38,24 @@ def _foreach_sgd(params, grads, bufs, first, *, lr, momentum, dampening, weight_
     torch._foreach_add_(params, grads, alpha=-lr)
 
 
+def _single_tensor_sgd(params, grads, bufs, first, *, lr, momentum, dampening, weight_decay, nesterov,
+                       maximize):
+    """torch.optim.SGD's single-tensor arithmetic (its default on CPU): for fp16/bf16 it rounds
+    otherwise than the foreach ops (their scalar multiply takes the scalar in the tensor's dtype)."""
+    for i, (param, grad) in enumerate(zip(params, grads)):
+        grad = grad if not maximize else -grad
+        if weight_decay != 0:
+            grad = grad.add(param, alpha=weight_decay)
+        if momentum != 0:
+            buf = bufs[i]
+            if first:
+                buf.copy_(grad)
+            else:
+                buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+            grad = grad.add(buf, alpha=momentum) if nesterov else buf
+        param.add_(grad, alpha=-lr)
+
+
 def _sgd(params, grads, bufs, first, torch_fused, **hyper):
     fused = getattr(torch, "_fused_sgd_", None)
     # torch 2.13's CPU fused kernel departs from SGD's arithmetic for fp16/bf16 (0.7 apart
@@ -48,7 +66,10 @@ def _sgd(params, grads, bufs, first, torch_fused, **hyper):
             return
         except (RuntimeError, NotImplementedError):
             pass  # no fused kernel for this device/dtype in this torch: foreach gives the same math
-    _foreach_sgd(params, grads, bufs, first, **hyper)
+    if params[0].dtype in (torch.float16, torch.bfloat16) and not params[0].is_cuda:
+        _single_tensor_sgd(params, grads, bufs, first, **hyper)
+    else:
+        _foreach_sgd(params, grads, bufs, first, **hyper)
 
 
 def sgd_steps(params, grads, momentum_buffers, first_step, torch_fused, **hyper) -> None:
