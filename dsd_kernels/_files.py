@@ -3,6 +3,7 @@ target, then rename over it (atomic on POSIX and Windows within one file system)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 
 
@@ -25,7 +26,68 @@ def atomic_write_text(path: str, text: str) -> None:
         f.write(text)
 
 
-def atomic_torch_save(obj, path: str) -> None:
+# ---------------------------------------------------------------- checked checkpoints
+class DamagedFile(ValueError):
+    """A file that cannot be read back as written (digest mismatch, truncated, not a checkpoint)."""
+
+
+def digest_path(path: str) -> str:
+    """The sha256 of `path`, beside it, in `sha256sum -c` format."""
+    return path + ".sha256"
+
+
+def previous_path(path: str) -> str:
+    """Where checked_torch_save(keep_previous=True) keeps the last good file."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.previous{ext}"
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checked_torch_save(obj, path: str, *, keep_previous: bool = False) -> None:
+    """torch.save with a sha256 written beside the file, read back from disk before it is
+    trusted. keep_previous: the file it replaces (and its digest) is kept as previous_path(path),
+    so a damaged newest checkpoint leaves a good one to restart from. At every point of a kill
+    `path` is either missing, or complete with its own digest, or fails its digest check."""
     import torch
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+        digest = sha256_of(tmp)
+        if keep_previous and os.path.exists(path):
+            os.replace(path, previous_path(path))
+            if os.path.exists(digest_path(path)):
+                os.replace(digest_path(path), digest_path(previous_path(path)))
+        atomic_write_text(digest_path(path), f"{digest}  {os.path.basename(path)}\n")
+    if sha256_of(path) != digest:
+        raise DamagedFile(f"{path} was damaged while it was written (its sha256 differs from the bytes saved)")
+
+
+def checked_torch_load(path: str):
+    """torch.load(weights_only=True) of a file whose digest (where written) matches; any other
+    file is a DamagedFile naming it."""
+    import torch
+    digest_file = digest_path(path)
+    if os.path.exists(digest_file):
+        with open(digest_file) as f:
+            expected = (f.read().split() or [""])[0]
+        found = sha256_of(path)
+        if found != expected:
+            raise DamagedFile(f"{path} is damaged: its sha256 is {found[:16]}... but {digest_file} says "
+                              f"{expected[:16]}...")
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file: truncated, zeroed, not a zip
+        raise DamagedFile(f"{path} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
+
+
+def remove_checked(path: str) -> None:
+    """Remove a checked file, its digest and its kept previous version."""
+    for p in (path, digest_path(path), previous_path(path), digest_path(previous_path(path))):
+        if os.path.exists(p):
+            os.remove(p)

@@ -28,7 +28,8 @@ from dataclasses import asdict
 
 import torch
 
-from .._files import atomic_torch_save, atomic_write_text
+from .._files import (DamagedFile, atomic_write_text, checked_torch_load, checked_torch_save, previous_path,
+                      remove_checked)
 from .config import TrainConfig, load_config
 from .data import load_data
 from .models import build_model
@@ -53,14 +54,25 @@ def _remove_stale_temporaries(out_dir: str) -> None:
                 os.remove(path)
 
 
-def _load_checkpoint(path: str, what: str):
-    """torch.load of a checkpoint; a damaged one is reported by name and None returned."""
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file: truncated, zeroed, not a zip
-        warnings.warn(f"{path} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
-                      f"{what}", stacklevel=2)
-        return None
+def _load_checkpoint(path: str, what: str, *, previous: bool = False):
+    """A checkpoint read back and checked against its sha256; a damaged one is reported by name
+    (with the word "damaged") and, with `previous`, the last good one kept beside it is taken
+    instead; None where none is good (`what` says what happens then)."""
+    candidates = [path] + ([previous_path(path)] if previous else [])
+    for i, candidate in enumerate(candidates):
+        if not os.path.exists(candidate):
+            continue
+        try:
+            state = checked_torch_load(candidate)
+        except DamagedFile as err:
+            warnings.warn(f"{err}; " + ("trying the previous checkpoint " + candidates[i + 1]
+                                       if i + 1 < len(candidates) and os.path.exists(candidates[i + 1]) else what),
+                          stacklevel=2)
+            continue
+        if i > 0:
+            warnings.warn(f"resuming from the previous good checkpoint {candidate}", stacklevel=2)
+        return state
+    return None
 
 
 def _load_datasets(cfg: TrainConfig, size: int) -> dict:
@@ -150,7 +162,7 @@ class _Job:
         with open(result_path) as f:
             self.runs.append(json.load(f))
         if os.path.exists(snap_path):
-            self.snapshots[model] = torch.load(snap_path, weights_only=True)
+            self.snapshots[model] = _load_checkpoint(snap_path, "its weight histograms are left out of the report")
 
     def _pretrained(self, model: str, seed: int) -> dict:
         """The paper protocol's shared pre-training of this model and seed."""
@@ -165,8 +177,8 @@ class _Job:
     def _train(self, run: Run, ckpt_path: str, result_path: str) -> bool:
         """Train the run to its end from its checkpoint if any; False if it diverged (recorded)."""
         cfg = self.cfg
-        if os.path.exists(ckpt_path):
-            state = _load_checkpoint(ckpt_path, f"run {run.id} restarts from scratch")
+        if os.path.exists(ckpt_path) or os.path.exists(previous_path(ckpt_path)):
+            state = _load_checkpoint(ckpt_path, f"run {run.id} restarts from scratch", previous=True)
             if state is not None:
                 run.load_state_dict(state)
                 self.bar.update(run.epoch)
@@ -177,7 +189,7 @@ class _Job:
                 self.bar.update(1)
                 if self.writer and cfg.checkpoint_every and run.epoch % cfg.checkpoint_every == 0 \
                         and run.epoch < run.epochs:
-                    atomic_torch_save(run.state_dict(), ckpt_path)
+                    checked_torch_save(run.state_dict(), ckpt_path, keep_previous=True)
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(run)
         except RunDiverged as err:
@@ -194,12 +206,12 @@ class _Job:
             self.snapshots[run.model_name] = run.snapshots
         if self.writer:
             if run.snapshots:
-                atomic_torch_save(run.snapshots, snap_path)
+                checked_torch_save(run.snapshots, snap_path)
             if run.method == "baseline":  # the arms of this seed start from it
-                atomic_torch_save(run.state_dict(), self._path("pretrained", f"{run.model_name}-seed{run.seed}.pt"))
+                checked_torch_save(run.state_dict(), self._path("pretrained", f"{run.model_name}-seed{run.seed}.pt"))
         self.record(run.result(), result_path)
-        if self.writer and os.path.exists(ckpt_path):
-            os.remove(ckpt_path)
+        if self.writer:
+            remove_checked(ckpt_path)
 
 
 def run_job(cfg: TrainConfig, out_dir: str, *, resume: bool = False, progress: bool = True,
