@@ -5,13 +5,15 @@ Defaults, as torch.ao.pruning's: every floating parameter of 2 or more dims held
 embeddings or normalisation layers, never biases (1-D). `include` / `exclude` take module
 types and regular expressions searched in qualified parameter names ("h\\.\\d+\\.attn"); an
 included embedding is prunable. A parameter held by several modules (tied embeddings) is
-one weight with one mask, selected only if every module holding it is (an excluded or
-embedding owner keeps it dense unless `include` names it), whatever module its gradient
-comes through.
+one weight with one mask, selected only if every module holding it is (by default: none is an
+embedding or a norm and none is excluded; with `include`: include matches every holder, and a
+warning names the holders it missed), whatever module its gradient comes through. Every
+include/exclude rule and sparsity pattern must match some weight (a ValueError names it).
 """
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -79,22 +81,52 @@ def select(model: nn.Module, sparsity, *, include=None, exclude=None) -> list[Se
         for local, param in module.named_parameters(recurse=False):
             qualified = f"{module_name}.{local}" if module_name else local
             owners.setdefault(id(param), []).append((qualified, module, param))
-    chosen = []
-    for entries in owners.values():
+    weights = [entries for entries in owners.values()
+               if entries[0][2].dim() >= 2 and entries[0][2].is_floating_point()]
+    _check_every_rule_matches(weights, include, include_rules, "include")
+    _check_every_rule_matches(weights, exclude, exclude_rules, "exclude")
+    chosen, used_patterns = [], set()
+    for entries in weights:
         param = entries[0][2]
-        if param.dim() < 2 or not param.is_floating_point():
-            continue
         if include is not None:
-            selected = any(_matches(include_rules, m, q) for q, m, _ in entries)
+            # a shared weight (tied embeddings) is one weight: pruned only if every holder is included
+            matched = [_matches(include_rules, m, q) for q, m, _ in entries]
+            selected = all(matched)
+            if any(matched) and not selected:
+                held = ", ".join(f"{q} ({type(m).__name__})" for (q, m, _), hit in zip(entries, matched) if not hit)
+                warnings.warn(f"include selects {entries[matched.index(True)][0]} through one of its holders only: "
+                              f"it is also held by {held}, so it stays dense; name every holder in include to "
+                              f"prune it", UserWarning, stacklevel=3)
         else:
             selected = not any(isinstance(m, NEVER_BY_DEFAULT) for _, m, _ in entries)
         if not selected or any(_matches(exclude_rules, m, q) for q, m, _ in entries):
             continue
         names = [q for q, _, _ in entries]
-        value = next((s for pattern, s in per_pattern if any(pattern.search(n) for n in names)), None)
-        if value is not None:
-            chosen.append(Selected(min(names, key=_order(model)), param, value))
+        found = next(((i, s) for i, (pattern, s) in enumerate(per_pattern) if any(pattern.search(n) for n in names)),
+                     None)
+        if found is not None:
+            used_patterns.add(found[0])
+            chosen.append(Selected(min(names, key=_order(model)), param, found[1]))
+    if isinstance(sparsity, dict):
+        unused = [pattern for i, pattern in enumerate(sparsity) if i not in used_patterns]
+        if unused:
+            raise ValueError(f"sparsity pattern(s) {unused} match no weight selected for pruning (weights of 2 or "
+                             f"more dims; see dk.summary(model) for their names)")
     return chosen
+
+
+def _check_every_rule_matches(weights, given, rules, name: str) -> None:
+    """Every include/exclude rule must match some weight: a typo would otherwise prune all or nothing."""
+    if given is None:
+        return
+    types, patterns = rules
+    for rule in list(types) + list(patterns):
+        hit = any((isinstance(m, rule) if isinstance(rule, type) else bool(rule.search(q)))
+                  for entries in weights for q, m, _ in entries)
+        if not hit:
+            shown = rule.__name__ if isinstance(rule, type) else repr(rule.pattern)
+            raise ValueError(f"{name} rule {shown} matches no weight of the model (weights of 2 or more dims; "
+                             f"see dk.summary(model) for their names and module types)")
 
 
 def _order(model: nn.Module):
@@ -136,13 +168,12 @@ def masks_for(selected: list[Selected], *, scope: str = "layer") -> dict[torch.T
     return masks
 
 
-def summary(model: nn.Module, optimizer=None) -> str:
+def summary(model: nn.Module, masks=None) -> str:
     """A table, one row per weight of 2 or more dims: qualified name, module type, shape, elements,
     measured sparsity (exact zeros), whether the default scope prunes it, and where its mask
-    lives (a MaskedLinear module, or the optimizer: MaskedSGD or OptimizerMasks)."""
-    masks = {}
-    if optimizer is not None:
-        masks = {id(p): "optimizer" for p in getattr(optimizer, "masks", {})}
+    lives (a MaskedLinear module, or "optimizer": one of `masks`, applied around the step). masks: None, a DSDScheduler, a
+    MaskedSGD/MaskedAdamW, an OptimizerMasks, or a {param: Mask} dict."""
+    masks = {id(p): "optimizer" for p in _masks_of(masks)}
     default = {id(s.param) for s in select(model, 0.5)}
     rows = [("weight", "module", "shape", "elements", "zeros", "default scope", "mask")]
     seen = set()
@@ -159,6 +190,17 @@ def summary(model: nn.Module, optimizer=None) -> str:
                          "pruned" if id(p) in default else "dense", mask))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _masks_of(source) -> dict:
+    """The {param: Mask} of whatever holds masks; a TypeError for anything it cannot read."""
+    if source is None:
+        return {}
+    held = source if isinstance(source, dict) else getattr(source, "masks", None)
+    if not isinstance(held, dict) or not all(isinstance(p, torch.Tensor) for p in held):
+        raise TypeError(f"summary: masks must be a DSDScheduler, MaskedSGD/MaskedAdamW, OptimizerMasks or a "
+                        f"{{param: Mask}} dict, got {type(source).__name__}")
+    return held
 
 
 def adopt_torch_prune(model: nn.Module) -> dict:

@@ -188,6 +188,11 @@ def test_cli_quick_end_to_end(tmp_path, capsys):
     assert cli.main(["train", "--quick", "--out", out, "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "DSD - baseline" in printed and "DSD - llr" in printed and "cnn2d on digits" in printed
+    assert printed.lstrip().startswith("QUICK RUN (--quick)")  # a smoke run is marked as such
+    with open(os.path.join(out, "report.md")) as f:
+        assert f.readline().strip() == "# DSD vs its baselines (quick run)"
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["quick"] is True
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
     assert set(report) >= {"config", "runs", "summary"} and report["config"]["protocol"] == "paper"

@@ -262,7 +262,7 @@ def test_summary_lists_every_weight_with_its_scope_and_mask():
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     dsd = DSDScheduler(opt, model=model, dense_epochs=1, sparse_epochs=1, redense_epochs=1, sparsity=0.5)
     dsd.step()
-    lines = dk.summary(model, dsd.optimizer_masks).splitlines()
+    lines = dk.summary(model, dsd).splitlines()
     assert lines[0].split() == ["weight", "module", "shape", "elements", "zeros", "default", "scope", "mask"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert set(rows) == {"emb.weight", "conv.weight", "mlp.weight", "proj.weight"}  # head is emb's

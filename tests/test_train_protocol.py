@@ -275,3 +275,46 @@ def test_bad_arguments_fail_before_anything_is_written(tmp_path, argv, match, ca
     assert cli.main(["train", *argv, "--out", str(out), "--no-progress"]) == 2
     assert match in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_train_samples_holding_too_few_classes_is_refused(tmp_path, capsys):
+    """--train-samples takes the first rows: with labels sorted, they may be one class."""
+    path = str(tmp_path / "sorted.npz")
+    rng = np.random.default_rng(0)
+    np.savez(path, x_train=rng.normal(size=(60, 4)), y_train=np.repeat(np.arange(3), 20),
+             x_test=rng.normal(size=(12, 4)), y_test=np.arange(12) % 3)
+    assert cli.main(["train", "--data", path, "--train-samples", "20", "--out", str(tmp_path / "o"),
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--train-samples 20" in err and "only the classes {0} (1 of 3)" in err
+    assert not os.path.exists(tmp_path / "o")  # refused before anything is written
+
+
+def test_out_naming_a_file_is_a_one_line_error(tmp_path, capsys):
+    target = tmp_path / "a-file"
+    target.write_text("keep me")
+    for flag in ("--out", "--resume"):
+        assert cli.main(["train", flag, str(target), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{flag} {target} is a file, not a folder" in err
+    assert target.read_text() == "keep me"
+
+
+def test_sigint_prints_where_the_checkpoints_are_and_exits_130(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "job"
+    proc = subprocess.Popen([sys.executable, "-m", "dsd_kernels.app.cli", "train", "--model", "mlp", "--seeds", "1",
+                             "--epochs", "50", "50", "50", "--checkpoint-every", "1", "--out", str(out),
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not glob.glob(str(out / "checkpoints" / "*.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert f"continue with: dsd-kernels train --resume {out}" in stderr
+    assert f"checkpoints every 1 epochs in {out / 'checkpoints'}" in stderr

@@ -207,15 +207,24 @@ def _cmd_train(args, argv: list[str] | None = None) -> int:
         elif args.data not in (None, "mnist1d"):
             cfg.train_samples = None  # the whole training set of other data
         if args.quick:
+            cfg.quick = True
             cfg.epochs = args.epochs and list(args.epochs) or [3, 3, 3]
             cfg.seeds = min(cfg.seeds, 2)
             if args.train_samples is None and args.data in (None, "mnist1d"):
                 cfg.train_samples = 500
         out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    if os.path.exists(out) and not os.path.isdir(out):
+        return fail(f"{'--resume' if args.resume else '--out'} {out} is a file, not a folder")
     try:
         report = run_job(cfg, out, resume=bool(args.resume), progress=not args.no_progress, given=given)
     except ValueError as err:
         return fail(str(err))
+    except KeyboardInterrupt:
+        kept = (f"checkpoints every {cfg.checkpoint_every} epochs in {os.path.join(out, 'checkpoints')}"
+                if cfg.checkpoint_every else "no checkpoints (--checkpoint-every 0): unfinished runs restart")
+        print(f"\ndsd-kernels train: interrupted; finished runs are in {os.path.join(out, 'runs')}, {kept}; "
+              f"continue with: dsd-kernels train --resume {out}", file=sys.stderr)
+        return 130
     finally:
         if device is not None:
             torch.distributed.destroy_process_group()

@@ -38,6 +38,7 @@ class TrainConfig:
     device: str = "cpu"
     checkpoint_every: int = 0
     nproc: int = 1
+    quick: bool = False  # --quick: a smoke run (few epochs and samples), not the protocol's result
 
     def __post_init__(self):
         if self.epochs is None and self.protocol in DEFAULT_EPOCHS:

@@ -129,6 +129,12 @@ def load_data(spec: str = "mnist1d", train_samples: int | None = None) -> Datase
         if not 1 <= train_samples <= len(x_train):
             raise ValueError(f"--train-samples must be in [1, {len(x_train)}] for {spec}, got {train_samples}")
         x_train, y_train = x_train[:train_samples], y_train[:train_samples]
+        found = np.unique(y_train)
+        if len(found) < num_classes:  # e.g. a file sorted by label: the job would learn one class
+            shown = ", ".join(str(int(c)) for c in found[:10]) + (", ..." if len(found) > 10 else "")
+            raise ValueError(f"--train-samples {train_samples}: the first {train_samples} training rows of {spec} "
+                             f"hold only the classes {{{shown}}} ({len(found)} of {num_classes}); every class "
+                             f"must be trained on: shuffle the data or take more rows")
     x_train, x_test = _standardise(spec, x_train, x_test)
     as_x = lambda a: torch.from_numpy(a.astype(np.float32))  # noqa: E731
     as_y = lambda a: torch.from_numpy(a.astype(np.int64))  # labels checked < num_classes: no overflow  # noqa: E731

@@ -65,7 +65,7 @@ def _describe(cfg: dict) -> str:
 
 def format_table(report: dict) -> str:
     cfg = report["config"]
-    lines = []
+    lines = ["QUICK RUN (--quick): a smoke test of the job, not a result to quote", ""] if cfg.get("quick") else []
     for model, entry in report["summary"].items():
         data = entry.get("data", cfg.get("data"))
         # --train-samples applies to --data, or to MNIST-1D when each model takes its own data
@@ -93,8 +93,11 @@ def format_table(report: dict) -> str:
 
 def _markdown(report: dict) -> str:
     cfg = report["config"]
-    out = ["# DSD vs its baselines", "",
-           f"{_describe(cfg)}; models {', '.join(cfg['models'])}; {cfg['seeds']} seeds; "
+    out = ["# DSD vs its baselines" + (" (quick run)" if cfg.get("quick") else ""), ""]
+    if cfg.get("quick"):
+        out += [f"**A --quick run** (epochs {cfg['epochs']}, {cfg.get('train_samples') or 'all'} training samples, "
+                f"{cfg['seeds']} seeds): a smoke test of the job, not a result to quote.", ""]
+    out += [f"{_describe(cfg)}; models {', '.join(cfg['models'])}; {cfg['seeds']} seeds; "
            f"{cfg.get('optimizer', 'sgd').upper()} lr {cfg['lr']}, momentum {cfg['momentum']}, weight decay "
            f"{cfg['weight_decay']}, batch {cfg['batch_size']}; device {cfg['device']}.", ""]
     for model, entry in report["summary"].items():

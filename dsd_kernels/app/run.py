@@ -84,7 +84,7 @@ class Run:
             if paper:
                 for group in self.optimizer.param_groups:
                     group["lr"] = cfg.lr * cfg.sparse_lr_scale
-            self.dsd = DSDScheduler(self.optimizer, dense_epochs=dense, sparse_epochs=sparse,
+            self.dsd = DSDScheduler(self.optimizer, model=self.model, dense_epochs=dense, sparse_epochs=sparse,
                                     redense_epochs=redense, sparsity=cfg.sparsity, cycles=cfg.cycles,
                                     redense_lr_scale=scale / (cfg.sparse_lr_scale if paper else 1.0))
             if paper:  # the dense phase was the pre-training: prune now

@@ -19,6 +19,8 @@ followed by redense_epochs re-dense epochs (cycles=2 gives DSDSD).
 """
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +72,13 @@ class PhasePlan:
         return plan
 
 
+def _warn_no_model(optimizer_name: str) -> None:
+    warnings.warn(f"DSDScheduler({optimizer_name}) without model=: every weight of 2 or more dims the optimizer "
+                  f"holds is pruned, embeddings and norms included, since module types cannot be known; pass "
+                  f"model=your_model for the default scope (Linear, Conv and other weights; never embeddings or "
+                  f"norms), as the trainer callbacks use", UserWarning, stacklevel=3)
+
+
 def checked_plan(dense_epochs, sparse_epochs, redense_epochs, cycles, *, unit, scope,
                  redense_lr_scale) -> PhasePlan:
     """The schedule's arguments checked (one set of errors for DSDScheduler and the trainer
@@ -80,8 +89,8 @@ def checked_plan(dense_epochs, sparse_epochs, redense_epochs, cycles, *, unit, s
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
     if isinstance(redense_lr_scale, bool) or not isinstance(redense_lr_scale, (int, float)) \
-            or not redense_lr_scale > 0:
-        raise ValueError(f"redense_lr_scale must be a positive number, got {redense_lr_scale!r}")
+            or not (math.isfinite(redense_lr_scale) and redense_lr_scale > 0):
+        raise ValueError(f"redense_lr_scale must be a positive finite number, got {redense_lr_scale!r}")
     return plan
 
 
@@ -106,16 +115,25 @@ class DSDScheduler:
                                  redense_lr_scale=redense_lr_scale)
         holds_masks = callable(getattr(optimizer, "prune", None)) and \
             callable(getattr(optimizer, "set_masks", None)) and callable(getattr(optimizer, "clear_masks", None))
-        if model is None and (not holds_masks or include is not None or exclude is not None
-                              or isinstance(sparsity, dict) or scope != "layer"):
-            raise TypeError(f"optimizer {type(optimizer).__name__} cannot hold masks, or the scope "
-                            f"arguments need the module names: pass model= (any optimizer then "
-                            f"works), or use dsd_kernels.optim.MaskedSGD")
+        if model is None and not holds_masks:
+            raise TypeError(f"optimizer {type(optimizer).__name__} cannot hold masks: pass model= (masks are "
+                            f"then applied around its step: any optimizer works), or use MaskedSGD/MaskedAdamW")
+        if model is None:
+            needs_model = [name for name, given in (("include", include is not None), ("exclude", exclude is not None),
+                                                    ("a sparsity dict", isinstance(sparsity, dict)),
+                                                    (f"scope={scope!r}", scope != "layer")) if given]
+            if needs_model:
+                raise TypeError(f"{' and '.join(needs_model)} need model= (the module names and types they "
+                                f"select by): DSDScheduler(optimizer, model=model, ...)")
+            _warn_no_model(type(optimizer).__name__)
         self.model, self.include, self.exclude, self.scope = model, include, exclude, scope
         self.selected = None
         if model is not None:  # checked now: every argument error before training starts
             from ..scope import select
             self.selected = select(model, sparsity, include=include, exclude=exclude)
+            if not self.selected:
+                raise ValueError("the scope selects no weight of the model to prune (include, exclude and sparsity "
+                                 "together); see dk.summary(model) for the weights and their module types")
             held = {id(p) for g in optimizer.param_groups for p in g["params"]}
             missing = [s.name for s in self.selected if id(s.param) not in held]
             if missing:
@@ -248,6 +266,14 @@ class DSDScheduler:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the schedule's position; the whole state is checked (a ValueError naming the
+        key) before anything changes."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state).__name__}")
+        missing = [k for k in ("epoch", "lr_scaled", "dense_epochs", "sparse_epochs", "redense_epochs", "cycles",
+                               "sparsity", "redense_lr_scale") if k not in state]
+        if missing:
+            raise ValueError(f"state_dict lacks {', '.join(missing)}: not a DSDScheduler state")
         plan = ("dense_epochs", "sparse_epochs", "redense_epochs", "cycles", "sparsity")
         for key in plan:
             if state[key] != getattr(self, key):
@@ -256,8 +282,16 @@ class DSDScheduler:
         if state.get("unit", "epoch") != self.unit:
             raise ValueError(f"state_dict has unit={state.get('unit', 'epoch')!r} but this scheduler "
                              f"has {self.unit!r}")
+        epoch = state["epoch"]
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= self.total_epochs:
+            raise ValueError(f"state_dict has epoch={epoch!r}: expected an int in [0, {self.total_epochs}]")
+        if not isinstance(state["lr_scaled"], bool):
+            raise ValueError(f"state_dict has lr_scaled={state['lr_scaled']!r}: expected a bool")
+        scale = state["redense_lr_scale"]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"state_dict has redense_lr_scale={scale!r}: expected a positive finite number")
         if self.optimizer_masks is not None:
             self.optimizer_masks.load_state_dict(state.get("masks", {}))
-        self.epoch = int(state["epoch"])
-        self.lr_scaled = bool(state["lr_scaled"])
-        self.redense_lr_scale = float(state["redense_lr_scale"])
+        self.epoch = epoch
+        self.lr_scaled = state["lr_scaled"]
+        self.redense_lr_scale = float(scale)
