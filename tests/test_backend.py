@@ -262,3 +262,20 @@ def test_use_backend_is_per_thread():
     finally:
         dk.set_backend(None)
     assert _backend._forced is None
+
+
+def test_bench_writes_under_runs_by_default_and_never_over_a_file_unasked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    quick = ["bench", "--ops", "masked_linear", "--device", "cpu", "--min-run-time", "0.01", "--backends", "torch",
+             "--linear-shapes", "16x32x32"]
+    assert cli.main(quick) == 0
+    written = list((tmp_path / "runs").glob("bench-*/cpu-*.json"))
+    assert len(written) == 1 and f"wrote {written[0]}" in capsys.readouterr().out
+    target = tmp_path / "kept.json"
+    target.write_text(json.dumps({"environment": {}, "results": [{"op": "other", "case": "kept"}]}))
+    assert cli.main(quick + ["--out", str(target)]) == 2
+    assert "exists; pass --merge" in capsys.readouterr().err
+    assert json.loads(target.read_text())["results"] == [{"op": "other", "case": "kept"}]  # untouched
+    assert cli.main(quick + ["--out", str(target), "--merge"]) == 0
+    cases = [(r["op"], r["case"]) for r in json.loads(target.read_text())["results"]]
+    assert cases[0] == ("other", "kept") and len(cases) > 1

@@ -301,3 +301,31 @@ def test_dsd_scheduler_drives_masked_adamw_and_channels_last_weights():
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
     assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert all(z < e for z, e in zip(zeros[2], zeros[1]))  # pruned weights train again
+
+
+@pytest.mark.parametrize("impl", [{}, {"foreach": True}, {"foreach": False}, {"fused": True}],
+                         ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "default")
+@pytest.mark.parametrize("cls,torch_cls,kwargs", [
+    (MaskedAdamW, torch.optim.AdamW, dict(lr=1e-2)),
+    (__import__("dsd_kernels").optim.MaskedSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.1)),
+], ids=["MaskedAdamW", "MaskedSGD"])
+def test_a_parameter_listed_twice_steps_as_torch_steps_it(cpu_backend, cls, torch_cls, kwargs, impl):
+    """torch warns and steps it once per listing (list-wise under foreach): the same bits, masked too."""
+    torch.manual_seed(0)
+    theirs, other = torch.nn.Parameter(torch.randn(5, 40)), torch.nn.Parameter(torch.randn(3))
+    keep = torch.rand(5, 40) > 0.5
+    with torch.no_grad():
+        theirs.mul_(keep)
+    ours, ours_other = torch.nn.Parameter(theirs.detach().clone()), torch.nn.Parameter(other.detach().clone())
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt_theirs = torch_cls([theirs, theirs, other], **kwargs, **impl)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt_ours = cls([ours, ours, ours_other], **kwargs, **impl)
+    opt_ours.set_masks({ours: keep})
+    for _ in range(3):
+        grad, grad_other = torch.randn(5, 40), torch.randn(3)
+        theirs.grad, ours.grad = grad * keep, grad.clone()
+        other.grad, ours_other.grad = grad_other.clone(), grad_other.clone()
+        opt_theirs.step()
+        opt_ours.step()
+    assert torch.equal(ours.detach(), theirs.detach()) and torch.equal(ours_other.detach(), other.detach())

@@ -133,26 +133,49 @@ def test_channels_last_and_non_contiguous_params_step_in_place(cpu_backend, layo
     check_layout_steps_in_place(MaskedSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.01), layout)
 
 
-def test_complex_params_step_through_their_real_view(cpu_backend):
+@pytest.mark.parametrize("impl", IMPLS[:3], ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "default")
+@pytest.mark.parametrize("config", SGD_INFO.optim_inputs_func(device="cpu", dtype=torch.complex64), ids=lambda c: c.desc)
+def test_complex_params_are_bit_identical_to_sgd(cpu_backend, config, impl):
+    """complex64: torch's own arithmetic (complex products rounded apart), masked or not."""
+    kwargs = {**fresh_kwargs(config.kwargs), **impl}
     g = torch.Generator().manual_seed(5)
     z = torch.randn(6, 7, dtype=torch.complex64, generator=g)
     ours_param, their_param = torch.nn.Parameter(z.clone()), torch.nn.Parameter(z.clone())
+    plain_ours, plain_theirs = torch.nn.Parameter(z[0].clone()), torch.nn.Parameter(z[0].clone())
     keep = torch.rand(6, 7, generator=g) > 0.5
-    ours = MaskedSGD([ours_param], lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True)
+    ours = MaskedSGD([ours_param, plain_ours], **kwargs)
     ours.set_masks({ours_param: keep})  # one bit per complex element
-    theirs = torch.optim.SGD([their_param], lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True)
+    theirs = torch.optim.SGD([their_param, plain_theirs], **kwargs)
     with torch.no_grad():
         their_param.masked_fill_(~keep, 0)
     for step in range(3):
-        grad = torch.randn(6, 7, dtype=torch.complex64, generator=g)
-        ours_param.grad = grad.clone()
-        their_param.grad = torch.where(keep, grad, torch.zeros_like(grad))
+        grad, plain = torch.randn(6, 7, dtype=torch.complex64, generator=g), torch.randn(7, dtype=torch.complex64,
+                                                                                            generator=g)
+        ours_param.grad, plain_ours.grad = grad.clone(), plain.clone()
+        their_param.grad, plain_theirs.grad = torch.where(keep, grad, torch.zeros_like(grad)), plain.clone()
         ours.step()
         theirs.step()
-    # torch's complex ops round each product before adding (no fused multiply-add); the real
-    # view steps with SGD's real arithmetic, so the last bit may differ
-    torch.testing.assert_close(ours_param.detach(), their_param.detach(), rtol=1e-6, atol=1e-7)
+    assert_same_bits(torch.view_as_real(ours_param.detach()), torch.view_as_real(their_param.detach()), "masked")
+    assert_same_bits(torch.view_as_real(plain_ours.detach()), torch.view_as_real(plain_theirs.detach()), "plain")
     assert bool((ours_param.detach()[~keep] == 0).all())
+
+
+@pytest.mark.parametrize("kwargs", [dict(lr=0.5), dict(lr=0.5, momentum=0.9), dict(lr=0.5, momentum=0.9, nesterov=True),
+                                    dict(lr=0.5, maximize=True), dict(lr=0.5, momentum=0.9, dampening=0.5)],
+                         ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
+def test_sparse_gradients_are_bit_identical_to_sgd(cpu_backend, kwargs):
+    """An embedding's uncoalesced sparse gradient, added as torch adds it (entry by entry)."""
+    torch.manual_seed(0)
+    emb_ours = torch.nn.Embedding(20, 6, sparse=True)
+    emb_theirs = copy.deepcopy(emb_ours)
+    ours, theirs = MaskedSGD(emb_ours.parameters(), **kwargs), torch.optim.SGD(emb_theirs.parameters(), **kwargs)
+    for step in range(3):
+        idx = torch.randint(0, 20, (9,), generator=torch.Generator().manual_seed(step))  # repeated rows
+        for emb, opt in ((emb_ours, ours), (emb_theirs, theirs)):
+            opt.zero_grad()
+            emb(idx).pow(2).sum().backward()
+            opt.step()
+    assert_same_bits(emb_ours.weight.detach(), emb_theirs.weight.detach(), "embedding")
 
 
 def test_sparse_gradients_of_an_embedding(cpu_backend):
@@ -160,9 +183,9 @@ def test_sparse_gradients_of_an_embedding(cpu_backend):
     emb_ours = torch.nn.Embedding(20, 6, sparse=True)
     emb_theirs = copy.deepcopy(emb_ours)
     keep = torch.rand(20, 6) > 0.5
-    ours = MaskedSGD(emb_ours.parameters(), lr=0.5)
+    ours = MaskedSGD(emb_ours.parameters(), lr=0.5, momentum=0.9)
     ours.set_masks({emb_ours.weight: keep})
-    theirs = torch.optim.SGD(emb_theirs.parameters(), lr=0.5)
+    theirs = torch.optim.SGD(emb_theirs.parameters(), lr=0.5, momentum=0.9)
     with torch.no_grad():
         emb_theirs.weight.mul_(keep)
     for step in range(3):
@@ -174,8 +197,11 @@ def test_sparse_gradients_of_an_embedding(cpu_backend):
             if opt is theirs:
                 emb.weight.grad = (emb.weight.grad.to_dense() * keep).to_sparse()
             opt.step()
+    # the reference's masked gradient is coalesced (to_sparse), ours is added entry by entry
     torch.testing.assert_close(emb_ours.weight, emb_theirs.weight, rtol=0, atol=1e-6)
     assert bool((emb_ours.weight.detach()[~keep] == 0).all())
+    buf = ours.state[emb_ours.weight]["momentum_buffer"]  # sparse, as torch keeps it, pruned entries 0
+    assert bool((buf.to_dense()[~keep] == 0).all())
 
 
 def test_differentiable_mode_is_traced_by_autograd():

@@ -66,7 +66,15 @@ def _cmd_bench(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     suites = args.ops or list(B.CASE_FACTORIES)
     results = []
-    out = args.out or f"benchmarks/results/{B.device_label(device)}.json"
+    import time
+    out = args.out or os.path.join("runs", f"bench-{time.strftime('%Y%m%d-%H%M%S')}", f"{B.device_label(device)}.json")
+    if os.path.isdir(out):
+        print(f"dsd-kernels bench: error: --out {out} is a folder; name the results file", file=sys.stderr)
+        return 2
+    if os.path.exists(out) and not args.merge:
+        print(f"dsd-kernels bench: error: --out {out} exists; pass --merge to update its cases (the others are "
+              f"kept), or name another file", file=sys.stderr)
+        return 2
     env = B.environment(device)
     print(f"timing our backends {args.backends or B.benchmark_backends(device)} against the "
           f"torch baselines on {device}, into {out}")
@@ -81,7 +89,7 @@ def _cmd_bench(args) -> int:
             results.append(r)
             # after every case: a run cut short (a time-boxed GPU lease) keeps what it timed
             B.write_results(out, env, results)
-    print(f"wrote {out}")
+    print(f"wrote {os.path.abspath(out)}")
     return 0
 
 
@@ -299,7 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linear-shapes", nargs="*", type=_linear_shape, metavar="TOKENSxINxOUT",
                    help="masked_linear shapes, e.g. 512x1024x1024 (default: the suite's)")
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per timing (default 0.5)")
-    p.add_argument("--out", help="results JSON (default benchmarks/results/<device>.json)")
+    p.add_argument("--out", help="results JSON (default runs/bench-<timestamp>/<device>.json)")
+    p.add_argument("--merge", action="store_true",
+                   help="--out exists: replace the cases timed now and keep the others (how "
+                        "benchmarks/results/<device>.json is updated one op at a time)")
     p.add_argument("--predict", choices=["h100", "a100", "h200"],
                    help="print the cost model's predicted GPU times instead of measuring (no GPU needed)")
     p.set_defaults(func=_cmd_bench)

@@ -133,11 +133,19 @@ def masked_sgd_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0, dam
             raise TypeError(f"params[{i}] has dtype {p.dtype}; SGD needs floating or complex parameters")
         if g.device != p.device:
             raise ValueError(f"grads[{i}] is on {g.device} but params[{i}] is on {p.device}")
+    # complex parameters and sparse gradients: torch's own arithmetic (complex products rounded
+    # apart, an uncoalesced gradient added entry by entry), then the pruned entries zeroed
+    by_torch = [i for i, (p, g) in enumerate(zip(params, grads)) if p.is_complex() or g.layout != torch.strided]
+    if by_torch:
+        _torch_arithmetic_step(by_torch, params, grads, momentum_buffers, masks, lr=lr, momentum=momentum,
+                               dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
     # per device (the kernels take one device per call), each parameter as a contiguous
     # real tensor: its storage-order view where it has one, a copy written back otherwise
     by_device: dict[torch.device, list[int]] = {}
+    skip = set(by_torch)
     for i, p in enumerate(params):
-        by_device.setdefault(p.device, []).append(i)
+        if i not in skip:
+            by_device.setdefault(p.device, []).append(i)
     for device, index in by_device.items():
         steps, write_back, first, words = [], [], [], []
         for i in index:
@@ -167,3 +175,40 @@ def masked_sgd_(params, grads, momentum_buffers, masks, *, lr, momentum=0.0, dam
         for target, stepped in write_back:
             target.copy_(stepped)
 
+
+
+def _torch_arithmetic_step(index, params, grads, momentum_buffers, masks, **hyper) -> None:
+    """torch.optim.SGD's single-tensor step (its functional form) on params[index], then their
+    pruned entries zeroed, momentum buffers included (a sparse buffer, as torch keeps one for
+    sparse gradients, through its values). Created buffers are written into momentum_buffers."""
+    from torch.optim.sgd import sgd as torch_sgd
+
+    from .apply_masks import apply_masks_
+
+    bufs = [momentum_buffers[i] for i in index]
+    sub_grads = [grads[i] for i in index]
+    with torch.no_grad():
+        torch_sgd([params[i].detach() for i in index], sub_grads, bufs, foreach=False,
+                  has_sparse_grad=any(g.layout != torch.strided for g in sub_grads), **hyper)
+        for k, i in enumerate(index):
+            if hyper["momentum"] != 0:
+                momentum_buffers[i] = bufs[k]
+            if masks[i] is None:
+                continue
+            mask = as_mask(masks[i], params[i], f"masks[{i}]")
+            dense = [params[i].detach()] + ([bufs[k]] if bufs[k] is not None and bufs[k].layout == torch.strided
+                                              else [])
+            apply_masks_(dense, [mask] * len(dense))
+            if bufs[k] is not None and bufs[k].is_sparse:
+                _zero_pruned_entries_of_sparse(bufs[k], mask.to_bool().to(bufs[k].device))
+
+
+def _zero_pruned_entries_of_sparse(t: Tensor, keep: Tensor) -> None:
+    """The pruned entries of a sparse COO tensor set to +0 in place, through its values (so the
+    kept ones keep their bits and the tensor its structure)."""
+    values = t._values()
+    kept = keep[tuple(t._indices())]  # (nnz, *dense dims)
+    if values.is_complex():
+        values = torch.view_as_real(values)
+        kept = kept.unsqueeze(-1).expand(values.shape)
+    values.masked_fill_(~kept, 0)

@@ -26,6 +26,23 @@ class MaskedParams:
     """
 
     # torch.optim.Optimizer pickles (and deep-copies) only defaults, state and param groups
+    def _torch_step(self, torch_cls, closure):
+        """torch_cls's own step on this optimizer, without running the step hooks again: torch
+        wraps each optimizer class's step in the hook runner once an instance of it exists, and
+        this runs inside our own class's wrapper."""
+        step = torch_cls.step
+        if getattr(step, "hooked", False):
+            step = step.__wrapped__
+        return step(self, closure)
+
+    @staticmethod
+    def _lists_a_param_twice(group: dict) -> bool:
+        """A parameter listed twice in a group (torch warns, then steps it once per listing, one
+        after the other): the kernels take each tensor once, so such a group takes the per-tensor
+        path, which steps as torch's does."""
+        params = group["params"]
+        return len({id(p) for p in params}) != len(params)
+
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_masks": self._masks}
 

@@ -75,13 +75,14 @@ class MaskedAdamW(MaskedParams, torch.optim.AdamW):
     def _op_arithmetic(self, group: dict) -> str | None:
         """Which arithmetic of the op reproduces the step torch would take for this group:
         "foreach" (torch's single-tensor/foreach bits), "fused" (its fused kernel's, CPU only), or
-        None: not for capturable, differentiable or tensor hyper-parameters, nor for
+        None: not for capturable, differentiable or tensor hyper-parameters or a parameter listed
+        twice, nor for
         foreach=False on CUDA (torch's single-tensor CUDA kernels round otherwise than its foreach
         ones, which the op follows there; on CPU the two give the same bits, except in fp16:
         single-tensor fp16 on CPU, the default there, is None too), nor for fused=True
         on CUDA or under a GradScaler (which hands the fused step its scale and inf flag)."""
         beta1, beta2 = group["betas"]
-        if (group["capturable"] or group["differentiable"]
+        if (group["capturable"] or group["differentiable"] or self._lists_a_param_twice(group)
                 or any(isinstance(v, Tensor) for v in (group["lr"], beta1, beta2, group["weight_decay"]))):
             return None
         on_cuda = any(p.is_cuda for p in group["params"])
@@ -164,12 +165,7 @@ class MaskedAdamW(MaskedParams, torch.optim.AdamW):
         return True
 
     def _torch_step_then_mask(self, closure):
-        # AdamW's step without the hooks: torch wraps each optimizer class's step in the hook
-        # runner once an instance of that class exists, and this step runs inside our own wrapper
-        adamw_step = torch.optim.AdamW.step
-        if getattr(adamw_step, "hooked", False):
-            adamw_step = adamw_step.__wrapped__
-        loss = adamw_step(self, closure)
+        loss = self._torch_step(torch.optim.AdamW, closure)
         if self._masks:
             if self.defaults["differentiable"]:  # keep the re-masking on the autograd graph
                 for p, m in self._masks.items():

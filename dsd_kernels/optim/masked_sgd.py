@@ -16,6 +16,7 @@ from ..ops._common import as_tensor_list
 from ..ops.masked_sgd import check_sgd_hyperparameters
 from ..ops._plan import KernelPlan
 from ._masked_params import MaskedParams, NotReady
+from .masking import zero_pruned
 
 
 def masked_sgd(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None],
@@ -84,6 +85,14 @@ class MaskedSGD(MaskedParams, torch.optim.SGD):
 
     # ------------------------------------------------------------ step
     def step(self, closure=None):
+        if any(self._lists_a_param_twice(g) for g in self.param_groups):
+            # torch steps such a parameter once per listing, with its foreach ops applied list-wise:
+            # its own step on the raw gradients, then the pruned entries zeroed (elementwise, the
+            # kept ones are those of SGD on the masked gradients)
+            loss = self._torch_step(torch.optim.SGD, closure)
+            if self._masks:
+                zero_pruned(self, self._masks, params=True)
+            return loss
         loss = None
         if closure is not None:
             with torch.enable_grad():
