@@ -23,6 +23,7 @@ TORCH_LIBRARY(dsd_kernels_cpp, m) {
   m.def(kMagnitudeSelect);
   m.def(kRadixHistogram);
   m.def(kThresholdMasks);
+  m.def(kNmMasks);
   m.def(kApplyMasks);
   m.def(kMaskedSgd);
   m.def(kMaskedAdamw);

@@ -12,6 +12,8 @@ constexpr const char* kRadixHistogram =
     "float[] quantiles) -> (Tensor, Tensor[], int[])";
 constexpr const char* kThresholdMasks =
     "threshold_masks(Tensor[] tensors, int[] keys, int[] prune_ties, int[] ties) -> Tensor[]";
+// N:M keep-masks: in every M consecutive weights of a row the N largest |w| (csrc/cpu/nm_masks.cpp)
+constexpr const char* kNmMasks = "nm_masks(Tensor[] tensors, int n, int m) -> Tensor[]";
 // zero the pruned entries of many tensors in place (CPU only: dsd_kernels/optim/masking.py)
 constexpr const char* kApplyMasks = "apply_masks_(Tensor(a!)[] tensors, Tensor[] mask_words) -> ()";
 constexpr const char* kMaskedSgd =

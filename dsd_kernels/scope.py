@@ -140,7 +140,7 @@ def masks_for(selected: list[Selected], *, scope: str = "layer") -> dict[torch.T
     lowest index first in the weights' concatenation), which needs one sparsity for all."""
     if not selected:
         return {}
-    if scope == "layer":
+    if scope == "layer" or all(isinstance(s.sparsity, str) for s in selected):  # N:M is per group anyway
         by_device: dict[torch.device, list[Selected]] = {}
         for s in selected:
             by_device.setdefault(s.param.device, []).append(s)

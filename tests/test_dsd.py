@@ -299,7 +299,7 @@ def test_scheduler_takes_any_real_sparsity(sparsity):
     assert s.sparsity == 0.5 and type(s.sparsity) is float
     s.step()
     assert all(abs(m.sparsity - 0.5) < 0.02 for m in opt.masks.values())
-    with pytest.raises(TypeError, match="sparsity must be a float, got str"):
+    with pytest.raises(ValueError, match="sparsity '0.5' is not an N:M pattern"):
         DSDScheduler(opt, dense_epochs=1, sparse_epochs=1, redense_epochs=1, sparsity="0.5")
 
 

@@ -281,13 +281,17 @@ def test_train_samples_holding_too_few_classes_is_refused(tmp_path, capsys):
     """--train-samples takes the first rows: with labels sorted, they may be one class."""
     path = str(tmp_path / "sorted.npz")
     rng = np.random.default_rng(0)
-    np.savez(path, x_train=rng.normal(size=(60, 4)), y_train=np.repeat(np.arange(3), 20),
+    np.savez(path, x_train=rng.normal(size=(60, 4)), y_train=np.repeat(np.arange(3), 20),  # sorted
              x_test=rng.normal(size=(12, 4)), y_test=np.arange(12) % 3)
     assert cli.main(["train", "--data", path, "--train-samples", "20", "--out", str(tmp_path / "o"),
                      "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "--train-samples 20" in err and "only the classes {0} (1 of 3)" in err
     assert not os.path.exists(tmp_path / "o")  # refused before anything is written
+    # 40 rows (at least 10 per class) must hold all three; classes 0 and 1 only is refused too
+    assert cli.main(["train", "--data", path, "--train-samples", "40", "--out", str(tmp_path / "o"),
+                     "--no-progress"]) == 2
+    assert "only the classes {0, 1} (2 of 3)" in capsys.readouterr().err
 
 
 def test_out_naming_a_file_is_a_one_line_error(tmp_path, capsys):

@@ -130,11 +130,14 @@ def load_data(spec: str = "mnist1d", train_samples: int | None = None) -> Datase
             raise ValueError(f"--train-samples must be in [1, {len(x_train)}] for {spec}, got {train_samples}")
         x_train, y_train = x_train[:train_samples], y_train[:train_samples]
         found = np.unique(y_train)
-        if len(found) < num_classes:  # e.g. a file sorted by label: the job would learn one class
+        # e.g. a file sorted by label: the job would learn one class. Every class where the rows
+        # are enough for shuffled data to hold them all (10 per class), two at least otherwise
+        if len(found) < (num_classes if train_samples >= 10 * num_classes else 2):
             shown = ", ".join(str(int(c)) for c in found[:10]) + (", ..." if len(found) > 10 else "")
             raise ValueError(f"--train-samples {train_samples}: the first {train_samples} training rows of {spec} "
                              f"hold only the classes {{{shown}}} ({len(found)} of {num_classes}); every class "
-                             f"must be trained on: shuffle the data or take more rows")
+                             f"must be trained on (two at least below {10 * num_classes} rows): shuffle the data or "
+                             f"take more rows")
     x_train, x_test = _standardise(spec, x_train, x_test)
     as_x = lambda a: torch.from_numpy(a.astype(np.float32))  # noqa: E731
     as_y = lambda a: torch.from_numpy(a.astype(np.int64))  # labels checked < num_classes: no overflow  # noqa: E731

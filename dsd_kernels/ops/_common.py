@@ -3,6 +3,7 @@ the layers above it): tensor lists, sparsities, DTensor detection and the kernel
 from __future__ import annotations
 
 import numbers
+import re
 from collections.abc import Iterable
 from functools import reduce
 
@@ -37,21 +38,45 @@ def check_float_same_device(tensors: list[Tensor], name: str = "tensors") -> Non
                              f"{tensors[0].device}; all tensors must share one device")
 
 
-def as_sparsity(value, name: str = "sparsity", *, allow_one: bool = True) -> float:
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+MAX_NM_GROUP = 32  # M of an N:M pattern: a group fits in one 32-bit mask word
+
+
+def nm_pattern(value) -> tuple[int, int] | None:
+    """(N, M) of an N:M sparsity as as_sparsity returns it ("2:4"), None for a fraction."""
+    if not isinstance(value, str):
+        return None
+    n, m = _NM.match(value).groups()
+    return int(n), int(m)
+
+
+def _as_nm(value: str, name: str) -> str:
+    match = _NM.match(value)
+    n, m = (int(g) for g in match.groups()) if match else (None, None)
+    if match is None or not 1 <= n < m <= MAX_NM_GROUP:
+        raise ValueError(f"{name} {value!r} is not an N:M pattern: N:M keeps the N largest |w| of every M "
+                         f"consecutive weights of a row, with 1 <= N < M <= {MAX_NM_GROUP} (e.g. '2:4', '1:4', '4:8')")
+    return f"{n}:{m}"
+
+
+def as_sparsity(value, name: str = "sparsity", *, allow_one: bool = True) -> float | str:
     """One sparsity as a float: a Python or NumPy real, or a 0-d tensor, in [0, 1]
-    ([0, 1) with allow_one=False); anything else is a TypeError/ValueError naming `name`."""
+    ([0, 1) with allow_one=False), or an N:M pattern as its normalised string ("2:4");
+    anything else is a TypeError/ValueError naming `name`."""
+    if isinstance(value, str):
+        return _as_nm(value, name)
     if isinstance(value, Tensor) and value.dim() == 0 and not value.dtype.is_complex \
             and value.dtype != torch.bool:
         value = value.item()
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a float or an 'N:M' pattern, got {type(value).__name__}")
     value = float(value)
     if not (0.0 <= value <= 1.0 if allow_one else 0.0 <= value < 1.0):  # also rejects NaN
         raise ValueError(f"{name} must be in [0, {'1]' if allow_one else '1)'}, got {value}")
     return value
 
 
-def sparsity_list(sparsity, count: int) -> list[float]:
+def sparsity_list(sparsity, count: int) -> list[float | str]:
     """One float for every tensor from one sparsity or one per tensor (any iterable)."""
     if isinstance(sparsity, Tensor) and sparsity.dim() == 1:
         sparsity = sparsity.tolist()

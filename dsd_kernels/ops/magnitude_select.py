@@ -13,7 +13,9 @@ from .. import _backend
 from .._dtensor import local_tensor
 from .._floatbits import KEY_SPECS
 from ..masks import Mask, mask_rows_cols, packed_shape
-from ._common import any_dtensor, as_tensor_list, check_float_same_device, dtypes_of, sparsity_list, threshold_dtype
+from ._common import (any_dtensor, as_tensor_list, check_float_same_device, dtypes_of, nm_pattern, sparsity_list,
+                      threshold_dtype)
+from .nm_masks import check_nm_rows
 
 __all__ = ["magnitude_thresholds", "magnitude_masks"]
 
@@ -85,6 +87,9 @@ def magnitude_thresholds(tensors, sparsity) -> Tensor:
     """
     tensors = as_tensor_list(tensors)
     sparsities = sparsity_list(sparsity, len(tensors))
+    if any(isinstance(s, str) for s in sparsities):
+        raise ValueError("magnitude_thresholds: an N:M sparsity has no one threshold per tensor (each group of M "
+                         "has its own); use magnitude_masks")
     if not tensors:
         return torch.empty(0)
     check_float_same_device(tensors)
@@ -119,6 +124,11 @@ def magnitude_masks(tensors, sparsity, block=None) -> list[Mask]:
     lowest flat index first, so exactly k weights are pruned whatever the values
     (all-equal weights included). Returns one packed Mask per tensor.
 
+    sparsity "N:M" (e.g. "2:4"), for all tensors or some: each tensor viewed as (shape[0], -1)
+    keeps, in every M consecutive weights of a row, the N largest |w| (the same tie rule within
+    the group; NaN counts as the largest); a row length that is not a multiple of M is a
+    ValueError naming the tensor.
+
     block=(bh, bw): prune whole tiles of each tensor (viewed as (shape[0], numel/shape[0]))
     instead, ranked by their L1 norm (summed in fp64), exactly round(s * tiles) tiles per
     tensor with the same tie rules over tiles in row-major order. Edge tiles may be
@@ -131,6 +141,8 @@ def magnitude_masks(tensors, sparsity, block=None) -> list[Mask]:
     if not tensors:
         return []
     check_float_same_device(tensors)
+    if any(isinstance(s, str) for s in sparsities):
+        return _with_nm_patterns(tensors, sparsities, block)
     if block is not None:
         if any_dtensor(tensors):
             raise NotImplementedError("block pruning of DTensors is not supported yet")
@@ -148,3 +160,28 @@ def magnitude_masks(tensors, sparsity, block=None) -> list[Mask]:
     words = torch.ops.dsd_kernels.magnitude_masks([t.detach() for t in tensors], sparsities)
     return [Mask(w, t.shape) for w, t in zip(words, tensors)]
 
+
+
+def _with_nm_patterns(tensors: list[Tensor], sparsities: list, block) -> list[Mask]:
+    """magnitude_masks where some sparsities are N:M patterns: one nm_masks call per pattern,
+    one selection call for the fractions."""
+    if block is not None:
+        raise ValueError("block= takes a fraction of tiles; an N:M sparsity already fixes its groups")
+    if any_dtensor(tensors):
+        raise NotImplementedError("N:M masks of DTensors are not supported yet")
+    masks: list = [None] * len(tensors)
+    groups: dict = {}
+    for i, s in enumerate(sparsities):
+        groups.setdefault(s if isinstance(s, str) else None, []).append(i)
+    for pattern, index in groups.items():
+        chosen = [tensors[i] for i in index]
+        if pattern is None:
+            found = magnitude_masks(chosen, [sparsities[i] for i in index])
+        else:
+            n, m = nm_pattern(pattern)
+            check_nm_rows(chosen, n, m, names=[f"tensors[{i}]" for i in index])
+            found = [Mask(w, t.shape) for w, t in
+                     zip(torch.ops.dsd_kernels.nm_masks([t.detach() for t in chosen], n, m), chosen)]
+        for i, mask in zip(index, found):
+            masks[i] = mask
+    return masks

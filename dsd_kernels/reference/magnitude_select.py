@@ -41,3 +41,18 @@ def magnitude_thresholds(tensors: list[torch.Tensor], sparsities: list[float]) -
             flat = t.detach().abs().reshape(-1)
             out.append(float(flat[_ascending_order(t)[k - 1]]))
     return out
+
+
+def nm_masks(tensors: list[torch.Tensor], n: int, m: int) -> list[torch.Tensor]:
+    """N:M keep-masks (True = kept), one per tensor of its shape: the tensor viewed as
+    (shape[0], -1) (one row below 2 dims), every M consecutive weights of a row keep their N
+    largest |w|, with the selection's order (a stable sort: equal |w| prune the lower index
+    first; NaN above +inf; -0.0 == 0.0). Row lengths must be multiples of M."""
+    masks = []
+    for t in tensors:
+        groups = t.detach().abs().double().reshape(-1, m)
+        keep = torch.zeros(groups.shape, dtype=torch.bool, device=t.device)
+        order = torch.sort(groups, dim=1, stable=True).indices
+        keep.scatter_(1, order[:, m - n:], True)
+        masks.append(keep.reshape(t.shape))
+    return masks
