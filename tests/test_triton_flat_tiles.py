@@ -63,12 +63,11 @@ def run_all(dtype, tile_words):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("tile_words", [1, 2, 4])
 def test_flat_and_general_addressing_give_the_same_bits(dtype, tile_words, monkeypatch):
-    from dsd_kernels.backends.triton import _tiles, apply_masks, masked_adamw, masked_sgd
+    from dsd_kernels.backends.triton import _tiles
     flat, keeps = run_all(dtype, tile_words)
     # the same calls with no segment marked FLAT: every tile takes the general path
-    general_flags = lambda *args: _tiles.segment_flags(*args) & ~_tiles.FLAT.value  # noqa: E731
-    for module in (apply_masks, masked_adamw, masked_sgd):
-        monkeypatch.setattr(module, "segment_flags", general_flags)
+    flags = _tiles.segment_flags  # the one place every op's table takes its flags from (segment_tables)
+    monkeypatch.setattr(_tiles, "segment_flags", lambda *args: flags(*args) & ~_tiles.FLAT.value)
     general, _ = run_all(dtype, tile_words)
     for op, tensors in flat.items():
         for a, b in zip(tensors, general[op]):

@@ -157,6 +157,27 @@ FLAT = tl.constexpr(2)  # flat_segment: its words cover consecutive elements, po
 VECTOR_BYTES = tl.constexpr(16)
 
 
+def segment_tables(tensors, mask_words, pointers_of, tile_words: int, device: torch.device, extra_flags=None):
+    """The launch tables of a list op, per dtype: [(dtype, index, tiles, meta)], where meta holds
+    one row per tensor (pointers_of(i), its mask words' pointer (the first pointer where it has no
+    mask), cols, words_per_row, num_words, numel, flags | extra_flags(i)); dtypes with no tile
+    are left out."""
+    out = []
+    for dtype, index in by_dtype(tensors).items():
+        rows, num_words = [], []
+        for i in index:
+            cols, words_per_row, n_words = segment_layout(tensors[i])
+            words, pointers = mask_words[i], pointers_of(i)
+            flags = segment_flags(words is not None, cols, words_per_row, n_words, pointers)
+            rows.append([*pointers, words.data_ptr() if words is not None else pointers[0], cols, words_per_row,
+                         n_words, tensors[i].numel(), flags | (extra_flags(i) if extra_flags else 0)])
+            num_words.append(n_words)
+        tiles = cached_tile_table(tuple(num_words), tile_words, device)
+        if tiles.shape[0]:
+            out.append((dtype, index, tiles, cached_table(rows, torch.int64, device)))
+    return out
+
+
 def segment_flags(has_mask: bool, cols: int, words_per_row: int, num_words: int, pointers) -> int:
     """HAS_MASK | FLAT for a segment. FLAT: one row, or rows of whole words (cols a multiple of
     32), so word w holds elements 32w..32w+31; and every pointer VECTOR_BYTES-aligned."""

@@ -10,13 +10,11 @@ too: the kernel does not branch per word).
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from ._tiles import (FLAT, TABLE_NUM_WARPS, TL_FLOAT, by_dtype, cached_table, cached_tile_table, flat_tile,
-                     launch, planned_tables, segment_flags, segment_layout, segment_tile, tensor_pointers, tile_keep,
-                     tile_segment, tile_words_for)
+from ._tiles import (FLAT, TABLE_NUM_WARPS, TL_FLOAT, flat_tile, launch, planned_tables, segment_tables, segment_tile,
+                     tensor_pointers, tile_keep, tile_segment, tile_words_for)
 
 # columns of the int64 segment table (one row per tensor)
 SEG_VALUES = tl.constexpr(0)  # pointer to the tensor's values
@@ -62,21 +60,9 @@ def apply_masks_(tensors, mask_words, *, tile_words: int | None = None, static_k
     tile_words = tile_words_for(device, tile_words, gpu_default=GPU_TILE_WORDS)
 
     def tables():
-        out = []
-        for dtype, index in by_dtype(tensors).items():
-            rows, num_words = [], []
-            for i in index:
-                cols, words_per_row, n_words = segment_layout(tensors[i])
-                pointer = tensors[i].data_ptr()
-                rows.append([pointer, mask_words[i].data_ptr(), cols, words_per_row, n_words, tensors[i].numel(),
-                             segment_flags(True, cols, words_per_row, n_words, [pointer])])
-                num_words.append(n_words)
-            tiles = cached_tile_table(tuple(num_words), tile_words, device)
-            if tiles.shape[0]:
-                out.append((dtype, tiles, cached_table(rows, torch.int64, device)))
-        return out
+        return segment_tables(tensors, mask_words, lambda i: [tensors[i].data_ptr()], tile_words, device)
 
     varying = (tuple(t.data_ptr() for t in tensors), tile_words) if static_key is not None else ()
-    for dtype, tiles, meta in planned_tables(static_key, varying, tables):
+    for dtype, _, tiles, meta in planned_tables(static_key, varying, tables):
         launch(_apply_masks_kernel, (tiles.shape[0],), num_warps=TABLE_NUM_WARPS)(
             meta, tiles, VALUE_TYPE=TL_FLOAT[dtype], TILE_WORDS=tile_words)

@@ -30,9 +30,9 @@ import triton
 import triton.language as tl
 
 from .._adamw_steps import advance_steps
-from ._tiles import (FLAT, HAS_MASK, TABLE_NUM_WARPS, TL_FLOAT, by_dtype, cached_table, cached_tile_table, flat_tile,
-                     host_table, launch, planned_tables, segment_flags, segment_layout, segment_tile, tensor_pointers,
-                     tile_keep, tile_segment, tile_words_for)
+from ._tiles import (FLAT, HAS_MASK, TABLE_NUM_WARPS, TL_FLOAT, cached_table, flat_tile, host_table, launch,
+                     planned_tables, segment_tables, segment_tile, tensor_pointers, tile_keep, tile_segment,
+                     tile_words_for)
 
 # columns of the int64 segment table (one row per tensor)
 SEG_PARAM = tl.constexpr(0)  # pointers to the parameter, gradient, moments, max moment, mask words
@@ -176,23 +176,9 @@ def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_s
     step_sizes, bias_correction2_sqrts = advance_steps(state_steps, lr, beta1, beta2)
 
     def tables():
-        out = []
-        for dtype, index in by_dtype(params).items():
-            rows, num_words = [], []
-            for i in index:
-                cols, words_per_row, n_words = segment_layout(params[i])
-                words = mask_words[i]
-                pointers = [params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
-                            exp_avg_sqs[i].data_ptr(),
-                            max_exp_avg_sqs[i].data_ptr() if amsgrad else params[i].data_ptr()]
-                rows.append([*pointers, words.data_ptr() if words is not None else pointers[0],
-                             cols, words_per_row, n_words, params[i].numel(),
-                             segment_flags(words is not None, cols, words_per_row, n_words, pointers)])
-                num_words.append(n_words)
-            tiles = cached_tile_table(tuple(num_words), tile_words, device)
-            if tiles.shape[0]:
-                out.append((dtype, index, tiles, cached_table(rows, torch.int64, device)))
-        return out
+        return segment_tables(params, mask_words, lambda i: [
+            params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
+            max_exp_avg_sqs[i].data_ptr() if amsgrad else params[i].data_ptr()], tile_words, device)
 
     varying = (tuple(g.data_ptr() for g in grads), bool(amsgrad), tile_words) if static_key is not None else ()
     for dtype, index, tiles, meta in planned_tables(static_key, varying, tables):

@@ -21,9 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import (FLAT, HAS_MASK, TABLE_NUM_WARPS, TL_FLOAT, by_dtype, cached_table, cached_tile_table, flat_tile,
-                     launch, planned_tables, segment_flags, segment_layout, segment_tile, tensor_pointers,
-                     tile_keep, tile_segment, tile_words_for)
+from ._tiles import (FLAT, HAS_MASK, TABLE_NUM_WARPS, TL_FLOAT, cached_table, flat_tile, launch, planned_tables,
+                     segment_tables, segment_tile, tensor_pointers, tile_keep, tile_segment, tile_words_for)
 
 # columns of the int64 segment table (one row per tensor)
 SEG_PARAM = tl.constexpr(0)  # pointers to the parameter, gradient, momentum buffer, mask words
@@ -115,27 +114,14 @@ def masked_sgd_(params, grads, momentum_buffers, mask_words, first_step, *, lr, 
     hyper = cached_table([float(lr), momentum, 1 - dampening, weight_decay], torch.float64, device)
 
     def tables():
-        out = []
-        for dtype, index in by_dtype(params).items():
-            rows, num_words = [], []
-            for i in index:
-                cols, words_per_row, n_words = segment_layout(params[i])
-                words = mask_words[i]
-                pointers = [params[i].data_ptr(), grads[i].data_ptr(),
-                            momentum_buffers[i].data_ptr() if momentum != 0 else params[i].data_ptr()]
-                flags = segment_flags(words is not None, cols, words_per_row, n_words, pointers) | (
-                    FIRST_STEP.value if momentum != 0 and first_step[i] else 0)
-                rows.append([*pointers, words.data_ptr() if words is not None else pointers[0],
-                             cols, words_per_row, n_words, params[i].numel(), flags])
-                num_words.append(n_words)
-            tiles = cached_tile_table(tuple(num_words), tile_words, device)
-            if tiles.shape[0]:
-                out.append((dtype, tiles, cached_table(rows, torch.int64, device)))
-        return out
+        return segment_tables(
+            params, mask_words, lambda i: [params[i].data_ptr(), grads[i].data_ptr(),
+                                           momentum_buffers[i].data_ptr() if momentum != 0 else params[i].data_ptr()],
+            tile_words, device, extra_flags=lambda i: FIRST_STEP.value if momentum != 0 and first_step[i] else 0)
 
     varying = ((tuple(g.data_ptr() for g in grads), tuple(first_step), momentum != 0, tile_words)
                if static_key is not None else ())
-    for dtype, tiles, meta in planned_tables(static_key, varying, tables):
+    for dtype, _, tiles, meta in planned_tables(static_key, varying, tables):
         launch(_masked_sgd_kernel, (tiles.shape[0],), num_warps=TABLE_NUM_WARPS)(
             meta, tiles, hyper, VALUE_TYPE=TL_FLOAT[dtype],
             COMPUTE_TYPE=tl.float64 if dtype == torch.float64 else tl.float32,
