@@ -121,9 +121,8 @@ def _check_every_rule_matches(weights, given, rules, name: str) -> None:
         return
     types, patterns = rules
     for rule in list(types) + list(patterns):
-        hit = any((isinstance(m, rule) if isinstance(rule, type) else bool(rule.search(q)))
-                  for entries in weights for q, m, _ in entries)
-        if not hit:
+        alone = ((rule,), []) if isinstance(rule, type) else ((), [rule])
+        if not any(_matches(alone, m, q) for entries in weights for q, m, _ in entries):
             shown = rule.__name__ if isinstance(rule, type) else repr(rule.pattern)
             raise ValueError(f"{name} rule {shown} matches no weight of the model (weights of 2 or more dims; "
                              f"see dk.summary(model) for their names and module types)")

@@ -190,17 +190,19 @@ def _torch_arithmetic_step(index, params, grads, momentum_buffers, masks, **hype
     with torch.no_grad():
         torch_sgd([params[i].detach() for i in index], sub_grads, bufs, foreach=False,
                   has_sparse_grad=any(g.layout != torch.strided for g in sub_grads), **hyper)
+        dense, dense_masks = [], []  # masked in one apply_masks_ call
         for k, i in enumerate(index):
             if hyper["momentum"] != 0:
                 momentum_buffers[i] = bufs[k]
             if masks[i] is None:
                 continue
             mask = as_mask(masks[i], params[i], f"masks[{i}]")
-            dense = [params[i].detach()] + ([bufs[k]] if bufs[k] is not None and bufs[k].layout == torch.strided
-                                              else [])
-            apply_masks_(dense, [mask] * len(dense))
+            for t in [params[i].detach()] + ([] if bufs[k] is None or bufs[k].is_sparse else [bufs[k]]):
+                dense.append(t)
+                dense_masks.append(mask)
             if bufs[k] is not None and bufs[k].is_sparse:
                 _zero_pruned_entries_of_sparse(bufs[k], mask.to_bool().to(bufs[k].device))
+        apply_masks_(dense, dense_masks)
 
 
 def _zero_pruned_entries_of_sparse(t: Tensor, keep: Tensor) -> None:
