@@ -167,6 +167,57 @@ def masks_for(selected: list[Selected], *, scope: str = "layer") -> dict[torch.T
     return masks
 
 
+def grown_masks(selected: list[Selected], prior: dict, *, scope: str = "layer") -> dict[torch.Tensor, "object"]:
+    """masks_for, growing the `prior` masks ({param: Mask}) of a gradual prune: every weight they
+    prune stays pruned, and the survivors' smallest |w| (the same tie rule, in the survivors'
+    order) are pruned on top, so that exactly round(s * numel) are pruned per layer (scope="global":
+    round(s * total) over all). A mask only grows: where prior already prunes more, it is kept."""
+    if not any(s.param in prior for s in selected):
+        return masks_for(selected, scope=scope)
+    from .masks import Mask
+    keeps = [prior[s.param].to_bool().reshape(-1) if s.param in prior else
+             torch.ones(s.param.numel(), dtype=torch.bool, device=s.param.device) for s in selected]
+    survivors = [s.param.detach().reshape(-1)[keep] for s, keep in zip(selected, keeps)]
+    if scope == "global":
+        values = {s.sparsity for s in selected}
+        if len(values) != 1:
+            raise ValueError(f"scope='global' takes one sparsity for all weights, got {sorted(values)}")
+        from functools import reduce
+        dtype = reduce(torch.promote_types, (s.param.dtype for s in selected))
+        total = sum(s.param.numel() for s in selected)
+        pool = torch.cat([v.to(dtype) for v in survivors])
+        chosen = _survivors_kept([pool], [round(values.pop() * total) - (total - pool.numel())])[0]
+        kept_parts = chosen.split([v.numel() for v in survivors])
+    elif scope == "layer":
+        counts = [round(s.sparsity * s.param.numel()) - (s.param.numel() - v.numel()) for s, v in zip(selected, survivors)]
+        kept_parts = _survivors_kept(survivors, counts)
+    else:
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    masks = {}
+    for s, keep, kept in zip(selected, keeps, kept_parts):
+        grown = keep.clone()
+        grown[keep] = kept
+        masks[s.param] = Mask.from_bool(grown.reshape(s.param.shape))
+    return masks
+
+
+def _survivors_kept(survivors: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
+    """Keep-flags of 1-D survivor tensors with `counts[i]` more of each pruned by magnitude (one
+    selection call per device)."""
+    kept = [torch.ones(v.numel(), dtype=torch.bool, device=v.device) for v in survivors]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (v, count) in enumerate(zip(survivors, counts)):
+        if count > 0 and v.numel() > 0:
+            by_device.setdefault(v.device, []).append(i)
+    for index in by_device.values():
+        # count / numel: round(fraction * numel) gives back exactly count
+        found = magnitude_masks([survivors[i] for i in index],
+                                [min(counts[i], survivors[i].numel()) / survivors[i].numel() for i in index])
+        for i, mask in zip(index, found):
+            kept[i] = mask.to_bool().reshape(-1)
+    return kept
+
+
 def summary(model: nn.Module, masks=None) -> str:
     """A table, one row per weight of 2 or more dims: qualified name, module type, shape, elements,
     measured sparsity (exact zeros), whether the default scope prunes it, and where its mask

@@ -195,7 +195,7 @@ def _fsdp_worker(rank, world, init_file, out_dir):
             zeros = torch.tensor([int((w.to_local() == 0).sum()) for w in weights])
             dist.all_reduce(zeros)
             record["pruned"].append(zeros.tolist())
-            record["lr"].append(opt.param_groups[0]["lr"])
+            record["lr"].append(opt.param_groups[0]["lr"] * dsd.lr_scale)  # the rate the steps ran at
             dsd.step()
         record["numel"] = [w.numel() for w in weights]
         torch.save(record, os.path.join(out_dir, f"fsdp{rank}.pt"))

@@ -100,7 +100,7 @@ def test_dsd_with_every_torch_optimizer(name):
             for key, w in untouched.items():
                 assert int((w == 0).sum()) == 0, f"{key} must stay dense by default"
         elif entered == "redense":
-            assert opt.param_groups[0]["lr"] == pytest.approx(lr0 * 0.1)
+            assert opt.param_groups[0]["lr"] == lr0 and dsd.lr_scale == pytest.approx(0.1)
             assert dsd.optimizer_masks.masks == {}
             for key, w in pruned_layers.items():  # fresh state where pruned: what a new optimizer holds
                 fresh = OPTIMIZERS[name]([nn.Parameter(torch.zeros_like(w))])

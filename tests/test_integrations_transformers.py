@@ -15,6 +15,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback,
                           TrainingArguments, get_scheduler)
 
 from dsd_kernels.integrations.transformers import STATE_ATTRIBUTE, DSDCallback  # noqa: E402
+from dsd_kernels.integrations._dsd_run import unwrap_optimizer  # noqa: E402
 from dsd_kernels.optim import MaskedAdamW  # noqa: E402
 from dsd_kernels.scope import select  # noqa: E402
 
@@ -42,8 +43,12 @@ class Probe(TrainerCallback):
     def __init__(self, dsd: DSDCallback):
         self.dsd, self.lrs, self.grads_masked, self.pruned = dsd, [], [], []
 
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        # a step pre-hook after the DSD scheduler's: the rate with the phase's scale applied
+        unwrap_optimizer(optimizer).register_step_pre_hook(
+            lambda opt, a, k: self.lrs.append(float(opt.param_groups[0]["lr"])))
+
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        self.lrs.append(optimizer.param_groups[0]["lr"])
         masks = self.dsd.scheduler.masks
         self.grads_masked.append(all(bool((p.grad[~m.to_bool()] == 0).all()) for p, m in masks.items()))
 

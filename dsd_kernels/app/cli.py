@@ -131,9 +131,21 @@ def _init_data_parallel(args) -> str | None:
 # train options -> TrainConfig fields, for comparing a resumed job's command line with its config
 _TRAIN_FIELDS = {"protocol": "protocol", "data": "data", "model": "models", "sparsity": "sparsity",
                  "epochs": "epochs", "cycles": "cycles", "seeds": "seeds", "lr": "lr",
-                 "sparse_lr_scale": "sparse_lr_scale", "optimizer": "optimizer", "batch_size": "batch_size",
+                 "sparse_lr_scale": "sparse_lr_scale", "redense_lr_scale": "redense_lr_scale",
+                 "first_conv": "first_conv", "ramp_epochs": "ramp_epochs", "ramp_every": "ramp_every",
+                 "optimizer": "optimizer", "batch_size": "batch_size",
                  "train_samples": "train_samples", "checkpoint_every": "checkpoint_every",
                  "nproc": "nproc", "device": "device"}
+
+
+def _sparsity(text: str):
+    """--sparsity: a float, or an N:M pattern kept as text (TrainConfig checks both)."""
+    try:
+        return float(text)
+    except ValueError:
+        if ":" in text:
+            return text
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a fraction nor an N:M pattern such as 2:4") from None
 
 
 def _given(argv: list[str], train: argparse.ArgumentParser) -> set[str]:
@@ -203,6 +215,8 @@ def _cmd_train(args, argv: list[str] | None = None) -> int:
     else:
         cfg = TrainConfig(protocol=args.protocol, data=args.data, sparsity=args.sparsity, lr=args.lr,
                           seeds=args.seeds, sparse_lr_scale=args.sparse_lr_scale,
+                          redense_lr_scale=args.redense_lr_scale, first_conv=args.first_conv,
+                          ramp_epochs=args.ramp_epochs, ramp_every=args.ramp_every,
                           device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
                           checkpoint_every=args.checkpoint_every, batch_size=args.batch_size,
                           cycles=args.cycles, optimizer=args.optimizer, nproc=world_size)
@@ -251,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions, device, and which backends are available and why")
     p.set_defaults(func=_cmd_info)
     from .models import MODELS
-    from .config import TrainConfig
+    from .config import PROTOCOL_DEFAULTS, TrainConfig
     d = TrainConfig()  # the job's defaults, stated once
     p = sub.add_parser("train", help="DSD vs its baselines (the paper's protocol) on MNIST-1D and digits",
                        description="Pre-train dense per seed, then compare the converged model, "
@@ -265,15 +279,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mnist1d (generated), digits, or PATH.npz for every model (default: each "
                         "model's own: mnist1d for mlp and cnn, digits for cnn2d)")
     p.add_argument("--model", default="all", choices=["all", *MODELS], help="default: all")
-    p.add_argument("--sparsity", type=float, default=d.sparsity,
-                   help=f"uniform DSD sparsity in [0, 1) ({d.sparsity})")
+    p.add_argument("--sparsity", type=_sparsity, default=d.sparsity,
+                   help=f"uniform DSD sparsity: a fraction in [0, 1), or an N:M pattern such as 2:4 "
+                        f"(N of every M consecutive weights of a row kept) ({d.sparsity})")
     p.add_argument("--epochs", type=int, nargs=3, metavar=("D", "S", "R"),
                    help=f"dense (paper: pre-training), sparse, re-dense epochs (paper "
                         f"{' '.join(map(str, TrainConfig(protocol='paper').epochs))}, matched "
                         f"{' '.join(map(str, TrainConfig(protocol='matched').epochs))})")
-    p.add_argument("--sparse-lr-scale", type=float, default=d.sparse_lr_scale,
-                   help=f"paper protocol: the sparse phase's learning rate is --lr times this "
-                        f"({d.sparse_lr_scale}; re-dense: --lr times 0.1)")
+    paper, matched = (PROTOCOL_DEFAULTS[name] for name in ("paper", "matched"))
+    p.add_argument("--sparse-lr-scale", type=float,
+                   help=f"the sparse phase's learning rate is --lr times this (paper "
+                        f"{paper['sparse_lr_scale']}, matched {matched['sparse_lr_scale']})")
+    p.add_argument("--redense-lr-scale", type=float,
+                   help=f"the re-dense phase's learning rate is --lr times this (paper "
+                        f"{paper['redense_lr_scale']}, matched {matched['redense_lr_scale']})")
+    p.add_argument("--first-conv", choices=["dense", "pruned"],
+                   help=f"whether DSD prunes the CNNs' first convolution (paper {paper['first_conv']}, "
+                        f"as the paper; matched {matched['first_conv']})")
+    p.add_argument("--ramp-epochs", type=int, default=d.ramp_epochs, metavar="R",
+                   help="gradual pruning: reach --sparsity over the first R sparse epochs by the cubic "
+                        "schedule (0: prune at once)")
+    p.add_argument("--ramp-every", type=int, default=d.ramp_every, metavar="E",
+                   help=f"epochs between the gradual prunes (R a multiple of E) ({d.ramp_every})")
     p.add_argument("--cycles", type=int, default=d.cycles,
                    help=f"sparse+re-dense cycles, 2 = DSDSD ({d.cycles})")
     p.add_argument("--seeds", type=int, default=d.seeds, help=f"number of seeds ({d.seeds})")

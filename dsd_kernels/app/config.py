@@ -9,12 +9,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..dsd.scheduler import PhasePlan
+from ..dsd.scheduler import PhasePlan, check_ramp
+from ..ops._common import as_sparsity
 from .models import MODEL_DATA, MODELS
 
 PROTOCOLS = ("paper", "matched")
 ARMS = {"paper": ("baseline", "llr", "dsd"), "matched": ("dense", "llr", "dsd")}
 DEFAULT_EPOCHS = {"paper": [30, 10, 10], "matched": [20, 20, 20]}
+# the paper's learning-rate ladder (sparse at lr/10, re-dense at lr/100) and its dense first
+# convolution; the matched protocol keeps the sparse phase at lr and re-denses at lr/10
+PROTOCOL_DEFAULTS = {"paper": {"sparse_lr_scale": 0.1, "redense_lr_scale": 0.01, "first_conv": "dense"},
+                     "matched": {"sparse_lr_scale": 1.0, "redense_lr_scale": 0.1, "first_conv": "pruned"}}
+FIRST_CONV = ("dense", "pruned")
 OPTIMIZER_NAMES = ("sgd", "adamw")  # MaskedSGD (with momentum), MaskedAdamW (betas as torch's)
 
 
@@ -23,16 +29,19 @@ class TrainConfig:
     protocol: str = "paper"
     data: str | None = None  # None: each model's own (MODEL_DATA)
     models: list[str] = field(default_factory=lambda: list(MODELS))
-    sparsity: float = 0.5
+    sparsity: float | str = 0.5  # a fraction, or an "N:M" pattern ("2:4")
     epochs: list[int] | None = None  # dense (paper: pre-training), sparse, re-dense; None: DEFAULT_EPOCHS
     seeds: int = 5
     lr: float = 0.05
-    sparse_lr_scale: float = 1.0  # paper protocol: the sparse phase runs at lr x this
+    sparse_lr_scale: float | None = None  # the sparse phase runs at lr x this; None: the protocol's
     momentum: float = 0.9
     weight_decay: float = 1e-4
     batch_size: int = 32
     train_samples: int | None = 1000  # of MNIST-1D's 4000; other data: all unless given
-    redense_lr_scale: float = 0.1
+    redense_lr_scale: float | None = None  # re-dense at lr x this; None: the protocol's
+    first_conv: str | None = None  # "dense" or "pruned"; None: the protocol's
+    ramp_epochs: int = 0  # > 0: gradual (cubic) pruning over the first ramp_epochs sparse epochs
+    ramp_every: int = 1  # epochs between the ramp's prunes
     cycles: int = 1
     optimizer: str = "sgd"  # sgd (MaskedSGD, with momentum) or adamw (MaskedAdamW, betas as torch's)
     device: str = "cpu"
@@ -40,9 +49,17 @@ class TrainConfig:
     nproc: int = 1
     quick: bool = False  # --quick: a smoke run (few epochs and samples), not the protocol's result
 
+    @property
+    def ramp(self) -> dict:
+        """DSDScheduler's ramp arguments (none without --ramp-epochs)."""
+        return {"ramp_epochs": self.ramp_epochs, "ramp_every": self.ramp_every} if self.ramp_epochs else {}
+
     def __post_init__(self):
         if self.epochs is None and self.protocol in DEFAULT_EPOCHS:
             self.epochs = list(DEFAULT_EPOCHS[self.protocol])
+        for key, value in PROTOCOL_DEFAULTS.get(self.protocol, {}).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
 
     def validate(self) -> None:
         """Every argument error before anything is written or trained."""
@@ -50,8 +67,12 @@ class TrainConfig:
             raise ValueError(f"--protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if self.optimizer not in OPTIMIZER_NAMES:
             raise ValueError(f"--optimizer must be one of {OPTIMIZER_NAMES}, got {self.optimizer!r}")
-        if not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        try:
+            self.sparsity = as_sparsity(self.sparsity, "--sparsity", allow_one=False)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{err} (a fraction in [0, 1) or an N:M pattern such as 2:4)") from None
+        if self.first_conv not in FIRST_CONV:
+            raise ValueError(f"--first-conv must be one of {FIRST_CONV}, got {self.first_conv!r}")
         if self.epochs is None or len(self.epochs) != 3 or any(int(e) != e or e < 1 for e in self.epochs):
             raise ValueError(f"--epochs needs three positive integers (dense sparse redense), got {self.epochs}")
         for name in ("seeds", "batch_size", "cycles", "nproc"):
@@ -59,6 +80,14 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        if not self.ramp_epochs and self.ramp_every != 1:
+            raise ValueError(f"--ramp-every {self.ramp_every} needs --ramp-epochs (the length of the gradual prune)")
+        if self.ramp_epochs:
+            try:
+                check_ramp(self.ramp_epochs, self.ramp_every, self.epochs[1], self.sparsity)
+            except ValueError as err:
+                raise ValueError(str(err).replace("ramp_epochs", "--ramp-epochs").replace("ramp_every", "--ramp-every")
+                                 .replace("sparse_epochs", "the sparse epochs of --epochs")) from None
         for name in ("lr", "sparse_lr_scale", "redense_lr_scale"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -125,6 +154,10 @@ def load_config(out_dir: str, given: dict | None = None) -> TrainConfig:
     try:
         with open(path) as f:
             saved = json.load(f)
+        # a job started before these settings existed ran with what is now their "pruned" / "no ramp"
+        saved.setdefault("first_conv", "pruned")
+        for key in ("sparse_lr_scale", "redense_lr_scale"):
+            saved.setdefault(key, 1.0 if key == "sparse_lr_scale" else 0.1)
         cfg = TrainConfig(**saved)
     except (ValueError, TypeError) as err:
         raise ValueError(f"--resume {out_dir}: {path} is not a train job's config ({err})") from None

@@ -57,10 +57,15 @@ def build_report(cfg: TrainConfig, runs: list[dict], elapsed_s: float | None = N
 def _describe(cfg: dict) -> str:
     dense, sparse, redense = cfg["epochs"]
     cycles = f" x{cfg['cycles']}" if cfg["cycles"] > 1 else ""
+    ramp = (f" reached gradually over {cfg['ramp_epochs']} epochs (every {cfg.get('ramp_every', 1)})"
+            if cfg.get("ramp_epochs") else "")
+    rates = (f"; lr x{cfg['sparse_lr_scale']:g} sparse, x{cfg['redense_lr_scale']:g} re-dense"
+             if cfg.get("sparse_lr_scale") is not None else "")
+    first_conv = "; first conv dense" if cfg.get("first_conv") == "dense" else ""
     if cfg.get("protocol", "matched") == "paper":
         return (f"paper protocol: pre-trained {dense} epochs, then sparse {sparse} + re-dense "
-                f"{redense}{cycles}, sparsity {cfg['sparsity']}")
-    return f"matched protocol: epochs {dense}+{sparse}+{redense}{cycles}, sparsity {cfg['sparsity']}"
+                f"{redense}{cycles}, sparsity {cfg['sparsity']}{ramp}{rates}{first_conv}")
+    return f"matched protocol: epochs {dense}+{sparse}+{redense}{cycles}, sparsity {cfg['sparsity']}{ramp}{rates}{first_conv}"
 
 
 def format_table(report: dict) -> str:
@@ -155,13 +160,28 @@ def plot_accuracy(report: dict, path: str) -> None:
                             alpha=0.2)
         for b in boundaries:
             ax.axvline(b + 0.5, color="grey", linestyle="--", linewidth=0.8)
+        _plot_dsd_sparsity(ax, [r for r in report["runs"] if r["model"] == model and r["method"] == "dsd"
+                                and not r.get("diverged")])
         ax.set_title(f"{model}: test accuracy, mean +- std over {cfg['seeds']} seeds\n"
                      f"dashed: DSD phase boundaries (dense | sparse | re-dense)", fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy %")
-        ax.legend()
+        ax.legend(loc="lower left")
     _save_figure(fig, path)
     plt.close(fig)
+
+
+def _plot_dsd_sparsity(ax, runs: list) -> None:
+    """DSD's pruned fraction per epoch (the first seed's: every seed prunes on the same plan), on
+    a right-hand axis: a gradual prune shows as steps."""
+    history = next((r["history"] for r in runs if r["history"] and "sparsity" in r["history"][0]), None)
+    if history is None:
+        return
+    right = ax.twinx()
+    right.step([h["epoch"] for h in history], [h["sparsity"] for h in history], where="mid", color="grey",
+               alpha=0.6, linewidth=1.2, label="DSD pruned fraction")
+    right.set_ylim(0, 1)
+    right.set_ylabel("DSD pruned fraction (grey)")
 
 
 def plot_weights(snapshots: dict, path: str) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 
 import torch
 import torch.nn.functional as F
 
-from ..dsd.scheduler import DSDScheduler
+from ..dsd.scheduler import DSDScheduler, PhasePlan
 from ..optim import MaskedAdamW, MaskedSGD
 from .config import TrainConfig
 from .data import Dataset
@@ -22,6 +23,10 @@ OPTIMIZERS = {
                                          weight_decay=cfg.weight_decay),
     "adamw": lambda params, cfg: MaskedAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
 }
+
+
+# the pre-training's step decay: its last third at lr/10
+PRETRAIN_LR_DROP = 0.1
 
 
 def world() -> tuple[int, int]:
@@ -39,6 +44,46 @@ class RunDiverged(RuntimeError):
 def evaluate(model, x, y) -> float:
     model.eval()
     return float((model(x).argmax(1) == y).float().mean()) * 100.0
+
+
+def first_conv_weight(model) -> str | None:
+    """Qualified name of the first convolution's weight (None: the model has no convolution)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.conv._ConvNd):
+            return f"{name}.weight" if name else "weight"
+    return None
+
+
+def dsd_exclude(cfg: TrainConfig, model) -> list[str] | None:
+    """The weights DSD leaves dense beyond the default scope: the first convolution with
+    first_conv="dense" (the paper does not prune it)."""
+    name = first_conv_weight(model) if cfg.first_conv == "dense" else None
+    return None if name is None else [f"^{re.escape(name)}$"]
+
+
+def check_dsd_scope(cfg: TrainConfig, model_name: str, model) -> None:
+    """The DSD arm's weights can take --sparsity: an N:M pattern needs rows (shape[0], -1) of a
+    multiple of M (checked before anything is written)."""
+    from ..ops._common import nm_pattern
+    from ..ops.nm_masks import check_nm_rows
+    from ..scope import select
+    pattern = nm_pattern(cfg.sparsity) if isinstance(cfg.sparsity, str) else None
+    if pattern is None:
+        return
+    selected = select(model, cfg.sparsity, exclude=dsd_exclude(cfg, model))
+    try:
+        check_nm_rows([s.param for s in selected], *pattern, names=[f"{model_name}'s {s.name}" for s in selected])
+    except ValueError as err:
+        hint = " (--first-conv dense leaves the first convolution dense)" if cfg.first_conv == "pruned" else ""
+        raise ValueError(f"--sparsity {cfg.sparsity}: {err}{hint}") from None
+
+
+def ladder_scale(plan: PhasePlan, epoch: int, sparse_scale: float, redense_scale: float) -> float:
+    """The LR scale DSD runs at in 0-based plan epoch `epoch`: 1 dense, sparse_scale until the
+    first re-dense, redense_scale from then on (the scales relative to the dense rate)."""
+    if epoch < plan.dense:
+        return 1.0
+    return sparse_scale if epoch < plan.dense + plan.sparse else redense_scale
 
 
 def zero_fractions(model) -> dict[str, float]:
@@ -77,29 +122,37 @@ class Run:
             self._start_from(start)
         self.epochs = cfg.run_epochs(method)
         self.dsd = self.lr_schedule = None
-        dense, sparse, redense = cfg.epochs
-        scale = cfg.redense_lr_scale
+        dense = cfg.epochs[0]
+        plan = cfg.plan
         if method == "dsd":
-            paper = cfg.protocol == "paper"
-            if paper:
-                for group in self.optimizer.param_groups:
-                    group["lr"] = cfg.lr * cfg.sparse_lr_scale
-            self.dsd = DSDScheduler(self.optimizer, model=self.model, dense_epochs=dense, sparse_epochs=sparse,
-                                    redense_epochs=redense, sparsity=cfg.sparsity, cycles=cfg.cycles,
-                                    redense_lr_scale=scale / (cfg.sparse_lr_scale if paper else 1.0))
-            if paper:  # the dense phase was the pre-training: prune now
+            for group in self.optimizer.param_groups:  # the pre-training ended at a lower rate
+                group["lr"] = cfg.lr
+            self.dsd = DSDScheduler(self.optimizer, model=self.model, dense_epochs=dense, sparse_epochs=plan.sparse,
+                                    redense_epochs=plan.redense, sparsity=cfg.sparsity, cycles=cfg.cycles,
+                                    sparse_lr_scale=cfg.sparse_lr_scale,
+                                    redense_lr_scale=cfg.redense_lr_scale / cfg.sparse_lr_scale,
+                                    exclude=dsd_exclude(cfg, self.model), **cfg.ramp)
+            if cfg.protocol == "paper":  # the dense phase was the pre-training: prune now
                 self._snapshot("dense")
                 self.pretrained_zeros = zero_fractions(self.model)
                 for _ in range(dense):
                     self.dsd.step()
                 self._snapshot("pruned")
         else:
-            drop = {"dense": dense + sparse, "llr": dense if cfg.protocol == "matched" else 0,
-                    "baseline": math.ceil(2 * dense / 3)}[method]
+            # paper llr and matched dense: DSD's learning rates without its pruning; matched llr:
+            # the re-dense rate from the end of the first dense phase; baseline: the pre-training
+            if method == "baseline":
+                drop = math.ceil(2 * dense / 3)
+                schedule = lambda epoch: PRETRAIN_LR_DROP if epoch >= drop else 1.0  # noqa: E731
+            elif method == "llr" and cfg.protocol == "matched":
+                schedule = lambda epoch: cfg.redense_lr_scale if epoch >= dense else 1.0  # noqa: E731
+            else:
+                offset = dense if cfg.protocol == "paper" else 0  # paper llr starts after pre-training
+                schedule = lambda epoch: ladder_scale(plan, epoch + offset, cfg.sparse_lr_scale,  # noqa: E731
+                                                      cfg.redense_lr_scale)
             for group in self.optimizer.param_groups:
                 group["lr"] = group["initial_lr"] = cfg.lr
-            self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-                self.optimizer, lambda epoch: scale if epoch >= drop else 1.0)
+            self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.epoch = 0  # epochs of this run completed
         self.elapsed_s = 0.0  # training time of this run, over every resumed segment
         self.history: list[dict] = []
@@ -168,18 +221,23 @@ class Run:
             torch.distributed.all_reduce(total)
         return float(total) / n
 
+    def step_lr(self) -> float:
+        """The learning rate the first param group's steps run at now (DSD's phase scale applied)."""
+        return float(self.optimizer.param_groups[0]["lr"]) * (self.dsd.lr_scale if self.dsd else 1.0)
+
     def run_epoch(self) -> None:
         started = time.perf_counter()
         phase = self.dsd.phase if self.dsd else "dense"
-        lr = float(self.optimizer.param_groups[0]["lr"])
+        lr = self.step_lr()
+        sparsity = self.dsd.pruned_fraction() if self.dsd else 0.0
         loss = self.train_epoch()
         epoch = self.first_epoch + self.epoch + 1
         if not math.isfinite(loss):
             raise RunDiverged(f"run {self.id}: the training loss is {loss} at epoch {epoch} (lr {lr:g}; "
                               f"likely cause: the learning rate, --lr, is too high)")
         acc = evaluate(self.model, self.x_test, self.y_test)
-        self.history.append({"epoch": epoch, "phase": phase, "lr": lr, "train_loss": loss,
-                             "test_accuracy": acc})
+        self.history.append({"epoch": epoch, "phase": phase, "lr": lr, "sparsity": sparsity,
+                             "train_loss": loss, "test_accuracy": acc})
         self.epoch += 1
         if self.dsd:
             done = self.dsd.epoch + 1

@@ -34,7 +34,7 @@ from .config import TrainConfig, load_config
 from .data import load_data
 from .models import build_model
 from .report import build_report, write_report
-from .run import Run, RunDiverged, diverged_result, world
+from .run import Run, RunDiverged, check_dsd_scope, diverged_result, world
 
 __all__ = ["run_job", "Run", "TrainConfig"]
 
@@ -84,7 +84,7 @@ def _load_datasets(cfg: TrainConfig, size: int) -> dict:
             # --train-samples applies to --data, or to MNIST-1D when each model takes its own data
             datasets[spec] = load_data(spec, cfg.train_samples if cfg.data is not None or spec == "mnist1d"
                                        else None)
-        build_model(model, datasets[spec].num_features, datasets[spec].num_classes)
+        check_dsd_scope(cfg, model, build_model(model, datasets[spec].num_features, datasets[spec].num_classes))
         n, bs = len(datasets[spec].x_train), cfg.batch_size
         if 0 < n % bs < size:
             raise ValueError(f"{spec}: the last batch of each epoch has {n % bs} samples for {size} "

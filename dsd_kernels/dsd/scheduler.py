@@ -9,18 +9,25 @@ followed by redense_epochs re-dense epochs (cycles=2 gives DSDSD).
   any other optimizer gets them through optim.OptimizerMasks (gradients and weights re-masked
   around every step), and MaskedLinear modules keep theirs. Pruned weights and their optimizer
   state become 0 and stay 0 while sparse.
+- gradual pruning (ramp_epochs=R, ramp_every=E): instead of one prune, n = R/E prunes at the
+  starts of sparse units 0, E, ..., R-E, the k-th to s_k = s * (1 - (1 - k/n)^3) (Zhu & Gupta's
+  cubic schedule); a mask only grows (the survivors' smallest |w| are pruned on top).
 - sparse -> redense: the masks are dropped; pruned weights restart from exactly 0 with fresh
-  optimizer state, and every group's learning rate is multiplied by redense_lr_scale
-  (once, at the first re-dense: 1/10 of the dense phase's rate by default). Nothing else
-  changes. The multiplication composes with a chainable torch LR scheduler; pass a
-  closed-form one (LambdaLR, CosineAnnealingLR, ...) as `lr_scheduler` (one or a list) so
-  that its base_lrs (and the groups' initial_lr) are scaled too: the rate it sets at every
-  later step is then redense_lr_scale times what it would have set.
+  optimizer state.
+- learning rates: every step runs at the rate in its param group times the phase's scale:
+  1 while dense, sparse_lr_scale in the first sparse phase, sparse_lr_scale * redense_lr_scale
+  from the first re-dense on (the paper's ladder is sparse_lr_scale=0.1, redense_lr_scale=0.1).
+  The scale is applied around each optimizer step (step hooks) rather than written into the
+  groups, so it composes with every torch LR scheduler (LambdaLR, OneCycleLR, cosine,
+  SequentialLR, ReduceLROnPlateau, Hugging Face's schedules): they keep setting group["lr"],
+  and the step multiplies what they set. `lr_scale` is the factor in force.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -79,8 +86,14 @@ def _warn_no_model(optimizer_name: str) -> None:
                   f"norms), as the trainer callbacks use", UserWarning, stacklevel=3)
 
 
+def _positive_finite(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
 def checked_plan(dense_epochs, sparse_epochs, redense_epochs, cycles, *, unit, scope,
-                 redense_lr_scale) -> PhasePlan:
+                 redense_lr_scale, sparse_lr_scale=1.0, ramp_epochs=None, ramp_every=None,
+                 sparsity=0.5) -> PhasePlan:
     """The schedule's arguments checked (one set of errors for DSDScheduler and the trainer
     callbacks, which check them when built, before any optimizer exists); the PhasePlan."""
     plan = PhasePlan(dense_epochs, sparse_epochs, redense_epochs, cycles)
@@ -88,10 +101,37 @@ def checked_plan(dense_epochs, sparse_epochs, redense_epochs, cycles, *, unit, s
         raise ValueError(f"unit must be 'epoch' or 'step', got {unit!r}")
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
-    if isinstance(redense_lr_scale, bool) or not isinstance(redense_lr_scale, (int, float)) \
-            or not (math.isfinite(redense_lr_scale) and redense_lr_scale > 0):
-        raise ValueError(f"redense_lr_scale must be a positive finite number, got {redense_lr_scale!r}")
+    _positive_finite(redense_lr_scale, "redense_lr_scale")
+    _positive_finite(sparse_lr_scale, "sparse_lr_scale")
+    check_ramp(ramp_epochs, ramp_every, sparse_epochs, sparsity, unit)
     return plan
+
+
+def check_ramp(ramp_epochs, ramp_every, sparse_epochs: int, sparsity, unit: str = "epoch") -> None:
+    """A gradual prune's arguments: R = ramp_epochs and E = ramp_every positive integers, R a
+    multiple of E, R <= sparse_epochs, and a fractional sparsity (an N:M pattern has no ramp)."""
+    if ramp_epochs is None:
+        if ramp_every is not None:
+            raise ValueError("ramp_every needs ramp_epochs (the length of the gradual prune)")
+        return
+    every = 1 if ramp_every is None else ramp_every
+    for name, value in (("ramp_epochs", ramp_epochs), ("ramp_every", every)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer ({unit}s), got {value!r}")
+    if ramp_epochs % every:
+        raise ValueError(f"ramp_epochs={ramp_epochs} must be a multiple of ramp_every={every}")
+    if ramp_epochs > sparse_epochs:
+        raise ValueError(f"ramp_epochs={ramp_epochs} is longer than the sparse phase (sparse_epochs={sparse_epochs})")
+    values = sparsity.values() if isinstance(sparsity, dict) else [sparsity]
+    patterns = [v for v in values if isinstance(v, str)]
+    if patterns:
+        raise ValueError(f"a gradual prune (ramp_epochs) needs a fractional sparsity, got the N:M pattern "
+                         f"{patterns[0]!r}: an N:M mask is complete at once")
+
+
+def ramp_fraction(update: int, updates: int) -> float:
+    """Zhu & Gupta's cubic schedule: the share of the final sparsity reached at update k of n."""
+    return 1.0 - (1.0 - update / updates) ** 3
 
 
 class DSDScheduler:
@@ -103,16 +143,23 @@ class DSDScheduler:
     weights of MaskedLinear modules (nn.sparsify), whose masks go into the modules for their
     tile-skipping matmuls. `include`, `exclude` and `sparsity` as a {pattern: float} dict pick
     the weights (see dsd_kernels.scope; they need `model`); scope="global" prunes with one
-    threshold over all of them. unit="step": the phase lengths count optimizer steps and
-    step() is called after every optimizer step instead of every epoch.
+    threshold over all of them. `sparsity` may be an "N:M" pattern ("2:4"). ramp_epochs and
+    ramp_every: gradual (cubic) pruning inside the sparse phase. unit="step": the phase
+    lengths count optimizer steps and step() is called after every optimizer step instead of
+    every epoch. The learning-rate scales apply around every optimizer step (module docstring).
     """
 
     def __init__(self, optimizer, *, dense_epochs: int, sparse_epochs: int, redense_epochs: int,
-                 sparsity, redense_lr_scale: float = 0.1, cycles: int = 1,
+                 sparsity, redense_lr_scale: float = 0.1, sparse_lr_scale: float = 1.0, cycles: int = 1,
+                 ramp_epochs: int | None = None, ramp_every: int | None = None,
                  lr_scheduler=None, model: torch.nn.Module | None = None, include=None, exclude=None,
                  scope: str = "layer", unit: str = "epoch"):
         self.plan = checked_plan(dense_epochs, sparse_epochs, redense_epochs, cycles, unit=unit, scope=scope,
-                                 redense_lr_scale=redense_lr_scale)
+                                 redense_lr_scale=redense_lr_scale, sparse_lr_scale=sparse_lr_scale,
+                                 ramp_epochs=ramp_epochs, ramp_every=ramp_every, sparsity=sparsity)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"DSDScheduler needs a torch.optim.Optimizer (its step hooks carry the masks and the "
+                            f"learning-rate scales), got {type(optimizer).__name__}")
         holds_masks = callable(getattr(optimizer, "prune", None)) and \
             callable(getattr(optimizer, "set_masks", None)) and callable(getattr(optimizer, "clear_masks", None))
         if model is None and not holds_masks:
@@ -126,6 +173,10 @@ class DSDScheduler:
                 raise TypeError(f"{' and '.join(needs_model)} need model= (the module names and types they "
                                 f"select by): DSDScheduler(optimizer, model=model, ...)")
             _warn_no_model(type(optimizer).__name__)
+        if lr_scheduler is not None:
+            warnings.warn("DSDScheduler(lr_scheduler=...) is no longer needed and is ignored: the phase's "
+                          "learning-rate scale now applies around every optimizer step, on top of whatever "
+                          "the LR scheduler sets", FutureWarning, stacklevel=2)
         self.model, self.include, self.exclude, self.scope = model, include, exclude, scope
         self.selected = None
         if model is not None:  # checked now: every argument error before training starts
@@ -149,13 +200,19 @@ class DSDScheduler:
             self.masked_linears = [in_modules[id(s.param)] for s in self.selected if id(s.param) in in_modules]
             self.optimizer_masks = OptimizerMasks(optimizer)
         self.optimizer = optimizer
-        self.lr_scheduler = lr_scheduler
         self.unit = unit
         self.dense_epochs, self.sparse_epochs = dense_epochs, sparse_epochs
         self.redense_epochs, self.cycles = redense_epochs, cycles
+        self.ramp_epochs = ramp_epochs
+        self.ramp_every = None if ramp_epochs is None else (1 if ramp_every is None else ramp_every)
+        self.sparse_lr_scale = float(sparse_lr_scale)
         self.redense_lr_scale = float(redense_lr_scale)
         self.epoch = 0  # epochs (unit="step": steps) completed
-        self.lr_scaled = False
+        self.mask_changes = 0  # prunes and re-denses so far (the masks change at each)
+        # a state saved before the scales moved into step hooks has the re-dense scale in the groups
+        self._groups_hold_redense_scale = False
+        self._scaled_lrs: list = []  # (group, rate before the step, rate the step ran at)
+        self._lr_hooks = self._install_lr_hooks(optimizer)
 
     # ------------------------------------------------------------ schedule
     @property
@@ -175,6 +232,28 @@ class DSDScheduler:
         """[(phase, first epoch, number of epochs)] in order."""
         return self.plan.phases()
 
+    @property
+    def lr_scaled(self) -> bool:
+        """Whether the first re-dense has begun (the re-dense scale is in force from then on)."""
+        return self.epoch >= self.dense_epochs + self.sparse_epochs
+
+    @property
+    def lr_scale(self) -> float:
+        """The factor every optimizer step applies to its groups' rates now."""
+        if self.epoch < self.dense_epochs:
+            return 1.0
+        if not self.lr_scaled:
+            return self.sparse_lr_scale
+        return self.sparse_lr_scale * (1.0 if self._groups_hold_redense_scale else self.redense_lr_scale)
+
+    def ramp_updates(self) -> list[tuple[int, float]]:
+        """[(sparse unit, sparsity share)] of a gradual prune: at the start of each listed unit of
+        every sparse phase, the weights are pruned to share * sparsity ([(0, 1.0)] without a ramp)."""
+        if self.ramp_epochs is None:
+            return [(0, 1.0)]
+        updates = self.ramp_epochs // self.ramp_every
+        return [((k - 1) * self.ramp_every, ramp_fraction(k, updates)) for k in range(1, updates + 1)]
+
     def step(self) -> str | None:
         """Call once at the end of every epoch. Returns the phase entered, if one starts now."""
         if self.epoch >= self.total_epochs:
@@ -182,23 +261,35 @@ class DSDScheduler:
         before = self.phase_at(self.epoch)
         self.epoch += 1
         after = self.phase_at(self.epoch)
-        if self.epoch >= self.total_epochs or after == before:
+        if self.epoch >= self.total_epochs:
             return None
         if after == "sparse":
-            self._prune()
-        else:
+            offset = (self.epoch - self.dense_epochs) % (self.sparse_epochs + self.redense_epochs)
+            share = dict(self.ramp_updates()).get(offset)
+            if share is not None:
+                self._prune(share)
+        elif after != before:
             self._redense()
-            if not self.lr_scaled:
-                self._scale_lr(self.redense_lr_scale)
-                self.lr_scaled = True
-        return after
+        return after if after != before else None
 
-    def _prune(self) -> None:
-        if self.selected is None:  # MaskedSGD on its own parameters
-            self.optimizer.prune(self.sparsity)
-            return
-        from ..scope import masks_for
-        masks = masks_for(self.selected, scope=self.scope)
+    def _selected_now(self, share: float) -> list:
+        """The weights to prune, each at `share` of its final sparsity."""
+        from ..scope import Selected
+        if self.selected is None:  # MaskedSGD / MaskedAdamW on their own parameters
+            selected = [Selected(f"params[{i}]", p, self.sparsity)
+                        for i, p in enumerate(self.optimizer.prunable_params())]
+        else:
+            selected = self.selected
+        if share == 1.0:
+            return selected
+        return [dataclasses.replace(s, sparsity=s.sparsity * share) for s in selected]
+
+    def _prune(self, share: float = 1.0) -> None:
+        from ..scope import grown_masks, masks_for
+        self.mask_changes += 1
+        selected = self._selected_now(share)
+        prior = self.masks
+        masks = grown_masks(selected, prior, scope=self.scope) if prior else masks_for(selected, scope=self.scope)
         if self.optimizer_masks is None:
             self.optimizer.set_masks(masks)
             return
@@ -209,6 +300,7 @@ class DSDScheduler:
         self.optimizer_masks.set_masks(masks)
 
     def _redense(self) -> None:
+        self.mask_changes += 1
         if self.optimizer_masks is None:
             self.optimizer.clear_masks()
             return
@@ -221,16 +313,54 @@ class DSDScheduler:
                 zero_pruned(self.optimizer, {module.weight: mask}, params=False)
                 module.set_mask(None)
 
-    def _scale_lr(self, scale: float) -> None:
-        for group in self.optimizer.param_groups:
-            for key in ("lr", "initial_lr"):  # initial_lr: where a re-created LR scheduler starts
-                if key in group:
-                    lr = group[key]
-                    group[key] = lr * scale if not isinstance(lr, torch.Tensor) else lr.mul_(scale)
-        schedulers = self.lr_scheduler if isinstance(self.lr_scheduler, (list, tuple)) else [self.lr_scheduler]
-        for scheduler in schedulers:
-            if scheduler is not None and hasattr(scheduler, "base_lrs"):
-                scheduler.base_lrs = [lr * scale for lr in scheduler.base_lrs]
+    # ------------------------------------------------------------ learning-rate scales
+    def _install_lr_hooks(self, optimizer) -> list:
+        # weak: a scheduler dropped without close() leaves hooks that do nothing
+        ref = weakref.ref(self)
+
+        def scale_rates(opt, args, kwargs):
+            scheduler = ref()
+            if scheduler is not None:
+                scheduler._scale_rates(opt)
+
+        def restore_rates(opt, args, kwargs):
+            scheduler = ref()
+            if scheduler is not None:
+                scheduler._restore_rates()
+
+        return [optimizer.register_step_pre_hook(scale_rates), optimizer.register_step_post_hook(restore_rates)]
+
+    def _scale_rates(self, optimizer) -> None:
+        self._restore_rates()  # a step that raised left its rates scaled
+        scale = self.lr_scale
+        if scale == 1.0:
+            return
+        for group in optimizer.param_groups:
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor):  # capturable / fused: the same tensor, scaled in place
+                self._scaled_lrs.append((group, lr.clone(), lr))
+                lr.mul_(scale)
+            else:
+                group["lr"] = lr * scale
+                self._scaled_lrs.append((group, lr, group["lr"]))
+
+    def _restore_rates(self) -> None:
+        for group, before, during in self._scaled_lrs:
+            if isinstance(during, torch.Tensor):
+                during.copy_(before)
+            elif group["lr"] is during:  # unless the step itself set a new rate
+                group["lr"] = before
+        self._scaled_lrs = []
+
+    def close(self) -> None:
+        """Remove the scheduler's step hooks (the learning-rate scales and, with a plain
+        optimizer, the masks): the optimizer steps as if it never had one."""
+        self._restore_rates()
+        for handle in self._lr_hooks:
+            handle.remove()
+        self._lr_hooks = []
+        if self.optimizer_masks is not None:
+            self.optimizer_masks.remove()
 
     # ------------------------------------------------------------ masks in force
     @property
@@ -254,13 +384,17 @@ class DSDScheduler:
         mask_gradients_(self.masks)
 
     # ------------------------------------------------------------ checkpoints
+    _PLAN_KEYS = ("dense_epochs", "sparse_epochs", "redense_epochs", "cycles", "sparsity")
+
     def state_dict(self) -> dict:
         """The schedule's position and plan; with a plain optimizer, also its masks (MaskedSGD
         keeps them in its own state_dict, MaskedLinear modules in the model's)."""
         state = {"epoch": self.epoch, "lr_scaled": self.lr_scaled, "dense_epochs": self.dense_epochs,
                  "sparse_epochs": self.sparse_epochs, "redense_epochs": self.redense_epochs,
-                 "cycles": self.cycles, "sparsity": self.sparsity,
-                 "redense_lr_scale": self.redense_lr_scale, "unit": self.unit}
+                 "cycles": self.cycles, "sparsity": self.sparsity, "ramp_epochs": self.ramp_epochs,
+                 "ramp_every": self.ramp_every, "sparse_lr_scale": self.sparse_lr_scale,
+                 "redense_lr_scale": self.redense_lr_scale, "unit": self.unit, "lr_scales": "step_hooks",
+                 "groups_hold_redense_scale": self._groups_hold_redense_scale}
         if self.optimizer_masks is not None:
             state["masks"] = self.optimizer_masks.state_dict()
         return state
@@ -270,14 +404,16 @@ class DSDScheduler:
         key) before anything changes."""
         if not isinstance(state, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state).__name__}")
-        missing = [k for k in ("epoch", "lr_scaled", "dense_epochs", "sparse_epochs", "redense_epochs", "cycles",
-                               "sparsity", "redense_lr_scale") if k not in state]
+        missing = [k for k in ("epoch", "lr_scaled", *self._PLAN_KEYS, "redense_lr_scale") if k not in state]
         if missing:
             raise ValueError(f"state_dict lacks {', '.join(missing)}: not a DSDScheduler state")
-        plan = ("dense_epochs", "sparse_epochs", "redense_epochs", "cycles", "sparsity")
-        for key in plan:
+        for key in self._PLAN_KEYS:
             if state[key] != getattr(self, key):
                 raise ValueError(f"state_dict has {key}={state[key]!r} but this scheduler has "
+                                 f"{getattr(self, key)!r}")
+        for key in ("ramp_epochs", "ramp_every"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"state_dict has {key}={state.get(key)!r} but this scheduler has "
                                  f"{getattr(self, key)!r}")
         if state.get("unit", "epoch") != self.unit:
             raise ValueError(f"state_dict has unit={state.get('unit', 'epoch')!r} but this scheduler "
@@ -287,11 +423,15 @@ class DSDScheduler:
             raise ValueError(f"state_dict has epoch={epoch!r}: expected an int in [0, {self.total_epochs}]")
         if not isinstance(state["lr_scaled"], bool):
             raise ValueError(f"state_dict has lr_scaled={state['lr_scaled']!r}: expected a bool")
-        scale = state["redense_lr_scale"]
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"state_dict has redense_lr_scale={scale!r}: expected a positive finite number")
+        scales = {key: state.get(key, 1.0) for key in ("sparse_lr_scale", "redense_lr_scale")}
+        for key, scale in scales.items():
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or \
+                    not (math.isfinite(scale) and scale > 0):
+                raise ValueError(f"state_dict has {key}={scale!r}: expected a positive finite number")
         if self.optimizer_masks is not None:
             self.optimizer_masks.load_state_dict(state.get("masks", {}))
         self.epoch = epoch
-        self.lr_scaled = state["lr_scaled"]
-        self.redense_lr_scale = float(scale)
+        self.sparse_lr_scale, self.redense_lr_scale = (float(scales[k]) for k in scales)
+        # before "lr_scales", the re-dense scale was written into the groups (saved with the optimizer)
+        self._groups_hold_redense_scale = bool(state.get("groups_hold_redense_scale", False)) if \
+            "lr_scales" in state else state["lr_scaled"]

@@ -35,31 +35,36 @@ def unwrap_lr_scheduler(scheduler):
 class DSDRun:
     """Holds the callback's arguments and, once training starts, its DSDScheduler. The
     callbacks take DSDScheduler's arguments: sparsity, dense/sparse/redense epochs,
-    redense_lr_scale, cycles, unit ("epoch" or "step": optimizer steps), include, exclude,
-    scope."""
+    redense_lr_scale, sparse_lr_scale, cycles, ramp_epochs, ramp_every, unit ("epoch" or
+    "step": optimizer steps), include, exclude, scope."""
 
     def __init__(self, sparsity, dense_epochs: int, sparse_epochs: int, redense_epochs: int,
                  redense_lr_scale: float = 0.1, cycles: int = 1, unit: str = "epoch",
-                 include=None, exclude=None, scope: str = "layer"):
+                 include=None, exclude=None, scope: str = "layer", *, sparse_lr_scale: float = 1.0,
+                 ramp_epochs: int | None = None, ramp_every: int | None = None):
         # every argument error here, before the trainer starts
         self.plan = checked_plan(dense_epochs, sparse_epochs, redense_epochs, cycles, unit=unit, scope=scope,
-                                 redense_lr_scale=redense_lr_scale)
+                                 redense_lr_scale=redense_lr_scale, sparse_lr_scale=sparse_lr_scale,
+                                 ramp_epochs=ramp_epochs, ramp_every=ramp_every, sparsity=sparsity)
         if not isinstance(sparsity, dict):
             sparsity = as_sparsity(sparsity, allow_one=False)
         self.sparsity, self.include, self.exclude, self.scope = sparsity, include, exclude, scope
         self.unit, self.redense_lr_scale = unit, float(redense_lr_scale)
+        self.sparse_lr_scale, self.ramp_epochs, self.ramp_every = float(sparse_lr_scale), ramp_epochs, ramp_every
         self.scheduler: DSDScheduler | None = None
         self._counted: tuple = (None, 0.0)  # (the masks' identities, their pruned fraction)
 
-    def start(self, optimizer, model: torch.nn.Module, lr_schedulers: list, state: dict | None) -> None:
+    def start(self, optimizer, model: torch.nn.Module, state: dict | None) -> None:
         """Build the DSD schedule over the trainer's optimizer and model; `state`: a saved
         DSDScheduler.state_dict to continue from (a resumed run)."""
+        if self.scheduler is not None:  # a second fit: the first one's step hooks go
+            self.scheduler.close()
         self.scheduler = DSDScheduler(
             unwrap_optimizer(optimizer), dense_epochs=self.plan.dense, sparse_epochs=self.plan.sparse,
             redense_epochs=self.plan.redense, cycles=self.plan.cycles, sparsity=self.sparsity,
-            redense_lr_scale=self.redense_lr_scale, model=model, include=self.include,
-            exclude=self.exclude, scope=self.scope, unit=self.unit,
-            lr_scheduler=[unwrap_lr_scheduler(s) for s in lr_schedulers if s is not None])
+            redense_lr_scale=self.redense_lr_scale, sparse_lr_scale=self.sparse_lr_scale,
+            ramp_epochs=self.ramp_epochs, ramp_every=self.ramp_every, model=model, include=self.include,
+            exclude=self.exclude, scope=self.scope, unit=self.unit)
         if state:
             self.scheduler.load_state_dict(state)
 
@@ -73,7 +78,8 @@ class DSDRun:
 
     def advance_to(self, completed: int) -> list[str]:
         """Step the schedule until it has seen `completed` epochs (or steps) or its plan ends;
-        returns the phases entered. Past the plan, training goes on dense at the last LR."""
+        returns the phases entered. Past the plan, training goes on dense at the last LR
+        scale."""
         entered = []
         scheduler = self.scheduler
         while scheduler.epoch < min(completed, scheduler.total_epochs):
@@ -84,9 +90,10 @@ class DSDRun:
 
     def metrics(self) -> dict[str, float]:
         """phase (0 dense, 1 sparse, 2 re-dense), fraction of the selected weights pruned now,
-        and the first param group's learning rate."""
+        and the learning rate the first param group's steps run at (its rate times the phase's
+        scale)."""
         scheduler = self.scheduler
-        lr = scheduler.optimizer.param_groups[0]["lr"]
+        lr = float(scheduler.optimizer.param_groups[0]["lr"]) * scheduler.lr_scale
         phase = scheduler.phase_at(min(scheduler.epoch, scheduler.total_epochs - 1))
         # counting the pruned weights unpacks every mask: done again only when the masks change
         # (metrics are logged every step with unit="step")

@@ -4,9 +4,10 @@ At fit start the callback builds a DSDScheduler over the trainer's optimizer and
 LightningModule (any optimizer: AdamW, SGD, ...; MaskedSGD/MaskedAdamW hold the masks
 themselves); at the end of every training epoch (unit="step": after every optimizer step,
 counted by trainer.global_step) it advances the schedule: prune at dense -> sparse, drop the
-masks and scale the LR at sparse -> re-dense. The LR scale composes with the schedulers of
-`configure_optimizers` (their base_lrs are scaled too, so a LambdaLR, OneCycle-style or step
-schedule keeps running at 1/10). While sparse, the pruned gradients are zeroed in
+masks at sparse -> re-dense. The phase's LR scale (sparse_lr_scale, then times
+redense_lr_scale) applies around every optimizer step, on top of the rate the schedulers of
+`configure_optimizers` set (LambdaLR, OneCycleLR, cosine, step, plateau: all compose). Gradual
+pruning: ramp_epochs, ramp_every as DSDScheduler's. While sparse, the pruned gradients are zeroed in
 `on_before_optimizer_step`, before Lightning clips gradients, so clipping sees the sparse
 network's norm. Its state (position, LR scaled or not, masks of a plain optimizer) lives in
 Lightning's checkpoints; `trainer.fit(model, ckpt_path=...)` resumes in the right phase.
@@ -27,7 +28,8 @@ from ._dsd_run import DSDRun
 class DSDCallback(DSDRun, pl.Callback):
     """Dense -> sparse -> re-dense on the trainer's optimizer; arguments as DSDScheduler's
     (sparsity, dense/sparse/redense epochs, redense_lr_scale, cycles, unit, include, exclude,
-    scope). Logs dsd/phase (0 dense, 1 sparse, 2 re-dense), dsd/sparsity and dsd/lr."""
+    scope; keyword-only sparse_lr_scale, ramp_epochs, ramp_every). Logs dsd/phase (0 dense,
+    1 sparse, 2 re-dense), dsd/sparsity and dsd/lr (the rate the steps run at)."""
 
     _loaded: dict | None = None  # a checkpoint's state, until on_fit_start builds the schedule
 
@@ -36,8 +38,7 @@ class DSDCallback(DSDRun, pl.Callback):
         if len(trainer.optimizers) != 1:
             raise ValueError(f"DSDCallback drives one optimizer; configure_optimizers returned "
                              f"{len(trainer.optimizers)}")
-        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        self.start(trainer.optimizers[0], pl_module, schedulers, self._loaded)
+        self.start(trainer.optimizers[0], pl_module, self._loaded)
         self._loaded = None
         length = trainer.max_epochs if self.unit == "epoch" else trainer.max_steps
         self.warn_if_short(length if length is not None and length >= 0 else None)

@@ -3,10 +3,11 @@
 At train begin the callback builds a DSDScheduler over the trainer's optimizer (AdamW by
 default; any torch optimizer, MaskedSGD/MaskedAdamW included) and model; at the end of every
 epoch (unit="step": every optimizer step, counted by state.global_step) it advances the
-schedule: prune at dense -> sparse, drop the masks and scale the LR at sparse -> re-dense. The
-LR scale composes with the Trainer's schedule (linear, cosine, with warmup ...): the
-scheduler's base_lrs are scaled, so every later step runs at redense_lr_scale times the rate
-the schedule gives at that step. While sparse, each masked weight's gradient is zeroed as
+schedule: prune at dense -> sparse (or gradually: ramp_epochs, ramp_every), drop the masks at
+sparse -> re-dense. The phase's LR scale (sparse_lr_scale, then times redense_lr_scale) applies
+around every optimizer step on top of the Trainer's schedule (linear, cosine, with warmup ...):
+every step runs at the scale times the rate the schedule gives at that step (the Trainer logs
+the schedule's rate as learning_rate; dsd/lr in the logs is the rate the steps run at). While sparse, each masked weight's gradient is zeroed as
 backward accumulates it, before the Trainer clips gradients (max_grad_norm), so clipping sees
 the sparse network's norm.
 
@@ -37,7 +38,7 @@ STATE_ATTRIBUTE = "dsd_kernels_state"
 class DSDCallback(DSDRun, TrainerCallback):
     """Dense -> sparse -> re-dense on the Trainer's optimizer; arguments as DSDScheduler's
     (sparsity, dense/sparse/redense epochs, redense_lr_scale, cycles, unit, include, exclude,
-    scope)."""
+    scope; keyword-only sparse_lr_scale, ramp_epochs, ramp_every)."""
 
     _lr_scheduler = None  # the Trainer's LR scheduler, which carries the DSD state
     _grad_hooks: tuple = ()  # handles of the gradient hooks in force
@@ -53,7 +54,7 @@ class DSDCallback(DSDRun, TrainerCallback):
         if resumed and saved is None:
             raise RuntimeError(f"resuming at step {state.global_step}, but the checkpoint's LR scheduler "
                                f"holds no DSD state: it was saved by a run without DSDCallback")
-        self.start(optimizer, model, [lr_scheduler], saved if resumed else None)
+        self.start(optimizer, model, saved if resumed else None)
         self._keep_state()
         self._hook_gradients()
         self.warn_if_short(state.max_steps if self.unit == "step" else int(args.num_train_epochs))
@@ -71,17 +72,20 @@ class DSDCallback(DSDRun, TrainerCallback):
             self._advance(state, self.scheduler.epoch + 1)
 
     def _advance(self, state, completed: int) -> None:
+        before = self.scheduler.mask_changes
         entered = self.advance_to(completed)
         self._keep_state()  # before the Trainer saves a checkpoint at this step
-        if entered:
+        if self.scheduler.mask_changes != before:  # a phase change or a step of a gradual prune
             self._hook_gradients()
+        if entered:
             state.log_history.append({**self.metrics(), "dsd/entered": entered[-1], "step": state.global_step})
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or self.scheduler is None:
             return
         metrics = self.metrics()
-        figures = {"dsd/phase": metrics["dsd/phase"], "dsd/sparsity": metrics["dsd/sparsity"]}
+        figures = {"dsd/phase": metrics["dsd/phase"], "dsd/sparsity": metrics["dsd/sparsity"],
+                   "dsd/lr": metrics["dsd/lr"]}
         logs.update(figures)  # seen by the callbacks after this one (progress bar, printer)
         last = state.log_history[-1] if state.log_history else None
         if last is not None and last.get("step") == state.global_step and "dsd/entered" not in last:
