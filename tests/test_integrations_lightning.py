@@ -192,3 +192,30 @@ def test_ddp_two_processes(tmp_path):
         weights, masks = ranks[0][epoch]
         assert set(masks) == {"net.0.weight", "net.3.weight"}
         assert int((~masks["net.0.weight"]).sum()) == 256 and bool((weights[0][~masks["net.0.weight"]] == 0).all())
+
+
+def test_gradual_prune_and_lr_ladder_resume_bit_identical(tmp_path):
+    """ramp_epochs=3 in a 1+3+1 plan: the sparse epochs prune to s*(1-(2/3)^3), s*(1-(1/3)^3), s;
+    steps run at the schedule's rate x0.1 sparse, x0.01 re-dense; a resume mid-ramp equals the
+    uninterrupted run bit for bit."""
+    def dsd():
+        return DSDCallback(0.6, dense_epochs=1, sparse_epochs=3, redense_epochs=1, redense_lr_scale=0.1,
+                           sparse_lr_scale=0.1, ramp_epochs=3)
+
+    whole, _, whole_zeros = fit(tmp_path / "whole", dsd=dsd(), model=TinyNet(), checkpoint_every={"every_n_epochs": 1})
+    numel = [whole.net[0].weight.numel(), whole.net[3].weight.numel()]
+    for k, epoch in enumerate((1, 2, 3), start=1):
+        last_step = whole_zeros.per_step[(epoch + 1) * STEPS_PER_EPOCH - 2]  # inside the epoch
+        share = 1 - (1 - k / 3) ** 3
+        assert [count for count, _ in last_step] == [round(0.6 * share * n) for n in numel], epoch
+        assert all(at_pruned for _, at_pruned in last_step)
+    want = expected_lrs("lambda-step", redense_step=10 ** 9)
+    scales = [1.0] * STEPS_PER_EPOCH + [0.1] * 3 * STEPS_PER_EPOCH + [0.01] * STEPS_PER_EPOCH
+    for step, (got, rate, scale) in enumerate(zip(whole.lrs, want, scales)):
+        assert abs(got - rate * scale) <= 1e-12 * rate, (step, got, rate * scale)
+    checkpoint = glob.glob(str(tmp_path / "whole" / "epoch=1-*.ckpt"))  # between ramp updates 1 and 2
+    assert len(checkpoint) == 1
+    resumed, _, zeros = fit(tmp_path / "resumed", dsd=dsd(), model=TinyNet(), ckpt_path=checkpoint[0])
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert zeros.per_step == whole_zeros.per_step[2 * STEPS_PER_EPOCH:]

@@ -186,3 +186,26 @@ def test_bad_arguments_fail_when_the_callback_is_built():
         DSDCallback(0.5, 1, 0, 1)
     with pytest.raises(ValueError, match="redense_lr_scale"):
         DSDCallback(0.5, 1, 1, 1, redense_lr_scale=0)
+
+
+def test_gradual_prune_and_lr_ladder_on_the_trainers_schedule(tmp_path):
+    """ramp_epochs=3 over a 1+3+1 plan: each sparse epoch prunes further (the gradient hooks
+    follow every update, so clipping always sees masked gradients), and every step runs at the
+    Trainer's linear schedule x0.5 sparse, x0.05 re-dense."""
+    dsd = DSDCallback(0.5, dense_epochs=1, sparse_epochs=3, redense_epochs=1, sparse_lr_scale=0.5, ramp_epochs=3)
+    model, trainer, probe = train(tmp_path, dsd=dsd)
+    selected = {s.name: s.param.numel() for s in select(model, 0.5)}
+    for k in (1, 2, 3):
+        share = 1 - (1 - k / 3) ** 3
+        inside = probe.pruned[(k + 1) * STEPS_PER_EPOCH - 2]
+        for name, numel in selected.items():
+            zeros, at_pruned = inside[name]
+            assert zeros == round(0.5 * share * numel) and at_pruned, (k, name)
+    assert probe.grads_masked[STEPS_PER_EPOCH:4 * STEPS_PER_EPOCH] == [True] * 3 * STEPS_PER_EPOCH
+    steps = 5 * STEPS_PER_EPOCH
+    rates = expected_lrs("linear", steps, 3, 1e-3, redense_from=steps)
+    scales = [1.0] * STEPS_PER_EPOCH + [0.5] * 3 * STEPS_PER_EPOCH + [0.05] * STEPS_PER_EPOCH
+    for step, (got, rate, scale) in enumerate(zip(probe.lrs, rates, scales)):
+        assert math.isclose(got, rate * scale, rel_tol=1e-12, abs_tol=1e-18), (step, got, rate * scale)
+    logged = [h for h in trainer.state.log_history if "loss" in h]  # every 4 steps, before a phase change
+    assert [h["dsd/lr_scale"] for h in logged] == pytest.approx([1.0] * 2 + [0.5] * 6 + [0.05] * 2)

@@ -273,6 +273,15 @@ def test_bad_data_files_fail_clearly_before_anything_is_written(tmp_path, kind, 
     (["--device", "meta"], "cpu or cuda only"), (["--train-samples", "-5"], "--train-samples must be >= 0"),
     (["--nproc", "3", "--batch-size", "2"], "smaller than --nproc"), (["--lr", "nan"], "--lr must be"),
     (["--protocol", "paper", "--sparse-lr-scale", "0"], "--sparse-lr-scale"),
+    (["--redense-lr-scale", "inf"], "--redense-lr-scale must be"),
+    (["--sparsity", "3:2"], "not an N:M pattern"), (["--sparsity", "1.5"], "--sparsity"),
+    (["--protocol", "matched", "--sparsity", "2:4", "--model", "cnn"],
+     "cnn's 1.weight of shape (32, 1, 5) has rows of 5 weights"),
+    (["--protocol", "matched", "--sparsity", "2:4", "--model", "cnn"], "--first-conv dense"),
+    (["--ramp-epochs", "3", "--ramp-every", "2"], "--ramp-epochs=3 must be a multiple of --ramp-every=2"),
+    (["--ramp-epochs", "20"], "longer than the sparse phase"),
+    (["--ramp-epochs", "4", "--sparsity", "2:4"], "needs a fractional sparsity"),
+    (["--ramp-every", "2"], "--ramp-every 2 needs --ramp-epochs"),
 ])
 def test_bad_arguments_fail_before_anything_is_written(tmp_path, argv, match, capsys):
     out = tmp_path / "o"
@@ -326,3 +335,31 @@ def test_sigint_prints_where_the_checkpoints_are_and_exits_130(tmp_path):
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert f"continue with: dsd-kernels train --resume {out}" in stderr
     assert f"checkpoints every 1 epochs in {out / 'checkpoints'}" in stderr
+
+
+# ---------------------------------------------------------------- the paper's ladder, N:M, gradual pruning
+def test_protocol_defaults():
+    paper, matched = TrainConfig(protocol="paper"), TrainConfig(protocol="matched")
+    assert (paper.sparse_lr_scale, paper.redense_lr_scale, paper.first_conv) == (0.1, 0.01, "dense")
+    assert (matched.sparse_lr_scale, matched.redense_lr_scale, matched.first_conv) == (1.0, 0.1, "pruned")
+    assert TrainConfig(protocol="paper", sparse_lr_scale=0.5).sparse_lr_scale == 0.5
+
+
+def test_two_four_sparsity_and_a_ramp_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "nm"
+    assert cli.main(["train", "--quick", "--model", "cnn", "--seeds", "1", "--sparsity", "2:4",
+                     "--out", str(out), "--no-progress"]) == 0
+    report = strict_json(out / "report.json")
+    assert report["config"]["sparsity"] == "2:4"
+    dsd = next(r for r in report["runs"] if r["method"] == "dsd")
+    measured = dsd["phases"][1]["measured_sparsity"]
+    assert measured.pop("1.weight") == 0.0 and all(v == 0.5 for v in measured.values())
+    assert "sparsity 2:4" in capsys.readouterr().out
+    out = tmp_path / "ramp"
+    assert cli.main(["train", "--quick", "--model", "mlp", "--seeds", "1", "--epochs", "2", "4", "1",
+                     "--ramp-epochs", "4", "--ramp-every", "2", "--out", str(out), "--no-progress"]) == 0
+    dsd = next(r for r in strict_json(out / "report.json")["runs"] if r["method"] == "dsd")
+    shares = [1 - (1 - k / 2) ** 3 for k in (1, 2)]
+    want = [0.5 * shares[0]] * 2 + [0.5] * 2 + [0.0]
+    assert [h["sparsity"] for h in dsd["history"]] == pytest.approx(want, abs=1e-3)
+    assert "reached gradually over 4 epochs (every 2)" in (out / "report.md").read_text()

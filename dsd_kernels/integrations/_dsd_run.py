@@ -90,8 +90,8 @@ class DSDRun:
 
     def metrics(self) -> dict[str, float]:
         """phase (0 dense, 1 sparse, 2 re-dense), fraction of the selected weights pruned now,
-        and the learning rate the first param group's steps run at (its rate times the phase's
-        scale)."""
+        the learning rate the first param group's steps run at (its rate times the phase's
+        scale) and that scale."""
         scheduler = self.scheduler
         lr = float(scheduler.optimizer.param_groups[0]["lr"]) * scheduler.lr_scale
         phase = scheduler.phase_at(min(scheduler.epoch, scheduler.total_epochs - 1))
@@ -100,4 +100,5 @@ class DSDRun:
         key = tuple((id(m.packed), m.packed._version) for m in scheduler.masks.values())
         if key != self._counted[0]:
             self._counted = (key, scheduler.pruned_fraction())
-        return {"dsd/phase": float(PHASES.index(phase)), "dsd/sparsity": self._counted[1], "dsd/lr": float(lr)}
+        return {"dsd/phase": float(PHASES.index(phase)), "dsd/sparsity": self._counted[1], "dsd/lr": float(lr),
+                "dsd/lr_scale": scheduler.lr_scale}

@@ -7,7 +7,7 @@ schedule: prune at dense -> sparse (or gradually: ramp_epochs, ramp_every), drop
 sparse -> re-dense. The phase's LR scale (sparse_lr_scale, then times redense_lr_scale) applies
 around every optimizer step on top of the Trainer's schedule (linear, cosine, with warmup ...):
 every step runs at the scale times the rate the schedule gives at that step (the Trainer logs
-the schedule's rate as learning_rate; dsd/lr in the logs is the rate the steps run at). While sparse, each masked weight's gradient is zeroed as
+the schedule's rate as learning_rate; dsd/lr_scale in the logs is the scale). While sparse, each masked weight's gradient is zeroed as
 backward accumulates it, before the Trainer clips gradients (max_grad_norm), so clipping sees
 the sparse network's norm.
 
@@ -84,8 +84,9 @@ class DSDCallback(DSDRun, TrainerCallback):
         if logs is None or self.scheduler is None:
             return
         metrics = self.metrics()
+        # the scale, not a rate: the Trainer's learning_rate is the schedule's, logged a step late
         figures = {"dsd/phase": metrics["dsd/phase"], "dsd/sparsity": metrics["dsd/sparsity"],
-                   "dsd/lr": metrics["dsd/lr"]}
+                   "dsd/lr_scale": metrics["dsd/lr_scale"]}
         logs.update(figures)  # seen by the callbacks after this one (progress bar, printer)
         last = state.log_history[-1] if state.log_history else None
         if last is not None and last.get("step") == state.global_step and "dsd/entered" not in last:
