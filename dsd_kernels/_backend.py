@@ -101,8 +101,9 @@ REGISTRY: tuple[Implementation, ...] = tuple(
     # composite's AND with cached unpacked words measured faster than the C++ word loop, which
     # serves every dtype and CPU (its AVX-512 fp32 loop beats the composite, the rest does not)
     + _rows("apply_masks", "apply_masks", cuda=("triton",), cpu=("torch", "cpp"))
-    # N:M masks: the C++ kernel on CPU; no GPU kernel yet (CUDA takes the declared torch fallback)
-    + _rows("nm_masks", "nm_masks", cuda=())
+    # N:M masks: the C++ kernel on CPU, the Triton kernel on CUDA (compiled ahead of time for
+    # sm_80/sm_90, not yet run on a GPU)
+    + _rows("nm_masks", "nm_masks", cuda=("triton",))
     # tl.dot has no general fp64: fp64 on CUDA takes the declared torch fallback
     + _rows("masked_linear", "masked_linear", cuda=("triton",),
             cuda_dtypes=(torch.float16, torch.bfloat16, torch.float32))

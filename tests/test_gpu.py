@@ -186,3 +186,22 @@ def test_planned_steps_are_the_general_steps_on_cuda(kernels, name):
         runs.append([p.detach().cpu() for p in params])
     for a, b in zip(*runs):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def test_to_semi_structured_matches_the_masked_layer():
+    """A 2:4-pruned fp16 MLP exported to torch's semi-structured weights computes what the
+    MaskedLinear layers did (to fp16 rounding); an fp32 layer stays dense, named in a warning."""
+    from dsd_kernels.nn import sparsify, to_semi_structured
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256)).cuda().half()
+    sparsify(model, "2:4")
+    x = torch.randn(128, 256, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        want = model(x)
+        to_semi_structured(model)
+        got = model(x)
+    assert type(model[0].weight.data).__name__.startswith("SparseSemiStructured")
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    fp32 = sparsify(torch.nn.Sequential(torch.nn.Linear(64, 64)).cuda(), "2:4")
+    with pytest.warns(UserWarning, match=r"left 1 2:4 weight\(s\) dense: 0 \(torch.float32"):
+        to_semi_structured(fp32)

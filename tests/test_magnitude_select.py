@@ -131,6 +131,11 @@ def large_case(case, dtype):
         w[::64] = spread
     elif case == "all_equal":
         w = torch.full((LARGE,), 0.25)
+    elif case == "rounded":  # many ties inside the bracket, the k-th key among them
+        w = (torch.randn(LARGE, generator=g) * 100).round() / 100
+    elif case == "signed_zeros_and_denormals":
+        w[::3] = -0.0
+        w[1::5] = torch.finfo(dtype).tiny / 4
     elif case == "inf_nan":  # the k-th key is inf or NaN at high sparsity
         w[torch.rand(LARGE, generator=g) < 0.3] = float("inf")
         w[torch.rand(LARGE, generator=g) < 0.3] = float("nan")
@@ -138,16 +143,22 @@ def large_case(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
-@pytest.mark.parametrize("case", ["random", "sample_misleads", "gather_overflows", "all_equal", "inf_nan"])
+@pytest.mark.parametrize("case", ["random", "sample_misleads", "gather_overflows", "all_equal", "inf_nan", "rounded",
+                                  "signed_zeros_and_denormals"])
 @pytest.mark.parametrize("name", ["cpp", "torch"])
 def test_large_tensors_every_candidate_path(name, case, dtype):
-    # the C++ select gathers keys in a sampled range during its first pass; these cases make the
-    # sample right, wrong, overflowing and useless (ties), and the k-th key inf/NaN
+    # the C++ select brackets the k-th key by a sample (then by a sampled digit range in its radix
+    # select); these cases make the sample right, wrong, overflowing and useless (ties), the
+    # k-th key inf/NaN, and the bracket reach either end of the keys (s near 0 and 1)
     require_backend(name)
     with dk.use_backend(name):
         w = large_case(case, dtype)
         assert_matches_reference([w, w[:1000]], [0.5, 0.3])
-        assert_matches_reference([w], 0.97)
+        assert_matches_reference([w, w], [0.97, 0.0005])
+        assert_matches_reference([w], 0.9999)
+        got = dk.magnitude_thresholds([w, w], [0.5, 0.97]).double().cpu().tolist()
+        want = R.magnitude_thresholds([w.cpu(), w.cpu()], [0.5, 0.97])
+        assert [g == x or (g != g and x != x) for g, x in zip(got, want)] == [True, True], (got, want)
 
 
 def test_empty_list():

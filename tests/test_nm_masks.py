@@ -1,4 +1,4 @@
-"""N:M masks ("2:4"): exact against the reference on every CPU backend, wherever a sparsity goes."""
+"""N:M masks ("2:4"): exact against the reference on every backend (C++, torch, Triton), wherever a sparsity goes."""
 import pytest
 import torch
 
@@ -22,7 +22,7 @@ def adversarial(shape, dtype, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("n,m", PATTERNS, ids=lambda v: str(v))
-def test_nm_masks_are_exact_on_every_backend(cpu_backend, dtype, n, m):
+def test_nm_masks_are_exact_on_every_backend(backend, dtype, n, m):
     for shape, seed in (((7, m * 9), 0), ((3, 2, m * 8), 1), ((m * 40,), 2), ((5, m * 64), 3)):
         w = adversarial(shape, dtype, seed)
         got = dk.magnitude_masks([w], f"{n}:{m}")[0].to_bool()
@@ -31,7 +31,7 @@ def test_nm_masks_are_exact_on_every_backend(cpu_backend, dtype, n, m):
         assert bool((rows == n).all())
 
 
-def test_equal_weights_prune_the_lower_index_and_nan_ranks_highest(cpu_backend):
+def test_equal_weights_prune_the_lower_index_and_nan_ranks_highest(backend):
     w = torch.tensor([[1.0, 1.0, 1.0, 1.0, float("nan"), 0.0, -0.0, 5.0]])
     keep = dk.magnitude_masks(w, "2:4")[0].to_bool()
     assert keep.tolist() == [[False, False, True, True, True, False, False, True]]
@@ -75,3 +75,37 @@ def test_nm_sparsity_wherever_a_sparsity_goes(cpu_backend, holder):
         kept = mask.to_bool().reshape(-1, 4).sum(1)
         expected = 1 if holder == "dict" and p is model[2].weight else 2
         assert bool((kept == expected).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_selection_adversarial_cases_as_nm(backend, dtype):
+    """Every adversarial case of the selection tests (ties, signed zeros, inf/NaN, denormals),
+    cut to whole groups, through every pattern."""
+    from .test_magnitude_select import adversarial
+    for case, tensors in adversarial(dtype).items():
+        for t in tensors:
+            for n, m in PATTERNS:
+                flat = t.reshape(-1)[: t.numel() // m * m].cpu()
+                if flat.numel():
+                    got = dk.magnitude_masks([flat], f"{n}:{m}")[0].to_bool()
+                    assert torch.equal(got, R.nm_masks([flat], n, m)[0]), (case, n, m)
+
+
+def test_sparsify_with_two_four_and_the_semi_structured_export_on_cpu():
+    from dsd_kernels.nn import MaskedLinear, sparsify, to_semi_structured, two_four_linears
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4),
+                                torch.nn.Linear(4, 6))
+    dense_last = model[3].weight.detach().clone()
+    sparsify(model, "2:4", exclude=[r"^3\."])
+    assert isinstance(model[0], MaskedLinear) and isinstance(model[2], MaskedLinear)
+    for layer in (model[0], model[2]):
+        keep = layer.mask.to_bool()
+        assert torch.equal(keep, R.nm_masks([layer.weight.detach()], 2, 4)[0] | keep)
+        assert bool((keep.reshape(-1, 4).sum(1) == 2).all())
+    assert [name for name, _ in two_four_linears(model)] == ["0", "2"]
+    with pytest.raises(RuntimeError, match=r"to_semi_structured needs CUDA.*0\.weight is on cpu"):
+        to_semi_structured(model)
+    assert isinstance(model[0], MaskedLinear) and torch.equal(model[3].weight, dense_last)  # nothing changed
+    with pytest.warns(UserWarning, match="no Linear weight of the model is 2:4"):
+        to_semi_structured(torch.nn.Sequential(torch.nn.Linear(8, 8)))

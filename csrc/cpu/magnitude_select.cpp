@@ -255,10 +255,134 @@ bool radix_select_pass(const scalar_t* data, int64_t n, int64_t k, Selection* se
   return true;
 }
 
+// ---------------------------------------------------------------- bracket select
+// A sample of the keys brackets the k-th one: [lo, hi] from the sample's ranks 4 sqrt(S) either
+// side of the k-th's expected rank. One pass over memory then counts the keys below lo and
+// gathers those in [lo, hi] (a few percent of random data) without a histogram's scattered
+// increments, and the k-th key is selected among the gathered ones. Exact whenever the k-th key
+// lies in the bracket (checked from the counts); otherwise, or when the bracket would hold over
+// 1/8 of the keys (ties), the caller runs the radix select.
+
+// keys of data[0, count): *below += those under lo; those with key - lo <= width appended to out
+// (which has room for count keys); returns how many were appended
+template <typename scalar_t>
+int64_t bracket_chunk(const scalar_t* data, int64_t count, uint64_t lo, uint64_t width, int64_t* below,
+                      typename KeyTraits<scalar_t>::bits_t* out) {
+  int64_t kept = 0, under = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const auto key = key_of<scalar_t, true>(data[i]);
+    under += static_cast<uint64_t>(key) < lo;
+    out[kept] = key;  // branch-free: kept only when in the bracket
+    kept += static_cast<uint64_t>(key) - lo <= width;
+  }
+  *below += under;
+  return kept;
+}
+
+#ifdef DSD_HAVE_AVX512_KERNELS
+// bracket_chunk for fp32, 16 keys a step; out needs 16 keys of room past count
+DSD_AVX512 int64_t bracket_chunk_fp32_avx512(const float* data, int64_t count, uint32_t lo, uint32_t width,
+                                             int64_t* below, uint32_t* out) {
+  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
+  const __m512i nan_key = _mm512_set1_epi32(static_cast<int32_t>(KeyTraits<float>::nan_key));
+  const __m512i low = _mm512_set1_epi32(static_cast<int32_t>(lo));
+  const __m512i span = _mm512_set1_epi32(static_cast<int32_t>(width));
+  int64_t kept = 0, under = 0;
+  for (int64_t i = 0; i < count; i += 16) {
+    const __mmask16 lanes = count - i >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (count - i)) - 1);
+    const __m512i bits = _mm512_maskz_loadu_epi32(lanes, data + i);
+    const __m512i key = _mm512_min_epu32(_mm512_and_si512(bits, abs_mask), nan_key);
+    under += __builtin_popcount(_mm512_mask_cmplt_epu32_mask(lanes, key, low));
+    const __mmask16 in = _mm512_mask_cmple_epu32_mask(lanes, _mm512_sub_epi32(key, low), span);
+    _mm512_storeu_si512(out + kept, _mm512_maskz_compress_epi32(in, key));
+    kept += __builtin_popcount(in);
+  }
+  *below += under;
+  return kept;
+}
+#endif
+
+template <typename scalar_t>
+bool bracket_select(const scalar_t* data, int64_t n, int64_t k, Selection* sel) {
+  using bits_t = typename KeyTraits<scalar_t>::bits_t;
+  if (n < (int64_t(1) << 18) || k < 1) return false;
+  const int64_t samples = std::min<int64_t>(n / 64, int64_t(1) << 16);
+  const auto margin = static_cast<int64_t>(4 * std::sqrt(static_cast<double>(samples)));
+  std::vector<bits_t> sample(samples);
+  const int64_t stride = n / samples;
+  for (int64_t i = 0; i < samples; ++i) sample[i] = key_of<scalar_t, true>(data[i * stride]);
+  const auto expected = static_cast<int64_t>(static_cast<double>(k) / static_cast<double>(n) * samples);
+  const int64_t r_lo = std::max<int64_t>(0, expected - margin);
+  const int64_t r_hi = std::min<int64_t>(samples - 1, expected + margin);
+  std::nth_element(sample.begin(), sample.begin() + r_lo, sample.end());
+  const uint64_t lo = r_lo == 0 ? 0 : sample[r_lo];  // the bracket reaches the ends of the key range
+  std::nth_element(sample.begin() + r_lo, sample.begin() + r_hi, sample.end());
+  const uint64_t hi = r_hi == samples - 1 ? KeyTraits<scalar_t>::nan_key : sample[r_hi];
+  int64_t in_sample = 0;
+  for (const bits_t key : sample) in_sample += static_cast<uint64_t>(key) - lo <= hi - lo;
+  if (8 * in_sample > samples) return false;  // ties: the radix select handles them without gathering
+  const int threads = at::get_num_threads();
+  const int64_t max_gather = n / (8 * threads) + 4096;
+  std::vector<std::vector<bits_t>> gathered(threads);
+  std::vector<int64_t> below(threads, 0);
+  std::atomic<bool> overflow{false};
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    constexpr int64_t kChunk = 4096;
+    const int tid = at::get_thread_num();
+    bits_t buffer[kChunk + 16];
+    auto& mine = gathered[tid];
+    for (int64_t c0 = begin; c0 < end && !overflow.load(std::memory_order_relaxed); c0 += kChunk) {
+      const int64_t count = std::min(end, c0 + kChunk) - c0;
+      int64_t kept;
+#ifdef DSD_HAVE_AVX512_KERNELS
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        kept = cpu_has_avx512f()
+            ? bracket_chunk_fp32_avx512(data + c0, count, static_cast<uint32_t>(lo), static_cast<uint32_t>(hi - lo),
+                                        &below[tid], buffer)
+            : bracket_chunk<scalar_t>(data + c0, count, lo, hi - lo, &below[tid], buffer);
+      } else {
+        kept = bracket_chunk<scalar_t>(data + c0, count, lo, hi - lo, &below[tid], buffer);
+      }
+#else
+      kept = bracket_chunk<scalar_t>(data + c0, count, lo, hi - lo, &below[tid], buffer);
+#endif
+      if (static_cast<int64_t>(mine.size()) + kept > max_gather) {
+        overflow.store(true);
+        break;
+      }
+      mine.insert(mine.end(), buffer, buffer + kept);
+    }
+  });
+  if (overflow.load()) return false;
+  int64_t under = 0, in_bracket = 0;
+  for (int t = 0; t < threads; ++t) {
+    under += below[t];
+    in_bracket += static_cast<int64_t>(gathered[t].size());
+  }
+  if (!(under < k && k <= under + in_bracket)) return false;  // a sampling miss
+  std::vector<bits_t> keys;
+  keys.reserve(static_cast<size_t>(in_bracket));
+  for (auto& g : gathered) keys.insert(keys.end(), g.begin(), g.end());
+  const int64_t rank = k - under;  // 1-based among the gathered keys
+  std::nth_element(keys.begin(), keys.begin() + (rank - 1), keys.end());
+  const bits_t t = keys[rank - 1];
+  int64_t less = 0, equal = 0;
+  for (const bits_t key : keys) {
+    less += key < t;
+    equal += key == t;
+  }
+  sel->key = t;
+  sel->need = k - under - less;
+  sel->count_eq = equal;
+  return true;
+}
+
 template <typename scalar_t>
 Selection radix_select(const scalar_t* data, int64_t n, int64_t k) {
   // 32-bit counters halve the histograms' cache footprint; 64-bit ones beyond 2^32 elements
   Selection sel;
+  if (bracket_select<scalar_t>(data, n, k, &sel)) return sel;
+  sel = Selection();
   if (n < (int64_t(1) << 32)) {
     if (!radix_select_pass<scalar_t, uint32_t, false>(data, n, k, &sel)) {
       sel = Selection();

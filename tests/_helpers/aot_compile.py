@@ -51,6 +51,7 @@ def multi_tensor_kernels():
     from dsd_kernels.backends.triton import magnitude_select as M
     from dsd_kernels.backends.triton import masked_adamw as W
     from dsd_kernels.backends.triton import masked_sgd as S
+    from dsd_kernels.backends.triton import nm_masks as N
     i64 = {"SEG_META": "*i64", "TILES": "*i64"}
     for name, (value, bits, key, abs_mask, nan_key, key_bits) in KEY_TYPES.items():
         keys = dict(VALUE_TYPE=value, BITS_TYPE=bits, KEY_TYPE=key, ABS_MASK=abs_mask, NAN_KEY=nan_key,
@@ -66,6 +67,11 @@ def multi_tensor_kernels():
                    dict(VALUE_TYPE=value, COMPUTE_TYPE=compute, MOMENTUM=momentum, NESTEROV=nesterov,
                         MAXIMIZE=True, WEIGHT_DECAY=True, TILE_WORDS=S.GPU_TILE_WORDS))
         yield f"apply_masks {name}", A._apply_masks_kernel, i64, {}, dict(VALUE_TYPE=value, TILE_WORDS=A.GPU_TILE_WORDS)
+        for n, m in ((2, 4), (5, 32)):  # the common pattern and the longest group (most unrolled)
+            yield (f"nm_masks {name} {n}:{m}", N._nm_masks_kernel, {"X": f"*{name}", "WORDS": "*i32"},
+                   {"cols": "i64", "words_per_row": "i64"},
+                   dict(VALUE_TYPE=value, BITS_TYPE=bits, KEY_TYPE=key, ABS_MASK=abs_mask, NAN_KEY=nan_key, N=n, M=m,
+                        BLOCK_WORDS=N.GPU_BLOCK_WORDS))
         if name in ("fp32", "fp64"):  # the Triton AdamW row serves these two
             for amsgrad, small_weight in ((False, True), (True, False)):
                 yield (f"masked_adamw {name} amsgrad={amsgrad} small_weight={small_weight}",
@@ -116,6 +122,9 @@ def main() -> int:
         if name.startswith("masked_adamw"):
             from dsd_kernels.backends.triton.masked_adamw import LAUNCH_OPTIONS
             options = dict(LAUNCH_OPTIONS)
+        if name.startswith("nm_masks"):
+            from dsd_kernels.backends.triton.nm_masks import NUM_WARPS
+            options = {"num_warps": NUM_WARPS}
         for target in TARGETS:
             row = {"kernel": name, "family": family, "target": target}
             if family == "masked_linear":  # the launcher's options for a GPU of this capability

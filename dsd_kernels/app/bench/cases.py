@@ -58,6 +58,15 @@ def magnitude_select_cases(device: str, sizes_m: tuple[int, ...] = THRESHOLD_SIZ
                 "torch.topk(w.abs(), k, largest=False)":
                     lambda w=w, k=k: torch.topk(w.abs(), k, largest=False, sorted=False),
             }))
+    # the masks of one 16M-element tensor (a gradual prune selects at every step of its ramp),
+    # against one pass that reads and writes the weight: the scale of the memory limit
+    w = torch.randn(16 * 2**20, generator=gen).to(device)
+    cases.append(Case(
+        "magnitude_masks", "16M fp32 s=0.5", w.numel() * 4 + w.numel() // 8,
+        ours=lambda w=w: ops.magnitude_masks(w, 0.5),
+        baselines={"kthvalue + (|w| > t)":
+                   lambda w=w: w.abs() > torch.kthvalue(w.abs(), w.numel() // 2).values},
+        references=abs_pass_reference(w)))
     weights = [torch.randn(s, generator=gen).to(device) for s in resnet50_weight_shapes()]
     total = sum(w.numel() for w in weights)
 
@@ -74,6 +83,30 @@ def magnitude_select_cases(device: str, sizes_m: tuple[int, ...] = THRESHOLD_SIZ
         baselines={"per-layer kthvalue + (|w| > t) loop":
                    lambda ws=weights: [w.abs() > t for w, t in zip(ws, kth_loop(ws))]}))
     return cases
+
+
+def abs_pass_reference(w: torch.Tensor) -> dict:
+    """One torch.abs(w, out=buf) pass (reads and writes the weight), bytes counted 2 x the
+    weight: the memory scale of a mask op, which reads the weight and writes 1 bit per weight."""
+    buf = torch.empty_like(w)
+    return {"torch.abs(w, out=buf)": (lambda: torch.abs(w, out=buf), 2 * w.numel() * w.element_size())}
+
+
+def nm_masks_cases(device: str) -> list[Case]:
+    """2:4 masks of a 4096x4096 fp32 weight against torch's abs().view(-1, 4).topk(2) + scatter,
+    with one abs pass over the weight beside it (abs_pass_reference)."""
+    from ... import ops
+
+    w = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def topk_scatter(w=w):
+        groups = w.abs().view(-1, 4)
+        return torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.topk(2, dim=1).indices, True)
+
+    return [Case("nm_masks", "2:4 of 4096x4096 fp32", w.numel() * 4 + w.numel() // 8,
+                 ours=lambda: ops.magnitude_masks(w, "2:4"),
+                 baselines={"abs().view(-1, 4).topk(2) + scatter": topk_scatter},
+                 references=abs_pass_reference(w))]
 
 
 def mask_multiply_baselines(optimizer_cls, make_params, keeps, hyper: dict) -> dict:
@@ -327,4 +360,4 @@ def masked_adamw_cases(device: str, param_sets: tuple[str, ...] = ("resnet50", "
 CASE_FACTORIES: dict[str, Callable[..., list[Case]]] = {
     "magnitude_select": magnitude_select_cases, "masked_sgd": masked_sgd_cases,
     "masked_linear": masked_linear_cases, "apply_masks": apply_masks_cases, "masked_adamw": masked_adamw_cases,
-    "host_step": host_step_cases}
+    "nm_masks": nm_masks_cases, "host_step": host_step_cases}

@@ -63,7 +63,7 @@ _REGISTRY_OP = {"magnitude_thresholds": "magnitude_select", "magnitude_masks": "
                 "masked_linear dX": "masked_linear", "masked_linear dW": "masked_linear",
                 "masked_linear step": "masked_linear",
                 "apply_masks_": "apply_masks", "MaskedAdamW.step": "apply_masks",
-                "masked_adamw_": "masked_adamw", "host-bound step": "masked_sgd"}
+                "masked_adamw_": "masked_adamw", "host-bound step": "masked_sgd", "nm_masks": "nm_masks"}
 
 
 def benchmark_backends(device: str, op: str | None = None) -> list[str]:
