@@ -360,10 +360,25 @@ bool bracket_select(const scalar_t* data, int64_t n, int64_t k, Selection* sel) 
     in_bracket += static_cast<int64_t>(gathered[t].size());
   }
   if (!(under < k && k <= under + in_bracket)) return false;  // a sampling miss
+  // the rank-th gathered key: a histogram of (key - lo) in at most 4096 buckets, then a
+  // selection among the one bucket's keys (every key equal to the k-th lands in that bucket)
+  const uint64_t width = hi - lo;
+  int shift = 0;
+  while ((width >> shift) >= 4096) ++shift;
+  std::vector<int64_t> hist(static_cast<size_t>(width >> shift) + 1, 0);
+  for (const auto& g : gathered) {
+    for (const bits_t key : g) hist[(static_cast<uint64_t>(key) - lo) >> shift]++;
+  }
+  int64_t rank = k - under;  // 1-based among the gathered keys
+  size_t bucket = 0;
+  for (; rank > hist[bucket]; ++bucket) rank -= hist[bucket];
   std::vector<bits_t> keys;
-  keys.reserve(static_cast<size_t>(in_bracket));
-  for (auto& g : gathered) keys.insert(keys.end(), g.begin(), g.end());
-  const int64_t rank = k - under;  // 1-based among the gathered keys
+  keys.reserve(static_cast<size_t>(hist[bucket]));
+  for (const auto& g : gathered) {
+    for (const bits_t key : g) {
+      if (((static_cast<uint64_t>(key) - lo) >> shift) == bucket) keys.push_back(key);
+    }
+  }
   std::nth_element(keys.begin(), keys.begin() + (rank - 1), keys.end());
   const bits_t t = keys[rank - 1];
   int64_t less = 0, equal = 0;
@@ -372,7 +387,7 @@ bool bracket_select(const scalar_t* data, int64_t n, int64_t k, Selection* sel) 
     equal += key == t;
   }
   sel->key = t;
-  sel->need = k - under - less;
+  sel->need = rank - less;  // the keys of lower buckets are all below t
   sel->count_eq = equal;
   return true;
 }
