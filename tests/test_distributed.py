@@ -270,3 +270,17 @@ def test_sharded_selection_adversarial_cases_every_backend(backend, dtype, one_r
             got = dk.magnitude_thresholds(shards, s)
             want = torch.tensor(R.magnitude_thresholds(tensors, [s] * len(tensors)), dtype=got.dtype)
             assert ((got == want) | (got.isnan() & want.isnan())).all(), (case, s, got, want)
+
+
+def test_gradual_pruning_of_sharded_weights_is_refused_clearly(one_rank_mesh):
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+    from dsd_kernels.dsd import DSDScheduler
+    from dsd_kernels.optim import MaskedSGD
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    fully_shard(model, mesh=one_rank_mesh)
+    with pytest.raises(NotImplementedError, match="gradual pruning .* sharded"):
+        DSDScheduler(MaskedSGD(model.parameters(), lr=0.1), model=model, dense_epochs=1, sparse_epochs=2,
+                     redense_epochs=1, sparsity=0.5, ramp_epochs=2)

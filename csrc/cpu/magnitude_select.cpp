@@ -1,6 +1,10 @@
 // Exact magnitude selection on CPU: multithreaded radix select over the float bits.
 //
-// Per tensor: 11-bit digit histograms (per-thread, L1-resident, merged), most significant
+// Tensors of 2^18 keys or more first try a bracket select (bracket_select below): one pass that
+// counts the keys under a sampled bracket of the k-th key and gathers those inside it; it is
+// exact whenever the bracket holds the k-th key (checked), and the radix select runs otherwise.
+//
+// Radix select, per tensor: 11-bit digit histograms (per-thread, L1-resident, merged), most significant
 // first. Pass 0 reads every key, and also gathers the keys whose top digit lies in the range
 // that a 2^16-key strided sample predicts for the k-th key; if the chosen top digit is in that
 // range, later digits visit only the gathered keys (one pass over memory). If not, or for small

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops._common import as_sparsity
+from ..ops._common import any_dtensor, as_sparsity
 from ..optim.masking import mask_gradients_, zero_pruned
 
 PHASES = ("dense", "sparse", "redense")
@@ -191,6 +191,11 @@ class DSDScheduler:
                 raise ValueError(f"the optimizer does not hold {', '.join(missing[:3])}"
                                  f"{' ...' if len(missing) > 3 else ''}, selected for pruning")
         self.sparsity = sparsity if isinstance(sparsity, dict) else as_sparsity(sparsity, allow_one=False)
+        if ramp_epochs is not None:
+            params = [s.param for s in self.selected] if self.selected is not None else optimizer.prunable_params()
+            if any_dtensor(params):
+                raise NotImplementedError("gradual pruning (ramp_epochs) of sharded (DTensor) weights is not "
+                                          "supported yet: prune them at once (no ramp)")
         self.masked_linears: list = []
         self.optimizer_masks = None
         if not holds_masks:
