@@ -167,7 +167,7 @@ def test_ddp_dsd_training_keeps_ranks_identical(tmp_path):
     assert w0[~mask0].eq(0).all()  # pruned weights of the MaskedLinear stayed 0 under Adam + DDP
 
 
-def _fsdp_worker(rank, world, init_file, out_dir):
+def _fsdp_worker(rank, world, init_file, out_dir, kind="masked_sgd"):
     from torch.distributed.device_mesh import init_device_mesh
 
     try:
@@ -176,7 +176,7 @@ def _fsdp_worker(rank, world, init_file, out_dir):
         from torch.distributed._composable.fsdp import fully_shard
 
     from dsd_kernels.dsd import DSDScheduler
-    from dsd_kernels.optim import MaskedSGD
+    from dsd_kernels.optim import MaskedAdamW, MaskedSGD
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -184,8 +184,16 @@ def _fsdp_worker(rank, world, init_file, out_dir):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(12, 33), torch.nn.ReLU(), torch.nn.Linear(33, 5))
         fully_shard(model, mesh=mesh)
-        opt = MaskedSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-        dsd = DSDScheduler(opt, dense_epochs=1, sparse_epochs=2, redense_epochs=1, sparsity=0.6)
+        plan = dict(dense_epochs=1, sparse_epochs=2, redense_epochs=1, sparsity=0.6)
+        if kind == "masked_sgd":  # the masks in the optimizer, on its own parameters
+            opt = MaskedSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+            dsd = DSDScheduler(opt, **plan)
+        elif kind == "masked_adamw":
+            opt = MaskedAdamW(model.parameters(), lr=0.05, weight_decay=1e-2)
+            dsd = DSDScheduler(opt, model=model, **plan)
+        else:  # any torch optimizer: the masks applied around its step (OptimizerMasks)
+            opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=1e-2)
+            dsd = DSDScheduler(opt, model=model, **plan)
         weights = [p for p in model.parameters() if p.dim() >= 2]
         g = torch.Generator().manual_seed(10 + rank)
         record = {"pruned": [], "lr": []}
@@ -204,8 +212,12 @@ def _fsdp_worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
-def test_fsdp2_model_trains_through_dense_sparse_redense(tmp_path):
-    record = run_ranks(_fsdp_worker, tmp_path, "fsdp")[0]
+@pytest.mark.parametrize("kind", ["masked_sgd", "masked_adamw", "adamw"])
+def test_fsdp2_model_trains_through_dense_sparse_redense(tmp_path, kind):
+    """Every optimizer path steps FSDP2's sharded parameters on their local shards with local
+    masks: the global per-layer count of zeros is exact at every sparse epoch."""
+    import functools
+    record = run_ranks(functools.partial(_fsdp_worker, kind=kind), tmp_path, "fsdp")[0]
     exact = [round(0.6 * n) for n in record["numel"]]
     dense, sparse1, sparse2, redense = record["pruned"]
     assert all(z < e for z, e in zip(dense, exact))

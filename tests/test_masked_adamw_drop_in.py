@@ -298,7 +298,7 @@ def test_dsd_scheduler_drives_masked_adamw_and_channels_last_weights():
         zeros.append([int((m.weight == 0).sum()) for m in (model[0], model[2])])
         dsd.step()
     assert zeros[1] == [round(0.5 * model[0].weight.numel()), round(0.5 * model[2].weight.numel())]
-    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert opt.param_groups[0]["lr"] == 1e-2 and dsd.lr_scale == pytest.approx(0.1)  # re-dense steps at 1e-3
     assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert all(z < e for z, e in zip(zeros[2], zeros[1]))  # pruned weights train again
 

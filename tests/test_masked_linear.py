@@ -229,7 +229,7 @@ def test_dsd_scheduler_with_masked_linear_and_adam():
     assert model[0].weight[pruned].eq(0).all() and int(pruned.sum()) == 64
     assert dsd.step() == "redense"
     assert model[0].mask is None and model[0].weight[pruned].eq(0).all()
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.001)
+    assert opt.param_groups[0]["lr"] == 0.01 and dsd.lr_scale == pytest.approx(0.1)  # steps at 0.001
     epoch()
     assert (model[0].weight[pruned] != 0).any()
 

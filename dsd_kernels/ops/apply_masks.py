@@ -9,8 +9,9 @@ from torch import Tensor
 
 from .. import _backend
 from .._floatbits import KEY_SPECS
+from .._dtensor import local_tensor
 from ..masks import as_mask, packed_shape
-from ._common import as_tensor_list, check_kernel_tensors, check_writable, dtypes_of, kernel_layout
+from ._common import any_dtensor, as_tensor_list, check_kernel_tensors, check_writable, dtypes_of, kernel_layout
 
 __all__ = ["apply_masks_"]
 
@@ -50,6 +51,8 @@ def apply_masks_(tensors, masks) -> None:
     masks = list(masks)
     if len(masks) != len(tensors):
         raise ValueError(f"apply_masks_: {len(tensors)} tensors but {len(masks)} masks")
+    if any_dtensor(tensors):  # sharded tensors (FSDP2): each rank masks its local shards (local masks)
+        tensors = [local_tensor(t) for t in tensors]
     by_device: dict[torch.device, list[int]] = {}
     for i, (t, m) in enumerate(zip(tensors, masks)):
         if m is not None:

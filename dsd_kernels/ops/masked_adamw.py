@@ -9,8 +9,9 @@ from torch import Tensor
 
 from .. import _backend
 from .._floatbits import KEY_SPECS
+from .._dtensor import local_tensor
 from ..masks import as_mask, packed_shape
-from ._common import as_tensor_list, check_kernel_tensors, check_writable, dtypes_of, kernel_layout
+from ._common import any_dtensor, as_tensor_list, check_kernel_tensors, check_writable, dtypes_of, kernel_layout
 
 __all__ = ["masked_adamw_", "check_adamw_hyperparameters"]
 
@@ -125,6 +126,9 @@ def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_s
     check_adamw_hyperparameters(lr, beta1, beta2, eps, weight_decay)
     if not params:
         return
+    if any_dtensor(params):  # sharded params (FSDP2): each rank steps its local shards, masks local too
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = (
+            [local_tensor(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs))
     by_device: dict[torch.device, list[int]] = {}
     for i, p in enumerate(params):
         if not (p.is_floating_point() or p.is_complex()):
