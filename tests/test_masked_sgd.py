@@ -320,19 +320,61 @@ def test_non_contiguous_mask_words_and_float_masks_work_on_every_backend(backend
         assert p[~keep].eq(0).all()
 
 
-def test_load_state_dict_with_a_bad_mask_index_changes_nothing():
+def _same_state(a: dict, b: dict) -> bool:
+    flat = lambda s: {(i, k): v for i, e in s["state"].items() for k, v in e.items()}  # noqa: E731
+    fa, fb = flat(a), flat(b)
+    return fa.keys() == fb.keys() and all(
+        torch.equal(fa[k], fb[k]) if isinstance(fa[k], torch.Tensor) else fa[k] == fb[k] for k in fa) \
+        and a["param_groups"] == b["param_groups"]
+
+
+def test_masks_are_per_parameter_state_entries_and_the_previous_format_loads():
+    a, bias = torch.nn.Parameter(torch.randn(6, 40)), torch.nn.Parameter(torch.randn(6))
+    opt = MaskedSGD([a, bias], lr=0.1, momentum=0.9)
+    opt.prune(0.3)
+    state = opt.state_dict()
+    assert "masks" not in state and "mask" not in state["state"].get(1, {})  # 1-D: no entry
+    assert torch.equal(state["state"][0]["mask"], opt.masks[a].packed)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    other_a, other_bias = torch.nn.Parameter(torch.randn(6, 40)), torch.nn.Parameter(torch.randn(6))
+    other = MaskedSGD([other_a, other_bias], lr=0.5)
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    assert other.masks[other_a] == opt.masks[a] and "mask" not in other.state[other_a]
+    fresh = MaskedSGD([torch.nn.Parameter(torch.randn(6, 40))], lr=0.1).state_dict()
+    assert bool((fresh["state"][0]["mask"][:, 0] == -1).all())  # every weight kept: no mask
+    # the format before per-parameter entries: a top-level {"masks": {index: Mask state}}
+    previous = {"state": {}, "param_groups": state["param_groups"], "masks": {0: opt.masks[a].state_dict()}}
+    old_loader = MaskedSGD([torch.nn.Parameter(torch.randn(6, 40)), torch.nn.Parameter(torch.randn(6))], lr=0.5)
+    old_loader.load_state_dict(previous)
+    assert list(old_loader.masks.values()) == [opt.masks[a]]
+    cleared = MaskedSGD([a, bias], lr=0.1)
+    cleared.load_state_dict({"state": {0: {"mask": fresh["state"][0]["mask"]}}, "param_groups": state["param_groups"]})
+    assert cleared.masks == {}
+
+
+def test_load_state_dict_with_a_bad_mask_changes_nothing():
     a = torch.nn.Parameter(torch.randn(6, 7))
     opt = MaskedSGD([a], lr=0.1, momentum=0.9)
     opt.prune(0.3)
     state = opt.state_dict()
     other = MaskedSGD([torch.nn.Parameter(torch.randn(6, 7))], lr=0.5)
     before = other.state_dict()
-    for bad in (5, -1, "0"):
-        broken = {**state, "masks": {bad: state["masks"][0]}}
+    previous = {"state": {}, "param_groups": state["param_groups"]}
+    for bad in (5, -1, "0"):  # the previous format's index
+        broken = {**previous, "masks": {bad: opt.masks[a].state_dict()}}
         with pytest.raises(ValueError, match=f"mask for parameter {bad!r}, but this optimizer holds "
                                              r"parameters 0\.\.0"):
             other.load_state_dict(broken)
-        assert other.state_dict() == before and other.masks == {}
+        assert _same_state(other.state_dict(), before) and other.masks == {}
+    for words, match in ((torch.zeros(6, 2, dtype=torch.int32), r"int32 \(6, 2\); parameter 0 \(\(6, 7\) here\) "
+                                                                   r"needs int32 words of shape \(6, 1\)"),
+                         (torch.zeros(6, 1, dtype=torch.int64), "torch.int64 \\(6, 1\\)"), ("words", "is str")):
+        broken = {**state, "state": {0: {**state["state"][0], "mask": words}}}
+        with pytest.raises(ValueError, match=match):
+            other.load_state_dict(broken)
+        assert _same_state(other.state_dict(), before) and other.masks == {}
 
 
 def test_direct_op_call_checks_its_inputs_like_the_wrapper():

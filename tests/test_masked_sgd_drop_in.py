@@ -118,7 +118,8 @@ def test_older_state_dict_formats_load():
     for group in state["param_groups"]:  # as saved before these flags existed
         for key in ("foreach", "differentiable", "fused", "maximize"):
             group.pop(key, None)
-    state.pop("masks")
+    for entry in state["state"].values():  # saved before masks were per-parameter entries
+        entry.pop("mask", None)
     other = MaskedSGD(make_params(torch.float32), lr=0.1, momentum=0.9)
     other.load_state_dict(state)
     assert other.param_groups[0]["foreach"] is None and other.param_groups[0]["maximize"] is False

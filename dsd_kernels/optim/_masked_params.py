@@ -7,8 +7,8 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .._dtensor import local_tensor
-from ..masks import Mask, as_mask
+from .._dtensor import is_dtensor, local_tensor
+from ..masks import Mask, as_mask, packed_shape
 from ..ops._common import sparsity_list
 from ..ops._plan import NotPlannable
 from .masking import zero_pruned
@@ -177,17 +177,66 @@ class MaskedParams:
         return new
 
     # ------------------------------------------------------------ checkpoints
+    @staticmethod
+    def _loaded_mask(i, words, params) -> Mask | None:
+        """The Mask of a "mask" state entry for parameter i (None where it keeps everything)."""
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(params):
+            raise ValueError(f"state_dict has a mask for parameter {i!r}, but this optimizer "
+                             f"holds parameters 0..{len(params) - 1}")
+        local = local_tensor(params[i])
+        words = local_tensor(words) if isinstance(words, Tensor) else words
+        want = packed_shape(local.shape)
+        if not isinstance(words, Tensor) or words.dtype != torch.int32 or tuple(words.shape) != want:
+            got = (f"{words.dtype} {tuple(words.shape)}" if isinstance(words, Tensor) else type(words).__name__)
+            raise ValueError(f"state_dict's mask of parameter {i} is {got}; parameter {i} "
+                             f"({tuple(local.shape)} here) needs int32 words of shape {want}")
+        mask = Mask(words.to(local.device).contiguous(), local.shape)
+        return None if mask.count() == mask.numel else mask
+
     def state_dict(self) -> dict:
-        """The optimizer's state dict plus "masks": {param index: {"packed", "shape"}} (plain
-        tensors and ints, so torch.load(weights_only=True) reads it)."""
+        """torch's state dict, and every parameter of 2 or more dims gains a per-parameter state
+        entry "mask": its packed keep-words (int32 (rows, ceil(cols / 32)), bit j of word w = column
+        32w + j kept; all kept where it has no mask). For a parameter FSDP2 shards by rows
+        (Shard(0)) the words are a DTensor sharded the same way, so torch.distributed.checkpoint
+        (get_state_dict, dcp.save, dcp.load, set_state_dict) saves and reshards them with the
+        optimizer's other state on any world size; every such parameter has the entry so that a
+        fresh optimizer's state dict, DCP's template for loading, names them all."""
         state = super().state_dict()
-        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        state["masks"] = {index[id(p)]: m.state_dict() for p, m in self._masks.items()}
+        per_param = dict(state["state"])  # torch's per-parameter dicts are the live state: copied
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                words = self._saved_words(p)
+                if words is not None:
+                    per_param[index] = {**per_param.get(index, {}), "mask": words}
+                index += 1
+        state["state"] = per_param
         return state
+
+    def _saved_words(self, p: Tensor):
+        """The "mask" state entry of parameter p (None: p has none)."""
+        if p.dim() < 2 or not (p.is_floating_point() or p.is_complex()):
+            return None
+        local = local_tensor(p)
+        mask = self._masks.get(p)
+        words = mask.packed if mask is not None else Mask.from_bool(
+            torch.ones(local.shape, dtype=torch.bool, device=local.device)).packed
+        if not is_dtensor(p):
+            return words
+        from .._dtensor import Replicate, Shard
+        placements = tuple(p.placements)
+        if not all(isinstance(pl, Replicate) or (isinstance(pl, Shard) and pl.dim == 0) for pl in placements):
+            if mask is None:
+                return None  # only masks of row-sharded parameters travel with DCP
+            raise NotImplementedError(f"a mask of a parameter sharded as {placements} cannot be saved: masks of "
+                                      f"sharded parameters travel row-sharded (FSDP2's Shard(0))")
+        from torch.distributed.tensor import DTensor
+        return DTensor.from_local(words, p.device_mesh, placements, run_check=False,
+                                  shape=torch.Size(packed_shape(p.shape)), stride=(packed_shape(p.shape)[1], 1))
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
-        masks = state_dict.pop("masks", {})
+        masks = state_dict.pop("masks", {})  # the format before per-parameter "mask" entries
         # the masks are checked before anything is loaded: a bad file changes nothing
         params = [p for g in self.param_groups for p in g["params"]]
         loaded = {}
@@ -200,6 +249,21 @@ class MaskedParams:
                 raise ValueError(f"state_dict mask {i} has shape {tuple(mask.shape)} but parameter "
                                  f"{i} has shape {tuple(local_tensor(params[i]).shape)}")
             loaded[params[i]] = mask.to(params[i].device)
+        if "state" in state_dict:
+            # state keys name parameters as the saved groups list them (indices; torch.distributed.
+            # checkpoint: qualified names), in this optimizer's order
+            saved_keys = [k for g in state_dict.get("param_groups", []) for k in g.get("params", [])]
+            position = {k: i for i, k in enumerate(saved_keys)} if len(saved_keys) == len(params) else {}
+            per_param = {}
+            for key, entry in state_dict["state"].items():
+                if isinstance(entry, dict) and "mask" in entry:
+                    entry = dict(entry)
+                    words = entry.pop("mask")
+                    mask = self._loaded_mask(position.get(key, key), words, params)
+                    if mask is not None:
+                        loaded[params[position.get(key, key)]] = mask
+                per_param[key] = entry
+            state_dict["state"] = per_param
         super().load_state_dict(state_dict)
         self._masks = loaded
         self._forget_plans()

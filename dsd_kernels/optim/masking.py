@@ -76,7 +76,7 @@ class OptimizerMasks:
         for p, m in masks.items():
             if not isinstance(p, Tensor) or id(p) not in held:
                 raise ValueError("set_masks got a mask for a tensor the optimizer does not hold")
-            checked[p] = as_mask(m, p)
+            checked[p] = as_mask(m, local_tensor(p))  # a sharded param's mask covers its local shard
         zero_pruned(self.optimizer, checked, params=True)
         self._masks.update(checked)
         self._plans = None
@@ -89,15 +89,16 @@ class OptimizerMasks:
         accepted = inspect.signature(type(self.optimizer).__init__).parameters
         hyper = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in group.items()
                  if k != "params" and k in accepted}
-        probe = torch.zeros_like(p, requires_grad=True)
-        probe.grad = torch.zeros_like(p)
+        local = local_tensor(p).detach()  # elementwise state: a shard's fresh state is the whole one's
+        probe = torch.zeros_like(local, requires_grad=True)
+        probe.grad = torch.zeros_like(local)
         try:
             fresh = type(self.optimizer)([probe], **hyper)
             with torch.enable_grad():
                 fresh.step()
         except Exception:  # noqa: BLE001 - an optimizer we cannot probe: its state restarts at 0
             return {}
-        return {k: v for k, v in fresh.state[probe].items() if isinstance(v, Tensor) and v.shape == p.shape}
+        return {k: v for k, v in fresh.state[probe].items() if isinstance(v, Tensor) and v.shape == local.shape}
 
     @torch.no_grad()
     def clear_masks(self) -> None:
@@ -107,6 +108,7 @@ class OptimizerMasks:
             keep = m.to_bool().to(p.device)
             for key, value in self.optimizer.state.get(p, {}).items():
                 if isinstance(value, Tensor) and value.shape == p.shape:
+                    value = local_tensor(value)
                     value.copy_(torch.where(keep, value, fresh[key].to(value.dtype) if key in fresh
                                             else torch.zeros_like(value)))
         self._masks.clear()
@@ -161,6 +163,6 @@ class OptimizerMasks:
             if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(params):
                 raise ValueError(f"masks state has a mask for parameter {i!r}, but the optimizer "
                                  f"holds parameters 0..{len(params) - 1}")
-            loaded[params[i]] = as_mask(Mask.from_state_dict(m), params[i], f"mask {i}")
+            loaded[params[i]] = as_mask(Mask.from_state_dict(m), local_tensor(params[i]), f"mask {i}")
         self._masks = loaded
         self._plans = None
