@@ -341,3 +341,34 @@ def test_hugging_face_round_trip_keeps_the_zeros(tmp_path):
         assert torch.equal(p, q), name
     for s in dsd.selected:
         assert int((dict(loaded.named_parameters())[s.name] == 0).sum()) == round(0.5 * s.param.numel())
+
+
+def test_masks_of_any_optimizer_travel_in_its_state_dict():
+    """OptimizerMasks adds a "mask" entry per prunable weight to the optimizer's own state dict
+    (the form torch.distributed.checkpoint reshards) and takes it back on load; entries a plain
+    optimizer loaded before the hooks existed are dropped, not kept as state."""
+    from dsd_kernels.optim import OptimizerMasks
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 40), nn.ReLU(), nn.Linear(40, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    dsd = DSDScheduler(opt, model=model, dense_epochs=1, sparse_epochs=2, redense_epochs=1, sparsity=0.5)
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    dense_state = opt.state_dict()
+    assert all(bool((dense_state["state"][i]["mask"] != 0).any()) for i in (0, 2))  # every weight kept
+    dsd.step()
+    state = opt.state_dict()
+    assert "mask" not in state["state"][1] and torch.equal(state["state"][0]["mask"], dsd.masks[model[0].weight].packed)
+    assert "mask" not in opt.state[model[0].weight]  # the live state never holds it
+    twin = nn.Sequential(nn.Linear(8, 40), nn.ReLU(), nn.Linear(40, 3))
+    twin_opt = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    masks = OptimizerMasks(twin_opt, params=[twin[0].weight, twin[2].weight])
+    twin_opt.load_state_dict(state)
+    assert masks.masks[twin[0].weight] == dsd.masks[model[0].weight] and len(masks.masks) == 2
+    assert "mask" not in twin_opt.state[twin[0].weight]
+    early = torch.optim.AdamW(nn.Linear(8, 40).parameters(), lr=1e-2)
+    early.load_state_dict({"state": {0: state["state"][0]}, "param_groups": [{**state["param_groups"][0],
+                                                                              "params": [0, 1]}]})
+    assert "mask" in early.state[early.param_groups[0]["params"][0]]  # torch kept it, cast to floats
+    OptimizerMasks(early)
+    assert "mask" not in early.state[early.param_groups[0]["params"][0]]

@@ -1,5 +1,5 @@
-"""Masks through torch.distributed.checkpoint with FSDP2 (gloo, CPU processes): saved mid sparse
-phase on 2 ranks with nothing but torch's APIs (get_state_dict, dcp.save, dcp.load,
+"""Masks through torch.distributed.checkpoint with FSDP2 (gloo, CPU processes), for MaskedSGD,
+MaskedAdamW and AdamW + DSDScheduler(model=...): saved mid sparse phase on 2 ranks with nothing but torch's APIs (get_state_dict, dcp.save, dcp.load,
 set_state_dict), loaded on 2 ranks (training continues bit-identically), on 1 and on 3 (uneven
 shards: weights, masks and optimizer state equal; pruned weights stay 0 while training on)."""
 import functools
@@ -33,8 +33,10 @@ def _setup(rank, world, init_file, kind):
     fully_shard(model, mesh=mesh)
     if kind == "masked_sgd":
         opt = MaskedSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    else:
+    elif kind == "masked_adamw":
         opt = MaskedAdamW(model.parameters(), lr=0.02, weight_decay=1e-2)
+    else:  # any torch optimizer: the masks in OptimizerMasks, their entries added by its hooks
+        opt = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=1e-2)
     dsd = DSDScheduler(opt, model=model, dense_epochs=1, sparse_epochs=3, redense_epochs=1, sparsity=0.6)
     return model, opt, dsd
 
@@ -105,12 +107,12 @@ def _load_worker(rank, world, init_file, out_dir, kind):
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         dsd.load_state_dict(state["dsd"])
         loaded = _snapshot(model, opt)
-        masks_held = len(opt.masks)
+        masks_held = len(dsd.masks)
         pruned_zero = []
         for epoch in range(SAVE_AFTER, EPOCHS):
             _train_epoch(model, opt, epoch, rank, world)
             if dsd.phase == "sparse":  # every masked weight's pruned entries still 0
-                pruned_zero.append(all(bool((p.to_local()[~m.to_bool()] == 0).all()) for p, m in opt.masks.items()))
+                pruned_zero.append(all(bool((p.to_local()[~m.to_bool()] == 0).all()) for p, m in dsd.masks.items()))
             if epoch < EPOCHS - 1:
                 dsd.step()
         final = _snapshot(model, opt)
@@ -121,7 +123,7 @@ def _load_worker(rank, world, init_file, out_dir, kind):
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module", params=["masked_sgd", "masked_adamw"])
+@pytest.fixture(scope="module", params=["masked_sgd", "masked_adamw", "adamw"])
 def saved(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"dcp-{request.param}")
     record = run_ranks(functools.partial(_save_worker, kind=request.param), out, "save")[0]

@@ -203,7 +203,8 @@ class DSDScheduler:
             from ..optim.masking import OptimizerMasks
             in_modules = {id(m.weight): m for m in model.modules() if isinstance(m, MaskedLinear)}
             self.masked_linears = [in_modules[id(s.param)] for s in self.selected if id(s.param) in in_modules]
-            self.optimizer_masks = OptimizerMasks(optimizer)
+            self.optimizer_masks = OptimizerMasks(
+                optimizer, params=[s.param for s in self.selected if id(s.param) not in in_modules])
         self.optimizer = optimizer
         self.unit = unit
         self.dense_epochs, self.sparse_epochs = dense_epochs, sparse_epochs
@@ -400,7 +401,9 @@ class DSDScheduler:
                  "ramp_every": self.ramp_every, "sparse_lr_scale": self.sparse_lr_scale,
                  "redense_lr_scale": self.redense_lr_scale, "unit": self.unit, "lr_scales": "step_hooks",
                  "groups_hold_redense_scale": self._groups_hold_redense_scale}
-        if self.optimizer_masks is not None:
+        if self.optimizer_masks is not None and not any_dtensor([s.param for s in self.selected]):
+            # one process: the masks here too (trainers may restore the optimizer before this);
+            # sharded: only in the optimizer's state dict, whose "mask" entries DCP reshards
             state["masks"] = self.optimizer_masks.state_dict()
         return state
 
@@ -433,8 +436,8 @@ class DSDScheduler:
             if isinstance(scale, bool) or not isinstance(scale, (int, float)) or \
                     not (math.isfinite(scale) and scale > 0):
                 raise ValueError(f"state_dict has {key}={scale!r}: expected a positive finite number")
-        if self.optimizer_masks is not None:
-            self.optimizer_masks.load_state_dict(state.get("masks", {}))
+        if self.optimizer_masks is not None and "masks" in state:
+            self.optimizer_masks.load_state_dict(state["masks"])
         self.epoch = epoch
         self.sparse_lr_scale, self.redense_lr_scale = (float(scales[k]) for k in scales)
         # before "lr_scales", the re-dense scale was written into the groups (saved with the optimizer)

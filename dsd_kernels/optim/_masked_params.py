@@ -7,10 +7,11 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .._dtensor import is_dtensor, local_tensor
-from ..masks import Mask, as_mask, packed_shape
+from .._dtensor import local_tensor
+from ..masks import Mask, as_mask
 from ..ops._common import sparsity_list
 from ..ops._plan import NotPlannable
+from .mask_state import add_mask_entries, take_mask_entries
 from .masking import zero_pruned
 
 
@@ -177,62 +178,12 @@ class MaskedParams:
         return new
 
     # ------------------------------------------------------------ checkpoints
-    @staticmethod
-    def _loaded_mask(i, words, params) -> Mask | None:
-        """The Mask of a "mask" state entry for parameter i (None where it keeps everything)."""
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(params):
-            raise ValueError(f"state_dict has a mask for parameter {i!r}, but this optimizer "
-                             f"holds parameters 0..{len(params) - 1}")
-        local = local_tensor(params[i])
-        words = local_tensor(words) if isinstance(words, Tensor) else words
-        want = packed_shape(local.shape)
-        if not isinstance(words, Tensor) or words.dtype != torch.int32 or tuple(words.shape) != want:
-            got = (f"{words.dtype} {tuple(words.shape)}" if isinstance(words, Tensor) else type(words).__name__)
-            raise ValueError(f"state_dict's mask of parameter {i} is {got}; parameter {i} "
-                             f"({tuple(local.shape)} here) needs int32 words of shape {want}")
-        mask = Mask(words.to(local.device).contiguous(), local.shape)
-        return None if mask.count() == mask.numel else mask
-
     def state_dict(self) -> dict:
-        """torch's state dict, and every parameter of 2 or more dims gains a per-parameter state
-        entry "mask": its packed keep-words (int32 (rows, ceil(cols / 32)), bit j of word w = column
-        32w + j kept; all kept where it has no mask). For a parameter FSDP2 shards by rows
-        (Shard(0)) the words are a DTensor sharded the same way, so torch.distributed.checkpoint
-        (get_state_dict, dcp.save, dcp.load, set_state_dict) saves and reshards them with the
-        optimizer's other state on any world size; every such parameter has the entry so that a
-        fresh optimizer's state dict, DCP's template for loading, names them all."""
-        state = super().state_dict()
-        per_param = dict(state["state"])  # torch's per-parameter dicts are the live state: copied
-        index = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                words = self._saved_words(p)
-                if words is not None:
-                    per_param[index] = {**per_param.get(index, {}), "mask": words}
-                index += 1
-        state["state"] = per_param
-        return state
-
-    def _saved_words(self, p: Tensor):
-        """The "mask" state entry of parameter p (None: p has none)."""
-        if p.dim() < 2 or not (p.is_floating_point() or p.is_complex()):
-            return None
-        local = local_tensor(p)
-        mask = self._masks.get(p)
-        words = mask.packed if mask is not None else Mask.from_bool(
-            torch.ones(local.shape, dtype=torch.bool, device=local.device)).packed
-        if not is_dtensor(p):
-            return words
-        from .._dtensor import Replicate, Shard
-        placements = tuple(p.placements)
-        if not all(isinstance(pl, Replicate) or (isinstance(pl, Shard) and pl.dim == 0) for pl in placements):
-            if mask is None:
-                return None  # only masks of row-sharded parameters travel with DCP
-            raise NotImplementedError(f"a mask of a parameter sharded as {placements} cannot be saved: masks of "
-                                      f"sharded parameters travel row-sharded (FSDP2's Shard(0))")
-        from torch.distributed.tensor import DTensor
-        return DTensor.from_local(words, p.device_mesh, placements, run_check=False,
-                                  shape=torch.Size(packed_shape(p.shape)), stride=(packed_shape(p.shape)[1], 1))
+        """torch's state dict, every parameter of 2 or more dims with a per-parameter state entry
+        "mask" (its packed keep-words, a DTensor for an FSDP2 parameter: see optim/mask_state.py),
+        which torch.distributed.checkpoint saves and reshards with the other state."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        return add_mask_entries(super().state_dict(), params, self._masks)
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
@@ -249,21 +200,8 @@ class MaskedParams:
                 raise ValueError(f"state_dict mask {i} has shape {tuple(mask.shape)} but parameter "
                                  f"{i} has shape {tuple(local_tensor(params[i]).shape)}")
             loaded[params[i]] = mask.to(params[i].device)
-        if "state" in state_dict:
-            # state keys name parameters as the saved groups list them (indices; torch.distributed.
-            # checkpoint: qualified names), in this optimizer's order
-            saved_keys = [k for g in state_dict.get("param_groups", []) for k in g.get("params", [])]
-            position = {k: i for i, k in enumerate(saved_keys)} if len(saved_keys) == len(params) else {}
-            per_param = {}
-            for key, entry in state_dict["state"].items():
-                if isinstance(entry, dict) and "mask" in entry:
-                    entry = dict(entry)
-                    words = entry.pop("mask")
-                    mask = self._loaded_mask(position.get(key, key), words, params)
-                    if mask is not None:
-                        loaded[params[position.get(key, key)]] = mask
-                per_param[key] = entry
-            state_dict["state"] = per_param
+        state_dict, entries = take_mask_entries(state_dict, params)
+        loaded.update({p: m for p, m in entries.items() if m is not None})
         super().load_state_dict(state_dict)
         self._masks = loaded
         self._forget_plans()

@@ -20,6 +20,7 @@ from .. import ops
 from .._dtensor import local_tensor
 from ..masks import Mask, as_mask
 from ..ops._plan import apply_masks_plans
+from .mask_state import ENTRY, add_mask_entries, take_mask_entries
 
 
 def state_tensors(optimizer: torch.optim.Optimizer, p: Tensor) -> list[Tensor]:
@@ -48,14 +49,26 @@ def mask_gradients_(masks: dict) -> None:
 
 
 class OptimizerMasks:
-    def __init__(self, optimizer: torch.optim.Optimizer):
+    """Masks applied around any optimizer's step (module docstring). In the optimizer's
+    state_dict every masked parameter, and every one of `params` (the weights that may be
+    pruned), carries a per-parameter "mask" entry (optim/mask_state.py), which
+    torch.distributed.checkpoint saves and reshards; loading a state dict restores the masks."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params=None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
         self._masks: dict[Tensor, Mask] = {}
+        self._carried = set() if params is None else {id(p) for p in params}
         self._plans = None  # per device, the kernel plans of the masked parameters (see _planned)
+        # "mask" entries the optimizer loaded before these hooks existed (a trainer restoring the
+        # optimizer first) were cast to its dtype by torch: not state, dropped
+        for entry in optimizer.state.values():
+            entry.pop(ENTRY, None)
         self._handles = [optimizer.register_step_pre_hook(self._mask_gradients),
-                         optimizer.register_step_post_hook(self._mask_parameters)]
+                         optimizer.register_step_post_hook(self._mask_parameters),
+                         optimizer.register_state_dict_post_hook(self._add_mask_entries),
+                         optimizer.register_load_state_dict_pre_hook(self._take_mask_entries)]
 
     @property
     def masks(self) -> dict[Tensor, Mask]:
@@ -151,7 +164,23 @@ class OptimizerMasks:
             return
         ops.apply_masks_(list(self._masks), list(self._masks.values()))
 
-    # masks in checkpoints, by parameter index (as MaskedSGD.state_dict stores them)
+    # masks in the optimizer's state dict
+    def _params(self) -> list[Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _add_mask_entries(self, optimizer, state_dict: dict) -> dict:
+        return add_mask_entries(state_dict, self._params(), self._masks,
+                                self._carried | {id(p) for p in self._masks})
+
+    def _take_mask_entries(self, optimizer, state_dict: dict) -> dict:
+        state_dict, entries = take_mask_entries(state_dict, self._params())
+        if entries:  # a state dict with our entries: its masks replace ours
+            self._masks = {p: m for p, m in entries.items() if m is not None}
+            self._plans = None
+        return state_dict
+
+    # masks in a checkpoint of their own, by parameter index (DSDScheduler.state_dict keeps them
+    # there for one process)
     def state_dict(self) -> dict:
         index = {id(p): i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
         return {index[id(p)]: m.state_dict() for p, m in self._masks.items()}
