@@ -296,3 +296,52 @@ def test_gradual_pruning_of_sharded_weights_is_refused_clearly(one_rank_mesh):
     with pytest.raises(NotImplementedError, match="gradual pruning .* sharded"):
         DSDScheduler(MaskedSGD(model.parameters(), lr=0.1), model=model, dense_epochs=1, sparse_epochs=2,
                      redense_epochs=1, sparsity=0.5, ramp_epochs=2)
+
+
+def test_cli_train_fsdp_matches_ddp_and_resumes_on_another_nproc(tmp_path):
+    """`dsd-kernels train --nproc 2 --fsdp` shards the models with FSDP2: the same losses as the DDP
+    job; killed (SIGKILL of torchrun and its workers) after a checkpoint, it resumes with
+    `--nproc 1` (checkpoints hold whole state dicts) and ends like the uninterrupted job up to the
+    float rounding of one process against two."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["train", "--quick", "--model", "mlp", "--seeds", "1", "--no-progress", "--epochs", "2", "3", "3",
+            "--train-samples", "4000", "--checkpoint-every", "1"]
+    reports = {}
+    for name, extra in (("fsdp", ["--nproc", "2", "--fsdp"]), ("ddp", ["--nproc", "2"])):
+        out = str(tmp_path / name)
+        done = subprocess.run([sys.executable, "-m", "dsd_kernels.app.cli", *args, *extra, "--out", out],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        with open(os.path.join(out, "report.json")) as f:
+            reports[name] = json.load(f)
+    assert reports["fsdp"]["config"]["fsdp"] is True
+    for a, b in zip(reports["fsdp"]["runs"], reports["ddp"]["runs"]):
+        assert [h["train_loss"] for h in a["history"]] == pytest.approx([h["train_loss"] for h in b["history"]],
+                                                                        rel=1e-5)
+    killed = str(tmp_path / "killed")
+    proc = subprocess.Popen([sys.executable, "-m", "dsd_kernels.app.cli", *args, "--nproc", "2", "--fsdp",
+                             "--out", killed], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    ckpts, deadline = os.path.join(killed, "checkpoints"), time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(ckpts) and any(n.startswith("dsd") and n.endswith(".pt") for n in os.listdir(ckpts)):
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(killed, "report.json")), "the job finished before the kill"
+    done = subprocess.run([sys.executable, "-m", "dsd_kernels.app.cli", "train", "--resume", killed, "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(os.path.join(killed, "report.json")) as f:
+        resumed = json.load(f)
+    for a, b in zip(resumed["runs"], reports["fsdp"]["runs"]):
+        assert (a["method"], len(a["history"])) == (b["method"], len(b["history"]))
+        assert [h["train_loss"] for h in a["history"]] == pytest.approx([h["train_loss"] for h in b["history"]],
+                                                                        rel=1e-3)
+        assert [h["sparsity"] for h in a["history"]] == [h["sparsity"] for h in b["history"]]

@@ -135,7 +135,7 @@ _TRAIN_FIELDS = {"protocol": "protocol", "data": "data", "model": "models", "spa
                  "first_conv": "first_conv", "ramp_epochs": "ramp_epochs", "ramp_every": "ramp_every",
                  "optimizer": "optimizer", "batch_size": "batch_size",
                  "train_samples": "train_samples", "checkpoint_every": "checkpoint_every",
-                 "nproc": "nproc", "device": "device"}
+                 "nproc": "nproc", "fsdp": "fsdp", "device": "device"}
 
 
 def _sparsity(text: str):
@@ -190,6 +190,8 @@ def _cmd_train(args, argv: list[str] | None = None) -> int:
     if args.batch_size < args.nproc:
         return fail(f"--batch-size {args.batch_size} is smaller than --nproc {args.nproc}: some rank "
                     f"would get no sample of a batch")
+    if args.fsdp and max(args.nproc, int(os.environ.get("WORLD_SIZE", "1"))) < 2 and not args.resume:
+        return fail("--fsdp shards the models across processes: it needs --nproc 2 or more")
     if args.resume and args.quick:
         return fail("--quick cannot be combined with --resume (the job keeps its own settings)")
     if args.device is not None:
@@ -219,7 +221,7 @@ def _cmd_train(args, argv: list[str] | None = None) -> int:
                           ramp_epochs=args.ramp_epochs, ramp_every=args.ramp_every,
                           device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
                           checkpoint_every=args.checkpoint_every, batch_size=args.batch_size,
-                          cycles=args.cycles, optimizer=args.optimizer, nproc=world_size)
+                          cycles=args.cycles, optimizer=args.optimizer, nproc=world_size, fsdp=args.fsdp)
         if args.model != "all":
             cfg.models = [args.model]
         if args.epochs:
@@ -320,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a small run for smoke tests (< 1 min)")
     p.add_argument("--nproc", type=int, default=1,
                    help="data-parallel processes on this machine, via torchrun (gloo on CPU, nccl on GPU)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="with --nproc N: shard the models with FSDP2 instead of DDP; checkpoints hold whole "
+                        "state dicts, so --resume may use another --nproc")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
     parser.train_parser = p

@@ -47,6 +47,7 @@ class TrainConfig:
     device: str = "cpu"
     checkpoint_every: int = 0
     nproc: int = 1
+    fsdp: bool = False  # --fsdp: the models sharded with FSDP2 across the --nproc processes (else DDP)
     quick: bool = False  # --quick: a smoke run (few epochs and samples), not the protocol's result
 
     @property

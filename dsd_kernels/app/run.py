@@ -86,8 +86,13 @@ def ladder_scale(plan: PhasePlan, epoch: int, sparse_scale: float, redense_scale
     return sparse_scale if epoch < plan.dense + plan.sparse else redense_scale
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (FSDP2) tensor gathered whole (a collective: every rank calls it), else t."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def zero_fractions(model) -> dict[str, float]:
-    return {n: float((p == 0).float().mean()) for n, p in prunable_layers(model).items()}
+    return {n: float((whole(p) == 0).float().mean()) for n, p in prunable_layers(model).items()}
 
 
 class Run:
@@ -106,7 +111,17 @@ class Run:
         # data parallel (dsd-kernels train --nproc): every rank holds the same model (same seed)
         # and takes its slice of each batch; DDP averages the gradients
         self.forward_model = self.model
-        if self.world > 1:
+        # --fsdp: FSDP2 shards every parameter across the ranks; its state dicts are gathered
+        # whole (full_state_dict), so a checkpoint resumes on any number of processes
+        self.sharded = cfg.fsdp and self.world > 1
+        if self.sharded:
+            try:
+                from torch.distributed.fsdp import fully_shard
+            except ImportError:  # torch < 2.6
+                from torch.distributed._composable.fsdp import fully_shard
+            from torch.distributed.device_mesh import init_device_mesh
+            fully_shard(self.model, mesh=init_device_mesh(device.type, (self.world,)))
+        elif self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
             self.forward_model = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -160,9 +175,29 @@ class Run:
         self.x_train, self.y_train = data.x_train.to(device), data.y_train.to(device)
         self.x_test, self.y_test = data.x_test.to(device), data.y_test.to(device)
 
+    def _model_and_optimizer_state(self) -> tuple[dict, dict]:
+        if not self.cfg.fsdp:
+            return self.model.state_dict(), self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        # every rank gathers (a collective); the whole state, on the CPU, in each rank's copy
+        return get_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True))
+
+    def _load_model_and_optimizer(self, model_state: dict, optimizer_state: dict) -> None:
+        if not self.cfg.fsdp:
+            self.model.load_state_dict(model_state)
+            self.optimizer.load_state_dict(optimizer_state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        # group keys this optimizer lacks (the pre-training's initial_lr, from its LR schedule)
+        # break torch's mapping of a full optimizer state: the arms set their own rates anyway
+        live = set(self.optimizer.param_groups[0])
+        optimizer_state = {**optimizer_state, "param_groups": [{k: v for k, v in g.items() if k in live}
+                                                               for g in optimizer_state["param_groups"]]}
+        set_state_dict(self.model, self.optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                       options=StateDictOptions(full_state_dict=True))
+
     def _start_from(self, start: dict) -> None:
-        self.model.load_state_dict(start["model"])
-        self.optimizer.load_state_dict(start["optimizer"])
+        self._load_model_and_optimizer(start["model"], start["optimizer"])
         self.generator.set_state(start["generator"])
         self.first_epoch = int(start["epoch"])
         history = json.loads(start["history"])
@@ -174,7 +209,8 @@ class Run:
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        model_state, optimizer_state = self._model_and_optimizer_state()
+        return {"model": {k: v.cpu() for k, v in model_state.items()}, "optimizer": optimizer_state,
                 "dsd": self.dsd.state_dict() if self.dsd else None,
                 "lr_schedule": self.lr_schedule.state_dict() if self.lr_schedule else None,
                 "generator": self.generator.get_state(), "epoch": self.first_epoch + self.epoch,
@@ -183,8 +219,7 @@ class Run:
                 "snapshots": self.snapshots}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_model_and_optimizer(state["model"], state["optimizer"])
         if self.dsd:
             self.dsd.load_state_dict(state["dsd"])
         if self.lr_schedule:
@@ -199,7 +234,8 @@ class Run:
     # ------------------------------------------------------------ training
     def _snapshot(self, name: str) -> None:
         if self.capture and name not in self.snapshots:
-            self.snapshots[name] = dict(self.model.named_parameters())[self.snapshot_layer].detach().cpu().clone()
+            weight = whole(dict(self.model.named_parameters())[self.snapshot_layer])  # every rank
+            self.snapshots[name] = weight.detach().cpu().clone()
 
     def train_epoch(self) -> float:
         """One epoch; returns the mean training loss. Each rank's loss is its slice's sum over
@@ -221,6 +257,16 @@ class Run:
             torch.distributed.all_reduce(total)
         return float(total) / n
 
+    def _pruned_fraction(self) -> float:
+        """DSD's pruned fraction of the masked weights, over every rank's shards."""
+        if not self.sharded:
+            return self.dsd.pruned_fraction()
+        masks = self.dsd.masks.values()
+        counts = torch.tensor([sum(m.numel - m.count() for m in masks), sum(m.numel for m in masks)],
+                              dtype=torch.float64)
+        torch.distributed.all_reduce(counts)
+        return 0.0 if counts[1] == 0 else float(counts[0] / counts[1])
+
     def step_lr(self) -> float:
         """The learning rate the first param group's steps run at now (DSD's phase scale applied)."""
         return float(self.optimizer.param_groups[0]["lr"]) * (self.dsd.lr_scale if self.dsd else 1.0)
@@ -229,7 +275,7 @@ class Run:
         started = time.perf_counter()
         phase = self.dsd.phase if self.dsd else "dense"
         lr = self.step_lr()
-        sparsity = self.dsd.pruned_fraction() if self.dsd else 0.0
+        sparsity = self._pruned_fraction() if self.dsd else 0.0
         loss = self.train_epoch()
         epoch = self.first_epoch + self.epoch + 1
         if not math.isfinite(loss):

@@ -187,9 +187,10 @@ class _Job:
             while run.epoch < run.epochs:
                 run.run_epoch()
                 self.bar.update(1)
-                if self.writer and cfg.checkpoint_every and run.epoch % cfg.checkpoint_every == 0 \
-                        and run.epoch < run.epochs:
-                    checked_torch_save(run.state_dict(), ckpt_path, keep_previous=True)
+                if cfg.checkpoint_every and run.epoch % cfg.checkpoint_every == 0 and run.epoch < run.epochs:
+                    state = run.state_dict()  # every rank: a sharded model's state is gathered
+                    if self.writer:
+                        checked_torch_save(state, ckpt_path, keep_previous=True)
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(run)
         except RunDiverged as err:
@@ -204,11 +205,12 @@ class _Job:
     def _finish(self, run: Run, snap_path: str, ckpt_path: str, result_path: str) -> None:
         if run.snapshots:
             self.snapshots[run.model_name] = run.snapshots
+        state = run.state_dict() if run.method == "baseline" else None  # every rank (see _train)
         if self.writer:
             if run.snapshots:
                 checked_torch_save(run.snapshots, snap_path)
             if run.method == "baseline":  # the arms of this seed start from it
-                checked_torch_save(run.state_dict(), self._path("pretrained", f"{run.model_name}-seed{run.seed}.pt"))
+                checked_torch_save(state, self._path("pretrained", f"{run.model_name}-seed{run.seed}.pt"))
         self.record(run.result(), result_path)
         if self.writer:
             remove_checked(ckpt_path)
@@ -228,8 +230,10 @@ def run_job(cfg: TrainConfig, out_dir: str, *, resume: bool = False, progress: b
         cfg = load_config(out_dir, given)
     rank, size = world()
     if size != cfg.nproc:
-        raise ValueError(f"the job is configured for --nproc {cfg.nproc} but runs in {size} processes"
-                         + (" (resume it with the --nproc it was started with)" if resume else ""))
+        if not (resume and cfg.fsdp):  # an FSDP job's checkpoints hold full state dicts: any world size
+            raise ValueError(f"the job is configured for --nproc {cfg.nproc} but runs in {size} processes"
+                             + (" (resume it with the --nproc it was started with)" if resume else ""))
+        cfg.nproc = size
     cfg.validate()
     datasets = _load_datasets(cfg, size)  # errors in the data surface before anything is written
     writer = rank == 0  # in a data-parallel job rank 0 writes every file; all ranks read them
