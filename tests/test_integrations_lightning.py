@@ -219,3 +219,21 @@ def test_gradual_prune_and_lr_ladder_resume_bit_identical(tmp_path):
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     assert zeros.per_step == whole_zeros.per_step[2 * STEPS_PER_EPOCH:]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp2_strategy_two_processes(tmp_path):
+    """Lightning's FSDP2 strategy (ModelParallelStrategy, configure_model with fully_shard) on 2
+    CPU processes (gloo): the callback prunes the sharded weights to exactly 50% over both ranks'
+    shards, and its pruned fraction is the global one on every rank."""
+    pytest.importorskip("lightning.pytorch.strategies", reason="ModelParallelStrategy needs Lightning >= 2.4")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-m", "tests._helpers.lightning_fsdp", str(tmp_path)], cwd=root,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    total = 16 * 32 + 32 * 4  # the two Linear weights (the LayerNorm stays dense)
+    for rank in ranks:  # recorded after the callback acts at each epoch end: pruned at the end of epoch 1, re-densed at the end of epoch 3
+        assert rank["pruned"] == [0, total // 2, total // 2, 0, 0]
+        assert rank["logged"] == [0.0, 0.5, 0.5, 0.0, 0.0]

@@ -209,3 +209,4 @@ def test_gradual_prune_and_lr_ladder_on_the_trainers_schedule(tmp_path):
         assert math.isclose(got, rate * scale, rel_tol=1e-12, abs_tol=1e-18), (step, got, rate * scale)
     logged = [h for h in trainer.state.log_history if "loss" in h]  # every 4 steps, before a phase change
     assert [h["dsd/lr_scale"] for h in logged] == pytest.approx([1.0] * 2 + [0.5] * 6 + [0.05] * 2)
+

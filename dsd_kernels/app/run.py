@@ -257,16 +257,6 @@ class Run:
             torch.distributed.all_reduce(total)
         return float(total) / n
 
-    def _pruned_fraction(self) -> float:
-        """DSD's pruned fraction of the masked weights, over every rank's shards."""
-        if not self.sharded:
-            return self.dsd.pruned_fraction()
-        masks = self.dsd.masks.values()
-        counts = torch.tensor([sum(m.numel - m.count() for m in masks), sum(m.numel for m in masks)],
-                              dtype=torch.float64)
-        torch.distributed.all_reduce(counts)
-        return 0.0 if counts[1] == 0 else float(counts[0] / counts[1])
-
     def step_lr(self) -> float:
         """The learning rate the first param group's steps run at now (DSD's phase scale applied)."""
         return float(self.optimizer.param_groups[0]["lr"]) * (self.dsd.lr_scale if self.dsd else 1.0)
@@ -275,7 +265,7 @@ class Run:
         started = time.perf_counter()
         phase = self.dsd.phase if self.dsd else "dense"
         lr = self.step_lr()
-        sparsity = self._pruned_fraction() if self.dsd else 0.0
+        sparsity = self.dsd.pruned_fraction() if self.dsd else 0.0  # every rank: a collective when sharded
         loss = self.train_epoch()
         epoch = self.first_epoch + self.epoch + 1
         if not math.isfinite(loss):

@@ -378,10 +378,16 @@ class DSDScheduler:
         return {**self.optimizer_masks.masks, **held}
 
     def pruned_fraction(self) -> float:
-        """Fraction of the masked weights' elements pruned now (0.0 while dense)."""
+        """Fraction of the masked weights' elements pruned now (0.0 while dense); of sharded (FSDP2)
+        weights, over every rank's shards (a collective: every rank calls it)."""
         masks = self.masks
-        total = sum(m.numel for m in masks.values())
-        return 0.0 if total == 0 else sum(m.numel - m.count() for m in masks.values()) / total
+        pruned, total = sum(m.numel - m.count() for m in masks.values()), sum(m.numel for m in masks.values())
+        params = list(masks) if masks else ([s.param for s in self.selected] if self.selected is not None else [])
+        if any_dtensor(params):
+            counts = torch.tensor([pruned, total], dtype=torch.float64)
+            torch.distributed.all_reduce(counts)
+            pruned, total = counts.tolist()
+        return 0.0 if total == 0 else pruned / total
 
     def mask_gradients(self) -> None:
         """Zero the pruned entries of the masked weights' gradients now, in one fused pass: for
