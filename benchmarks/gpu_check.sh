@@ -3,7 +3,8 @@
 # downloaded), under 8 minutes: build with csrc/cuda, `pytest -m gpu`, then wall and GPU time of
 # the host-bound optimizer step, masked SGD and AdamW (GPT-2 small and ResNet-50 sets) against
 # torch's fused step + float-mask multiplies, re-masking, the csrc/cuda AdamW path beside Triton's,
-# masked_linear against F.linear(x, W*M) and torch's BSR matmul, selection against topk/kthvalue;
+# masked_linear against F.linear(x, W*M) and torch's BSR matmul, selection against topk/kthvalue,
+# 2:4 masks against topk + scatter, 2:4 inference (to_semi_structured) against dense F.linear;
 # optionally (SUITES=1, TRAIN=1, SWEEP=1) the per-backend suites on CUDA tensors, the train job and
 # the tile sweep. Every step gets what is left of BUDGET seconds (capped per step) and the check
 # goes on after a failure, so one call yields every result it can.
@@ -86,8 +87,10 @@ step 120 python3 -m pytest -m gpu -p no:cacheprovider -q -s -rfE --junitxml="$OU
 [[ ${SWEEP:-0} == 1 ]] && step 60 python3 benchmarks/sweep_tile_words.py --out "$OUT/r/sweep-tile-words.json"
 
 # the bench, one process, all suites into one file (written after every case)
-step ${BENCH_CAP:-200} $DSD bench --ops ${BENCH_OPS:-host_step masked_sgd masked_adamw apply_masks masked_linear magnitude_select} \
+step ${BENCH_CAP:-200} $DSD bench --ops ${BENCH_OPS:-host_step masked_sgd masked_adamw apply_masks masked_linear magnitude_select nm_masks} \
     --min-run-time "$MIN_RUN_TIME" --out "$OUT/r/bench.json"
+# 2:4 inference: dk.nn.to_semi_structured against dense F.linear
+step 60 python3 benchmarks/semi_structured.py --out "$OUT/r/semi-structured.json"
 
 # masked_linear again with autotuning off (DSD_KERNELS_AUTOTUNE=0: the static launch configs),
 # to set beside the autotuned run above
