@@ -156,32 +156,49 @@ void count_under_prefix(const scalar_t* data, int64_t begin, int64_t end, int sh
   }
 }
 
-// The range [lo, lo + span] of digit 0 that holds the k-th smallest key with near certainty,
-// from S = n/64 keys (at most 2^16) read at an even stride: the digits of the sample's keys
-// 4 sqrt(S) ranks either side of the k-th's expected rank (8 standard deviations of a sampled
-// rank at most). Exactness does not depend on it: the caller checks the chosen digit against
-// the range and re-reads the data when it misses. Returns kNoRange as span when gathering would
-// not pay (under 2^18 keys) or would keep too much (over 1/8 of the sample in range: few
-// distinct digits, e.g. ties).
+template <typename scalar_t>
+struct SampledBracket {
+  std::vector<typename KeyTraits<scalar_t>::bits_t> sample;  // partly reordered by the selection
+  uint64_t lo = 0, hi = 0;  // the keys at the bracket's ranks
+  bool from_start = false, to_end = false;  // the ranks reached an end of the sample
+};
+
+// S = n/64 keys (at most 2^16) read at an even stride, and the keys at the sample's ranks
+// 4 sqrt(S) either side of the k-th key's expected rank (8 standard deviations of a sampled rank
+// at most); n >= 64.
 template <typename scalar_t, bool kClamp>
-uint64_t candidate_digits(const scalar_t* data, int64_t n, int64_t k, int shift, uint64_t* lo) {
-  using bits_t = typename KeyTraits<scalar_t>::bits_t;
-  if (n < (int64_t(1) << 18)) return kNoRange;
+SampledBracket<scalar_t> sample_bracket(const scalar_t* data, int64_t n, int64_t k) {
+  SampledBracket<scalar_t> b;
   const int64_t samples = std::min<int64_t>(n / 64, int64_t(1) << 16);
   const auto margin = static_cast<int64_t>(4 * std::sqrt(static_cast<double>(samples)));
-  std::vector<bits_t> sample(samples);
+  b.sample.resize(samples);
   const int64_t stride = n / samples;
-  for (int64_t i = 0; i < samples; ++i) sample[i] = key_of<scalar_t, kClamp>(data[i * stride]);
+  for (int64_t i = 0; i < samples; ++i) b.sample[i] = key_of<scalar_t, kClamp>(data[i * stride]);
   const auto expected = static_cast<int64_t>(static_cast<double>(k) / static_cast<double>(n) * samples);
   const int64_t r_lo = std::max<int64_t>(0, expected - margin);
   const int64_t r_hi = std::min<int64_t>(samples - 1, expected + margin);
-  std::nth_element(sample.begin(), sample.begin() + r_lo, sample.end());
-  const uint64_t d_lo = sample[r_lo] >> shift;
-  std::nth_element(sample.begin() + r_lo, sample.begin() + r_hi, sample.end());
-  const uint64_t d_hi = sample[r_hi] >> shift;
+  std::nth_element(b.sample.begin(), b.sample.begin() + r_lo, b.sample.end());
+  b.lo = b.sample[r_lo];
+  std::nth_element(b.sample.begin() + r_lo, b.sample.begin() + r_hi, b.sample.end());
+  b.hi = b.sample[r_hi];
+  b.from_start = r_lo == 0;
+  b.to_end = r_hi == samples - 1;
+  return b;
+}
+
+// The range [lo, lo + span] of digit 0 that holds the k-th smallest key with near certainty
+// (the digits of sample_bracket's keys). Exactness does not depend on it: the caller checks the
+// chosen digit against the range and re-reads the data when it misses. Returns kNoRange as span
+// when gathering would not pay (under 2^18 keys) or would keep too much (over 1/8 of the sample
+// in range: few distinct digits, e.g. ties).
+template <typename scalar_t, bool kClamp>
+uint64_t candidate_digits(const scalar_t* data, int64_t n, int64_t k, int shift, uint64_t* lo) {
+  if (n < (int64_t(1) << 18)) return kNoRange;
+  const auto b = sample_bracket<scalar_t, kClamp>(data, n, k);
+  const uint64_t d_lo = b.lo >> shift, d_hi = b.hi >> shift;
   int64_t in_range = 0;
-  for (const bits_t key : sample) in_range += (static_cast<uint64_t>(key >> shift) - d_lo) <= d_hi - d_lo;
-  if (8 * in_range > samples) return kNoRange;
+  for (const auto key : b.sample) in_range += (static_cast<uint64_t>(key >> shift) - d_lo) <= d_hi - d_lo;
+  if (8 * in_range > static_cast<int64_t>(b.sample.size())) return kNoRange;
   *lo = d_lo;
   return d_hi - d_lo;
 }
@@ -310,21 +327,14 @@ template <typename scalar_t>
 bool bracket_select(const scalar_t* data, int64_t n, int64_t k, Selection* sel) {
   using bits_t = typename KeyTraits<scalar_t>::bits_t;
   if (n < (int64_t(1) << 18) || k < 1) return false;
-  const int64_t samples = std::min<int64_t>(n / 64, int64_t(1) << 16);
-  const auto margin = static_cast<int64_t>(4 * std::sqrt(static_cast<double>(samples)));
-  std::vector<bits_t> sample(samples);
-  const int64_t stride = n / samples;
-  for (int64_t i = 0; i < samples; ++i) sample[i] = key_of<scalar_t, true>(data[i * stride]);
-  const auto expected = static_cast<int64_t>(static_cast<double>(k) / static_cast<double>(n) * samples);
-  const int64_t r_lo = std::max<int64_t>(0, expected - margin);
-  const int64_t r_hi = std::min<int64_t>(samples - 1, expected + margin);
-  std::nth_element(sample.begin(), sample.begin() + r_lo, sample.end());
-  const uint64_t lo = r_lo == 0 ? 0 : sample[r_lo];  // the bracket reaches the ends of the key range
-  std::nth_element(sample.begin() + r_lo, sample.begin() + r_hi, sample.end());
-  const uint64_t hi = r_hi == samples - 1 ? KeyTraits<scalar_t>::nan_key : sample[r_hi];
+  const auto b = sample_bracket<scalar_t, true>(data, n, k);
+  const uint64_t lo = b.from_start ? 0 : b.lo;  // the bracket reaches the ends of the key range
+  const uint64_t hi = b.to_end ? KeyTraits<scalar_t>::nan_key : b.hi;
   int64_t in_sample = 0;
-  for (const bits_t key : sample) in_sample += static_cast<uint64_t>(key) - lo <= hi - lo;
-  if (8 * in_sample > samples) return false;  // ties: the radix select handles them without gathering
+  for (const bits_t key : b.sample) in_sample += static_cast<uint64_t>(key) - lo <= hi - lo;
+  if (8 * in_sample > static_cast<int64_t>(b.sample.size())) {
+    return false;  // ties: the radix select handles them without gathering
+  }
   const int threads = at::get_num_threads();
   const int64_t max_gather = n / (8 * threads) + 4096;
   std::vector<std::vector<bits_t>> gathered(threads);
