@@ -362,7 +362,7 @@ def test_scheduler_takes_any_real_sparsity(sparsity):
 
 
 def test_phase_plan_is_one_definition():
-    from dsd_kernels.dsd.scheduler import PhasePlan
+    from dsd_kernels.dsd.plan import PhasePlan
     plan = PhasePlan(2, 3, 1, cycles=2)
     assert plan.total_epochs == 2 + 2 * (3 + 1)
     assert [plan.phase_at(e) for e in range(plan.total_epochs)] == \

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dsd_kernels.dsd import DSDScheduler
-from dsd_kernels.dsd.scheduler import ramp_fraction
+from dsd_kernels.dsd.plan import ramp_fraction
 from dsd_kernels.optim import MaskedAdamW, MaskedSGD
 
 

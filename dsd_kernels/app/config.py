@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..dsd.scheduler import PhasePlan, check_ramp
+from ..dsd.plan import PhasePlan, check_ramp
 from ..ops._common import as_sparsity
 from .models import MODEL_DATA, MODELS
 

@@ -6,7 +6,7 @@ import os
 import statistics
 
 from .._files import atomic_path, atomic_write_text
-from ..dsd.scheduler import PhasePlan
+from ..dsd.plan import PhasePlan
 from .config import ARMS, TrainConfig
 
 PHASE_SNAPSHOTS = (("dense", "after dense"), ("pruned", "right after pruning"),

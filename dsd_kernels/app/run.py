@@ -10,7 +10,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..dsd.scheduler import DSDScheduler, PhasePlan
+from ..dsd.plan import PhasePlan
+from ..dsd.scheduler import DSDScheduler
 from ..optim import MaskedAdamW, MaskedSGD
 from .config import TrainConfig
 from .data import Dataset

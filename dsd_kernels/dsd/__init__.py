@@ -1,5 +1,6 @@
 """DSD training's phase scheduler: dense -> sparse -> re-dense over any torch optimizer (the
 train job built on it is dsd_kernels.app)."""
-from .scheduler import PHASES, DSDScheduler
+from .plan import PHASES
+from .scheduler import DSDScheduler
 
 __all__ = ["DSDScheduler", "PHASES"]

@@ -27,111 +27,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-import weakref
-from dataclasses import dataclass
 
 import torch
 
 from ..ops._common import any_dtensor, as_sparsity
 from ..optim.masking import mask_gradients_, zero_pruned
-
-PHASES = ("dense", "sparse", "redense")
-
-
-@dataclass(frozen=True)
-class PhasePlan:
-    """The DSD epoch plan: `dense` epochs, then `cycles` times `sparse` then `redense` epochs.
-    The one definition of which phase an epoch is in (scheduler, train job and report use it)."""
-    dense: int
-    sparse: int
-    redense: int
-    cycles: int = 1
-
-    def __post_init__(self):
-        for name in ("dense", "sparse", "redense", "cycles"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                label = name if name == "cycles" else f"{name}_epochs"
-                raise ValueError(f"{label} must be a positive integer, got {value!r}")
-
-    @property
-    def total_epochs(self) -> int:
-        return self.dense + self.cycles * (self.sparse + self.redense)
-
-    def phase_at(self, epoch: int) -> str:
-        """Phase of 0-based epoch `epoch` ("dense" past the end: training is over)."""
-        if epoch < self.dense or epoch >= self.total_epochs:
-            return "dense"
-        offset = (epoch - self.dense) % (self.sparse + self.redense)
-        return "sparse" if offset < self.sparse else "redense"
-
-    def length(self, phase: str) -> int:
-        """Epochs in one `phase` ("dense", "sparse" or "redense")."""
-        return {"dense": self.dense, "sparse": self.sparse, "redense": self.redense}[phase]
-
-    def phases(self) -> list[tuple[str, int, int]]:
-        """[(phase, first epoch, number of epochs)] in order."""
-        plan = [("dense", 0, self.dense)]
-        start = self.dense
-        for _ in range(self.cycles):
-            plan += [("sparse", start, self.sparse), ("redense", start + self.sparse, self.redense)]
-            start += self.sparse + self.redense
-        return plan
-
+from .lr_scales import StepRateScale
+from .plan import checked_plan, ramp_fraction
 
 def _warn_no_model(optimizer_name: str) -> None:
     warnings.warn(f"DSDScheduler({optimizer_name}) without model=: every weight of 2 or more dims the optimizer "
                   f"holds is pruned, embeddings and norms included, since module types cannot be known; pass "
                   f"model=your_model for the default scope (Linear, Conv and other weights; never embeddings or "
                   f"norms), as the trainer callbacks use", UserWarning, stacklevel=3)
-
-
-def _positive_finite(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-
-
-def checked_plan(dense_epochs, sparse_epochs, redense_epochs, cycles, *, unit, scope,
-                 redense_lr_scale, sparse_lr_scale=1.0, ramp_epochs=None, ramp_every=None,
-                 sparsity=0.5) -> PhasePlan:
-    """The schedule's arguments checked (one set of errors for DSDScheduler and the trainer
-    callbacks, which check them when built, before any optimizer exists); the PhasePlan."""
-    plan = PhasePlan(dense_epochs, sparse_epochs, redense_epochs, cycles)
-    if unit not in ("epoch", "step"):
-        raise ValueError(f"unit must be 'epoch' or 'step', got {unit!r}")
-    if scope not in ("layer", "global"):
-        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
-    _positive_finite(redense_lr_scale, "redense_lr_scale")
-    _positive_finite(sparse_lr_scale, "sparse_lr_scale")
-    check_ramp(ramp_epochs, ramp_every, sparse_epochs, sparsity, unit)
-    return plan
-
-
-def check_ramp(ramp_epochs, ramp_every, sparse_epochs: int, sparsity, unit: str = "epoch") -> None:
-    """A gradual prune's arguments: R = ramp_epochs and E = ramp_every positive integers, R a
-    multiple of E, R <= sparse_epochs, and a fractional sparsity (an N:M pattern has no ramp)."""
-    if ramp_epochs is None:
-        if ramp_every is not None:
-            raise ValueError("ramp_every needs ramp_epochs (the length of the gradual prune)")
-        return
-    every = 1 if ramp_every is None else ramp_every
-    for name, value in (("ramp_epochs", ramp_epochs), ("ramp_every", every)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer ({unit}s), got {value!r}")
-    if ramp_epochs % every:
-        raise ValueError(f"ramp_epochs={ramp_epochs} must be a multiple of ramp_every={every}")
-    if ramp_epochs > sparse_epochs:
-        raise ValueError(f"ramp_epochs={ramp_epochs} is longer than the sparse phase (sparse_epochs={sparse_epochs})")
-    values = sparsity.values() if isinstance(sparsity, dict) else [sparsity]
-    patterns = [v for v in values if isinstance(v, str)]
-    if patterns:
-        raise ValueError(f"a gradual prune (ramp_epochs) needs a fractional sparsity, got the N:M pattern "
-                         f"{patterns[0]!r}: an N:M mask is complete at once")
-
-
-def ramp_fraction(update: int, updates: int) -> float:
-    """Zhu & Gupta's cubic schedule: the share of the final sparsity reached at update k of n."""
-    return 1.0 - (1.0 - update / updates) ** 3
 
 
 class DSDScheduler:
@@ -217,8 +125,7 @@ class DSDScheduler:
         self.mask_changes = 0  # prunes and re-denses so far (the masks change at each)
         # a state saved before the scales moved into step hooks has the re-dense scale in the groups
         self._groups_hold_redense_scale = False
-        self._scaled_lrs: list = []  # (group, rate before the step, rate the step ran at)
-        self._lr_hooks = self._install_lr_hooks(optimizer)
+        self._rate_scale = StepRateScale(optimizer, self._lr_scale_now)
 
     # ------------------------------------------------------------ schedule
     @property
@@ -246,6 +153,9 @@ class DSDScheduler:
     @property
     def lr_scale(self) -> float:
         """The factor every optimizer step applies to its groups' rates now."""
+        return self._lr_scale_now()
+
+    def _lr_scale_now(self) -> float:
         if self.epoch < self.dense_epochs:
             return 1.0
         if not self.lr_scaled:
@@ -291,11 +201,10 @@ class DSDScheduler:
         return [dataclasses.replace(s, sparsity=s.sparsity * share) for s in selected]
 
     def _prune(self, share: float = 1.0) -> None:
-        from ..scope import grown_masks, masks_for
+        from ..scope import grown_masks
         self.mask_changes += 1
         selected = self._selected_now(share)
-        prior = self.masks
-        masks = grown_masks(selected, prior, scope=self.scope) if prior else masks_for(selected, scope=self.scope)
+        masks = grown_masks(selected, self.masks, scope=self.scope)  # without masks yet: masks_for
         if self.optimizer_masks is None:
             self.optimizer.set_masks(masks)
             return
@@ -319,52 +228,10 @@ class DSDScheduler:
                 zero_pruned(self.optimizer, {module.weight: mask}, params=False)
                 module.set_mask(None)
 
-    # ------------------------------------------------------------ learning-rate scales
-    def _install_lr_hooks(self, optimizer) -> list:
-        # weak: a scheduler dropped without close() leaves hooks that do nothing
-        ref = weakref.ref(self)
-
-        def scale_rates(opt, args, kwargs):
-            scheduler = ref()
-            if scheduler is not None:
-                scheduler._scale_rates(opt)
-
-        def restore_rates(opt, args, kwargs):
-            scheduler = ref()
-            if scheduler is not None:
-                scheduler._restore_rates()
-
-        return [optimizer.register_step_pre_hook(scale_rates), optimizer.register_step_post_hook(restore_rates)]
-
-    def _scale_rates(self, optimizer) -> None:
-        self._restore_rates()  # a step that raised left its rates scaled
-        scale = self.lr_scale
-        if scale == 1.0:
-            return
-        for group in optimizer.param_groups:
-            lr = group["lr"]
-            if isinstance(lr, torch.Tensor):  # capturable / fused: the same tensor, scaled in place
-                self._scaled_lrs.append((group, lr.clone(), lr))
-                lr.mul_(scale)
-            else:
-                group["lr"] = lr * scale
-                self._scaled_lrs.append((group, lr, group["lr"]))
-
-    def _restore_rates(self) -> None:
-        for group, before, during in self._scaled_lrs:
-            if isinstance(during, torch.Tensor):
-                during.copy_(before)
-            elif group["lr"] is during:  # unless the step itself set a new rate
-                group["lr"] = before
-        self._scaled_lrs = []
-
     def close(self) -> None:
         """Remove the scheduler's step hooks (the learning-rate scales and, with a plain
         optimizer, the masks): the optimizer steps as if it never had one."""
-        self._restore_rates()
-        for handle in self._lr_hooks:
-            handle.remove()
-        self._lr_hooks = []
+        self._rate_scale.remove()
         if self.optimizer_masks is not None:
             self.optimizer_masks.remove()
 

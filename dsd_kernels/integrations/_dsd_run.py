@@ -7,7 +7,8 @@ import warnings
 
 import torch
 
-from ..dsd.scheduler import PHASES, DSDScheduler, checked_plan
+from ..dsd.plan import PHASES, checked_plan
+from ..dsd.scheduler import DSDScheduler
 from ..ops._common import as_sparsity
 
 
