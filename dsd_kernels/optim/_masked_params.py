@@ -11,7 +11,7 @@ from .._dtensor import local_tensor
 from ..masks import Mask, as_mask
 from ..ops._common import sparsity_list
 from ..ops._plan import NotPlannable
-from .mask_state import add_mask_entries, take_mask_entries
+from .mask_state import add_mask_entries, param_at, take_mask_entries
 from .masking import zero_pruned
 
 
@@ -192,9 +192,7 @@ class MaskedParams:
         params = [p for g in self.param_groups for p in g["params"]]
         loaded = {}
         for i, m in masks.items():
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(params):
-                raise ValueError(f"state_dict has a mask for parameter {i!r}, but this optimizer "
-                                 f"holds parameters 0..{len(params) - 1}")
+            param_at(i, params)
             mask = Mask.from_state_dict(m)
             if mask.shape != local_tensor(params[i]).shape:
                 raise ValueError(f"state_dict mask {i} has shape {tuple(mask.shape)} but parameter "

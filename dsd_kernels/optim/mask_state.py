@@ -27,8 +27,7 @@ def mask_entry(p: Tensor, mask: Mask | None):
     if not can_carry_mask(p):
         return None
     local = local_tensor(p)
-    words = mask.packed if mask is not None else Mask.from_bool(
-        torch.ones(local.shape, dtype=torch.bool, device=local.device)).packed
+    words = mask.packed if mask is not None else _all_kept(local.shape, local.device).packed
     if not is_dtensor(p):
         return words
     placements = tuple(p.placements)
@@ -68,12 +67,18 @@ def take_mask_entries(state: dict, params: list[Tensor]) -> tuple[dict, dict]:
         if isinstance(entry, dict) and ENTRY in entry:
             entry = dict(entry)
             index = position.get(key, key)
-            found[_param_at(index, params)] = mask_from_entry(index, entry.pop(ENTRY), params)
+            found[param_at(index, params)] = mask_from_entry(index, entry.pop(ENTRY), params)
         per_param[key] = entry
     return ({**state, "state": per_param} if "state" in state else state), found
 
 
-def _param_at(i, params: list[Tensor]) -> Tensor:
+def _all_kept(shape, device) -> Mask:
+    # every word's bits set (Mask clears those past each row's last column): no weight unpacked
+    return Mask(torch.full(packed_shape(shape), -1, dtype=torch.int32, device=device), shape)
+
+
+def param_at(i, params: list[Tensor]) -> Tensor:
+    """params[i], or a ValueError naming a state dict's mask for a parameter this optimizer lacks."""
     if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(params):
         raise ValueError(f"state_dict has a mask for parameter {i!r}, but this optimizer "
                          f"holds parameters 0..{len(params) - 1}")
@@ -82,7 +87,7 @@ def _param_at(i, params: list[Tensor]) -> Tensor:
 
 def mask_from_entry(i, words, params: list[Tensor]) -> Mask | None:
     """The Mask of parameter i's "mask" entry (None where it keeps every weight)."""
-    local = local_tensor(_param_at(i, params))
+    local = local_tensor(param_at(i, params))
     words = local_tensor(words) if isinstance(words, Tensor) else words
     want = packed_shape(local.shape)
     if not isinstance(words, Tensor) or words.dtype != torch.int32 or tuple(words.shape) != want:
@@ -90,4 +95,4 @@ def mask_from_entry(i, words, params: list[Tensor]) -> Mask | None:
         raise ValueError(f"state_dict's mask of parameter {i} is {got}; parameter {i} "
                          f"({tuple(local.shape)} here) needs int32 words of shape {want}")
     mask = Mask(words.to(local.device).contiguous(), local.shape)
-    return None if mask.count() == mask.numel else mask
+    return None if torch.equal(mask.packed, _all_kept(local.shape, local.device).packed) else mask

@@ -182,11 +182,11 @@ class OptimizerMasks:
     # masks in a checkpoint of their own, by parameter index (DSDScheduler.state_dict keeps them
     # there for one process)
     def state_dict(self) -> dict:
-        index = {id(p): i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
+        index = {id(p): i for i, p in enumerate(self._params())}
         return {index[id(p)]: m.state_dict() for p, m in self._masks.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        params = self._params()
         loaded = {}
         for i, m in state.items():
             if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(params):
