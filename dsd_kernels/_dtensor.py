@@ -13,11 +13,16 @@ if torch.distributed.is_available():
 else:  # pragma: no cover - torch built without distributed
     DTensor = Replicate = Shard = None
 
-__all__ = ["DTensor", "Replicate", "Shard", "is_dtensor", "local_tensor"]
+__all__ = ["DTensor", "Replicate", "Shard", "full_tensor", "is_dtensor", "local_tensor"]
 
 
 def is_dtensor(t) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered whole (a collective: every rank calls it), or t itself."""
+    return t.full_tensor() if is_dtensor(t) else t
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

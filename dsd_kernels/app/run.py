@@ -10,7 +10,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..dsd.plan import PhasePlan
+from .._dtensor import full_tensor
 from ..dsd.scheduler import DSDScheduler
 from ..optim import MaskedAdamW, MaskedSGD
 from .config import TrainConfig
@@ -79,21 +79,8 @@ def check_dsd_scope(cfg: TrainConfig, model_name: str, model) -> None:
         raise ValueError(f"--sparsity {cfg.sparsity}: {err}{hint}") from None
 
 
-def ladder_scale(plan: PhasePlan, epoch: int, sparse_scale: float, redense_scale: float) -> float:
-    """The LR scale DSD runs at in 0-based plan epoch `epoch`: 1 dense, sparse_scale until the
-    first re-dense, redense_scale from then on (the scales relative to the dense rate)."""
-    if epoch < plan.dense:
-        return 1.0
-    return sparse_scale if epoch < plan.dense + plan.sparse else redense_scale
-
-
-def whole(t: torch.Tensor) -> torch.Tensor:
-    """A sharded (FSDP2) tensor gathered whole (a collective: every rank calls it), else t."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def zero_fractions(model) -> dict[str, float]:
-    return {n: float((whole(p) == 0).float().mean()) for n, p in prunable_layers(model).items()}
+    return {n: float((full_tensor(p) == 0).float().mean()) for n, p in prunable_layers(model).items()}
 
 
 class Run:
@@ -164,8 +151,8 @@ class Run:
                 schedule = lambda epoch: cfg.redense_lr_scale if epoch >= dense else 1.0  # noqa: E731
             else:
                 offset = dense if cfg.protocol == "paper" else 0  # paper llr starts after pre-training
-                schedule = lambda epoch: ladder_scale(plan, epoch + offset, cfg.sparse_lr_scale,  # noqa: E731
-                                                      cfg.redense_lr_scale)
+                schedule = lambda epoch: plan.lr_scale(epoch + offset, cfg.sparse_lr_scale,  # noqa: E731
+                                                       cfg.redense_lr_scale)
             for group in self.optimizer.param_groups:
                 group["lr"] = group["initial_lr"] = cfg.lr
             self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
@@ -235,7 +222,7 @@ class Run:
     # ------------------------------------------------------------ training
     def _snapshot(self, name: str) -> None:
         if self.capture and name not in self.snapshots:
-            weight = whole(dict(self.model.named_parameters())[self.snapshot_layer])  # every rank
+            weight = full_tensor(dict(self.model.named_parameters())[self.snapshot_layer])  # every rank
             self.snapshots[name] = weight.detach().cpu().clone()
 
     def train_epoch(self) -> float:

@@ -40,6 +40,13 @@ class PhasePlan:
         """Epochs in one `phase` ("dense", "sparse" or "redense")."""
         return {"dense": self.dense, "sparse": self.sparse, "redense": self.redense}[phase]
 
+    def lr_scale(self, epoch: int, sparse_scale: float, redense_scale: float) -> float:
+        """The learning-rate factor of DSD's ladder in 0-based epoch `epoch`: 1 while dense, then
+        sparse_scale until the first re-dense, redense_scale from then on (later cycles keep it)."""
+        if epoch < self.dense:
+            return 1.0
+        return sparse_scale if epoch < self.dense + self.sparse else redense_scale
+
     def phases(self) -> list[tuple[str, int, int]]:
         """[(phase, first epoch, number of epochs)] in order."""
         plan = [("dense", 0, self.dense)]

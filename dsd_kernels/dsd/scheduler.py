@@ -156,11 +156,8 @@ class DSDScheduler:
         return self._lr_scale_now()
 
     def _lr_scale_now(self) -> float:
-        if self.epoch < self.dense_epochs:
-            return 1.0
-        if not self.lr_scaled:
-            return self.sparse_lr_scale
-        return self.sparse_lr_scale * (1.0 if self._groups_hold_redense_scale else self.redense_lr_scale)
+        redense = self.sparse_lr_scale * (1.0 if self._groups_hold_redense_scale else self.redense_lr_scale)
+        return self.plan.lr_scale(self.epoch, self.sparse_lr_scale, redense)
 
     def ramp_updates(self) -> list[tuple[int, float]]:
         """[(sparse unit, sparsity share)] of a gradual prune: at the start of each listed unit of
