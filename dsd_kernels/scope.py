@@ -150,15 +150,9 @@ def masks_for(selected: list[Selected], *, scope: str = "layer") -> dict[torch.T
         return masks
     if scope != "global":
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
-    values = {s.sparsity for s in selected}
-    if len(values) != 1:
-        raise ValueError(f"scope='global' takes one sparsity for all weights, got {sorted(values)}")
-    from functools import reduce
-
     from .masks import Mask
-    dtype = reduce(torch.promote_types, (s.param.dtype for s in selected))
-    flat = torch.cat([s.param.detach().reshape(-1).to(dtype) for s in selected])
-    keep = magnitude_masks(flat, values.pop())[0].to_bool()
+    sparsity, flat = _global_pool(selected, [s.param.detach().reshape(-1) for s in selected])
+    keep = magnitude_masks(flat, sparsity)[0].to_bool()
     masks, start = {}, 0
     for s in selected:
         n = s.param.numel()
@@ -179,14 +173,9 @@ def grown_masks(selected: list[Selected], prior: dict, *, scope: str = "layer") 
              torch.ones(s.param.numel(), dtype=torch.bool, device=s.param.device) for s in selected]
     survivors = [s.param.detach().reshape(-1)[keep] for s, keep in zip(selected, keeps)]
     if scope == "global":
-        values = {s.sparsity for s in selected}
-        if len(values) != 1:
-            raise ValueError(f"scope='global' takes one sparsity for all weights, got {sorted(values)}")
-        from functools import reduce
-        dtype = reduce(torch.promote_types, (s.param.dtype for s in selected))
+        sparsity, pool = _global_pool(selected, survivors)
         total = sum(s.param.numel() for s in selected)
-        pool = torch.cat([v.to(dtype) for v in survivors])
-        chosen = _survivors_kept([pool], [round(values.pop() * total) - (total - pool.numel())])[0]
+        chosen = _survivors_kept([pool], [round(sparsity * total) - (total - pool.numel())])[0]
         kept_parts = chosen.split([v.numel() for v in survivors])
     elif scope == "layer":
         counts = [round(s.sparsity * s.param.numel()) - (s.param.numel() - v.numel()) for s, v in zip(selected, survivors)]
@@ -199,6 +188,17 @@ def grown_masks(selected: list[Selected], prior: dict, *, scope: str = "layer") 
         grown[keep] = kept
         masks[s.param] = Mask.from_bool(grown.reshape(s.param.shape))
     return masks
+
+
+def _global_pool(selected: list[Selected], parts: list[torch.Tensor]) -> tuple[float, torch.Tensor]:
+    """(the one sparsity of a global prune, the 1-D `parts` of the selected weights concatenated in
+    their promoted dtype)."""
+    values = {s.sparsity for s in selected}
+    if len(values) != 1:
+        raise ValueError(f"scope='global' takes one sparsity for all weights, got {sorted(values)}")
+    from functools import reduce
+    dtype = reduce(torch.promote_types, (s.param.dtype for s in selected))
+    return values.pop(), torch.cat([v.to(dtype) for v in parts])
 
 
 def _survivors_kept(survivors: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:

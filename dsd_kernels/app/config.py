@@ -155,10 +155,9 @@ def load_config(out_dir: str, given: dict | None = None) -> TrainConfig:
     try:
         with open(path) as f:
             saved = json.load(f)
-        # a job started before these settings existed ran with what is now their "pruned" / "no ramp"
+        # a job started before --first-conv existed pruned every layer (the other new settings'
+        # defaults, no ramp and no FSDP, are what such a job ran with)
         saved.setdefault("first_conv", "pruned")
-        for key in ("sparse_lr_scale", "redense_lr_scale"):
-            saved.setdefault(key, 1.0 if key == "sparse_lr_scale" else 0.1)
         cfg = TrainConfig(**saved)
     except (ValueError, TypeError) as err:
         raise ValueError(f"--resume {out_dir}: {path} is not a train job's config ({err})") from None
