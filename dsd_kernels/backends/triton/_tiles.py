@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._floatbits import KEY_SPECS
 from ...masks import mask_rows_cols, packed_shape
 
 # columns of the int64 tile table (one row per tile)
@@ -183,6 +184,23 @@ def segment_flags(has_mask: bool, cols: int, words_per_row: int, num_words: int,
     32), so word w holds elements 32w..32w+31; and every pointer VECTOR_BYTES-aligned."""
     flat = (num_words == words_per_row or cols % 32 == 0) and all(p % VECTOR_BYTES.value == 0 for p in pointers)
     return (HAS_MASK.value if has_mask else 0) | (FLAT.value if flat else 0)
+
+
+def key_constexprs(dtype: torch.dtype) -> dict:
+    """The constexprs of magnitude_key for values of `dtype` (with VALUE_TYPE)."""
+    spec = KEY_SPECS[dtype]
+    return dict(VALUE_TYPE=TL_FLOAT[dtype], BITS_TYPE=TL_INT[spec.int_dtype],
+                KEY_TYPE=tl.int64 if dtype == torch.float64 else tl.int32, ABS_MASK=spec.abs_mask,
+                NAN_KEY=spec.nan_key)
+
+
+@triton.jit
+def magnitude_key(x, BITS_TYPE: tl.constexpr, KEY_TYPE: tl.constexpr, ABS_MASK: tl.constexpr,
+                  NAN_KEY: tl.constexpr):
+    """The integer key of |x| (_floatbits: float order, -0.0 == 0.0); every NaN payload ties, just
+    above +inf."""
+    key = x.to(BITS_TYPE, bitcast=True).to(KEY_TYPE) & ABS_MASK
+    return tl.minimum(key, NAN_KEY)
 
 
 @triton.jit

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ..._floatbits import KEY_SPECS, digit_widths, keys_to_values
 from ...masks import packed_shape
-from ._tiles import (TABLE_NUM_WARPS, TILE_SEGMENT, TL_FLOAT, TL_INT, by_dtype, launch,
+from ._tiles import (TABLE_NUM_WARPS, TILE_SEGMENT, by_dtype, key_constexprs, launch, magnitude_key,
                      segment_layout, tile_coords, tile_segment, tile_table, tile_words_for)
 
 MAX_DIGIT_BITS = 11
@@ -56,9 +56,7 @@ def _tile_keys(SEG_META, TILES, pid, VALUE_TYPE: tl.constexpr, BITS_TYPE: tl.con
     offsets, valid, word = tile_coords(TILES, pid, tl.load(meta + SEG_COLS),
                                        tl.load(meta + SEG_WORDS_PER_ROW), tl.load(meta + SEG_WORDS),
                                        TILE_WORDS)
-    x = tl.load(values + offsets, mask=valid, other=0)
-    key = x.to(BITS_TYPE, bitcast=True).to(KEY_TYPE) & ABS_MASK
-    key = tl.minimum(key, NAN_KEY)  # every NaN payload ties, just above +inf
+    key = magnitude_key(tl.load(values + offsets, mask=valid, other=0), BITS_TYPE, KEY_TYPE, ABS_MASK, NAN_KEY)
     return key, valid, word, seg
 
 
@@ -161,10 +159,7 @@ class _Batch:
                                                      self.device)
         self.num_tiles = self.tiles.shape[0]
         self.spec = KEY_SPECS[dtype]
-        self.consts = dict(VALUE_TYPE=TL_FLOAT[dtype], BITS_TYPE=TL_INT[self.spec.int_dtype],
-                           KEY_TYPE=tl.int64 if dtype == torch.float64 else tl.int32,
-                           ABS_MASK=self.spec.abs_mask, NAN_KEY=self.spec.nan_key,
-                           TILE_WORDS=tile_words)
+        self.consts = dict(key_constexprs(dtype), TILE_WORDS=tile_words)
 
     def state(self, prefix, rank, count) -> torch.Tensor:
         state = torch.tensor([list(row) for row in zip(prefix, rank, count)], dtype=torch.int64)

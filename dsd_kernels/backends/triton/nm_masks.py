@@ -13,21 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._floatbits import KEY_SPECS
 from ...masks import mask_rows_cols, packed_shape
-from ._tiles import TL_FLOAT, TL_INT, launch
+from ._tiles import key_constexprs, launch, magnitude_key
 
 # mask words per program: a GPU program of 4 warps holds 4 words' keys per thread
 GPU_BLOCK_WORDS = 16
 CPU_BLOCK_WORDS = 64  # the interpreter pays per program
 NUM_WARPS = 4
-
-
-@triton.jit
-def _magnitude_key(x, BITS_TYPE: tl.constexpr, KEY_TYPE: tl.constexpr, ABS_MASK: tl.constexpr,
-                   NAN_KEY: tl.constexpr):
-    key = x.to(BITS_TYPE, bitcast=True).to(KEY_TYPE) & ABS_MASK
-    return tl.minimum(key, NAN_KEY)  # every NaN payload ties, just above +inf
 
 
 @triton.jit
@@ -45,11 +37,11 @@ def _nm_masks_kernel(X, WORDS, cols, words_per_row, VALUE_TYPE: tl.constexpr, BI
     col = words[:, None] * 32 + bits[None, :]  # [BLOCK_WORDS, 32]
     valid = col < cols  # rows are whole groups: a valid weight's group is valid too
     values = X + row * cols
-    key = _magnitude_key(tl.load(values + col, mask=valid, other=0), BITS_TYPE, KEY_TYPE, ABS_MASK, NAN_KEY)
+    key = magnitude_key(tl.load(values + col, mask=valid, other=0), BITS_TYPE, KEY_TYPE, ABS_MASK, NAN_KEY)
     first = col - col % M
     below = tl.zeros([BLOCK_WORDS, 32], dtype=tl.int32)  # group members ranked below this weight
     for j in range(M):  # a loop, not unrolled: M up to 32 unrolled would cost registers
-        other = _magnitude_key(tl.load(values + first + j, mask=valid, other=0), BITS_TYPE, KEY_TYPE, ABS_MASK,
+        other = magnitude_key(tl.load(values + first + j, mask=valid, other=0), BITS_TYPE, KEY_TYPE, ABS_MASK,
                                NAN_KEY)
         below += ((other < key) | ((other == key) & (first + j < col))).to(tl.int32)
     keep = valid & (below >= M - N)
@@ -68,9 +60,6 @@ def nm_masks(tensors, n: int, m: int, *, block_words: int | None = None) -> list
         if t.numel() == 0:
             continue
         block = block_words or (CPU_BLOCK_WORDS if t.device.type == "cpu" else GPU_BLOCK_WORDS)
-        spec = KEY_SPECS[t.dtype]
         launch(_nm_masks_kernel, (rows, triton.cdiv(words.shape[1], block)), num_warps=NUM_WARPS)(
-            t.contiguous(), words, cols, words.shape[1], VALUE_TYPE=TL_FLOAT[t.dtype],
-            BITS_TYPE=TL_INT[spec.int_dtype], KEY_TYPE=tl.int64 if t.dtype == torch.float64 else tl.int32,
-            ABS_MASK=spec.abs_mask, NAN_KEY=spec.nan_key, N=n, M=m, BLOCK_WORDS=block)
+            t.contiguous(), words, cols, words.shape[1], **key_constexprs(t.dtype), N=n, M=m, BLOCK_WORDS=block)
     return out
