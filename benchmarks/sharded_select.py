@@ -7,8 +7,9 @@ select with the backend the registry picks (C++ where built). The local baseline
 same two processes at the same time, in alternating rounds: each selects its own shards as
 plain tensors, with no collective (so both sides share the machine's memory bandwidth alike).
 Both read the same elements per process, so sharded / local is the cost per element of
-sharding: the all_reduces of the histograms, the all_gather of the tie counts, and whatever the
-per-shard kernels do more than the local kernel.
+sharding: the collectives (each recorded with its bytes, from one sharded call on rank 0) and
+whatever the per-shard kernels do more or less than the local kernel. The median of many
+alternating rounds: a collective on this 2-core machine now and then waits on a descheduled peer.
 """
 from __future__ import annotations
 
@@ -57,10 +58,14 @@ def _worker(rank, world, init_file, out_file, repeats):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         mesh = init_device_mesh("cpu", (world,))
+        from dsd_kernels.distributed import COLLECTIVES
         out = {}
         for name in CASES:
             shards = [distribute_tensor(w, mesh, [Shard(0)]) for w in _weights(name)]
             plain = [s.to_local().clone() for s in shards]
+            COLLECTIVES.clear()
+            dk.magnitude_masks(shards, 0.5)
+            collectives = [{"op": op, "bytes_per_rank": b} for op, b in COLLECTIVES]
 
             def sharded():
                 dist.barrier()
@@ -70,6 +75,7 @@ def _worker(rank, world, init_file, out_file, repeats):
                 dist.barrier()  # both processes start together, as in the sharded rounds
                 dk.magnitude_masks(plain, 0.5)
             out[name] = _time_alternating({"sharded": sharded, "local": local}, repeats)
+            out[name]["collectives"] = collectives
         if rank == 0:
             with open(out_file, "w") as f:
                 json.dump(out, f)
@@ -80,10 +86,9 @@ def _worker(rank, world, init_file, out_file, repeats):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--out", help="results JSON (default: print only)")
     args = parser.parse_args(argv)
-    import dsd_kernels as dk
     from dsd_kernels import _backend
     from dsd_kernels.app.bench import device_label, environment
     backend = _backend.resolve("magnitude_select_sharded", torch.device("cpu"), (torch.float32,)).backend
@@ -98,11 +103,13 @@ def main(argv=None) -> int:
         row = {"case": name, "op": "magnitude_masks", "sparsity": 0.5, "backend": backend,
                "processes": 2, "threads_per_process": 1, "elements_per_process": elements,
                "sharded_s": timed[name]["sharded"], "local_s": timed[name]["local"],
-               "sharded_over_local": timed[name]["sharded"] / timed[name]["local"]}
+               "sharded_over_local": timed[name]["sharded"] / timed[name]["local"],
+               "collectives_per_masks_call": timed[name]["collectives"]}
         results.append(row)
         print(f"{name}: sharded {row['sharded_s'] * 1e3:.1f} ms, local {row['local_s'] * 1e3:.1f} ms "
               f"per process ({elements / 1e6:.1f}M elements each): sharded/local = "
-              f"{row['sharded_over_local']:.2f} [{backend}]")
+              f"{row['sharded_over_local']:.2f} [{backend}]; collectives: "
+              + ", ".join(f"{c['op']} {c['bytes_per_rank']} B" for c in row["collectives_per_masks_call"]))
     if args.out:
         env = environment("cpu")
         env["label"] = device_label("cpu")

@@ -23,6 +23,9 @@ TORCH_LIBRARY(dsd_kernels_cpp, m) {
   m.def(kMagnitudeSelect);
   m.def(kRadixHistogram);
   m.def(kThresholdMasks);
+  m.def(kBracketPass);
+  m.def(kBucketEntries);
+  m.def(kResolveMasks);
   m.def(kNmMasks);
   m.def(kApplyMasks);
   m.def(kMaskedSgd);

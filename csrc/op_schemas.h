@@ -12,6 +12,14 @@ constexpr const char* kRadixHistogram =
     "float[] quantiles) -> (Tensor, Tensor[], int[])";
 constexpr const char* kThresholdMasks =
     "threshold_masks(Tensor[] tensors, int[] keys, int[] prune_ties, int[] ties) -> Tensor[]";
+constexpr const char* kBracketPass =
+    "bracket_pass(Tensor[] shards, float[] quantiles, int[] lo, int[] hi, int[] buckets, bool want_masks) "
+    "-> (Tensor, Tensor[], Tensor[], Tensor[])";
+constexpr const char* kBucketEntries =
+    "bucket_entries(Tensor[] keys, Tensor[] positions, int[] lo, int[] hi) -> (Tensor[], Tensor[])";
+constexpr const char* kResolveMasks =
+    "resolve_masks_(Tensor[] tensors, Tensor(a!)[] words, Tensor[] keys, Tensor[] positions, int[] thresholds, "
+    "int[] prune_ties) -> ()";
 // N:M keep-masks: in every M consecutive weights of a row the N largest |w| (csrc/cpu/nm_masks.cpp)
 constexpr const char* kNmMasks = "nm_masks(Tensor[] tensors, int n, int m) -> Tensor[]";
 // zero the pruned entries of many tensors in place (CPU only: dsd_kernels/optim/masking.py)

@@ -2,25 +2,35 @@
 
 A front end called only from ops/magnitude_select.py, which passes it the backend modules the registry picks
 for the device of the local shards: `local` (magnitude_select) for replicated tensors and
-`sharded` (digit_histograms, threshold_masks) for the per-shard work of Shard(0) tensors.
-This module runs the collectives around those kernels and never touches a weight itself.
+`sharded` for the per-shard work of Shard(0) tensors. This module runs the collectives around
+those kernels and never sends a weight.
 
-A weight sharded on dim 0 over a 1-D device mesh is never gathered: each rank histograms the
-keys of its own shard, the histograms of all layers of the batch are summed with one
-collective per radix pass (11-bit digits: 3 passes for fp32), and every rank finds the same
-exact global k-th key. The tie rule (lower global flat index first) holds across shard
-boundaries: rank r's rows all precede rank r+1's. When masks are wanted the last pass
-all_gathers the ranks' histograms instead of summing them, and the bin of the last digit
-then tells each rank how many keys equal to the threshold the lower ranks hold, hence how
-many of the ties to prune are its own. Each rank gets its local masks; gathered along dim 0
-they equal the single-process masks bit for bit.
+A weight sharded on dim 0 over a 1-D device mesh is never gathered. Every rank finds the same
+exact global k-th key, and the tie rule (lower global flat index first) holds across shard
+boundaries: rank r's rows all precede rank r+1's, so each rank prunes the ties at the key that
+the lower ranks do not. Each rank gets its local masks; gathered along dim 0 they equal the
+single-process masks bit for bit. Two paths, for all Shard(0) tensors of a call at once:
 
-Collectives per call and key width: one per radix pass, nothing else. Traffic: layers x
-(2048 + 1024 + 1024) x 8 bytes for fp32 (all_reduce), the last pass x ranks when masks are
-wanted (all_gather); independent of the number of weights.
+- The bracket path (backends with `bracket_pass`: C++ and torch), two collectives in all:
+  1. one read of each shard: a sample brackets the k-th key, the keys under the bracket are
+     counted, those inside gathered (a few percent) and histogrammed in aligned buckets, and
+     the mask words written as if the bracket's keys were pruned; then one all_gather of
+     (6 + buckets) int64 per tensor, buckets = numel / 2048 rounded to a power of two in
+     [32, 1024], gives every rank the bucket of the global k-th key;
+  2. one all_gather of each rank's keys in that bucket (int64, padded to the largest rank's
+     count: about gathered keys / buckets, a few hundred), overlapped with setting the kept
+     bits above the bucket; then the exact key, its ties per rank and the last bits.
+  Where the ranks' brackets do not all cover the k-th key, every rank passes over the union
+  of their brackets (one more pass and all_gather); where a bracket fills with ties or a
+  bucket holds over MAX_BUCKET_KEYS keys, that tensor takes the radix path.
+- The radix path (every backend; the only one of the Triton backend): each rank histograms its
+  shard per 11-bit digit of the key, one collective per digit (3 for fp32: all_reduces of
+  2048, 1024, 1024 int64 per tensor, the last all_gathered when masks are wanted, for the tie
+  counts), then a mask pass.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -29,7 +39,8 @@ from ._floatbits import KEY_SPECS, digit_widths, keys_to_values
 from .masks import Mask
 
 DIGIT_BITS = 11
-COLLECTIVE_BYTES = [0]  # bytes sent through collectives by this module (tests and notes)
+# every collective this module ran, as (operation, bytes of this rank's input): tests and benchmarks
+COLLECTIVES: list[tuple[str, int]] = []
 
 
 def _placement(t: DTensor, name: str) -> str:
@@ -46,14 +57,14 @@ def _placement(t: DTensor, name: str) -> str:
                               f"(as FSDP2 shards) or Replicate()")
 
 
-def _all_reduce(t: torch.Tensor, group) -> None:
-    COLLECTIVE_BYTES[0] += t.numel() * t.element_size()
-    dist.all_reduce(t, group=group)
+def _all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> None:
+    COLLECTIVES.append(("all_reduce", t.numel() * t.element_size()))
+    dist.all_reduce(t, op=op, group=group)
 
 
 def _all_gather(t: torch.Tensor, group) -> list[torch.Tensor]:
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    COLLECTIVE_BYTES[0] += t.numel() * t.element_size() * len(parts)
+    COLLECTIVES.append(("all_gather", t.numel() * t.element_size()))
     dist.all_gather(parts, t, group=group)
     return parts
 
@@ -95,16 +106,215 @@ def _select_sharded(tensors, sparsities, group, want_masks, kernels):
     shards = [t.to_local().detach().contiguous() for t in tensors]
     device = shards[0].device
     k = [round(s * t.numel()) for t, s in zip(tensors, sparsities)]  # global counts to prune
-    threshold_key: list[int | None] = [None] * len(tensors)  # the global k-th key (k > 0)
-    need = [0] * len(tensors)  # ties at the threshold key to prune, over all ranks
-    local_ties = [0] * len(tensors)  # ties at the threshold key held by this rank
-    ties_before = [0] * len(tensors)  # ... and by the ranks before it
+    found = _Found(len(tensors))
+    words: list[torch.Tensor | None] = [None] * len(tensors)  # masks the bracket path finished
+    todo = [i for i in range(len(tensors)) if k[i] > 0]
+    if hasattr(kernels, "bracket_pass"):
+        todo = _bracket_select(shards, tensors, k, todo, group, want_masks, kernels, found, words)
+    _radix_select(shards, tensors, k, todo, group, want_masks, kernels, found)
+    thresholds = torch.full((len(tensors),), float("-inf"), dtype=torch.float64)
+    for dtype in {t.dtype for t in tensors}:  # one conversion per dtype
+        index = [i for i, t in enumerate(tensors) if t.dtype == dtype and found.key[i] is not None]
+        if index:
+            thresholds[index] = keys_to_values(torch.tensor([found.key[i] for i in index]), dtype).double()
+    thresholds = thresholds.to(device)
+    if not want_masks:
+        return thresholds, []
+    rest = [i for i in range(len(tensors)) if words[i] is None]
+    if rest:
+        for i, w in zip(rest, kernels.threshold_masks([shards[i] for i in rest], [found.key[i] for i in rest],
+                                                      [found.need[i] for i in rest],
+                                                      [found.ties_before[i] for i in rest],
+                                                      [found.local_ties[i] for i in rest])):
+            words[i] = w
+    return thresholds, [Mask(w, x.shape) for w, x in zip(words, shards)]
+
+
+class _Found:
+    """Per tensor: the global k-th key (None: nothing to prune), the ties at it to prune over all
+    ranks, and the ties at it held by this rank and by the ranks before it."""
+
+    def __init__(self, count: int):
+        self.key: list[int | None] = [None] * count
+        self.need = [0] * count
+        self.local_ties = [0] * count
+        self.ties_before = [0] * count
+
+    def set(self, i: int, key: int, need: int, ranks_ties: list[int] | None, me: int) -> None:
+        """ranks_ties: each rank's count of keys equal to `key` (when masks are wanted)."""
+        self.key[i], self.need[i] = key, need
+        if ranks_ties is not None:
+            self.local_ties[i] = ranks_ties[me]
+            self.ties_before[i] = sum(ranks_ties[:me])
+
+    def prune_here(self, i: int) -> int:
+        """The ties at the key this rank prunes: those the lower ranks do not."""
+        return min(max(self.need[i] - self.ties_before[i], 0), self.local_ties[i])
+
+
+def _locate(hist: torch.Tensor, rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the bin holding the rank-th smallest key (1-based) and the count below that bin."""
+    cum = hist.cumsum(1)
+    digit = (cum < rank[:, None]).sum(1)
+    below = torch.where(digit > 0, cum.gather(1, (digit - 1).clamp(min=0)[:, None])[:, 0], 0)
+    return digit, below
+
+
+def _sum_or_gather(hist: torch.Tensor, group, gather: bool):
+    """The histograms summed over the ranks, and with gather each rank's too (for tie counts)."""
+    if not gather:
+        _all_reduce(hist, group)
+        return hist, None
+    parts = _all_gather(hist, group)
+    return torch.stack(parts).sum(0), parts
+
+
+# ---------------------------------------------------------------- the bracket path
+ROW_HEADER = 6  # a bracket_pass row: numel, lo, hi, shift, below, flag, then the bucket counts
+MAX_BUCKET_KEYS = 1 << 16  # keys of the threshold's bucket one rank may send; more: radix select
+_EVERY_TIE = 1 << 62  # resolve_masks_'s prune_ties that prunes every key equal to its threshold
+
+
+def _bucket_count(numel: int) -> int:
+    """Buckets of a tensor's bracket histogram: about numel / 2048, a power of two in [32, 1024]
+    (the same on every rank: it depends on the global size only)."""
+    return 1 << min(10, max(5, (numel >> 11).bit_length() - 1))
+
+
+class _Bucket:
+    """Where a tensor's k-th key lies after the bracket round: the bucket [lo, hi] of keys, the
+    rank of the k-th key among the bucket's keys, and each rank's count of keys in the bucket."""
+    __slots__ = ("lo", "hi", "rank", "counts")
+
+    def __init__(self, lo, hi, rank, counts):
+        self.lo, self.hi, self.rank, self.counts = lo, hi, rank, counts
+
+
+def _find_bucket(k: int, rows: list[np.ndarray]):
+    """From every rank's bracket_pass row of one tensor: a _Bucket, "miss" (the k-th key is not
+    inside the keys every rank covered) or "flag" (a rank found ties or too many keys). NumPy:
+    per tensor these are a few operations on short arrays, where torch's per-call cost dominates."""
+    live = [r for r in rows if r[0] > 0]
+    if any(r[5] for r in live):
+        return "flag"
+    shift = max(int(r[3]) for r in live)
+    cover_lo = max(int(r[1]) for r in live)  # keys every rank counted exactly
+    cover_hi = min(int(r[2]) for r in live) + 1
+    cover_lo = -(-cover_lo >> shift) << shift
+    cover_hi = (cover_hi >> shift) << shift
+    if cover_lo >= cover_hi:
+        return "miss"
+    below, counts = 0, []
+    for r in live:  # each rank's counts in buckets of 2**shift keys over [cover_lo, cover_hi)
+        s, base = int(r[3]), int(r[1]) >> int(r[3])
+        hist = r[ROW_HEADER:]
+        start, stop = (cover_lo >> s) - base, (cover_hi >> s) - base
+        below += int(r[4]) + int(hist[:start].sum())
+        counts.append(hist[start:stop].reshape(-1, 1 << (shift - s)).sum(1))
+    total = np.sum(counts, axis=0)
+    rank = k - below
+    if not 0 < rank <= int(total.sum()):
+        return "miss"
+    cum = np.cumsum(total)
+    bucket = int(np.count_nonzero(cum < rank))
+    rank -= int(cum[bucket - 1]) if bucket > 0 else 0
+    lo = cover_lo + (bucket << shift)
+    per_rank = iter(int(c[bucket]) for c in counts)
+    return _Bucket(lo, lo + (1 << shift) - 1, rank, [next(per_rank) if r[0] > 0 else 0 for r in rows])
+
+
+def _bracket_rows(kernels, shards, quantiles, lo, hi, buckets, group, want_masks):
+    """One bracket_pass per shard and one all_gather of the rows: per tensor every rank's row, and
+    this rank's keys, positions and words."""
+    rows, keys, positions, words = kernels.bracket_pass(shards, quantiles, lo, hi, buckets, want_masks=want_masks)
+    flat = torch.cat([rows[j, :ROW_HEADER + b] for j, b in enumerate(buckets)])
+    parts = [p.cpu().numpy() for p in _all_gather(flat.to(shards[0].device), group)]
+    offsets = [0]
+    for b in buckets:
+        offsets.append(offsets[-1] + ROW_HEADER + b)
+    return [[p[offsets[j]:offsets[j + 1]] for p in parts] for j in range(len(buckets))], keys, positions, words
+
+
+def _bracket_select(shards, tensors, k, todo, group, want_masks, kernels, found, words):
+    """The selection in two small round trips and one read of each shard:
+    (1) one pass per shard brackets the k-th key from a sample of the shard, counts the keys
+    under the bracket, gathers those inside it (with their positions) and writes the mask words
+    as if they were pruned; its histogram of the gathered keys in aligned buckets goes to every
+    rank in one all_gather, which then knows the bucket of the global k-th key (where the
+    ranks' brackets all cover it; else every rank passes over the union of their brackets, one
+    more round);
+    (2) each rank all_gathers its keys in that bucket (a few) while it sets the kept bits of its
+    gathered keys above the bucket, then finds the exact key and its ties and sets the kept
+    bits among the bucket's keys. Returns the tensors left to the radix select
+    (ties filling a bracket, a bucket of over MAX_BUCKET_KEYS keys on a rank), the same on every
+    rank."""
+    if not todo:
+        return []
+    me = dist.get_rank(group)
+    buckets = [_bucket_count(tensors[i].numel()) for i in todo]
+    quantiles = [k[i] / tensors[i].numel() for i in todo]
+    rows, keys, positions, written = _bracket_rows(kernels, [shards[i] for i in todo], quantiles, [-1] * len(todo),
+                                                   [-1] * len(todo), buckets, group, want_masks)
+    where = [_find_bucket(k[i], rows[j]) for j, i in enumerate(todo)]
+    retry = [j for j, w in enumerate(where) if w == "miss"]
+    if retry:  # the ranks' brackets differ: all of them pass over the union of the brackets
+        union = [[r for r in rows[j] if r[0] > 0] for j in retry]
+        again = _bracket_rows(kernels, [shards[todo[j]] for j in retry], [quantiles[j] for j in retry],
+                              [min(int(r[1]) for r in u) for u in union], [max(int(r[2]) for r in u) for u in union],
+                              [buckets[j] for j in retry], group, want_masks)
+        for n, j in enumerate(retry):
+            where[j] = _find_bucket(k[todo[j]], again[0][n])
+            keys[j], positions[j], written[j] = again[1][n], again[2][n], again[3][n]
+    settled = [j for j, w in enumerate(where) if isinstance(w, _Bucket) and max(w.counts) <= MAX_BUCKET_KEYS]
+    if not settled:
+        return todo
+    # (2) each settled tensor's bucket: its keys (padded with -1 to the largest rank's count) go
+    # to every rank while this rank sets the bits of its gathered keys above the bucket
+    lo = [where[j].lo for j in settled]
+    hi = [where[j].hi for j in settled]
+    bucket_keys, bucket_positions = kernels.bucket_entries([keys[j] for j in settled],
+                                                           [positions[j] for j in settled], lo, hi)
+    flat = torch.cat([torch.cat([b, b.new_full((max(where[j].counts) - b.numel(),), -1)])
+                      for j, b in zip(settled, bucket_keys)]).to(shards[0].device)
+    parts = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
+    COLLECTIVES.append(("all_gather", flat.numel() * flat.element_size()))
+    exchange = dist.all_gather(parts, flat, group=group, async_op=True)
+    index = [todo[j] for j in settled]
+    if want_masks:  # the bucket's own keys (key <= hi) stay pruned until the exact key is known
+        kernels.resolve_masks_([shards[i] for i in index], [written[j] for j in settled],
+                               [keys[j] for j in settled], [positions[j] for j in settled], hi,
+                               [_EVERY_TIE] * len(settled))
+    exchange.wait()
+    parts = [p.cpu().numpy() for p in parts]
+    offset = 0
+    for j in settled:
+        b, width = where[j], max(where[j].counts)
+        ranks_keys = [p[offset:offset + width] for p in parts]
+        offset += width
+        ordered = np.sort(np.concatenate(ranks_keys))
+        ordered = ordered[ordered >= 0]
+        key = int(ordered[b.rank - 1])
+        need = b.rank - int(np.count_nonzero(ordered < key))
+        ties = [int(np.count_nonzero(r == key)) for r in ranks_keys] if want_masks else None
+        found.set(todo[j], key, need, ties, me)
+    if want_masks:
+        kernels.resolve_masks_([shards[i] for i in index], [written[j] for j in settled], bucket_keys,
+                               bucket_positions, [found.key[i] for i in index], [found.prune_here(i) for i in index])
+        for i, j in zip(index, settled):
+            words[i] = written[j]
+    settled_set = {todo[j] for j in settled}
+    return [i for i in todo if i not in settled_set]
+
+
+def _radix_select(shards, tensors, k, todo, group, want_masks, kernels, found):
+    """The radix select over shards: one collective per DIGIT_BITS-bit digit of the key (3 for
+    fp32), each pass reading the shards (or the keys an earlier pass gathered)."""
+    device = shards[0].device if shards else None
     me = dist.get_rank(group)
     # layers of one key width share digits, hence one collective per pass for all of them
     by_bits: dict[int, list[int]] = {}
-    for i, t in enumerate(tensors):
-        if k[i] > 0:
-            by_bits.setdefault(KEY_SPECS[t.dtype].key_bits, []).append(i)
+    for i in todo:
+        by_bits.setdefault(KEY_SPECS[tensors[i].dtype].key_bits, []).append(i)
     for key_bits, index in by_bits.items():
         sources = [shards[i] for i in index]
         quantiles = [k[i] / tensors[i].numel() for i in index]  # where the k-th key sits
@@ -117,28 +327,11 @@ def _select_sharded(tensors, sparsities, group, want_masks, kernels):
             last = p == len(widths) - 1
             hist, sources = kernels.digit_histograms(sources, prefix.tolist(), shift, width,
                                                      gather=not last, quantiles=quantiles)
-            hist = hist.to(device)
-            if last and want_masks:
-                ranks_hists = _all_gather(hist, group)
-                hist = torch.stack(ranks_hists).sum(0)
-            else:
-                _all_reduce(hist, group)
-            cum = hist.cumsum(1)
-            digit = (cum < rank[:, None]).sum(1)  # the bin holding the rank-th smallest key
-            below = torch.where(digit > 0, cum.gather(1, (digit - 1).clamp(min=0)[:, None])[:, 0], 0)
+            hist, parts = _sum_or_gather(hist.to(device), group, last and want_masks)
+            digit, below = _locate(hist, rank)
             prefix = (prefix << width) | digit
             rank = rank - below
         for j, (key, r) in enumerate(zip(prefix.tolist(), rank.tolist())):
-            threshold_key[index[j]], need[index[j]] = key, r
-        if want_masks:  # the bin of the last digit holds exactly the keys equal to the threshold
-            ties = [h.gather(1, digit[:, None])[:, 0].tolist() for h in ranks_hists]
-            for j, i in enumerate(index):
-                local_ties[i] = ties[me][j]
-                ties_before[i] = sum(t[j] for t in ties[:me])
-    thresholds = torch.tensor(
-        [float("-inf") if key is None else float(keys_to_values(torch.tensor([key]), t.dtype)[0])
-         for key, t in zip(threshold_key, tensors)], dtype=torch.float64, device=device)
-    if not want_masks:
-        return thresholds, []
-    words = kernels.threshold_masks(shards, threshold_key, need, ties_before, local_ties)
-    return thresholds, [Mask(w, x.shape) for w, x in zip(words, shards)]
+            # the bin of the last digit holds exactly the keys equal to the threshold
+            bins = [int(p[j, digit[j]]) for p in parts] if want_masks else None
+            found.set(index[j], key, r, bins, me)

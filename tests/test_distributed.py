@@ -10,7 +10,7 @@ import dsd_kernels as dk
 from dsd_kernels import reference as R
 
 from .conftest import require_backend
-from .test_magnitude_select import FLOATS, SPARSITIES as EVERY_SPARSITY, adversarial
+from .test_magnitude_select import FLOATS, SPARSITIES as EVERY_SPARSITY, adversarial, large_case
 
 pytestmark = pytest.mark.distributed
 
@@ -50,7 +50,7 @@ def _worker(rank, world, init_file, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
 
     from dsd_kernels import _backend
-    from dsd_kernels.distributed import COLLECTIVE_BYTES, Replicate, Shard
+    from dsd_kernels.distributed import COLLECTIVES, Replicate, Shard
     from dsd_kernels.backends.triton._tiles import LAUNCHES
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -58,8 +58,12 @@ def _worker(rank, world, init_file, out_dir):
         from torch.distributed.tensor import distribute_tensor
         mesh = init_device_mesh("cpu", (world,))
         tensors = [distribute_tensor(t, mesh, [Shard(0)]) for t in global_tensors()]
+        COLLECTIVES.clear()
         masks = dk.magnitude_masks(tensors, SPARSITIES)
+        masks_call = list(COLLECTIVES)
+        COLLECTIVES.clear()
         thresholds = dk.magnitude_thresholds(tensors, SPARSITIES)
+        thresholds_call = list(COLLECTIVES)
         # the kernels that ran: the registry's choice for the sharded selection, and the Triton
         # launches (the histogram kernel runs once per pass when the Triton backend is forced)
         kernels = _backend.resolve("magnitude_select_sharded", torch.device("cpu"), (torch.float32,)).backend
@@ -71,7 +75,7 @@ def _worker(rank, world, init_file, out_dir):
             errors.append(str(err))
         torch.save({"masks": [m.to_bool() for m in masks], "thresholds": thresholds,
                     "replicated": replicated[0].to_bool(), "errors": errors,
-                    "bytes": COLLECTIVE_BYTES[0], "kernels": kernels,
+                    "masks_call": masks_call, "thresholds_call": thresholds_call, "kernels": kernels,
                     "histogram_launches": LAUNCHES["_histogram_kernel"]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -96,17 +100,128 @@ def test_sharded_masks_equal_single_process_masks(tmp_path, monkeypatch, backend
         assert r["thresholds"].tolist() == pytest.approx(want_thresholds, abs=0)
         assert torch.equal(r["replicated"], want_masks[0])
         assert r["errors"] and "Shard(dim=1)" in r["errors"][0]
-        # traffic of the two calls (thresholds, masks), int64 counts: the fp32 batch of 3 layers
-        # in 3 passes of 2048 + 1024 + 1024 bins, the fp64 layer in 3 x 2048 + 3 x 1024 bins;
-        # for the masks the last pass is all_gathered from the 2 ranks instead of summed (its
-        # bins count the ties of each rank). No weight is sent.
-        thresholds_call = (3 * (2048 + 1024 + 1024) + (3 * 2048 + 3 * 1024)) * 8
-        masks_call = (3 * (2048 + 1024 + 2 * 1024) + (3 * 2048 + 2 * 1024 + 2 * 1024)) * 8
-        assert r["bytes"] == thresholds_call + masks_call
         assert r["kernels"] == backend_name
+        if backend_name == "triton":
+            # the radix path, int64 counts: the fp32 batch of 3 layers in 3 passes of 2048, 1024,
+            # 1024 bins, the fp64 layer in 3 of 2048 and 3 of 1024 bins; for the masks the last
+            # pass is all_gathered (its bins count each rank's ties) instead of summed
+            radix = [3 * 2048 * 8, 3 * 1024 * 8, 3 * 1024 * 8] + [2048 * 8] * 3 + [1024 * 8] * 3
+            assert r["thresholds_call"] == [("all_reduce", b) for b in radix]
+            last = {2, 8}  # the last pass of each key width
+            assert r["masks_call"] == [("all_gather" if n in last else "all_reduce", b) for n, b in enumerate(radix)]
+        else:
+            # the bracket path: all_gathers for all 4 tensors of the rows (6 + 32 buckets each:
+            # these tensors are small) and of the keys of each threshold's bucket (a few per
+            # rank); between them the mostly-zero tensor b is passed over again with the union
+            # of the ranks' brackets (rank 1's bracket is the key 0 alone, rank 0's spans wide
+            # buckets: they share no whole bucket). No weight is sent.
+            for call in (r["masks_call"], r["thresholds_call"]):
+                assert [op for op, _ in call] == ["all_gather"] * 3, call
+                assert call[0][1] == 4 * (6 + 32) * 8 and call[1][1] == (6 + 32) * 8
+                assert 4 * 8 <= call[2][1] <= 300 * 8, call
         # two sharded calls, each one histogram launch per pass (fp32 3 passes, fp64 6), plus
         # the replicated call's local selection (fp32: 3)
         assert r["histogram_launches"] == (2 * (3 + 6) + 3 if backend_name == "triton" else 0)
+
+
+def uneven_tensors():
+    """Shards unlike each other: each rank's own bracket misses the global k-th key."""
+    g = torch.Generator().manual_seed(3)
+    skewed = torch.randn(600, 512, generator=g)  # 2 x 153600 keys: the large shards' path
+    skewed[:300] *= 0.01  # rank 0's half is tiny, rank 1's large: k-th key in neither bracket
+    odd = torch.randn(1030, 300, generator=g)  # rows of 300: mask words straddle rows
+    odd[515:] *= 3.0
+    single = torch.randn(1, 40, generator=g)  # one row: rank 1's shard is empty
+    big = torch.randn(1 << 10, 1 << 10, generator=g)  # 2^19 keys per shard: sampled, AVX-512 path
+    return [skewed, odd, single, big]
+
+
+UNEVEN_SPARSITIES = [0.5, 0.3, 0.5, 0.9]
+
+
+def _uneven_worker(rank, world, init_file, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    from dsd_kernels.distributed import COLLECTIVES, Shard
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        tensors = [distribute_tensor(t, mesh, [Shard(0)]) for t in uneven_tensors()]
+        COLLECTIVES.clear()
+        masks = dk.magnitude_masks(tensors, UNEVEN_SPARSITIES)
+        calls = list(COLLECTIVES)
+        thresholds = dk.magnitude_thresholds(tensors, UNEVEN_SPARSITIES)
+        torch.save({"masks": [m.to_bool() for m in masks], "thresholds": thresholds, "calls": calls},
+                   os.path.join(out_dir, f"uneven{rank}.pt"))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend_name", ["cpp", "torch"])
+def test_sharded_selection_of_unlike_shards_is_exact(tmp_path, monkeypatch, backend_name):
+    # the bracket path when the ranks' brackets do not cover the global k-th key (both pass over
+    # the union of their brackets), with an empty shard, rows of a length no mask word divides,
+    # and shards large enough for the sampled bracket and the vector pass
+    require_backend(backend_name)
+    monkeypatch.setenv("DSD_KERNELS_BACKEND", backend_name)
+    results = run_ranks(_uneven_worker, tmp_path, "uneven")
+    full = uneven_tensors()
+    for i, want in enumerate(R.magnitude_masks(full, UNEVEN_SPARSITIES)):
+        assert torch.equal(torch.cat([r["masks"][i] for r in results]), want), f"tensor {i}"
+    want_thresholds = R.magnitude_thresholds(full, UNEVEN_SPARSITIES)
+    for r in results:
+        assert r["thresholds"].tolist() == pytest.approx(want_thresholds, abs=0)
+        # rows of every tensor, the union pass of the skewed ones, the buckets' keys
+        assert [op for op, _ in r["calls"]] == ["all_gather"] * 3, r["calls"]
+
+
+@pytest.mark.parametrize("name", ["cpp", "torch"])
+@pytest.mark.parametrize("case", ["random", "sample_misleads", "gather_overflows", "all_equal", "inf_nan", "rounded",
+                                  "signed_zeros_and_denormals"])
+def test_sharded_selection_of_large_tensors_every_path(name, case, one_rank_mesh):
+    # the bracket path's branches on one rank: a sample right, wrong (the union pass, then the
+    # radix path), overflowing or full of ties (the radix path), the k-th key inf/NaN, and the
+    # bracket reaching either end of the keys
+    from torch.distributed.tensor import distribute_tensor
+
+    from dsd_kernels.distributed import Shard
+    require_backend(name)
+    with dk.use_backend(name):
+        for dtype in (torch.float32, torch.float16):
+            w = large_case(case, dtype).cpu()
+            tensors = [w[:1 << 20].reshape(1024, 1024), w[:1000]]  # rows of whole mask words, and not
+            shards = [distribute_tensor(t, one_rank_mesh, [Shard(0)]) for t in tensors]
+            for s in (0.5, 0.97, 0.0005, 0.9999):
+                masks = dk.magnitude_masks(shards, s)
+                for m, x in zip(masks, R.magnitude_masks(tensors, [s, s])):
+                    assert torch.equal(m.to_bool(), x), (case, dtype, s)
+                got = dk.magnitude_thresholds(shards, s).tolist()
+                ref = R.magnitude_thresholds(tensors, [s, s])
+                assert [a == b or (a != a and b != b) for a, b in zip(got, ref)] == [True, True], (case, s)
+
+
+@pytest.mark.parametrize("name", ["cpp", "torch"])
+def test_sharded_selection_with_a_crowded_bucket_takes_the_radix_path(name, one_rank_mesh, monkeypatch):
+    # a threshold's bucket holding more keys than a rank may send: that tensor alone is selected
+    # by the radix path, exactly, the others by the bracket path
+    from torch.distributed.tensor import distribute_tensor
+
+    from dsd_kernels import distributed as D
+    require_backend(name)
+    monkeypatch.setattr(D, "MAX_BUCKET_KEYS", 50)
+    radix_calls = []
+    radix = D._radix_select
+    monkeypatch.setattr(D, "_radix_select", lambda shards, tensors, k, todo, *a: (
+        radix_calls.append(list(todo)), radix(shards, tensors, k, todo, *a))[1])
+    g = torch.Generator().manual_seed(4)
+    tensors = [torch.randn(64, 64, generator=g).round(decimals=1), torch.randn(50, 7, generator=g)]
+    with dk.use_backend(name):
+        masks = dk.magnitude_masks([distribute_tensor(t, one_rank_mesh, [D.Shard(0)]) for t in tensors], 0.5)
+    for m, want in zip(masks, R.magnitude_masks(tensors, [0.5, 0.5])):
+        assert torch.equal(m.to_bool(), want)
+    assert radix_calls == [[0]]  # the rounded tensor: about 260 keys tie at its threshold
 
 
 def train_steps(model, opt, g, *, steps, batch, classes):

@@ -1,6 +1,6 @@
 """magnitude_select on the compiled kernels: csrc/cpu/magnitude_select.cpp on CPU tensors,
 csrc/cuda/magnitude_select.cu on CUDA tensors; the sharded selection's per-shard kernels
-(radix_histogram, threshold_masks) exist on CPU only."""
+(bracket_pass, bucket_entries, resolve_masks_, radix_histogram, threshold_masks) exist on CPU only."""
 from __future__ import annotations
 
 import torch
@@ -47,3 +47,26 @@ def threshold_masks(tensors, keys, need, ties_before, local_ties):
     return list(torch.ops.dsd_kernels_cpp.threshold_masks(
         [t.detach() for t in tensors], [-1 if k is None else int(k) for k in keys], mine,
         [int(t) for t in local_ties]))
+
+
+
+
+def bracket_pass(shards, quantiles, lo, hi, buckets, *, want_masks: bool):
+    """See csrc/cpu/magnitude_select.cpp: per shard a row (numel, lo, hi, shift, below, flag,
+    counts...), the keys inside the bracket and, with want_masks, their positions and the mask
+    words with the bracket's keys pruned."""
+    rows, keys, positions, words = torch.ops.dsd_kernels_cpp.bracket_pass(
+        [t.detach() for t in shards], [float(q) for q in quantiles], [int(x) for x in lo], [int(x) for x in hi],
+        [int(b) for b in buckets], want_masks)
+    return rows, list(keys), list(positions), list(words)
+
+
+def bucket_entries(keys, positions, lo, hi):
+    out_keys, out_positions = torch.ops.dsd_kernels_cpp.bucket_entries(keys, positions, [int(x) for x in lo],
+                                                                       [int(x) for x in hi])
+    return list(out_keys), list(out_positions)
+
+
+def resolve_masks_(tensors, words, keys, positions, thresholds, prune_ties):
+    torch.ops.dsd_kernels_cpp.resolve_masks_([t.detach() for t in tensors], words, keys, positions,
+                                             [int(k) for k in thresholds], [int(n) for n in prune_ties])

@@ -176,3 +176,61 @@ def threshold_masks(tensors: list[torch.Tensor], keys: list[int | None], need: l
         keep = keep_mask(magnitude_keys(t), key, mine, ties)
         out.append(pack_bool(keep.reshape(t.shape)))
     return out
+
+
+
+
+# distributed.py's bracket path (the contracts are at the C++ backend's bracket_pass,
+# bucket_entries and resolve_masks_ in csrc/cpu/magnitude_select.cpp); here every shard is
+# "sampled" whole, its bracket the keys 3 sqrt(n) ranks either side of its quantile's rank.
+ROW_HEADER = 6  # numel, lo, hi, shift, below, flag
+
+
+def bracket_pass(shards: list[torch.Tensor], quantiles: list[float], lo: list[int], hi: list[int],
+                 buckets: list[int], *, want_masks: bool):
+    rows = torch.zeros(len(shards), ROW_HEADER + max(buckets, default=1), dtype=torch.int64)
+    inside, positions, words = [], [], []
+    for i, (t, q, a, b, count) in enumerate(zip(shards, quantiles, lo, hi, buckets)):
+        keys = magnitude_keys(t)
+        n = keys.numel()
+        rows[i, 0] = n
+        if n > 0:
+            if a < 0:
+                ordered = keys.sort().values
+                r, margin = int(q * n), int(3 * n ** 0.5)
+                a = 0 if r - margin <= 0 else int(ordered[r - margin])
+                b = KEY_SPECS[t.dtype].nan_key if r + margin >= n - 1 else int(ordered[r + margin])
+            shift = 0
+            while (b >> shift) - (a >> shift) >= count:
+                shift += 1
+            a = (a >> shift) << shift
+            b = min(((b >> shift) << shift) + (1 << shift) - 1, KEY_SPECS[t.dtype].nan_key)
+            rows[i, 1:5] = torch.tensor([a, b, shift, int((keys < a).sum())])
+        in_bracket = (keys >= a) & (keys <= b) if n > 0 else keys.bool()
+        kept = keys[in_bracket]
+        if n > 0:
+            rows[i, ROW_HEADER:ROW_HEADER + count] = torch.bincount(
+                ((kept >> shift) - (a >> shift)).long().cpu(), minlength=count)
+        inside.append(kept)
+        positions.append(in_bracket.nonzero().reshape(-1) if want_masks else kept.new_empty(0, dtype=torch.int64))
+        words.append(pack_bool((keys > b).reshape(t.shape)) if want_masks and n > 0 else
+                     pack_bool(torch.zeros(t.shape, dtype=torch.bool, device=t.device)))
+    return rows, inside, positions, words
+
+
+def bucket_entries(keys: list[torch.Tensor], positions: list[torch.Tensor], lo: list[int], hi: list[int]):
+    out_keys, out_positions = [], []
+    for k, pos, a, b in zip(keys, positions, lo, hi):
+        inside = (k >= a) & (k <= b)
+        out_keys.append(k[inside].long())
+        out_positions.append(pos[inside].long() if pos.numel() else pos.long())
+    return out_keys, out_positions
+
+
+def resolve_masks_(tensors: list[torch.Tensor], words: list[torch.Tensor], keys: list[torch.Tensor],
+                   positions: list[torch.Tensor], thresholds: list[int], prune_ties: list[int]) -> None:
+    for t, w, k, pos, key, n in zip(tensors, words, keys, positions, thresholds, prune_ties):
+        keep = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
+        order = pos.argsort()  # tie ranks follow the flat order
+        keep[pos[order]] = keep_mask(k[order].long(), key, n, int((k == key).sum()))
+        w |= pack_bool(keep.reshape(t.shape))
