@@ -1,0 +1,580 @@
+// The sharded selection's per-shard kernels (dsd_kernels/distributed.py runs the collectives
+// between them): the radix passes' histograms and threshold masks (radix_histogram,
+// threshold_masks), and the bracket path's pass, bucket entries and mask resolution
+// (bracket_pass, bucket_entries, resolve_masks_). Shared pieces: selection.h.
+#include <torch/library.h>
+
+#include "selection.h"
+
+namespace dsd_kernels_cpu {
+namespace {
+
+using namespace selection;
+
+// ---------------------------------------------------------------- sharded selection
+// distributed.py runs the radix passes of a selection over weights sharded across processes:
+// per pass, each process histograms its shards here, the histograms are summed across
+// processes, and the digit is located from the sum. These two ops are its per-shard kernels.
+
+// One radix pass over float values: the digit (key >> shift) & (2^width - 1) of the keys whose
+// higher bits (key >> (shift + width)) equal prefix, added to out_row (2^width counters); with
+// gather, those keys are also returned (in no particular order) for the later passes. The first
+// pass (no higher bits) cannot know the digit yet: with gather and a quantile (k/n of the global
+// selection) it gathers, as the local select does, the keys whose digit lies in the range a
+// sample of this shard predicts, and reports the range in *range_lo / *range_span (span kNoRange:
+// nothing gathered; the caller re-reads the values if the chosen digit falls outside).
+template <typename scalar_t, typename count_t>
+at::Tensor histogram_values(const at::Tensor& src, uint64_t prefix, int shift, int width, bool gather,
+                            double quantile, int64_t* out_row, uint64_t* range_lo,
+                            uint64_t* range_span) {
+  using T = KeyTraits<scalar_t>;
+  using bits_t = typename T::bits_t;
+  const at::Tensor c = src.contiguous();
+  const scalar_t* data = c.data_ptr<scalar_t>();
+  const int64_t n = c.numel();
+  const int threads = at::get_num_threads();
+  const int64_t bins = int64_t(1) << width;
+  const int high_shift = shift + width;
+  const bool whole = high_shift >= T::key_bits;  // no higher bits: every key counts
+  std::vector<count_t> local(static_cast<size_t>(threads) * kSubHists * bins, 0);
+  std::vector<std::vector<bits_t>> kept(threads);
+  uint64_t lo = 0, span = kNoRange;
+  if (whole && gather && quantile > 0.0 && n > 0) {
+    const auto k = std::clamp<int64_t>(static_cast<int64_t>(std::nearbyint(quantile * static_cast<double>(n))),
+                                       1, n);
+    span = candidate_digits<scalar_t, true>(data, n, k, shift, &lo);
+  }
+  std::atomic<bool> overflow{false};
+  const int64_t max_gather = n / (8 * threads) + 4096;  // as the local select allows
+  // Unclamped keys are cheaper to count (the clamp slows these loops down): NaN keys then
+  // spread over the top bins above +inf's, folded into the NaN key's bin below; and under a
+  // prefix below +inf's no NaN key can match. Keys gathered in the first pass are clamped as
+  // they are copied out (later passes read them).
+  // One parallel loop per variant: a loop body holding several variants runs slower.
+  auto hist_of = [&]() {
+    return local.data() + static_cast<int64_t>(at::get_thread_num()) * kSubHists * bins;
+  };
+  if (whole && span != kNoRange) {
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      count_top_digit<scalar_t, count_t, false, true>(data, begin, end, shift, lo, span, bins, hist_of(),
+                                                      &kept[at::get_thread_num()], max_gather, &overflow);
+    });
+  } else if (whole) {
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      count_top_digit<scalar_t, count_t, false, false>(data, begin, end, shift, 0, kNoRange, bins,
+                                                       hist_of(), nullptr, 0, nullptr);
+    });
+  } else if (prefix < static_cast<uint64_t>(T::nan_key - 1) >> high_shift) {
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      count_under_prefix<scalar_t, count_t, false>(data, begin, end, shift, bins - 1, high_shift, prefix,
+                                                   hist_of(), gather ? &kept[at::get_thread_num()] : nullptr);
+    });
+  } else {
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      count_under_prefix<scalar_t, count_t, true>(data, begin, end, shift, bins - 1, high_shift, prefix,
+                                                  hist_of(), gather ? &kept[at::get_thread_num()] : nullptr);
+    });
+  }
+  if (whole) {  // the clamped histogram: every NaN key in the NaN key's bin
+    const int64_t nan_bin = static_cast<int64_t>(T::nan_key >> shift);
+    for (int64_t r = 0; r < static_cast<int64_t>(threads) * kSubHists; ++r) {
+      count_t* row = local.data() + r * bins;
+      for (int64_t b = nan_bin + 1; b < bins; ++b) {
+        row[nan_bin] += row[b];
+        row[b] = 0;
+      }
+    }
+  }
+  for (int64_t r = 0; r < static_cast<int64_t>(threads) * kSubHists; ++r) {
+    for (int64_t b = 0; b < bins; ++b) out_row[b] += static_cast<int64_t>(local[r * bins + b]);
+  }
+  if (overflow.load()) span = kNoRange;
+  *range_lo = lo;
+  *range_span = whole ? span : kNoRange;
+  if (!gather || (whole && span == kNoRange)) return c;  // nothing gathered: keep the values
+  int64_t total = 0;
+  for (const auto& v : kept) total += static_cast<int64_t>(v.size());
+  const auto key_dtype = sizeof(bits_t) == 2 ? at::kShort : sizeof(bits_t) == 4 ? at::kInt : at::kLong;
+  at::Tensor out = at::empty({total}, c.options().dtype(key_dtype));
+  auto* dst = static_cast<bits_t*>(out.data_ptr());
+  for (const auto& v : kept) {
+    for (const bits_t key : v) *dst++ = key < T::nan_key ? key : T::nan_key;
+  }
+  return out;
+}
+
+// The same pass over keys gathered by an earlier pass (int16/int32/int64 tensors of keys).
+template <typename key_t>
+at::Tensor histogram_keys(const at::Tensor& src, uint64_t prefix, int shift, int width, bool gather,
+                          int64_t* out_row) {
+  const at::Tensor c = src.contiguous();
+  const key_t* keys = c.data_ptr<key_t>();
+  const int64_t n = c.numel();
+  const uint64_t digit_mask = (uint64_t(1) << width) - 1;
+  const int high_shift = shift + width;
+  // branch-free: about half of the gathered keys match (they share the previous digit range),
+  // which a branch would mispredict
+  std::vector<key_t> kept(gather ? n : 0);
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t key = static_cast<uint64_t>(keys[i]);  // keys are non-negative
+    const int64_t match = high_shift >= 64 || (key >> high_shift) == prefix;
+    out_row[(key >> shift) & digit_mask] += match;
+    if (gather) {
+      kept[count] = keys[i];
+      count += match;
+    }
+  }
+  if (!gather) return c;
+  at::Tensor out = at::empty({count}, c.options());
+  std::copy(kept.begin(), kept.begin() + count, out.data_ptr<key_t>());
+  return out;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<int64_t>> radix_histogram(
+    at::TensorList sources, at::IntArrayRef prefixes, int64_t shift, int64_t width, bool gather,
+    at::ArrayRef<double> quantiles) {
+  TORCH_CHECK(sources.size() == prefixes.size() && sources.size() == quantiles.size(),
+              "radix_histogram: ", sources.size(), " sources but ", prefixes.size(), " prefixes and ",
+              quantiles.size(), " quantiles");
+  TORCH_CHECK(width >= 1 && width <= dsd_kernels_keys::kMaxDigitBits && shift >= 0,
+              "radix_histogram: width must be in [1, ", dsd_kernels_keys::kMaxDigitBits,
+              "] and shift >= 0, got width ", width, ", shift ", shift);
+  const auto count = static_cast<int64_t>(sources.size());
+  at::Tensor hist = at::zeros({count, int64_t(1) << width}, at::kLong);
+  std::vector<at::Tensor> next;
+  std::vector<int64_t> ranges(2 * count, -1);  // per source: first digit and span gathered, or -1
+  for (int64_t i = 0; i < count; ++i) {
+    const at::Tensor& src = sources[i];
+    TORCH_CHECK(src.device().is_cpu(), "radix_histogram: sources[", i, "] is not a CPU tensor");
+    TORCH_CHECK(prefixes[i] >= 0, "radix_histogram: prefixes[", i, "] must be >= 0");
+    const auto prefix = static_cast<uint64_t>(prefixes[i]);
+    const int sh = static_cast<int>(shift), wd = static_cast<int>(width);
+    int64_t* row = hist.data_ptr<int64_t>() + i * (int64_t(1) << width);
+    switch (src.scalar_type()) {
+      case at::kShort: next.push_back(histogram_keys<int16_t>(src, prefix, sh, wd, gather, row)); break;
+      case at::kInt: next.push_back(histogram_keys<int32_t>(src, prefix, sh, wd, gather, row)); break;
+      case at::kLong: next.push_back(histogram_keys<int64_t>(src, prefix, sh, wd, gather, row)); break;
+      default:
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "radix_histogram", [&] {
+          uint64_t lo = 0, span = kNoRange;
+          next.push_back(src.numel() < (int64_t(1) << 32)
+                             ? histogram_values<scalar_t, uint32_t>(src, prefix, sh, wd, gather,
+                                                                    quantiles[i], row, &lo, &span)
+                             : histogram_values<scalar_t, int64_t>(src, prefix, sh, wd, gather,
+                                                                   quantiles[i], row, &lo, &span));
+          if (span != kNoRange) {
+            ranges[2 * i] = static_cast<int64_t>(lo);
+            ranges[2 * i + 1] = static_cast<int64_t>(span);
+          }
+        });
+    }
+  }
+  return {hist, next, ranges};
+}
+
+// Packed keep-words from a threshold found elsewhere: key > keys[i] is kept, and of the ties[i]
+// elements whose key equals keys[i], all but the first prune_ties[i] in flat order; keys[i] < 0
+// keeps everything (nothing to prune).
+std::vector<at::Tensor> threshold_masks(at::TensorList tensors, at::IntArrayRef keys,
+                                        at::IntArrayRef prune_ties, at::IntArrayRef ties) {
+  TORCH_CHECK(tensors.size() == keys.size() && keys.size() == prune_ties.size() &&
+                  keys.size() == ties.size(),
+              "threshold_masks: tensors, keys, prune_ties and ties must have equal lengths");
+  std::vector<at::Tensor> masks;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor c = tensors[i].contiguous();
+    TORCH_CHECK(c.device().is_cpu(), "threshold_masks: tensors[", i, "] is not a CPU tensor");
+    TORCH_CHECK(prune_ties[i] >= 0 && prune_ties[i] <= ties[i], "threshold_masks: prune_ties[", i,
+                "] must be in [0, ties[", i, "]]");
+    MaskLayout lay(c);
+    at::Tensor out = at::empty({lay.rows, lay.words_per_row}, c.options().dtype(at::kInt));
+    Selection sel;
+    sel.key = static_cast<uint64_t>(std::max<int64_t>(keys[i], 0));
+    sel.need = prune_ties[i];
+    sel.count_eq = ties[i];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "threshold_masks", [&] {
+      if (lay.num_words() > 0) {
+        write_mask<scalar_t>(c.data_ptr<scalar_t>(), lay, sel, keys[i] >= 0, out.data_ptr<int32_t>());
+      }
+    });
+    masks.push_back(out);
+  }
+  return masks;
+}
+
+// ---------------------------------------------------------------- sharded bracket select
+// distributed.py's selection in two small round trips and one read of each shard: bracket_pass
+// brackets the global k-th key from a sample of the shard (or takes a bracket the ranks agreed
+// on); in one pass it counts the keys under the bracket, gathers those inside it (with their
+// positions when masks are wanted) and writes every mask word as if the bracket's keys were
+// pruned; it also histograms the gathered keys in aligned buckets (key >> shift). The ranks
+// all_gather the rows, find the bucket of the k-th key, exchange that bucket's keys for the
+// exact key and its ties, and resolve_masks_ sets the kept bits of the gathered keys.
+
+// Per shard, the row's header (then the histogram)
+enum BracketRow : int64_t { kRowNumel, kRowLo, kRowHi, kRowShift, kRowBelow, kRowFlag, kRowHeader };
+
+// Keep-bits above hi, bits of keys in [lo, hi] (*inside) and the count of keys under lo
+// (added to *under) for the len <= 32 values of one mask word.
+template <typename scalar_t>
+inline uint32_t classify_word(const scalar_t* src, int64_t len, uint64_t lo, uint64_t hi, uint32_t* inside,
+                              int64_t* under) {
+  uint32_t above = 0, in = 0;
+  int64_t count = 0;
+  for (int64_t j = 0; j < len; ++j) {
+    const uint64_t key = key_of<scalar_t, true>(src[j]);
+    above |= static_cast<uint32_t>(key > hi) << j;
+    in |= static_cast<uint32_t>(key - lo <= hi - lo) << j;
+    count += key < lo;
+  }
+  *inside = in;
+  *under += count;
+  return above;
+}
+
+
+#ifdef DSD_HAVE_AVX512_KERNELS
+// classify_word over `count` whole words of contiguous fp32 values (32 per word) at src: writes
+// the words, stores the keys in [lo, hi] and their offsets from src (room for 32 * count + 16 of
+// each), adds the keys under lo to *under; returns how many keys were stored.
+DSD_AVX512 int64_t classify_words_fp32_avx512(const float* src, int64_t count, uint32_t lo, uint32_t hi,
+                                              int32_t* words, uint32_t* keys, int32_t* offsets, int64_t* under) {
+  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
+  const __m512i nan_key = _mm512_set1_epi32(static_cast<int32_t>(KeyTraits<float>::nan_key));
+  const __m512i low = _mm512_set1_epi32(static_cast<int32_t>(lo));
+  const __m512i top = _mm512_set1_epi32(static_cast<int32_t>(hi));
+  const __m512i span = _mm512_set1_epi32(static_cast<int32_t>(hi - lo));
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t kept = 0, below = 0;
+  for (int64_t w = 0; w < count; ++w) {
+    uint32_t above = 0;
+    for (int h = 0; h < 2; ++h) {
+      const int64_t at = 32 * w + 16 * h;
+      const __m512i key = _mm512_min_epu32(_mm512_and_si512(_mm512_loadu_si512(src + at), abs_mask), nan_key);
+      above |= static_cast<uint32_t>(_mm512_cmpgt_epu32_mask(key, top)) << (16 * h);
+      below += __builtin_popcount(_mm512_cmplt_epu32_mask(key, low));
+      const __mmask16 in = _mm512_cmple_epu32_mask(_mm512_sub_epi32(key, low), span);
+      // branch-free (about a third of the vectors hold a bracket key, which a branch mispredicts):
+      // register compress and a full store (a compress to memory is slow on some CPUs)
+      _mm512_storeu_si512(keys + kept, _mm512_maskz_compress_epi32(in, key));
+      _mm512_storeu_si512(offsets + kept, _mm512_maskz_compress_epi32(
+                                              in, _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(at)))));
+      kept += __builtin_popcount(in);
+    }
+    words[w] = static_cast<int32_t>(above);
+  }
+  *under += below;
+  return kept;
+}
+#endif
+
+// One pass over the mask words: words[w] = keep-bits of key > hi; the keys in [lo, hi] and their
+// flat positions gathered per thread (gather_buffers, one per thread); *below the keys under lo. False (stopped early) when a
+// thread would gather over max_gather keys.
+template <typename scalar_t>
+bool classify_pass(const scalar_t* data, const MaskLayout& lay, uint64_t lo, uint64_t hi, int64_t max_gather,
+                   int32_t* words, std::vector<std::vector<typename KeyTraits<scalar_t>::bits_t>>* keys,
+                   std::vector<std::vector<int64_t>>* positions, int64_t* below, int64_t* in_bracket) {
+  const int threads = at::get_num_threads();
+  std::vector<int64_t> under(threads, 0);
+  std::atomic<bool> overflow{false};
+#ifdef DSD_HAVE_AVX512_KERNELS
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (lay.cols % 32 == 0 && cpu_has_avx512f()) {  // whole words, contiguous: the vector path
+      constexpr int64_t kChunkWords = 128;
+      at::parallel_for(0, lay.num_words(), kGrain / 32, [&](int64_t begin, int64_t end) {
+        const int tid = at::get_thread_num();
+        uint32_t key_buffer[32 * kChunkWords + 16];
+        int32_t offset_buffer[32 * kChunkWords + 16];
+        auto& k = (*keys)[tid];
+        auto& p = (*positions)[tid];
+        for (int64_t w0 = begin; w0 < end && !overflow.load(std::memory_order_relaxed); w0 += kChunkWords) {
+          const int64_t count = std::min(end, w0 + kChunkWords) - w0;
+          const int64_t kept = classify_words_fp32_avx512(data + 32 * w0, count, static_cast<uint32_t>(lo),
+                                                          static_cast<uint32_t>(hi), words + w0, key_buffer,
+                                                          offset_buffer, &under[tid]);
+          k.insert(k.end(), key_buffer, key_buffer + kept);
+          const size_t filled = p.size();
+          p.resize(filled + static_cast<size_t>(kept));
+          for (int64_t j = 0; j < kept; ++j) p[filled + j] = 32 * w0 + offset_buffer[j];
+          if (static_cast<int64_t>(k.size()) > max_gather) overflow.store(true, std::memory_order_relaxed);
+        }
+      });
+      if (overflow.load()) return false;
+      *below = *in_bracket = 0;
+      for (int t = 0; t < threads; ++t) {
+        *below += under[t];
+        *in_bracket += static_cast<int64_t>((*keys)[t].size());
+      }
+      return true;
+    }
+  }
+#endif
+  parallel_for_words(lay, kGrain / 32, [&](int64_t w, int64_t base, int64_t len) {
+    const int tid = at::get_thread_num();
+    const scalar_t* src = data + base;
+    uint32_t in = 0;
+    const uint32_t above = classify_word(src, len, lo, hi, &in, &under[tid]);
+    words[w] = static_cast<int32_t>(above);
+    if (in != 0) {  // a few percent of the words
+      auto& k = (*keys)[tid];
+      auto& p = (*positions)[tid];
+      for (; in != 0; in &= in - 1) {
+        const int j = __builtin_ctz(in);
+        k.push_back(key_of<scalar_t, true>(src[j]));
+        p.push_back(base + j);
+      }
+      if (static_cast<int64_t>(k.size()) > max_gather) overflow.store(true, std::memory_order_relaxed);
+    }
+  });
+  if (overflow.load()) return false;
+  *below = *in_bracket = 0;
+  for (int t = 0; t < threads; ++t) {
+    *below += under[t];
+    *in_bracket += static_cast<int64_t>((*keys)[t].size());
+  }
+  return true;
+}
+
+struct ShardPass {
+  at::Tensor keys, positions, words;
+};
+
+template <typename scalar_t>
+ShardPass shard_bracket_pass(const at::Tensor& shard, double quantile, int64_t given_lo, int64_t given_hi,
+                             int64_t buckets, bool want_masks, int64_t* row) {
+  using T = KeyTraits<scalar_t>;
+  using bits_t = typename T::bits_t;
+  const at::Tensor c = shard.contiguous();
+  const scalar_t* data = c.data_ptr<scalar_t>();
+  const int64_t n = c.numel();
+  const auto key_dtype = sizeof(bits_t) == 2 ? at::kShort : sizeof(bits_t) == 4 ? at::kInt : at::kLong;
+  const MaskLayout lay(c);
+  ShardPass out{at::empty({0}, c.options().dtype(key_dtype)), at::empty({0}, c.options().dtype(at::kLong)),
+                at::empty({want_masks ? lay.rows : 0, want_masks ? lay.words_per_row : 0}, c.options().dtype(at::kInt))};
+  row[kRowNumel] = n;
+  if (n == 0) return out;
+  const bool large = n >= (int64_t(1) << 18);
+  uint64_t lo, hi;
+  if (given_lo >= 0) {
+    lo = static_cast<uint64_t>(given_lo);
+    hi = static_cast<uint64_t>(given_hi);
+  } else {
+    // small shards: up to 4096 keys (all of a shard that small); large ones: as many as the local
+    // select samples, in runs of a cache line. The margin, 6 standard deviations of a sampled
+    // rank, also covers the other ranks' shards differing from this one by chance (a whole
+    // shard's k-th key is not the global one); a miss costs one more pass, not exactness.
+    const int64_t samples = large ? std::min<int64_t>(n / 64, int64_t(1) << 16) : std::min<int64_t>(n, 4096);
+    const int64_t run = large ? 64 / static_cast<int64_t>(sizeof(scalar_t)) : 1;
+    const auto margin = static_cast<int64_t>(3 * std::sqrt(static_cast<double>(samples)));
+    const auto b = sample_bracket<scalar_t, true>(data, n, quantile, samples, margin, run);
+    lo = b.from_start ? 0 : b.lo;
+    hi = b.to_end ? T::nan_key : b.hi;
+    int64_t in_sample = 0;
+    for (const bits_t key : b.sample) in_sample += static_cast<uint64_t>(key) - lo <= hi - lo;
+    if (large && 8 * in_sample > samples) {  // ties: gathering would not pay
+      row[kRowFlag] = 1;
+      return out;
+    }
+  }
+  int shift = 0;  // buckets of 2^shift keys, aligned, at most `buckets` of them over [lo, hi]
+  while ((hi >> shift) - (lo >> shift) >= static_cast<uint64_t>(buckets)) ++shift;
+  lo = (lo >> shift) << shift;
+  hi = std::min<uint64_t>(((hi >> shift) << shift) + ((uint64_t(1) << shift) - 1), T::nan_key);
+  row[kRowLo] = static_cast<int64_t>(lo);
+  row[kRowHi] = static_cast<int64_t>(hi);
+  row[kRowShift] = shift;
+
+  auto& gathered = gather_buffers<bits_t>(at::get_num_threads());
+  auto& positions = gather_buffers<int64_t>(want_masks ? at::get_num_threads() : 0);
+  int64_t below = 0, in_bracket = 0;
+  // a large shard gathers at most 1/8 of its keys, as the local select; a small one all it must
+  const int64_t max_gather = large ? n / (8 * at::get_num_threads()) + 4096 : n;
+  const bool ok = want_masks && lay.num_words() > 0
+      ? classify_pass(data, lay, lo, hi, max_gather, out.words.data_ptr<int32_t>(), &gathered, &positions, &below,
+                      &in_bracket)
+      : gather_bracket(data, n, lo, hi, max_gather, &gathered, &below, &in_bracket);
+  if (!ok) {
+    row[kRowFlag] = 1;
+    return out;
+  }
+  row[kRowBelow] = below;
+  int64_t* hist = row + kRowHeader;
+  const uint64_t base = lo >> shift;
+  out.keys = at::empty({in_bracket}, c.options().dtype(key_dtype));
+  auto* dst = static_cast<bits_t*>(out.keys.data_ptr());
+  for (const auto& g : gathered) {
+    for (const bits_t key : g) hist[(static_cast<uint64_t>(key) >> shift) - base]++;
+    dst = std::copy(g.begin(), g.end(), dst);
+  }
+  if (!positions.empty()) {  // int32 where every position fits
+    const bool narrow = n <= std::numeric_limits<int32_t>::max();
+    out.positions = at::empty({in_bracket}, c.options().dtype(narrow ? at::kInt : at::kLong));
+    if (narrow) {
+      int32_t* pos = out.positions.data_ptr<int32_t>();
+      for (const auto& p : positions) pos = std::copy(p.begin(), p.end(), pos);
+    } else {
+      int64_t* pos = out.positions.data_ptr<int64_t>();
+      for (const auto& p : positions) pos = std::copy(p.begin(), p.end(), pos);
+    }
+  }
+  return out;
+}
+
+// Per shard, an int64 row (numel, lo, hi, shift, below, flag, counts[buckets[i]]), the shard's
+// keys in [lo, hi] (clamped; int16/int32/int64 by key width; in no particular order) and, with
+// want_masks, their flat positions (int64, in the keys' order) and the mask words with every key
+// above hi kept (the bracket's keys and those under it pruned). The bracket is the given
+// [lo[i], hi[i]], or where lo[i] < 0 one a sample of the shard puts around the key at
+// quantiles[i]; either way widened to whole buckets of 2^shift keys, the fewest that cover it in
+// at most buckets[i] (counts[j]: the keys with key >> shift == (lo >> shift) + j; below: the keys
+// under lo). flag 1 (and nothing else): a large shard whose sample or pass found over 1/8 of its
+// keys in the bracket (ties, or a sample this data misleads). Rows are padded to the largest
+// buckets[i].
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> bracket_pass(
+    at::TensorList shards, at::ArrayRef<double> quantiles, at::IntArrayRef lo, at::IntArrayRef hi,
+    at::IntArrayRef buckets, bool want_masks) {
+  const auto count = static_cast<int64_t>(shards.size());
+  TORCH_CHECK(static_cast<int64_t>(quantiles.size()) == count && static_cast<int64_t>(lo.size()) == count &&
+                  static_cast<int64_t>(hi.size()) == count && static_cast<int64_t>(buckets.size()) == count,
+              "bracket_pass: shards, quantiles, lo, hi and buckets must have equal lengths");
+  int64_t width = 1;
+  for (int64_t i = 0; i < count; ++i) {
+    TORCH_CHECK(buckets[i] >= 1 && buckets[i] <= (int64_t(1) << 16), "bracket_pass: buckets[", i,
+                "] must be in [1, 65536]");
+    width = std::max(width, buckets[i]);
+  }
+  at::Tensor rows = at::zeros({count, kRowHeader + width}, at::kLong);
+  std::vector<at::Tensor> keys, positions, words;
+  for (int64_t i = 0; i < count; ++i) {
+    TORCH_CHECK(shards[i].device().is_cpu(), "bracket_pass: shards[", i, "] is not a CPU tensor");
+    TORCH_CHECK(lo[i] < 0 ? quantiles[i] >= 0.0 && quantiles[i] <= 1.0 : lo[i] <= hi[i],
+                "bracket_pass: need quantiles[", i, "] in [0, 1] or 0 <= lo[", i, "] <= hi[", i, "]");
+    int64_t* row = rows.data_ptr<int64_t>() + i * (kRowHeader + width);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, shards[i].scalar_type(), "bracket_pass", [&] {
+      ShardPass pass = shard_bracket_pass<scalar_t>(shards[i], quantiles[i], lo[i], hi[i], buckets[i], want_masks, row);
+      keys.push_back(pass.keys);
+      positions.push_back(pass.positions);
+      words.push_back(pass.words);
+    });
+  }
+  return {rows, keys, positions, words};
+}
+
+// The entries (key and position) of the gathered keys inside [lo[i], hi[i]], the threshold's
+// bucket: the keys a rank sends to the others and the only ones whose bits wait for the exact key.
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> bucket_entries(at::TensorList keys, at::TensorList positions,
+                                                                            at::IntArrayRef lo, at::IntArrayRef hi) {
+  TORCH_CHECK(keys.size() == positions.size() && keys.size() == lo.size() && keys.size() == hi.size(),
+              "bucket_entries: keys, positions, lo and hi must have equal lengths");
+  std::vector<at::Tensor> out_keys, out_positions;
+  for (size_t i = 0; i < keys.size(); ++i) {
+    const at::Tensor k = keys[i].contiguous();
+    const at::Tensor p = positions[i].contiguous();
+    const bool with_positions = p.numel() > 0;
+    TORCH_CHECK(!with_positions || p.numel() == k.numel(), "bucket_entries: positions[", i, "] does not match keys[",
+                i, "]");
+    const auto low = static_cast<uint64_t>(lo[i]), width = static_cast<uint64_t>(hi[i] - lo[i]);
+    std::vector<int64_t> picked;
+    AT_DISPATCH_INTEGRAL_TYPES(k.scalar_type(), "bucket_entries", [&] {
+      const scalar_t* key = k.data_ptr<scalar_t>();
+      for (int64_t j = 0; j < k.numel(); ++j) {
+        if (static_cast<uint64_t>(static_cast<int64_t>(key[j])) - low <= width) picked.push_back(j);
+      }
+      at::Tensor ko = at::empty({static_cast<int64_t>(picked.size())}, k.options().dtype(at::kLong));
+      int64_t* dst = ko.data_ptr<int64_t>();
+      for (const int64_t j : picked) *dst++ = static_cast<int64_t>(key[j]);
+      out_keys.push_back(ko);
+    });
+    at::Tensor po = at::empty({with_positions ? static_cast<int64_t>(picked.size()) : 0}, p.options().dtype(at::kLong));
+    if (with_positions) {
+      AT_DISPATCH_INTEGRAL_TYPES(p.scalar_type(), "bucket_entries", [&] {
+        const scalar_t* pos = p.data_ptr<scalar_t>();
+        int64_t* dst = po.data_ptr<int64_t>();
+        for (const int64_t j : picked) *dst++ = static_cast<int64_t>(pos[j]);
+      });
+    }
+    out_positions.push_back(po);
+  }
+  return {out_keys, out_positions};
+}
+
+// resolve_masks_ for one tensor, keys and positions of the given integer types
+template <typename key_t, typename pos_t>
+void resolve_one(const MaskLayout& lay, uint32_t* out, const key_t* key, const pos_t* pos, int64_t count,
+                 int64_t threshold, int64_t prune_ties, size_t index) {
+  const int64_t n = lay.rows * lay.cols;
+  for (int64_t j = 0; j < count; ++j) {
+    TORCH_CHECK(static_cast<uint64_t>(pos[j]) < static_cast<uint64_t>(n), "resolve_masks_: positions[", index,
+                "] out of range");
+  }
+  const bool whole_words = lay.cols % 32 == 0;  // flat position / 32 is then the word
+  auto keep = [&](int64_t flat) {
+    const int64_t row = flat / lay.cols, col = flat - row * lay.cols;
+    out[row * lay.words_per_row + col / 32] |= uint32_t(1) << (col % 32);
+  };
+  std::vector<int64_t> tied;
+  for (int64_t j = 0; j < count; ++j) {
+    const auto v = static_cast<int64_t>(key[j]);
+    const auto flat = static_cast<int64_t>(pos[j]);
+    if (v == threshold) tied.push_back(flat);  // rare: predictable
+    if (whole_words) {  // branch-free: about half of the gathered keys are above the threshold
+      out[flat >> 5] |= static_cast<uint32_t>(v > threshold) << (flat & 31);
+    } else if (v > threshold) {
+      keep(flat);
+    }
+  }
+  std::sort(tied.begin(), tied.end());  // ties are pruned lowest flat index first
+  for (auto j = static_cast<size_t>(std::min<int64_t>(prune_ties, static_cast<int64_t>(tied.size())));
+       j < tied.size(); ++j) {
+    keep(tied[j]);
+  }
+}
+
+// Sets, in the words bracket_pass wrote, the kept bits among the gathered keys once the exact
+// threshold key thresholds[i] is known: key > threshold, and of the keys equal to it all but the
+// first prune_ties[i] in flat order.
+void resolve_masks_(at::TensorList tensors, at::TensorList words, at::TensorList keys, at::TensorList positions,
+                    at::IntArrayRef thresholds, at::IntArrayRef prune_ties) {
+  const size_t count = tensors.size();
+  TORCH_CHECK(words.size() == count && keys.size() == count && positions.size() == count &&
+                  thresholds.size() == count && prune_ties.size() == count,
+              "resolve_masks_: every argument must have one entry per tensor");
+  for (size_t i = 0; i < count; ++i) {
+    const MaskLayout lay(tensors[i]);
+    TORCH_CHECK(words[i].is_contiguous() && words[i].scalar_type() == at::kInt && words[i].numel() == lay.num_words(),
+                "resolve_masks_: words[", i, "] is not tensors[", i, "]'s packed mask");
+    TORCH_CHECK(positions[i].numel() == keys[i].numel() && thresholds[i] >= 0 && prune_ties[i] >= 0,
+                "resolve_masks_: bad entry ", i);
+    const at::Tensor k = keys[i].contiguous();
+    const at::Tensor p = positions[i].contiguous();
+    uint32_t* out = reinterpret_cast<uint32_t*>(words[i].data_ptr<int32_t>());
+    auto with_positions = [&](const auto* key) {
+      if (p.scalar_type() == at::kInt) {
+        resolve_one(lay, out, key, p.data_ptr<int32_t>(), k.numel(), thresholds[i], prune_ties[i], i);
+      } else {
+        TORCH_CHECK(p.scalar_type() == at::kLong, "resolve_masks_: positions[", i, "] must be int32 or int64");
+        resolve_one(lay, out, key, p.data_ptr<int64_t>(), k.numel(), thresholds[i], prune_ties[i], i);
+      }
+    };
+    switch (k.scalar_type()) {
+      case at::kShort: with_positions(k.data_ptr<int16_t>()); break;
+      case at::kInt: with_positions(k.data_ptr<int32_t>()); break;
+      case at::kLong: with_positions(k.data_ptr<int64_t>()); break;
+      default: TORCH_CHECK(false, "resolve_masks_: keys[", i, "] must be int16, int32 or int64 keys");
+    }
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dsd_kernels_cpp, CPU, m) {
+  m.impl("radix_histogram", &radix_histogram);
+  m.impl("threshold_masks", &threshold_masks);
+  m.impl("bracket_pass", &bracket_pass);
+  m.impl("bucket_entries", &bucket_entries);
+  m.impl("resolve_masks_", &resolve_masks_);
+}
+
+}  // namespace dsd_kernels_cpu
