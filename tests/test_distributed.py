@@ -46,24 +46,33 @@ def _exit_after(rank, worker, world, init_file, out_dir):
     os._exit(0)
 
 
+def select_sharded(mesh, tensors, sparsities):
+    """Masks and thresholds of `tensors` sharded on dim 0 over mesh, each call with the list of
+    collectives it ran."""
+    from torch.distributed.tensor import distribute_tensor
+
+    from dsd_kernels.distributed import COLLECTIVES, Shard
+    shards = [distribute_tensor(t, mesh, [Shard(0)]) for t in tensors]
+    COLLECTIVES.clear()
+    masks = dk.magnitude_masks(shards, sparsities)
+    masks_call = list(COLLECTIVES)
+    COLLECTIVES.clear()
+    thresholds = dk.magnitude_thresholds(shards, sparsities)
+    return masks, masks_call, thresholds, list(COLLECTIVES)
+
+
 def _worker(rank, world, init_file, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
 
     from dsd_kernels import _backend
-    from dsd_kernels.distributed import COLLECTIVES, Replicate, Shard
+    from dsd_kernels.distributed import Replicate, Shard
     from dsd_kernels.backends.triton._tiles import LAUNCHES
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         from torch.distributed.tensor import distribute_tensor
         mesh = init_device_mesh("cpu", (world,))
-        tensors = [distribute_tensor(t, mesh, [Shard(0)]) for t in global_tensors()]
-        COLLECTIVES.clear()
-        masks = dk.magnitude_masks(tensors, SPARSITIES)
-        masks_call = list(COLLECTIVES)
-        COLLECTIVES.clear()
-        thresholds = dk.magnitude_thresholds(tensors, SPARSITIES)
-        thresholds_call = list(COLLECTIVES)
+        masks, masks_call, thresholds, thresholds_call = select_sharded(mesh, global_tensors(), SPARSITIES)
         # the kernels that ran: the registry's choice for the sharded selection, and the Triton
         # launches (the histogram kernel runs once per pass when the Triton backend is forced)
         kernels = _backend.resolve("magnitude_select_sharded", torch.device("cpu"), (torch.float32,)).backend
@@ -141,17 +150,11 @@ UNEVEN_SPARSITIES = [0.5, 0.3, 0.5, 0.9]
 
 def _uneven_worker(rank, world, init_file, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import distribute_tensor
 
-    from dsd_kernels.distributed import COLLECTIVES, Shard
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        mesh = init_device_mesh("cpu", (world,))
-        tensors = [distribute_tensor(t, mesh, [Shard(0)]) for t in uneven_tensors()]
-        COLLECTIVES.clear()
-        masks = dk.magnitude_masks(tensors, UNEVEN_SPARSITIES)
-        calls = list(COLLECTIVES)
-        thresholds = dk.magnitude_thresholds(tensors, UNEVEN_SPARSITIES)
+        masks, calls, thresholds, _ = select_sharded(init_device_mesh("cpu", (world,)), uneven_tensors(),
+                                                     UNEVEN_SPARSITIES)
         torch.save({"masks": [m.to_bool() for m in masks], "thresholds": thresholds, "calls": calls},
                    os.path.join(out_dir, f"uneven{rank}.pt"))
     finally:
