@@ -45,3 +45,37 @@ def test_apply_masks_op_checks_its_inputs_real_and_traced():
     words = torch.zeros(4, 1, dtype=torch.int32)
     with FakeTensorMode() as mode, pytest.raises(ValueError, match="does not fit"):
         torch.ops.dsd_kernels.apply_masks_([mode.from_tensor(t)], [mode.from_tensor(words)])
+
+
+def test_the_common_call_skips_the_custom_op_and_the_rest_keeps_it():
+    # contiguous tensors of their own storage with Masks go to the backend directly (no custom-op
+    # dispatch: the host cost of a call over many small tensors); bool masks, or two tensors in one
+    # storage, take the op with its checks; both give the reference's bits
+    from torch.profiler import ProfilerActivity, profile
+    g = torch.Generator().manual_seed(5)
+
+    def dispatched(tensors, masks):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            dk.apply_masks_(tensors, masks)
+        return any(e.name == "dsd_kernels::apply_masks_" for e in prof.events())
+
+    shapes = [(16, 40), (33,), (2, 3, 5)]
+    keeps = [torch.rand(s, generator=g) > 0.5 for s in shapes]
+    tensors = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]  # leaves needing grad
+    want = [t.detach().clone() for t in tensors]
+    R.apply_masks_(want, keeps)
+    assert not dispatched(tensors, [dk.Mask.from_bool(k) for k in keeps[:2]] + [None])
+    want[2] = tensors[2].detach().clone()  # None: left as is
+    R.apply_masks_(want[2:], keeps[2:])
+    assert not dispatched(tensors[2:], [dk.Mask.from_bool(keeps[2])])
+    assert all(torch.equal(t.detach(), w) for t, w in zip(tensors, want))
+
+    storage = torch.randn(2, 16, 40, generator=g)
+    halves, keep = list(storage.unbind(0)), keeps[0]
+    want = [h.clone() for h in halves]
+    R.apply_masks_(want, [keep, keep])
+    assert dispatched(halves, [dk.Mask.from_bool(keep)] * 2)
+    assert dispatched([torch.randn(16, 40)], [keep])  # a bool mask
+    assert all(torch.equal(h, w) for h, w in zip(halves, want))
+    with pytest.raises(ValueError, match="shares memory"):  # the same tensor twice: the op's check
+        dk.apply_masks_([halves[0], halves[0]], [dk.Mask.from_bool(keep)] * 2)

@@ -10,7 +10,7 @@ from torch import Tensor
 from .. import _backend
 from .._floatbits import KEY_SPECS
 from .._dtensor import local_tensor
-from ..masks import as_mask, packed_shape
+from ..masks import Mask, as_mask, packed_shape
 from ._common import any_dtensor, as_tensor_list, check_kernel_tensors, check_writable, dtypes_of, kernel_layout
 
 __all__ = ["apply_masks_"]
@@ -42,6 +42,34 @@ def _(tensors, mask_words):
     return None
 
 
+def _ready_lists(tensors: list[Tensor], masks: list):
+    """(kernel views, mask words) of the common call, or None: every masked tensor a contiguous
+    real floating tensor of its own storage (so no two overlap) on one device, its mask a Mask of
+    its shape, nothing traced. These need none of the general front end's per-tensor layout work
+    and checks, and go to the backend module directly (as the optimizers' plans do: the custom
+    op's dispatch is most of the host cost of a call over many small tensors)."""
+    if not tensors or torch.compiler.is_compiling():
+        return None
+    device = tensors[0].device
+    if device.type == "meta":
+        return None
+    views, words, storages = [], [], set()
+    for t, m in zip(tensors, masks):
+        if m is None:
+            continue
+        if type(t) not in (Tensor, torch.nn.Parameter):  # no subclass (DTensor, traced tensors)
+            return None
+        if (not isinstance(m, Mask) or t.device != device or t.layout != torch.strided or not t.is_contiguous()
+                or not t.is_floating_point() or m.packed.device != device or tuple(m.shape) != tuple(t.shape)):
+            return None
+        storages.add(t.untyped_storage().data_ptr())
+        views.append(t.detach())
+        words.append(m.packed)
+    if len(storages) != len(views):  # two tensors of one storage: the general path checks overlap
+        return None
+    return views, words
+
+
 def apply_masks_(tensors, masks) -> None:
     """Zero the pruned entries of every tensor in place (exactly +0, NaN and inf included): one
     fused pass per device and dtype over all of them. tensors: tensors or an iterable of them
@@ -51,6 +79,11 @@ def apply_masks_(tensors, masks) -> None:
     masks = list(masks)
     if len(masks) != len(tensors):
         raise ValueError(f"apply_masks_: {len(tensors)} tensors but {len(masks)} masks")
+    ready = _ready_lists(tensors, masks)
+    if ready is not None:
+        if ready[0]:
+            _backend.implementation("apply_masks", ready[0][0].device, dtypes_of(ready[0])).apply_masks_(*ready)
+        return
     if any_dtensor(tensors):  # sharded tensors (FSDP2): each rank masks its local shards (local masks)
         tensors = [local_tensor(t) for t in tensors]
     by_device: dict[torch.device, list[int]] = {}
