@@ -1,6 +1,6 @@
 """Sharded (DTensor Shard(0)) magnitude selection vs the local one, per element, on CPU.
 
-    python benchmarks/sharded_select.py [--out benchmarks/results/sharded-select-<device>.json]
+    python benchmarks/sharded_select.py [--runs 5] [--out benchmarks/results/sharded-select-<device>.json]
 
 Two gloo processes with one thread each hold half of every weight (as FSDP2 shards them) and
 select with the backend the registry picks (C++ where built). The local baseline runs in the
@@ -86,34 +86,46 @@ def _worker(rank, world, init_file, out_file, repeats):
         dist.destroy_process_group()
 
 
+def _run(repeats: int) -> dict:
+    """One launch of the two processes: per case, the timings and collectives of _worker."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = os.path.join(tmp, "sharded.json")
+        mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), out_file, repeats), nprocs=2, join=True)
+        with open(out_file) as f:
+            return json.load(f)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=41)
+    parser.add_argument("--repeats", type=int, default=41, help="alternating rounds per launch")
+    parser.add_argument("--runs", type=int, default=5,
+                        help="launches of the two processes (the ratio varies between launches here)")
     parser.add_argument("--out", help="results JSON (default: print only)")
     args = parser.parse_args(argv)
     from dsd_kernels import _backend
     from dsd_kernels.app.bench import device_label, environment
     backend = _backend.resolve("magnitude_select_sharded", torch.device("cpu"), (torch.float32,)).backend
+    runs = [_run(args.repeats) for _ in range(args.runs)]
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        out_file = os.path.join(tmp, "sharded.json")
-        mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), out_file, args.repeats), nprocs=2, join=True)
-        with open(out_file) as f:
-            timed = json.load(f)
     for name in CASES:
         elements = sum(-(-w.shape[0] // 2) * (w.numel() // w.shape[0]) for w in _weights(name))  # rank 0's
+        per_run = [{"sharded_s": r[name]["sharded"]["median"], "local_s": r[name]["local"]["median"],
+                    "sharded_over_local": r[name]["sharded"]["median"] / r[name]["local"]["median"],
+                    "fastest_sharded_over_fastest_local": r[name]["sharded"]["min"] / r[name]["local"]["min"]}
+                   for r in runs]
         row = {"case": name, "op": "magnitude_masks", "sparsity": 0.5, "backend": backend,
                "processes": 2, "threads_per_process": 1, "elements_per_process": elements,
-               "sharded_s": timed[name]["sharded"]["median"], "local_s": timed[name]["local"]["median"],
-               "sharded_over_local": timed[name]["sharded"]["median"] / timed[name]["local"]["median"],
-               "fastest_sharded_s": timed[name]["sharded"]["min"], "fastest_local_s": timed[name]["local"]["min"],
-               "fastest_sharded_over_fastest_local": timed[name]["sharded"]["min"] / timed[name]["local"]["min"],
-               "collectives_per_masks_call": timed[name]["collectives"]}
+               "rounds_per_run": args.repeats,
+               "sharded_over_local": statistics.median(r["sharded_over_local"] for r in per_run),
+               "fastest_sharded_over_fastest_local": statistics.median(
+                   r["fastest_sharded_over_fastest_local"] for r in per_run),
+               "runs": per_run, "collectives_per_masks_call": runs[0][name]["collectives"]}
         results.append(row)
-        print(f"{name}: sharded {row['sharded_s'] * 1e3:.1f} ms, local {row['local_s'] * 1e3:.1f} ms "
-              f"per process ({elements / 1e6:.1f}M elements each): sharded/local = "
-              f"{row['sharded_over_local']:.2f} (fastest rounds: {row['fastest_sharded_over_fastest_local']:.2f}) "
-              f"[{backend}]; collectives: "
+        print(f"{name} ({elements / 1e6:.1f}M elements per process): sharded/local = "
+              + ", ".join(f"{r['sharded_over_local']:.2f}" for r in per_run)
+              + f" in {len(runs)} runs (median {row['sharded_over_local']:.2f}); fastest rounds: "
+              + ", ".join(f"{r['fastest_sharded_over_fastest_local']:.2f}" for r in per_run)
+              + f" [{backend}]; collectives: "
               + ", ".join(f"{c['op']} {c['bytes_per_rank']} B" for c in row["collectives_per_masks_call"]))
     if args.out:
         env = environment("cpu")
