@@ -8,9 +8,10 @@ same two processes at the same time, in alternating rounds: each selects its own
 plain tensors, with no collective (so both sides share the machine's memory bandwidth alike).
 Both read the same elements per process, so sharded / local is the cost per element of
 sharding: the collectives (each recorded with its bytes, from one sharded call on rank 0) and
-whatever the per-shard kernels do more or less than the local kernel. Medians of many alternating
-rounds, and the fastest rounds beside them: on a 2-core machine a collective now and then waits
-several milliseconds on a descheduled peer, which the local rounds never do.
+whatever the per-shard kernels do more or less than the local kernel. A round counts as long as
+its slower process, for both. Medians of many alternating rounds, and the fastest rounds beside
+them: on a 2-core machine a collective now and then waits several milliseconds on a descheduled
+peer, which the local rounds never do; and over several launches, whose medians differ.
 """
 from __future__ import annotations
 
@@ -31,8 +32,7 @@ CASES = {"16M fp32": lambda g: [torch.randn(4096, 4096, generator=g)],
 
 
 def _time_alternating(fns: dict, repeats: int) -> dict:
-    """Median and fastest seconds of each callable, timed in alternating rounds after one warm-up
-    each."""
+    """Seconds of each callable per round, timed in alternating rounds after one warm-up each."""
     times = {name: [] for name in fns}
     for fn in fns.values():
         fn()
@@ -41,7 +41,18 @@ def _time_alternating(fns: dict, repeats: int) -> dict:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: {"median": statistics.median(t), "min": min(t)} for name, t in times.items()}
+    return times
+
+
+def _slowest_rank(ranks_times: list[dict]) -> dict:
+    """Per callable, the median and fastest over rounds of the slowest rank's time in each round:
+    a round of two processes takes as long as its slower process (a sharded round waits for it,
+    and so would a local selection split between them)."""
+    out = {}
+    for name in ranks_times[0]:
+        rounds = [max(t[name][i] for t in ranks_times) for i in range(len(ranks_times[0][name]))]
+        out[name] = {"median": statistics.median(rounds), "min": min(rounds)}
+    return out
 
 
 def _weights(name):
@@ -76,7 +87,10 @@ def _worker(rank, world, init_file, out_file, repeats):
             def local():
                 dist.barrier()  # both processes start together, as in the sharded rounds
                 dk.magnitude_masks(plain, 0.5)
-            out[name] = _time_alternating({"sharded": sharded, "local": local}, repeats)
+            times = _time_alternating({"sharded": sharded, "local": local}, repeats)
+            ranks_times = [None] * world
+            dist.all_gather_object(ranks_times, times)
+            out[name] = _slowest_rank(ranks_times)
             out[name]["collectives"] = collectives
         if rank == 0:
             with open(out_file, "w") as f:
