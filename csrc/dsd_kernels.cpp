@@ -24,7 +24,7 @@ TORCH_LIBRARY(dsd_kernels_cpp, m) {
   m.def(kRadixHistogram);
   m.def(kThresholdMasks);
   m.def(kBracketPass);
-  m.def(kBucketEntries);
+  m.def(kBucketSplit);
   m.def(kResolveMasks);
   m.def(kNmMasks);
   m.def(kApplyMasks);

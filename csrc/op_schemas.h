@@ -15,8 +15,9 @@ constexpr const char* kThresholdMasks =
 constexpr const char* kBracketPass =
     "bracket_pass(Tensor[] shards, float[] quantiles, int[] lo, int[] hi, int[] buckets, bool want_masks) "
     "-> (Tensor, Tensor[], Tensor[], Tensor[])";
-constexpr const char* kBucketEntries =
-    "bucket_entries(Tensor[] keys, Tensor[] positions, int[] lo, int[] hi) -> (Tensor[], Tensor[])";
+constexpr const char* kBucketSplit =
+    "bucket_split_(Tensor[] tensors, Tensor(a!)[] words, Tensor[] keys, Tensor[] positions, int[] lo, int[] hi, "
+    "int[] widths) -> (Tensor, Tensor[])";
 constexpr const char* kResolveMasks =
     "resolve_masks_(Tensor[] tensors, Tensor(a!)[] words, Tensor[] keys, Tensor[] positions, int[] thresholds, "
     "int[] prune_ties) -> ()";

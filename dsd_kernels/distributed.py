@@ -172,7 +172,6 @@ def _sum_or_gather(hist: torch.Tensor, group, gather: bool):
 # ---------------------------------------------------------------- the bracket path
 ROW_HEADER = 6  # a bracket_pass row: numel, lo, hi, shift, below, flag, then the bucket counts
 MAX_BUCKET_KEYS = 1 << 16  # keys of the threshold's bucket one rank may send; more: radix select
-_EVERY_TIE = 1 << 62  # resolve_masks_'s prune_ties that prunes every key equal to its threshold
 
 
 def _bucket_count(numel: int) -> int:
@@ -243,9 +242,9 @@ def _bracket_select(shards, tensors, k, todo, group, want_masks, kernels, found,
     rank in one all_gather, which then knows the bucket of the global k-th key (where the
     ranks' brackets all cover it; else every rank passes over the union of their brackets, one
     more round);
-    (2) each rank all_gathers its keys in that bucket (a few) while it sets the kept bits of its
-    gathered keys above the bucket, then finds the exact key and its ties and sets the kept
-    bits among the bucket's keys. Returns the tensors left to the radix select
+    (2) each rank sets the kept bits of its gathered keys above that bucket and all_gathers its
+    keys inside it (a few), then finds the exact key and its ties and sets the kept bits among
+    the bucket's keys. Returns the tensors left to the radix select
     (ties filling a bracket, a bucket of over MAX_BUCKET_KEYS keys on a rank), the same on every
     rank."""
     if not todo:
@@ -269,22 +268,13 @@ def _bracket_select(shards, tensors, k, todo, group, want_masks, kernels, found,
     if not settled:
         return todo
     # (2) each settled tensor's bucket: its keys (padded with -1 to the largest rank's count) go
-    # to every rank while this rank sets the bits of its gathered keys above the bucket
-    lo = [where[j].lo for j in settled]
-    hi = [where[j].hi for j in settled]
-    bucket_keys, bucket_positions = kernels.bucket_entries([keys[j] for j in settled],
-                                                           [positions[j] for j in settled], lo, hi)
-    flat = torch.cat([torch.cat([b, b.new_full((max(where[j].counts) - b.numel(),), -1)])
-                      for j, b in zip(settled, bucket_keys)]).to(shards[0].device)
-    parts = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
-    COLLECTIVES.append(("all_gather", flat.numel() * flat.element_size()))
-    exchange = dist.all_gather(parts, flat, group=group, async_op=True)
+    # to every rank, after the bits of this rank's gathered keys above the bucket are set
     index = [todo[j] for j in settled]
-    if want_masks:  # the bucket's own keys (key <= hi) stay pruned until the exact key is known
-        kernels.resolve_masks_([shards[i] for i in index], [written[j] for j in settled],
-                               [keys[j] for j in settled], [positions[j] for j in settled], hi,
-                               [_EVERY_TIE] * len(settled))
-    exchange.wait()
+    payload, bucket_positions = kernels.bucket_split_(
+        [shards[i] for i in index], [written[j] for j in settled] if want_masks else [],
+        [keys[j] for j in settled], [positions[j] for j in settled], [where[j].lo for j in settled],
+        [where[j].hi for j in settled], [max(where[j].counts) for j in settled])
+    parts = _all_gather(payload.to(shards[0].device), group)
     parts = [p.cpu().numpy() for p in parts]
     offset = 0
     for j in settled:
@@ -298,6 +288,12 @@ def _bracket_select(shards, tensors, k, todo, group, want_masks, kernels, found,
         ties = [int(np.count_nonzero(r == key)) for r in ranks_keys] if want_masks else None
         found.set(todo[j], key, need, ties, me)
     if want_masks:
+        mine = parts[me]  # this rank's bucket keys, in the order of their positions
+        bucket_keys, offset = [], 0
+        for j in settled:
+            width = max(where[j].counts)
+            bucket_keys.append(torch.from_numpy(mine[offset:offset + where[j].counts[me]]))
+            offset += width
         kernels.resolve_masks_([shards[i] for i in index], [written[j] for j in settled], bucket_keys,
                                bucket_positions, [found.key[i] for i in index], [found.prune_here(i) for i in index])
         for i, j in zip(index, settled):

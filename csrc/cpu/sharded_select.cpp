@@ -1,7 +1,7 @@
 // The sharded selection's per-shard kernels (dsd_kernels/distributed.py runs the collectives
 // between them): the radix passes' histograms and threshold masks (radix_histogram,
 // threshold_masks), and the bracket path's pass, bucket entries and mask resolution
-// (bracket_pass, bucket_entries, resolve_masks_). Shared pieces: selection.h.
+// (bracket_pass, bucket_split_, resolve_masks_). Shared pieces: selection.h.
 #include <torch/library.h>
 
 #include "selection.h"
@@ -462,42 +462,106 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
   return {rows, keys, positions, words};
 }
 
-// The entries (key and position) of the gathered keys inside [lo[i], hi[i]], the threshold's
-// bucket: the keys a rank sends to the others and the only ones whose bits wait for the exact key.
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> bucket_entries(at::TensorList keys, at::TensorList positions,
-                                                                            at::IntArrayRef lo, at::IntArrayRef hi) {
-  TORCH_CHECK(keys.size() == positions.size() && keys.size() == lo.size() && keys.size() == hi.size(),
-              "bucket_entries: keys, positions, lo and hi must have equal lengths");
-  std::vector<at::Tensor> out_keys, out_positions;
-  for (size_t i = 0; i < keys.size(); ++i) {
+// bucket_split_ for one tensor: keys and positions of the given integer types
+template <typename key_t, typename pos_t>
+void split_one(const MaskLayout& lay, uint32_t* out, const key_t* key, const pos_t* pos, int64_t count, int64_t lo,
+               int64_t hi, int64_t width, int64_t* payload, std::vector<int64_t>* bucket_positions, size_t index) {
+  const int64_t n = lay.rows * lay.cols;
+  if (out != nullptr) {
+    for (int64_t j = 0; j < count; ++j) {
+      TORCH_CHECK(static_cast<uint64_t>(pos[j]) < static_cast<uint64_t>(n), "bucket_split_: positions[", index,
+                  "] out of range");
+    }
+  }
+  // the indices of the bucket's keys, compacted without a branch (a branch per key costs more
+  // than the loop), into the calling thread's scratch
+  const auto span = static_cast<uint64_t>(hi - lo);
+  int64_t* picked = thread_scratch<int64_t>(static_cast<size_t>(count) + 1);
+  int64_t in_bucket = 0;
+  for (int64_t j = 0; j < count; ++j) {
+    picked[in_bucket] = j;
+    in_bucket += static_cast<uint64_t>(static_cast<int64_t>(key[j]) - lo) <= span;
+  }
+  TORCH_CHECK(in_bucket <= width, "bucket_split_: more than widths[", index, "] keys in the bucket");
+  for (int64_t b = 0; b < in_bucket; ++b) {
+    payload[b] = static_cast<int64_t>(key[picked[b]]);
+    if (pos != nullptr) bucket_positions->push_back(static_cast<int64_t>(pos[picked[b]]));
+  }
+  std::fill(payload + in_bucket, payload + width, int64_t(-1));
+  if (out == nullptr) return;
+  if (lay.cols % 32 == 0) {  // flat position / 32 is the word; branch-free (about half are above)
+    for (int64_t j = 0; j < count; ++j) {
+      const auto flat = static_cast<int64_t>(pos[j]);
+      out[flat >> 5] |= static_cast<uint32_t>(static_cast<int64_t>(key[j]) > hi) << (flat & 31);
+    }
+    return;
+  }
+  for (int64_t j = 0; j < count; ++j) {
+    if (static_cast<int64_t>(key[j]) > hi) {
+      const auto flat = static_cast<int64_t>(pos[j]);
+      const int64_t row = flat / lay.cols, col = flat - row * lay.cols;
+      out[row * lay.words_per_row + col / 32] |= uint32_t(1) << (col % 32);
+    }
+  }
+}
+
+// Once the ranks know each tensor's threshold bucket [lo[i], hi[i]]: one int64 payload holding,
+// per tensor, the gathered keys inside the bucket padded with -1 to widths[i] (what a rank sends
+// the others), each tensor's bucket-key positions (in the keys' order), and, where words are
+// given (masks wanted), the kept bits of the gathered keys above the bucket set in them.
+std::tuple<at::Tensor, std::vector<at::Tensor>> bucket_split_(at::TensorList tensors, at::TensorList words,
+                                                              at::TensorList keys, at::TensorList positions,
+                                                              at::IntArrayRef lo, at::IntArrayRef hi,
+                                                              at::IntArrayRef widths) {
+  const size_t count = tensors.size();
+  TORCH_CHECK((words.empty() || words.size() == count) && keys.size() == count && positions.size() == count &&
+                  lo.size() == count && hi.size() == count && widths.size() == count,
+              "bucket_split_: every argument must have one entry per tensor (words: or none)");
+  int64_t total = 0;
+  for (size_t i = 0; i < count; ++i) {
+    TORCH_CHECK(widths[i] >= 0 && lo[i] <= hi[i], "bucket_split_: bad entry ", i);
+    total += widths[i];
+  }
+  at::Tensor payload = at::empty({total}, at::kLong);
+  std::vector<at::Tensor> bucket_positions;
+  int64_t offset = 0;
+  for (size_t i = 0; i < count; ++i) {
+    const MaskLayout lay(tensors[i]);
+    uint32_t* out = nullptr;
+    if (!words.empty()) {
+      TORCH_CHECK(words[i].is_contiguous() && words[i].scalar_type() == at::kInt &&
+                      words[i].numel() == lay.num_words() && positions[i].numel() == keys[i].numel(),
+                  "bucket_split_: words[", i, "] or positions[", i, "] does not match tensors[", i, "]");
+      out = reinterpret_cast<uint32_t*>(words[i].data_ptr<int32_t>());
+    }
     const at::Tensor k = keys[i].contiguous();
     const at::Tensor p = positions[i].contiguous();
-    const bool with_positions = p.numel() > 0;
-    TORCH_CHECK(!with_positions || p.numel() == k.numel(), "bucket_entries: positions[", i, "] does not match keys[",
-                i, "]");
-    const auto low = static_cast<uint64_t>(lo[i]), width = static_cast<uint64_t>(hi[i] - lo[i]);
     std::vector<int64_t> picked;
-    AT_DISPATCH_INTEGRAL_TYPES(k.scalar_type(), "bucket_entries", [&] {
-      const scalar_t* key = k.data_ptr<scalar_t>();
-      for (int64_t j = 0; j < k.numel(); ++j) {
-        if (static_cast<uint64_t>(static_cast<int64_t>(key[j])) - low <= width) picked.push_back(j);
+    auto with_keys = [&](const auto* key) {
+      if (p.numel() == 0) {
+        split_one(lay, out, key, static_cast<const int64_t*>(nullptr), k.numel(), lo[i], hi[i], widths[i],
+                  payload.data_ptr<int64_t>() + offset, &picked, i);
+      } else if (p.scalar_type() == at::kInt) {
+        split_one(lay, out, key, p.data_ptr<int32_t>(), k.numel(), lo[i], hi[i], widths[i],
+                  payload.data_ptr<int64_t>() + offset, &picked, i);
+      } else {
+        TORCH_CHECK(p.scalar_type() == at::kLong, "bucket_split_: positions[", i, "] must be int32 or int64");
+        split_one(lay, out, key, p.data_ptr<int64_t>(), k.numel(), lo[i], hi[i], widths[i],
+                  payload.data_ptr<int64_t>() + offset, &picked, i);
       }
-      at::Tensor ko = at::empty({static_cast<int64_t>(picked.size())}, k.options().dtype(at::kLong));
-      int64_t* dst = ko.data_ptr<int64_t>();
-      for (const int64_t j : picked) *dst++ = static_cast<int64_t>(key[j]);
-      out_keys.push_back(ko);
-    });
-    at::Tensor po = at::empty({with_positions ? static_cast<int64_t>(picked.size()) : 0}, p.options().dtype(at::kLong));
-    if (with_positions) {
-      AT_DISPATCH_INTEGRAL_TYPES(p.scalar_type(), "bucket_entries", [&] {
-        const scalar_t* pos = p.data_ptr<scalar_t>();
-        int64_t* dst = po.data_ptr<int64_t>();
-        for (const int64_t j : picked) *dst++ = static_cast<int64_t>(pos[j]);
-      });
+    };
+    switch (k.scalar_type()) {
+      case at::kShort: with_keys(k.data_ptr<int16_t>()); break;
+      case at::kInt: with_keys(k.data_ptr<int32_t>()); break;
+      case at::kLong: with_keys(k.data_ptr<int64_t>()); break;
+      default: TORCH_CHECK(false, "bucket_split_: keys[", i, "] must be int16, int32 or int64 keys");
     }
-    out_positions.push_back(po);
+    offset += widths[i];
+    at::Tensor pos_out = at::empty({static_cast<int64_t>(picked.size())}, at::kLong);
+    std::copy(picked.begin(), picked.end(), pos_out.data_ptr<int64_t>());
+    bucket_positions.push_back(pos_out);
   }
-  return {out_keys, out_positions};
+  return {payload, bucket_positions};
 }
 
 // resolve_masks_ for one tensor, keys and positions of the given integer types
@@ -573,7 +637,7 @@ TORCH_LIBRARY_IMPL(dsd_kernels_cpp, CPU, m) {
   m.impl("radix_histogram", &radix_histogram);
   m.impl("threshold_masks", &threshold_masks);
   m.impl("bracket_pass", &bracket_pass);
-  m.impl("bucket_entries", &bucket_entries);
+  m.impl("bucket_split_", &bucket_split_);
   m.impl("resolve_masks_", &resolve_masks_);
 }
 

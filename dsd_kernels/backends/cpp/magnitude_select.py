@@ -1,6 +1,6 @@
 """magnitude_select on the compiled kernels: csrc/cpu/magnitude_select.cpp on CPU tensors,
 csrc/cuda/magnitude_select.cu on CUDA tensors; the sharded selection's per-shard kernels
-(bracket_pass, bucket_entries, resolve_masks_, radix_histogram, threshold_masks) exist on CPU only."""
+(bracket_pass, bucket_split_, resolve_masks_, radix_histogram, threshold_masks) exist on CPU only."""
 from __future__ import annotations
 
 import torch
@@ -61,10 +61,11 @@ def bracket_pass(shards, quantiles, lo, hi, buckets, *, want_masks: bool):
     return rows, list(keys), list(positions), list(words)
 
 
-def bucket_entries(keys, positions, lo, hi):
-    out_keys, out_positions = torch.ops.dsd_kernels_cpp.bucket_entries(keys, positions, [int(x) for x in lo],
-                                                                       [int(x) for x in hi])
-    return list(out_keys), list(out_positions)
+def bucket_split_(tensors, words, keys, positions, lo, hi, widths):
+    payload, bucket_positions = torch.ops.dsd_kernels_cpp.bucket_split_(
+        [t.detach() for t in tensors], words, keys, positions, [int(x) for x in lo], [int(x) for x in hi],
+        [int(w) for w in widths])
+    return payload, list(bucket_positions)
 
 
 def resolve_masks_(tensors, words, keys, positions, thresholds, prune_ties):

@@ -181,7 +181,7 @@ def threshold_masks(tensors: list[torch.Tensor], keys: list[int | None], need: l
 
 
 # distributed.py's bracket path (the contracts are at the C++ backend's bracket_pass,
-# bucket_entries and resolve_masks_ in csrc/cpu/magnitude_select.cpp); here every shard is
+# bucket_split_ and resolve_masks_ in csrc/cpu/sharded_select.cpp); here every shard is
 # "sampled" whole, its bracket the keys 3 sqrt(n) ranks either side of its quantile's rank.
 ROW_HEADER = 6  # numel, lo, hi, shift, below, flag
 
@@ -218,13 +218,19 @@ def bracket_pass(shards: list[torch.Tensor], quantiles: list[float], lo: list[in
     return rows, inside, positions, words
 
 
-def bucket_entries(keys: list[torch.Tensor], positions: list[torch.Tensor], lo: list[int], hi: list[int]):
-    out_keys, out_positions = [], []
-    for k, pos, a, b in zip(keys, positions, lo, hi):
+def bucket_split_(tensors: list[torch.Tensor], words: list[torch.Tensor], keys: list[torch.Tensor],
+                  positions: list[torch.Tensor], lo: list[int], hi: list[int], widths: list[int]):
+    payload, bucket_positions = [], []
+    for i, (t, k, pos, a, b, width) in enumerate(zip(tensors, keys, positions, lo, hi, widths)):
         inside = (k >= a) & (k <= b)
-        out_keys.append(k[inside].long())
-        out_positions.append(pos[inside].long() if pos.numel() else pos.long())
-    return out_keys, out_positions
+        picked = k[inside].long().cpu()
+        payload.append(torch.cat([picked, picked.new_full((width - picked.numel(),), -1)]))
+        bucket_positions.append(pos[inside].long() if pos.numel() else pos.long())
+        if words:
+            above = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
+            above[pos[k > b].long()] = True
+            words[i] |= pack_bool(above.reshape(t.shape))
+    return torch.cat(payload) if payload else torch.zeros(0, dtype=torch.int64), bucket_positions
 
 
 def resolve_masks_(tensors: list[torch.Tensor], words: list[torch.Tensor], keys: list[torch.Tensor],
