@@ -17,9 +17,9 @@ single-process masks bit for bit. Two paths, for all Shard(0) tensors of a call 
      the mask words written as if the bracket's keys were pruned; then one all_gather of
      (6 + buckets) int64 per tensor, buckets = numel / 2048 rounded to a power of two in
      [32, 1024], gives every rank the bucket of the global k-th key;
-  2. one all_gather of each rank's keys in that bucket (int64, padded to the largest rank's
-     count: about gathered keys / buckets, a few hundred), overlapped with setting the kept
-     bits above the bucket; then the exact key, its ties per rank and the last bits.
+  2. the kept bits of the gathered keys above that bucket set, one all_gather of each rank's
+     keys in the bucket (int64, padded to the largest rank's count: about gathered keys /
+     buckets, a few hundred); then the exact key, its ties per rank and the last bits.
   Where the ranks' brackets do not all cover the k-th key, every rank passes over the union
   of their brackets (one more pass and all_gather); where a bracket fills with ties or a
   bucket holds over MAX_BUCKET_KEYS keys, that tensor takes the radix path.
