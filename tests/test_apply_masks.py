@@ -79,3 +79,10 @@ def test_the_common_call_skips_the_custom_op_and_the_rest_keeps_it():
     assert all(torch.equal(h, w) for h, w in zip(halves, want))
     with pytest.raises(ValueError, match="shares memory"):  # the same tensor twice: the op's check
         dk.apply_masks_([halves[0], halves[0]], [dk.Mask.from_bool(keep)] * 2)
+
+
+def test_a_dtype_the_kernels_do_not_take_is_refused_with_a_mask_too():
+    # float8 is floating but no kernel takes it: the common call's shortcut leaves it to the op's check
+    t = torch.zeros(4, 40).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"mask_words\[0\] does not fit tensors\[0\]"):
+        dk.apply_masks_([t], [dk.Mask.from_bool(torch.rand(4, 40) > 0.5)])

@@ -44,7 +44,7 @@ def _(tensors, mask_words):
 
 def _ready_lists(tensors: list[Tensor], masks: list):
     """(kernel views, mask words) of the common call, or None: every masked tensor a contiguous
-    real floating tensor of its own storage (so no two overlap) on one device, its mask a Mask of
+    tensor of a float dtype the kernels take (fp16, bf16, fp32, fp64) with storage of its own (so no two overlap) on one device, its mask a Mask of
     its shape, nothing traced. These need none of the general front end's per-tensor layout work
     and checks, and go to the backend module directly (as the optimizers' plans do: the custom
     op's dispatch is most of the host cost of a call over many small tensors)."""
@@ -60,7 +60,7 @@ def _ready_lists(tensors: list[Tensor], masks: list):
         if type(t) not in (Tensor, torch.nn.Parameter):  # no subclass (DTensor, traced tensors)
             return None
         if (not isinstance(m, Mask) or t.device != device or t.layout != torch.strided or not t.is_contiguous()
-                or not t.is_floating_point() or m.packed.device != device or tuple(m.shape) != tuple(t.shape)):
+                or t.dtype not in KEY_SPECS or m.packed.device != device or tuple(m.shape) != tuple(t.shape)):
             return None
         storages.add(t.untyped_storage().data_ptr())
         views.append(t.detach())
