@@ -188,6 +188,11 @@ class _Bucket:
     def __init__(self, lo, hi, rank, counts):
         self.lo, self.hi, self.rank, self.counts = lo, hi, rank, counts
 
+    @property
+    def width(self) -> int:
+        """The keys each rank sends for this bucket: the largest rank's count."""
+        return max(self.counts)
+
 
 def _find_bucket(k: int, rows: list[np.ndarray]):
     """From every rank's bracket_pass row of one tensor: a _Bucket, "miss" (the k-th key is not
@@ -264,7 +269,7 @@ def _bracket_select(shards, tensors, k, todo, group, want_masks, kernels, found,
         for n, j in enumerate(retry):
             where[j] = _find_bucket(k[todo[j]], again[0][n])
             keys[j], positions[j], written[j] = again[1][n], again[2][n], again[3][n]
-    settled = [j for j, w in enumerate(where) if isinstance(w, _Bucket) and max(w.counts) <= MAX_BUCKET_KEYS]
+    settled = [j for j, w in enumerate(where) if isinstance(w, _Bucket) and w.width <= MAX_BUCKET_KEYS]
     if not settled:
         return todo
     # (2) each settled tensor's bucket: its keys (padded with -1 to the largest rank's count) go
@@ -273,14 +278,14 @@ def _bracket_select(shards, tensors, k, todo, group, want_masks, kernels, found,
     payload, bucket_positions = kernels.bucket_split_(
         [shards[i] for i in index], [written[j] for j in settled] if want_masks else [],
         [keys[j] for j in settled], [positions[j] for j in settled], [where[j].lo for j in settled],
-        [where[j].hi for j in settled], [max(where[j].counts) for j in settled])
+        [where[j].hi for j in settled], [where[j].width for j in settled])
     parts = _all_gather(payload.to(shards[0].device), group)
     parts = [p.cpu().numpy() for p in parts]
     offset = 0
     for j in settled:
-        b, width = where[j], max(where[j].counts)
-        ranks_keys = [p[offset:offset + width] for p in parts]
-        offset += width
+        b = where[j]
+        ranks_keys = [p[offset:offset + b.width] for p in parts]
+        offset += b.width
         ordered = np.sort(np.concatenate(ranks_keys))
         ordered = ordered[ordered >= 0]
         key = int(ordered[b.rank - 1])
@@ -291,9 +296,8 @@ def _bracket_select(shards, tensors, k, todo, group, want_masks, kernels, found,
         mine = parts[me]  # this rank's bucket keys, in the order of their positions
         bucket_keys, offset = [], 0
         for j in settled:
-            width = max(where[j].counts)
             bucket_keys.append(torch.from_numpy(mine[offset:offset + where[j].counts[me]]))
-            offset += width
+            offset += where[j].width
         kernels.resolve_masks_([shards[i] for i in index], [written[j] for j in settled], bucket_keys,
                                bucket_positions, [found.key[i] for i in index], [found.prune_here(i) for i in index])
         for i, j in zip(index, settled):

@@ -233,7 +233,6 @@ inline uint32_t classify_word(const scalar_t* src, int64_t len, uint64_t lo, uin
   return above;
 }
 
-
 #ifdef DSD_HAVE_AVX512_KERNELS
 // classify_word over `count` whole words of contiguous fp32 values (32 per word) at src: writes
 // the words, stores the keys in [lo, hi] and their offsets from src (room for 32 * count + 16 of
@@ -270,8 +269,8 @@ DSD_AVX512 int64_t classify_words_fp32_avx512(const float* src, int64_t count, u
 #endif
 
 // One pass over the mask words: words[w] = keep-bits of key > hi; the keys in [lo, hi] and their
-// flat positions gathered per thread (gather_buffers, one per thread); *below the keys under lo. False (stopped early) when a
-// thread would gather over max_gather keys.
+// flat positions gathered per thread (gather_buffers, one per thread); *below the keys under lo.
+// False (stopped early) when a thread would gather over max_gather keys.
 template <typename scalar_t>
 bool classify_pass(const scalar_t* data, const MaskLayout& lay, uint64_t lo, uint64_t hi, int64_t max_gather,
                    int32_t* words, std::vector<std::vector<typename KeyTraits<scalar_t>::bits_t>>* keys,
@@ -279,9 +278,11 @@ bool classify_pass(const scalar_t* data, const MaskLayout& lay, uint64_t lo, uin
   const int threads = at::get_num_threads();
   std::vector<int64_t> under(threads, 0);
   std::atomic<bool> overflow{false};
+  bool vector_path = false;
 #ifdef DSD_HAVE_AVX512_KERNELS
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (lay.cols % 32 == 0 && cpu_has_avx512f()) {  // whole words, contiguous: the vector path
+    vector_path = lay.cols % 32 == 0 && cpu_has_avx512f();
+    if (vector_path) {  // whole words, contiguous
       constexpr int64_t kChunkWords = 128;
       at::parallel_for(0, lay.num_words(), kGrain / 32, [&](int64_t begin, int64_t end) {
         const int tid = at::get_thread_num();
@@ -301,17 +302,10 @@ bool classify_pass(const scalar_t* data, const MaskLayout& lay, uint64_t lo, uin
           if (static_cast<int64_t>(k.size()) > max_gather) overflow.store(true, std::memory_order_relaxed);
         }
       });
-      if (overflow.load()) return false;
-      *below = *in_bracket = 0;
-      for (int t = 0; t < threads; ++t) {
-        *below += under[t];
-        *in_bracket += static_cast<int64_t>((*keys)[t].size());
-      }
-      return true;
     }
   }
 #endif
-  parallel_for_words(lay, kGrain / 32, [&](int64_t w, int64_t base, int64_t len) {
+  if (!vector_path) parallel_for_words(lay, kGrain / 32, [&](int64_t w, int64_t base, int64_t len) {
     const int tid = at::get_thread_num();
     const scalar_t* src = data + base;
     uint32_t in = 0;
@@ -424,7 +418,8 @@ ShardPass shard_bracket_pass(const at::Tensor& shard, double quantile, int64_t g
 
 // Per shard, an int64 row (numel, lo, hi, shift, below, flag, counts[buckets[i]]), the shard's
 // keys in [lo, hi] (clamped; int16/int32/int64 by key width; in no particular order) and, with
-// want_masks, their flat positions (int64, in the keys' order) and the mask words with every key
+// want_masks, their flat positions (int32 where every position fits, else int64; in the keys'
+// order) and the mask words with every key
 // above hi kept (the bracket's keys and those under it pruned). The bracket is the given
 // [lo[i], hi[i]], or where lo[i] < 0 one a sample of the shard puts around the key at
 // quantiles[i]; either way widened to whole buckets of 2^shift keys, the fewest that cover it in
@@ -462,17 +457,65 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
   return {rows, keys, positions, words};
 }
 
-// bucket_split_ for one tensor: keys and positions of the given integer types
+// ---- the gathered keys' bits: helpers of bucket_split_ and resolve_masks_
+
+// fn(key pointer, position pointer or nullptr when positions is empty) for the key and position
+// dtypes of entry i (keys int16/int32/int64, positions int32/int64)
+template <typename F>
+void with_keys_and_positions(const char* op, size_t i, const at::Tensor& keys, const at::Tensor& positions, F fn) {
+  auto with_keys = [&](const auto* key) {
+    if (positions.numel() == 0) {
+      fn(key, static_cast<const int64_t*>(nullptr));
+    } else if (positions.scalar_type() == at::kInt) {
+      fn(key, positions.data_ptr<int32_t>());
+    } else {
+      TORCH_CHECK(positions.scalar_type() == at::kLong, op, ": positions[", i, "] must be int32 or int64");
+      fn(key, positions.data_ptr<int64_t>());
+    }
+  };
+  switch (keys.scalar_type()) {
+    case at::kShort: with_keys(keys.data_ptr<int16_t>()); break;
+    case at::kInt: with_keys(keys.data_ptr<int32_t>()); break;
+    case at::kLong: with_keys(keys.data_ptr<int64_t>()); break;
+    default: TORCH_CHECK(false, op, ": keys[", i, "] must be int16, int32 or int64 keys");
+  }
+}
+
+template <typename pos_t>
+void check_positions(const MaskLayout& lay, const pos_t* pos, int64_t count, const char* op, size_t i) {
+  const int64_t n = lay.rows * lay.cols;
+  for (int64_t j = 0; j < count; ++j) {
+    TORCH_CHECK(static_cast<uint64_t>(pos[j]) < static_cast<uint64_t>(n), op, ": positions[", i, "] out of range");
+  }
+}
+
+// the keep-bit of flat position `flat`
+inline void keep_bit(const MaskLayout& lay, uint32_t* out, int64_t flat) {
+  const int64_t row = flat / lay.cols, col = flat - row * lay.cols;
+  out[row * lay.words_per_row + col / 32] |= uint32_t(1) << (col % 32);
+}
+
+// the keep-bits of the gathered keys above `threshold`
+template <typename key_t, typename pos_t>
+void keep_above(const MaskLayout& lay, uint32_t* out, const key_t* key, const pos_t* pos, int64_t count,
+                int64_t threshold) {
+  if (lay.cols % 32 == 0) {  // flat position / 32 is the word; branch-free (about half are above)
+    for (int64_t j = 0; j < count; ++j) {
+      const auto flat = static_cast<int64_t>(pos[j]);
+      out[flat >> 5] |= static_cast<uint32_t>(static_cast<int64_t>(key[j]) > threshold) << (flat & 31);
+    }
+    return;
+  }
+  for (int64_t j = 0; j < count; ++j) {
+    if (static_cast<int64_t>(key[j]) > threshold) keep_bit(lay, out, static_cast<int64_t>(pos[j]));
+  }
+}
+
+// bucket_split_ for one tensor
 template <typename key_t, typename pos_t>
 void split_one(const MaskLayout& lay, uint32_t* out, const key_t* key, const pos_t* pos, int64_t count, int64_t lo,
                int64_t hi, int64_t width, int64_t* payload, std::vector<int64_t>* bucket_positions, size_t index) {
-  const int64_t n = lay.rows * lay.cols;
-  if (out != nullptr) {
-    for (int64_t j = 0; j < count; ++j) {
-      TORCH_CHECK(static_cast<uint64_t>(pos[j]) < static_cast<uint64_t>(n), "bucket_split_: positions[", index,
-                  "] out of range");
-    }
-  }
+  if (out != nullptr) check_positions(lay, pos, count, "bucket_split_", index);
   // the indices of the bucket's keys, compacted without a branch (a branch per key costs more
   // than the loop), into the calling thread's scratch
   const auto span = static_cast<uint64_t>(hi - lo);
@@ -488,21 +531,7 @@ void split_one(const MaskLayout& lay, uint32_t* out, const key_t* key, const pos
     if (pos != nullptr) bucket_positions->push_back(static_cast<int64_t>(pos[picked[b]]));
   }
   std::fill(payload + in_bucket, payload + width, int64_t(-1));
-  if (out == nullptr) return;
-  if (lay.cols % 32 == 0) {  // flat position / 32 is the word; branch-free (about half are above)
-    for (int64_t j = 0; j < count; ++j) {
-      const auto flat = static_cast<int64_t>(pos[j]);
-      out[flat >> 5] |= static_cast<uint32_t>(static_cast<int64_t>(key[j]) > hi) << (flat & 31);
-    }
-    return;
-  }
-  for (int64_t j = 0; j < count; ++j) {
-    if (static_cast<int64_t>(key[j]) > hi) {
-      const auto flat = static_cast<int64_t>(pos[j]);
-      const int64_t row = flat / lay.cols, col = flat - row * lay.cols;
-      out[row * lay.words_per_row + col / 32] |= uint32_t(1) << (col % 32);
-    }
-  }
+  if (out != nullptr) keep_above(lay, out, key, pos, count, hi);
 }
 
 // Once the ranks know each tensor's threshold bucket [lo[i], hi[i]]: one int64 payload holding,
@@ -535,27 +564,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> bucket_split_(at::TensorList ten
       out = reinterpret_cast<uint32_t*>(words[i].data_ptr<int32_t>());
     }
     const at::Tensor k = keys[i].contiguous();
-    const at::Tensor p = positions[i].contiguous();
     std::vector<int64_t> picked;
-    auto with_keys = [&](const auto* key) {
-      if (p.numel() == 0) {
-        split_one(lay, out, key, static_cast<const int64_t*>(nullptr), k.numel(), lo[i], hi[i], widths[i],
-                  payload.data_ptr<int64_t>() + offset, &picked, i);
-      } else if (p.scalar_type() == at::kInt) {
-        split_one(lay, out, key, p.data_ptr<int32_t>(), k.numel(), lo[i], hi[i], widths[i],
-                  payload.data_ptr<int64_t>() + offset, &picked, i);
-      } else {
-        TORCH_CHECK(p.scalar_type() == at::kLong, "bucket_split_: positions[", i, "] must be int32 or int64");
-        split_one(lay, out, key, p.data_ptr<int64_t>(), k.numel(), lo[i], hi[i], widths[i],
-                  payload.data_ptr<int64_t>() + offset, &picked, i);
-      }
-    };
-    switch (k.scalar_type()) {
-      case at::kShort: with_keys(k.data_ptr<int16_t>()); break;
-      case at::kInt: with_keys(k.data_ptr<int32_t>()); break;
-      case at::kLong: with_keys(k.data_ptr<int64_t>()); break;
-      default: TORCH_CHECK(false, "bucket_split_: keys[", i, "] must be int16, int32 or int64 keys");
-    }
+    with_keys_and_positions("bucket_split_", i, k, positions[i].contiguous(), [&](const auto* key, const auto* pos) {
+      split_one(lay, out, key, pos, k.numel(), lo[i], hi[i], widths[i], payload.data_ptr<int64_t>() + offset,
+                &picked, i);
+    });
     offset += widths[i];
     at::Tensor pos_out = at::empty({static_cast<int64_t>(picked.size())}, at::kLong);
     std::copy(picked.begin(), picked.end(), pos_out.data_ptr<int64_t>());
@@ -564,35 +577,20 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> bucket_split_(at::TensorList ten
   return {payload, bucket_positions};
 }
 
-// resolve_masks_ for one tensor, keys and positions of the given integer types
+// resolve_masks_ for one tensor
 template <typename key_t, typename pos_t>
 void resolve_one(const MaskLayout& lay, uint32_t* out, const key_t* key, const pos_t* pos, int64_t count,
                  int64_t threshold, int64_t prune_ties, size_t index) {
-  const int64_t n = lay.rows * lay.cols;
-  for (int64_t j = 0; j < count; ++j) {
-    TORCH_CHECK(static_cast<uint64_t>(pos[j]) < static_cast<uint64_t>(n), "resolve_masks_: positions[", index,
-                "] out of range");
-  }
-  const bool whole_words = lay.cols % 32 == 0;  // flat position / 32 is then the word
-  auto keep = [&](int64_t flat) {
-    const int64_t row = flat / lay.cols, col = flat - row * lay.cols;
-    out[row * lay.words_per_row + col / 32] |= uint32_t(1) << (col % 32);
-  };
+  check_positions(lay, pos, count, "resolve_masks_", index);
+  keep_above(lay, out, key, pos, count, threshold);
   std::vector<int64_t> tied;
   for (int64_t j = 0; j < count; ++j) {
-    const auto v = static_cast<int64_t>(key[j]);
-    const auto flat = static_cast<int64_t>(pos[j]);
-    if (v == threshold) tied.push_back(flat);  // rare: predictable
-    if (whole_words) {  // branch-free: about half of the gathered keys are above the threshold
-      out[flat >> 5] |= static_cast<uint32_t>(v > threshold) << (flat & 31);
-    } else if (v > threshold) {
-      keep(flat);
-    }
+    if (static_cast<int64_t>(key[j]) == threshold) tied.push_back(static_cast<int64_t>(pos[j]));
   }
   std::sort(tied.begin(), tied.end());  // ties are pruned lowest flat index first
   for (auto j = static_cast<size_t>(std::min<int64_t>(prune_ties, static_cast<int64_t>(tied.size())));
        j < tied.size(); ++j) {
-    keep(tied[j]);
+    keep_bit(lay, out, tied[j]);
   }
 }
 
@@ -612,22 +610,10 @@ void resolve_masks_(at::TensorList tensors, at::TensorList words, at::TensorList
     TORCH_CHECK(positions[i].numel() == keys[i].numel() && thresholds[i] >= 0 && prune_ties[i] >= 0,
                 "resolve_masks_: bad entry ", i);
     const at::Tensor k = keys[i].contiguous();
-    const at::Tensor p = positions[i].contiguous();
     uint32_t* out = reinterpret_cast<uint32_t*>(words[i].data_ptr<int32_t>());
-    auto with_positions = [&](const auto* key) {
-      if (p.scalar_type() == at::kInt) {
-        resolve_one(lay, out, key, p.data_ptr<int32_t>(), k.numel(), thresholds[i], prune_ties[i], i);
-      } else {
-        TORCH_CHECK(p.scalar_type() == at::kLong, "resolve_masks_: positions[", i, "] must be int32 or int64");
-        resolve_one(lay, out, key, p.data_ptr<int64_t>(), k.numel(), thresholds[i], prune_ties[i], i);
-      }
-    };
-    switch (k.scalar_type()) {
-      case at::kShort: with_positions(k.data_ptr<int16_t>()); break;
-      case at::kInt: with_positions(k.data_ptr<int32_t>()); break;
-      case at::kLong: with_positions(k.data_ptr<int64_t>()); break;
-      default: TORCH_CHECK(false, "resolve_masks_: keys[", i, "] must be int16, int32 or int64 keys");
-    }
+    with_keys_and_positions("resolve_masks_", i, k, positions[i].contiguous(), [&](const auto* key, const auto* pos) {
+      resolve_one(lay, out, key, pos, k.numel(), thresholds[i], prune_ties[i], i);
+    });
   }
 }
 

@@ -49,8 +49,6 @@ def threshold_masks(tensors, keys, need, ties_before, local_ties):
         [int(t) for t in local_ties]))
 
 
-
-
 def bracket_pass(shards, quantiles, lo, hi, buckets, *, want_masks: bool):
     """See csrc/cpu/magnitude_select.cpp: per shard a row (numel, lo, hi, shift, below, flag,
     counts...), the keys inside the bracket and, with want_masks, their positions and the mask

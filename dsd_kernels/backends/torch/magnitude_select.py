@@ -178,8 +178,6 @@ def threshold_masks(tensors: list[torch.Tensor], keys: list[int | None], need: l
     return out
 
 
-
-
 # distributed.py's bracket path (the contracts are at the C++ backend's bracket_pass,
 # bucket_split_ and resolve_masks_ in csrc/cpu/sharded_select.cpp); here every shard is
 # "sampled" whole, its bracket the keys 3 sqrt(n) ranks either side of its quantile's rank.
