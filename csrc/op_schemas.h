@@ -13,7 +13,8 @@ constexpr const char* kRadixHistogram =
 constexpr const char* kThresholdMasks =
     "threshold_masks(Tensor[] tensors, int[] keys, int[] prune_ties, int[] ties) -> Tensor[]";
 constexpr const char* kBracketPass =
-    "bracket_pass(Tensor[] shards, float[] quantiles, int[] lo, int[] hi, int[] buckets, bool want_masks) "
+    "bracket_pass(Tensor[] shards, float[] quantiles, int[] lo, int[] hi, int[] buckets, int[] window_keys, "
+    "bool want_masks) "
     "-> (Tensor, Tensor[], Tensor[], Tensor[])";
 constexpr const char* kBucketSplit =
     "bucket_split_(Tensor[] tensors, Tensor(a!)[] words, Tensor[] keys, Tensor[] positions, int[] lo, int[] hi, "

@@ -11,15 +11,20 @@ boundaries: rank r's rows all precede rank r+1's, so each rank prunes the ties a
 the lower ranks do not. Each rank gets its local masks; gathered along dim 0 they equal the
 single-process masks bit for bit. Two paths, for all Shard(0) tensors of a call at once:
 
-- The bracket path (backends with `bracket_pass`: C++ and torch), two collectives in all:
+- The bracket path (backends with `bracket_pass`: C++ and torch), one collective in all where
+  the shards are alike:
   1. one read of each shard: a sample brackets the k-th key, the keys under the bracket are
-     counted, those inside gathered (a few percent) and histogrammed in aligned buckets, and
-     the mask words written as if the bracket's keys were pruned; then one all_gather of
-     (6 + buckets) int64 per tensor, buckets = numel / 2048 rounded to a power of two in
-     [32, 1024], gives every rank the bucket of the global k-th key;
-  2. the kept bits of the gathered keys above that bucket set, one all_gather of each rank's
-     keys in the bucket (int64, padded to the largest rank's count: about gathered keys /
-     buckets, a few hundred); then the exact key, its ties per rank and the last bits.
+     counted, those inside gathered (a few percent) and histogrammed in aligned buckets, the
+     keys of a window of buckets around the shard's own k-th key copied out, and the mask
+     words written as if the bracket's keys were pruned; then one all_gather of the rows
+     ((8 + buckets) int64 per tensor, buckets = numel / 2048 rounded to a power of two in
+     [32, 1024], and the window: _window_capacity keys of the key's width) gives every rank
+     the bucket of the global k-th key;
+  2. where every rank's window holds that bucket (shards alike: a shard's k-th key is then
+     within a few sqrt(shard size) ranks of the global one), its keys on every rank are at
+     hand; else one more all_gather sends each rank's keys in the bucket (int64, padded to
+     the largest rank's count: about gathered keys / buckets, a few hundred). Then the exact
+     key, its ties per rank and the kept bits of the gathered keys.
   Where the ranks' brackets do not all cover the k-th key, every rank passes over the union
   of their brackets (one more pass and all_gather); where a bracket fills with ties or a
   bucket holds over MAX_BUCKET_KEYS keys, that tensor takes the radix path.
@@ -29,6 +34,8 @@ single-process masks bit for bit. Two paths, for all Shard(0) tensors of a call 
   counts), then a mask pass.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -170,8 +177,24 @@ def _sum_or_gather(hist: torch.Tensor, group, gather: bool):
 
 
 # ---------------------------------------------------------------- the bracket path
-ROW_HEADER = 6  # a bracket_pass row: numel, lo, hi, shift, below, flag, then the bucket counts
+# a bracket_pass row: numel, lo, hi, shift, below, flag, window_lo, window_hi, then the bucket
+# counts, then the window's keys
+ROW_HEADER = 8
 MAX_BUCKET_KEYS = 1 << 16  # keys of the threshold's bucket one rank may send; more: radix select
+_KEY_VIEWS = {2: np.int16, 4: np.int32, 8: np.int64}  # a window's keys, by the float's width
+
+
+def _window_capacity(numel: int, world: int) -> int:
+    """Keys of a shard's window (the same on every rank). A shard's own k-th key lies, by chance
+    alone, about sqrt(p (1 - p) numel / world) <= sqrt(numel / world) / 2 ranks from the global
+    k-th key's; the window holds 3 sqrt(numel / world) keys, over 3 such deviations either side,
+    and a small tensor's shards whole (at least 64 keys)."""
+    return min(numel, max(64, math.ceil(3 * math.sqrt(numel / world))))
+
+
+def _window_slots(capacity: int, dtype: torch.dtype) -> int:
+    """int64 slots of a row holding a window of `capacity` keys of dtype's width."""
+    return -(-capacity * dtype.itemsize // 8)
 
 
 def _bucket_count(numel: int) -> int:
@@ -194,7 +217,7 @@ class _Bucket:
         return max(self.counts)
 
 
-def _find_bucket(k: int, rows: list[np.ndarray]):
+def _find_bucket(k: int, rows: list[np.ndarray], buckets: int):
     """From every rank's bracket_pass row of one tensor: a _Bucket, "miss" (the k-th key is not
     inside the keys every rank covered) or "flag" (a rank found ties or too many keys). NumPy:
     per tensor these are a few operations on short arrays, where torch's per-call cost dominates."""
@@ -211,7 +234,7 @@ def _find_bucket(k: int, rows: list[np.ndarray]):
     below, counts = 0, []
     for r in live:  # each rank's counts in buckets of 2**shift keys over [cover_lo, cover_hi)
         s, base = int(r[3]), int(r[1]) >> int(r[3])
-        hist = r[ROW_HEADER:]
+        hist = r[ROW_HEADER:ROW_HEADER + buckets]
         start, stop = (cover_lo >> s) - base, (cover_hi >> s) - base
         below += int(r[4]) + int(hist[:start].sum())
         counts.append(hist[start:stop].reshape(-1, 1 << (shift - s)).sum(1))
@@ -227,78 +250,106 @@ def _find_bucket(k: int, rows: list[np.ndarray]):
     return _Bucket(lo, lo + (1 << shift) - 1, rank, [next(per_rank) if r[0] > 0 else 0 for r in rows])
 
 
-def _bracket_rows(kernels, shards, quantiles, lo, hi, buckets, group, want_masks):
+def _bracket_rows(kernels, shards, quantiles, lo, hi, buckets, windows, group, want_masks):
     """One bracket_pass per shard and one all_gather of the rows: per tensor every rank's row, and
     this rank's keys, positions and words."""
-    rows, keys, positions, words = kernels.bracket_pass(shards, quantiles, lo, hi, buckets, want_masks=want_masks)
-    flat = torch.cat([rows[j, :ROW_HEADER + b] for j, b in enumerate(buckets)])
+    rows, keys, positions, words = kernels.bracket_pass(shards, quantiles, lo, hi, buckets, windows,
+                                                        want_masks=want_masks)
+    lengths = [ROW_HEADER + b + _window_slots(w, t.dtype) for b, w, t in zip(buckets, windows, shards)]
+    flat = torch.cat([rows[j, :n] for j, n in enumerate(lengths)])
     parts = [p.cpu().numpy() for p in _all_gather(flat.to(shards[0].device), group)]
     offsets = [0]
-    for b in buckets:
-        offsets.append(offsets[-1] + ROW_HEADER + b)
-    return [[p[offsets[j]:offsets[j + 1]] for p in parts] for j in range(len(buckets))], keys, positions, words
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    return [[p[offsets[j]:offsets[j + 1]] for p in parts] for j in range(len(lengths))], keys, positions, words
+
+
+def _window_bucket_keys(rows: list[np.ndarray], bucket: _Bucket, buckets: int, capacity: int, dtype):
+    """Each rank's keys in the bucket, from the windows of the rows (None where a rank's window
+    does not hold the whole bucket)."""
+    out = []
+    for r, count in zip(rows, bucket.counts):
+        if count == 0:
+            out.append(np.empty(0, dtype=np.int64))
+            continue
+        if not r[6] <= bucket.lo <= bucket.hi <= r[7]:  # also no window (-1)
+            return None
+        keys = r[ROW_HEADER + buckets:].view(_KEY_VIEWS[dtype.itemsize])[:capacity]
+        keys = keys[(keys >= bucket.lo) & (keys <= bucket.hi)].astype(np.int64)
+        if keys.size != count:  # the histogram and the window disagree: exchange instead
+            return None
+        out.append(keys)
+    return out
 
 
 def _bracket_select(shards, tensors, k, todo, group, want_masks, kernels, found, words):
-    """The selection in two small round trips and one read of each shard:
-    (1) one pass per shard brackets the k-th key from a sample of the shard, counts the keys
-    under the bracket, gathers those inside it (with their positions) and writes the mask words
-    as if they were pruned; its histogram of the gathered keys in aligned buckets goes to every
-    rank in one all_gather, which then knows the bucket of the global k-th key (where the
+    """The selection in one small round trip where the shards are alike, and one read of each
+    shard: (1) one pass per shard brackets the k-th key from a sample of the shard, counts the
+    keys under the bracket, gathers those inside it (with their positions), copies out the keys
+    of a window around the shard's own k-th key and writes the mask words as if the bracket's
+    keys were pruned; its histogram of the gathered keys in aligned buckets and its window go to
+    every rank in one all_gather, which then knows the bucket of the global k-th key (where the
     ranks' brackets all cover it; else every rank passes over the union of their brackets, one
-    more round);
-    (2) each rank sets the kept bits of its gathered keys above that bucket and all_gathers its
-    keys inside it (a few), then finds the exact key and its ties and sets the kept bits among
-    the bucket's keys. Returns the tensors left to the radix select
-    (ties filling a bracket, a bucket of over MAX_BUCKET_KEYS keys on a rank), the same on every
-    rank."""
+    more round); (2) the keys of that bucket on every rank come from the windows where they all
+    hold it, else from one more all_gather of each rank's keys in it; then each rank finds the
+    exact key and its ties and sets the kept bits of its gathered keys. Returns the tensors left
+    to the radix select (ties filling a bracket, a bucket of over MAX_BUCKET_KEYS keys on a
+    rank), the same on every rank."""
     if not todo:
         return []
-    me = dist.get_rank(group)
+    me, world = dist.get_rank(group), dist.get_world_size(group)
     buckets = [_bucket_count(tensors[i].numel()) for i in todo]
+    windows = [_window_capacity(tensors[i].numel(), world) for i in todo]
     quantiles = [k[i] / tensors[i].numel() for i in todo]
     rows, keys, positions, written = _bracket_rows(kernels, [shards[i] for i in todo], quantiles, [-1] * len(todo),
-                                                   [-1] * len(todo), buckets, group, want_masks)
-    where = [_find_bucket(k[i], rows[j]) for j, i in enumerate(todo)]
+                                                   [-1] * len(todo), buckets, windows, group, want_masks)
+    where = [_find_bucket(k[i], rows[j], buckets[j]) for j, i in enumerate(todo)]
     retry = [j for j, w in enumerate(where) if w == "miss"]
     if retry:  # the ranks' brackets differ: all of them pass over the union of the brackets
         union = [[r for r in rows[j] if r[0] > 0] for j in retry]
         again = _bracket_rows(kernels, [shards[todo[j]] for j in retry], [quantiles[j] for j in retry],
                               [min(int(r[1]) for r in u) for u in union], [max(int(r[2]) for r in u) for u in union],
-                              [buckets[j] for j in retry], group, want_masks)
+                              [buckets[j] for j in retry], [windows[j] for j in retry], group, want_masks)
         for n, j in enumerate(retry):
-            where[j] = _find_bucket(k[todo[j]], again[0][n])
+            rows[j] = again[0][n]
+            where[j] = _find_bucket(k[todo[j]], rows[j], buckets[j])
             keys[j], positions[j], written[j] = again[1][n], again[2][n], again[3][n]
     settled = [j for j, w in enumerate(where) if isinstance(w, _Bucket) and w.width <= MAX_BUCKET_KEYS]
     if not settled:
         return todo
-    # (2) each settled tensor's bucket: its keys (padded with -1 to the largest rank's count) go
-    # to every rank, after the bits of this rank's gathered keys above the bucket are set
-    index = [todo[j] for j in settled]
+    # (2) each settled tensor's bucket keys on every rank: from the windows, or exchanged (padded
+    # with -1 to the largest rank's count), after the bits of this rank's gathered keys above
+    # the bucket are set
+    ranks_keys = {j: _window_bucket_keys(rows[j], where[j], buckets[j], windows[j], tensors[todo[j]].dtype)
+                  for j in settled}
+    exchanged = [j for j in settled if ranks_keys[j] is None]
+    split = settled if want_masks else exchanged  # without masks only an exchange needs this rank's keys
+    widths = {j: where[j].width if ranks_keys[j] is None else where[j].counts[me] for j in split}
     payload, bucket_positions = kernels.bucket_split_(
-        [shards[i] for i in index], [written[j] for j in settled] if want_masks else [],
-        [keys[j] for j in settled], [positions[j] for j in settled], [where[j].lo for j in settled],
-        [where[j].hi for j in settled], [where[j].width for j in settled])
-    parts = _all_gather(payload.to(shards[0].device), group)
-    parts = [p.cpu().numpy() for p in parts]
-    offset = 0
+        [shards[todo[j]] for j in split], [written[j] for j in split] if want_masks else [],
+        [keys[j] for j in split], [positions[j] for j in split], [where[j].lo for j in split],
+        [where[j].hi for j in split], [widths[j] for j in split]) if split else (None, [])
+    offsets = dict(zip(split, np.cumsum([0] + [widths[j] for j in split]).tolist()))
+    if exchanged:
+        sent = torch.cat([payload[offsets[j]:offsets[j] + widths[j]] for j in exchanged])
+        parts = [p.cpu().numpy() for p in _all_gather(sent.to(shards[0].device), group)]
+        offset = 0
+        for j in exchanged:
+            ranks_keys[j] = [p[offset:offset + widths[j]] for p in parts]
+            offset += widths[j]
     for j in settled:
         b = where[j]
-        ranks_keys = [p[offset:offset + b.width] for p in parts]
-        offset += b.width
-        ordered = np.sort(np.concatenate(ranks_keys))
+        ordered = np.sort(np.concatenate(ranks_keys[j]))
         ordered = ordered[ordered >= 0]
         key = int(ordered[b.rank - 1])
         need = b.rank - int(np.count_nonzero(ordered < key))
-        ties = [int(np.count_nonzero(r == key)) for r in ranks_keys] if want_masks else None
+        ties = [int(np.count_nonzero(r == key)) for r in ranks_keys[j]] if want_masks else None
         found.set(todo[j], key, need, ties, me)
     if want_masks:
-        mine = parts[me]  # this rank's bucket keys, in the order of their positions
-        bucket_keys, offset = [], 0
-        for j in settled:
-            bucket_keys.append(torch.from_numpy(mine[offset:offset + where[j].counts[me]]))
-            offset += where[j].width
-        kernels.resolve_masks_([shards[i] for i in index], [written[j] for j in settled], bucket_keys,
+        index = [todo[j] for j in settled]
+        # this rank's bucket keys, in the order of their positions
+        mine = [payload[offsets[j]:offsets[j] + where[j].counts[me]] for j in settled]
+        kernels.resolve_masks_([shards[i] for i in index], [written[j] for j in settled], mine,
                                bucket_positions, [found.key[i] for i in index], [found.prune_here(i) for i in index])
         for i, j in zip(index, settled):
             words[i] = written[j]

@@ -119,15 +119,17 @@ def test_sharded_masks_equal_single_process_masks(tmp_path, monkeypatch, backend
             last = {2, 8}  # the last pass of each key width
             assert r["masks_call"] == [("all_gather" if n in last else "all_reduce", b) for n, b in enumerate(radix)]
         else:
-            # the bracket path: all_gathers for all 4 tensors of the rows (6 + 32 buckets each:
-            # these tensors are small) and of the keys of each threshold's bucket (a few per
-            # rank); between them the mostly-zero tensor b is passed over again with the union
-            # of the ranks' brackets (rank 1's bracket is the key 0 alone, rank 0's spans wide
-            # buckets: they share no whole bucket). No weight is sent.
+            # the bracket path: one all_gather of the rows of all 4 tensors (8 + 32 buckets each:
+            # these tensors are small, then each shard's window of keys in int64 slots: 64 fp32
+            # keys for a and b, 108 for c, all 15 fp64 keys of d); then the mostly-zero tensor b
+            # is passed over again with the union of the ranks' brackets (rank 1's bracket is the
+            # key 0 alone, rank 0's spans wide buckets: they share no whole bucket); its
+            # threshold, 0, ties 81 keys on rank 0 and 99 on rank 1, more than its window holds,
+            # so b's bucket keys are exchanged (padded to 99); the other tensors' bucket keys
+            # come from the windows. No weight is sent.
             for call in (r["masks_call"], r["thresholds_call"]):
-                assert [op for op, _ in call] == ["all_gather"] * 3, call
-                assert call[0][1] == 4 * (6 + 32) * 8 and call[1][1] == (6 + 32) * 8
-                assert 4 * 8 <= call[2][1] <= 300 * 8, call
+                assert call == [("all_gather", 8 * ((40 + 32) + (40 + 32) + (40 + 54) + (40 + 15))),
+                                ("all_gather", 8 * (40 + 32)), ("all_gather", 8 * 99)], call
         # two sharded calls, each one histogram launch per pass (fp32 3 passes, fp64 6), plus
         # the replicated call's local selection (fp32: 3)
         assert r["histogram_launches"] == (2 * (3 + 6) + 3 if backend_name == "triton" else 0)
@@ -178,6 +180,50 @@ def test_sharded_selection_of_unlike_shards_is_exact(tmp_path, monkeypatch, back
         assert r["thresholds"].tolist() == pytest.approx(want_thresholds, abs=0)
         # rows of every tensor, the union pass of the skewed ones, the buckets' keys
         assert [op for op, _ in r["calls"]] == ["all_gather"] * 3, r["calls"]
+
+
+def alike_tensors():
+    """Shards alike (as the halves of a weight are): every rank's window holds the threshold's
+    bucket, in every key width."""
+    g = torch.Generator().manual_seed(5)
+    return [torch.randn(1 << 10, 1 << 10, generator=g),  # 2^19 keys per shard: sampled, AVX-512 path
+            torch.randn(300, 257, generator=g),  # rows of no whole mask word
+            torch.randn(512, 512, generator=g).half(), torch.randn(256, 96, generator=g).bfloat16(),
+            torch.randn(128, 130, generator=g).double()]
+
+
+ALIKE_SPARSITIES = [0.5, 0.9, 0.3, 0.75, 0.5]
+
+
+def _alike_worker(rank, world, init_file, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        masks, masks_call, thresholds, thresholds_call = select_sharded(
+            init_device_mesh("cpu", (world,)), alike_tensors(), ALIKE_SPARSITIES)
+        torch.save({"masks": [m.to_bool() for m in masks], "thresholds": thresholds, "masks_call": masks_call,
+                    "thresholds_call": thresholds_call}, os.path.join(out_dir, f"alike{rank}.pt"))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend_name", ["cpp", "torch"])
+def test_sharded_selection_of_alike_shards_takes_one_collective(tmp_path, monkeypatch, backend_name):
+    # the common case in one round trip: the rows' windows hold every threshold's bucket, so
+    # the one all_gather of the rows is the only collective, for masks and for thresholds
+    require_backend(backend_name)
+    monkeypatch.setenv("DSD_KERNELS_BACKEND", backend_name)
+    results = run_ranks(_alike_worker, tmp_path, "alike")
+    full = alike_tensors()
+    for i, want in enumerate(R.magnitude_masks(full, ALIKE_SPARSITIES)):
+        assert torch.equal(torch.cat([r["masks"][i] for r in results]), want), f"tensor {i}"
+    want_thresholds = R.magnitude_thresholds(full, ALIKE_SPARSITIES)
+    for r in results:
+        assert r["thresholds"].tolist() == pytest.approx(want_thresholds, abs=0)
+        for call in (r["masks_call"], r["thresholds_call"]):
+            assert [op for op, _ in call] == ["all_gather"], call
 
 
 @pytest.mark.parametrize("name", ["cpp", "torch"])

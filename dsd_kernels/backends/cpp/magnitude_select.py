@@ -49,13 +49,13 @@ def threshold_masks(tensors, keys, need, ties_before, local_ties):
         [int(t) for t in local_ties]))
 
 
-def bracket_pass(shards, quantiles, lo, hi, buckets, *, want_masks: bool):
-    """See csrc/cpu/magnitude_select.cpp: per shard a row (numel, lo, hi, shift, below, flag,
-    counts...), the keys inside the bracket and, with want_masks, their positions and the mask
-    words with the bracket's keys pruned."""
+def bracket_pass(shards, quantiles, lo, hi, buckets, window_keys, *, want_masks: bool):
+    """See csrc/cpu/sharded_select.cpp: per shard a row (numel, lo, hi, shift, below, flag,
+    window_lo, window_hi, counts..., window keys...), the keys inside the bracket and, with
+    want_masks, their positions and the mask words with the bracket's keys pruned."""
     rows, keys, positions, words = torch.ops.dsd_kernels_cpp.bracket_pass(
         [t.detach() for t in shards], [float(q) for q in quantiles], [int(x) for x in lo], [int(x) for x in hi],
-        [int(b) for b in buckets], want_masks)
+        [int(b) for b in buckets], [int(w) for w in window_keys], want_masks)
     return rows, list(keys), list(positions), list(words)
 
 

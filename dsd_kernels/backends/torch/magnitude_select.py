@@ -181,12 +181,39 @@ def threshold_masks(tensors: list[torch.Tensor], keys: list[int | None], need: l
 # distributed.py's bracket path (the contracts are at the C++ backend's bracket_pass,
 # bucket_split_ and resolve_masks_ in csrc/cpu/sharded_select.cpp); here every shard is
 # "sampled" whole, its bracket the keys 3 sqrt(n) ranks either side of its quantile's rank.
-ROW_HEADER = 6  # numel, lo, hi, shift, below, flag
+ROW_HEADER = 8  # numel, lo, hi, shift, below, flag, window_lo, window_hi
+
+
+def _window(hist: list[int], below: int, target: float, capacity: int) -> tuple[int, int] | None:
+    """The first and last bucket of a shard's window (as the C++ fill_window chooses them)."""
+    centre, through = 0, below + hist[0]
+    while centre + 1 < len(hist) and through < target:
+        centre += 1
+        through += hist[centre]
+    first = last = centre
+    held = hist[centre]
+    if held > capacity:
+        return None
+    widened = True
+    while widened:
+        widened = False
+        if last + 1 < len(hist) and held + hist[last + 1] <= capacity:
+            last += 1
+            held += hist[last]
+            widened = True
+        if first > 0 and held + hist[first - 1] <= capacity:
+            first -= 1
+            held += hist[first]
+            widened = True
+    return first, last
 
 
 def bracket_pass(shards: list[torch.Tensor], quantiles: list[float], lo: list[int], hi: list[int],
-                 buckets: list[int], *, want_masks: bool):
-    rows = torch.zeros(len(shards), ROW_HEADER + max(buckets, default=1), dtype=torch.int64)
+                 buckets: list[int], window_keys: list[int], *, want_masks: bool):
+    slots = [-(-w * t.element_size() // 8) for t, w in zip(shards, window_keys)]
+    rows = torch.zeros(len(shards), ROW_HEADER + max((b + s for b, s in zip(buckets, slots)), default=1),
+                       dtype=torch.int64)
+    rows[:, 6:8] = -1
     inside, positions, words = [], [], []
     for i, (t, q, a, b, count) in enumerate(zip(shards, quantiles, lo, hi, buckets)):
         keys = magnitude_keys(t)
@@ -207,8 +234,17 @@ def bracket_pass(shards: list[torch.Tensor], quantiles: list[float], lo: list[in
         in_bracket = (keys >= a) & (keys <= b) if n > 0 else keys.bool()
         kept = keys[in_bracket]
         if n > 0:
-            rows[i, ROW_HEADER:ROW_HEADER + count] = torch.bincount(
-                ((kept >> shift) - (a >> shift)).long().cpu(), minlength=count)
+            hist = torch.bincount(((kept >> shift) - (a >> shift)).long().cpu(), minlength=count)
+            rows[i, ROW_HEADER:ROW_HEADER + count] = hist
+            if window_keys[i] > 0:
+                rows[i, ROW_HEADER + count:ROW_HEADER + count + slots[i]] = -1
+                span = _window(hist.tolist(), int(rows[i, 4]), q * n, window_keys[i])
+                if span is not None:
+                    w_lo, w_hi = a + (span[0] << shift), min(a + ((span[1] + 1) << shift) - 1, b)
+                    held = kept[(kept >= w_lo) & (kept <= w_hi)].to(KEY_SPECS[t.dtype].int_dtype).cpu()
+                    area = rows[i, ROW_HEADER + count:ROW_HEADER + count + slots[i]]
+                    area.view(held.dtype)[:held.numel()] = held
+                    rows[i, 6:8] = torch.tensor([w_lo, w_hi])
         inside.append(kept)
         positions.append(in_bracket.nonzero().reshape(-1) if want_masks else kept.new_empty(0, dtype=torch.int64))
         words.append(pack_bool((keys > b).reshape(t.shape)) if want_masks and n > 0 else
