@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <type_traits>
 #if defined(__SSE2__)
@@ -136,6 +137,47 @@ struct SampledBracket {
   bool from_start = false, to_end = false;  // the ranks reached an end of the sample
 };
 
+// The keys at ranks r_lo <= r_hi of `sample` (0-based, in ascending order; the sample is
+// reordered). A histogram of the keys' top 11 bits (of the largest key's width) finds the bins
+// holding both ranks; nth_element then runs on the keys of those bins alone, a few percent of
+// a spread-out sample (on all of it where they are most of it: a narrow range, ties).
+template <typename bits_t>
+void sample_ranks(std::vector<bits_t>& sample, int64_t r_lo, int64_t r_hi, uint64_t* lo, uint64_t* hi) {
+  constexpr int kBins = 2048;
+  const auto count = static_cast<int64_t>(sample.size());
+  uint64_t largest = 0;
+  for (const bits_t key : sample) largest = std::max<uint64_t>(largest, key);
+  int shift = 0;
+  while ((largest >> shift) >= static_cast<uint64_t>(kBins)) ++shift;
+  std::array<int64_t, kBins> hist{};
+  for (const bits_t key : sample) hist[static_cast<uint64_t>(key) >> shift]++;
+  int64_t bin_lo = -1, bin_hi = 0, under_lo = 0, through = 0;  // through: keys in bins <= bin
+  for (; bin_hi < kBins; ++bin_hi) {
+    if (bin_lo < 0 && through + hist[bin_hi] > r_lo) {
+      bin_lo = bin_hi;
+      under_lo = through;
+    }
+    through += hist[bin_hi];
+    if (through > r_hi) break;
+  }
+  std::vector<bits_t>* keys = &sample;
+  int64_t offset = 0;  // keys under the keys selected from
+  thread_local std::vector<bits_t> between;
+  if (2 * (through - under_lo) < count) {
+    between.clear();
+    const auto first = static_cast<uint64_t>(bin_lo), span = static_cast<uint64_t>(bin_hi - bin_lo);
+    for (const bits_t key : sample) {
+      if ((static_cast<uint64_t>(key) >> shift) - first <= span) between.push_back(key);
+    }
+    keys = &between;
+    offset = under_lo;
+  }
+  std::nth_element(keys->begin(), keys->begin() + (r_lo - offset), keys->end());
+  *lo = (*keys)[r_lo - offset];
+  std::nth_element(keys->begin() + (r_lo - offset), keys->begin() + (r_hi - offset), keys->end());
+  *hi = (*keys)[r_hi - offset];
+}
+
 // `samples` keys (1 <= samples <= n) read at an even stride, and the keys at the sample's ranks
 // margin either side of where a key at `quantile` of the data is expected (by default 4 sqrt(S):
 // 8 standard deviations of a sampled rank).
@@ -155,10 +197,7 @@ SampledBracket<scalar_t> sample_bracket(const scalar_t* data, int64_t n, double 
   const auto expected = static_cast<int64_t>(quantile * samples);
   const int64_t r_lo = std::max<int64_t>(0, expected - margin);
   const int64_t r_hi = std::min<int64_t>(samples - 1, expected + margin);
-  std::nth_element(b.sample.begin(), b.sample.begin() + r_lo, b.sample.end());
-  b.lo = b.sample[r_lo];
-  std::nth_element(b.sample.begin() + r_lo, b.sample.begin() + r_hi, b.sample.end());
-  b.hi = b.sample[r_hi];
+  sample_ranks(b.sample, r_lo, r_hi, &b.lo, &b.hi);
   b.from_start = r_lo == 0;
   b.to_end = r_hi == samples - 1;
   return b;
