@@ -1,6 +1,6 @@
 """Sharded (DTensor Shard(0)) magnitude selection vs the local one, per element, on CPU.
 
-    python benchmarks/sharded_select.py [--runs 5] [--out benchmarks/results/sharded-select-<device>.json]
+    python benchmarks/sharded_select.py [--runs 9] [--out benchmarks/results/sharded-select-<device>.json]
 
 Two gloo processes with one thread each hold half of every weight (as FSDP2 shards them) and
 select with the backend the registry picks (C++ where built). The local baseline runs in the
@@ -115,7 +115,7 @@ def _run(repeats: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=41, help="alternating rounds per launch")
-    parser.add_argument("--runs", type=int, default=5,
+    parser.add_argument("--runs", type=int, default=9,
                         help="launches of the two processes (the ratio varies between launches here)")
     parser.add_argument("--out", help="results JSON (default: print only)")
     args = parser.parse_args(argv)
