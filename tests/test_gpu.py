@@ -205,3 +205,68 @@ def test_to_semi_structured_matches_the_masked_layer():
     fp32 = sparsify(torch.nn.Sequential(torch.nn.Linear(64, 64)).cuda(), "2:4")
     with pytest.warns(UserWarning, match=r"left 1 2:4 weight\(s\) dense: 0 \(torch.float32"):
         to_semi_structured(fp32)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw-capturable", "adam-capturable+masks"])
+def test_whole_training_step_replays_in_a_cuda_graph(kernels, name):
+    # forward, backward and the masked step captured once in a CUDA graph (torch's whole-network
+    # recipe: warm-up on a side stream, grads set to None before capture) and replayed on new
+    # batches: the same weights as the same steps taken eagerly, pruned weights and their state
+    # exactly 0 throughout (not run on a GPU yet)
+    from dsd_kernels.optim import MaskedAdamW, MaskedSGD, OptimizerMasks
+    make = {"sgd": lambda ps: MaskedSGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3),
+            "adamw-capturable": lambda ps: MaskedAdamW(ps, lr=1e-2, capturable=True),
+            "adam-capturable+masks": lambda ps: torch.optim.Adam(ps, lr=1e-2, capturable=True)}[name]
+    g = torch.Generator().manual_seed(0)
+    init = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    batches = [(torch.randn(32, 64, generator=g).cuda(), torch.randint(0, 10, (32,), generator=g).cuda())
+               for _ in range(8)]
+    keeps = {0: torch.rand(128, 64, generator=g) > 0.5, 2: torch.rand(10, 128, generator=g) > 0.5}
+
+    def build():
+        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)).cuda()
+        model.load_state_dict(init.state_dict())
+        opt = make(list(model.parameters()))
+        masks = {model[i].weight: k.cuda() for i, k in keeps.items()}
+        holder = OptimizerMasks(opt) if name == "adam-capturable+masks" else opt
+        holder.set_masks(masks)
+        return model, opt, holder
+
+    def train_step(model, opt, x, y):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    eager, eager_opt, _ = build()
+    for x, y in batches:
+        eager_opt.zero_grad(set_to_none=True)
+        train_step(eager, eager_opt, x, y)
+
+    model, opt, holder = build()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for x, y in batches[:3]:
+            opt.zero_grad(set_to_none=True)
+            train_step(model, opt, x, y)
+    torch.cuda.current_stream().wait_stream(side)
+    static_x, static_y = batches[3][0].clone(), batches[3][1].clone()
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        train_step(model, opt, static_x, static_y)
+    before = [p.detach().clone() for p in model.parameters()]
+    for x, y in batches[3:]:
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # the replays stepped
+    for p, q in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    for i, keep in keeps.items():
+        weight, keep = model[i].weight.detach(), keep.cuda()
+        assert torch.equal(weight[~keep], torch.zeros_like(weight[~keep]))
+        for value in opt.state[model[i].weight].values():
+            if isinstance(value, torch.Tensor) and value.shape == weight.shape:
+                assert torch.equal(value[~keep], torch.zeros_like(value[~keep]))
