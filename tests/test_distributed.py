@@ -1,4 +1,5 @@
 """Sharded magnitude selection with real torch.distributed: 2 gloo processes on CPU."""
+import functools
 import os
 
 import pytest
@@ -150,18 +151,31 @@ def uneven_tensors():
 UNEVEN_SPARSITIES = [0.5, 0.3, 0.5, 0.9]
 
 
-def _uneven_worker(rank, world, init_file, out_dir):
+def _select_worker(tensors_fn, sparsities, name, rank, world, init_file, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        masks, calls, thresholds, _ = select_sharded(init_device_mesh("cpu", (world,)), uneven_tensors(),
-                                                     UNEVEN_SPARSITIES)
-        torch.save({"masks": [m.to_bool() for m in masks], "thresholds": thresholds, "calls": calls},
-                   os.path.join(out_dir, f"uneven{rank}.pt"))
+        masks, masks_call, thresholds, thresholds_call = select_sharded(init_device_mesh("cpu", (world,)),
+                                                                        tensors_fn(), sparsities)
+        torch.save({"masks": [m.to_bool() for m in masks], "thresholds": thresholds, "masks_call": masks_call,
+                    "thresholds_call": thresholds_call}, os.path.join(out_dir, f"{name}{rank}.pt"))
     finally:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def select_on_two_ranks(tmp_path, tensors_fn, sparsities, name):
+    """Masks and thresholds of tensors_fn()'s tensors sharded over 2 gloo ranks, checked against
+    the single-process reference; returns the ranks' results (with the collectives of each call)."""
+    results = run_ranks(functools.partial(_select_worker, tensors_fn, sparsities, name), tmp_path, name)
+    full = tensors_fn()
+    for i, want in enumerate(R.magnitude_masks(full, sparsities)):
+        assert torch.equal(torch.cat([r["masks"][i] for r in results]), want), f"tensor {i}"
+    want_thresholds = R.magnitude_thresholds(full, sparsities)
+    for r in results:
+        assert r["thresholds"].tolist() == pytest.approx(want_thresholds, abs=0)
+    return results
 
 
 @pytest.mark.parametrize("backend_name", ["cpp", "torch"])
@@ -171,15 +185,10 @@ def test_sharded_selection_of_unlike_shards_is_exact(tmp_path, monkeypatch, back
     # and shards large enough for the sampled bracket and the vector pass
     require_backend(backend_name)
     monkeypatch.setenv("DSD_KERNELS_BACKEND", backend_name)
-    results = run_ranks(_uneven_worker, tmp_path, "uneven")
-    full = uneven_tensors()
-    for i, want in enumerate(R.magnitude_masks(full, UNEVEN_SPARSITIES)):
-        assert torch.equal(torch.cat([r["masks"][i] for r in results]), want), f"tensor {i}"
-    want_thresholds = R.magnitude_thresholds(full, UNEVEN_SPARSITIES)
-    for r in results:
-        assert r["thresholds"].tolist() == pytest.approx(want_thresholds, abs=0)
-        # rows of every tensor, the union pass of the skewed ones, the buckets' keys
-        assert [op for op, _ in r["calls"]] == ["all_gather"] * 3, r["calls"]
+    for r in select_on_two_ranks(tmp_path, uneven_tensors, UNEVEN_SPARSITIES, "uneven"):
+        # rows of every tensor, the union pass of the skewed ones, the buckets' keys (the windows
+        # of unlike shards miss them)
+        assert [op for op, _ in r["masks_call"]] == ["all_gather"] * 3, r["masks_call"]
 
 
 def alike_tensors():
@@ -195,33 +204,13 @@ def alike_tensors():
 ALIKE_SPARSITIES = [0.5, 0.9, 0.3, 0.75, 0.5]
 
 
-def _alike_worker(rank, world, init_file, out_dir):
-    from torch.distributed.device_mesh import init_device_mesh
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        masks, masks_call, thresholds, thresholds_call = select_sharded(
-            init_device_mesh("cpu", (world,)), alike_tensors(), ALIKE_SPARSITIES)
-        torch.save({"masks": [m.to_bool() for m in masks], "thresholds": thresholds, "masks_call": masks_call,
-                    "thresholds_call": thresholds_call}, os.path.join(out_dir, f"alike{rank}.pt"))
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("backend_name", ["cpp", "torch"])
 def test_sharded_selection_of_alike_shards_takes_one_collective(tmp_path, monkeypatch, backend_name):
     # the common case in one round trip: the rows' windows hold every threshold's bucket, so
     # the one all_gather of the rows is the only collective, for masks and for thresholds
     require_backend(backend_name)
     monkeypatch.setenv("DSD_KERNELS_BACKEND", backend_name)
-    results = run_ranks(_alike_worker, tmp_path, "alike")
-    full = alike_tensors()
-    for i, want in enumerate(R.magnitude_masks(full, ALIKE_SPARSITIES)):
-        assert torch.equal(torch.cat([r["masks"][i] for r in results]), want), f"tensor {i}"
-    want_thresholds = R.magnitude_thresholds(full, ALIKE_SPARSITIES)
-    for r in results:
-        assert r["thresholds"].tolist() == pytest.approx(want_thresholds, abs=0)
+    for r in select_on_two_ranks(tmp_path, alike_tensors, ALIKE_SPARSITIES, "alike"):
         for call in (r["masks_call"], r["thresholds_call"]):
             assert [op for op, _ in call] == ["all_gather"], call
 

@@ -220,11 +220,8 @@ enum BracketRow : int64_t {
   kRowNumel, kRowLo, kRowHi, kRowShift, kRowBelow, kRowFlag, kRowWindowLo, kRowWindowHi, kRowHeader
 };
 
-// int64 slots of a row holding `keys` keys of type bits_t
-template <typename bits_t>
-int64_t window_slots(int64_t keys) {
-  return (keys * static_cast<int64_t>(sizeof(bits_t)) + 7) / 8;
-}
+// int64 slots of a row holding `keys` keys of `key_bytes` bytes each
+inline int64_t window_slots(int64_t keys, int64_t key_bytes) { return (keys * key_bytes + 7) / 8; }
 
 // Keep-bits above hi, bits of keys in [lo, hi] (*inside) and the count of keys under lo
 // (added to *under) for the len <= 32 values of one mask word.
@@ -377,7 +374,7 @@ template <typename bits_t>
 void fill_window(const at::Tensor& keys, double target, int64_t buckets, int64_t capacity, int64_t* row) {
   const int64_t* hist = row + kRowHeader;
   int64_t* slots = row + kRowHeader + buckets;
-  std::fill(slots, slots + window_slots<bits_t>(capacity), int64_t(-1));  // every key of the padding -1
+  std::fill(slots, slots + window_slots(capacity, sizeof(bits_t)), int64_t(-1));  // every key of the padding -1
   auto* window = reinterpret_cast<bits_t*>(slots);
   int64_t centre = 0, through = row[kRowBelow] + hist[0];
   while (centre + 1 < buckets && static_cast<double>(through) < target) through += hist[++centre];
@@ -525,7 +522,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
     TORCH_CHECK(window_keys[i] >= 0 && window_keys[i] <= (int64_t(1) << 24), "bracket_pass: window_keys[", i,
                 "] must be in [0, 2^24]");
     const int64_t key_bytes = static_cast<int64_t>(c10::elementSize(shards[i].scalar_type()));
-    width = std::max(width, buckets[i] + (window_keys[i] * key_bytes + 7) / 8);  // window_slots
+    width = std::max(width, buckets[i] + window_slots(window_keys[i], key_bytes));
   }
   at::Tensor rows = at::zeros({count, kRowHeader + width}, at::kLong);
   std::vector<at::Tensor> keys, positions, words;
