@@ -76,6 +76,7 @@ def _all_gather(t: torch.Tensor, group) -> list[torch.Tensor]:
     return parts
 
 
+@torch.no_grad()  # nothing here is differentiated; and DTensor.to_local() skips autograd then
 def sharded_select(tensors, sparsities, *, want_masks: bool, local, sharded):
     """Thresholds (float64 tensor on the local device, global, the same on every rank) and,
     if want_masks, the local Masks of DTensors.
