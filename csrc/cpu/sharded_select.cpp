@@ -635,54 +635,41 @@ template <typename key_t, typename pos_t>
 void split_one(const MaskLayout& lay, uint32_t* out, const key_t* key, const pos_t* pos, int64_t count, int64_t lo,
                int64_t hi, int64_t width, int64_t* payload, std::vector<int64_t>* bucket_positions, size_t index) {
   if (out != nullptr) check_positions(lay, pos, count, "bucket_split_", index);
-  // the indices of the bucket's keys, compacted without a branch (a branch per key costs more
-  // than the loop), into the calling thread's scratch; where rows are whole words, the kept
-  // bits above the bucket set in the same loop
-  const auto span = static_cast<uint64_t>(hi - lo);
-  const bool whole_words = out != nullptr && lay.cols % 32 == 0;
+  // the payload and the bucket's positions from the indices of the bucket's keys
+  auto emit = [&](const auto* indices, int64_t in_bucket) {
+    TORCH_CHECK(in_bucket <= width, "bucket_split_: more than widths[", index, "] keys in the bucket");
+    for (int64_t b = 0; b < in_bucket; ++b) {
+      payload[b] = static_cast<int64_t>(key[indices[b]]);
+      if (pos != nullptr) bucket_positions->push_back(static_cast<int64_t>(pos[indices[b]]));
+    }
+    std::fill(payload + in_bucket, payload + width, int64_t(-1));
+  };
 #ifdef DSD_HAVE_AVX512_KERNELS
   if constexpr (sizeof(key_t) == 4 && std::is_same_v<pos_t, int32_t>) {
-    if (whole_words && cpu_has_avx512f() && lo >= 0 && hi < (int64_t(1) << 32)) {
+    if (out != nullptr && lay.cols % 32 == 0 && cpu_has_avx512f() && lo >= 0 && hi < (int64_t(1) << 32)) {
       // the kept positions first, then their bits: half the keys, and no store per key
       int32_t* above = thread_scratch<int32_t>(2 * static_cast<size_t>(count) + 32);
       int32_t* inside = above + count + 16;
       const auto [over, in_bucket] = split_keys32_avx512(reinterpret_cast<const int32_t*>(key), pos, count,
                                                          static_cast<uint32_t>(lo), static_cast<uint32_t>(hi), above,
                                                          inside);
+      emit(inside, in_bucket);
       for (int64_t j = 0; j < over; ++j) out[above[j] >> 5] |= uint32_t(1) << (above[j] & 31);
-      TORCH_CHECK(in_bucket <= width, "bucket_split_: more than widths[", index, "] keys in the bucket");
-      for (int64_t b = 0; b < in_bucket; ++b) {
-        payload[b] = static_cast<int64_t>(key[inside[b]]);
-        bucket_positions->push_back(static_cast<int64_t>(pos[inside[b]]));
-      }
-      std::fill(payload + in_bucket, payload + width, int64_t(-1));
       return;
     }
   }
 #endif
+  // the indices of the bucket's keys, compacted without a branch (a branch per key costs more
+  // than the loop), into the calling thread's scratch
+  const auto span = static_cast<uint64_t>(hi - lo);
   int64_t* picked = thread_scratch<int64_t>(static_cast<size_t>(count) + 1);
   int64_t in_bucket = 0;
-  if (whole_words) {
-    for (int64_t j = 0; j < count; ++j) {
-      const auto k = static_cast<int64_t>(key[j]);
-      const auto flat = static_cast<int64_t>(pos[j]);
-      picked[in_bucket] = j;
-      in_bucket += static_cast<uint64_t>(k - lo) <= span;
-      out[flat >> 5] |= static_cast<uint32_t>(k > hi) << (flat & 31);
-    }
-  } else {
-    for (int64_t j = 0; j < count; ++j) {
-      picked[in_bucket] = j;
-      in_bucket += static_cast<uint64_t>(static_cast<int64_t>(key[j]) - lo) <= span;
-    }
+  for (int64_t j = 0; j < count; ++j) {
+    picked[in_bucket] = j;
+    in_bucket += static_cast<uint64_t>(static_cast<int64_t>(key[j]) - lo) <= span;
   }
-  TORCH_CHECK(in_bucket <= width, "bucket_split_: more than widths[", index, "] keys in the bucket");
-  for (int64_t b = 0; b < in_bucket; ++b) {
-    payload[b] = static_cast<int64_t>(key[picked[b]]);
-    if (pos != nullptr) bucket_positions->push_back(static_cast<int64_t>(pos[picked[b]]));
-  }
-  std::fill(payload + in_bucket, payload + width, int64_t(-1));
-  if (out != nullptr && !whole_words) keep_above(lay, out, key, pos, count, hi);
+  emit(picked, in_bucket);
+  if (out != nullptr) keep_above(lay, out, key, pos, count, hi);
 }
 
 // Once the ranks know each tensor's threshold bucket [lo[i], hi[i]]: one int64 payload holding,

@@ -44,8 +44,8 @@ def _(tensors, mask_words):
 
 def _ready_lists(tensors: list[Tensor], masks: list):
     """(kernel views, mask words) of the common call, or None: every masked tensor a contiguous
-    tensor of a float dtype the kernels take (fp16, bf16, fp32, fp64) with storage of its own (so no two overlap) on one device, its mask a Mask of
-    its shape, nothing traced. These need none of the general front end's per-tensor layout work
+    tensor of a float dtype the kernels take (fp16, bf16, fp32, fp64) with storage of its own (so
+    no two overlap) on one device, its mask a Mask of its shape, nothing traced. These need none of the general front end's per-tensor layout work
     and checks, and go to the backend module directly (as the optimizers' plans do: the custom
     op's dispatch is most of the host cost of a call over many small tensors)."""
     if not tensors or torch.compiler.is_compiling():
