@@ -255,6 +255,7 @@ def test_whole_training_step_replays_in_a_cuda_graph(kernels, name):
     opt.zero_grad(set_to_none=True)
     with torch.cuda.graph(graph):
         train_step(model, opt, static_x, static_y)
+    _churn_launch_tables()
     before = [p.detach().clone() for p in model.parameters()]
     for x, y in batches[3:]:
         static_x.copy_(x)
@@ -270,3 +271,34 @@ def test_whole_training_step_replays_in_a_cuda_graph(kernels, name):
         for value in opt.state[model[i].weight].values():
             if isinstance(value, torch.Tensor) and value.shape == weight.shape:
                 assert torch.equal(value[~keep], torch.zeros_like(value[~keep]))
+
+
+def _churn_launch_tables():
+    # masked steps and re-masking passes over more layouts than any launch-table cache keeps,
+    # then the freed memory overwritten: a captured graph must still find its own tables
+    g = torch.Generator().manual_seed(7)
+    for n in range(1, 100):
+        shapes = [(n, 33), (2 * n + 1,)]
+        params = [torch.randn(s, generator=g).cuda() for s in shapes]
+        masks = [dk.Mask.from_bool((torch.rand(s, generator=g) > 0.5).cuda()) for s in shapes]
+        ops.masked_sgd_(params, [torch.ones_like(p) for p in params], [None, None], masks, lr=0.1 * n,
+                        momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False)
+        ops.apply_masks_(params, masks)
+    garbage = torch.full((64 * 2**20,), -1, dtype=torch.int64, device="cuda")
+    torch.cuda.synchronize()
+    del garbage
+
+
+def test_capture_of_a_non_capturable_masked_adamw_step_raises(kernels):
+    # the op's step sizes are read from host step counts: a replay would repeat them, so capture
+    # is refused as torch refuses it for AdamW(capturable=False)
+    from dsd_kernels.optim import MaskedAdamW
+    p = torch.nn.Parameter(torch.randn(64, 64, device="cuda"))
+    opt = MaskedAdamW([p], lr=1e-2)
+    opt.set_masks({p: (torch.rand(64, 64) > 0.5).cuda()})
+    p.grad = torch.randn_like(p)
+    opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="capturable is False"):
+        with torch.cuda.graph(graph):
+            opt.step()

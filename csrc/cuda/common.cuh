@@ -20,6 +20,7 @@
 
 #ifndef DSD_CUDA_EMULATION
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cub/block/block_scan.cuh>
@@ -30,6 +31,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #include "../float_keys.h"
@@ -43,8 +45,22 @@ using dsd_kernels_layout::MaskLayout;
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullWarp = 0xFFFFFFFFu;
 
+#ifndef DSD_CUDA_EMULATION
+// Tables uploaded while a CUDA graph captured, with their pinned sources: every replay copies
+// from that host block again, so neither may ever be freed or reused (leaked on purpose: no
+// CUDA frees at exit).
+inline void hold_for_graphs(const at::Tensor& host, const at::Tensor& device_table) {
+  static std::mutex lock;
+  static auto* held = new std::vector<at::Tensor>();
+  const std::lock_guard<std::mutex> guard(lock);
+  held->push_back(host);
+  held->push_back(device_table);
+}
+#endif
+
 // The int64 `values` on `device`: one copy from pinned memory on the current stream; the
-// caching host allocator keeps the pinned block alive until the copy has run.
+// caching host allocator keeps the pinned block alive until the copy has run (under graph
+// capture, for the process's life: hold_for_graphs).
 inline at::Tensor upload_table(const std::vector<int64_t>& values, const at::Device& device) {
 #ifdef DSD_CUDA_EMULATION  // CPU tensors: a plain copy
   return at::tensor(at::ArrayRef<int64_t>(values), at::TensorOptions().dtype(at::kLong).device(device));
@@ -52,7 +68,11 @@ inline at::Tensor upload_table(const std::vector<int64_t>& values, const at::Dev
   at::Tensor host = at::empty({static_cast<int64_t>(values.size())},
                               at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   std::memcpy(host.data_ptr<int64_t>(), values.data(), values.size() * sizeof(int64_t));
-  return host.to(device, /*non_blocking=*/true);
+  at::Tensor table = host.to(device, /*non_blocking=*/true);
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    hold_for_graphs(host, table);
+  }
+  return table;
 #endif
 }
 

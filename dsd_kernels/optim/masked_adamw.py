@@ -58,6 +58,13 @@ def _reference_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_s
                             maximize=maximize)
 
 
+def _graph_capture_health_check(optimizer: torch.optim.Optimizer) -> None:
+    """torch's check that an optimizer being captured in a CUDA graph is capturable (its name
+    since torch 2.6; the older name warns of deprecation there)."""
+    check = getattr(optimizer, "_accelerator_graph_capture_health_check", None)
+    (check or optimizer._cuda_graph_capture_health_check)()
+
+
 class MaskedAdamW(MaskedParams, torch.optim.AdamW):
     """torch.optim.AdamW (same constructor, defaults, errors, param groups, hooks, schedulers,
     GradScaler, state_dict) with per-parameter binary masks: set_masks, clear_masks, masks,
@@ -127,6 +134,9 @@ class MaskedAdamW(MaskedParams, torch.optim.AdamW):
                       for g, plan in zip(self.param_groups, plans)]
         if None in arithmetic:
             return self._torch_step_then_mask(closure)
+        # the op's step sizes come from step counts read on the host: a CUDA graph would replay
+        # the first ones forever, so capture asks for capturable=True, as AdamW's own step does
+        _graph_capture_health_check(self)
         loss = None
         if closure is not None:
             with torch.enable_grad():

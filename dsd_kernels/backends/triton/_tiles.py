@@ -60,14 +60,40 @@ def _layout_of_shape(shape: torch.Size) -> tuple[int, int, int]:
     return mask_rows_cols(shape)[1], words_per_row, rows * words_per_row
 
 
+# Tables that a CUDA graph captured, with the pinned host rows of copies it captured: a graph
+# replays the addresses it recorded, so these live as long as the process, out of every cache's
+# eviction (keyed by id: a held object's id is never reused).
+_HELD_BY_GRAPHS: dict[int, torch.Tensor] = {}
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (never on CPU tensors)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def hold_if_capturing(device: torch.device, *tensors: torch.Tensor) -> None:
+    """Keep `tensors` for the process's life if a CUDA graph is capturing them now."""
+    if capturing(device):
+        _HELD_BY_GRAPHS.update((id(t), t) for t in tensors)
+
+
 def host_table(rows: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host-built table (a list of rows) on `device`. On a GPU it goes through pinned
     memory, copied asynchronously: a plain .to(device) from pageable memory makes the host wait
     for all the work queued on the stream, so the next step's host work could not overlap it."""
-    table = torch.tensor(rows, dtype=dtype)
-    if device.type == "cuda":
-        return table.pin_memory().to(device, non_blocking=True)
-    return table.to(device)
+    return to_device(torch.tensor(rows, dtype=dtype), device)
+
+
+def to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-built table on `device`, through pinned memory on a GPU (see host_table); also
+    the one way to copy a table while a CUDA graph captures (a pageable copy waits on the
+    stream, which capture forbids)."""
+    if device.type != "cuda":
+        return table.to(device)
+    pinned = table.pin_memory()
+    on_device = pinned.to(device, non_blocking=True)
+    hold_if_capturing(device, pinned, on_device)  # a replay copies from `pinned` again
+    return on_device
 
 
 _TABLES: OrderedDict = OrderedDict()  # (rows, dtype, device) -> the table on the device
@@ -92,6 +118,7 @@ def cached_table(rows: list, dtype: torch.dtype, device: torch.device) -> torch.
             _TABLES.popitem(last=False)
     else:
         _TABLES.move_to_end(key)
+        hold_if_capturing(device, table)
     return table
 
 
@@ -108,7 +135,10 @@ def planned_tables(static_key, varying: tuple, build):
         return build()
     entry = _PLANNED.get(static_key)
     if entry is not None and entry[0] == varying:
-        return entry[1]
+        tables = entry[1]
+        for _, _, tiles, meta in tables:  # a graph captured now holds them past any rebuild
+            hold_if_capturing(tiles.device, tiles, meta)
+        return tables
     tables = build()
     _PLANNED[static_key] = (varying, tables)
     return tables
@@ -136,9 +166,15 @@ def by_dtype(tensors) -> dict[torch.dtype, list[int]]:
     return groups
 
 
-@lru_cache(maxsize=64)
 def cached_tile_table(num_words: tuple[int, ...], tile_words: int, device: torch.device) -> torch.Tensor:
     """tile_table's tiles, kept per layout: an optimizer steps the same tensors every step."""
+    tiles = _cached_tile_table(num_words, tile_words, device)
+    hold_if_capturing(device, tiles)
+    return tiles
+
+
+@lru_cache(maxsize=64)
+def _cached_tile_table(num_words: tuple[int, ...], tile_words: int, device: torch.device) -> torch.Tensor:
     return tile_table(list(num_words), tile_words, device)[0]
 
 
@@ -149,7 +185,7 @@ def tile_table(num_words: list[int], tile_words: int, device) -> tuple[torch.Ten
     seg = torch.repeat_interleave(torch.arange(len(num_words)), per_seg)
     first_tile = torch.cumsum(per_seg, 0) - per_seg
     first_word = (torch.arange(num_tiles) - first_tile[seg]) * tile_words
-    return torch.stack([seg, first_word], 1).to(device), first_tile.to(device)
+    return to_device(torch.stack([seg, first_word], 1), device), to_device(first_tile, device)
 
 
 # segment flags (a column of the multi-tensor kernels' segment tables)
