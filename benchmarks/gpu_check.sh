@@ -31,10 +31,11 @@ step() {
     local cap=$1; shift
     local left=$(( BUDGET - (SECONDS - start) ))
     local limit=$(( left < cap ? left : cap ))
-    if (( limit < 15 )); then echo "=== SKIPPED (budget spent): $*"; return; fi
+    if (( limit < 15 )); then echo "=== SKIPPED (budget spent): $*"; last_rc=124; return; fi
     echo "=== [$(( SECONDS - start ))s] $* (limit ${limit}s)"
     timeout -k 5 "$limit" "$@"
-    echo "=== rc=$? at $(( SECONDS - start ))s"
+    last_rc=$?
+    echo "=== rc=$last_rc at $(( SECONDS - start ))s"
     pack
 }
 
@@ -80,7 +81,36 @@ for when in ("before any CUDA work", "after a CUDA selection"):
     except RuntimeError as err:
         print(f"probe ({when}): RuntimeError raised as it should:", str(err).splitlines()[0])
 PY
+# the machine's compiler and CPU (the probe raises on this repo's CPU machine, CUDA build of torch
+# 2.11 under Python 3.11 and 3.12 included), and a native backtrace if it crashes here: gdb where
+# the image has it, else a preloaded SIGSEGV handler that prints the C++ frames (after a crash only)
+g++ --version | head -1; grep -m1 "model name" /proc/cpuinfo; ldd dsd_kernels/_C.so | grep -E "gomp|stdc|gcc_s"
 step 30 python3 -X faulthandler /tmp/cpp_check_probe.py
+if (( last_rc != 139 )); then
+    :
+elif command -v gdb >/dev/null; then
+    step 60 gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" --args python3 /tmp/cpp_check_probe.py
+else
+    cat > /tmp/segv_trace.c <<'C'
+#include <execinfo.h>
+#include <signal.h>
+#include <unistd.h>
+static void on_segv(int sig) {
+  void* frames[64];
+  const char msg[] = "native frames at the fault:\n";
+  write(2, msg, sizeof msg - 1);
+  backtrace_symbols_fd(frames, backtrace(frames, 64), 2);
+  signal(sig, SIG_DFL);
+  raise(sig);
+}
+__attribute__((constructor)) static void install(void) { signal(SIGSEGV, on_segv); }
+C
+    gcc -shared -fPIC -O1 -o /tmp/segv_trace.so /tmp/segv_trace.c \
+        && step 30 bash -c "env LD_PRELOAD=/tmp/segv_trace.so python3 /tmp/cpp_check_probe.py 2>&1 | tee /tmp/segv.txt"
+    # the extension's frames by name (its offsets mean nothing once this machine is gone)
+    grep -o '_C.so(+0x[0-9a-f]*)' /tmp/segv.txt | grep -o '0x[0-9a-f]*' \
+        | xargs -r addr2line -C -f -i -e dsd_kernels/_C.so
+fi
 
 step 120 python3 -m pytest -m gpu -p no:cacheprovider -q -s -rfE --junitxml="$OUT/r/gpu.xml"
 
