@@ -92,6 +92,29 @@ def test_planned_steps_are_the_general_steps_bit_for_bit(name, cpu_backend):
     assert opt_a.__dict__["_step_plans"], "the steady state took no plan"
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float64, torch.float32), (torch.float32, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("name", ["sgd-fused", "sgd"])
+def test_planned_sgd_over_mixed_dtypes_is_the_general_step(name, dtypes, cpu_backend):
+    # several dtypes in one group: the kept per-plan calls (one per dtype, the fp16/bf16 split)
+    # must step each tensor as the general path does
+    (a, opt_a), (b, opt_b) = pair(name, cpu_backend)
+    for params in (a, b):
+        for i, p in enumerate(params):
+            p.data = p.data.to(dtypes[i % 2])
+    for step in range(4):
+        for params in (a, b):
+            g = torch.Generator().manual_seed(100 + step)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).to(DEVICE, p.dtype).contiguous(
+                    memory_format=torch.channels_last if p.dim() == 4 else torch.contiguous_format)
+        opt_a.step()
+        opt_b.step()
+        for p, q in zip(a, b):
+            for x, y in ((p, q), (opt_a.state[p]["momentum_buffer"], opt_b.state[q]["momentum_buffer"])):
+                assert torch.equal(x.detach().contiguous().view(torch.uint8), y.detach().contiguous().view(torch.uint8))
+    assert opt_a.__dict__["_step_plans"], "the steady state took no plan"
+
+
 @pytest.mark.skipif(DEVICE != "cpu" or "cpp" not in dk.available_backends(), reason="the C++ kernels on CPU")
 @pytest.mark.parametrize("name,kernel", [("sgd", "dsd_kernels_cpp::masked_sgd_"),
                                          ("adamw", "dsd_kernels_cpp::masked_adamw_")])

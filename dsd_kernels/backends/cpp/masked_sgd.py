@@ -4,13 +4,52 @@ CPU kernel (torch_fused=True) come from that kernel itself, followed by one comp
 over the weights and momentum buffers (csrc/cpu/apply_masks.cpp)."""
 from __future__ import annotations
 
+import weakref
+from functools import cached_property
+
 import torch
 
 from ... import _C  # noqa: F401  (registers torch.ops.dsd_kernels_cpp)
 from ..torch import masked_sgd as torch_masked_sgd
-from ..torch.masked_sgd import sgd_steps
+from ..torch.masked_sgd import sgd_groups, sgd_steps
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+class _FusedCalls:
+    """What the CPU paths derive from a call's tensors alone: whether any is fp16/bf16, and for
+    torch_fused sgd_steps' groups and the masking call's tensors and words."""
+
+    def __init__(self, params, momentum_buffers, mask_words, first_step, momentum):
+        self.half = any(p.dtype in _HALF for p in params)
+        self._of = (params, momentum_buffers, mask_words, first_step, momentum)
+
+    @cached_property
+    def groups(self):
+        params, _, _, first_step, momentum = self._of
+        return sgd_groups(params, first_step, momentum)
+
+    @cached_property
+    def masking(self) -> tuple[list, list]:
+        params, momentum_buffers, mask_words, _, momentum = self._of
+        masked = [i for i, words in enumerate(mask_words) if words is not None]
+        tensors = [params[i] for i in masked] + ([momentum_buffers[i] for i in masked] if momentum != 0 else [])
+        return tensors, [mask_words[i] for i in masked] * (2 if momentum != 0 else 1)
+
+
+# static_key -> (first_step, momentum != 0, _FusedCalls): a plan's steps reuse them (the
+# static_key promise of backends/triton/_tiles.planned_tables: the same tensors every call)
+_KEPT_CALLS = weakref.WeakKeyDictionary()
+
+
+def _fused_calls(static_key, params, momentum_buffers, mask_words, first_step, momentum) -> _FusedCalls:
+    if static_key is None:
+        return _FusedCalls(params, momentum_buffers, mask_words, first_step, momentum)
+    entry = _KEPT_CALLS.get(static_key)
+    if entry is None or entry[0] is not first_step or entry[1] != (momentum != 0):
+        entry = _KEPT_CALLS[static_key] = (first_step, momentum != 0, _FusedCalls(
+            params, momentum_buffers, mask_words, first_step, momentum))
+    return entry[2]
 
 
 def masked_sgd_(params, grads, momentum_buffers, mask_words, first_step, *, lr, momentum,
@@ -20,7 +59,9 @@ def masked_sgd_(params, grads, momentum_buffers, mask_words, first_step, *, lr, 
     fp16/bf16 on CPU take torch's own ops (the torch backend): torch rounds them op by op with
     scalars in the dtype or in float depending on whether an element falls in its vector loop or
     its scalar tail, which only its own kernels reproduce on every CPU."""
-    if params and not params[0].is_cuda and any(p.dtype in _HALF for p in params):
+    on_cpu = bool(params) and not params[0].is_cuda
+    calls = _fused_calls(static_key, params, momentum_buffers, mask_words, first_step, momentum) if on_cpu else None
+    if on_cpu and calls.half:
         half = [i for i, p in enumerate(params) if p.dtype in _HALF]
         rest = [i for i, p in enumerate(params) if p.dtype not in _HALF]
         hyper = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
@@ -32,14 +73,13 @@ def masked_sgd_(params, grads, momentum_buffers, mask_words, first_step, *, lr, 
                      [mask_words[i] for i in index], [first_step[i] for i in index] if momentum != 0 else [],
                      **hyper)
         return
-    if torch_fused and params and not params[0].is_cuda:
+    if torch_fused and on_cpu:
         with torch.no_grad():
-            sgd_steps(params, grads, momentum_buffers, first_step, True, lr=lr, momentum=momentum,
-                      dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
-        masked = [i for i, words in enumerate(mask_words) if words is not None]
-        if masked:
-            tensors = [params[i] for i in masked] + ([momentum_buffers[i] for i in masked] if momentum != 0 else [])
-            words = [mask_words[i] for i in masked] * (2 if momentum != 0 else 1)
+            sgd_steps(params, grads, momentum_buffers, first_step, True, groups=calls.groups, lr=lr,
+                      momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                      maximize=maximize)
+        tensors, words = calls.masking
+        if tensors:
             torch.ops.dsd_kernels_cpp.apply_masks_(tensors, words)
         return
     torch.ops.dsd_kernels_cpp.masked_sgd_(params, grads, momentum_buffers, mask_words,

@@ -72,15 +72,27 @@ def _sgd(params, grads, bufs, first, torch_fused, **hyper):
         _foreach_sgd(params, grads, bufs, first, **hyper)
 
 
-def sgd_steps(params, grads, momentum_buffers, first_step, torch_fused, **hyper) -> None:
-    """torch's SGD step without masks: one fused (or foreach) call per (dtype, first-step) group."""
-    momentum = hyper["momentum"]
+def sgd_groups(params, first_step, momentum) -> list[tuple[bool, list[int] | None]]:
+    """[(first, index)]: the tensors that one fused (or foreach) call steps together, by dtype
+    and first step; index None where one call takes every tensor in order."""
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
         groups.setdefault((p.dtype, momentum != 0 and first_step[i]), []).append(i)
-    for (_, first), index in groups.items():
-        _sgd([params[i] for i in index], [grads[i] for i in index],
-             [momentum_buffers[i] for i in index] if momentum != 0 else [], first, torch_fused, **hyper)
+    if len(groups) == 1:
+        return [(first, None) for (_, first) in groups]
+    return [(first, index) for (_, first), index in groups.items()]
+
+
+def sgd_steps(params, grads, momentum_buffers, first_step, torch_fused, groups=None, **hyper) -> None:
+    """torch's SGD step without masks: one fused (or foreach) call per (dtype, first-step) group
+    (groups: sgd_groups' for these tensors, where the caller keeps them)."""
+    momentum = hyper["momentum"]
+    for first, index in groups if groups is not None else sgd_groups(params, first_step, momentum):
+        if index is None:
+            _sgd(params, grads, momentum_buffers if momentum != 0 else [], first, torch_fused, **hyper)
+        else:
+            _sgd([params[i] for i in index], [grads[i] for i in index],
+                 [momentum_buffers[i] for i in index] if momentum != 0 else [], first, torch_fused, **hyper)
 
 
 def masked_sgd_(params, grads, momentum_buffers, mask_words, first_step, *, lr, momentum,
