@@ -14,6 +14,7 @@ import torch
 
 from dsd_kernels import reference as R
 
+from ._helpers.interpreter import require_interpreter_feature
 from .test_masked_sgd import OPTIONS, TOL
 from .test_magnitude_select import FLOATS, SPARSITIES, adversarial
 
@@ -157,6 +158,7 @@ def test_masked_adamw_matches_the_triton_kernels_cuda_rounding_bit_for_bit(emu, 
     weights and moments are +0 whatever the gradient held there."""
     if "triton" not in __import__("dsd_kernels").available_backends():
         pytest.skip("triton backend unavailable")
+    require_interpreter_feature("fma")  # the CUDA rounding fuses multiply-adds
     from dsd_kernels.backends.triton import masked_adamw as T
     params, keeps = sgd_inputs(dtype)
     words = [None if k is None else R.pack_bits(k) for k in keeps]

@@ -5,6 +5,7 @@ import torch
 import dsd_kernels as dk
 from dsd_kernels import reference as R
 
+from ._helpers.interpreter import require_interpreter_feature
 from .conftest import DEVICE
 
 pytestmark = pytest.mark.skipif("triton" not in dk.available_backends(),
@@ -49,6 +50,7 @@ def test_masked_sgd_is_one_launch_per_dtype_for_a_whole_group():
 
 
 def test_masked_linear_launches():
+    require_interpreter_feature("loaded_range")
     from dsd_kernels import ops
     x = torch.randn(5, 70, device=DEVICE, requires_grad=True)
     w = torch.randn(40, 70, device=DEVICE, requires_grad=True)

@@ -59,8 +59,8 @@ def _reference_masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_s
 
 
 def _graph_capture_health_check(optimizer: torch.optim.Optimizer) -> None:
-    """torch's check that an optimizer being captured in a CUDA graph is capturable (its name
-    since torch 2.6; the older name warns of deprecation there)."""
+    """torch's check that an optimizer being captured in a CUDA graph is capturable (by its newer
+    name where torch has it: the older one then warns of deprecation)."""
     check = getattr(optimizer, "_accelerator_graph_capture_health_check", None)
     (check or optimizer._cuda_graph_capture_health_check)()
 

@@ -279,9 +279,25 @@ def _close(a, b) -> bool:
     return torch.allclose(a.double(), b.double(), rtol=tol, atol=tol, equal_nan=True)
 
 
+def _interpreter_cannot_loop() -> bool:
+    """Triton's interpreter here cannot run masked_linear's loop (see interpreter.py); the
+    fuzz then leaves masked_linear's Triton backend out and says so once."""
+    from .interpreter import _missing, interpreting
+    reason = interpreting() and _missing("loaded_range")
+    if reason and not _SAID:
+        print(f"masked_linear's Triton backend left out: {reason}", file=sys.stderr)
+        _SAID.append(reason)
+    return bool(reason)
+
+
+_SAID: list[str] = []
+
+
 def run_one(name, device, call, backends) -> None:
     COUNTS["calls"] += 1
     outcomes = {}
+    if name.startswith("masked_linear") and "triton" in backends and _interpreter_cannot_loop():
+        backends = tuple(b for b in backends if b != "triton")
     for backend in ("torch",) + tuple(backends):
         with dk.use_backend(backend):
             try:

@@ -136,8 +136,8 @@ def planned_tables(static_key, varying: tuple, build):
     entry = _PLANNED.get(static_key)
     if entry is not None and entry[0] == varying:
         tables = entry[1]
-        for _, _, tiles, meta in tables:  # a graph captured now holds them past any rebuild
-            hold_if_capturing(tiles.device, tiles, meta)
+        if tables and capturing(tables[0][2].device):  # a graph captured now holds them past any rebuild
+            hold_if_capturing(tables[0][2].device, *(t for _, _, tiles, meta in tables for t in (tiles, meta)))
         return tables
     tables = build()
     _PLANNED[static_key] = (varying, tables)
