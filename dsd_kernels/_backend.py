@@ -40,6 +40,8 @@ class Implementation:
     fallback: chosen only where no preferred row can serve; reported once when it is.
     variants: the variants of the op it computes (masked_sgd: "foreach", the arithmetic of
     torch's single-tensor and foreach SGD, and "fused", that of torch's fused kernel).
+    auto_dtypes: the dtypes auto chooses it for, where that is fewer than it serves (None: all
+    of `dtypes`); forced, it serves all of them.
     """
     op: str
     backend: str
@@ -49,6 +51,11 @@ class Implementation:
     auto: bool = True
     fallback: bool = False
     variants: tuple[str, ...] = ("default",)
+    auto_dtypes: tuple[torch.dtype, ...] | None = None
+
+    def preferred_for(self, dtypes) -> bool:
+        """Whether auto may choose it for `dtypes` (given that it serves them)."""
+        return self.auto and (self.auto_dtypes is None or all(d in self.auto_dtypes for d in dtypes))
 
     def serves(self, device_type: str, dtypes, variant: str = "default") -> bool:
         return (self.device in (device_type, ANY_DEVICE) and all(d in self.dtypes for d in dtypes)
@@ -56,11 +63,12 @@ class Implementation:
 
 
 def _rows(op: str, module: str, *, cuda: tuple[str, ...], cuda_dtypes=FLOATS, cpu=("cpp", "torch"),
-          variants=("default",), cpp_cpu_variants=None, cpp_cpu_dtypes=FLOATS) -> list[Implementation]:
+          variants=("default",), cpp_cpu_variants=None, cpp_cpu_dtypes=FLOATS,
+          cpp_cpu_auto_dtypes=None) -> list[Implementation]:
     """The standard rows of an op: `cpu` in order on CPU, Triton (interpreter) when forced on
     CPU, `cuda` in order on CUDA, and the torch composite as the declared fallback elsewhere."""
     cpu_rows = {"cpp": Implementation(op, "cpp", "cpu", cpp_cpu_dtypes, f".backends.cpp.{module}",
-                                      variants=cpp_cpu_variants or variants),
+                                      variants=cpp_cpu_variants or variants, auto_dtypes=cpp_cpu_auto_dtypes),
                 "torch": Implementation(op, "torch", "cpu", FLOATS, f".backends.torch.{module}",
                                         variants=variants)}
     rows = [cpu_rows[b] for b in cpu] + [
@@ -72,6 +80,12 @@ def _rows(op: str, module: str, *, cuda: tuple[str, ...], cuda_dtypes=FLOATS, cp
     rows.append(Implementation(op, "torch", ANY_DEVICE, FLOATS, f".backends.torch.{module}", fallback=True,
                                variants=variants))
     return [r for r in rows if r.dtypes]
+
+
+def _aten_uses_avx512() -> bool:
+    """Whether ATen's CPU kernels run their AVX-512 code here (a CPU that has it, not turned
+    off by ATEN_CPU_CAPABILITY): where the C++ fp32 masking loop is AVX-512 too."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 # Order within an (op, device) is the preference under auto. On CPU the C++ kernels measured
@@ -97,10 +111,12 @@ REGISTRY: tuple[Implementation, ...] = tuple(
     # (the same arithmetic, not yet run on a GPU); fp32/fp64, half precision takes the composite
     + _rows("masked_adamw", "masked_adamw", cuda=("triton", "cpp"), cuda_dtypes=(torch.float32, torch.float64),
             variants=("foreach", "fused"), cpp_cpu_dtypes=(torch.float32, torch.float64))
-    # re-masking around any optimizer's step (csrc/cuda has no such kernel); on CPU the
-    # composite's AND with cached unpacked words measured faster than the C++ word loop, which
-    # serves every dtype and CPU (its AVX-512 fp32 loop beats the composite, the rest does not)
-    + _rows("apply_masks", "apply_masks", cuda=("triton",), cpu=("torch", "cpp"))
+    # re-masking around any optimizer's step (csrc/cuda has no such kernel); on CPU the C++
+    # AVX-512 loop for fp32 first (it beat the composite on few large and many small tensors),
+    # else the composite's AND with cached unpacked words, which measured faster than the C++
+    # word loop of other dtypes and CPUs
+    + _rows("apply_masks", "apply_masks", cuda=("triton",),
+            cpp_cpu_auto_dtypes=(torch.float32,) if _aten_uses_avx512() else ())
     # N:M masks: the C++ kernel on CPU, the Triton kernel on CUDA (compiled ahead of time for
     # sm_80/sm_90, not yet run on a GPU)
     + _rows("nm_masks", "nm_masks", cuda=("triton",))
@@ -284,8 +300,8 @@ def resolve(op: str, device: torch.device, dtypes, variant: str = "default") -> 
                    f"choosing automatically")
     skipped = []
     for row in rows:
-        if not row.auto or not row.serves(device.type, dtypes, variant):
-            if row.auto:
+        if not row.preferred_for(dtypes) or not row.serves(device.type, dtypes, variant):
+            if row.auto and not row.serves(device.type, dtypes, variant):
                 skipped.append(f"{row.backend} does not serve {_dtype_names(dtypes)}"
                                + ("" if variant in row.variants else f" ({variant})"))
             continue
@@ -317,13 +333,15 @@ def table() -> list[dict]:
     out, rank = [], {}
     for row in REGISTRY:
         ok, why = row_status(row) if row.device != ANY_DEVICE else (True, "")
-        if not row.auto:
+        if not row.auto or row.auto_dtypes == ():
             role = "forced only"
         elif row.fallback:
             role = "fallback"
         else:
             rank[(row.op, row.device)] = rank.get((row.op, row.device), 0) + 1
             role = f"auto #{rank[(row.op, row.device)]}"
+            if row.auto_dtypes is not None:
+                role += " for " + ", ".join(_SHORT[d] for d in row.auto_dtypes)
         name = row.op if row.variants == ("default",) else f"{row.op} ({', '.join(row.variants)})"
         out.append({"op": name, "backend": row.backend, "device": row.device,
                     "dtypes": ", ".join(_SHORT[d] for d in row.dtypes), "role": role, "available": ok, "why": why})

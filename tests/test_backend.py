@@ -56,7 +56,14 @@ def test_use_backend_selects_the_implementation_that_runs():
 
 def test_auto_on_cpu_takes_cpp_when_built_else_torch():
     want = "cpp" if "cpp" in dk.available_backends() else "torch"
-    assert _backend.resolve("apply_masks", torch.device("cpu"), (torch.float32,)).backend == "torch"
+    # re-masking: the C++ AVX-512 loop for fp32 alone, else the composite (and for mixed lists)
+    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    for dtypes, backend in [((torch.float32,), want if avx512 else "torch"), ((torch.float16,), "torch"),
+                            ((torch.float64,), "torch"), ((torch.float32, torch.bfloat16), "torch")]:
+        assert _backend.resolve("apply_masks", torch.device("cpu"), dtypes).backend == backend, dtypes
+    if "cpp" in dk.available_backends():
+        with dk.use_backend("cpp"):  # forced, it serves every dtype
+            assert _backend.resolve("apply_masks", torch.device("cpu"), (torch.float16,)).backend == "cpp"
     for op in ("magnitude_select", "magnitude_select_sharded", "masked_sgd", "masked_linear"):
         for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             assert _backend.resolve(op, torch.device("cpu"), (dtype,)).backend == want
