@@ -161,6 +161,8 @@ def test_planned_steps_are_the_general_steps_on_cuda(kernels, name):
     # end's steps, in the kernels' own arithmetic, channels_last included
     from dsd_kernels.optim import MaskedAdamW, MaskedSGD
     make = {"sgd": lambda ps: MaskedSGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3),
+            "sgd-fused-device-lr": lambda ps: MaskedSGD(ps, lr=torch.tensor(0.05, device="cuda"), momentum=0.9,
+                                                         fused=True),
             "sgd-fused": lambda ps: MaskedSGD(ps, lr=0.05, momentum=0.9, fused=True),
             "adamw": lambda ps: MaskedAdamW(ps, lr=1e-2),
             "adamw-amsgrad": lambda ps: MaskedAdamW(ps, lr=1e-2, amsgrad=True)}[name]
@@ -207,7 +209,7 @@ def test_to_semi_structured_matches_the_masked_layer():
         to_semi_structured(fp32)
 
 
-@pytest.mark.parametrize("name", ["sgd", "adamw-capturable", "adam-capturable+masks"])
+@pytest.mark.parametrize("name", ["sgd", "sgd-fused-device-lr", "adamw-capturable", "adam-capturable+masks"])
 def test_whole_training_step_replays_in_a_cuda_graph(kernels, name):
     # forward, backward and the masked step captured once in a CUDA graph (torch's whole-network
     # recipe: warm-up on a side stream, grads set to None before capture) and replayed on new
@@ -215,6 +217,8 @@ def test_whole_training_step_replays_in_a_cuda_graph(kernels, name):
     # exactly 0 throughout (not run on a GPU yet)
     from dsd_kernels.optim import MaskedAdamW, MaskedSGD, OptimizerMasks
     make = {"sgd": lambda ps: MaskedSGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3),
+            "sgd-fused-device-lr": lambda ps: MaskedSGD(ps, lr=torch.tensor(0.05, device="cuda"), momentum=0.9,
+                                                         fused=True),
             "adamw-capturable": lambda ps: MaskedAdamW(ps, lr=1e-2, capturable=True),
             "adam-capturable+masks": lambda ps: torch.optim.Adam(ps, lr=1e-2, capturable=True)}[name]
     g = torch.Generator().manual_seed(0)

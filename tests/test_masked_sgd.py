@@ -193,6 +193,38 @@ def test_lr_scheduler_and_tensor_lr():
     assert torch.allclose(p, torch.full((3,), -1.75))
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_tensor_lr_takes_sgds_own_step_then_one_remasking(fused):
+    # a tensor lr is read by SGD's own step (on a GPU without a host sync), then the pruned
+    # weights and momentum go back to exactly 0: the same bits as SGD on the masked gradients
+    from torch.profiler import ProfilerActivity, profile
+    g = torch.Generator().manual_seed(3)
+    values = [torch.randn(8, 12, generator=g), torch.randn(12, generator=g)]
+    keep = torch.rand(8, 12, generator=g) > 0.5
+    ours = [torch.nn.Parameter(v.clone()) for v in values]
+    theirs = [torch.nn.Parameter(v.masked_fill(~keep, 0) if v.dim() == 2 else v.clone()) for v in values]
+    opt = MaskedSGD(ours, lr=torch.tensor(0.05), momentum=0.9, fused=fused)
+    opt.set_masks({ours[0]: keep})
+    ref = torch.optim.SGD(theirs, lr=torch.tensor(0.05), momentum=0.9, fused=fused)
+    for step in range(3):
+        grads = [torch.randn(v.shape, generator=g) for v in values]
+        for p, q, gr in zip(ours, theirs, grads):
+            p.grad = gr.clone()
+            q.grad = gr.masked_fill(~keep, 0) if gr.dim() == 2 else gr.clone()  # +0, as ours
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            opt.step()
+        ref.step()
+        opt.param_groups[0]["lr"].mul_(0.5)  # changed in place, as a CUDA-graph LR schedule does
+        ref.param_groups[0]["lr"].mul_(0.5)
+        for p, q in zip(ours, theirs):
+            assert torch.equal(p.detach().view(torch.int32), q.detach().view(torch.int32))
+            assert torch.equal(opt.state[p]["momentum_buffer"].view(torch.int32),
+                               ref.state[q]["momentum_buffer"].view(torch.int32))
+    names = {e.name for e in prof.events()}
+    assert ("aten::_fused_sgd_" in names) == fused
+    assert not any(n.startswith("dsd_kernels::masked_sgd") or n.endswith("::masked_sgd_") for n in names)
+
+
 def test_grad_scaler_skipped_step_changes_nothing():
     model = torch.nn.Linear(6, 4)
     opt = MaskedSGD(model.parameters(), lr=0.1, momentum=0.9)

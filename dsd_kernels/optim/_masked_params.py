@@ -10,7 +10,7 @@ from .. import ops
 from .._dtensor import local_tensor
 from ..masks import Mask, as_mask
 from ..ops._common import sparsity_list
-from ..ops._plan import NotPlannable
+from ..ops._plan import NotPlannable, apply_masks_plans
 from .mask_state import add_mask_entries, param_at, take_mask_entries
 from .masking import zero_pruned
 
@@ -117,6 +117,45 @@ class MaskedParams:
         """The gradients of a plan's parameters for this step, laid out for its kernels, or
         None where the general path must step (a missing or sparse gradient, another layout)."""
         return plan.gradients([p.grad for p in plan.tensors])
+
+    def _remask(self) -> None:
+        """After a step that torch's own optimizer took: the pruned weights and their state
+        tensors back to exactly 0, in one planned apply_masks_ call per device where it can."""
+        plans = self._remask_plans()
+        if plans is None:
+            zero_pruned(self, self._masks, params=True)
+        else:
+            for plan in plans:
+                plan.impl.apply_masks_(plan.views, plan.words, static_key=plan)
+
+    def _remask_plans(self) -> list | None:
+        """apply_masks_ plans (one per device) over the masked weights and every state tensor of
+        their shape, for the steps torch's own optimizer takes; kept while the state holds the tensors they
+        were made of (see _state_holds) and every tensor its storage, None where they need the
+        general front end (decided once for that state) or under tracing."""
+        if torch.compiler.is_compiling():
+            return None
+        plans = self.__dict__.setdefault("_step_plans", {})
+        entry = plans.get("remask")
+        if entry is not None:
+            built, snapshot, held = entry
+            if (self._same_state(snapshot) and all(sd.get(key) is t for sd, key, t in held)
+                    and (built is None or all(plan.current() for plan in built))):
+                return built
+        state = self.state
+        tensors, masks, held = [], [], []
+        for p, m in self._masks.items():
+            tensors.append(p)
+            masks.append(m)
+            sd = state.get(p, {})
+            for key, value in sd.items():
+                if isinstance(value, Tensor) and value.shape == p.shape:
+                    tensors.append(value)
+                    masks.append(m)
+                    held.append((sd, key, value))
+        built = apply_masks_plans(tensors, masks)
+        plans["remask"] = (built, list(state.values()), held)
+        return built
 
     # ------------------------------------------------------------ masks
     @property

@@ -20,10 +20,10 @@ from torch import Tensor
 from .. import ops, reference
 from ..masks import Mask, as_mask
 from ..ops._common import as_tensor_list
-from ..ops._plan import KernelPlan, NotPlannable, apply_masks_plans
+from ..ops._plan import KernelPlan, NotPlannable
 from ..ops.masked_adamw import check_adamw_hyperparameters
 from ._masked_params import MaskedParams, NotReady
-from .masking import state_tensors, zero_pruned
+from .masking import state_tensors
 
 
 def masked_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -187,39 +187,5 @@ class MaskedAdamW(MaskedParams, torch.optim.AdamW):
                         with torch.set_grad_enabled(not (v.is_leaf and v.requires_grad)):
                             v.masked_fill_(~keep, 0)
             else:
-                plans = self._remask_plans()
-                if plans is None:
-                    zero_pruned(self, self._masks, params=True)
-                else:
-                    for plan in plans:
-                        plan.impl.apply_masks_(plan.views, plan.words, static_key=plan)
+                self._remask()
         return loss
-
-    def _remask_plans(self) -> list | None:
-        """apply_masks_ plans (one per device) over the masked weights and every state tensor of
-        their shape, for the steps AdamW itself takes; kept while the state holds the tensors they
-        were made of (see _state_holds) and every tensor its storage, None where they need the
-        general front end (decided once for that state) or under tracing."""
-        if torch.compiler.is_compiling():
-            return None
-        plans = self.__dict__.setdefault("_step_plans", {})
-        entry = plans.get("remask")
-        if entry is not None:
-            built, snapshot, held = entry
-            if (self._same_state(snapshot) and all(sd.get(key) is t for sd, key, t in held)
-                    and (built is None or all(plan.current() for plan in built))):
-                return built
-        state = self.state
-        tensors, masks, held = [], [], []
-        for p, m in self._masks.items():
-            tensors.append(p)
-            masks.append(m)
-            sd = state.get(p, {})
-            for key, value in sd.items():
-                if isinstance(value, Tensor) and value.shape == p.shape:
-                    tensors.append(value)
-                    masks.append(m)
-                    held.append((sd, key, value))
-        built = apply_masks_plans(tensors, masks)
-        plans["remask"] = (built, list(state.values()), held)
-        return built

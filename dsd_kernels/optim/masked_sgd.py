@@ -16,7 +16,6 @@ from ..ops._common import as_tensor_list
 from ..ops.masked_sgd import check_sgd_hyperparameters
 from ..ops._plan import KernelPlan
 from ._masked_params import MaskedParams, NotReady
-from .masking import zero_pruned
 
 
 def masked_sgd(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None],
@@ -68,11 +67,13 @@ class MaskedSGD(MaskedParams, torch.optim.SGD):
     groups otherwise carry exactly SGD's keys, so SGD's state_dict loads here and ours there).
 
     foreach / fused: accepted with SGD's defaults, checks and errors; whatever the flags, the step
-    is one fused masked update per device (one launch per dtype on a GPU), and on CPU its fp32/fp64
+    (float lr) is one fused masked update per device (one launch per dtype on a GPU), and on CPU its fp32/fp64
     bits are those of torch.optim.SGD with the same flags (torch's three implementations agree
     there). With fused=True a GradScaler's scale and found-inf flag are honoured as SGD's fused
     step does (gradients unscaled in place; the step skipped on inf). differentiable=True steps
-    with the per-tensor reference under autograd, as SGD's differentiable mode does.
+    with the per-tensor reference under autograd, as SGD's differentiable mode does. A tensor lr
+    takes SGD's own step and then one re-masking pass: the lr stays on its device (with
+    fused=True on a GPU no host sync, so a CUDA graph captures the step).
     """
 
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
@@ -85,13 +86,13 @@ class MaskedSGD(MaskedParams, torch.optim.SGD):
 
     # ------------------------------------------------------------ step
     def step(self, closure=None):
-        if any(self._lists_a_param_twice(g) for g in self.param_groups):
-            # torch steps such a parameter once per listing, with its foreach ops applied list-wise:
-            # its own step on the raw gradients, then the pruned entries zeroed (elementwise, the
-            # kept ones are those of SGD on the masked gradients)
+        if any(self._lists_a_param_twice(g) or self._takes_sgd_step(g) for g in self.param_groups):
+            # SGD's own step on the raw gradients (a parameter listed twice: torch steps it once per
+            # listing, its foreach ops applied list-wise), then the pruned entries zeroed
+            # (elementwise, the kept ones are those of SGD on the masked gradients)
             loss = self._torch_step(torch.optim.SGD, closure)
             if self._masks:
-                zero_pruned(self, self._masks, params=True)
+                self._remask()
             return loss
         loss = None
         if closure is not None:
@@ -102,6 +103,13 @@ class MaskedSGD(MaskedParams, torch.optim.SGD):
             for group in self.param_groups:
                 self._step_group(group)
         return loss
+
+    @staticmethod
+    def _takes_sgd_step(group: dict) -> bool:
+        """A group with a tensor lr (outside differentiable mode) takes SGD's own step: the op
+        would read the lr on the host at every step (on a GPU a sync, which CUDA-graph capture
+        forbids), where SGD(fused=True) reads it on the device."""
+        return isinstance(group["lr"], Tensor) and not group["differentiable"]
 
     def _step_group(self, group: dict) -> None:
         if self._planned_step(group):
