@@ -130,9 +130,9 @@ class MaskedParams:
 
     def _remask_plans(self) -> list | None:
         """apply_masks_ plans (one per device) over the masked weights and every state tensor of
-        their shape, for the steps torch's own optimizer takes; kept while the state holds the tensors they
-        were made of (see _state_holds) and every tensor its storage, None where they need the
-        general front end (decided once for that state) or under tracing."""
+        their shape, for the steps torch's own optimizer takes; kept while the state holds the
+        tensors they were made of (see _state_holds) and every tensor its storage, None where they
+        need the general front end (decided once for that state) or under tracing."""
         if torch.compiler.is_compiling():
             return None
         plans = self.__dict__.setdefault("_step_plans", {})

@@ -282,8 +282,8 @@ def _close(a, b) -> bool:
 def _interpreter_cannot_loop() -> bool:
     """Triton's interpreter here cannot run masked_linear's loop (see interpreter.py); the
     fuzz then leaves masked_linear's Triton backend out and says so once."""
-    from .interpreter import _missing, interpreting
-    reason = interpreting() and _missing("loaded_range")
+    from .interpreter import interpreter_lacks, interpreting
+    reason = interpreting() and interpreter_lacks("loaded_range")
     if reason and not _SAID:
         print(f"masked_linear's Triton backend left out: {reason}", file=sys.stderr)
         _SAID.append(reason)

@@ -9,15 +9,12 @@ interpreter) nothing skips, and the ahead-of-time compile tests cover those kern
 """
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 import pytest
 import torch
 
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
+from dsd_kernels._backend import _interpreting as interpreting
 
 
 @lru_cache(maxsize=None)
@@ -40,7 +37,7 @@ def _kernels():
 
 
 @lru_cache(maxsize=None)
-def _missing(feature: str) -> str | None:
+def interpreter_lacks(feature: str) -> str | None:
     """Why the interpreter cannot run `feature`, or None where it can."""
     fma_kernel, loaded_range_kernel = _kernels()
     if feature == "fma":
@@ -62,11 +59,11 @@ def _missing(feature: str) -> str | None:
 
 
 def require_interpreter_feature(feature: str) -> None:
-    """Skip the test where it runs under Triton's interpreter and that lacks `feature`
-    ("fma" or "loaded_range"); a no-op on a GPU."""
+    """Skip the test where Triton's kernels run under its interpreter (TRITON_INTERPRET set, as
+    tests/conftest.py sets it without a GPU) and that lacks `feature` ("fma" or "loaded_range")."""
     if not interpreting():
         return
-    reason = _missing(feature)
+    reason = interpreter_lacks(feature)
     if reason is not None:
         import triton
         pytest.skip(f"{reason}; Triton {triton.__version__} (the GPU compile of the same kernels is "

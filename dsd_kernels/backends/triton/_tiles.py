@@ -74,7 +74,11 @@ def capturing(device: torch.device) -> bool:
 def hold_if_capturing(device: torch.device, *tensors: torch.Tensor) -> None:
     """Keep `tensors` for the process's life if a CUDA graph is capturing them now."""
     if capturing(device):
-        _HELD_BY_GRAPHS.update((id(t), t) for t in tensors)
+        _hold_for_graphs(tensors)
+
+
+def _hold_for_graphs(tensors) -> None:
+    _HELD_BY_GRAPHS.update((id(t), t) for t in tensors)
 
 
 def host_table(rows: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -137,7 +141,7 @@ def planned_tables(static_key, varying: tuple, build):
     if entry is not None and entry[0] == varying:
         tables = entry[1]
         if tables and capturing(tables[0][2].device):  # a graph captured now holds them past any rebuild
-            hold_if_capturing(tables[0][2].device, *(t for _, _, tiles, meta in tables for t in (tiles, meta)))
+            _hold_for_graphs(t for _, _, tiles, meta in tables for t in (tiles, meta))
         return tables
     tables = build()
     _PLANNED[static_key] = (varying, tables)
