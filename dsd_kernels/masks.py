@@ -34,6 +34,8 @@ def _padding_free(packed: torch.Tensor, cols: int) -> torch.Tensor:
     if used == 0 or packed.numel() == 0 or packed.device.type == "meta":
         return packed
     valid = (1 << used) - 1  # < 2**31: fits an int32
+    if torch.compiler.is_compiling():  # no data-dependent branch in a traced graph: always cleared
+        return torch.cat([packed[:, :-1], packed[:, -1:] & valid], dim=1)
     if not bool((packed[:, -1] & ~valid).any()):
         return packed
     packed = packed.clone()

@@ -133,10 +133,49 @@ def _order(model: nn.Module):
     return lambda name: index.get(name, len(index))
 
 
-def masks_for(selected: list[Selected], *, scope: str = "layer") -> dict[torch.Tensor, "object"]:
-    """Exact magnitude masks of the selected weights: per layer (each at its sparsity), or with
+def check_selection(selected: list[Selected], scope: str = "layer") -> None:
+    """Every reason the selected weights cannot be pruned as asked, found before anything prunes
+    (DSDScheduler checks at construction): one error naming every offending weight by its name.
+    - an N:M sparsity needs rows (shape[0], -1) of a whole number of groups of M;
+    - N:M masks of sharded (DTensor) weights are not supported yet;
+    - scope="global" takes one fractional sparsity for all weights (one threshold)."""
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    from .masks import mask_rows_cols
+    from .ops._common import any_dtensor, nm_pattern
+    patterns = [s for s in selected if isinstance(s.sparsity, str)]
+    if patterns and any_dtensor([s.param for s in patterns]):
+        raise NotImplementedError(f"N:M sparsity of sharded (DTensor, FSDP2) weights is not supported yet "
+                                  f"({', '.join(s.name for s in patterns[:3])}{' ...' if len(patterns) > 3 else ''}"
+                                  f"): give them a fractional sparsity")
+    misfits = []
+    for s in patterns:
+        m = nm_pattern(s.sparsity)[1]
+        rows, cols = mask_rows_cols(s.param.shape)
+        if cols % m:
+            misfits.append(f"{s.name} {tuple(s.param.shape)} (rows of {cols}, sparsity {s.sparsity!r})")
+    if misfits:
+        raise ValueError(f"an N:M sparsity needs rows (shape[0], -1) whose length is a multiple of M; "
+                         f"{len(misfits)} selected weight(s) have none: {'; '.join(misfits)}. Leave them out "
+                         f"(exclude=[...]) or give them a fraction in a sparsity dict ({{pattern: 0.5}})")
+    if scope == "global" and len(selected) > 1:
+        values = {s.sparsity for s in selected}
+        if patterns and len(patterns) != len(selected):
+            raise ValueError(f"scope='global' prunes with one threshold over all weights: it cannot mix N:M "
+                             f"patterns ({', '.join(s.name for s in patterns[:3])}) with fractions; use "
+                             f"scope='layer', or one fraction for all")
+        if not patterns and len(values) != 1:
+            raise ValueError(f"scope='global' takes one sparsity for all weights (one threshold over all of "
+                             f"them), got {sorted(values)} from the sparsity dict; use scope='layer' for one "
+                             f"sparsity per pattern")
+
+
+def masks_for(selected: list[Selected], *, scope: str = "layer", block=None) -> dict[torch.Tensor, "object"]:
+    """Exact magnitude masks of the selected weights: per layer (each at its sparsity; with
+    block=(bh, bw) exactly round(s * tiles) whole tiles, see magnitude_masks), or with
     scope="global" one threshold over all of them (round(s * total) pruned, the same tie rule:
     lowest index first in the weights' concatenation), which needs one sparsity for all."""
+    check_selection(selected, scope)
     if not selected:
         return {}
     if scope == "layer" or all(isinstance(s.sparsity, str) for s in selected):  # N:M is per group anyway
@@ -145,7 +184,7 @@ def masks_for(selected: list[Selected], *, scope: str = "layer") -> dict[torch.T
             by_device.setdefault(s.param.device, []).append(s)
         masks = {}
         for group in by_device.values():
-            found = magnitude_masks([s.param for s in group], [s.sparsity for s in group])
+            found = magnitude_masks([s.param for s in group], [s.sparsity for s in group], block=block)
             masks.update({s.param: m for s, m in zip(group, found)})
         return masks
     if scope != "global":
@@ -166,6 +205,7 @@ def grown_masks(selected: list[Selected], prior: dict, *, scope: str = "layer") 
     prune stays pruned, and the survivors' smallest |w| (the same tie rule, in the survivors'
     order) are pruned on top, so that exactly round(s * numel) are pruned per layer (scope="global":
     round(s * total) over all). A mask only grows: where prior already prunes more, it is kept."""
+    check_selection(selected, scope)
     if not any(s.param in prior for s in selected):
         return masks_for(selected, scope=scope)
     from .masks import Mask

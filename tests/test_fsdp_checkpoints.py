@@ -104,8 +104,11 @@ def _load_worker(rank, world, init_file, out_dir, kind):
         model_state, optim_state = get_state_dict(model, opt)
         state = {"model": model_state, "optim": optim_state, "dsd": dsd.state_dict()}
         dcp.load(state, checkpoint_id=os.path.join(out_dir, "ckpt"))
+        if world == 3:  # either order restores the masks saved
+            dsd.load_state_dict(state["dsd"])
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        dsd.load_state_dict(state["dsd"])
+        if world != 3:
+            dsd.load_state_dict(state["dsd"])
         loaded = _snapshot(model, opt)
         masks_held = len(dsd.masks)
         pruned_zero = []
@@ -150,3 +153,25 @@ def test_dcp_round_trip_reshards_masks(saved, tmp_path, world):
     if world == 2:  # the same shards: training continues bit for bit
         for key, value in record["final"].items():
             assert torch.equal(results[0]["final"][key], value), key
+
+
+def _n_m_worker(rank, world, init_file, out_dir):
+    model, opt, dsd = _setup(rank, world, init_file, "adamw")
+    try:
+        dsd.close()
+        try:
+            from dsd_kernels.dsd import DSDScheduler
+            DSDScheduler(opt, model=model, dense_epochs=1, sparse_epochs=1, redense_epochs=1, sparsity="2:4")
+            message = None
+        except NotImplementedError as err:
+            message = str(err)
+        torch.save({"message": message}, os.path.join(out_dir, f"nm{rank}.pt"))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_n_m_sparsity_of_sharded_weights_is_refused_at_construction(tmp_path):
+    results = run_ranks(_n_m_worker, tmp_path, "nm")
+    assert all(r["message"] and "N:M sparsity of sharded" in r["message"] and "0.weight" in r["message"]
+               for r in results)

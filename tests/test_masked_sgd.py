@@ -281,7 +281,7 @@ def test_invalid_hyperparameters_raise_like_torch_sgd(kwargs, match):
 def test_bad_masks_and_grads():
     a, b = torch.nn.Parameter(torch.randn(4, 5)), torch.nn.Parameter(torch.randn(3))
     opt = MaskedSGD([a], lr=0.1)
-    with pytest.raises(ValueError, match=r"mask has shape \(5, 4\) but its parameter has shape \(4, 5\)"):
+    with pytest.raises(ValueError, match=r"mask of parameter 0 has shape \(5, 4\) but its parameter has shape \(4, 5\)"):
         opt.set_masks({a: torch.ones(5, 4, dtype=torch.bool)})
     with pytest.raises(ValueError, match="does not hold"):
         opt.set_masks({b: torch.ones(3, dtype=torch.bool)})
@@ -366,7 +366,9 @@ def test_masks_are_per_parameter_state_entries_and_the_previous_format_loads():
     opt.prune(0.3)
     state = opt.state_dict()
     assert "masks" not in state and "mask" not in state["state"].get(1, {})  # 1-D: no entry
-    assert torch.equal(state["state"][0]["mask"], opt.masks[a].packed)
+    # the words' little-endian bytes (optim/mask_state.py): they survive a torch optimizer's cast
+    assert state["state"][0]["mask"].dtype == torch.uint8
+    assert torch.equal(state["state"][0]["mask"].view(torch.int32), opt.masks[a].packed)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)
@@ -375,7 +377,7 @@ def test_masks_are_per_parameter_state_entries_and_the_previous_format_loads():
     other.load_state_dict(torch.load(buffer, weights_only=True))
     assert other.masks[other_a] == opt.masks[a] and "mask" not in other.state[other_a]
     fresh = MaskedSGD([torch.nn.Parameter(torch.randn(6, 40))], lr=0.1).state_dict()
-    assert bool((fresh["state"][0]["mask"][:, 0] == -1).all())  # every weight kept: no mask
+    assert bool((fresh["state"][0]["mask"][:, 0] == 255).all())  # every weight kept: no mask
     # the format before per-parameter entries: a top-level {"masks": {index: Mask state}}
     previous = {"state": {}, "param_groups": state["param_groups"], "masks": {0: opt.masks[a].state_dict()}}
     old_loader = MaskedSGD([torch.nn.Parameter(torch.randn(6, 40)), torch.nn.Parameter(torch.randn(6))], lr=0.5)
@@ -401,7 +403,8 @@ def test_load_state_dict_with_a_bad_mask_changes_nothing():
             other.load_state_dict(broken)
         assert _same_state(other.state_dict(), before) and other.masks == {}
     for words, match in ((torch.zeros(6, 2, dtype=torch.int32), r"int32 \(6, 2\); parameter 0 \(\(6, 7\) here\) "
-                                                                   r"needs int32 words of shape \(6, 1\)"),
+                                                                   r"needs bytes of shape \(6, 4\) .* or int32 "
+                                                                   r"words of shape \(6, 1\)"),
                          (torch.zeros(6, 1, dtype=torch.int64), "torch.int64 \\(6, 1\\)"), ("words", "is str")):
         broken = {**state, "state": {0: {**state["state"][0], "mask": words}}}
         with pytest.raises(ValueError, match=match):

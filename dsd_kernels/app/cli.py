@@ -133,6 +133,7 @@ _TRAIN_FIELDS = {"protocol": "protocol", "data": "data", "model": "models", "spa
                  "epochs": "epochs", "cycles": "cycles", "seeds": "seeds", "lr": "lr",
                  "sparse_lr_scale": "sparse_lr_scale", "redense_lr_scale": "redense_lr_scale",
                  "first_conv": "first_conv", "ramp_epochs": "ramp_epochs", "ramp_every": "ramp_every",
+                 "block": "block",
                  "optimizer": "optimizer", "batch_size": "batch_size",
                  "train_samples": "train_samples", "checkpoint_every": "checkpoint_every",
                  "nproc": "nproc", "fsdp": "fsdp", "device": "device"}
@@ -187,6 +188,8 @@ def _cmd_train(args, argv: list[str] | None = None) -> int:
         return fail(f"--nproc must be at least 1, got {args.nproc}")
     if args.train_samples is not None and args.train_samples < 0:
         return fail(f"--train-samples must be >= 0 (0 = all), got {args.train_samples}")
+    if args.batch_size < 1:
+        return fail(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.batch_size < args.nproc:
         return fail(f"--batch-size {args.batch_size} is smaller than --nproc {args.nproc}: some rank "
                     f"would get no sample of a batch")
@@ -219,6 +222,7 @@ def _cmd_train(args, argv: list[str] | None = None) -> int:
                           seeds=args.seeds, sparse_lr_scale=args.sparse_lr_scale,
                           redense_lr_scale=args.redense_lr_scale, first_conv=args.first_conv,
                           ramp_epochs=args.ramp_epochs, ramp_every=args.ramp_every,
+                          block=None if args.block is None else list(args.block),
                           device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
                           checkpoint_every=args.checkpoint_every, batch_size=args.batch_size,
                           cycles=args.cycles, optimizer=args.optimizer, nproc=world_size, fsdp=args.fsdp)
@@ -303,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "schedule (0: prune at once)")
     p.add_argument("--ramp-every", type=int, default=d.ramp_every, metavar="E",
                    help=f"epochs between the gradual prunes (R a multiple of E) ({d.ramp_every})")
+    p.add_argument("--block", type=int, nargs=2, metavar=("BH", "BW"),
+                   help="block DSD: prune --sparsity of each weight's BH x BW tiles; the MLP's Linear layers "
+                        "skip the pruned tiles while sparse (64 64: the matmul's tile); convolutions are "
+                        "pruned by tiles too, without a speedup")
     p.add_argument("--cycles", type=int, default=d.cycles,
                    help=f"sparse+re-dense cycles, 2 = DSDSD ({d.cycles})")
     p.add_argument("--seeds", type=int, default=d.seeds, help=f"number of seeds ({d.seeds})")

@@ -2,6 +2,7 @@
 anything is written or trained) and the config of a job being resumed."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..dsd.plan import PhasePlan, check_ramp
+from ..dsd.plan import PhasePlan, check_ramp, checked_block
 from ..ops._common import as_sparsity
 from .models import MODEL_DATA, MODELS
 
@@ -42,6 +43,7 @@ class TrainConfig:
     first_conv: str | None = None  # "dense" or "pruned"; None: the protocol's
     ramp_epochs: int = 0  # > 0: gradual (cubic) pruning over the first ramp_epochs sparse epochs
     ramp_every: int = 1  # epochs between the ramp's prunes
+    block: list[int] | None = None  # [BH, BW]: block DSD, whole tiles pruned (DSDScheduler(block=...))
     cycles: int = 1
     optimizer: str = "sgd"  # sgd (MaskedSGD, with momentum) or adamw (MaskedAdamW, betas as torch's)
     device: str = "cpu"
@@ -81,6 +83,12 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        if self.block is not None:
+            try:
+                checked_block(tuple(self.block) if isinstance(self.block, list) else self.block, self.sparsity,
+                              self.ramp_epochs or None, "layer")
+            except ValueError as err:
+                raise ValueError(f"--block: {err}".replace("ramp_epochs", "--ramp-epochs")) from None
         if not self.ramp_epochs and self.ramp_every != 1:
             raise ValueError(f"--ramp-every {self.ramp_every} needs --ramp-epochs (the length of the gradual prune)")
         if self.ramp_epochs:
@@ -128,6 +136,25 @@ class TrainConfig:
         return dense if method == "baseline" else self.cycles * (sparse + redense)
 
 
+def _has_type(value, annotation: str) -> bool:
+    """Whether a JSON value fits a TrainConfig field's annotation ("int", "float | str",
+    "list[int] | None", ...): ints are not bools, floats take ints."""
+    for part in (a.strip() for a in annotation.split("|")):
+        if part == "None" and value is None:
+            return True
+        if part == "bool" and isinstance(value, bool):
+            return True
+        if part == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if part == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if part == "str" and isinstance(value, str):
+            return True
+        if part.startswith("list[") and isinstance(value, list):
+            return all(_has_type(v, part[5:-1]) for v in value)
+    return False
+
+
 def check_device(device: str) -> None:
     try:
         parsed = torch.device(device)
@@ -155,14 +182,31 @@ def load_config(out_dir: str, given: dict | None = None) -> TrainConfig:
     try:
         with open(path) as f:
             saved = json.load(f)
-        # a job started before --first-conv existed pruned every layer (the other new settings'
-        # defaults, no ramp and no FSDP, are what such a job ran with)
-        saved.setdefault("first_conv", "pruned")
-        cfg = TrainConfig(**saved)
-    except (ValueError, TypeError) as err:
+    except (OSError, ValueError) as err:
         raise ValueError(f"--resume {out_dir}: {path} is not a train job's config ({err})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"--resume {out_dir}: {path} holds a JSON {type(saved).__name__}, not a train job's "
+                         f"config (an object of settings)")
+    # a job started before --first-conv existed pruned every layer (the other new settings'
+    # defaults, no ramp and no FSDP, are what such a job ran with)
+    saved.setdefault("first_conv", "pruned")
+    known = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(saved) - set(known))
+    if unknown:
+        raise ValueError(f"--resume {out_dir}: {path} has unknown key(s) {', '.join(unknown)}: not a config "
+                         f"this version wrote")
+    for key, value in saved.items():
+        if not _has_type(value, known[key]):
+            raise ValueError(f"--resume {out_dir}: {path} has {key}={value!r}, expected {known[key]}: "
+                             f"the file is damaged (restore it, or start a new --out)")
+    cfg = TrainConfig(**saved)  # run_job validates it (naming the file)
     differing = []
     for key, value in (given or {}).items():
+        if key == "sparsity":  # compared as the job reads them: " 2:4" and "02:04" are "2:4"
+            try:
+                value = as_sparsity(value, "--sparsity", allow_one=False)
+            except (TypeError, ValueError):
+                pass
         if key in RESUME_MAY_CHANGE:
             setattr(cfg, key, value)
         elif getattr(cfg, key) != value:

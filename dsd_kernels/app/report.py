@@ -62,6 +62,8 @@ def _describe(cfg: dict) -> str:
     rates = (f"; lr x{cfg['sparse_lr_scale']:g} sparse, x{cfg['redense_lr_scale']:g} re-dense"
              if cfg.get("sparse_lr_scale") is not None else "")
     first_conv = "; first conv dense" if cfg.get("first_conv") == "dense" else ""
+    if cfg.get("block"):
+        ramp += f" of {cfg['block'][0]}x{cfg['block'][1]} tiles"
     if cfg.get("protocol", "matched") == "paper":
         return (f"paper protocol: pre-trained {dense} epochs, then sparse {sparse} + re-dense "
                 f"{redense}{cycles}, sparsity {cfg['sparsity']}{ramp}{rates}{first_conv}")

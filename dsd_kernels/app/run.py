@@ -134,7 +134,8 @@ class Run:
                                     redense_epochs=plan.redense, sparsity=cfg.sparsity, cycles=cfg.cycles,
                                     sparse_lr_scale=cfg.sparse_lr_scale,
                                     redense_lr_scale=cfg.redense_lr_scale / cfg.sparse_lr_scale,
-                                    exclude=dsd_exclude(cfg, self.model), **cfg.ramp)
+                                    exclude=dsd_exclude(cfg, self.model), **cfg.ramp,
+                                    block=None if cfg.block is None else tuple(cfg.block))
             if cfg.protocol == "paper":  # the dense phase was the pre-training: prune now
                 self._snapshot("dense")
                 self.pretrained_zeros = zero_fractions(self.model)

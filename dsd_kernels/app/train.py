@@ -20,6 +20,7 @@ as diverged; the other runs go on.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import time
@@ -44,6 +45,16 @@ def plan_runs(cfg: TrainConfig) -> list[tuple[str, str, int]]:
     (paper: "baseline") first."""
     return [(method, model, seed) for model in cfg.models for seed in range(cfg.seeds)
             for method in cfg.arms]
+
+
+# settings a resumed job may change without changing any result (see config.RESUME_MAY_CHANGE)
+_NOT_IN_JOB_KEY = ("device", "nproc", "checkpoint_every")
+
+
+def job_key(cfg: TrainConfig) -> str:
+    """A digest of the settings that decide a job's results: each run file carries it."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_JOB_KEY}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _remove_stale_temporaries(out_dir: str) -> None:
@@ -98,6 +109,9 @@ def _prepare_out_dir(cfg: TrainConfig, out_dir: str, *, resume: bool, writer: bo
     config_path = os.path.join(out_dir, "config.json")
     if not resume and os.path.exists(config_path):
         raise ValueError(f"--out {out_dir} already holds a job; use --resume {out_dir} or another --out")
+    if not resume and os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise ValueError(f"--out {out_dir} is not empty and holds no dsd-kernels train job (no config.json): "
+                         f"the job would write over its files; give a new or empty folder")
     if size > 1:
         torch.distributed.barrier()  # every rank has checked --out before rank 0 writes to it
     if writer:
@@ -126,7 +140,9 @@ class _Job:
         return os.path.join(self.out_dir, sub, name)
 
     def record(self, result: dict, path: str) -> None:
-        """A finished (or diverged) run: into the report and, on the writing rank, runs/."""
+        """A finished (or diverged) run: into the report and, on the writing rank, runs/, marked
+        with the job's key (job_key) so that only this job's configuration reuses it."""
+        result = {**result, "job": job_key(self.cfg)}
         self.runs.append(result)
         if self.writer:
             atomic_write_text(path, json.dumps(result, allow_nan=False))
@@ -140,7 +156,7 @@ class _Job:
         result_path = self._path("runs", f"{run_id}.json")
         snap_path = self._path("runs", f"{run_id}.snapshots.pt")
         if os.path.exists(result_path):
-            self._reuse(result_path, snap_path, model)
+            self._reuse(result_path, snap_path, method, model, seed)
             self.bar.update(cfg.run_epochs(method))
             return
         start = None
@@ -158,9 +174,24 @@ class _Job:
         if self._train(run, ckpt_path, result_path):
             self._finish(run, snap_path, ckpt_path, result_path)
 
-    def _reuse(self, result_path: str, snap_path: str, model: str) -> None:
-        with open(result_path) as f:
-            self.runs.append(json.load(f))
+    def _reuse(self, result_path: str, snap_path: str, method: str, model: str, seed: int) -> None:
+        """A finished run of this job read back; anything else there is an error naming the file
+        (never reported as this job's result, never written over)."""
+        try:
+            with open(result_path) as f:
+                result = json.load(f)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{result_path} is not a finished run's result ({err}); move it away to train "
+                             f"that run again") from None
+        expected = {"method": method, "model": model, "seed": seed}
+        if not isinstance(result, dict) or any(result.get(k) != v for k, v in expected.items()) or \
+                "test_accuracy" not in result:
+            raise ValueError(f"{result_path} is not the result of run {method}-{model}-seed{seed}; move it "
+                             f"away to train that run again")
+        if result.get("job", job_key(self.cfg)) != job_key(self.cfg):  # results before "job": by name only
+            raise ValueError(f"{result_path} was written by a job with other settings than {self.out_dir}'s "
+                             f"config.json; move it away to train that run again")
+        self.runs.append(result)
         if os.path.exists(snap_path):
             self.snapshots[model] = _load_checkpoint(snap_path, "its weight histograms are left out of the report")
 
@@ -234,7 +265,12 @@ def run_job(cfg: TrainConfig, out_dir: str, *, resume: bool = False, progress: b
             raise ValueError(f"the job is configured for --nproc {cfg.nproc} but runs in {size} processes"
                              + (" (resume it with the --nproc it was started with)" if resume else ""))
         cfg.nproc = size
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ValueError as err:
+        if not resume:
+            raise
+        raise ValueError(f"--resume {out_dir}: {os.path.join(out_dir, 'config.json')}: {err}") from None
     datasets = _load_datasets(cfg, size)  # errors in the data surface before anything is written
     writer = rank == 0  # in a data-parallel job rank 0 writes every file; all ranks read them
     _prepare_out_dir(cfg, out_dir, resume=resume, writer=writer, size=size)

@@ -103,3 +103,20 @@ def check_ramp(ramp_epochs, ramp_every, sparse_epochs: int, sparsity, unit: str 
 def ramp_fraction(update: int, updates: int) -> float:
     """Zhu & Gupta's cubic schedule: the share of the final sparsity reached at update k of n."""
     return 1.0 - (1.0 - update / updates) ** 3
+
+
+def checked_block(block, sparsity, ramp_epochs, scope) -> tuple[int, int] | None:
+    """block=(bh, bw): two positive ints, with fractional sparsities, no ramp, per-layer scope."""
+    if block is None:
+        return None
+    if (not isinstance(block, (tuple, list)) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block)):
+        raise ValueError(f"block must be None or two positive ints (tile rows, tile cols), got {block!r}")
+    values = sparsity.values() if isinstance(sparsity, dict) else [sparsity]
+    if any(isinstance(v, str) for v in values):
+        raise ValueError("block= prunes a fraction of whole tiles; an N:M sparsity already fixes its groups")
+    if ramp_epochs is not None:
+        raise ValueError("block= with a gradual prune (ramp_epochs) is not supported yet: prune the tiles at once")
+    if scope != "layer":
+        raise ValueError("block= prunes each weight's own tiles: it takes scope='layer'")
+    return int(block[0]), int(block[1])

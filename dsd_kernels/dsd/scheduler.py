@@ -25,15 +25,46 @@ followed by redense_epochs re-dense epochs (cycles=2 gives DSDSD).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import warnings
+import weakref
 
 import torch
 
 from ..ops._common import any_dtensor, as_sparsity
 from ..optim.masking import mask_gradients_, zero_pruned
+from . import tile_layers
 from .lr_scales import StepRateScale
-from .plan import checked_plan, ramp_fraction
+from .plan import checked_block, checked_plan, ramp_fraction
+
+# optimizer -> weakref to the DSDScheduler on it: one at a time (two would multiply their rate
+# scales and apply both mask sets)
+_SCHEDULER_OF: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _claim(optimizer, scheduler: "DSDScheduler") -> None:
+    """Register `scheduler` as the optimizer's one DSDScheduler, or raise naming the one it has."""
+    held = _SCHEDULER_OF.get(optimizer)
+    current = held() if held is not None else None
+    if current is not None:
+        gc.collect()  # one only cyclic garbage is gone, not in charge
+        current = held()
+    if current is not None:
+        raise ValueError(f"{type(optimizer).__name__} already has a DSDScheduler ({current!r}); call its close() "
+                         f"before building another on the same optimizer (two would multiply their learning-"
+                         f"rate scales and apply both sets of masks)")
+    _SCHEDULER_OF[optimizer] = weakref.ref(scheduler)
+
+
+def _release_hooks(rate_scale, optimizer_masks, tile_linears) -> None:
+    """What a scheduler leaves on its optimizer and layers, removed (close(), or the scheduler
+    collected)."""
+    rate_scale.remove()
+    if optimizer_masks is not None:
+        optimizer_masks.remove()
+    tile_layers.remove(tile_linears)
+
 
 def _warn_no_model(optimizer_name: str) -> None:
     warnings.warn(f"DSDScheduler({optimizer_name}) without model=: every weight of 2 or more dims the optimizer "
@@ -61,10 +92,11 @@ class DSDScheduler:
                  sparsity, redense_lr_scale: float = 0.1, sparse_lr_scale: float = 1.0, cycles: int = 1,
                  ramp_epochs: int | None = None, ramp_every: int | None = None,
                  lr_scheduler=None, model: torch.nn.Module | None = None, include=None, exclude=None,
-                 scope: str = "layer", unit: str = "epoch"):
+                 scope: str = "layer", unit: str = "epoch", block: tuple[int, int] | None = None):
         self.plan = checked_plan(dense_epochs, sparse_epochs, redense_epochs, cycles, unit=unit, scope=scope,
                                  redense_lr_scale=redense_lr_scale, sparse_lr_scale=sparse_lr_scale,
                                  ramp_epochs=ramp_epochs, ramp_every=ramp_every, sparsity=sparsity)
+        self.block = checked_block(block, sparsity, ramp_epochs, scope)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"DSDScheduler needs a torch.optim.Optimizer (its step hooks carry the masks and the "
                             f"learning-rate scales), got {type(optimizer).__name__}")
@@ -125,7 +157,47 @@ class DSDScheduler:
         self.mask_changes = 0  # prunes and re-denses so far (the masks change at each)
         # a state saved before the scales moved into step hooks has the re-dense scale in the groups
         self._groups_hold_redense_scale = False
-        self._rate_scale = StepRateScale(optimizer, self._lr_scale_now)
+        from ..scope import check_selection
+        check_selection(self._selected_now(1.0), scope)  # N:M rows, global scope, FSDP: before any training
+        self.tile_linears: list = []  # block=: the nn.Linear layers computing through masked_linear while masked
+        if self.block is not None:
+            params = [s.param for s in self._selected_now(1.0)]
+            if any_dtensor(params):
+                raise NotImplementedError("block pruning of sharded (DTensor) weights is not supported yet")
+            if model is not None:
+                self.tile_linears, others = tile_layers.tile_layers(model, params)
+                if others:
+                    warnings.warn(f"DSDScheduler(block={self.block}): {len(others)} selected layer(s) have no "
+                                  f"tile-skipping matmul and keep dense compute ({', '.join(others[:4])}"
+                                  f"{' ...' if len(others) > 4 else ''}): their tiles are pruned exactly through "
+                                  f"the optimizer, with no speedup; only nn.Linear layers skip pruned tiles",
+                                  UserWarning, stacklevel=2)
+        _claim(optimizer, self)
+        self._attach()
+
+    def _attach(self) -> None:
+        """The step hooks of the rate scales (the masks' are the OptimizerMasks') and the tile
+        layers' forwards, removed by close() or when the scheduler is collected: a scheduler that
+        is gone masks nothing."""
+        self._rate_scale = StepRateScale(self.optimizer, self._lr_scale_now)
+        holder = self.optimizer if self.optimizer_masks is None else self.optimizer_masks
+        tile_layers.install(self.tile_linears, holder.mask_of)
+        self._finalizer = weakref.finalize(self, _release_hooks, self._rate_scale, self.optimizer_masks,
+                                           list(self.tile_linears))
+
+    # copies (copy.deepcopy, pickle) own their own hooks, on the copied optimizer
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_rate_scale", "_finalizer")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        _claim(self.optimizer, self)
+        self._attach()
+
+    def __repr__(self) -> str:
+        sparsity = self.sparsity if not isinstance(self.sparsity, dict) else dict(self.sparsity)
+        return (f"DSDScheduler(epochs {self.dense_epochs}/{self.sparse_epochs}/{self.redense_epochs}, "
+                f"sparsity={sparsity!r}, at epoch {self.epoch}, {self.phase}, id 0x{id(self):x})")
 
     # ------------------------------------------------------------ schedule
     @property
@@ -171,18 +243,20 @@ class DSDScheduler:
         """Call once at the end of every epoch. Returns the phase entered, if one starts now."""
         if self.epoch >= self.total_epochs:
             raise RuntimeError(f"DSDScheduler.step() called after the last of {self.total_epochs} epochs")
-        before = self.phase_at(self.epoch)
-        self.epoch += 1
-        after = self.phase_at(self.epoch)
-        if self.epoch >= self.total_epochs:
+        # the epoch advances only once the masks have changed: a step that raises changes nothing
+        before, epoch = self.phase_at(self.epoch), self.epoch + 1
+        after = self.phase_at(epoch)
+        if epoch >= self.total_epochs:
+            self.epoch = epoch
             return None
         if after == "sparse":
-            offset = (self.epoch - self.dense_epochs) % (self.sparse_epochs + self.redense_epochs)
+            offset = (epoch - self.dense_epochs) % (self.sparse_epochs + self.redense_epochs)
             share = dict(self.ramp_updates()).get(offset)
             if share is not None:
                 self._prune(share)
         elif after != before:
             self._redense()
+        self.epoch = epoch
         return after if after != before else None
 
     def _selected_now(self, share: float) -> list:
@@ -198,10 +272,13 @@ class DSDScheduler:
         return [dataclasses.replace(s, sparsity=s.sparsity * share) for s in selected]
 
     def _prune(self, share: float = 1.0) -> None:
-        from ..scope import grown_masks
-        self.mask_changes += 1
+        from ..scope import grown_masks, masks_for
         selected = self._selected_now(share)
-        masks = grown_masks(selected, self.masks, scope=self.scope)  # without masks yet: masks_for
+        if self.block is not None:  # whole tiles, at once (no ramp)
+            masks = masks_for(selected, scope=self.scope, block=self.block)
+        else:
+            masks = grown_masks(selected, self.masks, scope=self.scope)  # without masks yet: masks_for
+        self.mask_changes += 1
         if self.optimizer_masks is None:
             self.optimizer.set_masks(masks)
             return
@@ -227,10 +304,12 @@ class DSDScheduler:
 
     def close(self) -> None:
         """Remove the scheduler's step hooks (the learning-rate scales and, with a plain
-        optimizer, the masks): the optimizer steps as if it never had one."""
-        self._rate_scale.remove()
-        if self.optimizer_masks is not None:
-            self.optimizer_masks.remove()
+        optimizer, the masks): the optimizer steps as if it never had one; another
+        DSDScheduler may then take it."""
+        self._finalizer()
+        held = _SCHEDULER_OF.get(self.optimizer)
+        if held is not None and held() is self:
+            del _SCHEDULER_OF[self.optimizer]
 
     # ------------------------------------------------------------ masks in force
     @property
@@ -270,12 +349,31 @@ class DSDScheduler:
                  "cycles": self.cycles, "sparsity": self.sparsity, "ramp_epochs": self.ramp_epochs,
                  "ramp_every": self.ramp_every, "sparse_lr_scale": self.sparse_lr_scale,
                  "redense_lr_scale": self.redense_lr_scale, "unit": self.unit, "lr_scales": "step_hooks",
-                 "groups_hold_redense_scale": self._groups_hold_redense_scale}
+                 "groups_hold_redense_scale": self._groups_hold_redense_scale, "scope": self.scope,
+                 "selected": None if self.selected is None else [s.name for s in self.selected],
+                 "block": None if self.block is None else list(self.block)}
         if self.optimizer_masks is not None and not any_dtensor([s.param for s in self.selected]):
             # one process: the masks here too (trainers may restore the optimizer before this);
             # sharded: only in the optimizer's state dict, whose "mask" entries DCP reshards
-            state["masks"] = self.optimizer_masks.state_dict()
+            state["masks"] = self._mask_entries()
         return state
+
+    def _mask_entries(self) -> dict:
+        """{parameter index: "mask" entry} of every weight this scheduler may prune through
+        OptimizerMasks, pruned now or not (every bit set): the same keys in every phase, so that a
+        state dict built as DCP's loading template names every mask a checkpoint holds, and
+        copies (DCP loads into a template's tensors in place; these must not be the live masks)."""
+        from ..optim.mask_state import mask_entry
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        masks = self.optimizer_masks.masks
+        carried = {id(s.param) for s in self.selected} - {id(m.weight) for m in self.masked_linears}
+        entries = {}
+        for i, p in enumerate(params):
+            if id(p) in carried:
+                entry = mask_entry(p, masks.get(p))
+                if entry is not None:
+                    entries[i] = entry.clone()
+        return entries
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the schedule's position; the whole state is checked (a ValueError naming the
@@ -306,6 +404,18 @@ class DSDScheduler:
             if isinstance(scale, bool) or not isinstance(scale, (int, float)) or \
                     not (math.isfinite(scale) and scale > 0):
                 raise ValueError(f"state_dict has {key}={scale!r}: expected a positive finite number")
+        if "block" in state and (None if state["block"] is None else tuple(state["block"])) != self.block:
+            raise ValueError(f"state_dict has block={state['block']!r} but this scheduler has {self.block!r}")
+        for key in ("sparse_lr_scale", "redense_lr_scale", "scope"):  # states before these were saved: as given
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"state_dict has {key}={state[key]!r} but this scheduler has "
+                                 f"{getattr(self, key)!r}")
+        mine = None if self.selected is None else [s.name for s in self.selected]
+        if state.get("selected") is not None and mine is not None and list(state["selected"]) != mine:
+            differ = sorted(set(state["selected"]) ^ set(mine))
+            raise ValueError(f"state_dict was saved by a scheduler that selected other weights to prune (include, "
+                             f"exclude or the sparsity patterns differ): {', '.join(differ[:4])}"
+                             f"{' ...' if len(differ) > 4 else ''} in one and not the other")
         if self.optimizer_masks is not None and "masks" in state:
             self.optimizer_masks.load_state_dict(state["masks"])
         self.epoch = epoch

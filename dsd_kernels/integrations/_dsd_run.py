@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from ..dsd.plan import PHASES, checked_plan
+from ..dsd.plan import PHASES, checked_block, checked_plan
 from ..dsd.scheduler import DSDScheduler
 from ..ops._common import as_sparsity
 
@@ -37,18 +37,21 @@ class DSDRun:
     """Holds the callback's arguments and, once training starts, its DSDScheduler. The
     callbacks take DSDScheduler's arguments: sparsity, dense/sparse/redense epochs,
     redense_lr_scale, sparse_lr_scale, cycles, ramp_epochs, ramp_every, unit ("epoch" or
-    "step": optimizer steps), include, exclude, scope."""
+    "step": optimizer steps), include, exclude, scope, block (whole tiles pruned; the model's
+    nn.Linear layers skip them while sparse)."""
 
     def __init__(self, sparsity, dense_epochs: int, sparse_epochs: int, redense_epochs: int,
                  redense_lr_scale: float = 0.1, cycles: int = 1, unit: str = "epoch",
                  include=None, exclude=None, scope: str = "layer", *, sparse_lr_scale: float = 1.0,
-                 ramp_epochs: int | None = None, ramp_every: int | None = None):
+                 ramp_epochs: int | None = None, ramp_every: int | None = None,
+                 block: tuple[int, int] | None = None):
         # every argument error here, before the trainer starts
         self.plan = checked_plan(dense_epochs, sparse_epochs, redense_epochs, cycles, unit=unit, scope=scope,
                                  redense_lr_scale=redense_lr_scale, sparse_lr_scale=sparse_lr_scale,
                                  ramp_epochs=ramp_epochs, ramp_every=ramp_every, sparsity=sparsity)
         if not isinstance(sparsity, dict):
             sparsity = as_sparsity(sparsity, allow_one=False)
+        self.block = checked_block(block, sparsity, ramp_epochs, scope)
         self.sparsity, self.include, self.exclude, self.scope = sparsity, include, exclude, scope
         self.unit, self.redense_lr_scale = unit, float(redense_lr_scale)
         self.sparse_lr_scale, self.ramp_epochs, self.ramp_every = float(sparse_lr_scale), ramp_epochs, ramp_every
@@ -65,7 +68,7 @@ class DSDRun:
             redense_epochs=self.plan.redense, cycles=self.plan.cycles, sparsity=self.sparsity,
             redense_lr_scale=self.redense_lr_scale, sparse_lr_scale=self.sparse_lr_scale,
             ramp_epochs=self.ramp_epochs, ramp_every=self.ramp_every, model=model, include=self.include,
-            exclude=self.exclude, scope=self.scope, unit=self.unit)
+            exclude=self.exclude, scope=self.scope, unit=self.unit, block=self.block)
         if state:
             self.scheduler.load_state_dict(state)
 

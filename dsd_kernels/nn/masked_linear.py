@@ -89,15 +89,20 @@ def sparsify(model: nn.Module, sparsity, block: tuple[int, int] | None = None, *
     by default every Linear but one whose weight is tied to an embedding; `include` /
     `exclude` by module type or name pattern). Other selected weights (Conv, Hugging Face's
     Conv1D) have no tile-skipping matmul: a warning names them (DSDScheduler(model=...) or
-    OptimizerMasks prune those). sparsity: one float, or one per converted Linear in
-    model.named_modules() order; block: prune (bh, bw) tiles by L1 norm (see magnitude_masks).
+    OptimizerMasks prune those). sparsity: one float, one per converted Linear in
+    model.named_modules() order, or {regular expression: sparsity} by qualified weight name (as
+    DSDScheduler's: the first pattern found in a name gives its sparsity; Linears no pattern
+    matches stay plain nn.Linear); block: prune (bh, bw) tiles by L1 norm (see magnitude_masks).
     Parameters are shared, not copied, so an optimizer built before still holds them.
     Returns the model.
     """
     from ..scope import select
-    selected = {id(s.param) for s in select(model, 0.0, include=include, exclude=exclude)}
+    chosen = select(model, sparsity if isinstance(sparsity, dict) else 0.0, include=include, exclude=exclude)
+    selected = {id(s.param): s.sparsity for s in chosen}
     linears = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and id(m.weight) in selected]
+    if isinstance(sparsity, dict):
+        sparsity = [selected[id(m.weight)] for _, m in linears]
     others = sorted({name for name, m in model.named_modules() if not isinstance(m, nn.Linear)
                      for local, p in m.named_parameters(recurse=False) if id(p) in selected})
     if others:

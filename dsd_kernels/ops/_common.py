@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import reduce
 
 import torch
@@ -76,8 +76,14 @@ def as_sparsity(value, name: str = "sparsity", *, allow_one: bool = True) -> flo
     return value
 
 
-def sparsity_list(sparsity, count: int) -> list[float | str]:
-    """One float for every tensor from one sparsity or one per tensor (any iterable)."""
+def sparsity_list(sparsity, count: int, *, allow_one: bool = True) -> list[float | str]:
+    """One float for every tensor from one sparsity or one per tensor (any iterable but a
+    dict: {pattern: sparsity} names weights, which takes a model)."""
+    if isinstance(sparsity, Mapping):
+        raise TypeError(f"sparsity is a dict ({{pattern: sparsity}}), which picks weights by their names in a "
+                        f"model: pass model= (opt.prune(sparsity, model=model), DSDScheduler(..., model=model), "
+                        f"OptimizerMasks through DSDScheduler) or, to dk.nn.sparsify, the model itself; without a "
+                        f"model give one sparsity, or one per tensor in a list")
     if isinstance(sparsity, Tensor) and sparsity.dim() == 1:
         sparsity = sparsity.tolist()
     if isinstance(sparsity, Iterable) and not isinstance(sparsity, (str, bytes, Tensor)):
@@ -85,8 +91,8 @@ def sparsity_list(sparsity, count: int) -> list[float | str]:
         if len(values) != count:
             raise ValueError(f"sparsity has {len(values)} values but there are {count} tensors; "
                              f"give one float or one per tensor")
-        return [as_sparsity(s, f"sparsity[{i}]") for i, s in enumerate(values)]
-    return [as_sparsity(sparsity)] * count
+        return [as_sparsity(s, f"sparsity[{i}]", allow_one=allow_one) for i, s in enumerate(values)]
+    return [as_sparsity(sparsity, allow_one=allow_one)] * count
 
 
 def any_dtensor(tensors: list[Tensor]) -> bool:
@@ -119,7 +125,10 @@ def check_writable(named) -> None:
     """A tensor written in place must not have elements that share memory (an expand()ed
     tensor): its result would depend on the order of the writes. named: (name, tensor or None)."""
     for name, t in named:
-        if t is not None and t.layout == torch.strided and torch._debug_has_internal_overlap(t) == 1:
+        # what torch._debug_has_internal_overlap calls certain overlap (a dim of stride 0 and size
+        # > 1), read from the strides so that torch.compile traces it without a graph break
+        if t is not None and t.layout == torch.strided and \
+                any(size > 1 and stride == 0 for size, stride in zip(t.shape, t.stride())):
             raise ValueError(f"{name} has elements that share memory (strides {t.stride()} for shape "
                              f"{tuple(t.shape)}, an expanded tensor?); it is written in place, so give "
                              f"it memory of its own (.clone())")

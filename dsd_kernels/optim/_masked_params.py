@@ -8,11 +8,11 @@ from torch import Tensor
 
 from .. import ops
 from .._dtensor import local_tensor
-from ..masks import Mask, as_mask
+from ..masks import Mask
 from ..ops._common import sparsity_list
-from ..ops._plan import NotPlannable, apply_masks_plans
-from .mask_state import add_mask_entries, param_at, take_mask_entries
-from .masking import zero_pruned
+from ..ops._plan import NotPlannable
+from .mask_state import add_mask_entries, check_can_carry, checked_masks, param_at, take_mask_entries
+from .masking import remask_plans, zero_pruned
 
 
 class NotReady(Exception):
@@ -133,29 +133,7 @@ class MaskedParams:
         their shape, for the steps torch's own optimizer takes; kept while the state holds the
         tensors they were made of (see _state_holds) and every tensor its storage, None where they
         need the general front end (decided once for that state) or under tracing."""
-        if torch.compiler.is_compiling():
-            return None
-        plans = self.__dict__.setdefault("_step_plans", {})
-        entry = plans.get("remask")
-        if entry is not None:
-            built, snapshot, held = entry
-            if (self._same_state(snapshot) and all(sd.get(key) is t for sd, key, t in held)
-                    and (built is None or all(plan.current() for plan in built))):
-                return built
-        state = self.state
-        tensors, masks, held = [], [], []
-        for p, m in self._masks.items():
-            tensors.append(p)
-            masks.append(m)
-            sd = state.get(p, {})
-            for key, value in sd.items():
-                if isinstance(value, Tensor) and value.shape == p.shape:
-                    tensors.append(value)
-                    masks.append(m)
-                    held.append((sd, key, value))
-        built = apply_masks_plans(tensors, masks)
-        plans["remask"] = (built, list(state.values()), held)
-        return built
+        return remask_plans(self.__dict__.setdefault("_step_plans", {}), self.state, self._masks)
 
     # ------------------------------------------------------------ masks
     @property
@@ -163,18 +141,18 @@ class MaskedParams:
         """{param: Mask} for the masked parameters (a copy of the mapping)."""
         return dict(self._masks)
 
+    def mask_of(self, p: Tensor) -> Mask | None:
+        """The mask of parameter p now (None: unmasked), without copying the mapping."""
+        return self._masks.get(p)
+
     def _held(self) -> set[int]:
         return {id(p) for g in self.param_groups for p in g["params"]}
 
     def set_masks(self, masks: dict) -> None:
         """Set masks ({param: Mask, bool or 0/1 tensor, True/1 = kept}); zero the pruned weights
-        and their optimizer state (every state tensor of the parameter's shape) now."""
-        held = self._held()
-        checked = {}
-        for p, m in masks.items():
-            if not isinstance(p, Tensor) or id(p) not in held:
-                raise ValueError("set_masks got a mask for a tensor this optimizer does not hold")
-            checked[p] = as_mask(m, local_tensor(p))  # a sharded param's mask covers its local shard
+        and their optimizer state (every state tensor of the parameter's shape) now. Parameters
+        of 2 or more dims only (the masks a state dict carries: see optim/mask_state.py)."""
+        checked = checked_masks(masks, [p for g in self.param_groups for p in g["params"]])
         zero_pruned(self, checked, params=True)
         self._masks.update(checked)
         self._forget_plans()
@@ -205,7 +183,7 @@ class MaskedParams:
         if include is not None or exclude is not None or scope != "layer":
             raise TypeError("prune: include, exclude and scope need model= (the module names)")
         params = self.prunable_params()
-        sparsities = sparsity_list(sparsity, len(params))
+        sparsities = sparsity_list(sparsity, len(params), allow_one=False)  # the scope's rule: [0, 1)
         by_device: dict[torch.device, list[int]] = {}
         for i, p in enumerate(params):
             by_device.setdefault(p.device, []).append(i)
@@ -231,7 +209,7 @@ class MaskedParams:
         params = [p for g in self.param_groups for p in g["params"]]
         loaded = {}
         for i, m in masks.items():
-            param_at(i, params)
+            check_can_carry(param_at(i, params), f"state_dict mask {i}")
             mask = Mask.from_state_dict(m)
             if mask.shape != local_tensor(params[i]).shape:
                 raise ValueError(f"state_dict mask {i} has shape {tuple(mask.shape)} but parameter "

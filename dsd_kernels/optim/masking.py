@@ -20,7 +20,8 @@ from .. import ops
 from .._dtensor import local_tensor
 from ..masks import Mask, as_mask
 from ..ops._plan import apply_masks_plans
-from .mask_state import ENTRY, add_mask_entries, take_mask_entries
+from .mask_state import (ENTRY, add_mask_entries, check_can_carry, checked_masks, mask_from_entry,
+                         take_mask_entries)
 
 
 def state_tensors(optimizer: torch.optim.Optimizer, p: Tensor) -> list[Tensor]:
@@ -40,6 +41,37 @@ def zero_pruned(optimizer: torch.optim.Optimizer, masks: dict, *, params: bool) 
     ops.apply_masks_(tensors, applied)
 
 
+def remask_plans(cache: dict, state, masks: dict, keys=None) -> list | None:
+    """apply_masks_ plans (one per device, ops/_plan.py) over the masked weights of `masks`
+    ({param: Mask}) and their state tensors of the weight's shape in `state` (an optimizer's; only
+    those under `keys` where given), for re-masking after a step. Kept in cache["remask"] while
+    the state holds the very per-parameter dicts and tensors they were made of and every tensor
+    its storage; None where they need the general front end (decided once for that state) or
+    under tracing."""
+    if torch.compiler.is_compiling():
+        return None
+    entry = cache.get("remask")
+    if entry is not None:
+        built, snapshot, held = entry
+        if (len(state) == len(snapshot) and all(a is b for a, b in zip(state.values(), snapshot))
+                and all(sd.get(key) is t for sd, key, t in held)
+                and (built is None or all(plan.current() for plan in built))):
+            return built
+    tensors, applied, held = [], [], []
+    for p, m in masks.items():
+        tensors.append(p)
+        applied.append(m)
+        sd = state.get(p, {})
+        for key, value in sd.items():
+            if isinstance(value, Tensor) and value.shape == p.shape and (keys is None or key in keys):
+                tensors.append(value)
+                applied.append(m)
+                held.append((sd, key, value))
+    built = apply_masks_plans(tensors, applied)
+    cache["remask"] = (built, list(state.values()), held)
+    return built
+
+
 @torch.no_grad()
 def mask_gradients_(masks: dict) -> None:
     """Zero the pruned entries of the masked parameters' gradients in one fused apply_masks_
@@ -48,34 +80,96 @@ def mask_gradients_(masks: dict) -> None:
     ops.apply_masks_([local_tensor(g) for g, _ in pairs], [m for _, m in pairs])
 
 
+# torch optimizers whose update is elementwise per parameter, with the state tensors a step on
+# masked gradients leaves at 0 where pruned (set_masks zeroes every state tensor there, and a zero
+# gradient on a zero weight keeps these at 0). For them one pass after the step (the weights and
+# these state tensors masked) leaves the very bits of two passes (gradients masked before, weights
+# after): a kept entry's update never reads a pruned one (tests/test_one_pass_masking.py checks
+# it over torch's own optim_db configurations). Exact classes: a subclass may step otherwise.
+ELEMENTWISE_STATE: dict[type, tuple[str, ...]] = {
+    torch.optim.SGD: ("momentum_buffer",),
+    torch.optim.Adam: ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    torch.optim.AdamW: ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    torch.optim.NAdam: ("exp_avg", "exp_avg_sq"),
+    torch.optim.RAdam: ("exp_avg", "exp_avg_sq"),
+    torch.optim.RMSprop: ("square_avg", "momentum_buffer", "grad_avg"),
+    torch.optim.Adagrad: ("sum",),
+    torch.optim.Adadelta: ("square_avg", "acc_delta"),
+}
+
+
 class OptimizerMasks:
     """Masks applied around any optimizer's step (module docstring). In the optimizer's
     state_dict every masked parameter, and every one of `params` (the weights that may be
     pruned), carries a per-parameter "mask" entry (optim/mask_state.py), which
-    torch.distributed.checkpoint saves and reshards; loading a state dict restores the masks."""
+    torch.distributed.checkpoint saves and reshards; loading a state dict restores the masks.
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params=None):
+    elementwise: None (the default) takes one masking pass after each step for the torch
+    optimizers of ELEMENTWISE_STATE (the weights and the listed state tensors, the same bits as
+    two passes) and two passes (gradients before the step, weights after) for every other one;
+    a tuple of state keys declares a third-party optimizer elementwise, those state tensors being
+    0 where pruned after a step on masked gradients; False: always two passes. Gradients are not
+    masked in one pass: a trainer that clips or logs them between backward and the step masks them
+    then (DSDScheduler.mask_gradients, as the trainer callbacks do)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params=None, *, elementwise=None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if elementwise is None:
+            elementwise = ELEMENTWISE_STATE.get(type(optimizer))
+        elif elementwise is False:
+            elementwise = None
+        elif isinstance(elementwise, str) or not all(isinstance(k, str) for k in elementwise):
+            raise TypeError(f"elementwise must be None, False or a tuple of state keys, got {elementwise!r}")
+        self.one_pass_state = None if elementwise is None else tuple(elementwise)
         self.optimizer = optimizer
         self._masks: dict[Tensor, Mask] = {}
         self._carried = set() if params is None else {id(p) for p in params}
         self._plans = None  # per device, the kernel plans of the masked parameters (see _planned)
+        self._remask_cache: dict = {}  # the one-pass re-masking plans (remask_plans)
+        self._loading = None  # the masks of a state dict being loaded, set once torch's load succeeds
         # "mask" entries the optimizer loaded before these hooks existed (a trainer restoring the
-        # optimizer first) were cast to its dtype by torch: not state, dropped
-        for entry in optimizer.state.values():
-            entry.pop(ENTRY, None)
+        # optimizer first): torch cast them to the parameter's dtype; they are the masks saved
+        loaded = {}
+        for p, entry in optimizer.state.items():
+            if isinstance(entry, dict) and ENTRY in entry:
+                loaded[p] = entry.pop(ENTRY)
+        if loaded:
+            params = self._params()
+            index = {id(p): i for i, p in enumerate(params)}
+            for p, words in loaded.items():
+                try:
+                    mask = mask_from_entry(index[id(p)], words, params) if id(p) in index else None
+                except ValueError:  # int32 words of the earlier format, which the cast rounded: lost
+                    mask = None
+                if mask is not None:
+                    self._masks[p] = mask
+        self._register()
+
+    def _register(self) -> None:
+        optimizer = self.optimizer
         self._handles = [optimizer.register_step_pre_hook(self._mask_gradients),
                          optimizer.register_step_post_hook(self._mask_parameters),
                          optimizer.register_state_dict_post_hook(self._add_mask_entries),
-                         optimizer.register_load_state_dict_pre_hook(self._take_mask_entries)]
+                         optimizer.register_load_state_dict_pre_hook(self._take_mask_entries),
+                         optimizer.register_load_state_dict_post_hook(self._set_loaded_masks)]
 
     @property
     def masks(self) -> dict[Tensor, Mask]:
         return dict(self._masks)
 
-    def __getstate__(self) -> dict:  # a copy builds its own plans, over its own tensors
-        return {**self.__dict__, "_plans": None}
+    def mask_of(self, p: Tensor) -> Mask | None:
+        """The mask of parameter p now (None: unmasked), without copying the mapping."""
+        return self._masks.get(p)
+
+    # a copy (copy.deepcopy, pickle) builds its own plans, over its own tensors, and hooks its own
+    # optimizer (torch's Optimizer copies no hooks)
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_plans": None, "_remask_cache": {}, "_loading": None, "_handles": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._register()
 
     def _held(self) -> set[int]:
         return {id(p) for g in self.optimizer.param_groups for p in g["params"]}
@@ -83,16 +177,12 @@ class OptimizerMasks:
     @torch.no_grad()
     def set_masks(self, masks: dict) -> None:
         """{param: Mask, bool or 0/1 tensor}: zero the pruned weights and their optimizer state
-        now, and keep them at 0 after every step until clear_masks()."""
-        held = self._held()
-        checked = {}
-        for p, m in masks.items():
-            if not isinstance(p, Tensor) or id(p) not in held:
-                raise ValueError("set_masks got a mask for a tensor the optimizer does not hold")
-            checked[p] = as_mask(m, local_tensor(p))  # a sharded param's mask covers its local shard
+        now, and keep them at 0 after every step until clear_masks(). Parameters of 2 or more
+        dims only (the masks a state dict carries: see optim/mask_state.py)."""
+        checked = checked_masks(masks, self._params())
         zero_pruned(self.optimizer, checked, params=True)
         self._masks.update(checked)
-        self._plans = None
+        self._forget_plans()
 
     def _fresh_state(self, p: Tensor) -> dict:
         """The state tensors a fresh optimizer of this class holds for a zero weight after a step
@@ -125,7 +215,7 @@ class OptimizerMasks:
                     value.copy_(torch.where(keep, value, fresh[key].to(value.dtype) if key in fresh
                                             else torch.zeros_like(value)))
         self._masks.clear()
-        self._plans = None
+        self._forget_plans()
 
     def remove(self) -> None:
         """Detach from the optimizer (the masks stop being applied)."""
@@ -144,8 +234,14 @@ class OptimizerMasks:
             self._plans = apply_masks_plans(list(self._masks), list(self._masks.values())) or []
         return self._plans or None
 
+    def _forget_plans(self) -> None:
+        self._plans = None
+        self._remask_cache = {}
+
     @torch.no_grad()
     def _mask_gradients(self, optimizer, args, kwargs) -> None:
+        if self.one_pass_state is not None:  # one pass, after the step
+            return
         plans = self._planned()
         if plans is not None:
             gradients = [plan.gradients([p.grad for p in plan.tensors]) for plan in plans]
@@ -157,12 +253,34 @@ class OptimizerMasks:
 
     @torch.no_grad()
     def _mask_parameters(self, optimizer, args, kwargs) -> None:
+        if self.one_pass_state is not None:
+            self._mask_parameters_and_state()
+            return
         plans = self._planned()
         if plans is not None:
             for plan in plans:
                 plan.impl.apply_masks_(plan.views, plan.words, static_key=plan)
             return
         ops.apply_masks_(list(self._masks), list(self._masks.values()))
+
+    def _mask_parameters_and_state(self) -> None:
+        """The one pass: the masked weights and their one_pass_state tensors, in one planned
+        apply_masks_ call per device where it can."""
+        if not self._masks:
+            return
+        plans = remask_plans(self._remask_cache, self.optimizer.state, self._masks, self.one_pass_state)
+        if plans is not None:
+            for plan in plans:
+                plan.impl.apply_masks_(plan.views, plan.words, static_key=plan)
+            return
+        tensors, applied = [], []
+        for p, m in self._masks.items():
+            state = self.optimizer.state.get(p, {})
+            for t in [p] + [state[k] for k in self.one_pass_state if isinstance(state.get(k), Tensor)
+                            and state[k].shape == p.shape]:
+                tensors.append(local_tensor(t).detach())
+                applied.append(m)
+        ops.apply_masks_(tensors, applied)
 
     # masks in the optimizer's state dict
     def _params(self) -> list[Tensor]:
@@ -174,10 +292,19 @@ class OptimizerMasks:
 
     def _take_mask_entries(self, optimizer, state_dict: dict) -> dict:
         state_dict, entries = take_mask_entries(state_dict, self._params())
-        if entries:  # a state dict with our entries: its masks replace ours
-            self._masks = {p: m for p, m in entries.items() if m is not None}
-            self._plans = None
+        # a state dict with our entries: its masks replace ours once torch's load succeeds (a
+        # load torch refuses changes nothing)
+        self._loading = {p: m for p, m in entries.items() if m is not None} if entries else None
         return state_dict
+
+    @torch.no_grad()
+    def _set_loaded_masks(self, optimizer) -> None:
+        loading, self._loading = self._loading, None
+        if loading is None:
+            return
+        self._masks = loading
+        self._forget_plans()
+        zero_pruned(self.optimizer, loading, params=True)  # the loaded state may predate the masks
 
     # masks in a checkpoint of their own, by parameter index (DSDScheduler.state_dict keeps them
     # there for one process)
@@ -186,12 +313,21 @@ class OptimizerMasks:
         return {index[id(p)]: m.state_dict() for p, m in self._masks.items()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Masks by parameter index: {i: Mask.state_dict()} (state_dict()'s form) or {i: packed
+        words} (DSDScheduler's, which names every parameter that may be pruned; every bit set:
+        unmasked)."""
         params = self._params()
         loaded = {}
         for i, m in state.items():
             if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(params):
                 raise ValueError(f"masks state has a mask for parameter {i!r}, but the optimizer "
                                  f"holds parameters 0..{len(params) - 1}")
+            if isinstance(m, Tensor):
+                mask = mask_from_entry(i, m, params)
+                if mask is not None:
+                    loaded[params[i]] = mask
+                continue
+            check_can_carry(params[i], f"masks state's mask {i}")
             loaded[params[i]] = as_mask(Mask.from_state_dict(m), local_tensor(params[i]), f"mask {i}")
         self._masks = loaded
-        self._plans = None
+        self._forget_plans()

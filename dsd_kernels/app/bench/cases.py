@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 
 from .host_step import host_step_cases
+from .training import training_cases
 from .timing import Case, copy_reference
 
 
@@ -360,4 +361,4 @@ def masked_adamw_cases(device: str, param_sets: tuple[str, ...] = ("resnet50", "
 CASE_FACTORIES: dict[str, Callable[..., list[Case]]] = {
     "magnitude_select": magnitude_select_cases, "masked_sgd": masked_sgd_cases,
     "masked_linear": masked_linear_cases, "apply_masks": apply_masks_cases, "masked_adamw": masked_adamw_cases,
-    "nm_masks": nm_masks_cases, "host_step": host_step_cases}
+    "nm_masks": nm_masks_cases, "host_step": host_step_cases, "training": training_cases}

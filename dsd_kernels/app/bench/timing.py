@@ -30,6 +30,7 @@ class Case:
     flops: int | None = None  # for matmuls: report TFLOP/s too
     # not the job, timed beside it for scale: name -> (fn, bytes fn moves); e.g. copy_reference
     references: dict[str, tuple[Callable[[], object], int]] = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)  # more facts of the case, copied into its result
 
 
 COPY_REFERENCE_BYTES = 2**29  # the copy moves up to this much: far past any cache, little memory
@@ -72,6 +73,8 @@ def benchmark_backends(device: str, op: str | None = None) -> list[str]:
     cpp and torch; the Triton interpreter is a correctness tool, not a benchmark)."""
     from ... import _backend
     device_type = torch.device(device).type
+    if op == "training step":  # a whole step runs every op: under the registry's own choices
+        return [_backend.get_backend()]
     ops = [_REGISTRY_OP.get(op, op)] if op is not None else list(dict.fromkeys(_REGISTRY_OP.values()))
     found = []
     for name in ops:
@@ -82,6 +85,7 @@ def benchmark_backends(device: str, op: str | None = None) -> list[str]:
 
 
 ROUNDS = 3  # alternating timing rounds per case (see run_case)
+DENSE_STEP = "dense step"  # the baseline a training-step case is measured against
 
 
 def device_time(fn: Callable[[], object], calls: int = 10) -> float | None:
@@ -136,6 +140,10 @@ def run_case(case: Case, min_run_time: float = 0.5, backends: list[str] | None =
         "speedup_vs_best_baseline": {b: base[best_base] / t for b, t in ours.items()} if best_base else None,
         "bytes_moved": case.bytes_moved, "ours_GBps": {b: case.bytes_moved / t / 1e9 for b, t in ours.items()},
     }
+    if DENSE_STEP in base:  # whole training steps: every time as a multiple of the dense step's
+        out["time_vs_dense_step"] = {**{f"ours [{b}]": t / base[DENSE_STEP] for b, t in ours.items()},
+                                     **{k: t / base[DENSE_STEP] for k, t in base.items() if k != DENSE_STEP}}
+    out.update(case.notes)
     if refs:  # ours as a fraction of each reference's bandwidth
         ref_GBps = {k: case.references[k][1] / t / 1e9 for k, t in refs.items()}
         out.update(references_s=refs, references_GBps=ref_GBps,
@@ -170,6 +178,8 @@ def environment(device: str) -> dict:
         info["cuda"] = torch.version.cuda
     else:
         info["cpu"] = cpu_model()
+        # the vector width torch's own CPU kernels run at here (AVX2, AVX512, ...): figures differ by it
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     from ... import _backend
     info["backend"] = _backend.get_backend()
     info["available_backends"] = _backend.available_backends()
@@ -224,6 +234,8 @@ def format_row(r: dict) -> str:
         lines.append(f"    ours [{b:<6}] {t * 1e3:10.3f} ms {rate}  {ratio}")
     for k, v in r["baselines_s"].items():
         lines.append(f"    {k:<50} {v * 1e3:10.3f} ms")
+    if r.get("time_vs_dense_step"):
+        lines.append("    time / dense step: " + ", ".join(f"{k} {v:.3f}x" for k, v in r["time_vs_dense_step"].items()))
     for k, v in r.get("references_s", {}).items():
         fractions = ", ".join(f"{b} {f:.0%}" for b, f in r["ours_fraction_of_reference_GBps"][k].items())
         lines.append(f"    reference: {k:<39} {v * 1e3:10.3f} ms {r['references_GBps'][k]:8.2f} GB/s"
