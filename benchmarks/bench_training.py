@@ -10,7 +10,7 @@ from conftest import DEVICE, run
 # the cases are built one at a time (each holds several GPT-2-small-sized MLP stacks)
 LABELS = [("MaskedSGD", ["ours", "dense step", "torch.nn.utils.prune (l1_unstructured)",
                          "torch.ao.pruning WeightNormSparsifier"]),
-          ("SGD + OptimizerMasks", ["ours", "dense step"])] + \
+          ("SGD + OptimizerMasks", ["ours", "dense step", "OptimizerMasks two passes (elementwise=False)"])] + \
          [(f"MaskedSGD block 64x64 {s}", ["ours", "dense step"]) for s in ("50%", "75%", "90%")]
 LABELS += [(name.replace("SGD", "AdamW"), impls) for name, impls in LABELS]
 PARAMS = [(i, impl) for i, (_, impls) in enumerate(LABELS) for impl in impls]

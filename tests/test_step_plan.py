@@ -206,12 +206,14 @@ def test_a_missing_or_sparse_gradient_takes_the_general_path():
 
 
 @pytest.mark.parametrize("optimizer", ["Adam", "SGD"])
-def test_optimizer_masks_planned_is_general_bit_for_bit(optimizer):
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_optimizer_masks_planned_is_general_bit_for_bit(optimizer, one_pass):
+    """Planned two passes (or the planned one pass) against two passes through the front end."""
     results = []
     for planned in (True, False):
         params = make_params()
         opt = getattr(torch.optim, optimizer)(params, lr=0.01, **({"momentum": 0.9} if optimizer == "SGD" else {}))
-        masks = OptimizerMasks(opt)
+        masks = OptimizerMasks(opt, elementwise=None if planned and one_pass else False)
         if not planned:
             masks._planned = lambda: None
         masks.set_masks({params[i]: k for i, k in keeps_for(params).items()})
@@ -223,7 +225,9 @@ def test_optimizer_masks_planned_is_general_bit_for_bit(optimizer):
         set_grads(params, 7)
         opt.step()
         results.append([bits(p) for p in params])
-        if planned:
+        if planned and one_pass:
+            assert masks.one_pass_state is not None and masks._remask_cache["remask"][0]
+        elif planned:
             assert masks._plans is not None
     assert all(torch.equal(x, y) for x, y in zip(*results))
 
@@ -320,12 +324,16 @@ def test_masks_a_plan_cannot_serve_are_decided_once_and_still_applied():
     # complex parameters need the general front end: OptimizerMasks keeps that decision (no
     # rebuilt views every step) and the pruned entries are zeroed all the same
     w = torch.nn.Parameter(torch.randn(6, 8, dtype=torch.complex64, device=DEVICE))
-    opt = torch.optim.SGD([w], lr=0.1)
-    masks = OptimizerMasks(opt)
-    keep = (torch.rand(6, 8) > 0.5).to(DEVICE)
-    masks.set_masks({w: keep})
-    for _ in range(2):
-        w.grad = torch.randn_like(w)
-        opt.step()
-        assert masks._plans == []
-        assert bool((w.detach()[~keep] == 0).all())
+    for one_pass in (False, None):
+        opt = torch.optim.SGD([w], lr=0.1)
+        masks = OptimizerMasks(opt, elementwise=one_pass)
+        keep = (torch.rand(6, 8) > 0.5).to(DEVICE)
+        masks.set_masks({w: keep})
+        for _ in range(2):
+            w.grad = torch.randn_like(w)
+            opt.step()
+            if one_pass is False:
+                assert masks._plans == []
+            else:
+                assert masks._remask_cache["remask"][0] is None  # the general front end, decided once
+            assert bool((w.detach()[~keep] == 0).all())

@@ -48,7 +48,7 @@ def _claim(optimizer, scheduler: "DSDScheduler") -> None:
     held = _SCHEDULER_OF.get(optimizer)
     current = held() if held is not None else None
     if current is not None:
-        gc.collect()  # one only cyclic garbage is gone, not in charge
+        gc.collect()  # one held only by reference cycles is gone: collected before refusing
         current = held()
     if current is not None:
         raise ValueError(f"{type(optimizer).__name__} already has a DSDScheduler ({current!r}); call its close() "

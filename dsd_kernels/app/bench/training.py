@@ -4,7 +4,8 @@ step of the same model in the same run, with the tools people use today beside o
 The model: a GPT-2-small-sized MLP stack (4 blocks of Linear 768->3072, GELU, Linear 3072->768,
 a linear head to 10 classes), one thread. Per optimizer (SGD momentum 0.9, AdamW):
 - unstructured 50% (batch 64): MaskedSGD / MaskedAdamW; the torch optimizer with DSDScheduler's
-  masks (OptimizerMasks: what any optimizer gets); and as peers torch.nn.utils.prune
+  masks (OptimizerMasks: what any optimizer gets; its one pass, with its two passes beside it); and
+  as peers torch.nn.utils.prune
   (l1_unstructured) and torch.ao.pruning's WeightNormSparsifier (1x1 blocks);
 - block 64x64 at 50 / 75 / 90% of tiles (batch 256): DSDScheduler(block=(64, 64)) stepped into
   its sparse phase, the Linear layers computing through masked_linear.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...optim import OptimizerMasks
 from .timing import Case
 
 WIDTH, HIDDEN, BLOCKS, CLASSES = 768, 3072, 4, 10
@@ -34,6 +36,7 @@ def mlp_stack(seed: int = 0) -> nn.Sequential:
 
 
 def _optimizer(name: str, params, masked: bool):
+    """SGD with momentum or AdamW: torch's, or ours (MaskedSGD, MaskedAdamW) with masked=True."""
     from ...optim import MaskedAdamW, MaskedSGD
     if name == "sgd":
         return (MaskedSGD if masked else torch.optim.SGD)(params, lr=1e-3, momentum=0.9)
@@ -135,12 +138,19 @@ def training_cases(device: str):
         opt = _optimizer(name, model.parameters(), masked=False)
         dsd = _dsd_into_sparse(model, opt, 0.5)
         ours = _stepper(model, opt, UNSTRUCTURED_BATCH, device)
-        yield Case("training step", f"MLP stack, {label} + DSDScheduler masks (OptimizerMasks), 50% unstructured, "
-                                    f"batch {UNSTRUCTURED_BATCH}, one thread", 0, ours=_single_threaded(ours),
-                   baselines={"dense step": _single_threaded(dense_step)},
+        two_pass_model = mlp_stack().to(device)
+        two_pass_opt = _optimizer(name, two_pass_model.parameters(), masked=False)
+        OptimizerMasks(two_pass_opt, elementwise=False).set_masks(
+            {q: dsd.masks[p] for p, q in zip(model.parameters(), two_pass_model.parameters()) if p in dsd.masks})
+        two_pass = _stepper(two_pass_model, two_pass_opt, UNSTRUCTURED_BATCH, device)
+        yield Case("training step", f"MLP stack, {label} + DSDScheduler masks (OptimizerMasks: one pass), 50% "
+                                    f"unstructured, batch {UNSTRUCTURED_BATCH}, one thread", 0,
+                   ours=_single_threaded(ours),
+                   baselines={"dense step": _single_threaded(dense_step),
+                              "OptimizerMasks two passes (elementwise=False)": _single_threaded(two_pass)},
                    notes={"state_bytes": {"ours": state_bytes(model, opt, dsd.masks), "dense step": dense_bytes}})
         dsd.close()
-        del model, opt, dsd, ours, dense_step
+        del model, opt, dsd, ours, dense_step, two_pass, two_pass_model, two_pass_opt
 
         dense_step, dense_bytes = _dense(name, BLOCK_BATCH, device)
         for sparsity in BLOCK_SPARSITIES:
