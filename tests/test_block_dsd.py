@@ -193,3 +193,19 @@ def test_the_train_job_takes_block(tmp_path, capsys):
     assert cli.main(["train", "--block", "16", "16", "--sparsity", "2:4", "--out", str(tmp_path / "o"),
                      "--no-progress"]) == 2
     assert "--block" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("trainer", ["lightning", "transformers"])
+def test_both_callbacks_take_block(trainer):
+    pytest.importorskip("lightning" if trainer == "lightning" else "transformers")
+    import importlib
+    callback_cls = importlib.import_module(f"dsd_kernels.integrations.{trainer}").DSDCallback
+    with pytest.raises(ValueError, match="N:M"):  # checked when the callback is built
+        callback_cls("2:4", 1, 1, 1, block=BLOCK)
+    callback = callback_cls(0.5, 1, 1, 1, block=BLOCK)
+    model = stack()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    callback.start(opt, model, None)  # what both do when training begins
+    assert callback.scheduler.block == BLOCK and len(callback.scheduler.tile_linears) == 3
+    callback.advance_to(1)
+    assert tile_kernel_calls(model, opt, 0) == 3
