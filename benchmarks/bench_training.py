@@ -1,18 +1,14 @@
-"""Whole training steps of a sparse phase (ours and the peers) against the dense step, the MLP
-stack of dsd_kernels.app.bench.training; `dsd-kernels bench --ops training` runs the same cases
+"""Whole training steps of a sparse phase (ours and the peers) against the dense step, the models
+of dsd_kernels.app.bench.training; `dsd-kernels bench --ops training` runs the same cases
 and writes each one's time as a multiple of the dense step's."""
 import pytest
 
-from dsd_kernels.app.bench.training import training_cases
+from dsd_kernels.app.bench.training import case_outline, training_cases
 
 from conftest import DEVICE, run
 
-# the cases are built one at a time (each holds several GPT-2-small-sized MLP stacks)
-LABELS = [("MaskedSGD", ["ours", "dense step", "torch.nn.utils.prune (l1_unstructured)",
-                         "torch.ao.pruning WeightNormSparsifier"]),
-          ("SGD + OptimizerMasks", ["ours", "dense step", "OptimizerMasks two passes (elementwise=False)"])] + \
-         [(f"MaskedSGD block 64x64 {s}", ["ours", "dense step"]) for s in ("50%", "75%", "90%")]
-LABELS += [(name.replace("SGD", "AdamW"), impls) for name, impls in LABELS]
+# the cases are built one at a time (each holds several models and their optimizers' state)
+LABELS = case_outline()
 PARAMS = [(i, impl) for i, (_, impls) in enumerate(LABELS) for impl in impls]
 _current: dict = {}
 

@@ -1,20 +1,27 @@
 """Whole training steps (forward, backward, optimizer step) of a sparse phase against the dense
 step of the same model in the same run, with the tools people use today beside ours.
 
-The model: a GPT-2-small-sized MLP stack (4 blocks of Linear 768->3072, GELU, Linear 3072->768,
-a linear head to 10 classes), one thread. Per optimizer (SGD momentum 0.9, AdamW):
-- unstructured 50% (batch 64): MaskedSGD / MaskedAdamW; the torch optimizer with DSDScheduler's
-  masks (OptimizerMasks: what any optimizer gets; its one pass, with its two passes beside it); and
-  as peers torch.nn.utils.prune
-  (l1_unstructured) and torch.ao.pruning's WeightNormSparsifier (1x1 blocks);
-- block 64x64 at 50 / 75 / 90% of tiles (batch 256): DSDScheduler(block=(64, 64)) stepped into
-  its sparse phase, the Linear layers computing through masked_linear.
+Models, one thread each:
+- "MLP stack": GPT-2-small-sized (4 blocks of Linear 768->3072, GELU, Linear 3072->768, a linear
+  head to 10 classes; 18.9M parameters), batch 64 (unstructured) and 256 (block);
+- "ResNet-18": the CIFAR-style ResNet-18 (BasicBlocks [2, 2, 2, 2], widths 64-512, 32x32 inputs,
+  11.2M parameters; built here, no torchvision), batch 32.
+Per model and optimizer (SGD momentum 0.9, AdamW):
+- unstructured 50%: MaskedSGD / MaskedAdamW (with torch.nn.utils.prune's l1_unstructured and, on
+  the MLP, torch.ao.pruning's WeightNormSparsifier with 1x1 blocks beside it: it does not take 4-D
+  convolution weights); the torch optimizer with DSDScheduler's masks (OptimizerMasks: what any
+  optimizer gets; its one pass, with its two passes beside it);
+- block 64x64 at 50 / 75 / 90% of tiles (the MLP): DSDScheduler(block=(64, 64)) stepped into its
+  sparse phase, the Linear layers computing through masked_linear.
 Each case times its sparse step ("ours", or a peer) and the dense step ("dense step"), built from
 the same weights, in alternating rounds; the ratio sparse / dense is the figure. Each case also
 records the bytes of parameters, buffers, optimizer state and masks (a peer's mask buffers
 count as buffers), and the same for the dense step.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -23,7 +30,7 @@ from ...optim import OptimizerMasks
 from .timing import Case
 
 WIDTH, HIDDEN, BLOCKS, CLASSES = 768, 3072, 4, 10
-UNSTRUCTURED_BATCH, BLOCK_BATCH = 64, 256
+BLOCK_BATCH = 256
 BLOCK_SPARSITIES = (0.5, 0.75, 0.9)
 
 
@@ -33,6 +40,46 @@ def mlp_stack(seed: int = 0) -> nn.Sequential:
     for _ in range(BLOCKS):
         layers += [nn.Linear(WIDTH, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, WIDTH)]
     return nn.Sequential(*layers, nn.Linear(WIDTH, CLASSES))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet18(seed: int = 0) -> nn.Sequential:
+    """ResNet-18 for 32x32 inputs (the CIFAR stem: one 3x3 convolution, no pooling)."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [_BasicBlock(cin, cout, stride), _BasicBlock(cout, cout, 1)]
+        cin = cout
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, CLASSES))
+
+
+@dataclass(frozen=True)
+class _Model:
+    name: str
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]  # one sample's
+    batch: int
+    weight_norm_sparsifier: bool  # torch.ao.pruning's takes its weights
+
+
+MODELS = (_Model("MLP stack", mlp_stack, (WIDTH,), 64, True),
+          _Model("ResNet-18", resnet18, (3, 32, 32), 32, False))
 
 
 def _optimizer(name: str, params, masked: bool):
@@ -53,9 +100,9 @@ def state_bytes(model: nn.Module, opt: torch.optim.Optimizer, masks=None) -> int
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _stepper(model: nn.Module, opt: torch.optim.Optimizer, batch: int, device: str):
+def _stepper(model: nn.Module, opt: torch.optim.Optimizer, shape: tuple[int, ...], batch: int, device: str):
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, WIDTH, generator=gen).to(device)
+    x = torch.randn(batch, *shape, generator=gen).to(device)
     y = torch.randint(0, CLASSES, (batch,), generator=gen).to(device)
 
     def step():
@@ -77,10 +124,10 @@ def _single_threaded(fn):
     return call
 
 
-def _dense(name: str, batch: int, device: str):
-    model = mlp_stack().to(device)
+def _dense(spec: _Model, name: str, batch: int, device: str):
+    model = spec.build().to(device)
     opt = _optimizer(name, model.parameters(), masked=False)
-    return _stepper(model, opt, batch, device), state_bytes(model, opt)
+    return _single_threaded(_stepper(model, opt, spec.input_shape, batch, device)), state_bytes(model, opt)
 
 
 def _dsd_into_sparse(model, opt, sparsity: float, block=None):
@@ -91,77 +138,107 @@ def _dsd_into_sparse(model, opt, sparsity: float, block=None):
     return dsd
 
 
-def _torch_prune(name: str, batch: int, device: str):
+def _pruned_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, name) of every weight the default scope prunes (what the peers are given)."""
+    from ...scope import select
+    chosen = {id(s.param) for s in select(model, 0.5)}
+    return [(m, local) for m in model.modules() for local, p in m.named_parameters(recurse=False) if id(p) in chosen]
+
+
+def _torch_prune(spec: _Model, name: str, device: str):
     from torch.nn.utils import prune
-    model = mlp_stack().to(device)
-    for module in model:
-        if isinstance(module, nn.Linear):
-            prune.l1_unstructured(module, "weight", amount=0.5)
+    model = spec.build().to(device)
+    for module, local in _pruned_weights(model):
+        prune.l1_unstructured(module, local, amount=0.5)
     opt = _optimizer(name, model.parameters(), masked=False)
-    return _stepper(model, opt, batch, device), state_bytes(model, opt)
+    return _single_threaded(_stepper(model, opt, spec.input_shape, spec.batch, device)), state_bytes(model, opt)
 
 
-def _weight_norm_sparsifier(name: str, batch: int, device: str):
+def _weight_norm_sparsifier(spec: _Model, name: str, device: str):
     from torch.ao.pruning import WeightNormSparsifier
-    model = mlp_stack().to(device)
+    model = spec.build().to(device)
+    names = {id(m): n for n, m in model.named_modules()}
     sparsifier = WeightNormSparsifier(sparsity_level=0.5, sparse_block_shape=(1, 1), zeros_per_block=1)
-    sparsifier.prepare(model, [{"tensor_fqn": f"{i}.weight"} for i, m in enumerate(model)
-                               if isinstance(m, nn.Linear)])
+    sparsifier.prepare(model, [{"tensor_fqn": f"{names[id(m)]}.{local}"} for m, local in _pruned_weights(model)])
     sparsifier.step()
     opt = _optimizer(name, model.parameters(), masked=False)
-    return _stepper(model, opt, batch, device), state_bytes(model, opt)
+    return _single_threaded(_stepper(model, opt, spec.input_shape, spec.batch, device)), state_bytes(model, opt)
+
+
+PRUNE = "torch.nn.utils.prune (l1_unstructured)"
+SPARSIFIER = "torch.ao.pruning WeightNormSparsifier"
+TWO_PASSES = "OptimizerMasks two passes (elementwise=False)"
+
+
+def _unstructured_cases(spec: _Model, name: str, label: str, device: str):
+    masked = "MaskedSGD" if name == "sgd" else "MaskedAdamW"
+    dense_step, dense_bytes = _dense(spec, name, spec.batch, device)
+    model = spec.build().to(device)
+    opt = _optimizer(name, model.parameters(), masked=True)
+    opt.prune(0.5, model=model)
+    ours = _stepper(model, opt, spec.input_shape, spec.batch, device)
+    peers, peer_bytes = {"dense step": dense_step}, {"dense step": dense_bytes}
+    peers[PRUNE], peer_bytes[PRUNE] = _torch_prune(spec, name, device)
+    if spec.weight_norm_sparsifier:
+        peers[SPARSIFIER], peer_bytes[SPARSIFIER] = _weight_norm_sparsifier(spec, name, device)
+    yield Case("training step", f"{spec.name}, {label}: {masked}, 50% unstructured, batch {spec.batch}, one thread",
+               0, ours=_single_threaded(ours), baselines=peers,
+               notes={"state_bytes": {"ours": state_bytes(model, opt, opt.masks), **peer_bytes}})
+    del model, opt, ours, peers
+
+    model = spec.build().to(device)
+    opt = _optimizer(name, model.parameters(), masked=False)
+    dsd = _dsd_into_sparse(model, opt, 0.5)
+    ours = _stepper(model, opt, spec.input_shape, spec.batch, device)
+    two_pass_model = spec.build().to(device)
+    two_pass_opt = _optimizer(name, two_pass_model.parameters(), masked=False)
+    OptimizerMasks(two_pass_opt, elementwise=False).set_masks(
+        {q: dsd.masks[p] for p, q in zip(model.parameters(), two_pass_model.parameters()) if p in dsd.masks})
+    two_pass = _single_threaded(_stepper(two_pass_model, two_pass_opt, spec.input_shape, spec.batch, device))
+    yield Case("training step", f"{spec.name}, {label} + DSDScheduler masks (OptimizerMasks: one pass), 50% "
+                                f"unstructured, batch {spec.batch}, one thread", 0, ours=_single_threaded(ours),
+               baselines={"dense step": dense_step, TWO_PASSES: two_pass},
+               notes={"state_bytes": {"ours": state_bytes(model, opt, dsd.masks), "dense step": dense_bytes}})
+    dsd.close()
+
+
+def _block_cases(spec: _Model, name: str, device: str):
+    masked = "MaskedSGD" if name == "sgd" else "MaskedAdamW"
+    dense_step, dense_bytes = _dense(spec, name, BLOCK_BATCH, device)
+    for sparsity in BLOCK_SPARSITIES:
+        model = spec.build().to(device)
+        opt = _optimizer(name, model.parameters(), masked=True)
+        dsd = _dsd_into_sparse(model, opt, sparsity, block=(64, 64))
+        ours = _stepper(model, opt, spec.input_shape, BLOCK_BATCH, device)
+        yield Case("training step", f"{spec.name}, {masked} + DSDScheduler(block=(64, 64)), {sparsity:.0%} of "
+                                    f"tiles, batch {BLOCK_BATCH}, one thread", 0, ours=_single_threaded(ours),
+                   baselines={"dense step": dense_step},
+                   notes={"state_bytes": {"ours": state_bytes(model, opt, dsd.masks), "dense step": dense_bytes}})
+        dsd.close()
+        del model, opt, dsd, ours
 
 
 def training_cases(device: str):
     """The cases one at a time (a generator: each case's models are freed before the next's)."""
-    for name, label in (("sgd", "SGD(momentum=0.9)"), ("adamw", "AdamW")):
-        masked = "MaskedSGD" if name == "sgd" else "MaskedAdamW"
-        dense_step, dense_bytes = _dense(name, UNSTRUCTURED_BATCH, device)
-        model = mlp_stack().to(device)
-        opt = _optimizer(name, model.parameters(), masked=True)
-        opt.prune(0.5, model=model)
-        ours = _stepper(model, opt, UNSTRUCTURED_BATCH, device)
-        peers = {}
-        prune_step, prune_bytes = _torch_prune(name, UNSTRUCTURED_BATCH, device)
-        sparsifier_step, sparsifier_bytes = _weight_norm_sparsifier(name, UNSTRUCTURED_BATCH, device)
-        peers = {"dense step": _single_threaded(dense_step),
-                 "torch.nn.utils.prune (l1_unstructured)": _single_threaded(prune_step),
-                 "torch.ao.pruning WeightNormSparsifier": _single_threaded(sparsifier_step)}
-        yield Case("training step", f"MLP stack, {label}: {masked}, 50% unstructured, batch {UNSTRUCTURED_BATCH}, "
-                                    f"one thread", 0, ours=_single_threaded(ours), baselines=peers,
-                   notes={"state_bytes": {"ours": state_bytes(model, opt, opt.masks), "dense step": dense_bytes,
-                                          "torch.nn.utils.prune (l1_unstructured)": prune_bytes,
-                                          "torch.ao.pruning WeightNormSparsifier": sparsifier_bytes}})
-        del model, opt, ours, peers, prune_step, sparsifier_step
+    for spec in MODELS:
+        for name, label in (("sgd", "SGD(momentum=0.9)"), ("adamw", "AdamW")):
+            yield from _unstructured_cases(spec, name, label, device)
+            if spec.name == "MLP stack":
+                yield from _block_cases(spec, name, device)
 
-        model = mlp_stack().to(device)
-        opt = _optimizer(name, model.parameters(), masked=False)
-        dsd = _dsd_into_sparse(model, opt, 0.5)
-        ours = _stepper(model, opt, UNSTRUCTURED_BATCH, device)
-        two_pass_model = mlp_stack().to(device)
-        two_pass_opt = _optimizer(name, two_pass_model.parameters(), masked=False)
-        OptimizerMasks(two_pass_opt, elementwise=False).set_masks(
-            {q: dsd.masks[p] for p, q in zip(model.parameters(), two_pass_model.parameters()) if p in dsd.masks})
-        two_pass = _stepper(two_pass_model, two_pass_opt, UNSTRUCTURED_BATCH, device)
-        yield Case("training step", f"MLP stack, {label} + DSDScheduler masks (OptimizerMasks: one pass), 50% "
-                                    f"unstructured, batch {UNSTRUCTURED_BATCH}, one thread", 0,
-                   ours=_single_threaded(ours),
-                   baselines={"dense step": _single_threaded(dense_step),
-                              "OptimizerMasks two passes (elementwise=False)": _single_threaded(two_pass)},
-                   notes={"state_bytes": {"ours": state_bytes(model, opt, dsd.masks), "dense step": dense_bytes}})
-        dsd.close()
-        del model, opt, dsd, ours, dense_step, two_pass, two_pass_model, two_pass_opt
 
-        dense_step, dense_bytes = _dense(name, BLOCK_BATCH, device)
-        for sparsity in BLOCK_SPARSITIES:
-            model = mlp_stack().to(device)
-            opt = _optimizer(name, model.parameters(), masked=True)
-            dsd = _dsd_into_sparse(model, opt, sparsity, block=(64, 64))
-            ours = _stepper(model, opt, BLOCK_BATCH, device)
-            yield Case("training step", f"MLP stack, {masked} + DSDScheduler(block=(64, 64)), {sparsity:.0%} of "
-                                        f"tiles, batch {BLOCK_BATCH}, one thread", 0, ours=_single_threaded(ours),
-                       baselines={"dense step": _single_threaded(dense_step)},
-                       notes={"state_bytes": {"ours": state_bytes(model, opt, dsd.masks), "dense step": dense_bytes}})
-            dsd.close()
-            del model, opt, dsd, ours
-        del dense_step
+def case_outline() -> list[tuple[str, list[str]]]:
+    """(a short label, the timed callables' names) of every case, in training_cases' order,
+    without building any model (benchmarks/bench_training.py parametrises over it)."""
+    outline = []
+    for spec in MODELS:
+        for name in ("sgd", "adamw"):
+            masked = "MaskedSGD" if name == "sgd" else "MaskedAdamW"
+            outline.append((f"{spec.name} {masked}", ["ours", "dense step", PRUNE]
+                            + ([SPARSIFIER] if spec.weight_norm_sparsifier else [])))
+            outline.append((f"{spec.name} {'SGD' if name == 'sgd' else 'AdamW'} + OptimizerMasks",
+                            ["ours", "dense step", TWO_PASSES]))
+            if spec.name == "MLP stack":
+                outline += [(f"{spec.name} {masked} block 64x64 {s:.0%}", ["ours", "dense step"])
+                            for s in BLOCK_SPARSITIES]
+    return outline
