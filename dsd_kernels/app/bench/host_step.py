@@ -5,21 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from .timing import Case
+from .timing import Case, single_threaded
 
 # 148 fp32 tensors (50 of 64x64, 98 of 64): a small model's weights and biases
 HOST_STEP_SHAPES = [(64, 64)] * 50 + [(64,)] * 98
-
-
-def _single_threaded(fn):
-    def call():
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            fn()
-        finally:
-            torch.set_num_threads(threads)
-    return call
 
 
 def host_step_cases(device: str) -> list[Case]:
@@ -67,6 +56,6 @@ def host_step_cases(device: str) -> list[Case]:
         for opt in (ours, theirs):
             opt.step()  # the state exists: the steady state is timed
         cases.append(Case("host-bound step", f"{ours_name}, {len(values)} fp32 tensors, one thread",
-                          numel * 4 * tensors_moved, ours=_single_threaded(ours.step),
-                          baselines={torch_name: _single_threaded(theirs.step)}))
+                          numel * 4 * tensors_moved, ours=single_threaded(ours.step),
+                          baselines={torch_name: single_threaded(theirs.step)}))
     return cases

@@ -52,6 +52,19 @@ def copy_reference(device: str, bytes_moved: int) -> dict[str, tuple[Callable[[]
 
 
 
+def single_threaded(fn: Callable[[], object]) -> Callable[[], None]:
+    """fn run on one thread (the thread count put back after): the steps a user's single-threaded
+    loop takes, timed without the second core's help."""
+    def call():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            fn()
+        finally:
+            torch.set_num_threads(threads)
+    return call
+
+
 def time_callable(fn: Callable[[], object], min_run_time: float) -> float:
     """Median seconds per call."""
     timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())

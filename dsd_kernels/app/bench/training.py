@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ...optim import OptimizerMasks
-from .timing import Case
+from .timing import Case, single_threaded
 
 WIDTH, HIDDEN, BLOCKS, CLASSES = 768, 3072, 4, 10
 BLOCK_BATCH = 256
@@ -113,21 +113,10 @@ def _stepper(model: nn.Module, opt: torch.optim.Optimizer, shape: tuple[int, ...
     return step
 
 
-def _single_threaded(fn):
-    def call():
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            fn()
-        finally:
-            torch.set_num_threads(threads)
-    return call
-
-
 def _dense(spec: _Model, name: str, batch: int, device: str):
     model = spec.build().to(device)
     opt = _optimizer(name, model.parameters(), masked=False)
-    return _single_threaded(_stepper(model, opt, spec.input_shape, batch, device)), state_bytes(model, opt)
+    return single_threaded(_stepper(model, opt, spec.input_shape, batch, device)), state_bytes(model, opt)
 
 
 def _dsd_into_sparse(model, opt, sparsity: float, block=None):
@@ -151,7 +140,7 @@ def _torch_prune(spec: _Model, name: str, device: str):
     for module, local in _pruned_weights(model):
         prune.l1_unstructured(module, local, amount=0.5)
     opt = _optimizer(name, model.parameters(), masked=False)
-    return _single_threaded(_stepper(model, opt, spec.input_shape, spec.batch, device)), state_bytes(model, opt)
+    return single_threaded(_stepper(model, opt, spec.input_shape, spec.batch, device)), state_bytes(model, opt)
 
 
 def _weight_norm_sparsifier(spec: _Model, name: str, device: str):
@@ -162,7 +151,7 @@ def _weight_norm_sparsifier(spec: _Model, name: str, device: str):
     sparsifier.prepare(model, [{"tensor_fqn": f"{names[id(m)]}.{local}"} for m, local in _pruned_weights(model)])
     sparsifier.step()
     opt = _optimizer(name, model.parameters(), masked=False)
-    return _single_threaded(_stepper(model, opt, spec.input_shape, spec.batch, device)), state_bytes(model, opt)
+    return single_threaded(_stepper(model, opt, spec.input_shape, spec.batch, device)), state_bytes(model, opt)
 
 
 PRUNE = "torch.nn.utils.prune (l1_unstructured)"
@@ -182,7 +171,7 @@ def _unstructured_cases(spec: _Model, name: str, label: str, device: str):
     if spec.weight_norm_sparsifier:
         peers[SPARSIFIER], peer_bytes[SPARSIFIER] = _weight_norm_sparsifier(spec, name, device)
     yield Case("training step", f"{spec.name}, {label}: {masked}, 50% unstructured, batch {spec.batch}, one thread",
-               0, ours=_single_threaded(ours), baselines=peers,
+               0, ours=single_threaded(ours), baselines=peers,
                notes={"state_bytes": {"ours": state_bytes(model, opt, opt.masks), **peer_bytes}})
     del model, opt, ours, peers
 
@@ -194,9 +183,9 @@ def _unstructured_cases(spec: _Model, name: str, label: str, device: str):
     two_pass_opt = _optimizer(name, two_pass_model.parameters(), masked=False)
     OptimizerMasks(two_pass_opt, elementwise=False).set_masks(
         {q: dsd.masks[p] for p, q in zip(model.parameters(), two_pass_model.parameters()) if p in dsd.masks})
-    two_pass = _single_threaded(_stepper(two_pass_model, two_pass_opt, spec.input_shape, spec.batch, device))
+    two_pass = single_threaded(_stepper(two_pass_model, two_pass_opt, spec.input_shape, spec.batch, device))
     yield Case("training step", f"{spec.name}, {label} + DSDScheduler masks (OptimizerMasks: one pass), 50% "
-                                f"unstructured, batch {spec.batch}, one thread", 0, ours=_single_threaded(ours),
+                                f"unstructured, batch {spec.batch}, one thread", 0, ours=single_threaded(ours),
                baselines={"dense step": dense_step, TWO_PASSES: two_pass},
                notes={"state_bytes": {"ours": state_bytes(model, opt, dsd.masks), "dense step": dense_bytes}})
     dsd.close()
@@ -211,7 +200,7 @@ def _block_cases(spec: _Model, name: str, device: str):
         dsd = _dsd_into_sparse(model, opt, sparsity, block=(64, 64))
         ours = _stepper(model, opt, spec.input_shape, BLOCK_BATCH, device)
         yield Case("training step", f"{spec.name}, {masked} + DSDScheduler(block=(64, 64)), {sparsity:.0%} of "
-                                    f"tiles, batch {BLOCK_BATCH}, one thread", 0, ours=_single_threaded(ours),
+                                    f"tiles, batch {BLOCK_BATCH}, one thread", 0, ours=single_threaded(ours),
                    baselines={"dense step": dense_step},
                    notes={"state_bytes": {"ours": state_bytes(model, opt, dsd.masks), "dense step": dense_bytes}})
         dsd.close()
