@@ -25,8 +25,6 @@ followed by redense_epochs re-dense epochs (cycles=2 gives DSDSD).
 from __future__ import annotations
 
 import dataclasses
-import gc
-import math
 import warnings
 import weakref
 
@@ -34,37 +32,9 @@ import torch
 
 from ..ops._common import any_dtensor, as_sparsity
 from ..optim.masking import mask_gradients_, zero_pruned
-from . import tile_layers
+from . import hooks, scheduler_state, tile_layers
 from .lr_scales import StepRateScale
 from .plan import checked_block, checked_plan, ramp_fraction
-
-# optimizer -> weakref to the DSDScheduler on it: one at a time (two would multiply their rate
-# scales and apply both mask sets)
-_SCHEDULER_OF: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _claim(optimizer, scheduler: "DSDScheduler") -> None:
-    """Register `scheduler` as the optimizer's one DSDScheduler, or raise naming the one it has."""
-    held = _SCHEDULER_OF.get(optimizer)
-    current = held() if held is not None else None
-    if current is not None:
-        gc.collect()  # one held only by reference cycles is gone: collected before refusing
-        current = held()
-    if current is not None:
-        raise ValueError(f"{type(optimizer).__name__} already has a DSDScheduler ({current!r}); call its close() "
-                         f"before building another on the same optimizer (two would multiply their learning-"
-                         f"rate scales and apply both sets of masks)")
-    _SCHEDULER_OF[optimizer] = weakref.ref(scheduler)
-
-
-def _release_hooks(rate_scale, optimizer_masks, tile_linears) -> None:
-    """What a scheduler leaves on its optimizer and layers, removed (close(), or the scheduler
-    collected)."""
-    rate_scale.remove()
-    if optimizer_masks is not None:
-        optimizer_masks.remove()
-    tile_layers.remove(tile_linears)
-
 
 def _warn_no_model(optimizer_name: str) -> None:
     warnings.warn(f"DSDScheduler({optimizer_name}) without model=: every weight of 2 or more dims the optimizer "
@@ -158,10 +128,11 @@ class DSDScheduler:
         # a state saved before the scales moved into step hooks has the re-dense scale in the groups
         self._groups_hold_redense_scale = False
         from ..scope import check_selection
-        check_selection(self._selected_now(1.0), scope)  # N:M rows, global scope, FSDP: before any training
+        selected = self._selected_now(1.0)
+        check_selection(selected, scope)  # N:M rows, global scope, FSDP: before any training
         self.tile_linears: list = []  # block=: the nn.Linear layers computing through masked_linear while masked
         if self.block is not None:
-            params = [s.param for s in self._selected_now(1.0)]
+            params = [s.param for s in selected]
             if any_dtensor(params):
                 raise NotImplementedError("block pruning of sharded (DTensor) weights is not supported yet")
             if model is not None:
@@ -172,7 +143,7 @@ class DSDScheduler:
                                   f"{' ...' if len(others) > 4 else ''}): their tiles are pruned exactly through "
                                   f"the optimizer, with no speedup; only nn.Linear layers skip pruned tiles",
                                   UserWarning, stacklevel=2)
-        _claim(optimizer, self)
+        hooks.claim(optimizer, self)
         self._attach()
 
     def _attach(self) -> None:
@@ -182,7 +153,7 @@ class DSDScheduler:
         self._rate_scale = StepRateScale(self.optimizer, self._lr_scale_now)
         holder = self.optimizer if self.optimizer_masks is None else self.optimizer_masks
         tile_layers.install(self.tile_linears, holder.mask_of)
-        self._finalizer = weakref.finalize(self, _release_hooks, self._rate_scale, self.optimizer_masks,
+        self._finalizer = weakref.finalize(self, hooks.release_hooks, self._rate_scale, self.optimizer_masks,
                                            list(self.tile_linears))
 
     # copies (copy.deepcopy, pickle) own their own hooks, on the copied optimizer
@@ -191,7 +162,7 @@ class DSDScheduler:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        _claim(self.optimizer, self)
+        hooks.claim(self.optimizer, self)
         self._attach()
 
     def __repr__(self) -> str:
@@ -307,9 +278,7 @@ class DSDScheduler:
         optimizer, the masks): the optimizer steps as if it never had one; another
         DSDScheduler may then take it."""
         self._finalizer()
-        held = _SCHEDULER_OF.get(self.optimizer)
-        if held is not None and held() is self:
-            del _SCHEDULER_OF[self.optimizer]
+        hooks.release_claim(self.optimizer, self)
 
     # ------------------------------------------------------------ masks in force
     @property
@@ -339,87 +308,17 @@ class DSDScheduler:
         mask_gradients_(self.masks)
 
     # ------------------------------------------------------------ checkpoints
-    _PLAN_KEYS = ("dense_epochs", "sparse_epochs", "redense_epochs", "cycles", "sparsity")
-
     def state_dict(self) -> dict:
         """The schedule's position and plan; with a plain optimizer, also its masks (MaskedSGD
         keeps them in its own state_dict, MaskedLinear modules in the model's)."""
-        state = {"epoch": self.epoch, "lr_scaled": self.lr_scaled, "dense_epochs": self.dense_epochs,
-                 "sparse_epochs": self.sparse_epochs, "redense_epochs": self.redense_epochs,
-                 "cycles": self.cycles, "sparsity": self.sparsity, "ramp_epochs": self.ramp_epochs,
-                 "ramp_every": self.ramp_every, "sparse_lr_scale": self.sparse_lr_scale,
-                 "redense_lr_scale": self.redense_lr_scale, "unit": self.unit, "lr_scales": "step_hooks",
-                 "groups_hold_redense_scale": self._groups_hold_redense_scale, "scope": self.scope,
-                 "selected": None if self.selected is None else [s.name for s in self.selected],
-                 "block": None if self.block is None else list(self.block)}
-        if self.optimizer_masks is not None and not any_dtensor([s.param for s in self.selected]):
-            # one process: the masks here too (trainers may restore the optimizer before this);
-            # sharded: only in the optimizer's state dict, whose "mask" entries DCP reshards
-            state["masks"] = self._mask_entries()
-        return state
-
-    def _mask_entries(self) -> dict:
-        """{parameter index: "mask" entry} of every weight this scheduler may prune through
-        OptimizerMasks, pruned now or not (every bit set): the same keys in every phase, so that a
-        state dict built as DCP's loading template names every mask a checkpoint holds, and
-        copies (DCP loads into a template's tensors in place; these must not be the live masks)."""
-        from ..optim.mask_state import mask_entry
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        masks = self.optimizer_masks.masks
-        carried = {id(s.param) for s in self.selected} - {id(m.weight) for m in self.masked_linears}
-        entries = {}
-        for i, p in enumerate(params):
-            if id(p) in carried:
-                entry = mask_entry(p, masks.get(p))
-                if entry is not None:
-                    entries[i] = entry.clone()
-        return entries
+        return scheduler_state.state_dict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the schedule's position; the whole state is checked (a ValueError naming the
-        key) before anything changes."""
-        if not isinstance(state, dict):
-            raise TypeError(f"state_dict must be a dict, got {type(state).__name__}")
-        missing = [k for k in ("epoch", "lr_scaled", *self._PLAN_KEYS, "redense_lr_scale") if k not in state]
-        if missing:
-            raise ValueError(f"state_dict lacks {', '.join(missing)}: not a DSDScheduler state")
-        for key in self._PLAN_KEYS:
-            if state[key] != getattr(self, key):
-                raise ValueError(f"state_dict has {key}={state[key]!r} but this scheduler has "
-                                 f"{getattr(self, key)!r}")
-        for key in ("ramp_epochs", "ramp_every"):
-            if state.get(key) != getattr(self, key):
-                raise ValueError(f"state_dict has {key}={state.get(key)!r} but this scheduler has "
-                                 f"{getattr(self, key)!r}")
-        if state.get("unit", "epoch") != self.unit:
-            raise ValueError(f"state_dict has unit={state.get('unit', 'epoch')!r} but this scheduler "
-                             f"has {self.unit!r}")
-        epoch = state["epoch"]
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= self.total_epochs:
-            raise ValueError(f"state_dict has epoch={epoch!r}: expected an int in [0, {self.total_epochs}]")
-        if not isinstance(state["lr_scaled"], bool):
-            raise ValueError(f"state_dict has lr_scaled={state['lr_scaled']!r}: expected a bool")
-        scales = {key: state.get(key, 1.0) for key in ("sparse_lr_scale", "redense_lr_scale")}
-        for key, scale in scales.items():
-            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or \
-                    not (math.isfinite(scale) and scale > 0):
-                raise ValueError(f"state_dict has {key}={scale!r}: expected a positive finite number")
-        if "block" in state and (None if state["block"] is None else tuple(state["block"])) != self.block:
-            raise ValueError(f"state_dict has block={state['block']!r} but this scheduler has {self.block!r}")
-        for key in ("sparse_lr_scale", "redense_lr_scale", "scope"):  # states before these were saved: as given
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"state_dict has {key}={state[key]!r} but this scheduler has "
-                                 f"{getattr(self, key)!r}")
-        mine = None if self.selected is None else [s.name for s in self.selected]
-        if state.get("selected") is not None and mine is not None and list(state["selected"]) != mine:
-            differ = sorted(set(state["selected"]) ^ set(mine))
-            raise ValueError(f"state_dict was saved by a scheduler that selected other weights to prune (include, "
-                             f"exclude or the sparsity patterns differ): {', '.join(differ[:4])}"
-                             f"{' ...' if len(differ) > 4 else ''} in one and not the other")
+        """Restore the schedule's position; the whole state is checked against this scheduler's
+        settings (a ValueError naming the key) before anything changes."""
+        epoch, scales, groups_hold_redense_scale = scheduler_state.checked(self, state)
         if self.optimizer_masks is not None and "masks" in state:
             self.optimizer_masks.load_state_dict(state["masks"])
         self.epoch = epoch
-        self.sparse_lr_scale, self.redense_lr_scale = (float(scales[k]) for k in scales)
-        # before "lr_scales", the re-dense scale was written into the groups (saved with the optimizer)
-        self._groups_hold_redense_scale = bool(state.get("groups_hold_redense_scale", False)) if \
-            "lr_scales" in state else state["lr_scaled"]
+        self.sparse_lr_scale, self.redense_lr_scale = scales
+        self._groups_hold_redense_scale = groups_hold_redense_scale

@@ -12,7 +12,7 @@ from ..masks import Mask
 from ..ops._common import sparsity_list
 from ..ops._plan import NotPlannable
 from .mask_state import add_mask_entries, check_can_carry, checked_masks, param_at, take_mask_entries
-from .masking import remask_plans, zero_pruned
+from .masking import remask_plans, same_state, zero_pruned
 
 
 class NotReady(Exception):
@@ -98,7 +98,7 @@ class MaskedParams:
         if snapshot is None:
             plan.state_snapshot = list(state.values())
             plan.state_dicts = [state.get(p, {}) for p in plan.tensors]
-        elif not self._same_state(snapshot):
+        elif not same_state(state, snapshot):
             self._forget_plans()
             return False
         for key, tensors in zip(keys, (*plan.state_tensors, *extra)):
@@ -106,12 +106,6 @@ class MaskedParams:
                 self._forget_plans()
                 return False
         return True
-
-    def _same_state(self, snapshot: list) -> bool:
-        """Whether the state holds the very per-parameter dicts of `snapshot` (list(state.values())
-        when a plan was made), in order and no more: compared by identity, no parameter hashed."""
-        state = self.state
-        return len(state) == len(snapshot) and all(a is b for a, b in zip(state.values(), snapshot))
 
     def _planned_gradients(self, plan) -> list | None:
         """The gradients of a plan's parameters for this step, laid out for its kernels, or

@@ -24,18 +24,28 @@ from .mask_state import (ENTRY, add_mask_entries, check_can_carry, checked_masks
                          take_mask_entries)
 
 
-def state_tensors(optimizer: torch.optim.Optimizer, p: Tensor) -> list[Tensor]:
-    """The optimizer's per-parameter state tensors of p's shape (momentum, Adam's moments, ...)."""
-    return [v for v in optimizer.state.get(p, {}).values() if isinstance(v, Tensor) and v.shape == p.shape]
+def state_tensors(optimizer: torch.optim.Optimizer, p: Tensor, keys=None) -> list[Tensor]:
+    """The optimizer's per-parameter state tensors of p's shape (momentum, Adam's moments, ...),
+    only those under `keys` where given."""
+    return [v for k, v in optimizer.state.get(p, {}).items()
+            if isinstance(v, Tensor) and v.shape == p.shape and (keys is None or k in keys)]
+
+
+def same_state(state, snapshot: list) -> bool:
+    """Whether an optimizer's state holds the very per-parameter dicts of `snapshot`
+    (list(state.values()) when a plan was made), in order and no more: compared by identity, no
+    parameter hashed."""
+    return len(state) == len(snapshot) and all(a is b for a, b in zip(state.values(), snapshot))
 
 
 @torch.no_grad()
-def zero_pruned(optimizer: torch.optim.Optimizer, masks: dict, *, params: bool) -> None:
-    """Zero the pruned entries of every masked parameter's state tensors (and, with params=True,
-    of the parameters themselves) in one fused apply_masks_ pass. masks: {param: Mask}."""
+def zero_pruned(optimizer: torch.optim.Optimizer, masks: dict, *, params: bool, keys=None) -> None:
+    """Zero the pruned entries of every masked parameter's state tensors (only those under `keys`
+    where given; and, with params=True, of the parameters themselves) in one fused apply_masks_
+    pass. masks: {param: Mask}."""
     tensors, applied = [], []
     for p, m in masks.items():
-        for t in ([p] if params else []) + state_tensors(optimizer, p):
+        for t in ([p] if params else []) + state_tensors(optimizer, p, keys):
             tensors.append(local_tensor(t).detach())
             applied.append(m)
     ops.apply_masks_(tensors, applied)
@@ -53,8 +63,7 @@ def remask_plans(cache: dict, state, masks: dict, keys=None) -> list | None:
     entry = cache.get("remask")
     if entry is not None:
         built, snapshot, held = entry
-        if (len(state) == len(snapshot) and all(a is b for a, b in zip(state.values(), snapshot))
-                and all(sd.get(key) is t for sd, key, t in held)
+        if (same_state(state, snapshot) and all(sd.get(key) is t for sd, key, t in held)
                 and (built is None or all(plan.current() for plan in built))):
             return built
     tensors, applied, held = [], [], []
@@ -273,14 +282,7 @@ class OptimizerMasks:
             for plan in plans:
                 plan.impl.apply_masks_(plan.views, plan.words, static_key=plan)
             return
-        tensors, applied = [], []
-        for p, m in self._masks.items():
-            state = self.optimizer.state.get(p, {})
-            for t in [p] + [state[k] for k in self.one_pass_state if isinstance(state.get(k), Tensor)
-                            and state[k].shape == p.shape]:
-                tensors.append(local_tensor(t).detach())
-                applied.append(m)
-        ops.apply_masks_(tensors, applied)
+        zero_pruned(self.optimizer, self._masks, params=True, keys=self.one_pass_state)
 
     # masks in the optimizer's state dict
     def _params(self) -> list[Tensor]:
