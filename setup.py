@@ -10,6 +10,7 @@ Build against the installed torch: `pip install --no-build-isolation .`.
 """
 import glob
 import os
+import platform
 import sys
 
 from setuptools import setup
@@ -28,6 +29,20 @@ if BUILD_CUDA not in ("auto", "0", "1"):
 # other product may fuse into a sum; -fno-math-errno as torch builds (sqrt vectorises).
 CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
 CPU_SOURCES = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+
+# The kernels written once with at::vec::Vectorized (csrc/cpu/isa), compiled once per vector ISA
+# with that ISA's flags and CPU_CAPABILITY (as ATen compiles its own CPU kernels); the extension
+# picks one at run time (csrc/cpu/cpu_capability.h). Off x86-64 only the default build has flags:
+# the AVX2 and AVX-512 files compile to stubs that report them as not built. Linked after the
+# baseline objects, so an inline function that an ISA file also emits resolves to a baseline copy.
+X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+ISA_FLAGS = {
+    "csrc/cpu/isa/default.cpp": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
+    "csrc/cpu/isa/avx2.cpp": (["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
+                              if X86_64 else []),
+    "csrc/cpu/isa/avx512.cpp": (["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f",
+                                 "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"] if X86_64 else []),
+}
 
 
 def cuda_wanted() -> bool:
@@ -51,6 +66,19 @@ def extension_setup():
                             extra_link_args=["-fopenmp"])
 
     class OptionalBuild(BuildExtension):
+        def build_extension(self, ext):
+            # each ISA file alone, with its flags added to the extension's (BuildExtension has
+            # added the torch and language-standard flags to them by now)
+            cxx = ext.extra_compile_args
+            cxx = list(cxx["cxx"] if isinstance(cxx, dict) else cxx)
+            isa_objects = []
+            for src, flags in ISA_FLAGS.items():
+                isa_objects += self.compiler.compile([src], output_dir=self.build_temp, include_dirs=ext.include_dirs,
+                                                     extra_postargs=cxx + flags,
+                                                     depends=glob.glob("csrc/cpu/isa/*.h"))
+            ext.extra_objects = [o for o in ext.extra_objects or [] if o not in isa_objects] + isa_objects
+            super().build_extension(ext)
+
         def run(self):
             try:
                 super().run()

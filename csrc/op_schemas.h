@@ -58,4 +58,7 @@ constexpr const char* kMaskedLinearBackward =
     "bool needs_input, bool needs_weight, Tensor? tile_kept) -> (Tensor, Tensor)";
 // "avx512" or "aten": what multiplies kept tiles of fp32 on this CPU (csrc/cpu/masked_linear.cpp)
 constexpr const char* kMaskedLinearTileKernel = "masked_linear_tile_kernel() -> str";
+// the vector ISA the CPU kernels run (DSD_KERNELS_CPU_CAPABILITY applied), and the best one here
+constexpr const char* kCpuCapability = "cpu_capability() -> str";
+constexpr const char* kBestCpuCapability = "best_cpu_capability() -> str";
 }  // namespace dsd_kernels_schemas

@@ -182,14 +182,35 @@ def cpp_status() -> tuple[bool, str]:
     return True, f"built: CPU kernels (no CUDA kernels: {why})"
 
 
+def cpp_cpu_capability() -> str:
+    """The vector ISA the C++ CPU kernels run here, in words (`dsd-kernels info`): the best this
+    CPU and build offer, or what DSD_KERNELS_CPU_CAPABILITY asks."""
+    if not cpp_status()[0]:
+        return "no C++ extension"
+    best = torch.ops.dsd_kernels_cpp.best_cpu_capability()
+    try:
+        running = torch.ops.dsd_kernels_cpp.cpu_capability()
+    except RuntimeError as err:  # a bad switch: say so, as every C++ op will
+        return f"none: {str(err).splitlines()[0]}"
+    if os.environ.get("DSD_KERNELS_CPU_CAPABILITY"):
+        return f"{running} (DSD_KERNELS_CPU_CAPABILITY; best here: {best})"
+    return f"{running} (the best this CPU and build offer; DSD_KERNELS_CPU_CAPABILITY=default|avx2|avx512 lowers it)"
+
+
 def cpp_tile_kernel() -> str:
     """What multiplies the kept tiles of fp32 weights in the C++ masked_linear on this CPU, in words
     (`dsd-kernels info`)."""
     if not cpp_status()[0]:
         return "no C++ extension"
-    if torch.ops.dsd_kernels_cpp.masked_linear_tile_kernel() == "avx512":
-        return "the AVX-512 kernel of csrc/cpu/masked_linear.cpp (DSD_KERNELS_TILE_GEMM=0: ATen matmuls)"
-    why = "DSD_KERNELS_TILE_GEMM=0" if os.environ.get("DSD_KERNELS_TILE_GEMM") == "0" else "no AVX-512F here"
+    try:
+        kernel = torch.ops.dsd_kernels_cpp.masked_linear_tile_kernel()
+    except RuntimeError as err:
+        return f"none: {str(err).splitlines()[0]}"
+    if kernel != "aten":
+        return (f"tile_gemm of csrc/cpu/isa, built for {kernel} "
+                f"(DSD_KERNELS_TILE_GEMM=0: ATen matmuls)")
+    why = ("DSD_KERNELS_TILE_GEMM=0" if os.environ.get("DSD_KERNELS_TILE_GEMM") == "0" else
+           "the portable default build, not used unless DSD_KERNELS_TILE_GEMM=1")
     return f"ATen matmuls, one per run of kept tiles ({why})"
 
 

@@ -1,5 +1,6 @@
-"""The C++ backend's AVX-512 kernel for kept tiles (tile_gemm in csrc/cpu/masked_linear.cpp)
-against float64 products and against the ATen matmuls it replaces (DSD_KERNELS_TILE_GEMM=0):
+"""The C++ backend's kernel for kept tiles (tile_gemm: csrc/cpu/isa, run through
+csrc/cpu/masked_linear_tiles.cpp, compiled per vector ISA; this process runs the one
+cpu_capability() picks, tests/test_cpu_capability.py runs this file under each) against float64 products and against the ATen matmuls it replaces (DSD_KERNELS_TILE_GEMM=0):
 every edge of its register tiles (row remainders, partial tiles in N and K, reductions longer
 than its dW slice), bias, empty tiles, and the masked semantics (pruned dW exactly +0; NaN in
 pruned weights or in inputs that meet only skipped tiles stays out)."""
@@ -14,19 +15,17 @@ if "cpp" not in dk.available_backends():
     pytest.skip("C++ extension not built", allow_module_level=True)
 
 OPS = torch.ops.dsd_kernels_cpp
-HAS_AVX512 = torch.ops.dsd_kernels_cpp.masked_linear_tile_kernel() == "avx512"
+CAPABILITY = OPS.cpu_capability()  # the ISA tile_gemm runs in this process
 
 
-@pytest.fixture(params=["avx512", "aten"])
+@pytest.fixture(params=["tile_gemm", "aten"])
 def kernel(request, monkeypatch):
-    """Run once with the AVX-512 kernel (skipped where the CPU lacks AVX-512F: then there is no
-    such path to test) and once with the ATen matmuls."""
-    if request.param == "avx512" and not HAS_AVX512:
-        pytest.skip("this CPU has no AVX-512F: the C++ backend multiplies tiles with ATen here")
-    monkeypatch.setenv("DSD_KERNELS_TILE_GEMM", "1" if request.param == "avx512" else "0")
-    assert OPS.masked_linear_tile_kernel() == request.param
+    """Run once with tile_gemm (DSD_KERNELS_TILE_GEMM=1: on this process's capability, the
+    portable default build included) and once with the ATen matmuls."""
+    monkeypatch.setenv("DSD_KERNELS_TILE_GEMM", "1" if request.param == "tile_gemm" else "0")
+    assert OPS.masked_linear_tile_kernel() == (CAPABILITY if request.param == "tile_gemm" else "aten")
     from dsd_kernels._backend import cpp_tile_kernel  # what `dsd-kernels info` prints
-    assert cpp_tile_kernel().startswith("the AVX-512 kernel" if request.param == "avx512" else "ATen matmuls")
+    assert cpp_tile_kernel().startswith("tile_gemm" if request.param == "tile_gemm" else "ATen matmuls")
     return request.param
 
 
@@ -96,8 +95,6 @@ def test_any_thread_count(kernel, threads):
 
 
 def test_the_two_kernels_agree_on_the_bench_shape(monkeypatch):
-    if not HAS_AVX512:
-        pytest.skip("this CPU has no AVX-512F")
     gen = torch.Generator().manual_seed(2)
     x, w, dy = torch.randn(512, 1024, generator=gen), torch.randn(1024, 1024, generator=gen), torch.randn(512, 1024, generator=gen)
     keep = dk.magnitude_masks(w, 0.75, block=(64, 64))[0].to_bool()

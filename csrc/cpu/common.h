@@ -14,6 +14,7 @@
 
 #include "../float_keys.h"
 #include "../mask_layout.h"
+#include "cpu_capability.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -39,16 +40,10 @@ T* thread_scratch(size_t n) {
   return buffer.data();
 }
 
-// Whether this CPU has AVX-512F: the kernels that use it are compiled for it with a target
-// attribute and chosen at run time, so the extension itself stays baseline x86-64.
-inline bool cpu_has_avx512f() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-#else
-  return false;
-#endif
-}
+// Whether the AVX-512 kernels run: this CPU has AVX-512 and DSD_KERNELS_CPU_CAPABILITY does not
+// ask for less (cpu_capability.h). They are compiled for it with a target attribute and chosen at
+// run time, so the extension itself stays baseline x86-64.
+inline bool cpu_has_avx512f() { return cpu_capability() == CpuCapability::kAvx512; }
 
 // fn(word index, flat offset of its first element, elements in it) for every mask word, in
 // parallel: the unit of work of the kernels that read or write packed masks.

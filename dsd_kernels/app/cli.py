@@ -27,6 +27,7 @@ def _cmd_info(args) -> int:
     for name, why in _backend.reasons().items():
         print(f"  {name:<7} {'yes' if name in available else 'no ':<4} {why}")
     if "cpp" in available:
+        print(f"  cpp CPU kernels' vector ISA: {_backend.cpp_cpu_capability()}")
         print(f"  cpp masked_linear, kept tiles of fp32 on CPU: {_backend.cpp_tile_kernel()}")
     print("\nregistry (per op and device, auto takes the first available row serving the dtypes):")
     columns = ("op", "backend", "device", "dtypes", "role", "available")

@@ -198,6 +198,8 @@ def environment(device: str) -> dict:
     info["available_backends"] = _backend.available_backends()
     if "cpp" in info["available_backends"]:  # the masked_linear timings depend on it
         info["cpp_masked_linear_tiles"] = torch.ops.dsd_kernels_cpp.masked_linear_tile_kernel()
+        # the ISA our C++ CPU kernels ran (DSD_KERNELS_CPU_CAPABILITY can lower it below the CPU's)
+        info["cpp_cpu_capability"] = torch.ops.dsd_kernels_cpp.cpu_capability()
     return info
 
 

@@ -1,0 +1,17 @@
+// The portable kernels (isa_kernels.h) compiled for AVX2 + FMA, chosen at run time
+// (cpu_capability.h). setup.py compiles this file alone with -mavx2 -mfma and CPU_CAPABILITY=AVX2
+// (x86-64 only; elsewhere it defines stubs that report AVX2 as not built) and links it after the
+// baseline objects, so an inline function both define resolves to the baseline copy.
+#include "isa_kernels.h"
+#if defined(CPU_CAPABILITY_AVX2)
+#include "tile_gemm_kernel.h"
+#else
+#include <stdexcept>
+namespace dsd_kernels_cpu::isa::AVX2 {
+bool built() { return false; }
+void tile_panel_rows(const tile_gemm::Panel&, int64_t, int64_t) { throw std::logic_error("AVX2 kernels not built"); }
+void pack_tile(const float*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, float*) {
+  throw std::logic_error("AVX2 kernels not built");
+}
+}  // namespace dsd_kernels_cpu::isa::AVX2
+#endif

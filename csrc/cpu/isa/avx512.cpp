@@ -1,0 +1,16 @@
+// The portable kernels (isa_kernels.h) compiled for AVX-512 (F, BW, VL, DQ: what ATen's AVX512
+// build asks), chosen at run time (cpu_capability.h). As avx2.cpp: its own flags from setup.py
+// (x86-64 only), linked after everything else.
+#include "isa_kernels.h"
+#if defined(CPU_CAPABILITY_AVX512)
+#include "tile_gemm_kernel.h"
+#else
+#include <stdexcept>
+namespace dsd_kernels_cpu::isa::AVX512 {
+bool built() { return false; }
+void tile_panel_rows(const tile_gemm::Panel&, int64_t, int64_t) { throw std::logic_error("AVX-512 kernels not built"); }
+void pack_tile(const float*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, float*) {
+  throw std::logic_error("AVX-512 kernels not built");
+}
+}  // namespace dsd_kernels_cpu::isa::AVX512
+#endif

@@ -1,0 +1,59 @@
+// The CPU kernels written once with ATen's at::vec::Vectorized and compiled once per vector ISA
+// (default.cpp, avx2.cpp, avx512.cpp in this folder); cpu_capability() picks which runs. Plain
+// C++ (no ATen): this interface is shared by code compiled for the baseline ISA and for each
+// capability, so nothing inline here may differ between them.
+#pragma once
+#include <cstdint>
+
+namespace dsd_kernels_cpu {
+
+// ---------------------------------------------------------------- tile_gemm (masked_linear)
+// C[r, 0:cols] = init + sum over segments s, k < s.kc of A[r, s.a_off + k] * s.b[k * b_ks + 0:cols]
+// for the rows r of one output tile (cols <= kTile), A read through strides (a_rs, a_ks) so that
+// x, dY and dY^T are used where they lie; B is packed, kTile floats per row (zero-padded).
+namespace tile_gemm {
+
+constexpr int64_t kTile = 64;  // tile rows and columns (tile_structure.TILE)
+constexpr int kRows = 6;       // rows of the register tile
+
+struct Segment {
+  int64_t a_off;   // A's first reduction column
+  const float* b;  // B's first row (kTile floats per row, b_ks apart)
+  int64_t kc;      // reduction steps
+};
+
+struct Panel {
+  const float* a;
+  int64_t a_rs, a_ks;
+  const Segment* segs;
+  int64_t num_segs, b_ks;
+  float* c;
+  int64_t c_rs, cols;
+  const float* init;          // kTile values added to every row (the bias), or nullptr: 0
+  const int32_t* keep_words;  // C's mask words (2 per row of the tile, words_rs apart), or nullptr
+  int64_t words_rs;
+  bool accumulate = false;    // start from C's values instead of init
+};
+
+}  // namespace tile_gemm
+
+namespace isa {
+
+#define DSD_ISA_KERNELS                                                                          \
+  /* whether this ISA's kernels were compiled (else the functions below must not be called) */  \
+  bool built();                                                                                  \
+  /* rows [r_begin, r_end) of the panel's output tile */                                         \
+  void tile_panel_rows(const tile_gemm::Panel& p, int64_t r_begin, int64_t r_end);               \
+  /* dst (kTile x kTile, row-major) = the tile of W*M (W: `cols_total` columns, mask words      \
+     `words_per_row` per row) at rows [r0, r0 + rows), columns [c0, c0 + cols), zero-padded;    \
+     transposed: dst[col][row] */                                                                \
+  void pack_tile(const float* w, const int32_t* words, int64_t words_per_row, int64_t cols_total, \
+                 int64_t r0, int64_t rows, int64_t c0, int64_t cols, bool transposed, float* dst);
+
+namespace DEFAULT { DSD_ISA_KERNELS }
+namespace AVX2 { DSD_ISA_KERNELS }
+namespace AVX512 { DSD_ISA_KERNELS }
+#undef DSD_ISA_KERNELS
+
+}  // namespace isa
+}  // namespace dsd_kernels_cpu
