@@ -243,3 +243,50 @@ def test_triton_kernel_matches_the_reference(dtype, opts, rounding, monkeypatch)
             torch.testing.assert_close(a, b, **tol)
             if keep is not None:
                 assert torch.equal(bits(a)[~keep], torch.zeros_like(bits(a)[~keep]))
+
+
+def garbage_where_pruned(t, keep, gen):
+    """t with NaN, inf, -0.0 or 1.0 where pruned: what a pruned entry must never leak."""
+    junk = torch.tensor([float("nan"), float("inf"), -0.0, 1.0], dtype=t.dtype)
+    return torch.where(keep, t, junk[torch.randint(0, 4, t.shape, generator=gen)])
+
+
+def block_keep(shape, gen):
+    """Whole 64x64 tiles kept or pruned (some rows wholly pruned), unstructured inside kept tiles:
+    runs of mask words that keep nothing, across rows and in partial words."""
+    tiles = torch.rand(-(-shape[0] // 64), -(-shape[1] // 64), generator=gen) < 0.4
+    keep = tiles.repeat_interleave(64, 0).repeat_interleave(64, 1)[:shape[0], :shape[1]]
+    keep = keep & (torch.rand(shape, generator=gen) > 0.2)
+    keep[1] = False
+    return keep
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("shape", [(130, 200), (70, 100), (256, 96)])
+def test_words_that_keep_nothing_are_cleared_and_the_rest_stepped(backend, shape, amsgrad):
+    """Pruned blocks are only cleared, never stepped: the weight, moments (and max) there become
+    exactly +0 whatever they held; the kept entries carry the reference's bits."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    keep = block_keep(shape, gen)
+    p = garbage_where_pruned(torch.randn(shape, generator=gen), keep, gen)
+    m = garbage_where_pruned(0.1 * torch.randn(shape, generator=gen), keep, gen)
+    v = garbage_where_pruned(0.01 * torch.rand(shape, generator=gen), keep, gen)
+    vmax = garbage_where_pruned(0.02 * torch.rand(shape, generator=gen), keep, gen)
+    grad = garbage_where_pruned(torch.randn(shape, generator=gen), keep, gen)
+    results = []
+    for step in (reference_masked_adamw_, None):
+        state = [[t.clone()] for t in (p, m, v, vmax)]
+        counts = [torch.tensor(3.0)]
+        kwargs = dict(lr=1e-2, weight_decay=1e-2, amsgrad=amsgrad)
+        if step is None:
+            with dk.use_backend(backend):
+                ops.masked_adamw_(state[0], [grad.clone()], state[1], state[2], state[3], counts,
+                                  [Mask.from_bool(keep)], **kwargs)
+        else:
+            step(state[0], [grad.clone()], state[1], state[2], state[3], counts, [Mask.from_bool(keep)], **kwargs)
+        results.append([s[0] for s in state])
+    for name, ours, want in zip(("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"), results[1], results[0]):
+        if name == "max_exp_avg_sq" and not amsgrad:
+            continue
+        assert torch.equal(bits(ours), bits(want)), name
+        assert bits(ours)[~keep].eq(0).all(), name

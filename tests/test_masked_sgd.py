@@ -426,3 +426,29 @@ def test_direct_op_call_checks_its_inputs_like_the_wrapper():
         fp, fg = mode.from_tensor(p), mode.from_tensor(g)
         torch.ops.dsd_kernels.masked_sgd_([fp], [fg], [], [mode.from_tensor(bad_words)], [], 0.1,
                                           0.0, 0.0, 0.0, False, False)
+
+
+@pytest.mark.parametrize("shape", [(130, 200), (70, 100), (256, 96)])
+def test_words_that_keep_nothing_are_cleared_and_the_rest_stepped(backend, shape):
+    """Pruned blocks are only cleared, never stepped: the weight and momentum there become exactly
+    +0 whatever they held (NaN, inf, -0.0, 1.0); the kept entries match the reference bit for bit."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    tiles = torch.rand(-(-shape[0] // 64), -(-shape[1] // 64), generator=gen) < 0.4
+    keep = tiles.repeat_interleave(64, 0).repeat_interleave(64, 1)[:shape[0], :shape[1]]
+    keep = keep & (torch.rand(shape, generator=gen) > 0.2)
+    keep[1] = False
+    junk = torch.tensor([float("nan"), float("inf"), -0.0, 1.0])
+
+    def garbage(t):
+        return torch.where(keep, t, junk[torch.randint(0, 4, shape, generator=gen)])
+    p, buf, grad = garbage(torch.randn(shape, generator=gen)), garbage(torch.randn(shape, generator=gen)), \
+        garbage(torch.randn(shape, generator=gen))
+    kwargs = dict(lr=0.05, momentum=0.9, weight_decay=1e-2)
+    ours_p, ours_b = [p.clone().to(DEVICE)], [buf.clone().to(DEVICE)]
+    with dk.use_backend(backend):
+        ops.masked_sgd_(ours_p, [grad.clone().to(DEVICE)], ours_b, [dk.Mask.from_bool(keep.to(DEVICE))], **kwargs)
+    want_p, want_b = [p.clone()], [buf.clone()]
+    R.masked_sgd_(want_p, [grad.clone()], want_b, [keep], dampening=0.0, nesterov=False, maximize=False, **kwargs)
+    for ours, want in ((ours_p[0].cpu(), want_p[0]), (ours_b[0].cpu(), want_b[0])):
+        assert torch.equal(ours.view(torch.int32), want.view(torch.int32))
+        assert ours.view(torch.int32)[~keep].eq(0).all()

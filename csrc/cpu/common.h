@@ -10,6 +10,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "../float_keys.h"
@@ -108,6 +109,32 @@ inline void mask_word(const scalar_t* src, scalar_t* dst, uint32_t bits, int64_t
   } else {
     and_lanes(src, dst, lanes, len);
   }
+}
+
+// x[0, n) becomes exactly +0, for entries under mask words that keep nothing. Rewritten only where
+// some bit is set: in the steady state of a pruned block they already are +0, so the optimizers
+// read a weight and its state there instead of reading the gradient too and writing them all.
+template <typename scalar_t>
+inline void clear_pruned(scalar_t* x, int64_t n) {
+  using bits_t = typename KeyTraits<scalar_t>::bits_t;
+  for (int64_t c = 0; c < n; c += 32) {
+    const int64_t len = std::min<int64_t>(32, n - c);
+    bits_t v[32];
+    std::memcpy(v, x + c, len * sizeof(bits_t));
+    bits_t any = 0;
+    for (int64_t j = 0; j < len; ++j) any |= v[j];
+    if (any != 0) std::memset(x + c, 0, len * sizeof(bits_t));
+  }
+}
+
+// The elements of `count` mask words from word `first`: (first element, elements). Words cover each
+// row's columns in order and rows follow each other, so the range is contiguous.
+inline std::pair<int64_t, int64_t> word_range(const MaskLayout& lay, int64_t first, int64_t count) {
+  const int64_t row = first / lay.words_per_row, in_row = first - row * lay.words_per_row;
+  const int64_t last = first + count - 1, last_row = last / lay.words_per_row;
+  const int64_t last_col = (last - last_row * lay.words_per_row) * 32;
+  const int64_t start = row * lay.cols + in_row * 32;
+  return {start, last_row * lay.cols + std::min<int64_t>(last_col + 32, lay.cols) - start};
 }
 
 #ifdef DSD_HAVE_AVX512_KERNELS

@@ -251,9 +251,22 @@ void step_tensor(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v, scala
     // the block buffers of this chunk (L2-resident; on the heap, not a worker thread's stack)
     acc_t* buffers = thread_scratch<acc_t>(5 * kSpan);
     auto* lanes = thread_scratch<typename KeyTraits<scalar_t>::bits_t>(kSpan);
-    for (int64_t first = begin; first < end; first += kBlockWords) {
-      step_block<scalar_t, acc_t, kDecay, kMaximize, kAmsgrad, kSmallWeight>(
-          p, g, m, v, vmax, words, lay, c, first, std::min<int64_t>(kBlockWords, end - first), buffers, lanes);
+    // runs of words that keep something are stepped by blocks; runs that keep nothing (pruned
+    // tiles) are only cleared: their gradient is not read, nothing is computed
+    for (int64_t first = begin; first < end;) {
+      const bool kept = words == nullptr || words[first] != 0;
+      int64_t stop = first + 1;
+      while (stop < end && stop - first < kBlockWords && (words == nullptr || (words[stop] != 0) == kept)) ++stop;
+      if (kept) {
+        step_block<scalar_t, acc_t, kDecay, kMaximize, kAmsgrad, kSmallWeight>(
+            p, g, m, v, vmax, words, lay, c, first, stop - first, buffers, lanes);
+      } else {
+        const auto [start, n] = word_range(lay, first, stop - first);
+        for (scalar_t* t : {p, m, v, vmax}) {
+          if (t != nullptr) clear_pruned(t + start, n);
+        }
+      }
+      first = stop;
     }
   });
 }

@@ -118,7 +118,10 @@ void step_tensor(scalar_t* __restrict p, const scalar_t* __restrict g, scalar_t*
   parallel_for_words(lay, 2048, [&](int64_t w, int64_t base, int64_t len) {
     const uint32_t bits = words ? static_cast<uint32_t>(words[w]) : 0xFFFFFFFFu;
     scalar_t* bw = kMomentum ? b + base : nullptr;
-    if (len == 32) {
+    if (bits == 0) {  // nothing kept: the gradient is not read, nothing is computed
+      clear_pruned(p + base, len);
+      if (kMomentum) clear_pruned(bw, len);
+    } else if (len == 32) {
       step_word<scalar_t, acc_t, kMomentum, kFirst, kNesterov, kMaximize, kDecay, 32>(
           p + base, g + base, bw, bits, len, lr, mom, damp, wd, mom_alpha);
     } else {
