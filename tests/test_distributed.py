@@ -320,6 +320,95 @@ def test_ddp_dsd_training_keeps_ranks_identical(tmp_path):
     assert w0[~mask0].eq(0).all()  # pruned weights of the MaskedLinear stayed 0 under Adam + DDP
 
 
+def _block_dsd_run(model, opt, dsd, batches):
+    """Train `model` through dsd's phases, one batch list per epoch; (sparse-phase masks, masked_linear
+    calls per phase, final weights)."""
+    from dsd_kernels.dsd import tile_layers
+    calls = {"dense": 0, "sparse": 0, "redense": 0}
+    real = tile_layers.ops.masked_linear
+
+    def counted(*args, **kwargs):  # the real op, counted: which phases compute through it
+        calls[dsd.phase] += 1
+        return real(*args, **kwargs)
+    tile_layers.ops.masked_linear = counted
+    masks = None
+    try:
+        for epoch_batches in batches:
+            for x, y in epoch_batches:
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+            if dsd.phase == "sparse":
+                masks = [m.to_bool() for m in dsd.masks.values()]
+            dsd.step()
+    finally:
+        tile_layers.ops.masked_linear = real
+    return masks, calls
+
+
+def _block_batches(seed, rows):
+    g = torch.Generator().manual_seed(seed)
+    return [[(torch.randn(rows, 130, generator=g), torch.randint(0, 4, (rows,), generator=g)) for _ in range(3)]
+            for _ in range(4)]
+
+
+def _block_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(130, 200), torch.nn.ReLU(), torch.nn.Linear(200, 4))
+
+
+def _ddp_block_worker(rank, world, init_file, out_dir):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from dsd_kernels.dsd import DSDScheduler
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = _block_model()
+        ddp = DDP(model)
+        opt = torch.optim.AdamW(ddp.parameters(), lr=0.01)
+        dsd = DSDScheduler(opt, model=ddp, dense_epochs=1, sparse_epochs=2, redense_epochs=1, sparsity=0.5,
+                           block=(64, 64))
+        masks, calls = _block_dsd_run(ddp, opt, dsd, _block_batches(100 + rank, 8))
+        torch.save({"masks": masks, "calls": torch.tensor([calls["dense"], calls["sparse"], calls["redense"]]),
+                    "weights": [p.detach().clone() for p in model.parameters()]},
+                   os.path.join(out_dir, f"ddpblock{rank}.pt"))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_ddp_block_dsd_matches_one_process_on_the_whole_batch(tmp_path):
+    """Block DSD (DSDScheduler(block=(64, 64)), AdamW) under DDP on 2 gloo ranks: the ranks stay
+    identical, each weight keeps exactly round(0.5 x tiles) whole tiles, the sparse phase (and only
+    it) computes through masked_linear, and the run tracks one process stepping on both ranks'
+    batches together (DDP averages the gradients of equal halves)."""
+    from dsd_kernels.dsd import DSDScheduler
+    a, b = run_ranks(_ddp_block_worker, tmp_path, "ddpblock")
+    for key in a:
+        for x, y in zip(a[key], b[key]):
+            assert torch.equal(x, y), f"{key} differs between ranks"
+    tiles = {(200, 130): 4 * 3, (4, 200): 1 * 4}
+    for m in a["masks"]:
+        t = -(-m.shape[0] // 64), -(-m.shape[1] // 64)
+        kept_tiles = torch.nn.functional.pad(m.float(), (0, t[1] * 64 - m.shape[1], 0, t[0] * 64 - m.shape[0]))
+        kept_tiles = kept_tiles.view(t[0], 64, t[1], 64).amax(dim=(1, 3))
+        assert int(kept_tiles.sum()) == tiles[tuple(m.shape)] - round(0.5 * tiles[tuple(m.shape)])
+    calls = a["calls"].tolist()
+    assert calls[0] == 0 and calls[1] == 2 * 3 * 2 and calls[2] == 0  # 2 layers x 3 steps x 2 epochs
+    model = _block_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    dsd = DSDScheduler(opt, model=model, dense_epochs=1, sparse_epochs=2, redense_epochs=1, sparsity=0.5,
+                       block=(64, 64))
+    halves = zip(_block_batches(100, 8), _block_batches(101, 8))
+    whole = [[(torch.cat([x0, x1]), torch.cat([y0, y1])) for (x0, y0), (x1, y1) in zip(e0, e1)] for e0, e1 in halves]
+    masks, _ = _block_dsd_run(model, opt, dsd, whole)
+    for ours, theirs in zip(a["masks"], masks):
+        assert torch.equal(ours, theirs)
+    for ours, theirs in zip(a["weights"], model.parameters()):
+        torch.testing.assert_close(ours, theirs.detach(), rtol=1e-4, atol=1e-5)
+
+
 def _fsdp_worker(rank, world, init_file, out_dir, kind="masked_sgd"):
     from torch.distributed.device_mesh import init_device_mesh
 
