@@ -209,3 +209,53 @@ def test_both_callbacks_take_block(trainer):
     assert callback.scheduler.block == BLOCK and len(callback.scheduler.tile_linears) == 3
     callback.advance_to(1)
     assert tile_kernel_calls(model, opt, 0) == 3
+
+
+def test_hugging_face_conv1d_computes_through_the_tile_kernel():
+    """GPT-2's Conv1D layers (weight stored (in, out)) skip pruned tiles while sparse: the output
+    and gradients match the dense module on the masked weights, exact tile counts, state_dict keys
+    unchanged, and no warning of layers the tile kernel does not serve."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=96, n_layer=1, n_head=2, n_positions=16, vocab_size=50,
+                                     bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config)
+    keys = list(model.state_dict())
+    reference = copy.deepcopy(model)  # computes dense: its weights get the same masks below
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        dsd = schedule(opt, model, include=["transformer.h"])
+    assert not [w for w in record if "tile-skipping" in str(w.message)]
+    conv1ds = [m for m in model.modules() if isinstance(m, Conv1D)]
+    assert len(conv1ds) == 4 and all(m in dsd.tile_linears for m in conv1ds)
+    dsd.step()  # dense -> sparse
+    for m in conv1ds:
+        keep = dsd.masks[m.weight].to_bool()
+        tiles = tiles_kept(keep.t())  # BLOCK's tiles of the (out, in) weight
+        assert int((~tiles).sum()) == round(0.5 * tiles.numel())
+        assert m.weight[~keep].eq(0).all()
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), reference.parameters()):
+            q.copy_(p)
+    ids = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(1))
+    with torch.profiler.profile() as prof:
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+    calls = sum(e.count for e in prof.key_averages() if e.key == "dsd_kernels::masked_linear")
+    assert calls == 4
+    want = reference(ids, labels=ids).loss
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    for m, r in zip(conv1ds, [m for m in reference.modules() if isinstance(m, Conv1D)]):
+        keep = dsd.masks[m.weight].to_bool()
+        torch.testing.assert_close(m.weight.grad, r.weight.grad * keep, rtol=1e-4, atol=1e-5)
+        assert m.weight.grad[~keep].eq(0).all()
+        torch.testing.assert_close(m.bias.grad, r.bias.grad, rtol=1e-4, atol=1e-5)
+    assert list(model.state_dict()) == keys
+    dsd.step()
+    dsd.step()  # re-dense: dense compute again
+    with torch.profiler.profile() as prof:
+        model(ids, labels=ids).loss.backward()
+    assert sum(e.count for e in prof.key_averages() if e.key == "dsd_kernels::masked_linear") == 0

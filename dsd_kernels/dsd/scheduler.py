@@ -246,7 +246,13 @@ class DSDScheduler:
         from ..scope import grown_masks, masks_for
         selected = self._selected_now(share)
         if self.block is not None:  # whole tiles, at once (no ramp)
-            masks = masks_for(selected, scope=self.scope, block=self.block)
+            # (bh, bw) are rows x columns of the weight as nn.Linear holds it, (out, in): a Conv1D's
+            # weight is stored (in, out), so its tiles are (bw, bh) of the stored tensor
+            stored_in_out = {id(m.weight) for m in self.tile_linears if tile_layers.is_conv1d(m)}
+            masks = masks_for([s for s in selected if id(s.param) not in stored_in_out], scope=self.scope,
+                              block=self.block)
+            masks.update(masks_for([s for s in selected if id(s.param) in stored_in_out], scope=self.scope,
+                                   block=self.block[::-1]))
         else:
             masks = grown_masks(selected, self.masks, scope=self.scope)  # without masks yet: masks_for
         self.mask_changes += 1
