@@ -5,14 +5,17 @@ Models, one thread each:
 - "MLP stack": GPT-2-small-sized (4 blocks of Linear 768->3072, GELU, Linear 3072->768, a linear
   head to 10 classes; 18.9M parameters), batch 64 (unstructured) and 256 (block);
 - "ResNet-18": the CIFAR-style ResNet-18 (BasicBlocks [2, 2, 2, 2], widths 64-512, 32x32 inputs,
-  11.2M parameters; built here, no torchvision), batch 32.
+  11.2M parameters; built here, no torchvision), batch 32;
+- "GPT-2 small" where transformers is installed: GPT2LMHeadModel from GPT2Config()'s defaults
+  (124M parameters; its attention and MLP layers are Conv1D), batch 2 x 128 tokens, the language
+  modelling loss; the default scope prunes its Conv1D weights (not the embeddings).
 Per model and optimizer (SGD momentum 0.9, AdamW):
 - unstructured 50%: MaskedSGD / MaskedAdamW (with torch.nn.utils.prune's l1_unstructured and, on
   the MLP, torch.ao.pruning's WeightNormSparsifier with 1x1 blocks beside it: it does not take 4-D
   convolution weights); the torch optimizer with DSDScheduler's masks (OptimizerMasks: what any
   optimizer gets; its one pass, with its two passes beside it);
-- block 64x64 at 50 / 75 / 90% of tiles (the MLP): DSDScheduler(block=(64, 64)) stepped into its
-  sparse phase, the Linear layers computing through masked_linear.
+- block 64x64 at 50 / 75 / 90% of tiles (the MLP, GPT-2): DSDScheduler(block=(64, 64)) stepped into
+  its sparse phase, the Linear and Conv1D layers computing through masked_linear.
 Each case times its sparse step ("ours", or a peer) and the dense step ("dense step"), built from
 the same weights, in alternating rounds; the ratio sparse / dense is the figure. Each case also
 records the bytes of parameters, buffers, optimizer state and masks (a peer's mask buffers
@@ -76,10 +79,29 @@ class _Model:
     input_shape: tuple[int, ...]  # one sample's
     batch: int
     weight_norm_sparsifier: bool  # torch.ao.pruning's takes its weights
+    block_batch: int = 0  # the block cases' batch (0: no block cases)
+    tokens: int = 0  # a language model: sequences of this many token ids, the loss its own
 
 
-MODELS = (_Model("MLP stack", mlp_stack, (WIDTH,), 64, True),
-          _Model("ResNet-18", resnet18, (3, 32, 32), 32, False))
+GPT2_TOKENS = 128
+
+
+def gpt2_small(seed: int = 0) -> nn.Module:
+    """GPT-2 small (GPT2Config()'s defaults) from its config, never from the hub."""
+    import transformers
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config())
+
+
+def _has_transformers() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("transformers") is not None
+
+
+MODELS = (_Model("MLP stack", mlp_stack, (WIDTH,), 64, True, block_batch=BLOCK_BATCH),
+          _Model("ResNet-18", resnet18, (3, 32, 32), 32, False)) + (
+          (_Model("GPT-2 small", gpt2_small, (), 2, True, block_batch=2, tokens=GPT2_TOKENS),)
+          if _has_transformers() else ())
 
 
 def _optimizer(name: str, params, masked: bool):
@@ -100,14 +122,23 @@ def state_bytes(model: nn.Module, opt: torch.optim.Optimizer, masks=None) -> int
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _stepper(model: nn.Module, opt: torch.optim.Optimizer, shape: tuple[int, ...], batch: int, device: str):
+def _stepper(model: nn.Module, opt: torch.optim.Optimizer, spec: _Model, batch: int, device: str):
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, *shape, generator=gen).to(device)
-    y = torch.randint(0, CLASSES, (batch,), generator=gen).to(device)
+    if spec.tokens:
+        ids = torch.randint(0, model.config.vocab_size, (batch, spec.tokens), generator=gen).to(device)
+
+        def loss():
+            return model(input_ids=ids, labels=ids).loss
+    else:
+        x = torch.randn(batch, *spec.input_shape, generator=gen).to(device)
+        y = torch.randint(0, CLASSES, (batch,), generator=gen).to(device)
+
+        def loss():
+            return nn.functional.cross_entropy(model(x), y)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
+        loss().backward()
         opt.step()
     step()  # the state exists: the steady state is timed
     return step
@@ -116,7 +147,7 @@ def _stepper(model: nn.Module, opt: torch.optim.Optimizer, shape: tuple[int, ...
 def _dense(spec: _Model, name: str, batch: int, device: str):
     model = spec.build().to(device)
     opt = _optimizer(name, model.parameters(), masked=False)
-    return single_threaded(_stepper(model, opt, spec.input_shape, batch, device)), state_bytes(model, opt)
+    return single_threaded(_stepper(model, opt, spec, batch, device)), state_bytes(model, opt)
 
 
 def _dsd_into_sparse(model, opt, sparsity: float, block=None):
@@ -140,7 +171,7 @@ def _torch_prune(spec: _Model, name: str, device: str):
     for module, local in _pruned_weights(model):
         prune.l1_unstructured(module, local, amount=0.5)
     opt = _optimizer(name, model.parameters(), masked=False)
-    return single_threaded(_stepper(model, opt, spec.input_shape, spec.batch, device)), state_bytes(model, opt)
+    return single_threaded(_stepper(model, opt, spec, spec.batch, device)), state_bytes(model, opt)
 
 
 def _weight_norm_sparsifier(spec: _Model, name: str, device: str):
@@ -151,7 +182,11 @@ def _weight_norm_sparsifier(spec: _Model, name: str, device: str):
     sparsifier.prepare(model, [{"tensor_fqn": f"{names[id(m)]}.{local}"} for m, local in _pruned_weights(model)])
     sparsifier.step()
     opt = _optimizer(name, model.parameters(), masked=False)
-    return single_threaded(_stepper(model, opt, spec.input_shape, spec.batch, device)), state_bytes(model, opt)
+    return single_threaded(_stepper(model, opt, spec, spec.batch, device)), state_bytes(model, opt)
+
+
+def _batch(spec: _Model, batch: int) -> str:
+    return f"{batch} x {spec.tokens} tokens" if spec.tokens else str(batch)
 
 
 PRUNE = "torch.nn.utils.prune (l1_unstructured)"
@@ -165,12 +200,12 @@ def _unstructured_cases(spec: _Model, name: str, label: str, device: str):
     model = spec.build().to(device)
     opt = _optimizer(name, model.parameters(), masked=True)
     opt.prune(0.5, model=model)
-    ours = _stepper(model, opt, spec.input_shape, spec.batch, device)
+    ours = _stepper(model, opt, spec, spec.batch, device)
     peers, peer_bytes = {"dense step": dense_step}, {"dense step": dense_bytes}
     peers[PRUNE], peer_bytes[PRUNE] = _torch_prune(spec, name, device)
     if spec.weight_norm_sparsifier:
         peers[SPARSIFIER], peer_bytes[SPARSIFIER] = _weight_norm_sparsifier(spec, name, device)
-    yield Case("training step", f"{spec.name}, {label}: {masked}, 50% unstructured, batch {spec.batch}, one thread",
+    yield Case("training step", f"{spec.name}, {label}: {masked}, 50% unstructured, batch {_batch(spec, spec.batch)}, one thread",
                0, ours=single_threaded(ours), baselines=peers,
                notes={"state_bytes": {"ours": state_bytes(model, opt, opt.masks), **peer_bytes}})
     del model, opt, ours, peers
@@ -178,14 +213,14 @@ def _unstructured_cases(spec: _Model, name: str, label: str, device: str):
     model = spec.build().to(device)
     opt = _optimizer(name, model.parameters(), masked=False)
     dsd = _dsd_into_sparse(model, opt, 0.5)
-    ours = _stepper(model, opt, spec.input_shape, spec.batch, device)
+    ours = _stepper(model, opt, spec, spec.batch, device)
     two_pass_model = spec.build().to(device)
     two_pass_opt = _optimizer(name, two_pass_model.parameters(), masked=False)
     OptimizerMasks(two_pass_opt, elementwise=False).set_masks(
         {q: dsd.masks[p] for p, q in zip(model.parameters(), two_pass_model.parameters()) if p in dsd.masks})
-    two_pass = single_threaded(_stepper(two_pass_model, two_pass_opt, spec.input_shape, spec.batch, device))
+    two_pass = single_threaded(_stepper(two_pass_model, two_pass_opt, spec, spec.batch, device))
     yield Case("training step", f"{spec.name}, {label} + DSDScheduler masks (OptimizerMasks: one pass), 50% "
-                                f"unstructured, batch {spec.batch}, one thread", 0, ours=single_threaded(ours),
+                                f"unstructured, batch {_batch(spec, spec.batch)}, one thread", 0, ours=single_threaded(ours),
                baselines={"dense step": dense_step, TWO_PASSES: two_pass},
                notes={"state_bytes": {"ours": state_bytes(model, opt, dsd.masks), "dense step": dense_bytes}})
     dsd.close()
@@ -193,14 +228,14 @@ def _unstructured_cases(spec: _Model, name: str, label: str, device: str):
 
 def _block_cases(spec: _Model, name: str, device: str):
     masked = "MaskedSGD" if name == "sgd" else "MaskedAdamW"
-    dense_step, dense_bytes = _dense(spec, name, BLOCK_BATCH, device)
+    dense_step, dense_bytes = _dense(spec, name, spec.block_batch, device)
     for sparsity in BLOCK_SPARSITIES:
         model = spec.build().to(device)
         opt = _optimizer(name, model.parameters(), masked=True)
         dsd = _dsd_into_sparse(model, opt, sparsity, block=(64, 64))
-        ours = _stepper(model, opt, spec.input_shape, BLOCK_BATCH, device)
+        ours = _stepper(model, opt, spec, spec.block_batch, device)
         yield Case("training step", f"{spec.name}, {masked} + DSDScheduler(block=(64, 64)), {sparsity:.0%} of "
-                                    f"tiles, batch {BLOCK_BATCH}, one thread", 0, ours=single_threaded(ours),
+                                    f"tiles, batch {_batch(spec, spec.block_batch)}, one thread", 0, ours=single_threaded(ours),
                    baselines={"dense step": dense_step},
                    notes={"state_bytes": {"ours": state_bytes(model, opt, dsd.masks), "dense step": dense_bytes}})
         dsd.close()
@@ -212,7 +247,7 @@ def training_cases(device: str):
     for spec in MODELS:
         for name, label in (("sgd", "SGD(momentum=0.9)"), ("adamw", "AdamW")):
             yield from _unstructured_cases(spec, name, label, device)
-            if spec.name == "MLP stack":
+            if spec.block_batch:
                 yield from _block_cases(spec, name, device)
 
 
@@ -227,7 +262,7 @@ def case_outline() -> list[tuple[str, list[str]]]:
                             + ([SPARSIFIER] if spec.weight_norm_sparsifier else [])))
             outline.append((f"{spec.name} {'SGD' if name == 'sgd' else 'AdamW'} + OptimizerMasks",
                             ["ours", "dense step", TWO_PASSES]))
-            if spec.name == "MLP stack":
+            if spec.block_batch:
                 outline += [(f"{spec.name} {masked} block 64x64 {s:.0%}", ["ours", "dense step"])
                             for s in BLOCK_SPARSITIES]
     return outline
