@@ -4,7 +4,8 @@
 # the host-bound optimizer step, masked SGD and AdamW (GPT-2 small and ResNet-50 sets) against
 # torch's fused step + float-mask multiplies, re-masking, the csrc/cuda AdamW path beside Triton's,
 # masked_linear against F.linear(x, W*M) and torch's BSR matmul, selection against topk/kthvalue,
-# 2:4 masks against topk + scatter, 2:4 inference (to_semi_structured) against dense F.linear;
+# 2:4 masks against topk + scatter, 2:4 inference (to_semi_structured) against dense F.linear,
+# whole training steps (sparse phase against dense, and a 2:4 phase on sparse tensor cores);
 # optionally (SUITES=1, TRAIN=1, SWEEP=1) the per-backend suites on CUDA tensors, the train job and
 # the tile sweep. Every step gets what is left of BUDGET seconds (capped per step) and the check
 # goes on after a failure, so one call yields every result it can.
@@ -121,6 +122,13 @@ step ${BENCH_CAP:-200} $DSD bench --ops ${BENCH_OPS:-host_step masked_sgd masked
     --min-run-time "$MIN_RUN_TIME" --out "$OUT/r/bench.json"
 # 2:4 inference: dk.nn.to_semi_structured against dense F.linear
 step 60 python3 benchmarks/semi_structured.py --out "$OUT/r/semi-structured.json"
+# whole training steps, sparse phase against dense (issue 39): the CPU bench's cases on the GPU
+# (MLP stack, ResNet-18, GPT-2 small; MaskedSGD/MaskedAdamW, OptimizerMasks, peers, block DSD),
+# and a 2:4 sparse phase on sparse tensor cores
+[[ ${TRAINING_BENCH:-1} == 1 ]] && step ${TRAINING_CAP:-150} $DSD bench --ops training --device cuda \
+    --min-run-time "$MIN_RUN_TIME" --out "$OUT/r/training-cuda.json"
+[[ ${TRAINING_BENCH:-1} == 1 ]] && step 60 python3 benchmarks/semi_structured_training.py \
+    --out "$OUT/r/semi-structured-training.json"
 
 # masked_linear again with autotuning off (DSD_KERNELS_AUTOTUNE=0: the static launch configs),
 # to set beside the autotuned run above
