@@ -281,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "matched). Reports paired differences, plots and per-phase sparsity.")
     p.add_argument("--protocol", default=d.protocol, choices=["paper", "matched"],
                    help=f"paper: DSD from a converged dense model vs that model and vs continuing it "
-                        f"at lr/10; matched: every arm from scratch, same epochs ({d.protocol})")
+                        f"dense at DSD's rates (llr: --sparse-lr-scale, then --redense-lr-scale; by "
+                        f"default lr/10, then lr/100); matched: every arm from scratch, same epochs "
+                        f"({d.protocol})")
     p.add_argument("--data", default=d.data,
                    help="mnist1d (generated), digits, or PATH.npz for every model (default: each "
                         "model's own: mnist1d for mlp and cnn, digits for cnn2d)")
@@ -328,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="N",
                    help="checkpoint every N epochs so --resume can continue a killed job")
     p.add_argument("--resume", metavar="DIR", help="continue the job in DIR")
-    p.add_argument("--quick", action="store_true", help="a small run for smoke tests (< 1 min)")
+    p.add_argument("--quick", action="store_true", help="a small run for smoke tests (minutes on 2 CPU cores, not seconds)")
     p.add_argument("--nproc", type=int, default=1,
                    help="data-parallel processes on this machine, via torchrun (gloo on CPU, nccl on GPU)")
     p.add_argument("--fsdp", action="store_true",
