@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 
@@ -16,6 +17,24 @@ PHASE_SNAPSHOTS = (("dense", "after dense"), ("pruned", "right after pruning"),
 def _mean_std(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "n": len(values)}
+
+
+def paired_summary(diffs: list[float]) -> dict:
+    """Paired differences over seeds: mean, std, higher / tied / lower counts, the 95% interval of
+    the mean (Student's t on n - 1 degrees of freedom; none from one seed) and its verdict."""
+    out = {**_mean_std(diffs), "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs),
+           "losses": sum(d < 0 for d in diffs)}
+    n = len(diffs)
+    if n < 2:
+        out["ci95"] = None
+        out["verdict"] = "one seed gives no interval"
+        return out
+    from scipy.stats import t
+    half = float(t.ppf(0.975, n - 1)) * out["std"] / math.sqrt(n)
+    low, high = out["mean"] - half, out["mean"] + half
+    out["ci95"] = [low, high]
+    out["verdict"] = ("better" if low > 0 else "worse" if high < 0 else f"no difference at {n} seeds")
+    return out
 
 
 def build_report(cfg: TrainConfig, runs: list[dict], elapsed_s: float | None = None) -> dict:
@@ -38,17 +57,28 @@ def build_report(cfg: TrainConfig, runs: list[dict], elapsed_s: float | None = N
             seeds = sorted(set(acc["dsd"]) & set(acc[base]))
             if seeds:
                 diffs = [acc["dsd"][s] - acc[base][s] for s in seeds]
-                entry["paired"][f"dsd-{base}"] = {**_mean_std(diffs), "wins": sum(d > 0 for d in diffs),
-                                                  "ties": sum(d == 0 for d in diffs)}
+                entry["paired"][f"dsd-{base}"] = {**paired_summary(diffs), "seeds": seeds, "differences": diffs}
         phases = [r["phases"] for r in mine if r["method"] == "dsd" and not r.get("diverged")]
         if phases:
             entry["dsd_phases"] = [
                 {"name": p["name"], "test_accuracy": _mean_std([ph[i]["test_accuracy"] for ph in phases]),
                  "measured_sparsity": {layer: statistics.fmean(ph[i]["measured_sparsity"][layer] for ph in phases)
-                                       for layer in p["measured_sparsity"]}}
+                                       for layer in p["measured_sparsity"]},
+                 **({"pruned_fraction": {k: statistics.fmean(ph[i]["pruned_fraction"][k] for ph in phases)
+                                         for k in ("pruned_layers", "whole_model")}}
+                    if all("pruned_fraction" in ph[i] for ph in phases) else {})}
                 for i, p in enumerate(phases[0])]
         summary[model] = entry
-    report = {"config": asdict(cfg), "runs": runs, "summary": summary}
+    from .bench.timing import environment
+    env = environment(cfg.device)
+    try:
+        from importlib.metadata import version
+        env["dsd_kernels"] = version("dsd-kernels")
+    except Exception:  # noqa: BLE001 - a source checkout without metadata
+        env["dsd_kernels"] = None
+    # what decides the bits of a run: torch's CPU kernels round by their vector width, so a CPU of
+    # another capability gives other accuracies (within the intervals, not bit for bit)
+    report = {"config": asdict(cfg), "environment": env, "runs": runs, "summary": summary}
     if elapsed_s is not None:
         report["elapsed_s"] = elapsed_s
     return report
@@ -79,23 +109,42 @@ def format_table(report: dict) -> str:
         limited = cfg["train_samples"] is not None and (cfg.get("data") is not None or data == "mnist1d")
         samples = cfg["train_samples"] if limited else "all"
         lines.append(f"{model} on {data} ({samples} training samples, "
-                     f"{cfg['seeds']} seeds, {_describe(cfg)})")
+                     f"{_seeds(cfg['seeds'])}, {_describe(cfg)})")
         lines.append("  arm       test accuracy %")
         for m, s in entry["methods"].items():
-            lines.append(f"  {m:<8}  {s['mean']:6.2f} +- {s['std']:.2f}")
+            lines.append(f"  {m:<8}  {_pm(s):>6}")
         for m, seeds in entry.get("diverged", {}).items():
             if seeds:
                 lines.append(f"  {m:<8}  diverged on seeds {seeds}")
         for name, p in entry["paired"].items():
             base = name.split("-")[1]
-            lines.append(f"  DSD - {base:<8}  {p['mean']:+6.2f} +- {p['std']:.2f} points (paired by seed; "
-                         f"DSD higher on {p['wins']}/{p['n']} seeds)")
+            lines.append(f"  DSD - {base:<8}  {p['mean']:+6.2f} points, {_interval(p)} (paired by seed; "
+                         f"{_counts(p)}): {p.get('verdict', '')}")
         sparse = next((ph for ph in entry.get("dsd_phases", []) if ph["name"] == "sparse"), None)
         if sparse is not None:
-            lines.append(f"  DSD at the end of its sparse phase: {sparse['test_accuracy']['mean']:.2f} +- "
-                         f"{sparse['test_accuracy']['std']:.2f}")
+            lines.append(f"  DSD at the end of its sparse phase: {_pm(sparse['test_accuracy'])}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _pm(stat: dict) -> str:
+    """mean +- std, without a std of one value"""
+    return f"{stat['mean']:.2f}" + (f" +- {stat['std']:.2f}" if stat["n"] > 1 else "")
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
+def _interval(p: dict) -> str:
+    ci = p.get("ci95")
+    return "no interval (one seed)" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
+
+
+def _counts(p: dict) -> str:
+    if "losses" not in p:  # a report from before the counts
+        return f"higher on {p['wins']}/{p['n']}"
+    return f"{p['wins']} / {p['ties']} / {p['losses']} of {p['n']}"
 
 
 def _markdown(report: dict) -> str:
@@ -103,26 +152,35 @@ def _markdown(report: dict) -> str:
     out = ["# DSD vs its baselines" + (" (quick run)" if cfg.get("quick") else ""), ""]
     if cfg.get("quick"):
         out += [f"**A --quick run** (epochs {cfg['epochs']}, {cfg.get('train_samples') or 'all'} training samples, "
-                f"{cfg['seeds']} seeds): a smoke test of the job, not a result to quote.", ""]
-    out += [f"{_describe(cfg)}; models {', '.join(cfg['models'])}; {cfg['seeds']} seeds; "
+                f"{_seeds(cfg['seeds'])}): a smoke test of the job, not a result to quote.", ""]
+    out += [f"{_describe(cfg)}; models {', '.join(cfg['models'])}; {_seeds(cfg['seeds'])}; "
            f"{cfg.get('optimizer', 'sgd').upper()} lr {cfg['lr']}, momentum {cfg['momentum']}, weight decay "
            f"{cfg['weight_decay']}, batch {cfg['batch_size']}; device {cfg['device']}.", ""]
+    env = report.get("environment")
+    if env:
+        where = env.get("gpu") or f"{env.get('cpu')}, {env.get('cpu_capability')} capability, {env.get('cpu_threads')} threads"
+        out += [f"Run with dsd-kernels {env.get('dsd_kernels')}, torch {env.get('torch')}, Python {env.get('python')} "
+                f"on {where}. torch's CPU kernels round by their vector width: the same job on a CPU of another "
+                f"capability gives other accuracies (within the intervals, not bit for bit).", ""]
     for model, entry in report["summary"].items():
         out += [f"## {model} on {entry.get('data', cfg.get('data'))}", "",
                 "| arm | test accuracy % (mean +- std) |", "|---|---|"]
-        out += [f"| {m} | {s['mean']:.2f} +- {s['std']:.2f} |" for m, s in entry["methods"].items()]
+        out += [f"| {m} | {_pm(s)} |" for m, s in entry["methods"].items()]
         out += [f"| {m} | diverged on seeds {seeds} |" for m, seeds in entry.get("diverged", {}).items() if seeds]
-        out += ["", "| paired difference | points (mean +- std) | DSD higher on |", "|---|---|---|"]
-        out += [f"| DSD - {name.split('-')[1]} | {p['mean']:+.2f} +- {p['std']:.2f} | {p['wins']}/{p['n']} seeds |"
-                for name, p in entry["paired"].items()]
+        out += ["", "| paired difference (by seed) | points: mean | 95% interval | seeds higher / tied / lower "
+                "| verdict |", "|---|---|---|---|---|"]
+        out += [f"| DSD - {name.split('-')[1]} | {p['mean']:+.2f} | {_interval(p)} | {_counts(p)} | "
+                f"{p.get('verdict', '')} |" for name, p in entry["paired"].items()]
         if "dsd_phases" in entry:
-            out += ["", "| DSD phase | test accuracy % at its end | mean measured sparsity |", "|---|---|---|"]
+            out += ["", "| DSD phase | test accuracy % at its end | weights at 0: pruned layers | weights at 0: "
+                    "whole model |", "|---|---|---|---|"]
             for ph in entry["dsd_phases"]:
-                sp = ph["measured_sparsity"]
-                out.append(f"| {ph['name']} | {ph['test_accuracy']['mean']:.2f} +- {ph['test_accuracy']['std']:.2f}"
-                           f" | {statistics.fmean(sp.values()):.3f} |")
+                frac = ph.get("pruned_fraction")
+                cells = (f"{frac['pruned_layers']:.3f} | {frac['whole_model']:.3f}" if frac else "n/a | n/a")
+                out.append(f"| {ph['name']} | {_pm(ph['test_accuracy'])} | {cells} |")
         out.append("")
-    out += ["![test accuracy](accuracy.png)", "", "![weight distribution](weights.png)", ""]
+    out += ["![test accuracy](accuracy.png)", "", "![paired differences](differences.png)", "",
+            "![weight distribution](weights.png)", ""]
     return "\n".join(out)
 
 
@@ -164,11 +222,35 @@ def plot_accuracy(report: dict, path: str) -> None:
             ax.axvline(b + 0.5, color="grey", linestyle="--", linewidth=0.8)
         _plot_dsd_sparsity(ax, [r for r in report["runs"] if r["model"] == model and r["method"] == "dsd"
                                 and not r.get("diverged")])
-        ax.set_title(f"{model}: test accuracy, mean +- std over {cfg['seeds']} seeds\n"
+        ax.set_title(f"{model}: test accuracy, mean +- std over {_seeds(cfg['seeds'])}\n"
                      f"dashed: DSD phase boundaries (dense | sparse | re-dense)", fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy %")
         ax.legend(loc="lower left")
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_differences(report: dict, path: str) -> None:
+    """Per model, the paired differences DSD - baseline and DSD - llr of every seed (points) with
+    their mean and 95% interval: the sub-point gaps the accuracy plot's scale hides."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    entries = [(m, e) for m, e in report["summary"].items() if e["paired"]]
+    fig, axes = plt.subplots(1, max(len(entries), 1), figsize=(4.5 * max(len(entries), 1), 3.6), squeeze=False)
+    for ax, (model, entry) in zip(axes[0], entries):
+        for x, (name, p) in enumerate(entry["paired"].items()):
+            diffs = p.get("differences", [])
+            ax.scatter([x] * len(diffs), diffs, s=14, alpha=0.7, label=None)
+            ci = p.get("ci95")
+            if ci is not None:
+                ax.errorbar([x + 0.15], [p["mean"]], yerr=[[p["mean"] - ci[0]], [ci[1] - p["mean"]]], fmt="o",
+                            color="black", capsize=4)
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_xticks(range(len(entry["paired"])), [f"DSD - {n.split('-')[1]}" for n in entry["paired"]])
+        ax.set_ylabel("test accuracy difference (points)")
+        ax.set_title(f"{model}: paired by seed, mean and 95% interval", fontsize=10)
     _save_figure(fig, path)
     plt.close(fig)
 
@@ -219,6 +301,7 @@ def write_report(report: dict, snapshots: dict, out_dir: str) -> None:
     text = json.dumps(report, indent=1, allow_nan=False)  # fails here, before any file, if not strict
     plot_accuracy(report, os.path.join(out_dir, "accuracy.png"))
     plot_weights(snapshots, os.path.join(out_dir, "weights.png"))
+    plot_differences(report, os.path.join(out_dir, "differences.png"))
     atomic_write_text(os.path.join(out_dir, "report.md"), _markdown(report))
     atomic_write_text(os.path.join(out_dir, "report.json"), text)
 

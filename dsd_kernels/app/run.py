@@ -83,6 +83,17 @@ def zero_fractions(model) -> dict[str, float]:
     return {n: float((full_tensor(p) == 0).float().mean()) for n, p in prunable_layers(model).items()}
 
 
+def pruned_fractions(model, pruned: list[str]) -> dict[str, float]:
+    """The fraction of weights exactly 0 in the layers DSD prunes (`pruned`: their names) and over
+    every parameter of the model (dense layers, biases and norms included)."""
+    layers = prunable_layers(model)
+    def zero_share(tensors):
+        total = sum(t.numel() for t in tensors)
+        return sum(int((full_tensor(t) == 0).sum()) for t in tensors) / total if total else 0.0
+    return {"pruned_layers": zero_share([layers[n] for n in pruned]),
+            "whole_model": zero_share(list(model.parameters()))}
+
+
 class Run:
     """One (method, model, seed) training run, checkpointable at epoch boundaries. `start`: the
     pre-trained run's state (paper protocol's llr and dsd arms start from it)."""
@@ -136,9 +147,12 @@ class Run:
                                     redense_lr_scale=cfg.redense_lr_scale / cfg.sparse_lr_scale,
                                     exclude=dsd_exclude(cfg, self.model), **cfg.ramp,
                                     block=None if cfg.block is None else tuple(cfg.block))
+            chosen = {id(s.param) for s in self.dsd.selected}
+            self.pruned_layers = [n for n, p in prunable_layers(self.model).items() if id(p) in chosen]
             if cfg.protocol == "paper":  # the dense phase was the pre-training: prune now
                 self._snapshot("dense")
                 self.pretrained_zeros = zero_fractions(self.model)
+                self.pretrained_pruned = pruned_fractions(self.model, self.pruned_layers)
                 for _ in range(dense):
                     self.dsd.step()
                 self._snapshot("pruned")
@@ -271,7 +285,8 @@ class Run:
                 self.phases.append({
                     "name": phase, "epochs": self.cfg.plan.length(phase), "lr": lr,
                     "sparsity": self.cfg.sparsity if phase == "sparse" else 0.0,
-                    "test_accuracy": acc, "measured_sparsity": zero_fractions(self.model)})
+                    "test_accuracy": acc, "measured_sparsity": zero_fractions(self.model),
+                    "pruned_fraction": pruned_fractions(self.model, self.pruned_layers)})
                 self._snapshot(phase)
             if self.dsd.step() == "sparse":
                 self._snapshot("pruned")
@@ -289,7 +304,8 @@ class Run:
             if self.cfg.protocol == "paper":  # the pre-training is the dense phase
                 out["phases"] = [{"name": "dense", "epochs": self.cfg.epochs[0], "lr": self.cfg.lr,
                                   "sparsity": 0.0, "test_accuracy": self.pretrained_accuracy,
-                                  "measured_sparsity": self.pretrained_zeros}, *self.phases]
+                                  "measured_sparsity": self.pretrained_zeros,
+                                  "pruned_fraction": self.pretrained_pruned}, *self.phases]
             else:
                 out["phases"] = self.phases
         return out
