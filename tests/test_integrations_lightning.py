@@ -87,9 +87,11 @@ def test_three_phases_exact_zeros_lr_and_clipping(tmp_path, schedule):
     logger.finalize("success")
     with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
         rows = [r for r in csv.DictReader(f) if r.get("dsd/phase")]
-    assert [float(r["dsd/phase"]) for r in rows] == [0.0, 1.0, 1.0, 2.0, 2.0]
-    assert [float(r["dsd/sparsity"]) for r in rows] == [0.0, 0.5, 0.5, 0.0, 0.0]
-    assert float(rows[3]["dsd/lr"]) == pytest.approx(want[4 * STEPS_PER_EPOCH], rel=1e-6)
+    # each epoch's own values: its phase, its pruned fraction, the rate of its last step
+    assert [float(r["dsd/phase"]) for r in rows] == [0.0, 0.0, 1.0, 1.0, 2.0]
+    assert [float(r["dsd/sparsity"]) for r in rows] == [0.0, 0.0, 0.5, 0.5, 0.0]
+    assert float(rows[3]["dsd/lr"]) == pytest.approx(want[4 * STEPS_PER_EPOCH - 1], rel=1e-6)
+    assert float(rows[4]["dsd/lr"]) == pytest.approx(want[5 * STEPS_PER_EPOCH - 1], rel=1e-6)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "masked_adamw"])

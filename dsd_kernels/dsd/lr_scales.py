@@ -43,6 +43,13 @@ class StepRateScale:
                 group["lr"] = lr * scale
                 self._scaled.append((group, lr, group["lr"]))
 
+    def base_rate(self, group: dict) -> float:
+        """A group's own rate (its LR schedule's), also while a step runs it scaled."""
+        for scaled_group, before, _ in self._scaled:
+            if scaled_group is group:
+                return float(before)
+        return float(group["lr"])
+
     def restore(self) -> None:
         """Put back the rates a step ran at scaled (a no-op between steps)."""
         for group, before, during in self._scaled:

@@ -198,6 +198,11 @@ class DSDScheduler:
         """The factor every optimizer step applies to its groups' rates now."""
         return self._lr_scale_now()
 
+    def current_lr(self) -> float:
+        """The rate the first param group's steps run at now: its own (LR schedule's) rate times
+        lr_scale, also when asked during a step (which runs at the scaled rate)."""
+        return self._rate_scale.base_rate(self.optimizer.param_groups[0]) * self.lr_scale
+
     def _lr_scale_now(self) -> float:
         redense = self.sparse_lr_scale * (1.0 if self._groups_hold_redense_scale else self.redense_lr_scale)
         return self.plan.lr_scale(self.epoch, self.sparse_lr_scale, redense)

@@ -97,7 +97,7 @@ class DSDRun:
         the learning rate the first param group's steps run at (its rate times the phase's
         scale) and that scale."""
         scheduler = self.scheduler
-        lr = float(scheduler.optimizer.param_groups[0]["lr"]) * scheduler.lr_scale
+        lr = scheduler.current_lr()
         phase = scheduler.phase_at(min(scheduler.epoch, scheduler.total_epochs - 1))
         # counting the pruned weights unpacks every mask: done again only when the masks change
         # (metrics are logged every step with unit="step")

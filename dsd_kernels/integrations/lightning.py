@@ -55,6 +55,9 @@ class DSDCallback(DSDRun, pl.Callback):
     # ------------------------------------------------------------ training
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.scheduler.mask_gradients()
+        # the rate this step runs at (the schedule's, times the phase's scale): logged for the
+        # epoch or step that ends with it
+        self._step_lr = self.scheduler.current_lr()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.unit == "step":
@@ -65,5 +68,9 @@ class DSDCallback(DSDRun, pl.Callback):
             self._advance(trainer, pl_module, self.scheduler.epoch + 1, on_step=False)
 
     def _advance(self, trainer, pl_module, completed: int, *, on_step: bool) -> None:
+        # the values of the epoch (or step) that just ran, taken before the schedule moves on
+        metrics = self.metrics()
+        if getattr(self, "_step_lr", None) is not None:
+            metrics["dsd/lr"] = self._step_lr
         self.advance_to(completed)
-        pl_module.log_dict(self.metrics(), on_step=on_step, on_epoch=not on_step)
+        pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step)
