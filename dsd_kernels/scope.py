@@ -258,14 +258,27 @@ def _survivors_kept(survivors: list[torch.Tensor], counts: list[int]) -> list[to
     return kept
 
 
+def warn_without_model(caller: str, stacklevel: int = 2) -> None:
+    """The warning of a prune given no model=: module types (embeddings, norms) cannot be known."""
+    warnings.warn(f"{caller} without model=: every weight of 2 or more dims the optimizer holds is pruned, "
+                  f"embeddings and norms included, since module types cannot be known; pass model=your_model for "
+                  f"the default scope (Linear, Conv and other weights; never embeddings or norms), as the trainer "
+                  f"callbacks use", UserWarning, stacklevel=stacklevel + 1)
+
+
 def summary(model: nn.Module, masks=None) -> str:
     """A table, one row per weight of 2 or more dims: qualified name, module type, shape, elements,
-    measured sparsity (exact zeros), whether the default scope prunes it, and where its mask
+    measured sparsity (exact zeros), whether the scope prunes it (a DSDScheduler's own selection when
+    `masks` is one, also while it is dense; else the default scope), and where its mask
     lives (a MaskedLinear module, or "optimizer": one of `masks`, applied around the step). masks: None, a DSDScheduler, a
     MaskedSGD/MaskedAdamW, an OptimizerMasks, or a {param: Mask} dict."""
+    selected = getattr(masks, "selected", None)  # a DSDScheduler's own selection, also while dense
+    if selected is not None:
+        scope, scope_name = {id(s.param) for s in selected}, "scheduler's scope"
+    else:
+        scope, scope_name = {id(s.param) for s in select(model, 0.5)}, "default scope"
     masks = {id(p): "optimizer" for p in _masks_of(masks)}
-    default = {id(s.param) for s in select(model, 0.5)}
-    rows = [("weight", "module", "shape", "elements", "zeros", "default scope", "mask")]
+    rows = [("weight", "module", "shape", "elements", "zeros", scope_name, "mask")]
     seen = set()
     for module_name, module in model.named_modules():
         for local, p in module.named_parameters(recurse=False):
@@ -277,7 +290,7 @@ def summary(model: nn.Module, masks=None) -> str:
             zeros = float((p.detach() == 0).float().mean()) if p.numel() else 0.0
             rows.append((f"{module_name}.{local}" if module_name else local, type(module).__name__,
                          "x".join(map(str, p.shape)), str(p.numel()), f"{zeros:.1%}",
-                         "pruned" if id(p) in default else "dense", mask))
+                         "pruned" if id(p) in scope else "dense", mask))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 

@@ -1,5 +1,7 @@
 """DSD with any torch optimizer and any module holding a weight: scope, tied weights, re-masking
 around any optimizer (OptimizerMasks), step-based phases, strip_masks."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -264,7 +266,7 @@ def test_summary_lists_every_weight_with_its_scope_and_mask():
     dsd = DSDScheduler(opt, model=model, dense_epochs=1, sparse_epochs=1, redense_epochs=1, sparsity=0.5)
     dsd.step()
     lines = dk.summary(model, dsd).splitlines()
-    assert lines[0].split() == ["weight", "module", "shape", "elements", "zeros", "default", "scope", "mask"]
+    assert lines[0].split() == ["weight", "module", "shape", "elements", "zeros", "scheduler's", "scope", "mask"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert set(rows) == {"emb.weight", "conv.weight", "mlp.weight", "proj.weight"}  # head is emb's
     assert rows["emb.weight"][-2:] == ["dense", "-"]
@@ -374,3 +376,29 @@ def test_masks_of_any_optimizer_travel_in_its_state_dict():
     assert "mask" in early.state[early.param_groups[0]["params"][0]]  # torch kept it, cast to floats
     OptimizerMasks(early)
     assert "mask" not in early.state[early.param_groups[0]["params"][0]]
+
+
+def test_summary_shows_the_schedulers_own_scope_also_while_dense():
+    """With a DSDScheduler the scope column is the weights that scheduler prunes (its include /
+    exclude), before its first prune too; without one, the default scope."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    dsd = DSDScheduler(opt, model=model, dense_epochs=1, sparse_epochs=1, redense_epochs=1, sparsity=0.5,
+                       exclude=["proj"])
+    rows = {line.split()[0]: line.split() for line in dk.summary(model, dsd).splitlines()[1:]}
+    assert rows["proj.weight"][-2:] == ["dense", "-"] and rows["mlp.weight"][-2:] == ["pruned", "-"]
+    default = {line.split()[0]: line.split() for line in dk.summary(model).splitlines()[1:]}
+    assert default["proj.weight"][-2] == "pruned"
+
+
+def test_masked_sgd_prune_without_model_warns_as_the_scheduler_does():
+    from dsd_kernels.optim import MaskedSGD
+    model = TinyLM()
+    opt = MaskedSGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=r"MaskedSGD.prune without model=.*embeddings and norms included") as rec:
+        opt.prune(0.5)
+    assert rec[0].filename == __file__  # pointed at the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.prune(0.5, model=model)

@@ -31,17 +31,11 @@ import weakref
 import torch
 
 from ..ops._common import any_dtensor, as_sparsity
+from ..scope import warn_without_model
 from ..optim.masking import mask_gradients_, zero_pruned
 from . import hooks, scheduler_state, tile_layers
 from .lr_scales import StepRateScale
 from .plan import checked_block, checked_plan, ramp_fraction
-
-def _warn_no_model(optimizer_name: str) -> None:
-    warnings.warn(f"DSDScheduler({optimizer_name}) without model=: every weight of 2 or more dims the optimizer "
-                  f"holds is pruned, embeddings and norms included, since module types cannot be known; pass "
-                  f"model=your_model for the default scope (Linear, Conv and other weights; never embeddings or "
-                  f"norms), as the trainer callbacks use", UserWarning, stacklevel=3)
-
 
 class DSDScheduler:
     """Dense -> sparse -> re-dense over any torch optimizer.
@@ -82,7 +76,7 @@ class DSDScheduler:
             if needs_model:
                 raise TypeError(f"{' and '.join(needs_model)} need model= (the module names and types they "
                                 f"select by): DSDScheduler(optimizer, model=model, ...)")
-            _warn_no_model(type(optimizer).__name__)
+            warn_without_model(f"DSDScheduler({type(optimizer).__name__})", stacklevel=2)
         if lr_scheduler is not None:
             warnings.warn("DSDScheduler(lr_scheduler=...) is no longer needed and is ignored: the phase's "
                           "learning-rate scale now applies around every optimizer step, on top of whatever "

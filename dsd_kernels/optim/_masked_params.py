@@ -176,6 +176,8 @@ class MaskedParams:
             return new
         if include is not None or exclude is not None or scope != "layer":
             raise TypeError("prune: include, exclude and scope need model= (the module names)")
+        from ..scope import warn_without_model
+        warn_without_model(f"{type(self).__name__}.prune", stacklevel=2)
         params = self.prunable_params()
         sparsities = sparsity_list(sparsity, len(params), allow_one=False)  # the scope's rule: [0, 1)
         by_device: dict[torch.device, list[int]] = {}
