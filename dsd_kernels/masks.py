@@ -109,14 +109,17 @@ class Mask:
         return cls(pack_bool(keep), keep.shape)
 
     def to_bool(self) -> torch.Tensor:
+        """The mask unpacked: a bool tensor of `shape`, True where kept."""
         return unpack_bool(self.packed, self.shape)
 
     @property
     def device(self) -> torch.device:
+        """The device of the packed words."""
         return self.packed.device
 
     @property
     def numel(self) -> int:
+        """Number of weights the mask covers (kept and pruned)."""
         return math.prod(self.shape)
 
     def count(self) -> int:
@@ -135,13 +138,16 @@ class Mask:
         return tensor.masked_fill_(~self.to_bool().to(tensor.device), 0)
 
     def to(self, device) -> "Mask":
+        """The same mask with its packed words on `device`."""
         return Mask(self.packed.to(device), self.shape)
 
     def clone(self) -> "Mask":
+        """A mask with its own copy of the packed words."""
         return Mask(self.packed.clone(), self.shape)
 
     # serialisation: plain tensors and ints, so torch.load(weights_only=True) reads it
     def state_dict(self) -> dict:
+        """{"packed": the int32 words, "shape": list}: what from_state_dict reads back."""
         return {"packed": self.packed, "shape": list(self.shape)}
 
     @classmethod

@@ -167,6 +167,7 @@ class DSDScheduler:
     # ------------------------------------------------------------ schedule
     @property
     def total_epochs(self) -> int:
+        """Epochs (unit="step": steps) of the whole plan, every cycle."""
         return self.plan.total_epochs
 
     def phase_at(self, epoch: int) -> str:

@@ -38,6 +38,7 @@ class MaskedLinear(nn.Linear):
 
     @property
     def mask(self) -> Mask | None:
+        """The layer's Mask, or None while it computes dense."""
         return None if self.mask_words is None else Mask(self.mask_words, self.weight.shape)
 
     @torch.no_grad()
@@ -54,6 +55,7 @@ class MaskedLinear(nn.Linear):
 
     @property
     def sparsity(self) -> float:
+        """Fraction of the weight pruned now (0.0 without a mask)."""
         return 0.0 if self.mask_words is None else self.mask.sparsity
 
     def forward(self, x: Tensor) -> Tensor:

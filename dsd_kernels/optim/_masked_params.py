@@ -64,6 +64,7 @@ class MaskedParams:
         self.__dict__["_step_plans"] = {}
 
     def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group; the step plans are rebuilt for the new group."""
         super().add_param_group(param_group)
         self._forget_plans()
 
@@ -199,6 +200,8 @@ class MaskedParams:
         return add_mask_entries(super().state_dict(), params, self._masks)
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load_state_dict, with the masks in it (per-parameter "mask" entries, or the
+        older "masks" key) checked before anything is loaded and set: a bad state changes nothing."""
         state_dict = dict(state_dict)
         masks = state_dict.pop("masks", {})  # the format before per-parameter "mask" entries
         # the masks are checked before anything is loaded: a bad file changes nothing

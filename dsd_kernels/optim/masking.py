@@ -165,6 +165,7 @@ class OptimizerMasks:
 
     @property
     def masks(self) -> dict[Tensor, Mask]:
+        """The current masks, {parameter: Mask} (a copy of the dict)."""
         return dict(self._masks)
 
     def mask_of(self, p: Tensor) -> Mask | None:
@@ -311,6 +312,7 @@ class OptimizerMasks:
     # masks in a checkpoint of their own, by parameter index (DSDScheduler.state_dict keeps them
     # there for one process)
     def state_dict(self) -> dict:
+        """The masks by parameter index in the optimizer, {index: Mask.state_dict()}."""
         index = {id(p): i for i, p in enumerate(self._params())}
         return {index[id(p)]: m.state_dict() for p, m in self._masks.items()}
 
