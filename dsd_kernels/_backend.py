@@ -82,10 +82,13 @@ def _rows(op: str, module: str, *, cuda: tuple[str, ...], cuda_dtypes=FLOATS, cp
     return [r for r in rows if r.dtypes]
 
 
-def _aten_uses_avx512() -> bool:
-    """Whether ATen's CPU kernels run their AVX-512 code here (a CPU that has it, not turned
-    off by ATEN_CPU_CAPABILITY): where the C++ fp32 masking loop is AVX-512 too."""
-    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+def _cpp_masking_vectorised() -> bool:
+    """Whether the C++ fp32 re-masking pass runs a vector path here: AVX-512 or AVX2 (what ATen
+    detects on this CPU, unless DSD_KERNELS_CPU_CAPABILITY=default asks for the portable loop);
+    there it measured faster than the composite (benchmarks/results/cpu-*.json)."""
+    if os.environ.get("DSD_KERNELS_CPU_CAPABILITY", "").strip().lower() == "default":
+        return False
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 # Order within an (op, device) is the preference under auto. On CPU the C++ kernels measured
@@ -112,11 +115,11 @@ REGISTRY: tuple[Implementation, ...] = tuple(
     + _rows("masked_adamw", "masked_adamw", cuda=("triton", "cpp"), cuda_dtypes=(torch.float32, torch.float64),
             variants=("foreach", "fused"), cpp_cpu_dtypes=(torch.float32, torch.float64))
     # re-masking around any optimizer's step (csrc/cuda has no such kernel); on CPU the C++
-    # AVX-512 loop for fp32 first (it beat the composite on few large and many small tensors),
-    # else the composite's AND with cached unpacked words, which measured faster than the C++
-    # word loop of other dtypes and CPUs
+    # AVX-512 or AVX2 pass for fp32 first (each beat the composite on its CPU), else the
+    # composite's AND with cached unpacked words, which measured faster than the C++ scalar word
+    # loop of other dtypes and CPUs
     + _rows("apply_masks", "apply_masks", cuda=("triton",),
-            cpp_cpu_auto_dtypes=(torch.float32,) if _aten_uses_avx512() else ())
+            cpp_cpu_auto_dtypes=(torch.float32,) if _cpp_masking_vectorised() else ())
     # N:M masks: the C++ kernel on CPU, the Triton kernel on CUDA (compiled ahead of time for
     # sm_80/sm_90, not yet run on a GPU)
     + _rows("nm_masks", "nm_masks", cuda=("triton",))

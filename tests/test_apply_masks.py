@@ -35,6 +35,24 @@ def test_apply_masks_matches_reference_on_every_backend(backend):
     assert bool((conv[~keep] == 0).all()) and bool((conv[keep] != 0).all())
 
 
+@pytest.mark.parametrize("shape", [(40, 96), (9, 70), (3, 200)])
+def test_words_that_keep_everything_or_nothing(backend, shape):
+    """Masks with whole words kept, whole words pruned and mixed words (rows of whole words and
+    rows ending inside one): kept entries untouched (NaN and -0.0 included), pruned ones +0."""
+    g = torch.Generator().manual_seed(sum(shape))
+    t = torch.randn(shape, generator=g)
+    t[:, ::7] = float("nan")
+    t[:, 1::5] = -0.0
+    runs = torch.rand(shape[0], -(-shape[1] // 16), generator=g)  # 16-column runs: all, none or mixed
+    kind = torch.where(runs < 0.35, 0, torch.where(runs < 0.7, 1, 2)).repeat_interleave(16, 1)[:, :shape[1]]
+    keep = torch.where(kind == 2, torch.rand(shape, generator=g) > 0.5, kind == 1)
+    want = t.clone()
+    R.apply_masks_([want], [keep])
+    got = t.clone().to(DEVICE)
+    dk.apply_masks_([got], [dk.Mask.from_bool(keep.to(DEVICE))])
+    assert torch.equal(got.cpu().view(torch.int32), want.view(torch.int32))
+
+
 def test_apply_masks_op_checks_its_inputs_real_and_traced():
     t = torch.zeros(4, 40)
     with pytest.raises(ValueError, match=r"mask_words\[0\] does not fit tensors\[0\]"):

@@ -2,12 +2,14 @@
 // that keeps pruned weights (and gradients) exactly 0 under any optimizer (dsd_kernels/optim/
 // masking.py). One read and one write of every masked tensor, in parallel over 32-element mask
 // words; a pruned entry becomes exactly +0 whatever it held (NaN included). fp32 on AVX-512:
-// masked stores of +0 into the pruned lanes only (common.h).
+// masked stores of +0 into the pruned lanes only (common.h); on AVX2 the portable pass of
+// csrc/cpu/isa (words that keep everything skipped, vectors that keep nothing stored as +0 unread).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "../op_args.h"
 #include "common.h"
+#include "isa/isa_kernels.h"
 
 namespace dsd_kernels_cpu {
 namespace {
@@ -43,6 +45,22 @@ void apply_masks_(at::TensorList tensors, at::TensorList mask_words) {
       continue;
     }
 #endif
+    if (t.scalar_type() == at::kFloat && cpu_capability() == CpuCapability::kAvx2) {
+      float* data = t.data_ptr<float>();
+      if (lay.cols % 32 == 0) {
+        at::parallel_for(0, lay.num_words(), 2048, [&](int64_t begin, int64_t end) {
+          isa::AVX2::zero_pruned_fp32(data + begin * 32, w + begin, (end - begin) * 32);
+        });
+      } else {
+        at::parallel_for(0, lay.rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(lay.cols, 1)),
+                         [&](int64_t begin, int64_t end) {
+                           for (int64_t r = begin; r < end; ++r) {
+                             isa::AVX2::zero_pruned_fp32(data + r * lay.cols, w + r * lay.words_per_row, lay.cols);
+                           }
+                         });
+      }
+      continue;
+    }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "apply_masks_", [&] {
       scalar_t* data = t.data_ptr<scalar_t>();
       parallel_for_words(lay, 2048, [&](int64_t word, int64_t base, int64_t len) {

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import sys
@@ -90,6 +91,10 @@ def _cmd_bench(args) -> int:
             results.append(r)
             # after every case: a run cut short (a time-boxed GPU lease) keeps what it timed
             B.write_results(out, env, results)
+            # the case's models go before the next is built (the training cases of GPT-2 small hold
+            # several models with optimizer state each: two cases at once outgrow a 24 GiB machine)
+            del case
+            gc.collect()
     print(f"wrote {os.path.abspath(out)}")
     return 0
 

@@ -4,7 +4,7 @@
 // baseline objects, so an inline function both define resolves to the baseline copy.
 #include "isa_kernels.h"
 #if defined(CPU_CAPABILITY_AVX2)
-#include "tile_gemm_kernel.h"
+#include "kernels.h"
 #else
 #include <stdexcept>
 namespace dsd_kernels_cpu::isa::AVX2 {
@@ -13,5 +13,6 @@ void tile_panel_rows(const tile_gemm::Panel&, int64_t, int64_t) { throw std::log
 void pack_tile(const float*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, float*) {
   throw std::logic_error("AVX2 kernels not built");
 }
+void zero_pruned_fp32(float*, const int32_t*, int64_t) { throw std::logic_error("AVX2 kernels not built"); }
 }  // namespace dsd_kernels_cpu::isa::AVX2
 #endif

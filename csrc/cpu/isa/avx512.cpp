@@ -3,7 +3,7 @@
 // (x86-64 only), linked after everything else.
 #include "isa_kernels.h"
 #if defined(CPU_CAPABILITY_AVX512)
-#include "tile_gemm_kernel.h"
+#include "kernels.h"
 #else
 #include <stdexcept>
 namespace dsd_kernels_cpu::isa::AVX512 {
@@ -12,5 +12,6 @@ void tile_panel_rows(const tile_gemm::Panel&, int64_t, int64_t) { throw std::log
 void pack_tile(const float*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, float*) {
   throw std::logic_error("AVX-512 kernels not built");
 }
+void zero_pruned_fp32(float*, const int32_t*, int64_t) { throw std::logic_error("AVX-512 kernels not built"); }
 }  // namespace dsd_kernels_cpu::isa::AVX512
 #endif

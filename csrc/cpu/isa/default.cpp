@@ -4,4 +4,4 @@
 #ifndef CPU_CAPABILITY_DEFAULT
 #error "compile with -DCPU_CAPABILITY=DEFAULT -DCPU_CAPABILITY_DEFAULT (setup.py ISA_SOURCES)"
 #endif
-#include "tile_gemm_kernel.h"
+#include "kernels.h"

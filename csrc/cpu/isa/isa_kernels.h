@@ -48,7 +48,10 @@ namespace isa {
      `words_per_row` per row) at rows [r0, r0 + rows), columns [c0, c0 + cols), zero-padded;    \
      transposed: dst[col][row] */                                                                \
   void pack_tile(const float* w, const int32_t* words, int64_t words_per_row, int64_t cols_total, \
-                 int64_t r0, int64_t rows, int64_t c0, int64_t cols, bool transposed, float* dst);
+                 int64_t r0, int64_t rows, int64_t c0, int64_t cols, bool transposed, float* dst);          \
+  /* data[0, n) = exactly +0 where the mask bits (words[j / 32] bit j % 32) are clear: the        \
+     re-masking pass (apply_masks) of a row of fp32 */                                            \
+  void zero_pruned_fp32(float* data, const int32_t* words, int64_t n);
 
 namespace DEFAULT { DSD_ISA_KERNELS }
 namespace AVX2 { DSD_ISA_KERNELS }

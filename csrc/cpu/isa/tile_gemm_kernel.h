@@ -4,12 +4,10 @@
 // with AVX-512 (24 of 32). Every output element is one chain of fused multiply-adds over the
 // segments in order, k ascending, from the bias or 0: the same bits on every ISA with FMA.
 #pragma once
-#include <ATen/cpu/vec/vec.h>
-
 #include <algorithm>
 #include <cstdint>
 
-#include "isa_kernels.h"
+#include "vec_lanes.h"
 
 namespace dsd_kernels_cpu {
 namespace isa {
@@ -18,40 +16,10 @@ namespace {
 
 using tile_gemm::kTile;
 using tile_gemm::Panel;
-using Vec = at::vec::Vectorized<float>;
 
-constexpr int kLanes = Vec::size();
 constexpr int kVecs = kLanes >= 16 ? 4 : 2;
 constexpr int kChunk = kLanes * kVecs;  // columns of the register tile
-static_assert(kTile % kChunk == 0 && 32 % kLanes == 0, "a vector must lie in one mask word");
-
-// lanes [0, n) of src, 0 in the others (n in [0, kLanes]); reads nothing past src + n
-inline Vec load_first(const float* src, int64_t n) {
-  if (n == kLanes) return Vec::loadu(src);
-  if (n <= 0) return Vec(0.0f);
-  return Vec::loadu(src, n);
-}
-
-inline void store_first(const Vec& v, float* dst, int64_t n) {
-  if (n == kLanes) {
-    v.store(dst);
-  } else if (n > 0) {
-    v.store(dst, n);
-  }
-}
-
-// all-ones lanes where bit j of `bits` is set, zeros elsewhere: AND-ing gives exactly +0 where
-// pruned, whatever the value (NaN included)
-inline Vec keep_lanes(uint32_t bits) {
-  alignas(64) int32_t lanes[kLanes];
-  for (int j = 0; j < kLanes; ++j) lanes[j] = (bits >> j) & 1u ? -1 : 0;
-  return Vec::loadu(lanes);
-}
-
-// the keep bits of columns [c, c + kLanes) of a row of mask words, in the low bits
-inline uint32_t keep_bits(const int32_t* words, int64_t c) {
-  return static_cast<uint32_t>(words[c / 32]) >> (c % 32);
-}
+static_assert(kTile % kChunk == 0, "a register tile divides a tile");
 
 // columns [c0, c0 + kChunk) of rows [r0, r0 + MR) of the panel's tile
 template <int MR>
@@ -96,8 +64,6 @@ inline void register_tile(const Panel& p, int64_t r0, int64_t c0) {
 }
 
 }  // namespace
-
-bool built() { return true; }
 
 void tile_panel_rows(const Panel& p, int64_t r_begin, int64_t r_end) {
   constexpr int64_t kRows = tile_gemm::kRows;
