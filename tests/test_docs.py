@@ -68,3 +68,15 @@ def test_every_public_name_has_a_docstring():
                 if not inspect.getdoc(value):
                     missing.append(f"{module.__name__}.{name}.{member}")
     assert not missing, missing
+
+
+def test_the_training_table_is_the_committed_results():
+    """docs/benchmarks.md's whole-step table is what dsd_kernels.app.bench.tables writes from the
+    committed results file: a figure that differs from the JSON fails here."""
+    import json
+
+    from dsd_kernels.app.bench.tables import table_on_page, training_table
+    with open(ROOT / "benchmarks" / "results" / "training-cpu-2core-x86_64-avx2.json") as f:
+        results = json.load(f)["results"]
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert table_on_page(page, "training") == training_table(results)
