@@ -1,13 +1,14 @@
 """masked_linear on the C++ CPU kernels (csrc/cpu/masked_linear.cpp), tile skipping included (kept
-tiles of fp32 multiplied by its AVX-512 kernel where the CPU has AVX-512F; with unstructured masks,
-batches of at most FEW_ROWS rows by its few-rows kernels, larger ones by oneDNN on W*M); there is
-no CUDA kernel (the registry gives CUDA tensors to Triton)."""
+tiles of fp32 multiplied by tile_gemm where the CPU has AVX2 or AVX-512; with unstructured masks,
+batches of at most FEW_ROWS rows by its few-rows kernels on AVX-512, larger ones by oneDNN on W*M
+where ATen runs AVX-512, else by ATen's matmul on W*M); there is no CUDA kernel (the registry gives
+CUDA tensors to Triton)."""
 from __future__ import annotations
 
 import torch
 
 from ... import _C  # noqa: F401  (registers torch.ops.dsd_kernels_cpp)
-from ..dense_matmul import linear, onednn_linear_available
+from ..dense_matmul import linear, prefer_onednn_linear
 from ..tile_structure import blocked_tiles
 from ..torch._mask_cache import masked_copy
 
@@ -35,14 +36,14 @@ def _tile_kept(words, weight):
 
 def forward(x2d, weight, words, bias):
     kept = _tile_kept(words, weight)
-    if kept is None and onednn_linear_available(x2d) and not _few_rows(x2d, weight):
+    if kept is None and prefer_onednn_linear(x2d) and not _few_rows(x2d, weight):
         return linear(x2d, masked_copy(weight, words), bias)  # W*M whole: oneDNN's matmul (dense_matmul)
     return torch.ops.dsd_kernels_cpp.masked_linear_forward(x2d, weight, words, bias, kept)
 
 
 def backward(grad2d, x2d, weight, words, needs_input: bool, needs_weight: bool):
     kept = _tile_kept(words, weight)
-    if kept is None and onednn_linear_available(x2d):
+    if kept is None and prefer_onednn_linear(x2d):
         if needs_input and _few_rows(grad2d, weight):
             dx = torch.ops.dsd_kernels_cpp.masked_linear_backward(grad2d, x2d, weight, words, True, False, None)[0]
         else:
