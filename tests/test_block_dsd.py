@@ -259,3 +259,16 @@ def test_hugging_face_conv1d_computes_through_the_tile_kernel():
     with torch.profiler.profile() as prof:
         model(ids, labels=ids).loss.backward()
     assert sum(e.count for e in prof.key_averages() if e.key == "dsd_kernels::masked_linear") == 0
+
+
+def test_a_sparsity_dict_prunes_each_pattern_by_its_own_share_of_tiles():
+    """block= with per-pattern sparsities (a dict, as DSDScheduler takes them): each weight keeps
+    exactly round(s x tiles) tiles at its own pattern's s, and every pruned layer skips tiles."""
+    model = stack()
+    opt = optimizer("adam", model)
+    dsd = schedule(opt, model, sparsity={"0": 0.25, "2": 0.75, "4": 0.5})
+    dsd.step()
+    for index, s in ((0, 0.25), (2, 0.75), (4, 0.5)):
+        tiles = tiles_kept(dsd.masks[model[index].weight].to_bool())
+        assert int((~tiles).sum()) == round(s * tiles.numel()), index
+    assert tile_kernel_calls(model, opt, 1) == 3
