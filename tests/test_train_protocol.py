@@ -48,10 +48,10 @@ def test_paper_arms_start_from_the_shared_pretraining():
     for arm in (llr, dsd):
         while arm.epoch < arm.epochs:
             arm.run_epoch()
-    # llr runs DSD's learning rates without its pruning: lr x 0.5 sparse, lr x 0.01 (the paper
-    # protocol's default) re-dense
-    assert [h["lr"] for h in llr.history] == pytest.approx([0.025, 0.025, 0.0005, 0.0005])
-    assert [h["lr"] for h in dsd.history] == pytest.approx([0.025, 0.025, 0.0005, 0.0005])
+    # llr runs DSD's learning rates without its pruning: lr x 0.5 sparse, then that x 0.1 (the
+    # paper protocol's default redense_lr_scale, relative to the sparse rate) re-dense
+    assert [h["lr"] for h in llr.history] == pytest.approx([0.025, 0.025, 0.0025, 0.0025])
+    assert [h["lr"] for h in dsd.history] == [h["lr"] for h in llr.history]  # the same floats
     assert [h["sparsity"] for h in dsd.history] == pytest.approx([0.5, 0.5, 0.0, 0.0], abs=2e-3)
     assert [h["sparsity"] for h in llr.history] == [0.0] * 4
     assert [h["epoch"] for h in dsd.history] == [4, 5, 6, 7]
@@ -340,9 +340,67 @@ def test_sigint_prints_where_the_checkpoints_are_and_exits_130(tmp_path):
 # ---------------------------------------------------------------- the paper's ladder, N:M, gradual pruning
 def test_protocol_defaults():
     paper, matched = TrainConfig(protocol="paper"), TrainConfig(protocol="matched")
-    assert (paper.sparse_lr_scale, paper.redense_lr_scale, paper.first_conv) == (0.1, 0.01, "dense")
+    # one meaning everywhere: each scale relative to the phase before, as DSDScheduler's
+    assert (paper.sparse_lr_scale, paper.redense_lr_scale, paper.first_conv) == (0.1, 0.1, "dense")
     assert (matched.sparse_lr_scale, matched.redense_lr_scale, matched.first_conv) == (1.0, 0.1, "pruned")
+    assert paper.phase_lrs() == {"dense": 0.05, "sparse": 0.05 * 0.1, "redense": 0.05 * (0.1 * 0.1)}
     assert TrainConfig(protocol="paper", sparse_lr_scale=0.5).sparse_lr_scale == 0.5
+
+
+def _legacy_job(tmp_path, **settings):
+    """A config.json as versions before the relative scales wrote it: --redense-lr-scale
+    relative to --lr, no "lr_scales" key."""
+    from dataclasses import asdict
+    cfg = TrainConfig(**{**PAPER, **settings})
+    saved = asdict(cfg)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    return saved
+
+
+def test_a_job_from_before_the_relative_scales_resumes_at_its_own_rates(tmp_path, capsys):
+    import hashlib
+    from dsd_kernels.app.config import load_config
+    from dsd_kernels.app.train import job_key
+    saved = _legacy_job(tmp_path, redense_lr_scale=0.01)  # the old paper ladder: lr/10, lr/100
+    cfg = load_config(str(tmp_path))
+    err = capsys.readouterr().err
+    assert "relative to --lr" in err and "re-dense at lr x 0.01, as the job ran" in err
+    assert cfg.redense_lr_scale == pytest.approx(0.1) and cfg.redense_lr_factor == 0.01
+    # its run files keep their key (the digest the old version wrote), so they are reused
+    old_key = hashlib.sha256(json.dumps({k: v for k, v in saved.items()
+                                         if k not in ("device", "nproc", "checkpoint_every")},
+                                        sort_keys=True).encode()).hexdigest()[:16]
+    assert job_key(cfg) == old_key
+    data = load_data("mnist1d", cfg.train_samples)
+    start = Run(cfg, data, "baseline", "mlp", 0).state_dict()
+    llr, dsd = (Run(cfg, data, arm, "mlp", 0, start=start) for arm in ("llr", "dsd"))
+    for arm in (llr, dsd):
+        while arm.epoch < arm.epochs:
+            arm.run_epoch()
+    assert [h["lr"] for h in llr.history] == pytest.approx([0.005, 0.005, 0.0005, 0.0005])
+    assert [h["lr"] for h in dsd.history] == pytest.approx([h["lr"] for h in llr.history], rel=1e-15)
+    # the old number on the command line is refused, saying what it is now
+    with pytest.raises(ValueError, match=r"--redense-lr-scale 0.01 .*before --redense-lr-scale became relative "
+                                         r"to the sparse rate.*is --redense-lr-scale 0.1 now"):
+        load_config(str(tmp_path), {"redense_lr_scale": 0.01})
+
+
+def test_a_new_job_writes_which_scales_it_means(tmp_path):
+    from dsd_kernels.app.config import LR_SCALES, load_config
+    from dsd_kernels.app.train import job_key
+    out = tmp_path / "job"
+    assert cli.main(["train", "--quick", "--model", "mlp", "--seeds", "1", "--epochs", "1", "1", "1",
+                     "--train-samples", "64", "--no-progress", "--out", str(out)]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["lr_scales"] == LR_SCALES and saved["redense_lr_scale"] == 0.1
+    cfg = load_config(str(out))
+    assert cfg.redense_lr_factor == cfg.sparse_lr_scale * cfg.redense_lr_scale
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["learning_rates"] == cfg.phase_lrs()
+    assert f"lr {cfg.lr:g} dense, {cfg.lr * 0.1:g} sparse, {cfg.lr * 0.1 * 0.1:g} re-dense" \
+        in (out / "report.md").read_text()
+    runs = glob.glob(str(out / "runs" / "*.json"))
+    assert runs and all(json.loads(open(p).read())["job"] == job_key(cfg) for p in runs)
 
 
 def test_two_four_sparsity_and_a_ramp_from_the_command_line(tmp_path, capsys):

@@ -286,8 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "matched). Reports paired differences, plots and per-phase sparsity.")
     p.add_argument("--protocol", default=d.protocol, choices=["paper", "matched"],
                    help=f"paper: DSD from a converged dense model vs that model and vs continuing it "
-                        f"dense at DSD's rates (llr: --sparse-lr-scale, then --redense-lr-scale; by "
-                        f"default lr/10, then lr/100); matched: every arm from scratch, same epochs "
+                        f"dense at DSD's rates (llr: lr x --sparse-lr-scale, then that x "
+                        f"--redense-lr-scale; by default lr/10, then lr/100); matched: every arm from scratch, same epochs "
                         f"({d.protocol})")
     p.add_argument("--data", default=d.data,
                    help="mnist1d (generated), digits, or PATH.npz for every model (default: each "
@@ -305,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the sparse phase's learning rate is --lr times this (paper "
                         f"{paper['sparse_lr_scale']}, matched {matched['sparse_lr_scale']})")
     p.add_argument("--redense-lr-scale", type=float,
-                   help=f"the re-dense phase's learning rate is --lr times this (paper "
+                   help=f"the re-dense phase's learning rate is the sparse phase's times this, as "
+                        f"DSDScheduler's redense_lr_scale (paper "
                         f"{paper['redense_lr_scale']}, matched {matched['redense_lr_scale']})")
     p.add_argument("--first-conv", choices=["dense", "pruned"],
                    help=f"whether DSD prunes the CNNs' first convolution (paper {paper['first_conv']}, "

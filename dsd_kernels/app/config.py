@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -17,9 +18,10 @@ from .models import MODEL_DATA, MODELS
 PROTOCOLS = ("paper", "matched")
 ARMS = {"paper": ("baseline", "llr", "dsd"), "matched": ("dense", "llr", "dsd")}
 DEFAULT_EPOCHS = {"paper": [30, 10, 10], "matched": [20, 20, 20]}
-# the paper's learning-rate ladder (sparse at lr/10, re-dense at lr/100) and its dense first
-# convolution; the matched protocol keeps the sparse phase at lr and re-denses at lr/10
-PROTOCOL_DEFAULTS = {"paper": {"sparse_lr_scale": 0.1, "redense_lr_scale": 0.01, "first_conv": "dense"},
+# the paper's learning-rate ladder (sparse at lr/10, re-dense at a further 1/10: lr/100) and its
+# dense first convolution; the matched protocol keeps the sparse phase at lr and re-denses at lr/10.
+# Each scale is relative to the phase before, as DSDScheduler's arguments are.
+PROTOCOL_DEFAULTS = {"paper": {"sparse_lr_scale": 0.1, "redense_lr_scale": 0.1, "first_conv": "dense"},
                      "matched": {"sparse_lr_scale": 1.0, "redense_lr_scale": 0.1, "first_conv": "pruned"}}
 FIRST_CONV = ("dense", "pruned")
 OPTIMIZER_NAMES = ("sgd", "adamw")  # MaskedSGD (with momentum), MaskedAdamW (betas as torch's)
@@ -39,7 +41,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     batch_size: int = 32
     train_samples: int | None = 1000  # of MNIST-1D's 4000; other data: all unless given
-    redense_lr_scale: float | None = None  # re-dense at lr x this; None: the protocol's
+    redense_lr_scale: float | None = None  # re-dense at the sparse rate x this; None: the protocol's
     first_conv: str | None = None  # "dense" or "pruned"; None: the protocol's
     ramp_epochs: int = 0  # > 0: gradual (cubic) pruning over the first ramp_epochs sparse epochs
     ramp_every: int = 1  # epochs between the ramp's prunes
@@ -113,6 +115,18 @@ class TrainConfig:
         check_device(self.device)
 
     @property
+    def redense_lr_factor(self) -> float:
+        """The re-dense rate over `lr` (sparse_lr_scale x redense_lr_scale), the one factor every
+        arm's re-dense (or its dense stand-in) runs at; a job from before the scales were
+        relative keeps the factor it ran with, to the bit."""
+        legacy = getattr(self, "legacy_redense_lr_factor", None)
+        return legacy if legacy is not None else self.sparse_lr_scale * self.redense_lr_scale
+
+    def phase_lrs(self) -> dict[str, float]:
+        """The absolute learning rate of each DSD phase (what the report states)."""
+        return {"dense": self.lr, "sparse": self.lr * self.sparse_lr_scale, "redense": self.lr * self.redense_lr_factor}
+
+    @property
     def plan(self) -> PhasePlan:
         return PhasePlan(*self.epochs, cycles=self.cycles)
 
@@ -169,6 +183,10 @@ def check_device(device: str) -> None:
             raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA devices here")
 
 
+# written into config.json: what the learning-rate scales are relative to (a file without it
+# is from before: --redense-lr-scale was relative to --lr there)
+LR_SCALES = "each relative to the phase before"
+
 # the keys a resumed job may take from the command line (they change no result)
 RESUME_MAY_CHANGE = ("device",)
 
@@ -190,6 +208,14 @@ def load_config(out_dir: str, given: dict | None = None) -> TrainConfig:
     # a job started before --first-conv existed pruned every layer (the other new settings'
     # defaults, no ramp and no FSDP, are what such a job ran with)
     saved.setdefault("first_conv", "pruned")
+    legacy_factor = None
+    if saved.pop("lr_scales", None) != LR_SCALES and isinstance(saved.get("redense_lr_scale"), (int, float)) \
+            and isinstance(saved.get("sparse_lr_scale"), (int, float)) and saved["sparse_lr_scale"] > 0:
+        legacy_factor = saved["redense_lr_scale"]
+        saved["redense_lr_scale"] = legacy_factor / saved["sparse_lr_scale"]
+        print(f"dsd-kernels train: {path} is from a version where --redense-lr-scale was relative to --lr; "
+              f"read as --redense-lr-scale {saved['redense_lr_scale']:g} relative to the sparse rate "
+              f"(re-dense at lr x {legacy_factor:g}, as the job ran)", file=sys.stderr)
     known = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(saved) - set(known))
     if unknown:
@@ -200,6 +226,8 @@ def load_config(out_dir: str, given: dict | None = None) -> TrainConfig:
             raise ValueError(f"--resume {out_dir}: {path} has {key}={value!r}, expected {known[key]}: "
                              f"the file is damaged (restore it, or start a new --out)")
     cfg = TrainConfig(**saved)  # run_job validates it (naming the file)
+    if legacy_factor is not None:
+        cfg.legacy_redense_lr_factor = legacy_factor
     differing = []
     for key, value in (given or {}).items():
         if key == "sparsity":  # compared as the job reads them: " 2:4" and "02:04" are "2:4"
@@ -210,7 +238,12 @@ def load_config(out_dir: str, given: dict | None = None) -> TrainConfig:
         if key in RESUME_MAY_CHANGE:
             setattr(cfg, key, value)
         elif getattr(cfg, key) != value:
-            differing.append(f"--{key.replace('_', '-')} {value!r} (the job has {getattr(cfg, key)!r})")
+            note = ""
+            if key == "redense_lr_scale" and legacy_factor is not None:
+                note = (f": its file is from before --redense-lr-scale became relative to the sparse rate; "
+                        f"its re-dense rate lr x {legacy_factor:g} is --redense-lr-scale "
+                        f"{cfg.redense_lr_scale:g} now")
+            differing.append(f"--{key.replace('_', '-')} {value!r} (the job has {getattr(cfg, key)!r}{note})")
     if differing:
         raise ValueError(f"--resume {out_dir}: the job was started with other settings: "
                          f"{'; '.join(differing)}. Resume without them, or start a new --out")

@@ -78,7 +78,8 @@ def build_report(cfg: TrainConfig, runs: list[dict], elapsed_s: float | None = N
         env["dsd_kernels"] = None
     # what decides the bits of a run: torch's CPU kernels round by their vector width, so a CPU of
     # another capability gives other accuracies (within the intervals, not bit for bit)
-    report = {"config": asdict(cfg), "environment": env, "runs": runs, "summary": summary}
+    report = {"config": {**asdict(cfg), "learning_rates": cfg.phase_lrs()}, "environment": env, "runs": runs,
+              "summary": summary}
     if elapsed_s is not None:
         report["elapsed_s"] = elapsed_s
     return report
@@ -89,8 +90,12 @@ def _describe(cfg: dict) -> str:
     cycles = f" x{cfg['cycles']}" if cfg["cycles"] > 1 else ""
     ramp = (f" reached gradually over {cfg['ramp_epochs']} epochs (every {cfg.get('ramp_every', 1)})"
             if cfg.get("ramp_epochs") else "")
-    rates = (f"; lr x{cfg['sparse_lr_scale']:g} sparse, x{cfg['redense_lr_scale']:g} re-dense"
-             if cfg.get("sparse_lr_scale") is not None else "")
+    if cfg.get("learning_rates"):  # every phase's absolute rate
+        lrs = cfg["learning_rates"]
+        rates = f"; lr {lrs['dense']:g} dense, {lrs['sparse']:g} sparse, {lrs['redense']:g} re-dense"
+    else:  # a report from before the rates were recorded
+        rates = (f"; lr x{cfg['sparse_lr_scale']:g} sparse, x{cfg['redense_lr_scale']:g} re-dense (both of lr)"
+                 if cfg.get("sparse_lr_scale") is not None else "")
     first_conv = "; first conv dense" if cfg.get("first_conv") == "dense" else ""
     if cfg.get("block"):
         ramp += f" of {cfg['block'][0]}x{cfg['block'][1]} tiles"

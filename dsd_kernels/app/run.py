@@ -144,7 +144,7 @@ class Run:
             self.dsd = DSDScheduler(self.optimizer, model=self.model, dense_epochs=dense, sparse_epochs=plan.sparse,
                                     redense_epochs=plan.redense, sparsity=cfg.sparsity, cycles=cfg.cycles,
                                     sparse_lr_scale=cfg.sparse_lr_scale,
-                                    redense_lr_scale=cfg.redense_lr_scale / cfg.sparse_lr_scale,
+                                    redense_lr_scale=cfg.redense_lr_scale,
                                     exclude=dsd_exclude(cfg, self.model), **cfg.ramp,
                                     block=None if cfg.block is None else tuple(cfg.block))
             chosen = {id(s.param) for s in self.dsd.selected}
@@ -163,11 +163,11 @@ class Run:
                 drop = math.ceil(2 * dense / 3)
                 schedule = lambda epoch: PRETRAIN_LR_DROP if epoch >= drop else 1.0  # noqa: E731
             elif method == "llr" and cfg.protocol == "matched":
-                schedule = lambda epoch: cfg.redense_lr_scale if epoch >= dense else 1.0  # noqa: E731
+                schedule = lambda epoch: cfg.redense_lr_factor if epoch >= dense else 1.0  # noqa: E731
             else:
                 offset = dense if cfg.protocol == "paper" else 0  # paper llr starts after pre-training
                 schedule = lambda epoch: plan.lr_scale(epoch + offset, cfg.sparse_lr_scale,  # noqa: E731
-                                                       cfg.redense_lr_scale)
+                                                       cfg.redense_lr_factor)
             for group in self.optimizer.param_groups:
                 group["lr"] = group["initial_lr"] = cfg.lr
             self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)

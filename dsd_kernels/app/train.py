@@ -5,11 +5,12 @@ convergence (epochs[0] epochs at `lr`, the last third at lr x redense_lr_scale; 
 saved under pretrained/, shared by the arms), then from those same weights, optimizer state and
 batch-order generator:
 - baseline: the converged model as is;
-- llr:      dense, continued at lr x redense_lr_scale for as many epochs as DSD's sparse and
-            re-dense phases (the paper's lower-learning-rate baseline);
-- dsd:      pruned to `sparsity`, sparse at lr x sparse_lr_scale, re-dense at lr x redense_lr_scale.
+- llr:      dense, at DSD's rates for as many epochs as DSD's sparse and re-dense phases (the
+            paper's lower-learning-rate baseline);
+- dsd:      pruned to `sparsity`, sparse at lr x sparse_lr_scale, re-dense at that rate x
+            redense_lr_scale (each scale relative to the phase before, as DSDScheduler's).
 protocol="matched": every arm from scratch for the same total epochs:
-- dense: dense, the learning rate drops to lr x redense_lr_scale where DSD re-denses;
+- dense: dense, the learning rate drops to DSD's re-dense rate where DSD re-denses;
 - llr:   dense, the drop right after the first dense phase;
 - dsd:   dense -> sparse -> re-dense (DSDScheduler).
 One MaskedSGD (or MaskedAdamW, optimizer="adamw") per run. Runs are written as they finish
@@ -31,7 +32,7 @@ import torch
 
 from .._files import (DamagedFile, atomic_write_text, checked_torch_load, checked_torch_save, previous_path,
                       remove_checked)
-from .config import TrainConfig, load_config
+from .config import LR_SCALES, TrainConfig, load_config
 from .data import load_data
 from .models import build_model
 from .report import build_report, write_report
@@ -54,6 +55,9 @@ _NOT_IN_JOB_KEY = ("device", "nproc", "checkpoint_every")
 def job_key(cfg: TrainConfig) -> str:
     """A digest of the settings that decide a job's results: each run file carries it."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_JOB_KEY}
+    legacy = getattr(cfg, "legacy_redense_lr_factor", None)
+    if legacy is not None:  # a job from before the relative scales: its run files' key, as it was
+        settings["redense_lr_scale"] = legacy
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -120,7 +124,7 @@ def _prepare_out_dir(cfg: TrainConfig, out_dir: str, *, resume: bool, writer: bo
         if resume:
             _remove_stale_temporaries(out_dir)
         else:
-            atomic_write_text(config_path, json.dumps(asdict(cfg), indent=2))
+            atomic_write_text(config_path, json.dumps({**asdict(cfg), "lr_scales": LR_SCALES}, indent=2))
     if size > 1:
         torch.distributed.barrier()
 
