@@ -10,14 +10,15 @@ import importlib
 
 from ._backend import available_backends, get_backend, set_backend, use_backend
 from .masks import Mask
-from .ops import apply_masks_, magnitude_masks, magnitude_thresholds, masked_adamw_, masked_linear, masked_sgd_
+from .ops import (apply_masks_, magnitude_masks, magnitude_thresholds, mask_update, masked_adamw_, masked_linear,
+                  masked_sgd_)
 
 __version__ = "0.1.0"
 
 _LAZY_SUBMODULES = ("optim", "nn", "dsd", "ops", "reference", "distributed", "scope", "integrations")
 
 __all__ = ["Mask", "magnitude_masks", "magnitude_thresholds", "masked_sgd_", "masked_adamw_", "apply_masks_",
-           "masked_linear", "available_backends", "get_backend", "set_backend", "use_backend", "__version__",
+           "masked_linear", "mask_update", "available_backends", "get_backend", "set_backend", "use_backend", "__version__",
            "summary", *_LAZY_SUBMODULES]
 
 

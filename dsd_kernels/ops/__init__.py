@@ -7,9 +7,10 @@ with the same clear error.
 """
 from .apply_masks import apply_masks_
 from .magnitude_select import magnitude_masks, magnitude_thresholds
+from .mask_update import mask_update
 from .masked_adamw import masked_adamw_
 from .masked_linear import masked_linear
 from .masked_sgd import masked_sgd_
 
 __all__ = ["magnitude_thresholds", "magnitude_masks", "masked_sgd_", "masked_adamw_", "apply_masks_",
-           "masked_linear"]
+           "masked_linear", "mask_update"]
