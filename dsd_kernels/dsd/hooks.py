@@ -22,8 +22,8 @@ def claim(optimizer, scheduler) -> None:
         gc.collect()  # one held only by reference cycles is gone: collected before refusing
         current = held()
     if current is not None:
-        raise ValueError(f"{type(optimizer).__name__} already has a DSDScheduler ({current!r}); call its close() "
-                         f"before building another on the same optimizer (two would multiply their learning-"
+        raise ValueError(f"{type(optimizer).__name__} already has a {type(current).__name__} ({current!r}); call its "
+                         f"close() before building another scheduler on the same optimizer (two would multiply their learning-"
                          f"rate scales and apply both sets of masks)")
     _SCHEDULER_OF[optimizer] = weakref.ref(scheduler)
 

@@ -214,16 +214,26 @@ class OptimizerMasks:
         return {k: v for k, v in fresh.state[probe].items() if isinstance(v, Tensor) and v.shape == local.shape}
 
     @torch.no_grad()
-    def clear_masks(self) -> None:
-        """Drop every mask; pruned weights restart from exactly 0 with fresh optimizer state."""
-        for p, m in self._masks.items():
-            fresh = self._fresh_state(p) if self.optimizer.state.get(p) else {}
-            keep = m.to_bool().to(p.device)
-            for key, value in self.optimizer.state.get(p, {}).items():
+    def restart_(self, where: dict) -> None:
+        """Give the entries `where` marks ({param: bool tensor of its shape, True = restart}) the
+        optimizer state a fresh optimizer of this class holds (0 for moments, Adagrad's initial
+        accumulator, Rprop's step size): weights that start training again (re-dense, RigL's grown)."""
+        for p, restart in where.items():
+            state = self.optimizer.state.get(p)
+            if not state:
+                continue
+            fresh = self._fresh_state(p)
+            restart = restart.to(p.device)
+            for key, value in state.items():
                 if isinstance(value, Tensor) and value.shape == p.shape:
                     value = local_tensor(value)
-                    value.copy_(torch.where(keep, value, fresh[key].to(value.dtype) if key in fresh
-                                            else torch.zeros_like(value)))
+                    value.copy_(torch.where(restart, fresh[key].to(value.dtype) if key in fresh
+                                            else torch.zeros_like(value), value))
+
+    @torch.no_grad()
+    def clear_masks(self) -> None:
+        """Drop every mask; pruned weights restart from exactly 0 with fresh optimizer state."""
+        self.restart_({p: ~m.to_bool() for p, m in self._masks.items()})
         self._masks.clear()
         self._forget_plans()
 

@@ -1,0 +1,238 @@
+"""RigLScheduler (RigL, SET) against a plain-torch reference of both methods: exact dropped and
+grown sets at every update, the same weights bit for bit, constant kept counts, fresh state for
+grown weights, ERK counts, the cosine schedule, block tiles and mid-run resume."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import dsd_kernels as dk
+from dsd_kernels import reference as R
+from dsd_kernels.dsd import RigLScheduler
+from dsd_kernels.dsd.distribution import erk_densities, layer_pruned_counts
+from dsd_kernels.optim import MaskedAdamW, MaskedSGD
+from dsd_kernels.reference.mask_update import mask_update as reference_update
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 5))
+
+
+def batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 12, generator=g), torch.randint(0, 5, (16,), generator=g)) for _ in range(n)]
+
+
+def loss_of(model, x, y):
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def reference_run(model, make_optimizer, data, *, sparsity, update_every, end_step, drop_fraction, growth, seed):
+    """RigL / SET in plain torch: bool masks, gradients and weights masked around each step, the
+    update by the sort oracle; returns the masks after every step."""
+    weights = [m.weight for m in model if isinstance(m, nn.Linear)]
+    keeps = {p: R.magnitude_masks([p], [sparsity])[0] for p in weights}
+    opt = make_optimizer(model.parameters())
+    with torch.no_grad():
+        for p in weights:
+            p.mul_(keeps[p])
+    generator = torch.Generator().manual_seed(seed)
+    history = []
+    for t, (x, y) in enumerate(data, 1):
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        dense = {p: p.grad.clone() for p in weights}
+        with torch.no_grad():
+            for p in weights:
+                p.grad.mul_(keeps[p])
+            opt.step()
+            for p in weights:
+                p.mul_(keeps[p])
+            if t % update_every == 0 and t < end_step:
+                d = drop_fraction / 2 * (1 + math.cos(math.pi * t / end_step))
+                for p in weights:
+                    k = round(d * int(keeps[p].sum()))
+                    score = dense[p] if growth == "gradient" else torch.rand(p.shape, generator=generator,
+                                                                             dtype=torch.float64)
+                    new = reference_update([p], [score], [keeps[p]], [k])[0]
+                    grown = new & ~keeps[p]
+                    p.mul_(new)
+                    for v in opt.state[p].values():
+                        if isinstance(v, torch.Tensor) and v.shape == p.shape:
+                            v.mul_(new).masked_fill_(grown, 0)  # moments of a fresh optimizer: 0
+                    keeps[p] = new
+        history.append({id_: keeps[p].clone() for id_, p in enumerate(weights)})
+    return history
+
+
+OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    "adam": lambda params: torch.optim.Adam(params, lr=1e-2),
+    "masked_sgd": lambda params: MaskedSGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    "masked_adamw": lambda params: MaskedAdamW(params, lr=1e-2),
+}
+REFERENCE_OF = {"sgd": "sgd", "adam": "adam", "masked_sgd": "sgd",
+                "masked_adamw": lambda params: torch.optim.AdamW(params, lr=1e-2)}
+
+
+def run(model, make_optimizer, data, **settings):
+    opt = make_optimizer(model.parameters())
+    sched = RigLScheduler(opt, model=model, **settings)
+    history = []
+    for x, y in data:
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        opt.step()
+        sched.step()
+        masks = sched.masks
+        history.append({i: masks[m.weight].to_bool() for i, m in enumerate(l for l in model if isinstance(l, nn.Linear))})
+    return opt, sched, history
+
+
+@pytest.mark.parametrize("growth", ["gradient", "random"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_matches_the_plain_torch_reference(name, growth):
+    settings = dict(sparsity=0.7, update_every=2, end_step=9, drop_fraction=0.5, growth=growth, seed=5)
+    data = batches(11)
+    ours, theirs = mlp(), mlp()
+    _, sched, history = run(ours, OPTIMIZERS[name], data, **settings)
+    ref = REFERENCE_OF[name]
+    ref = OPTIMIZERS[ref] if isinstance(ref, str) else ref
+    want = reference_run(theirs, ref, data, **settings)
+    assert sched.updates == 4  # steps 2, 4, 6, 8 (< end_step 9)
+    moved = 0
+    for t, (got, exp) in enumerate(zip(history, want), 1):
+        for i in exp:
+            assert torch.equal(got[i], exp[i]), f"step {t}, layer {i}"
+        if t > 1:
+            moved += sum(int((history[t - 1][i] != history[t - 2][i]).sum()) for i in exp)
+    assert moved > 0  # the masks did change
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(a, b)
+    for i, layer in enumerate(l for l in ours if isinstance(l, nn.Linear)):  # kept counts never change
+        assert int(history[-1][i].sum()) == layer.weight.numel() - round(0.7 * layer.weight.numel())
+        assert int((layer.weight[~history[-1][i]] != 0).sum()) == 0
+
+
+def test_grown_weights_get_a_fresh_optimizers_state():
+    model = mlp()
+    opt = torch.optim.Adagrad(model.parameters(), lr=0.1, initial_accumulator_value=0.25)
+    sched = RigLScheduler(opt, model=model, sparsity=0.6, update_every=1, end_step=3, drop_fraction=0.4)
+    data = batches(2)
+    before = None
+    for t, (x, y) in enumerate(data, 1):
+        before = {p: m.to_bool() for p, m in sched.masks.items()}
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        opt.step()
+        assert sched.step()
+    for p, mask in sched.masks.items():
+        now = mask.to_bool()
+        grown, dropped = now & ~before[p], before[p] & ~now
+        assert grown.any() and dropped.any()
+        assert (opt.state[p]["sum"][grown] == 0.25).all()  # Adagrad's initial accumulator
+        assert (p[grown] == 0).all() and (p[dropped] == 0).all()
+
+
+def test_the_cosine_schedule_and_the_update_steps():
+    model = mlp()
+    sched = RigLScheduler(MaskedSGD(model.parameters(), lr=0.1), model=model, sparsity=0.5, update_every=3,
+                          end_step=10, drop_fraction=0.3)
+    assert [t for t in range(1, 15) if sched.update_due(t)] == [3, 6, 9]
+    assert sched.drop_fraction_at(0) == pytest.approx(0.3) and sched.drop_fraction_at(10) == pytest.approx(0.0)
+    assert sched.drop_fraction_at(5) == pytest.approx(0.15)
+
+
+def test_erk_counts_are_exact_and_dense_where_erk_asks():
+    shapes = [(16, 3, 3, 3), (64, 16, 3, 3), (128, 64, 3, 3), (10, 128)]
+    dens = erk_densities(shapes, 0.9)
+    assert dens[0] == 1.0  # the small first conv would need a density above 1: dense
+    assert all(0 < d < 1 for d in dens[1:3])
+    counts = layer_pruned_counts(shapes, [0.9] * 4, "erk")
+    total = sum(math.prod(s) for s in shapes)
+    assert sum(counts) == round(0.9 * total) and counts[0] == 0
+    # ERK: density proportional to (sum of dims) / (product of dims) among the sparse layers
+    ratio = [(1 - c / math.prod(s)) / (sum(s) / math.prod(s)) for c, s in zip(counts, shapes) if c]
+    assert max(ratio) / min(ratio) == pytest.approx(1.0, rel=1e-3)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 64, 3), nn.Conv2d(64, 128, 3), nn.Flatten(),
+                          nn.Linear(128, 10))
+    sched = RigLScheduler(torch.optim.SGD(model.parameters(), lr=0.1), model=model, sparsity=0.9, end_step=10,
+                          distribution="erk")
+    pruned = [m.numel - m.count() for m in sched.masks.values()]
+    assert sum(pruned) == round(0.9 * sum(p.numel() for p in sched.masks))
+    other = mlp()
+    with pytest.raises(ValueError, match="erk.*one sparsity"):
+        RigLScheduler(torch.optim.SGD(other.parameters(), lr=0.1), model=other, sparsity={"0": 0.5, "2": 0.8},
+                      end_step=10, distribution="erk")
+
+
+@pytest.mark.parametrize("growth", ["gradient", "random"])
+@pytest.mark.parametrize("name", ["adam", "masked_sgd"])
+def test_resume_mid_run_is_bit_identical(name, growth):
+    settings = dict(sparsity=0.6, update_every=2, end_step=11, growth=growth, seed=3)
+    data = batches(12)
+    straight = mlp()
+    run(straight, OPTIMIZERS[name], data, **settings)
+    first = mlp()
+    opt, sched, _ = run(first, OPTIMIZERS[name], data[:5], **settings)
+    saved = copy.deepcopy({"model": first.state_dict(), "opt": opt.state_dict(), "rigl": sched.state_dict()})
+    resumed = mlp(seed=9)  # other weights: everything comes from the checkpoint
+    opt2 = OPTIMIZERS[name](resumed.parameters())
+    sched2 = RigLScheduler(opt2, model=resumed, **settings)
+    resumed.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    sched2.load_state_dict(saved["rigl"])
+    for x, y in data[5:]:
+        opt2.zero_grad()
+        loss_of(resumed, x, y).backward()
+        opt2.step()
+        sched2.step()
+    assert sched2.updates == 5
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    other = mlp()
+    with pytest.raises(ValueError, match="growth"):
+        RigLScheduler(OPTIMIZERS[name](other.parameters()), model=other, **{**settings, "growth": "random"
+                      if growth == "gradient" else "gradient"}).load_state_dict(saved["rigl"])
+
+
+def test_block_tiles_drop_and_grow_whole_through_the_tile_kernel(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = RigLScheduler(opt, model=model, sparsity=0.5, update_every=2, end_step=7, block=(16, 16),
+                          drop_fraction=0.5)
+    calls = []
+    real = dk.ops.masked_linear
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(dk.ops, "masked_linear", counting)
+
+    def tiles(mask):
+        keep = mask.to_bool()
+        t = keep.reshape(keep.shape[0] // 16, 16, keep.shape[1] // 16, 16)
+        assert torch.equal(t.all(3).all(1), t.any(3).any(1))  # whole tiles only
+        return t.any(3).any(1)
+    start = {p: tiles(m) for p, m in sched.masks.items()}
+    g = torch.Generator().manual_seed(0)
+    per_step = []
+    for t in range(1, 7):
+        calls.clear()
+        x = torch.randn(8, 64, generator=g)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        sched.step()
+        per_step.append(len(calls))
+    # the steps before an update (2, 4, 6) compute dense for the gradient; the others skip tiles
+    assert per_step == [2, 0, 2, 0, 2, 0]
+    for p, m in sched.masks.items():
+        now = tiles(m)
+        assert int(now.sum()) == int(start[p].sum()) == round(0.5 * now.numel())
+        assert not torch.equal(now, start[p])
+        assert (p[~m.to_bool()] == 0).all()
