@@ -28,6 +28,8 @@ TORCH_LIBRARY(dsd_kernels_cpp, m) {
   m.def(kResolveMasks);
   m.def(kNmMasks);
   m.def(kApplyMasks);
+  m.def(kMaskSubsets);
+  m.def(kMergeMaskUpdate);
   m.def(kMaskedSgd);
   m.def(kMaskedAdamw);
   m.def(kMaskedAdamwFused);

@@ -123,6 +123,10 @@ REGISTRY: tuple[Implementation, ...] = tuple(
     # N:M masks: the C++ kernel on CPU, the Triton kernel on CUDA (compiled ahead of time for
     # sm_80/sm_90, not yet run on a GPU)
     + _rows("nm_masks", "nm_masks", cuda=("triton",))
+    # RigL/SET's mask update: its memory passes (values at kept and at pruned entries, the new
+    # words) in C++ on CPU and in torch ops elsewhere; the selections between them are
+    # magnitude_select's, on whichever backend serves that
+    + _rows("mask_update", "mask_update", cuda=("torch",))
     # tl.dot has no general fp64: fp64 on CUDA takes the declared torch fallback
     + _rows("masked_linear", "masked_linear", cuda=("triton",),
             cuda_dtypes=(torch.float16, torch.bfloat16, torch.float32))

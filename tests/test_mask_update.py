@@ -93,3 +93,16 @@ def test_opcheck():
     mask = start_mask(w, 0.5)
     torch.library.opcheck(torch.ops.dsd_kernels.mask_update.default, ([w], [s], [mask.packed], [5]),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("score_dtype", [torch.float64, torch.float16])
+def test_scores_of_another_dtype_and_rows_across_threads(backend, score_dtype):
+    """SET's scores are fp64 draws for fp32 weights; a tensor of many words is split between
+    threads (odd row lengths: words straddle rows)."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(300, 1001, generator=g).to(DEVICE)
+    s = torch.randn(300, 1001, generator=g).to(score_dtype).to(DEVICE)
+    mask = start_mask(w, 0.8)
+    new = dk.mask_update(w, s, [mask], [12345])[0]
+    want = reference_update([w.cpu()], [s.cpu()], [mask.to_bool().cpu()], [12345])[0]
+    assert torch.equal(new.to_bool().cpu(), want)

@@ -2,9 +2,11 @@
 `dsd_kernels::mask_update`). Per tensor, drop the k smallest |weight| among a mask's kept entries
 and grow the k largest |score| among its pruned ones, exactly, with the selection's tie rules.
 
-Both halves are the exact magnitude selection (ops.magnitude_masks, every backend: C++, torch,
-Triton, CUDA) run over a subset: the kept weights, and the pruned scores, each gathered in flat
-index order so that the selection's tie rule (lower index first) is the tensor's own."""
+Both halves are the exact magnitude selection (ops.magnitude_masks, on whichever backend serves
+it: C++, torch, Triton, CUDA) run over a subset: the kept weights, and the pruned scores, each
+gathered in flat index order so that the selection's tie rule (lower index first) is the
+tensor's own. The gathering and the new words are the op's own backend's (C++ on CPU: one read of
+both tensors, then one pass over the mask words; torch ops elsewhere)."""
 # No `from __future__ import annotations` here: torch.library.custom_op reads the prototypes'
 # annotations to build the schemas, and torch 2.4 accepts only evaluated typing forms.
 from typing import List
@@ -12,8 +14,9 @@ from typing import List
 import torch
 from torch import Tensor
 
+from .. import _backend
 from ..masks import Mask, packed_shape
-from ._common import as_tensor_list, check_float_same_device
+from ._common import as_tensor_list, check_float_same_device, dtypes_of
 from .magnitude_select import magnitude_masks
 
 __all__ = ["mask_update"]
@@ -35,39 +38,31 @@ def _check_update_args(weights: list[Tensor], scores: list[Tensor], words: list[
                            lambda: f"mask_update: weights[{i}], scores[{i}] and masks[{i}] must share a device")
 
 
-def _subset_flags(subsets: list[Tensor], counts: list[int], *, smallest: bool) -> list[Tensor]:
-    """Per 1-D subset, True where it is among the `counts[i]` smallest |x| (smallest=True) or the
-    counts[i] largest (what a selection pruning the others keeps); one selection call for all."""
-    flags = [torch.zeros(v.numel(), dtype=torch.bool, device=v.device) for v in subsets]
+def _choices(subsets: list[Tensor], counts: list[int], *, smallest: bool) -> list[Tensor]:
+    """Per 1-D subset, the packed words of a selection over it: smallest=True: 0 at its counts[i]
+    smallest |x| (the dropped), 1 elsewhere; smallest=False: 1 at its counts[i] largest |x| (what a
+    selection pruning the others keeps: the grown), 0 elsewhere. One selection call for all."""
+    words = [torch.full(((v.numel() + 31) // 32,), -1 if smallest else 0, dtype=torch.int32, device=v.device)
+             for v in subsets]
     chosen = [i for i, (v, k) in enumerate(zip(subsets, counts)) if k > 0]
-    if not chosen:
-        return flags
-    # pruned counts as fractions: round(k / n * n) gives back k exactly for any n below 2^52
-    pruned = [counts[i] if smallest else subsets[i].numel() - counts[i] for i in chosen]
-    masks = magnitude_masks([subsets[i] for i in chosen], [c / subsets[i].numel() for c, i in zip(pruned, chosen)])
-    for i, mask in zip(chosen, masks):
-        kept = mask.to_bool().reshape(-1)
-        flags[i] = ~kept if smallest else kept
-    return flags
+    if chosen:
+        # pruned counts as fractions: round(c / n * n) gives back c exactly for any n below 2^52
+        pruned = [counts[i] if smallest else subsets[i].numel() - counts[i] for i in chosen]
+        masks = magnitude_masks([subsets[i] for i in chosen], [c / subsets[i].numel() for c, i in zip(pruned, chosen)])
+        for i, mask in zip(chosen, masks):
+            words[i] = mask.packed.reshape(-1)
+    return words
 
 
 def _update(weights: list[Tensor], scores: list[Tensor], words: list[Tensor], counts: list[int]) -> list[Tensor]:
-    keeps = [Mask(m, w.shape).to_bool().reshape(-1) for w, m in zip(weights, words)]
-    kept_at = [keep.nonzero().reshape(-1) for keep in keeps]
-    pruned_at = [(~keep).nonzero().reshape(-1) for keep in keeps]
-    for i, (k, kept, pruned) in enumerate(zip(counts, kept_at, pruned_at)):
-        if k > min(kept.numel(), pruned.numel()):
-            raise ValueError(f"mask_update: counts[{i}]={k} but masks[{i}] keeps {kept.numel()} and prunes "
-                             f"{pruned.numel()} entries: at most {min(kept.numel(), pruned.numel())} can move")
-    drop = _subset_flags([w.detach().reshape(-1)[at] for w, at in zip(weights, kept_at)], counts, smallest=True)
-    grow = _subset_flags([s.detach().reshape(-1)[at] for s, at in zip(scores, pruned_at)], counts, smallest=False)
-    out = []
-    for w, keep, kept, pruned, d, g in zip(weights, keeps, kept_at, pruned_at, drop, grow):
-        new = keep.clone()
-        new[kept[d]] = False
-        new[pruned[g]] = True
-        out.append(Mask.from_bool(new.reshape(w.shape)).packed)
-    return out
+    impl = _backend.implementation("mask_update", weights[0].device, dtypes_of(weights + scores))
+    kept, pruned = impl.mask_subsets(weights, scores, words)
+    for i, (k, a, b) in enumerate(zip(counts, kept, pruned)):
+        if k > min(a.numel(), b.numel()):
+            raise ValueError(f"mask_update: counts[{i}]={k} but masks[{i}] keeps {a.numel()} and prunes "
+                             f"{b.numel()} entries: at most {min(a.numel(), b.numel())} can move")
+    return impl.merge_mask_update(weights, words, _choices(kept, counts, smallest=True),
+                                  _choices(pruned, counts, smallest=False))
 
 
 @torch.library.custom_op("dsd_kernels::mask_update", mutates_args=())

@@ -1,0 +1,228 @@
+// The two memory passes of RigL/SET's mask update on CPU (dsd_kernels/backends/cpp/mask_update.py);
+// the selection between them is the exact magnitude selection (magnitude_select.cpp).
+//
+// mask_subsets: per tensor, the values of `kept_from` at the mask's kept entries and those of
+// `pruned_from` at its pruned entries, each in flat order (so the selection's tie rule, lower index
+// first, is the tensor's own). One read of both tensors, in parallel over mask words: a word's
+// offsets come from a scan of the words' popcounts (its pruned offset is the elements before it
+// minus the kept ones), and each word compacts branch-free into a 32-entry buffer first, so no
+// thread writes past its own range.
+//
+// merge_mask_update: the new words. The kept bits of a word take, in order, the next bits of the
+// selection over the kept values (1: stays kept), its pruned bits the next bits of the selection
+// over the pruned values (1: grown), read from those packed streams at the same offsets. A
+// deposit of bits into a word's set positions (a software pdep: BMI2's is slow on older AMD CPUs,
+// and absent elsewhere) takes 4 byte-table reads.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#include "../op_args.h"
+#include "common.h"
+
+namespace dsd_kernels_cpu {
+namespace {
+
+// The portable baseline build has no POPCNT instruction: __builtin_popcount would be a library
+// call per word there.
+inline int popcount32(uint32_t x) {
+  x = x - ((x >> 1) & 0x55555555u);
+  x = (x & 0x33333333u) + ((x >> 2) & 0x33333333u);
+  return static_cast<int>((((x + (x >> 4)) & 0x0F0F0F0Fu) * 0x01010101u) >> 24);
+}
+
+// kept_before[w]: kept entries of the words before word w, flat order (num_words + 1 entries).
+std::vector<int64_t> kept_offsets(const MaskLayout& lay, const int32_t* words) {
+  std::vector<int64_t> before(static_cast<size_t>(lay.num_words()) + 1, 0);
+  for (int64_t w = 0; w < lay.num_words(); ++w) {
+    before[w + 1] = before[w] + popcount32(static_cast<uint32_t>(words[w]));
+  }
+  return before;
+}
+
+inline uint32_t valid_bits(int64_t len) { return len >= 32 ? 0xFFFFFFFFu : ((1u << len) - 1u); }
+
+// positions[b][j]: the j-th set bit of byte b (0 past its popcount: a valid position to read)
+struct BytePositions {
+  uint8_t at[256][8];
+  uint8_t count[256];
+  BytePositions() {
+    for (int b = 0; b < 256; ++b) {
+      int n = 0;
+      for (int j = 0; j < 8; ++j) {
+        at[b][j] = 0;
+        if (b >> j & 1) at[b][n++] = static_cast<uint8_t>(j);
+      }
+      count[b] = static_cast<uint8_t>(n);
+    }
+  }
+};
+
+const BytePositions& byte_positions() {
+  static const BytePositions table;
+  return table;
+}
+
+// The values of `from` at the set bits of `bits` (positions < len), appended at buf[n...]; 8
+// copies per byte, so buf has 8 entries of slack.
+template <typename value_t>
+inline int left_pack(const value_t* from, uint32_t bits, int64_t len, value_t* buf, const BytePositions& pos) {
+  int n = 0;
+  for (int byte = 0; 8 * byte < len; ++byte) {
+    const uint32_t b = (bits >> (8 * byte)) & 0xFFu;
+    const value_t* src = from + 8 * byte;
+    for (int j = 0; j < 8; ++j) buf[n + j] = src[pos.at[b][j]];
+    n += pos.count[b];
+  }
+  return n;
+}
+
+template <typename kept_t, typename pruned_t>
+void compact(const MaskLayout& lay, const int32_t* words, const std::vector<int64_t>& kept_before,
+             const kept_t* kept_from, const pruned_t* pruned_from, kept_t* kept_out, pruned_t* pruned_out) {
+  const BytePositions& pos = byte_positions();
+  parallel_for_words(lay, 1024, [&](int64_t w, int64_t base, int64_t len) {
+    const uint32_t valid = valid_bits(len);
+    const uint32_t bits = static_cast<uint32_t>(words[w]) & valid;
+    kept_t kept_buf[40];
+    pruned_t pruned_buf[40];
+    const int nk = left_pack(kept_from + base, bits, len, kept_buf, pos);
+    const int np = left_pack(pruned_from + base, ~bits & valid, len, pruned_buf, pos);
+    const int64_t ko = kept_before[w];
+    std::memcpy(kept_out + ko, kept_buf, sizeof(kept_t) * nk);
+    std::memcpy(pruned_out + (base - ko), pruned_buf, sizeof(pruned_t) * np);
+  });
+}
+
+// fn(bits_t{}) with the unsigned type of a 2, 4 or 8 byte element: the values are copied, never read
+template <typename F>
+void with_bits_type(const at::Tensor& t, const char* name, size_t i, const F& fn) {
+  switch (t.element_size()) {
+    case 2: fn(uint16_t{}); break;
+    case 4: fn(uint32_t{}); break;
+    case 8: fn(uint64_t{}); break;
+    default: TORCH_CHECK(false, "mask_subsets: ", name, "[", i, "] has elements of ", t.element_size(), " bytes");
+  }
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> mask_subsets(at::TensorList kept_from,
+                                                                           at::TensorList pruned_from,
+                                                                           at::TensorList mask_words) {
+  TORCH_CHECK(kept_from.size() == pruned_from.size() && kept_from.size() == mask_words.size(), "mask_subsets: ",
+              kept_from.size(), " kept_from, ", pruned_from.size(), " pruned_from and ", mask_words.size(),
+              " masks");
+  std::vector<at::Tensor> kept, pruned;
+  for (size_t i = 0; i < kept_from.size(); ++i) {
+    const at::Tensor& a = kept_from[i];
+    const at::Tensor& b = pruned_from[i];
+    TORCH_CHECK(a.device().is_cpu() && a.is_contiguous() && b.device().is_cpu() && b.is_contiguous() &&
+                    a.sizes() == b.sizes(),
+                "mask_subsets: kept_from[", i, "] and pruned_from[", i, "] must be contiguous CPU tensors of one shape");
+    dsd_kernels_args::check_words("mask_subsets", i, mask_words[i], a, "kept_from");
+    const MaskLayout lay(a);
+    const int32_t* words = mask_words[i].data_ptr<int32_t>();
+    const auto before = kept_offsets(lay, words);
+    const int64_t n_kept = before.back();
+    at::Tensor k = at::empty({n_kept}, a.options());
+    at::Tensor p = at::empty({a.numel() - n_kept}, b.options());
+    with_bits_type(a, "kept_from", i, [&](auto kept_bits) {
+      using kept_t = decltype(kept_bits);
+      with_bits_type(b, "pruned_from", i, [&](auto pruned_bits) {
+        using pruned_t = decltype(pruned_bits);
+        compact<kept_t, pruned_t>(lay, words, before, static_cast<const kept_t*>(a.const_data_ptr()),
+                                  static_cast<const pruned_t*>(b.const_data_ptr()), static_cast<kept_t*>(k.data_ptr()),
+                                  static_cast<pruned_t*>(p.data_ptr()));
+      });
+    });
+    kept.push_back(k);
+    pruned.push_back(p);
+  }
+  return {kept, pruned};
+}
+
+// deposit[mask][src]: the low popcount(mask) bits of src placed at mask's set bits, per byte.
+const std::array<std::array<uint8_t, 256>, 256>& deposit_table() {
+  static const auto table = [] {
+    std::array<std::array<uint8_t, 256>, 256> t{};
+    for (int mask = 0; mask < 256; ++mask) {
+      for (int src = 0; src < 256; ++src) {
+        int out = 0, from = 0;
+        for (int bit = 0; bit < 8; ++bit) {
+          if (mask >> bit & 1) out |= ((src >> from++) & 1) << bit;
+        }
+        t[mask][src] = static_cast<uint8_t>(out);
+      }
+    }
+    return t;
+  }();
+  return table;
+}
+
+inline uint32_t deposit(uint32_t src, uint32_t mask, const std::array<std::array<uint8_t, 256>, 256>& table) {
+  uint32_t out = 0;
+  for (int byte = 0; byte < 4; ++byte) {
+    const uint32_t m = (mask >> (8 * byte)) & 0xFFu;
+    out |= static_cast<uint32_t>(table[m][src & 0xFFu]) << (8 * byte);
+    src >>= popcount32(m);
+  }
+  return out;
+}
+
+// Up to 32 bits of a packed bit stream from bit `pos` (bits past its end read as 0).
+inline uint32_t stream_bits(const int32_t* words, int64_t num_words, int64_t pos) {
+  const int64_t w = pos >> 5;
+  if (w >= num_words) return 0;
+  const uint64_t lo = static_cast<uint32_t>(words[w]);
+  const uint64_t hi = w + 1 < num_words ? static_cast<uint32_t>(words[w + 1]) : 0;
+  return static_cast<uint32_t>(((hi << 32) | lo) >> (pos & 31));
+}
+
+std::vector<at::Tensor> merge_mask_update(at::TensorList like, at::TensorList mask_words, at::TensorList kept_choice,
+                                          at::TensorList pruned_choice) {
+  TORCH_CHECK(like.size() == mask_words.size() && like.size() == kept_choice.size() &&
+                  like.size() == pruned_choice.size(),
+              "merge_mask_update: one mask, kept choice and pruned choice per tensor");
+  const auto& table = deposit_table();
+  std::vector<at::Tensor> out;
+  for (size_t i = 0; i < like.size(); ++i) {
+    dsd_kernels_args::check_words("merge_mask_update", i, mask_words[i], like[i], "like");
+    const MaskLayout lay(like[i]);
+    const int32_t* words = mask_words[i].data_ptr<int32_t>();
+    const auto before = kept_offsets(lay, words);
+    const int64_t n_kept = before.back(), n_pruned = like[i].numel() - n_kept;
+    const at::Tensor& kc = kept_choice[i];
+    const at::Tensor& pc = pruned_choice[i];
+    TORCH_CHECK(kc.device().is_cpu() && kc.is_contiguous() && kc.scalar_type() == at::kInt &&
+                    kc.numel() == (n_kept + 31) / 32 && pc.device().is_cpu() && pc.is_contiguous() &&
+                    pc.scalar_type() == at::kInt && pc.numel() == (n_pruned + 31) / 32,
+                "merge_mask_update: the choices of tensor ", i, " must be the packed words of ", n_kept,
+                " kept and ", n_pruned, " pruned entries");
+    at::Tensor result = at::empty_like(mask_words[i]);
+    int32_t* new_words = result.data_ptr<int32_t>();
+    const int32_t* kept_bits = kc.data_ptr<int32_t>();
+    const int32_t* grown_bits = pc.data_ptr<int32_t>();
+    parallel_for_words(lay, 2048, [&](int64_t w, int64_t base, int64_t len) {
+      const uint32_t valid = valid_bits(len);
+      const uint32_t keep = static_cast<uint32_t>(words[w]) & valid;
+      const int64_t ko = before[w];
+      const uint32_t stays = deposit(stream_bits(kept_bits, kc.numel(), ko), keep, table);
+      const uint32_t grows = deposit(stream_bits(grown_bits, pc.numel(), base - ko), ~keep & valid, table);
+      new_words[w] = static_cast<int32_t>(stays | grows);
+    });
+    out.push_back(result);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dsd_kernels_cpp, CPU, m) {
+  m.impl("mask_subsets", &mask_subsets);
+  m.impl("merge_mask_update", &merge_mask_update);
+}
+
+}  // namespace dsd_kernels_cpu
