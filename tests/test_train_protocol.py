@@ -421,3 +421,64 @@ def test_two_four_sparsity_and_a_ramp_from_the_command_line(tmp_path, capsys):
     want = [0.5 * shares[0]] * 2 + [0.5] * 2 + [0.0]
     assert [h["sparsity"] for h in dsd["history"]] == pytest.approx(want, abs=1e-3)
     assert "reached gradually over 4 epochs (every 2)" in (out / "report.md").read_text()
+
+
+# ---------------------------------------------------------------- the sparse protocol (RigL, SET)
+SPARSE = dict(protocol="sparse", models=["mlp"], seeds=1, epochs=[1, 1, 1], train_samples=128, checkpoint_every=1)
+
+
+def test_sparse_protocol_arms_from_scratch_at_one_sparsity(tmp_path):
+    cfg = TrainConfig(**SPARSE)
+    assert cfg.sparsity == 0.9 and cfg.arms == ("dense", "static", "set", "rigl") and cfg.focal_arm == "rigl"
+    data = load_data("mnist1d", cfg.train_samples)
+    runs = {arm: Run(cfg, data, arm, "mlp", 0) for arm in cfg.arms}
+    for arm, run in runs.items():
+        while run.epoch < run.epochs:
+            run.run_epoch()
+        assert [h["lr"] for h in run.history] == pytest.approx([0.05, 0.05, 0.005])  # one schedule for all
+    static, set_, rigl = (runs[a].optimizer.masks for a in ("static", "set", "rigl"))
+    for masks in (static, set_, rigl):
+        assert all(m.numel - m.count() == round(0.9 * m.numel) for m in masks.values())  # exact, every layer
+    assert runs["rigl"].rigl.updates == 2 and runs["set"].rigl.updates == 2  # after epochs 1 and 2 (< 3/4 of 3)
+    # the three start from one magnitude mask (same seed, same init); SET and RigL moved theirs, differently
+    assert any(not torch.equal(a.to_bool(), b.to_bool()) for a, b in zip(static.values(), rigl.values()))
+    assert any(not torch.equal(a.to_bool(), b.to_bool()) for a, b in zip(set_.values(), rigl.values()))
+    result = runs["rigl"].result()
+    assert result["mask_updates"] == 2 and result["pruned_fraction"]["pruned_layers"] >= 0.9
+    assert "pruned_fraction" not in runs["dense"].result()
+
+
+@pytest.mark.parametrize("arm", ["set", "rigl"])
+def test_sparse_protocol_resumes_bit_identical(arm):
+    cfg = TrainConfig(**SPARSE)
+    data = load_data("mnist1d", cfg.train_samples)
+    straight = Run(cfg, data, arm, "mlp", 0)
+    while straight.epoch < straight.epochs:
+        straight.run_epoch()
+    first = Run(cfg, data, arm, "mlp", 0)
+    first.run_epoch()
+    resumed = Run(cfg, data, arm, "mlp", 0)
+    resumed.load_state_dict(first.state_dict())
+    while resumed.epoch < resumed.epochs:
+        resumed.run_epoch()
+    assert resumed.history == straight.history and resumed.rigl.updates == straight.rigl.updates
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_sparse_protocol_job_and_its_report(tmp_path, capsys):
+    out = tmp_path / "sparse"
+    assert cli.main(["train", "--protocol", "sparse", "--model", "mlp", "--seeds", "2", "--epochs", "1", "1", "1",
+                     "--train-samples", "96", "--no-progress", "--out", str(out)]) == 0
+    report = strict_json(out / "report.json")
+    entry = report["summary"]["mlp"]
+    assert set(entry["methods"]) == {"dense", "static", "set", "rigl"}
+    assert set(entry["paired"]) == {"rigl-dense", "rigl-static", "rigl-set"}
+    assert all(p["n"] == 2 and p["ci95"] is not None for p in entry["paired"].values())
+    assert set(entry["pruned_fraction"]) == {"static", "set", "rigl"}
+    md = (out / "report.md").read_text()
+    assert "# RigL vs dense, a static mask and SET" in md and "| RigL - static |" in md
+    assert "weights.png" not in md and (out / "differences.png").exists()
+    for bad in (["--sparsity", "2:4"], ["--ramp-epochs", "1"], ["--cycles", "2"]):
+        assert cli.main(["train", "--protocol", "sparse", "--out", str(tmp_path / "x"), "--no-progress", *bad]) == 2
+        assert "--protocol sparse" in capsys.readouterr().err

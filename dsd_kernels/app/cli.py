@@ -266,7 +266,8 @@ def _cmd_train(args, argv: list[str] | None = None) -> int:
         return 0  # rank 0 prints the report
     print()
     print(format_table(report))
-    print(f"report: {os.path.join(out, 'report.md')} (+ report.json, accuracy.png, weights.png); "
+    print(f"report: {os.path.join(out, 'report.md')} (+ report.json, accuracy.png, differences.png"
+          f"{'' if report['config'].get('protocol') == 'sparse' else ', weights.png'}); "
           f"{report['elapsed_s']:.0f} s of training on {report['config']['device']}")
     return 0
 
@@ -277,25 +278,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions, device, and which backends are available and why")
     p.set_defaults(func=_cmd_info)
     from .models import MODELS
-    from .config import PROTOCOL_DEFAULTS, TrainConfig
+    from .config import DEFAULT_SPARSITY, PROTOCOL_DEFAULTS, PROTOCOLS, TrainConfig
     d = TrainConfig()  # the job's defaults, stated once
     p = sub.add_parser("train", help="DSD vs its baselines (the paper's protocol) on MNIST-1D and digits",
                        description="Pre-train dense per seed, then compare the converged model, "
                                    "continuing it at a lower learning rate and DSD (--protocol paper); "
                                    "or train every arm from scratch for the same epochs (--protocol "
-                                   "matched). Reports paired differences, plots and per-phase sparsity.")
-    p.add_argument("--protocol", default=d.protocol, choices=["paper", "matched"],
+                                   "matched); or train sparse from scratch: RigL against dense, a static "
+                                   "magnitude mask and SET (--protocol sparse). Reports paired differences, "
+                                   "plots and per-phase sparsity.")
+    p.add_argument("--protocol", default=d.protocol, choices=list(PROTOCOLS),
                    help=f"paper: DSD from a converged dense model vs that model and vs continuing it "
                         f"dense at DSD's rates (llr: lr x --sparse-lr-scale, then that x "
-                        f"--redense-lr-scale; by default lr/10, then lr/100); matched: every arm from scratch, same epochs "
-                        f"({d.protocol})")
+                        f"--redense-lr-scale; by default lr/10, then lr/100); matched: every arm from scratch, same epochs; "
+                        f"sparse: dense, static, SET and RigL from scratch at --sparsity, the same epochs (the sum of "
+                        f"--epochs) and step schedule (lr/10 for the last third), masks updated every epoch until 3/4 "
+                        f"of the steps ({d.protocol})")
     p.add_argument("--data", default=d.data,
                    help="mnist1d (generated), digits, or PATH.npz for every model (default: each "
                         "model's own: mnist1d for mlp and cnn, digits for cnn2d)")
     p.add_argument("--model", default="all", choices=["all", *MODELS], help="default: all")
-    p.add_argument("--sparsity", type=_sparsity, default=d.sparsity,
-                   help=f"uniform DSD sparsity: a fraction in [0, 1), or an N:M pattern such as 2:4 "
-                        f"(N of every M consecutive weights of a row kept) ({d.sparsity})")
+    p.add_argument("--sparsity", type=_sparsity, default=None,
+                   help=f"uniform sparsity: a fraction in [0, 1), or (DSD) an N:M pattern such as 2:4 "
+                        f"(N of every M consecutive weights of a row kept) (paper and matched "
+                        f"{DEFAULT_SPARSITY['paper']}, sparse {DEFAULT_SPARSITY['sparse']})")
     p.add_argument("--epochs", type=int, nargs=3, metavar=("D", "S", "R"),
                    help=f"dense (paper: pre-training), sparse, re-dense epochs (paper "
                         f"{' '.join(map(str, TrainConfig(protocol='paper').epochs))}, matched "

@@ -15,14 +15,26 @@ from ..dsd.plan import PhasePlan, check_ramp, checked_block
 from ..ops._common import as_sparsity
 from .models import MODEL_DATA, MODELS
 
-PROTOCOLS = ("paper", "matched")
-ARMS = {"paper": ("baseline", "llr", "dsd"), "matched": ("dense", "llr", "dsd")}
-DEFAULT_EPOCHS = {"paper": [30, 10, 10], "matched": [20, 20, 20]}
+PROTOCOLS = ("paper", "matched", "sparse")
+# sparse: dynamic sparse training from scratch at --sparsity (RigL against dense, a static
+# magnitude mask and SET), every arm the same epochs and learning-rate schedule
+ARMS = {"paper": ("baseline", "llr", "dsd"), "matched": ("dense", "llr", "dsd"),
+        "sparse": ("dense", "static", "set", "rigl")}
+# the arm each report compares against the others (paired by seed)
+FOCAL_ARM = {"paper": "dsd", "matched": "dsd", "sparse": "rigl"}
+DEFAULT_EPOCHS = {"paper": [30, 10, 10], "matched": [20, 20, 20], "sparse": [10, 10, 10]}
+DEFAULT_SPARSITY = {"paper": 0.5, "matched": 0.5, "sparse": 0.9}
+# RigL's and SET's settings in the sparse protocol: a mask update every epoch until 3/4 of the
+# steps, 30% of each layer's kept weights moved at first, decaying by RigL's cosine
+SPARSE_DROP_FRACTION = 0.3
+SPARSE_END_FRACTION = 0.75
 # the paper's learning-rate ladder (sparse at lr/10, re-dense at a further 1/10: lr/100) and its
 # dense first convolution; the matched protocol keeps the sparse phase at lr and re-denses at lr/10.
 # Each scale is relative to the phase before, as DSDScheduler's arguments are.
 PROTOCOL_DEFAULTS = {"paper": {"sparse_lr_scale": 0.1, "redense_lr_scale": 0.1, "first_conv": "dense"},
-                     "matched": {"sparse_lr_scale": 1.0, "redense_lr_scale": 0.1, "first_conv": "pruned"}}
+                     "matched": {"sparse_lr_scale": 1.0, "redense_lr_scale": 0.1, "first_conv": "pruned"},
+                     # no phases: the scales are unused; the first convolution stays dense (RigL's setup)
+                     "sparse": {"sparse_lr_scale": 1.0, "redense_lr_scale": 1.0, "first_conv": "dense"}}
 FIRST_CONV = ("dense", "pruned")
 OPTIMIZER_NAMES = ("sgd", "adamw")  # MaskedSGD (with momentum), MaskedAdamW (betas as torch's)
 
@@ -32,7 +44,7 @@ class TrainConfig:
     protocol: str = "paper"
     data: str | None = None  # None: each model's own (MODEL_DATA)
     models: list[str] = field(default_factory=lambda: list(MODELS))
-    sparsity: float | str = 0.5  # a fraction, or an "N:M" pattern ("2:4")
+    sparsity: float | str | None = None  # a fraction, or an "N:M" pattern ("2:4"); None: DEFAULT_SPARSITY
     epochs: list[int] | None = None  # dense (paper: pre-training), sparse, re-dense; None: DEFAULT_EPOCHS
     seeds: int = 5
     lr: float = 0.05
@@ -62,6 +74,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.epochs is None and self.protocol in DEFAULT_EPOCHS:
             self.epochs = list(DEFAULT_EPOCHS[self.protocol])
+        if self.sparsity is None:
+            self.sparsity = DEFAULT_SPARSITY.get(self.protocol, 0.5)
         for key, value in PROTOCOL_DEFAULTS.get(self.protocol, {}).items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -76,6 +90,12 @@ class TrainConfig:
             self.sparsity = as_sparsity(self.sparsity, "--sparsity", allow_one=False)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{err} (a fraction in [0, 1) or an N:M pattern such as 2:4)") from None
+        if self.protocol == "sparse":
+            unsupported = [name for name, given in (
+                ("an N:M --sparsity", isinstance(self.sparsity, str)), ("--ramp-epochs", bool(self.ramp_epochs)),
+                ("--cycles", self.cycles != 1), ("--fsdp", self.fsdp)) if given]
+            if unsupported:
+                raise ValueError(f"--protocol sparse (RigL, SET) does not take {', '.join(unsupported)}")
         if self.first_conv not in FIRST_CONV:
             raise ValueError(f"--first-conv must be one of {FIRST_CONV}, got {self.first_conv!r}")
         if self.epochs is None or len(self.epochs) != 3 or any(int(e) != e or e < 1 for e in self.epochs):
@@ -139,12 +159,17 @@ class TrainConfig:
     def arms(self) -> tuple[str, ...]:
         return ARMS[self.protocol]
 
+    @property
+    def focal_arm(self) -> str:
+        """The arm the report compares against each other arm."""
+        return FOCAL_ARM[self.protocol]
+
     def data_for(self, model: str) -> str:
         return self.data if self.data is not None else MODEL_DATA[model]
 
     def run_epochs(self, method: str) -> int:
         """Epochs one run of `method` trains (paper: the arms after pre-training)."""
-        if self.protocol == "matched":
+        if self.protocol in ("matched", "sparse"):
             return self.total_epochs
         dense, sparse, redense = self.epochs
         return dense if method == "baseline" else self.cycles * (sparse + redense)

@@ -8,7 +8,19 @@ import statistics
 
 from .._files import atomic_path, atomic_write_text
 from ..dsd.plan import PhasePlan
-from .config import ARMS, TrainConfig
+from .config import ARMS, FOCAL_ARM, TrainConfig
+
+LABELS = {"dsd": "DSD", "rigl": "RigL", "set": "SET"}
+
+
+def _label(arm: str) -> str:
+    return LABELS.get(arm, arm)
+
+
+def _pair_label(name: str) -> str:
+    """"dsd-llr" -> "DSD - llr" (a paired entry's key: focal arm - other arm)."""
+    focal, base = name.split("-", 1)
+    return f"{_label(focal)} - {base}"
 
 PHASE_SNAPSHOTS = (("dense", "after dense"), ("pruned", "right after pruning"),
                    ("sparse", "after sparse"), ("redense", "after re-dense"))
@@ -42,7 +54,7 @@ def build_report(cfg: TrainConfig, runs: list[dict], elapsed_s: float | None = N
     paired per-seed differences DSD - each baseline with wins, the DSD phases' accuracies."""
     from dataclasses import asdict
 
-    arms = cfg.arms
+    arms, focal = cfg.arms, cfg.focal_arm
     summary = {}
     for model in cfg.models:
         mine = [r for r in runs if r["model"] == model]
@@ -53,11 +65,16 @@ def build_report(cfg: TrainConfig, runs: list[dict], elapsed_s: float | None = N
                  "diverged": {m: sorted(r["seed"] for r in mine if r["method"] == m and r.get("diverged"))
                               for m in arms},
                  "paired": {}}
-        for base in arms[:2]:
-            seeds = sorted(set(acc["dsd"]) & set(acc[base]))
+        for base in (a for a in arms if a != focal):
+            seeds = sorted(set(acc[focal]) & set(acc[base]))
             if seeds:
-                diffs = [acc["dsd"][s] - acc[base][s] for s in seeds]
-                entry["paired"][f"dsd-{base}"] = {**paired_summary(diffs), "seeds": seeds, "differences": diffs}
+                diffs = [acc[focal][s] - acc[base][s] for s in seeds]
+                entry["paired"][f"{focal}-{base}"] = {**paired_summary(diffs), "seeds": seeds, "differences": diffs}
+        fractions = {m: [r["pruned_fraction"] for r in mine if r["method"] == m and "pruned_fraction" in r
+                         and not r.get("diverged")] for m in arms}
+        if any(fractions.values()):  # the sparse protocol's arms: the pruned fraction at the end
+            entry["pruned_fraction"] = {m: {k: statistics.fmean(f[k] for f in fs) for k in ("pruned_layers", "whole_model")}
+                                        for m, fs in fractions.items() if fs}
         phases = [r["phases"] for r in mine if r["method"] == "dsd" and not r.get("diverged")]
         if phases:
             entry["dsd_phases"] = [
@@ -87,6 +104,13 @@ def build_report(cfg: TrainConfig, runs: list[dict], elapsed_s: float | None = N
 
 def _describe(cfg: dict) -> str:
     dense, sparse, redense = cfg["epochs"]
+    if cfg.get("protocol") == "sparse":
+        total = dense + sparse + redense
+        lr = f"; lr {cfg['lr']:g}, lr/10 from epoch {math.ceil(2 * total / 3) + 1}"
+        tiles = f" of {cfg['block'][0]}x{cfg['block'][1]} tiles" if cfg.get("block") else ""
+        first_conv = "; first conv dense" if cfg.get("first_conv") == "dense" else ""
+        return (f"sparse protocol: {total} epochs from scratch, sparsity {cfg['sparsity']}{tiles}{lr}; SET and RigL "
+                f"update the masks after every epoch until 3/4 of the steps{first_conv}")
     cycles = f" x{cfg['cycles']}" if cfg["cycles"] > 1 else ""
     ramp = (f" reached gradually over {cfg['ramp_epochs']} epochs (every {cfg.get('ramp_every', 1)})"
             if cfg.get("ramp_epochs") else "")
@@ -122,8 +146,7 @@ def format_table(report: dict) -> str:
             if seeds:
                 lines.append(f"  {m:<8}  diverged on seeds {seeds}")
         for name, p in entry["paired"].items():
-            base = name.split("-")[1]
-            lines.append(f"  DSD - {base:<8}  {p['mean']:+6.2f} points, {_interval(p)} (paired by seed; "
+            lines.append(f"  {_pair_label(name):<14}  {p['mean']:+6.2f} points, {_interval(p)} (paired by seed; "
                          f"{_counts(p)}): {p.get('verdict', '')}")
         sparse = next((ph for ph in entry.get("dsd_phases", []) if ph["name"] == "sparse"), None)
         if sparse is not None:
@@ -154,7 +177,8 @@ def _counts(p: dict) -> str:
 
 def _markdown(report: dict) -> str:
     cfg = report["config"]
-    out = ["# DSD vs its baselines" + (" (quick run)" if cfg.get("quick") else ""), ""]
+    title = ("RigL vs dense, a static mask and SET" if cfg.get("protocol") == "sparse" else "DSD vs its baselines")
+    out = [f"# {title}" + (" (quick run)" if cfg.get("quick") else ""), ""]
     if cfg.get("quick"):
         out += [f"**A --quick run** (epochs {cfg['epochs']}, {cfg.get('train_samples') or 'all'} training samples, "
                 f"{_seeds(cfg['seeds'])}): a smoke test of the job, not a result to quote.", ""]
@@ -174,8 +198,12 @@ def _markdown(report: dict) -> str:
         out += [f"| {m} | diverged on seeds {seeds} |" for m, seeds in entry.get("diverged", {}).items() if seeds]
         out += ["", "| paired difference (by seed) | points: mean | 95% interval | seeds higher / tied / lower "
                 "| verdict |", "|---|---|---|---|---|"]
-        out += [f"| DSD - {name.split('-')[1]} | {p['mean']:+.2f} | {_interval(p)} | {_counts(p)} | "
+        out += [f"| {_pair_label(name)} | {p['mean']:+.2f} | {_interval(p)} | {_counts(p)} | "
                 f"{p.get('verdict', '')} |" for name, p in entry["paired"].items()]
+        if "pruned_fraction" in entry:
+            out += ["", "| arm | weights at 0 at the end: pruned layers | whole model |", "|---|---|---|"]
+            out += [f"| {m} | {f['pruned_layers']:.3f} | {f['whole_model']:.3f} |"
+                    for m, f in entry["pruned_fraction"].items()]
         if "dsd_phases" in entry:
             out += ["", "| DSD phase | test accuracy % at its end | weights at 0: pruned layers | weights at 0: "
                     "whole model |", "|---|---|---|---|"]
@@ -184,8 +212,9 @@ def _markdown(report: dict) -> str:
                 cells = (f"{frac['pruned_layers']:.3f} | {frac['whole_model']:.3f}" if frac else "n/a | n/a")
                 out.append(f"| {ph['name']} | {_pm(ph['test_accuracy'])} | {cells} |")
         out.append("")
-    out += ["![test accuracy](accuracy.png)", "", "![paired differences](differences.png)", "",
-            "![weight distribution](weights.png)", ""]
+    out += ["![test accuracy](accuracy.png)", "", "![paired differences](differences.png)", ""]
+    if cfg.get("protocol") != "sparse":  # the DSD arm's weights after each phase
+        out += ["![weight distribution](weights.png)", ""]
     return "\n".join(out)
 
 
@@ -206,8 +235,8 @@ def plot_accuracy(report: dict, path: str) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False,
                              layout="constrained")
     # the last epoch of each phase but the last
-    boundaries = [first + length for _, first, length in
-                  PhasePlan(*cfg["epochs"], cycles=cfg["cycles"]).phases()[:-1]]
+    boundaries = [] if cfg.get("protocol") == "sparse" else [
+        first + length for _, first, length in PhasePlan(*cfg["epochs"], cycles=cfg["cycles"]).phases()[:-1]]
     arms = ARMS[cfg.get("protocol", "matched")]
     for ax, model in zip(axes[0], models):
         for method in arms:
@@ -227,8 +256,9 @@ def plot_accuracy(report: dict, path: str) -> None:
             ax.axvline(b + 0.5, color="grey", linestyle="--", linewidth=0.8)
         _plot_dsd_sparsity(ax, [r for r in report["runs"] if r["model"] == model and r["method"] == "dsd"
                                 and not r.get("diverged")])
-        ax.set_title(f"{model}: test accuracy, mean +- std over {_seeds(cfg['seeds'])}\n"
-                     f"dashed: DSD phase boundaries (dense | sparse | re-dense)", fontsize=10)
+        ax.set_title(f"{model}: test accuracy, mean +- std over {_seeds(cfg['seeds'])}" +
+                     ("" if not boundaries else "\ndashed: DSD phase boundaries (dense | sparse | re-dense)"),
+                     fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy %")
         ax.legend(loc="lower left")
@@ -253,7 +283,7 @@ def plot_differences(report: dict, path: str) -> None:
                 ax.errorbar([x + 0.15], [p["mean"]], yerr=[[p["mean"] - ci[0]], [ci[1] - p["mean"]]], fmt="o",
                             color="black", capsize=4)
         ax.axhline(0.0, color="grey", lw=0.8)
-        ax.set_xticks(range(len(entry["paired"])), [f"DSD - {n.split('-')[1]}" for n in entry["paired"]])
+        ax.set_xticks(range(len(entry["paired"])), [_pair_label(n) for n in entry["paired"]])
         ax.set_ylabel("test accuracy difference (points)")
         ax.set_title(f"{model}: paired by seed, mean and 95% interval", fontsize=10)
     _save_figure(fig, path)
@@ -305,7 +335,8 @@ def write_report(report: dict, snapshots: dict, out_dir: str) -> None:
     JSON (no NaN or inf: a diverged run's accuracy is null)."""
     text = json.dumps(report, indent=1, allow_nan=False)  # fails here, before any file, if not strict
     plot_accuracy(report, os.path.join(out_dir, "accuracy.png"))
-    plot_weights(snapshots, os.path.join(out_dir, "weights.png"))
+    if report["config"].get("protocol") != "sparse":
+        plot_weights(snapshots, os.path.join(out_dir, "weights.png"))
     plot_differences(report, os.path.join(out_dir, "differences.png"))
     atomic_write_text(os.path.join(out_dir, "report.md"), _markdown(report))
     atomic_write_text(os.path.join(out_dir, "report.json"), text)

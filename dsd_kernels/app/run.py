@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from .._dtensor import full_tensor
+from ..dsd.rigl import RigLScheduler
 from ..dsd.scheduler import DSDScheduler
 from ..optim import MaskedAdamW, MaskedSGD
-from .config import TrainConfig
+from .config import SPARSE_DROP_FRACTION, SPARSE_END_FRACTION, TrainConfig
 from .data import Dataset
 from .models import build_model, prunable_layers
 
@@ -135,10 +136,13 @@ class Run:
         if start is not None:
             self._start_from(start)
         self.epochs = cfg.run_epochs(method)
-        self.dsd = self.lr_schedule = None
+        self.dsd = self.lr_schedule = self.rigl = None
+        self.sparse_masks = False  # the sparse protocol's pruned arms (static, set, rigl)
         dense = cfg.epochs[0]
         plan = cfg.plan
-        if method == "dsd":
+        if cfg.protocol == "sparse":
+            self._start_sparse_arm(data)
+        elif method == "dsd":
             for group in self.optimizer.param_groups:  # the pre-training ended at a lower rate
                 group["lr"] = cfg.lr
             self.dsd = DSDScheduler(self.optimizer, model=self.model, dense_epochs=dense, sparse_epochs=plan.sparse,
@@ -178,6 +182,37 @@ class Run:
         self.x_train, self.y_train = data.x_train.to(device), data.y_train.to(device)
         self.x_test, self.y_test = data.x_test.to(device), data.y_test.to(device)
 
+    def _start_sparse_arm(self, data: Dataset) -> None:
+        """The sparse protocol: every arm at lr with the pre-training's step drop (the last third
+        at lr/10); static: magnitude-pruned at init, its mask fixed; set / rigl: RigLScheduler,
+        a mask update after every epoch's last step until 3/4 of the steps."""
+        cfg, method = self.cfg, self.method
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = cfg.lr
+        drop = math.ceil(2 * self.epochs / 3)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda epoch: PRETRAIN_LR_DROP if epoch >= drop else 1.0)
+        if method == "dense":
+            return
+        from ..scope import masks_for, select
+        exclude = dsd_exclude(cfg, self.model)
+        block = None if cfg.block is None else tuple(cfg.block)
+        self.sparse_masks = True
+        if method == "static":
+            selected = select(self.model, cfg.sparsity, exclude=exclude)
+            self.optimizer.set_masks(masks_for(selected, block=block))
+            chosen = {id(s.param) for s in selected}
+        else:
+            steps_per_epoch = math.ceil(len(data.x_train) / cfg.batch_size)
+            total_steps = steps_per_epoch * self.epochs
+            self.rigl = RigLScheduler(self.optimizer, model=self.model, sparsity=cfg.sparsity, exclude=exclude,
+                                      growth="gradient" if method == "rigl" else "random",
+                                      update_every=steps_per_epoch,
+                                      end_step=max(1, math.floor(SPARSE_END_FRACTION * total_steps)),
+                                      drop_fraction=SPARSE_DROP_FRACTION, seed=self.seed, block=block)
+            chosen = {id(s.param) for s in self.rigl.selected}
+        self.pruned_layers = [n for n, p in prunable_layers(self.model).items() if id(p) in chosen]
+
     def _model_and_optimizer_state(self) -> tuple[dict, dict]:
         if not self.cfg.fsdp:
             return self.model.state_dict(), self.optimizer.state_dict()
@@ -215,6 +250,7 @@ class Run:
         model_state, optimizer_state = self._model_and_optimizer_state()
         return {"model": {k: v.cpu() for k, v in model_state.items()}, "optimizer": optimizer_state,
                 "dsd": self.dsd.state_dict() if self.dsd else None,
+                "rigl": self.rigl.state_dict() if self.rigl else None,
                 "lr_schedule": self.lr_schedule.state_dict() if self.lr_schedule else None,
                 "generator": self.generator.get_state(), "epoch": self.first_epoch + self.epoch,
                 "run_epoch": self.epoch, "elapsed_s": self.elapsed_s,
@@ -225,6 +261,8 @@ class Run:
         self._load_model_and_optimizer(state["model"], state["optimizer"])
         if self.dsd:
             self.dsd.load_state_dict(state["dsd"])
+        if self.rigl:
+            self.rigl.load_state_dict(state["rigl"])
         if self.lr_schedule:
             self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.generator.set_state(state["generator"])
@@ -255,10 +293,20 @@ class Run:
             loss_sum = F.cross_entropy(self.forward_model(self.x_train[idx]), self.y_train[idx], reduction="sum")
             (loss_sum * (self.world / len(batch))).backward()
             self.optimizer.step()
+            if self.rigl is not None:
+                self.rigl.step()
             total += loss_sum.detach()
         if self.world > 1:
             torch.distributed.all_reduce(total)
         return float(total) / n
+
+    def _masked_fraction(self) -> float:
+        """The sparse protocol's arms: the pruned fraction of the masked weights (0.0 dense)."""
+        if not self.sparse_masks:
+            return 0.0
+        masks = self.optimizer.masks
+        total = sum(m.numel for m in masks.values())
+        return sum(m.numel - m.count() for m in masks.values()) / total if total else 0.0
 
     def step_lr(self) -> float:
         """The learning rate the first param group's steps run at now (DSD's phase scale applied)."""
@@ -266,9 +314,9 @@ class Run:
 
     def run_epoch(self) -> None:
         started = time.perf_counter()
-        phase = self.dsd.phase if self.dsd else "dense"
+        phase = self.dsd.phase if self.dsd else ("sparse" if self.sparse_masks else "dense")
         lr = self.step_lr()
-        sparsity = self.dsd.pruned_fraction() if self.dsd else 0.0  # every rank: a collective when sharded
+        sparsity = self.dsd.pruned_fraction() if self.dsd else self._masked_fraction()  # sharded: a collective
         loss = self.train_epoch()
         epoch = self.first_epoch + self.epoch + 1
         if not math.isfinite(loss):
@@ -300,6 +348,10 @@ class Run:
                "elapsed_s": self.elapsed_s, "history": self.history}
         if self.pretrained_accuracy is not None:
             out["pretrained_test_accuracy"] = self.pretrained_accuracy
+        if self.sparse_masks:
+            out["pruned_fraction"] = pruned_fractions(self.model, self.pruned_layers)
+            if self.rigl is not None:
+                out["mask_updates"] = self.rigl.updates
         if self.dsd:
             if self.cfg.protocol == "paper":  # the pre-training is the dense phase
                 out["phases"] = [{"name": "dense", "epochs": self.cfg.epochs[0], "lr": self.cfg.lr,
