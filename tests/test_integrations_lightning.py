@@ -239,3 +239,38 @@ def test_fsdp2_strategy_two_processes(tmp_path):
     for rank in ranks:  # recorded after the callback acts at each epoch end: pruned at the end of epoch 1, re-densed at the end of epoch 3
         assert rank["pruned"] == [0, total // 2, total // 2, 0, 0]
         assert rank["logged"] == [0.0, 0.5, 0.5, 0.0, 0.0]
+
+
+# ---------------------------------------------------------------- RigL / SET
+def rigl_callback(growth="gradient"):
+    # 8 steps an epoch, 5 epochs: updates after steps 4, 8, ..., 28 (end_step 30)
+    from dsd_kernels.integrations.lightning import RigLCallback
+    return RigLCallback(0.75, update_every=4, end_step=30, growth=growth, drop_fraction=0.5)
+
+
+@pytest.mark.parametrize("growth", ["gradient", "random"])
+@pytest.mark.parametrize("optimizer", ["adamw", "masked_adamw"])
+def test_rigl_callback_moves_masks_at_exact_counts_and_resumes_bit_identical(tmp_path, optimizer, growth):
+    start = {}
+
+    class FirstMasks(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if not start:
+                start.update({p: m.to_bool() for p, m in pl_module.dsd.scheduler.masks.items()})
+
+    whole, _, _ = fit(tmp_path / "whole", dsd=rigl_callback(growth), model=TinyNet(optimizer),
+                      checkpoint_every={"every_n_epochs": 1}, callbacks_after=[FirstMasks()])
+    scheduler = whole.dsd.scheduler
+    assert scheduler.updates == 7
+    masks = scheduler.masks
+    assert len(masks) == 2 and any(not torch.equal(start[p], m.to_bool()) for p, m in masks.items())
+    for p, m in masks.items():
+        assert m.numel - m.count() == round(0.75 * m.numel) and (p[~m.to_bool()] == 0).all()
+    assert whole.clipped_grads_masked and all(whole.clipped_grads_masked)  # Lightning clips masked gradients
+    checkpoint = glob.glob(str(tmp_path / "whole" / "epoch=1-*.ckpt"))  # after 16 steps, 4 updates
+    assert len(checkpoint) == 1
+    resumed, _, _ = fit(tmp_path / "resumed", dsd=rigl_callback(growth), model=TinyNet(optimizer),
+                        ckpt_path=checkpoint[0])
+    assert resumed.dsd.scheduler.updates == 7
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name

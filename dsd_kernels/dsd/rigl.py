@@ -66,12 +66,14 @@ class RigLScheduler:
     `model`: the selected weights are masked through OptimizerMasks. `include`, `exclude` and a
     {pattern: float} `sparsity` pick the weights as for DSDScheduler (dsd_kernels.scope).
     block=(bh, bw): whole tiles are pruned, dropped and grown (ranked by their L1 norms), and
-    the selected nn.Linear layers compute through the tile-skipping matmul."""
+    the selected nn.Linear layers compute through the tile-skipping matmul. state: a
+    state_dict() to resume from instead of pruning at step 0, for trainers that restore the
+    model's weights before the scheduler is built (the trainer callbacks)."""
 
     def __init__(self, optimizer, *, sparsity, end_step: int, update_every: int = 100, drop_fraction: float = 0.3,
                  growth: str = "gradient", distribution: str = "uniform", seed: int = 0,
                  model: torch.nn.Module | None = None, include=None, exclude=None,
-                 block: tuple[int, int] | None = None):
+                 block: tuple[int, int] | None = None, state: dict | None = None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"RigLScheduler needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.end_step = _positive_int(end_step, "end_step")
@@ -149,7 +151,10 @@ class RigLScheduler:
         tile_layers.install(self.tile_linears, self._mask_for_forward)
         self._finalizer = weakref.finalize(self, _release, list(self._handles), self.optimizer_masks,
                                            list(self.tile_linears))
-        self._prune()
+        if state is not None:  # resuming: the weights (restored already) keep the checkpoint's masks
+            self.load_state_dict(state)
+        else:
+            self._prune()
 
     def __repr__(self) -> str:
         method = "RigL" if self.growth == "gradient" else "SET"
@@ -291,7 +296,10 @@ class RigLScheduler:
         state = {"step_count": self.step_count, "updates": self.updates, "skipped_updates": self.skipped_updates,
                  "generator": self.generator.get_state(), **self._settings()}
         if self.optimizer_masks is not None:
-            state["masks"] = self.optimizer_masks.state_dict()
+            # copies: the optimizer's state dict holds byte views of the same words, and torch.save
+            # refuses one storage under two dtypes (a trainer saves both in one checkpoint)
+            state["masks"] = {i: {**m, "packed": m["packed"].clone()}
+                              for i, m in self.optimizer_masks.state_dict().items()}
         return state
 
     def load_state_dict(self, state: dict) -> None:

@@ -1,4 +1,5 @@
-"""DSD in Lightning: `trainer = L.Trainer(callbacks=[DSDCallback(0.5, 4, 4, 2)])`.
+"""DSD in Lightning: `trainer = L.Trainer(callbacks=[DSDCallback(0.5, 4, 4, 2)])`; RigL and SET:
+`RigLCallback(0.9, update_every=100)` (end of this module).
 
 At fit start the callback builds a DSDScheduler over the trainer's optimizer and the
 LightningModule (any optimizer: AdamW, SGD, ...; MaskedSGD/MaskedAdamW hold the masks
@@ -22,6 +23,7 @@ except ImportError as error:  # pragma: no cover - exercised only without lightn
     raise ImportError("dsd_kernels.integrations.lightning needs Lightning: "
                       "pip install 'dsd-kernels[lightning]'") from error
 
+from ..dsd.rigl import RigLScheduler
 from ._dsd_run import DSDRun
 
 
@@ -74,3 +76,66 @@ class DSDCallback(DSDRun, pl.Callback):
             metrics["dsd/lr"] = self._step_lr
         self.advance_to(completed)
         pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step)
+
+
+class RigLCallback(pl.Callback):
+    """RigL (growth="gradient") or SET (growth="random") on the trainer's optimizer and the
+    LightningModule; arguments as RigLScheduler's, with end_step=None meaning 3/4 of the fit's
+    optimizer steps (trainer.estimated_stepping_batches). The scheduler steps after every
+    optimizer step; pruned gradients are zeroed in on_before_optimizer_step, before Lightning
+    clips them (the dense gradient of an update step is kept first). Its state lives in
+    Lightning's checkpoints: a resumed fit keeps the checkpoint's masks. Logs rigl/sparsity and
+    rigl/updates."""
+
+    def __init__(self, sparsity, *, update_every: int = 100, end_step: int | None = None, drop_fraction: float = 0.3,
+                 growth: str = "gradient", distribution: str = "uniform", seed: int = 0, include=None, exclude=None,
+                 block=None):
+        self.sparsity, self.end_step = sparsity, end_step
+        self.options = dict(update_every=update_every, drop_fraction=drop_fraction, growth=growth,
+                            distribution=distribution, seed=seed, include=include, exclude=exclude, block=block)
+        self.scheduler: RigLScheduler | None = None
+        self._loaded: dict | None = None
+        self._offset = 0
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if len(trainer.optimizers) != 1:
+            raise ValueError(f"RigLCallback drives one optimizer; configure_optimizers returned "
+                             f"{len(trainer.optimizers)}")
+        end_step = self.end_step
+        if end_step is None:
+            end_step = max(1, int(0.75 * trainer.estimated_stepping_batches))
+        if self.scheduler is not None:  # a second fit: the first one's hooks go
+            self.scheduler.close()
+        self.scheduler = RigLScheduler(trainer.optimizers[0], model=pl_module, sparsity=self.sparsity,
+                                       end_step=end_step, state=self._loaded, **self.options)
+        self._loaded = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # the trainer's steps before this scheduler's first (a second fit), once a resumed fit has
+        # restored its global step
+        self._offset = trainer.global_step - self.scheduler.step_count
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict() if self.scheduler is not None else dict(self._loaded or {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state_dict)
+        else:
+            self._loaded = dict(state_dict)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.scheduler.mask_gradients()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        target = trainer.global_step - self._offset
+        if self.scheduler.step_count == target:  # accumulating gradients: no optimizer step yet
+            return
+        while self.scheduler.step_count < target:
+            self.scheduler.step()
+        pl_module.log_dict({"rigl/sparsity": self.scheduler.pruned_fraction(),
+                            "rigl/updates": float(self.scheduler.updates)}, on_step=True, on_epoch=False)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
