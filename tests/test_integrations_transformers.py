@@ -59,8 +59,8 @@ class Probe(TrainerCallback):
                             for name, p in model.named_parameters() if p.dim() >= 2})
 
 
-def train(out, *, optimizer=None, resume=None, save_steps=20, dsd=None, **extra):
-    model = tiny_gpt2()
+def train(out, *, optimizer=None, resume=None, save_steps=20, dsd=None, model=None, **extra):
+    model = tiny_gpt2() if model is None else model
     options = dict(per_device_train_batch_size=BATCH, num_train_epochs=5, learning_rate=1e-3,
                    warmup_steps=3, lr_scheduler_type="linear", logging_steps=4,
                    save_strategy="steps", save_steps=save_steps, report_to=[], use_cpu=True, seed=0,
@@ -210,3 +210,40 @@ def test_gradual_prune_and_lr_ladder_on_the_trainers_schedule(tmp_path):
     logged = [h for h in trainer.state.log_history if "loss" in h]  # every 4 steps, before a phase change
     assert [h["dsd/lr_scale"] for h in logged] == pytest.approx([1.0] * 2 + [0.5] * 6 + [0.05] * 2)
 
+
+
+# ---------------------------------------------------------------- RigL / SET
+def rigl_callback(growth="gradient"):
+    from dsd_kernels.integrations.transformers import RigLCallback
+    return RigLCallback(0.5, update_every=4, end_step=30, growth=growth, drop_fraction=0.5)
+
+
+@pytest.mark.parametrize("growth", ["gradient", "random"])
+def test_rigl_callback_exact_counts_masked_clipping_and_moved_checkpoint_resume(tmp_path, growth):
+    whole, trainer, probe = train(tmp_path / "whole", dsd=rigl_callback(growth))
+    scheduler = probe.dsd.scheduler
+    assert scheduler.updates == 7  # after steps 4, 8, ..., 28
+    assert probe.grads_masked and all(probe.grads_masked)  # the Trainer clipped masked gradients
+    for p, m in scheduler.masks.items():
+        assert m.numel - m.count() == round(0.5 * m.numel) and (p[~m.to_bool()] == 0).all()
+    moved = tmp_path / "moved"
+    shutil.move(str(tmp_path / "whole" / "checkpoint-20"), str(moved))
+    resumed, _, resumed_probe = train(tmp_path / "resumed", dsd=rigl_callback(growth), resume=str(moved))
+    assert resumed_probe.dsd.scheduler.updates == 7
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_rigl_callback_keeps_the_dense_gradient_through_accumulation(tmp_path):
+    """With two micro-batches per step, the gradient RigL grows by is the whole step's dense
+    gradient: the same masks as one batch of twice the size (the same samples, the mean loss)."""
+    def run(out, **options):
+        cb = rigl_callback()
+        torch.manual_seed(0)  # no dropout: the micro-batches then compute what the whole batch does
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32,
+                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+        model, _, _ = train(out, dsd=cb, save_steps=1000, num_train_epochs=1, model=model, **options)
+        return {n: cb.scheduler.masks[p].to_bool() for n, p in model.named_parameters() if p in cb.scheduler.masks}
+    one = run(tmp_path / "one", per_device_train_batch_size=2 * BATCH)
+    two = run(tmp_path / "two", per_device_train_batch_size=BATCH, gradient_accumulation_steps=2)
+    assert one.keys() == two.keys() and all(torch.equal(one[n], two[n]) for n in one)

@@ -188,6 +188,10 @@ class RigLScheduler:
         """{param: Mask} of every selected weight now."""
         return {s.param: m for s in self.selected if (m := self._holder.mask_of(s.param)) is not None}
 
+    def mask_of(self, p: Tensor) -> Mask | None:
+        """The mask of parameter p now (None: not masked), without copying the mapping."""
+        return self._holder.mask_of(p)
+
     def pruned_fraction(self) -> float:
         """Fraction of the selected weights' elements pruned now."""
         masks = self.masks
@@ -219,6 +223,13 @@ class RigLScheduler:
             return
         self._dense_gradients = {s.param: (s.param.grad.detach().clone() if s.param.grad is not None
                                            else torch.zeros_like(s.param)) for s in self.selected}
+
+    def keep_dense_gradients(self, gradients: dict) -> None:
+        """Hand the scheduler the dense gradients ({param: tensor}) of the step about to run, for
+        trainers whose gradients are masked before the optimizer's hooks see them (the Hugging
+        Face callback keeps them through gradient accumulation); used if an update is due."""
+        if self.growth == "gradient" and self.update_due(self.step_count + 1):
+            self._dense_gradients = dict(gradients)
 
     def mask_gradients(self) -> None:
         """Zero the pruned entries of the selected weights' gradients now (for trainers that clip

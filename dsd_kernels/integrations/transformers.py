@@ -1,4 +1,5 @@
-"""DSD in the Hugging Face Trainer: `Trainer(..., callbacks=[DSDCallback(0.5, 4, 4, 2)])`.
+"""DSD in the Hugging Face Trainer: `Trainer(..., callbacks=[DSDCallback(0.5, 4, 4, 2)])`; RigL and
+SET: `RigLCallback(0.9, update_every=100)` (end of this module).
 
 At train begin the callback builds a DSDScheduler over the trainer's optimizer (AdamW by
 default; any torch optimizer, MaskedSGD/MaskedAdamW included) and model; at the end of every
@@ -28,11 +29,13 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
     raise ImportError("dsd_kernels.integrations.transformers needs transformers: "
                       "pip install 'dsd-kernels[transformers]'") from error
 
+from ..dsd.rigl import RigLScheduler
 from ..ops import apply_masks_
-from ._dsd_run import DSDRun, unwrap_lr_scheduler
+from ._dsd_run import DSDRun, unwrap_lr_scheduler, unwrap_optimizer
 
 # the LR scheduler attribute that carries the DSD state through the Trainer's checkpoints
 STATE_ATTRIBUTE = "dsd_kernels_state"
+RIGL_STATE_ATTRIBUTE = "dsd_kernels_rigl_state"
 
 
 class DSDCallback(DSDRun, TrainerCallback):
@@ -104,6 +107,93 @@ class DSDCallback(DSDRun, TrainerCallback):
             param.register_post_accumulate_grad_hook(
                 lambda p, keep=mask: apply_masks_([p.grad], [keep]) if p.grad is not None else None)
             for param, mask in self.scheduler.masks.items() if param.requires_grad)
+
+    def _remove_gradient_hooks(self) -> None:
+        for handle in self._grad_hooks:
+            handle.remove()
+        self._grad_hooks = ()
+
+
+class RigLCallback(TrainerCallback):
+    """RigL (growth="gradient") or SET (growth="random") on the Trainer's optimizer and model;
+    arguments as RigLScheduler's, with end_step=None meaning 3/4 of the Trainer's max_steps. The
+    scheduler steps at the end of every optimizer step. Each masked weight's pruned gradient is
+    zeroed as backward accumulates it, before the Trainer clips (max_grad_norm); on the steps
+    that update the masks the dense gradient is kept beside it, through gradient accumulation,
+    for the growth. The state rides on the Trainer's LR scheduler into every checkpoint, so
+    `trainer.train(resume_from_checkpoint=...)` resumes with the checkpoint's masks."""
+
+    def __init__(self, sparsity, *, update_every: int = 100, end_step: int | None = None, drop_fraction: float = 0.3,
+                 growth: str = "gradient", distribution: str = "uniform", seed: int = 0, include=None, exclude=None,
+                 block=None):
+        self.sparsity, self.end_step = sparsity, end_step
+        self.options = dict(update_every=update_every, drop_fraction=drop_fraction, growth=growth,
+                            distribution=distribution, seed=seed, include=include, exclude=exclude, block=block)
+        self.scheduler: RigLScheduler | None = None
+        self._lr_scheduler = None
+        self._grad_hooks: tuple = ()
+        self._dense: dict = {}
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        if model is None or optimizer is None or lr_scheduler is None:
+            raise RuntimeError("RigLCallback needs the Trainer's model, optimizer and LR scheduler at train begin")
+        self._lr_scheduler = unwrap_lr_scheduler(lr_scheduler)
+        saved = getattr(self._lr_scheduler, RIGL_STATE_ATTRIBUTE, None)
+        if state.global_step > 0 and saved is None:
+            raise RuntimeError(f"resuming at step {state.global_step}, but the checkpoint's LR scheduler holds no "
+                               f"RigL state: it was saved by a run without RigLCallback")
+        end_step = self.end_step if self.end_step is not None else max(1, int(0.75 * state.max_steps))
+        if self.scheduler is not None:
+            self.scheduler.close()
+        self.scheduler = RigLScheduler(unwrap_optimizer(optimizer), model=model, sparsity=self.sparsity,
+                                       end_step=end_step, state=saved if state.global_step > 0 else None,
+                                       **self.options)
+        self._keep_state()
+        self._hook_gradients()
+
+    def _keep_state(self) -> None:
+        setattr(self._lr_scheduler, RIGL_STATE_ATTRIBUTE, self.scheduler.state_dict())
+
+    def _hook_gradients(self) -> None:
+        self._remove_gradient_hooks()
+        self._grad_hooks = tuple(param.register_post_accumulate_grad_hook(self._on_gradient)
+                                 for param in self.scheduler.masks if param.requires_grad)
+
+    def _on_gradient(self, p) -> None:
+        if p.grad is None:
+            return
+        mask = self.scheduler.mask_of(p)
+        if mask is None:
+            return
+        if self.scheduler.growth == "gradient" and self.scheduler.update_due(self.scheduler.step_count + 1):
+            # p.grad = the masked sum so far + this micro-batch's gradient: the dense sum adds back
+            # the pruned part of the previous dense sum
+            previous = self._dense.get(p)
+            dense = p.grad.detach().clone()
+            if previous is not None:
+                dense += previous * ~mask.to_bool().to(previous.device)
+            self._dense[p] = dense
+        apply_masks_([p.grad], [mask])
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self._dense:
+            self.scheduler.keep_dense_gradients(self._dense)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.scheduler.update_due(self.scheduler.step_count + 1) and self._dense:
+            self.scheduler.keep_dense_gradients(self._dense)
+        changed = self.scheduler.step()
+        self._dense = {}
+        self._keep_state()  # before the Trainer saves a checkpoint at this step
+        if changed:
+            self._hook_gradients()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and self.scheduler is not None:
+            logs.update({"rigl/sparsity": self.scheduler.pruned_fraction(), "rigl/updates": self.scheduler.updates})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._remove_gradient_hooks()
 
     def _remove_gradient_hooks(self) -> None:
         for handle in self._grad_hooks:
