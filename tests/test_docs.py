@@ -80,3 +80,21 @@ def test_the_training_table_is_the_committed_results():
         results = json.load(f)["results"]
     page = (ROOT / "docs" / "benchmarks.md").read_text()
     assert table_on_page(page, "training") == training_table(results)
+
+
+@pytest.mark.parametrize("name,source,page", [
+    ("default-run", "docs/default-run/report.json", "docs/train.md"),
+    ("sparse-run", "docs/sparse-run/report.json", "docs/dynamic-sparsity.md")])
+def test_the_committed_runs_tables_are_their_reports(name, source, page):
+    """The train job's figures on the docs pages are what the generator writes from the committed
+    report.json: a figure that differs from it fails here."""
+    from dsd_kernels.app.bench.tables import table_from_file, table_on_page
+    assert table_on_page((ROOT / page).read_text(), name) == table_from_file(name, str(ROOT / source))
+
+
+def test_the_readme_headline_figures_are_the_committed_results():
+    """Every figure of README's headline table is what the generator reads from
+    benchmarks/results/*.json."""
+    from dsd_kernels.app.bench.tables import table_from_file, table_on_page
+    page = (ROOT / "README.md").read_text()
+    assert table_on_page(page, "headline") == table_from_file("headline", str(ROOT / "benchmarks" / "results"))

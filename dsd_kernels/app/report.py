@@ -175,6 +175,24 @@ def _counts(p: dict) -> str:
     return f"{p['wins']} / {p['ties']} / {p['losses']} of {p['n']}"
 
 
+def summary_tables(report: dict) -> str:
+    """Two markdown tables of a report's summary: each arm's test accuracy per model, then every
+    paired difference with its interval, seed counts and verdict (what the docs pages show of a
+    committed run, written from its report.json by dsd_kernels.app.bench.tables)."""
+    cfg = report["config"]
+    arms = ARMS[cfg.get("protocol", "matched")]
+    lines = ["| model (data) | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
+    for model, entry in report["summary"].items():
+        cells = [(_pm(entry["methods"][a]) if a in entry["methods"] else "diverged") for a in arms]
+        lines.append(f"| {model} ({entry.get('data', cfg.get('data'))}) | " + " | ".join(cells) + " |")
+    lines += ["", "| model | paired difference | points: mean | 95% interval | seeds higher / tied / lower | verdict |",
+              "|---|---|---|---|---|---|"]
+    for model, entry in report["summary"].items():
+        lines += [f"| {model} | {_pair_label(name)} | {p['mean']:+.2f} | {_interval(p)} | {_counts(p)} | "
+                  f"{p.get('verdict', '')} |" for name, p in entry["paired"].items()]
+    return "\n".join(lines)
+
+
 def _markdown(report: dict) -> str:
     cfg = report["config"]
     title = ("RigL vs dense, a static mask and SET" if cfg.get("protocol") == "sparse" else "DSD vs its baselines")

@@ -5,6 +5,9 @@ what this module writes from the committed file.
 
     python -m dsd_kernels.app.bench.tables training benchmarks/results/training-cpu-2core-x86_64-avx2.json
     python -m dsd_kernels.app.bench.tables training RESULTS.json --write docs/benchmarks.md
+    python -m dsd_kernels.app.bench.tables default-run docs/default-run/report.json --write docs/train.md
+    python -m dsd_kernels.app.bench.tables sparse-run docs/sparse-run/report.json --write docs/dynamic-sparsity.md
+    python -m dsd_kernels.app.bench.tables headline benchmarks/results --write README.md
 """
 from __future__ import annotations
 
@@ -76,7 +79,146 @@ def training_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"training": training_table}
+# ---------------------------------------------------------------- README's headline figures
+def _find(results: list[dict], op: str, case: str) -> dict:
+    for r in results:
+        if r["op"] == op and r["case"] == case:
+            return r
+    raise KeyError(f"no result {op!r} / {case!r}")
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g}" if seconds * 1e3 < 1 else f"{seconds * 1e3:.3g}".rstrip(".")
+
+
+def _ours(r: dict) -> float:
+    return r["ours_s"][r["best_backend"]]
+
+
+def _speedup(r: dict, backend: str | None = None) -> float:
+    return r["speedup_vs_best_baseline"][backend or r["best_backend"]]
+
+
+def _fraction(r: dict, reference: str, backend: str | None = None) -> float:
+    return r["ours_fraction_of_reference_GBps"][reference][backend or r["best_backend"]]
+
+
+def _device(environment: dict) -> str:
+    """The machine of a results file, with the vector ISA our C++ kernels ran (CPU files)."""
+    if environment.get("device") != "cpu":
+        return environment.get("gpu", environment.get("device", "?")).replace("NVIDIA ", "")
+    isa = environment.get("cpp_cpu_capability") or environment.get("cpp_masked_linear_tiles")
+    label = {"avx512": "AVX-512", "avx2": "AVX2 only"}.get(isa, isa or "?")
+    return f"{environment.get('cpu_threads')}-core {environment.get('machine', 'x86_64').replace('_', '-')} CPU, {label}"
+
+
+def _headline_rows(files: dict) -> list[tuple[str, str, str, str]]:
+    """(case, device, ours, ratio) of README's headline table, each figure read from `files`
+    ({file name: its JSON})."""
+    cpu, avx2 = files["cpu-2core-x86_64.json"], files["cpu-x86_64-avx2.json"]
+    training, gpu = files["training-cpu-2core-x86_64-avx2.json"], files["NVIDIA-H200.json"]
+    rows = []
+
+    def row(case, source, ours, ratio):
+        rows.append((case, _device(source["environment"]), ours, ratio))
+
+    c = cpu["results"]
+    r = _find(c, "magnitude_thresholds", "64M fp32 k=N/2")
+    row("thresholds, 64M fp32", cpu, f"{_ms(_ours(r))} ms", f"{_speedup(r):.1f}x `torch.kthvalue`")
+    r = _find(c, "magnitude_masks", "ResNet-50 weights (25.5M, 54 layers)")
+    row("masks, ResNet-50 weights (54 layers)", cpu, f"{_ms(_ours(r))} ms",
+        f"{_speedup(r):.1f}x per-layer kthvalue + compare")
+    r = _find(c, "nm_masks", "2:4 of 4096x4096 fp32")
+    row("2:4 masks, 4096x4096 fp32", cpu,
+        f"{_ms(_ours(r))} ms, {_ours(r) / r['references_s']['torch.abs(w, out=buf)']:.2f}x one `abs` pass",
+        f"{_speedup(r):.0f}x `abs().view(-1, 4).topk(2)` + scatter")
+    r = _find(c, "masked_sgd_", "gpt2-small (124.4M params, 50% masks)")
+    row("masked SGD step, GPT-2 small (124M, 50% masks)", cpu,
+        f"{_ms(_ours(r))} ms, {_fraction(r, 'add_ in place (2 reads + 1 write)'):.0%} of in-place `add_` bandwidth",
+        f"{_speedup(r):.2f}x `SGD(fused=True)` + mask multiplies")
+    r = _find(c, "MaskedAdamW.step", "gpt2-small (124.4M params, 50% masks)")
+    row("masked AdamW step, fused bits, GPT-2 small", cpu, f"{_ms(_ours(r))} ms",
+        f"{_speedup(r):.2f}x `AdamW(fused=True)` + mask multiplies")
+    host = [x for x in c if x["op"] == "host-bound step"]
+    times, ratios = [_ours(x) for x in host], [1 / _speedup(x) for x in host]
+    row(f"host-bound step, 148 small tensors, one thread", cpu, f"{_ms(min(times))}-{_ms(max(times))} ms",
+        f"{min(ratios):.2f}-{max(ratios):.2f}x the time of torch's fused step of the same optimizer")
+    case = "512x1024->1024 64x64 blocks 90% float32"
+    r = _find(c, "masked_linear step", case)
+    row("masked_linear step, 64x64 blocks 90% pruned, 512x1024->1024 fp32", cpu, "",
+        f"{r['baselines_s']['dense: the three matmuls'] / _ours(r):.1f}x dense MKL, "
+        f"{r['baselines_s']['dense oneDNN: the three matmuls'] / _ours(r):.1f}x dense oneDNN")
+    r = _find(avx2["results"], "masked_linear step", case)
+    row("masked_linear step, 64x64 blocks 90% pruned, 512x1024->1024 fp32", avx2, f"{_ms(_ours(r))} ms",
+        f"{r['baselines_s']['dense: the three matmuls'] / _ours(r):.2f}x dense MKL")
+    r = _find(avx2["results"], "mask_update", next(x["case"] for x in avx2["results"] if x["op"] == "mask_update"))
+    reference = next(iter(r["references_s"].values()))
+    row("RigL mask update, ResNet-50 weights, 80% sparse, 30% moved", avx2,
+        f"{_ms(_ours(r))} ms, {_ours(r) / reference:.1f}x one `abs` pass over weights and gradients",
+        f"{_speedup(r):.1f}x per-layer `torch.topk`")
+    t = training["results"]
+    block = [_find(t, "training step", f"MLP stack, {o} + DSDScheduler(block=(64, 64)), 90% of tiles, batch 256, "
+                                      f"one thread")["time_vs_dense_step"]["ours [auto]"]
+             for o in ("MaskedSGD", "MaskedAdamW")]
+    row("whole training step, block DSD 90% of 64x64 tiles, MLP stack (18.9M), MaskedSGD / MaskedAdamW, batch 256",
+        training, f"{block[0]:.3f}x / {block[1]:.3f}x the dense step's time",
+        f"{1 / block[0]:.1f}x / {1 / block[1]:.1f}x faster than dense")
+    r = _find(t, "training step", "MLP stack, AdamW + DSDScheduler masks (OptimizerMasks: one pass), 50% unstructured, "
+                                  "batch 64, one thread")
+    row("whole training step, AdamW through DSDScheduler masks (one pass), 50% unstructured, batch 64", training,
+        f"{r['time_vs_dense_step']['ours [auto]']:.3f}x the dense step's time",
+        f"two passes: {r['time_vs_dense_step'][TWO_PASSES]:.3f}x")
+    g = gpu["results"]
+    sgd = [_find(g, "masked_sgd_", f"{m} (25.6M params, 50% masks)" if m == "resnet50" else
+                 f"{m} (124.4M params, 50% masks)") for m in ("resnet50", "gpt2-small")]
+    row("masked SGD step (Triton), ResNet-50 / GPT-2 small", gpu,
+        f"{_ms(sgd[0]['ours_s']['triton'])} / {_ms(sgd[1]['ours_s']['triton'])} ms wall",
+        f"{_speedup(sgd[0], 'triton'):.2f}x / {_speedup(sgd[1], 'triton'):.2f}x `SGD(fused=True)` + float-mask "
+        f"multiplies")
+    adamw = [_find(g, "masked_adamw_", f"{m} (25.5M params, 50% masks)" if m == "resnet50" else
+                   f"{m} (124.4M params, 50% masks)") for m in ("resnet50", "gpt2-small")]
+    row("masked AdamW step (Triton), ResNet-50 / GPT-2 small", gpu,
+        f"{_ms(adamw[0]['ours_s']['triton'])} / {_ms(adamw[1]['ours_s']['triton'])} ms wall, "
+        f"{_fraction(adamw[1], 'copy_ (read + write)', 'triton'):.0%} of `copy_` bandwidth (GPT-2)",
+        f"{_speedup(adamw[0], 'triton'):.2f}x / {_speedup(adamw[1], 'triton'):.2f}x `AdamW(fused=True)` + "
+        f"float-mask multiplies")
+    return rows
+
+
+def headline_table(files: dict) -> str:
+    lines = ["| case | device | ours | ratio |", "|---|---|---|---|"]
+    previous = None
+    for case, device, ours, ratio in _headline_rows(files):
+        lines.append(f"| {case} | {'same' if device == previous else device} | {ours} | {ratio} |")
+        previous = device
+    return "\n".join(lines)
+
+
+def _run_tables(report: dict) -> str:
+    from ..report import summary_tables
+    return summary_tables(report)
+
+
+# name -> (what it is made from: "results", a bench file's results list, or "report", a train
+# job's report.json; the table)
+TABLES = {"training": ("results", training_table), "default-run": ("report", _run_tables),
+          "sparse-run": ("report", _run_tables), "headline": ("folder", headline_table)}
+
+
+def table_from_file(name: str, path: str) -> str:
+    """The table `name` written from the file at `path`."""
+    source, make = TABLES[name]
+    if source == "folder":  # every results JSON of the folder, by file name
+        import glob
+        import os
+        files = {}
+        for file in sorted(glob.glob(os.path.join(path, "*.json"))):
+            with open(file) as f:
+                files[os.path.basename(file)] = json.load(f)
+        return make(files)
+    with open(path) as f:
+        data = json.load(f)
+    return make(data["results"] if source == "results" else data)
 
 
 def replace_table(page: str, name: str, table: str) -> str:
@@ -96,11 +238,11 @@ def table_on_page(page: str, name: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("table", choices=sorted(TABLES))
-    parser.add_argument("results", help="a bench results JSON")
+    parser.add_argument("results", help="a bench results JSON, a train job's report.json, or (headline) the "
+                                        "folder of results JSON")
     parser.add_argument("--write", metavar="PAGE", help="replace the table between the page's markers")
     args = parser.parse_args(argv)
-    with open(args.results) as f:
-        table = TABLES[args.table](json.load(f)["results"])
+    table = table_from_file(args.table, args.results)
     if args.write:
         with open(args.write) as f:
             page = f.read()
