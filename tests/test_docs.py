@@ -84,7 +84,8 @@ def test_the_training_table_is_the_committed_results():
 
 @pytest.mark.parametrize("name,source,page", [
     ("default-run", "docs/default-run/report.json", "docs/train.md"),
-    ("sparse-run", "docs/sparse-run/report.json", "docs/dynamic-sparsity.md")])
+    ("sparse-run", "docs/sparse-run/report.json", "docs/dynamic-sparsity.md"),
+    ("adamw-cpu", "benchmarks/results/cpu-2core-x86_64.json", "docs/optimizers.md")])
 def test_the_committed_runs_tables_are_their_reports(name, source, page):
     """The train job's figures on the docs pages are what the generator writes from the committed
     report.json: a figure that differs from it fails here."""

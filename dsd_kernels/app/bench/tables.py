@@ -194,6 +194,26 @@ def headline_table(files: dict) -> str:
     return "\n".join(lines)
 
 
+def adamw_cpu_table(results: list[dict]) -> str:
+    """docs/optimizers.md's CPU table: MaskedAdamW's two flavours against AdamW + multiplies, with
+    the memory bandwidth of a copy_ and an in-place add_ timed in the same rounds."""
+    lines = ["| parameter set | MaskedAdamW() (foreach bits) | MaskedAdamW(fused=True) | AdamW(fused=True) + "
+             "multiplies | AdamW(foreach=True) + multiplies | copy_ / in-place add_ |", "|---|---|---|---|---|---|"]
+    for key, label in (("resnet50 (25.5M params, 50% masks)", "ResNet-50 (25.5M)"),
+                       ("gpt2-small (124.4M params, 50% masks)", "GPT-2 small (124.4M)")):
+        default, fused = _find(results, "masked_adamw_", key), _find(results, "MaskedAdamW.step", key)
+
+        def cell(r):
+            return f"{_ms(_ours(r))} ms, {r['ours_GBps'][r['best_backend']]:.0f} GB/s, {_speedup(r):.2f}x"
+        base = fused["baselines_s"]
+        refs = fused["references_GBps"]
+        lines.append(f"| {label} | {cell(default)} | {cell(fused)} | "
+                     f"{_ms(base['AdamW(fused=True) + mask multiplies'])} ms | "
+                     f"{_ms(base['AdamW(foreach=True) + mask multiplies'])} ms | "
+                     f"{refs['copy_ (read + write)']:.0f} / {refs['add_ in place (2 reads + 1 write)']:.0f} GB/s |")
+    return "\n".join(lines)
+
+
 def _run_tables(report: dict) -> str:
     from ..report import summary_tables
     return summary_tables(report)
@@ -202,7 +222,8 @@ def _run_tables(report: dict) -> str:
 # name -> (what it is made from: "results", a bench file's results list, or "report", a train
 # job's report.json; the table)
 TABLES = {"training": ("results", training_table), "default-run": ("report", _run_tables),
-          "sparse-run": ("report", _run_tables), "headline": ("folder", headline_table)}
+          "sparse-run": ("report", _run_tables), "headline": ("folder", headline_table),
+          "adamw-cpu": ("results", adamw_cpu_table)}
 
 
 def table_from_file(name: str, path: str) -> str:
