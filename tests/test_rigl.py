@@ -2,6 +2,7 @@
 grown sets at every update, the same weights bit for bit, constant kept counts, fresh state for
 grown weights, ERK counts, the cosine schedule, block tiles and mid-run resume."""
 import copy
+import os
 import math
 
 import pytest
@@ -236,3 +237,69 @@ def test_block_tiles_drop_and_grow_whole_through_the_tile_kernel(monkeypatch):
         assert int(now.sum()) == int(start[p].sum()) == round(0.5 * now.numel())
         assert not torch.equal(now, start[p])
         assert (p[~m.to_bool()] == 0).all()
+
+
+# ---------------------------------------------------------------- FSDP2 (2 gloo ranks)
+def _fsdp_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 33), nn.ReLU(), nn.Linear(33, 5))  # 33 rows: uneven shards
+
+
+def _rigl_steps(model, opt, sched, steps=9):
+    g = torch.Generator().manual_seed(4)  # every rank the same batches: FSDP2's mean is the batch's gradient
+    for _ in range(steps):
+        x, y = torch.randn(8, 12, generator=g), torch.randint(0, 5, (8,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        sched.step()
+
+
+RIGL_FSDP = dict(sparsity=0.7, update_every=2, end_step=8, drop_fraction=0.5)
+
+
+def _fsdp_rigl_worker(rank, world, init_file, out_dir, growth="gradient", kind="adamw"):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+    from dsd_kernels._dtensor import full_like
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = _fsdp_model()
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+        opt = (torch.optim.AdamW(model.parameters(), lr=0.05) if kind == "adamw"
+               else MaskedSGD(model.parameters(), lr=0.05, momentum=0.9))
+        sched = RigLScheduler(opt, model=model, growth=growth, **RIGL_FSDP)
+        _rigl_steps(model, opt, sched)
+        masks = [full_like(sched.masks[m.weight].to_bool(), m.weight) for m in model if isinstance(m, nn.Linear)]
+        weights = [m.weight.full_tensor().detach() for m in model if isinstance(m, nn.Linear)]
+        record = {"masks": masks, "weights": weights, "updates": sched.updates, "fraction": sched.pruned_fraction()}
+        torch.save(record, os.path.join(out_dir, f"rigl{rank}.pt"))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("growth,kind", [("gradient", "adamw"), ("random", "masked_sgd")])
+def test_fsdp2_rigl_matches_one_process_with_exact_global_counts(tmp_path, growth, kind):
+    import functools
+    from .test_distributed import run_ranks
+    records = run_ranks(functools.partial(_fsdp_rigl_worker, growth=growth, kind=kind), tmp_path, "rigl")
+    model = _fsdp_model()
+    opt = (torch.optim.AdamW(model.parameters(), lr=0.05) if kind == "adamw"
+           else MaskedSGD(model.parameters(), lr=0.05, momentum=0.9))
+    sched = RigLScheduler(opt, model=model, growth=growth, **RIGL_FSDP)
+    _rigl_steps(model, opt, sched)
+    want = [sched.masks[m.weight].to_bool() for m in model if isinstance(m, nn.Linear)]
+    for record in records:  # both ranks: the whole layers' masks, as one process chooses them
+        assert record["updates"] == sched.updates == 3
+        assert record["fraction"] == pytest.approx(sched.pruned_fraction())
+        for ours, theirs, w in zip(record["masks"], want, record["weights"]):
+            assert torch.equal(ours, theirs)
+            assert int((~ours).sum()) == round(0.7 * ours.numel()) and (w[~ours] == 0).all()
+    for ours, theirs in zip(records[0]["weights"], (m.weight for m in model if isinstance(m, nn.Linear))):
+        torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-6)

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .. import ops
 from ..masks import Mask, mask_rows_cols
+from .._dtensor import full_like, full_tensor, is_dtensor, local_part, local_tensor
 from ..ops._common import any_dtensor, as_sparsity
 from ..ops.magnitude_select import _tile_l1
 from ..optim.masking import OptimizerMasks, mask_gradients_, zero_pruned
@@ -125,8 +126,9 @@ class RigLScheduler:
             self.selected = [Selected(f"params[{i}]", p, fraction) for i, p in enumerate(optimizer.prunable_params())]
         for s in self.selected:
             as_sparsity(s.sparsity, allow_one=False)
-        if any_dtensor([s.param for s in self.selected]):
-            raise NotImplementedError("RigLScheduler on sharded (DTensor) weights is not supported yet")
+        self.sharded = any_dtensor([s.param for s in self.selected])
+        if self.sharded and block is not None:
+            raise NotImplementedError("block= of sharded (DTensor) weights is not supported yet")
         self.sparsity = dict(sparsity) if isinstance(sparsity, dict) else as_sparsity(sparsity, allow_one=False)
         self.optimizer, self.model = optimizer, model
         self.generator = torch.Generator().manual_seed(seed)  # SET's draws (on the CPU: the same on every device)
@@ -193,10 +195,15 @@ class RigLScheduler:
         return self._holder.mask_of(p)
 
     def pruned_fraction(self) -> float:
-        """Fraction of the selected weights' elements pruned now."""
+        """Fraction of the selected weights' elements pruned now; of sharded (FSDP2) weights, over
+        every rank's shards (a collective: every rank calls it)."""
         masks = self.masks
-        total = sum(m.numel for m in masks.values())
-        return 0.0 if total == 0 else sum(m.numel - m.count() for m in masks.values()) / total
+        pruned, total = sum(m.numel - m.count() for m in masks.values()), sum(m.numel for m in masks.values())
+        if self.sharded:
+            counts = torch.tensor([pruned, total], dtype=torch.float64)
+            torch.distributed.all_reduce(counts)
+            pruned, total = counts.tolist()
+        return 0.0 if total == 0 else pruned / total
 
     def _prune(self) -> None:
         """Step 0: each selected weight magnitude-pruned to its share (uniform or ERK)."""
@@ -259,13 +266,23 @@ class RigLScheduler:
         current = self.masks
         params = [s.param for s in self.selected]
         if self.growth == "random":  # one draw per weight in a fixed order: resumable, device-independent
-            scores = {p: torch.rand(p.shape, generator=self.generator, dtype=torch.float64).to(p.device)
+            # (sharded weights: the whole layer's draws, the same on every rank)
+            scores = {p: torch.rand(p.shape, generator=self.generator, dtype=torch.float64).to(local_tensor(p).device)
                       for p in params}
         else:
             scores = gradients
         new = {}
         for p in params:
             mask, block = current[p], self._block_of(p)
+            if block is None and is_dtensor(p):
+                # sharded: the layer gathered whole on every rank (identical there), updated as one
+                # tensor with its exact global count, and each rank keeps its own rows
+                keep = full_like(mask.to_bool(), p)
+                k = round(fraction * int(keep.sum()))
+                whole = ops.mask_update(full_tensor(p.detach()), full_tensor(scores[p]).to(keep.device),
+                                        [Mask.from_bool(keep)], [k])[0]
+                new[p] = Mask.from_bool(local_part(whole.to_bool(), p))
+                continue
             if block is None:
                 k = round(fraction * mask.count())
                 new[p] = ops.mask_update(p, scores[p], [mask], [k])[0]
@@ -281,7 +298,7 @@ class RigLScheduler:
         grown = {p: new[p].to_bool() & ~current[p].to_bool() for p in params}
         self._holder.set_masks(new)  # dropped weights and their state to 0
         for p, where in grown.items():
-            p.masked_fill_(where.to(p.device), 0)  # grown weights start at exactly 0
+            local_tensor(p).masked_fill_(where.to(local_tensor(p).device), 0)  # grown weights start at exactly 0
         if self.optimizer_masks is not None:
             self.optimizer_masks.restart_(grown)  # with the state a fresh optimizer of its class holds
         else:  # MaskedSGD / MaskedAdamW: fresh state is 0 (momentum, moments)
@@ -306,7 +323,8 @@ class RigLScheduler:
         state dict; OptimizerMasks also writes them into the optimizer's)."""
         state = {"step_count": self.step_count, "updates": self.updates, "skipped_updates": self.skipped_updates,
                  "generator": self.generator.get_state(), **self._settings()}
-        if self.optimizer_masks is not None:
+        if self.optimizer_masks is not None and not self.sharded:
+            # (sharded: only in the optimizer's state dict, whose "mask" entries DCP reshards)
             # copies: the optimizer's state dict holds byte views of the same words, and torch.save
             # refuses one storage under two dtypes (a trainer saves both in one checkpoint)
             state["masks"] = {i: {**m, "packed": m["packed"].clone()}
