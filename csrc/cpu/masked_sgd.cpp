@@ -19,6 +19,7 @@
 
 #include "../masked_sgd_args.h"
 #include "common.h"
+#include "isa/isa_kernels.h"
 
 namespace dsd_kernels_cpu {
 namespace {
@@ -115,6 +116,33 @@ void step_tensor(scalar_t* __restrict p, const scalar_t* __restrict g, scalar_t*
     }
   }
 #endif
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    // AVX2 + FMA: the portable vector loop (isa/masked_sgd_kernel.h), the same bits
+    if (words != nullptr && cpu_capability() == CpuCapability::kAvx2) {
+      isa::SgdRow row{p, g, b, words, 0, lr, mom, damp, wd, mom_alpha, kFirst, kNesterov, kMaximize, kDecay};
+      if (!kMomentum) row.b = nullptr;
+      if (lay.cols % 32 == 0) {  // rows of whole words: one row of all the words
+        at::parallel_for(0, lay.num_words(), 2048, [&](int64_t begin, int64_t end) {
+          isa::SgdRow part = row;
+          part.p += begin * 32, part.g += begin * 32, part.words += begin, part.n = (end - begin) * 32;
+          if (part.b) part.b += begin * 32;
+          isa::AVX2::masked_sgd_fp32(part);
+        });
+      } else {
+        at::parallel_for(0, lay.rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(lay.cols, 1)),
+                         [&](int64_t begin, int64_t end) {
+                           for (int64_t r = begin; r < end; ++r) {
+                             isa::SgdRow part = row;
+                             part.p += r * lay.cols, part.g += r * lay.cols, part.words += r * lay.words_per_row;
+                             part.n = lay.cols;
+                             if (part.b) part.b += r * lay.cols;
+                             isa::AVX2::masked_sgd_fp32(part);
+                           }
+                         });
+      }
+      return;
+    }
+  }
   parallel_for_words(lay, 2048, [&](int64_t w, int64_t base, int64_t len) {
     const uint32_t bits = words ? static_cast<uint32_t>(words[w]) : 0xFFFFFFFFu;
     scalar_t* bw = kMomentum ? b + base : nullptr;

@@ -14,5 +14,6 @@ void pack_tile(const float*, const int32_t*, int64_t, int64_t, int64_t, int64_t,
   throw std::logic_error("AVX2 kernels not built");
 }
 void zero_pruned_fp32(float*, const int32_t*, int64_t) { throw std::logic_error("AVX2 kernels not built"); }
+void masked_sgd_fp32(const SgdRow&) { throw std::logic_error("AVX2 kernels not built"); }
 }  // namespace dsd_kernels_cpu::isa::AVX2
 #endif

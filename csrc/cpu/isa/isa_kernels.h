@@ -39,6 +39,20 @@ struct Panel {
 
 namespace isa {
 
+// One row's elements [0, n) of a masked SGD step in fp32 (words: the row's mask words; b: the
+// momentum buffer, or nullptr without momentum); the hyper-parameters as torch passes them to its
+// fp32 step (alphas as floats).
+struct SgdRow {
+  float* p;
+  const float* g;
+  float* b;
+  const int32_t* words;
+  int64_t n;
+  float lr, momentum, dampening, weight_decay, momentum_alpha;
+  bool first, nesterov, maximize, decay;
+};
+
+
 #define DSD_ISA_KERNELS                                                                          \
   /* whether this ISA's kernels were compiled (else the functions below must not be called) */  \
   bool built();                                                                                  \
@@ -51,7 +65,10 @@ namespace isa {
                  int64_t r0, int64_t rows, int64_t c0, int64_t cols, bool transposed, float* dst);          \
   /* data[0, n) = exactly +0 where the mask bits (words[j / 32] bit j % 32) are clear: the        \
      re-masking pass (apply_masks) of a row of fp32 */                                            \
-  void zero_pruned_fp32(float* data, const int32_t* words, int64_t n);
+  void zero_pruned_fp32(float* data, const int32_t* words, int64_t n);                           \
+  /* the masked SGD step of one row of fp32 (masked_sgd.cpp); FMA ISAs only: the default        \
+     build has no FMA and would round twice */                                                   \
+  void masked_sgd_fp32(const SgdRow& row);
 
 namespace DEFAULT { DSD_ISA_KERNELS }
 namespace AVX2 { DSD_ISA_KERNELS }
