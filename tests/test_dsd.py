@@ -379,9 +379,12 @@ def test_phase_plan_is_one_definition():
 def test_cli_defaults_are_the_train_config_defaults():
     args = cli.build_parser().parse_args(["train"])
     d = TrainConfig()
-    assert (args.data, args.sparsity, args.cycles, args.seeds, args.lr, args.batch_size,
-            args.checkpoint_every) == (d.data, d.sparsity, d.cycles, d.seeds, d.lr, d.batch_size,
-                                       d.checkpoint_every)
+    assert (args.data, args.cycles, args.seeds, args.lr, args.batch_size,
+            args.checkpoint_every) == (d.data, d.cycles, d.seeds, d.lr, d.batch_size, d.checkpoint_every)
+    # --sparsity unset: the protocol's default (0.5 for DSD's protocols, 0.9 for the sparse one)
+    assert args.sparsity is None and TrainConfig(protocol=args.protocol, sparsity=args.sparsity).sparsity == d.sparsity
+    sparse = cli.build_parser().parse_args(["train", "--protocol", "sparse"])
+    assert TrainConfig(protocol=sparse.protocol, sparsity=sparse.sparsity).sparsity == 0.9
 
 
 def test_train_job_with_adamw(tmp_path):

@@ -323,15 +323,19 @@ def test_sigint_prints_where_the_checkpoints_are_and_exits_130(tmp_path):
     import sys
     import time
     out = tmp_path / "job"
+    # a job far longer than the wait: the signal always finds it running (a loaded CI machine once
+    # let a 50-epoch job finish before the poll saw its first checkpoint)
     proc = subprocess.Popen([sys.executable, "-m", "dsd_kernels.app.cli", "train", "--model", "mlp", "--seeds", "1",
-                             "--epochs", "50", "50", "50", "--checkpoint-every", "1", "--out", str(out),
+                             "--epochs", "2000", "50", "50", "--checkpoint-every", "1", "--out", str(out),
                              "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not glob.glob(str(out / "checkpoints" / "*.pt")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+    while time.time() < deadline and proc.poll() is None and not (
+            glob.glob(str(out / "checkpoints" / "*.pt")) or glob.glob(str(out / "pretrained" / "*.pt"))):
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the job ended before the signal: {proc.communicate()}"
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == 130, (stdout, stderr)
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert f"continue with: dsd-kernels train --resume {out}" in stderr
     assert f"checkpoints every 1 epochs in {out / 'checkpoints'}" in stderr
