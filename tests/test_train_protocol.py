@@ -327,7 +327,10 @@ def test_sigint_prints_where_the_checkpoints_are_and_exits_130(tmp_path):
     # let a 50-epoch job finish before the poll saw its first checkpoint)
     proc = subprocess.Popen([sys.executable, "-m", "dsd_kernels.app.cli", "train", "--model", "mlp", "--seeds", "1",
                              "--epochs", "2000", "50", "50", "--checkpoint-every", "1", "--out", str(out),
-                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a shell without job control starts background jobs with SIGINT ignored,
+                            # and the child would inherit that: give it the default a terminal gives
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not (
             glob.glob(str(out / "checkpoints" / "*.pt")) or glob.glob(str(out / "pretrained" / "*.pt"))):
