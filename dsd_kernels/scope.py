@@ -115,6 +115,21 @@ def select(model: nn.Module, sparsity, *, include=None, exclude=None) -> list[Se
     return chosen
 
 
+def select_held(model: nn.Module, optimizer, sparsity, *, include=None, exclude=None) -> list[Selected]:
+    """select(), checked for a scheduler: some weight is selected, and the optimizer holds every one
+    (a ValueError naming the first missing ones otherwise)."""
+    selected = select(model, sparsity, include=include, exclude=exclude)
+    if not selected:
+        raise ValueError("the scope selects no weight of the model to prune (include, exclude and sparsity "
+                         "together); see dk.summary(model) for the weights and their module types")
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    missing = [s.name for s in selected if id(s.param) not in held]
+    if missing:
+        raise ValueError(f"the optimizer does not hold {', '.join(missing[:3])}"
+                         f"{' ...' if len(missing) > 3 else ''}, selected for pruning")
+    return selected
+
+
 def _check_every_rule_matches(weights, given, rules, name: str) -> None:
     """Every include/exclude rule must match some weight: a typo would otherwise prune all or nothing."""
     if given is None:

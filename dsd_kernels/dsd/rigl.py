@@ -110,16 +110,8 @@ class RigLScheduler:
             if any(isinstance(m, MaskedLinear) for m in model.modules()):
                 raise NotImplementedError("RigLScheduler does not drive nn.sparsify's MaskedLinear modules: give it "
                                           "the plain model (block= routes nn.Linear through the tile kernel)")
-            from ..scope import select
-            self.selected = select(model, sparsity, include=include, exclude=exclude)
-            if not self.selected:
-                raise ValueError("the scope selects no weight of the model to prune (include, exclude and sparsity "
-                                 "together); see dk.summary(model) for the weights and their module types")
-            held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            missing = [s.name for s in self.selected if id(s.param) not in held]
-            if missing:
-                raise ValueError(f"the optimizer does not hold {', '.join(missing[:3])}"
-                                 f"{' ...' if len(missing) > 3 else ''}, selected for pruning")
+            from ..scope import select_held
+            self.selected = select_held(model, optimizer, sparsity, include=include, exclude=exclude)
         else:
             warn_without_model(f"RigLScheduler({type(optimizer).__name__})", stacklevel=2)
             fraction = as_sparsity(sparsity, allow_one=False)

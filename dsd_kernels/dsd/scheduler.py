@@ -84,16 +84,8 @@ class DSDScheduler:
         self.model, self.include, self.exclude, self.scope = model, include, exclude, scope
         self.selected = None
         if model is not None:  # checked now: every argument error before training starts
-            from ..scope import select
-            self.selected = select(model, sparsity, include=include, exclude=exclude)
-            if not self.selected:
-                raise ValueError("the scope selects no weight of the model to prune (include, exclude and sparsity "
-                                 "together); see dk.summary(model) for the weights and their module types")
-            held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            missing = [s.name for s in self.selected if id(s.param) not in held]
-            if missing:
-                raise ValueError(f"the optimizer does not hold {', '.join(missing[:3])}"
-                                 f"{' ...' if len(missing) > 3 else ''}, selected for pruning")
+            from ..scope import select_held
+            self.selected = select_held(model, optimizer, sparsity, include=include, exclude=exclude)
         self.sparsity = sparsity if isinstance(sparsity, dict) else as_sparsity(sparsity, allow_one=False)
         if ramp_epochs is not None:
             params = [s.param for s in self.selected] if self.selected is not None else optimizer.prunable_params()
