@@ -23,8 +23,8 @@ except ImportError as error:  # pragma: no cover - exercised only without lightn
     raise ImportError("dsd_kernels.integrations.lightning needs Lightning: "
                       "pip install 'dsd-kernels[lightning]'") from error
 
-from ..dsd.rigl import RigLScheduler
 from ._dsd_run import DSDRun
+from ._rigl_run import RigLRun
 
 
 class DSDCallback(DSDRun, pl.Callback):
@@ -78,7 +78,7 @@ class DSDCallback(DSDRun, pl.Callback):
         pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step)
 
 
-class RigLCallback(pl.Callback):
+class RigLCallback(RigLRun, pl.Callback):
     """RigL (growth="gradient") or SET (growth="random") on the trainer's optimizer and the
     LightningModule; arguments as RigLScheduler's, with end_step=None meaning 3/4 of the fit's
     optimizer steps (trainer.estimated_stepping_batches). The scheduler steps after every
@@ -87,27 +87,14 @@ class RigLCallback(pl.Callback):
     Lightning's checkpoints: a resumed fit keeps the checkpoint's masks. Logs rigl/sparsity and
     rigl/updates."""
 
-    def __init__(self, sparsity, *, update_every: int = 100, end_step: int | None = None, drop_fraction: float = 0.3,
-                 growth: str = "gradient", distribution: str = "uniform", seed: int = 0, include=None, exclude=None,
-                 block=None):
-        self.sparsity, self.end_step = sparsity, end_step
-        self.options = dict(update_every=update_every, drop_fraction=drop_fraction, growth=growth,
-                            distribution=distribution, seed=seed, include=include, exclude=exclude, block=block)
-        self.scheduler: RigLScheduler | None = None
-        self._loaded: dict | None = None
-        self._offset = 0
+    _loaded: dict | None = None  # a checkpoint's state, until on_fit_start builds the scheduler
+    _offset = 0  # the trainer's steps before this scheduler's first (a second fit)
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if len(trainer.optimizers) != 1:
             raise ValueError(f"RigLCallback drives one optimizer; configure_optimizers returned "
                              f"{len(trainer.optimizers)}")
-        end_step = self.end_step
-        if end_step is None:
-            end_step = max(1, int(0.75 * trainer.estimated_stepping_batches))
-        if self.scheduler is not None:  # a second fit: the first one's hooks go
-            self.scheduler.close()
-        self.scheduler = RigLScheduler(trainer.optimizers[0], model=pl_module, sparsity=self.sparsity,
-                                       end_step=end_step, state=self._loaded, **self.options)
+        self.start(trainer.optimizers[0], pl_module, int(trainer.estimated_stepping_batches), self._loaded)
         self._loaded = None
 
     def on_train_start(self, trainer, pl_module) -> None:

@@ -29,9 +29,9 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
     raise ImportError("dsd_kernels.integrations.transformers needs transformers: "
                       "pip install 'dsd-kernels[transformers]'") from error
 
-from ..dsd.rigl import RigLScheduler
 from ..ops import apply_masks_
-from ._dsd_run import DSDRun, unwrap_lr_scheduler, unwrap_optimizer
+from ._dsd_run import DSDRun, unwrap_lr_scheduler
+from ._rigl_run import RigLRun
 
 # the LR scheduler attribute that carries the DSD state through the Trainer's checkpoints
 STATE_ATTRIBUTE = "dsd_kernels_state"
@@ -114,7 +114,7 @@ class DSDCallback(DSDRun, TrainerCallback):
         self._grad_hooks = ()
 
 
-class RigLCallback(TrainerCallback):
+class RigLCallback(RigLRun, TrainerCallback):
     """RigL (growth="gradient") or SET (growth="random") on the Trainer's optimizer and model;
     arguments as RigLScheduler's, with end_step=None meaning 3/4 of the Trainer's max_steps. The
     scheduler steps at the end of every optimizer step. Each masked weight's pruned gradient is
@@ -123,16 +123,12 @@ class RigLCallback(TrainerCallback):
     for the growth. The state rides on the Trainer's LR scheduler into every checkpoint, so
     `trainer.train(resume_from_checkpoint=...)` resumes with the checkpoint's masks."""
 
-    def __init__(self, sparsity, *, update_every: int = 100, end_step: int | None = None, drop_fraction: float = 0.3,
-                 growth: str = "gradient", distribution: str = "uniform", seed: int = 0, include=None, exclude=None,
-                 block=None):
-        self.sparsity, self.end_step = sparsity, end_step
-        self.options = dict(update_every=update_every, drop_fraction=drop_fraction, growth=growth,
-                            distribution=distribution, seed=seed, include=include, exclude=exclude, block=block)
-        self.scheduler: RigLScheduler | None = None
-        self._lr_scheduler = None
-        self._grad_hooks: tuple = ()
-        self._dense: dict = {}
+    _lr_scheduler = None  # the Trainer's LR scheduler, which carries the RigL state
+    _grad_hooks: tuple = ()  # handles of the gradient hooks in force
+
+    def __init__(self, sparsity, **settings):
+        super().__init__(sparsity, **settings)
+        self._dense: dict = {}  # an update step's dense gradients, kept through accumulation
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         if model is None or optimizer is None or lr_scheduler is None:
@@ -142,12 +138,7 @@ class RigLCallback(TrainerCallback):
         if state.global_step > 0 and saved is None:
             raise RuntimeError(f"resuming at step {state.global_step}, but the checkpoint's LR scheduler holds no "
                                f"RigL state: it was saved by a run without RigLCallback")
-        end_step = self.end_step if self.end_step is not None else max(1, int(0.75 * state.max_steps))
-        if self.scheduler is not None:
-            self.scheduler.close()
-        self.scheduler = RigLScheduler(unwrap_optimizer(optimizer), model=model, sparsity=self.sparsity,
-                                       end_step=end_step, state=saved if state.global_step > 0 else None,
-                                       **self.options)
+        self.start(optimizer, model, state.max_steps, saved if state.global_step > 0 else None)
         self._keep_state()
         self._hook_gradients()
 
