@@ -7,21 +7,10 @@ from typing import Callable
 import torch
 
 from .host_step import host_step_cases
+from .mask_update_cases import mask_update_cases
+from .model_shapes import resnet50_weight_shapes
 from .training import training_cases
 from .timing import Case, copy_reference
-
-
-def resnet50_weight_shapes() -> list[tuple[int, ...]]:
-    """Conv and fc weight shapes of torchvision's ResNet-50 (25.5M weights)."""
-    shapes = [(64, 3, 7, 7)]
-    in_ch = 64
-    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
-        for b in range(blocks):
-            shapes += [(width, in_ch, 1, 1), (width, width, 3, 3), (width * 4, width, 1, 1)]
-            if b == 0:
-                shapes.append((width * 4, in_ch, 1, 1))  # downsample
-            in_ch = width * 4
-    return shapes + [(1000, 2048)]
 
 
 def resnet50_sgd_shapes() -> list[tuple[int, ...]]:
@@ -356,45 +345,6 @@ def masked_adamw_cases(device: str, param_sets: tuple[str, ...] = ("resnet50", "
             cases.append(Case(op, f"{name} ({numel / 1e6:.1f}M params, 50% masks)", bytes_moved,
                               ours=ours.step, baselines=baselines, references=copy))
     return cases
-
-
-def mask_update_cases(device: str) -> list[Case]:
-    """One RigL update of ResNet-50's weights at 80% sparsity (30% of each layer's kept weights
-    dropped and as many grown by |gradient|) against a per-layer torch.topk peer (the way the
-    PyTorch RigL ports choose), with one torch.abs(out=) pass over the weights and one over the
-    gradients beside it (the issue's scale: one pass reading both)."""
-    from ... import ops
-
-    gen = torch.Generator().manual_seed(0)
-    weights = [torch.randn(s, generator=gen).to(device) for s in resnet50_weight_shapes()]
-    grads = [torch.randn(s, generator=gen).to(device) for s in resnet50_weight_shapes()]
-    masks = ops.magnitude_masks(weights, 0.8)
-    counts = [round(0.3 * m.count()) for m in masks]
-    keeps = [m.to_bool() for m in masks]
-    total = sum(w.numel() for w in weights)
-
-    def topk_peer():
-        out = []
-        for w, g, keep, k in zip(weights, grads, keeps, counts):
-            dropped = torch.where(keep, w.abs(), torch.inf).reshape(-1).topk(k, largest=False).indices
-            grown = torch.where(keep, -torch.inf, g.abs()).reshape(-1).topk(k).indices
-            new = keep.reshape(-1).clone()
-            new[dropped] = False
-            new[grown] = True
-            out.append(new)
-        return out
-
-    buffers = [torch.empty_like(w) for w in weights + grads]
-
-    def abs_both():
-        for t, buf in zip(weights + grads, buffers):
-            torch.abs(t, out=buf)
-
-    return [Case("mask_update", f"ResNet-50 weights ({total / 1e6:.1f}M, {len(weights)} layers), 80% sparse, "
-                 f"30% moved", 2 * total * 4 + total // 4,
-                 ours=lambda: ops.mask_update(weights, grads, masks, counts),
-                 baselines={"per-layer torch.topk over where(mask, |x|, inf)": topk_peer},
-                 references={"torch.abs(out=) over weights and gradients": (abs_both, 4 * total * 4)})]
 
 
 CASE_FACTORIES: dict[str, Callable[..., list[Case]]] = {
