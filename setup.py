@@ -38,10 +38,10 @@ CPU_SOURCES = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 ISA_FLAGS = {
     "csrc/cpu/isa/default.cpp": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
-    "csrc/cpu/isa/avx2.cpp": (["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
+    "csrc/cpu/isa/avx2.cpp": (["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c", "-mpopcnt"]
                               if X86_64 else []),
     "csrc/cpu/isa/avx512.cpp": (["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f",
-                                 "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"] if X86_64 else []),
+                                 "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-mpopcnt"] if X86_64 else []),
 }
 
 

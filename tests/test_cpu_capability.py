@@ -25,6 +25,7 @@ BELOW_BEST = CAPABILITIES[:CAPABILITIES.index(BEST)]
 # AVX-512 paths of the selection, N:M, SGD, AdamW and masking kernels (off below avx512)
 CPP_KERNEL_TESTS = ("tests/test_tile_gemm.py", "tests/test_apply_masks.py", "tests/test_nm_masks.py",
                     "tests/test_masked_sgd.py", "tests/test_masked_adamw.py", "tests/test_magnitude_select.py",
+                    "tests/test_mask_update.py",
                     "-k", "not triton")  # the Triton interpreter's cases do not change with the ISA
 
 

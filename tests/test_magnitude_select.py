@@ -117,28 +117,37 @@ def test_noncontiguous_and_requires_grad(backend):
 
 
 LARGE = 2**20 + 7  # the C++ select samples every 64th key here for its candidate range
+# a layer's kept or pruned subset: the C++ bracket select samples every 4th key (2^15 + 3) or
+# 2^14 keys (100003), and several such tensors in one call are selected on several threads
+MID = (2**15 + 3, 100_003)
 
 
-def large_case(case, dtype):
+def cpp_sample_stride(n):
+    """The stride of the C++ local select's sample (csrc/cpu/selection.h sample_bracket)."""
+    return n // min(n // 4, max(n // 64, 2**14), 2**16)
+
+
+def large_case(case, dtype, n=LARGE):
     g = torch.Generator().manual_seed(5)
-    w = torch.randn(LARGE, generator=g)
-    spread = 10 ** (6 * torch.rand(w[::64].shape, generator=g))  # sampled keys: 160 digits
+    w = torch.randn(n, generator=g)
+    stride = cpp_sample_stride(n)
+    spread = 10 ** (6 * torch.rand(w[::stride].shape, generator=g))  # sampled keys: 160 digits
     if case == "sample_misleads":  # the sample predicts about 1e3, the rest is tiny: a miss
-        w = torch.rand(LARGE, generator=g) * 1e-3
-        w[::64] = spread
+        w = torch.rand(n, generator=g) * 1e-3
+        w[::stride] = spread
     elif case == "gather_overflows":  # the rest all sit at 1e3, inside the predicted range
-        w = torch.full((LARGE,), 1000.0)
-        w[::64] = spread
+        w = torch.full((n,), 1000.0)
+        w[::stride] = spread
     elif case == "all_equal":
-        w = torch.full((LARGE,), 0.25)
+        w = torch.full((n,), 0.25)
     elif case == "rounded":  # many ties inside the bracket, the k-th key among them
-        w = (torch.randn(LARGE, generator=g) * 100).round() / 100
+        w = (torch.randn(n, generator=g) * 100).round() / 100
     elif case == "signed_zeros_and_denormals":
         w[::3] = -0.0
         w[1::5] = torch.finfo(dtype).tiny / 4
     elif case == "inf_nan":  # the k-th key is inf or NaN at high sparsity
-        w[torch.rand(LARGE, generator=g) < 0.3] = float("inf")
-        w[torch.rand(LARGE, generator=g) < 0.3] = float("nan")
+        w[torch.rand(n, generator=g) < 0.3] = float("inf")
+        w[torch.rand(n, generator=g) < 0.3] = float("nan")
     return w.to(dtype).to(DEVICE)
 
 
@@ -159,6 +168,15 @@ def test_large_tensors_every_candidate_path(name, case, dtype):
         got = dk.magnitude_thresholds([w, w], [0.5, 0.97]).double().cpu().tolist()
         want = R.magnitude_thresholds([w.cpu(), w.cpu()], [0.5, 0.97])
         assert [g == x or (g != g and x != x) for g, x in zip(got, want)] == [True, True], (got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", ["random", "sample_misleads", "gather_overflows", "inf_nan", "rounded"])
+def test_mid_size_tensors_several_at_once(case, dtype):
+    require_backend("cpp")
+    with dk.use_backend("cpp"):
+        ws = [large_case(case, dtype, n) for n in MID]
+        assert_matches_reference(ws + [ws[0][:5000], ws[1]], [0.5, 0.97, 0.3, 0.0005])
 
 
 def test_empty_list():

@@ -1,5 +1,7 @@
 """mask_update (RigL/SET's drop-and-grow) against reference/, on every backend present, on
 adversarial weights and scores: exact dropped and grown sets, constant kept count."""
+import math
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ import dsd_kernels as dk
 from dsd_kernels.masks import Mask
 from dsd_kernels.reference.mask_update import mask_update as reference_update
 
-from .conftest import DEVICE
+from .conftest import DEVICE, require_backend
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -106,3 +108,32 @@ def test_scores_of_another_dtype_and_rows_across_threads(backend, score_dtype):
     new = dk.mask_update(w, s, [mask], [12345])[0]
     want = reference_update([w.cpu()], [s.cpu()], [mask.to_bool().cpu()], [12345])[0]
     assert torch.equal(new.to_bool().cpu(), want)
+
+
+def subset_masks(shape):
+    """Masks that make the C++ split's vector stores run out of room at different places: random,
+    long runs kept and pruned, everything kept but the last entry, nothing kept but the first."""
+    g = torch.Generator().manual_seed(11)
+    n = math.prod(shape)
+    runs = (torch.arange(n) // 700) % 3 == 0
+    last = torch.ones(n, dtype=torch.bool)
+    last[-1] = False
+    first = torch.zeros(n, dtype=torch.bool)
+    first[0] = True
+    return {"random": torch.rand(n, generator=g) < 0.2, "runs": runs, "all_but_last": last, "only_first": first}
+
+
+@pytest.mark.parametrize("shape", [(256, 1024), (300, 1001), (5, 3, 7, 7)], ids=str)
+def test_cpp_split_into_kept_and_pruned_values(shape):
+    """mask_subsets (the C++ memory pass) gives w[mask] and s[~mask] in flat order, for 32-bit
+    elements of whole-word rows split between threads and of rows ending mid-word."""
+    require_backend("cpp")
+    from dsd_kernels.backends.cpp.mask_update import mask_subsets
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(shape, generator=g)
+    s = torch.randint(-2**31, 2**31 - 1, shape, generator=g, dtype=torch.int32)
+    for name, keep in subset_masks(shape).items():
+        keep = keep.reshape(shape)
+        kept, pruned = mask_subsets([w], [s], [Mask.from_bool(keep).packed])
+        assert torch.equal(kept[0], w[keep]), name
+        assert torch.equal(pruned[0], s[~keep]), name

@@ -16,6 +16,7 @@
 #include "../float_keys.h"
 #include "../mask_layout.h"
 #include "cpu_capability.h"
+#include "isa/isa_kernels.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -45,6 +46,14 @@ T* thread_scratch(size_t n) {
 // ask for less (cpu_capability.h). They are compiled for it with a target attribute and chosen at
 // run time, so the extension itself stays baseline x86-64.
 inline bool cpu_has_avx512f() { return cpu_capability() == CpuCapability::kAvx512; }
+
+// The function `name` of isa_kernels.h compiled for the capability the kernels run.
+#define DSD_ISA_KERNEL(name)                                                                \
+  (::dsd_kernels_cpu::cpu_capability() == ::dsd_kernels_cpu::CpuCapability::kAvx512         \
+       ? &::dsd_kernels_cpu::isa::AVX512::name                                              \
+       : ::dsd_kernels_cpu::cpu_capability() == ::dsd_kernels_cpu::CpuCapability::kAvx2     \
+             ? &::dsd_kernels_cpu::isa::AVX2::name                                          \
+             : &::dsd_kernels_cpu::isa::DEFAULT::name)
 
 // fn(word index, flat offset of its first element, elements in it) for every mask word, in
 // parallel: the unit of work of the kernels that read or write packed masks.

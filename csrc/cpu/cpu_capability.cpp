@@ -19,13 +19,14 @@ bool cpu_offers(CpuCapability cap) {
     case CpuCapability::kDefault:
       return true;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    // what ATen's AVX2 and AVX512 builds ask of a CPU (torch/csrc's cpuinfo checks)
+    // what ATen's AVX2 and AVX512 builds ask of a CPU (torch/csrc's cpuinfo checks), and POPCNT
+    // (which every CPU with AVX2 has; the per-ISA files are compiled with -mpopcnt)
     case CpuCapability::kAvx2:
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
     case CpuCapability::kAvx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-             __builtin_cpu_supports("fma");
+             __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
 #endif
     default:
       return false;

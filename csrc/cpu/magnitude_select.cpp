@@ -1,6 +1,6 @@
 // Exact magnitude selection on CPU: multithreaded radix select over the float bits.
 //
-// Tensors of 2^18 keys or more first try a bracket select (bracket_select below): one pass that
+// Tensors of 2^15 keys or more first try a bracket select (bracket_select below): one pass that
 // counts the keys under a sampled bracket of the k-th key and gathers those inside it; it is
 // exact whenever the bracket holds the k-th key (checked), and the radix select runs otherwise.
 //
@@ -132,10 +132,13 @@ bool radix_select_pass(const scalar_t* data, int64_t n, int64_t k, Selection* se
 // lies in the bracket (checked from the counts); otherwise, or when the bracket would hold over
 // 1/8 of the keys (ties), the caller runs the radix select.
 
+// under this many keys the sample would be most of the tensor: the radix select runs
+constexpr int64_t kMinBracketKeys = int64_t(1) << 15;
+
 template <typename scalar_t>
 bool bracket_select(const scalar_t* data, int64_t n, int64_t k, Selection* sel) {
   using bits_t = typename KeyTraits<scalar_t>::bits_t;
-  if (n < (int64_t(1) << 18) || k < 1) return false;
+  if (n < kMinBracketKeys || k < 1) return false;
   const auto b = sample_bracket<scalar_t, true>(data, n, k);
   const uint64_t lo = b.from_start ? 0 : b.lo;  // the bracket reaches the ends of the key range
   const uint64_t hi = b.to_end ? KeyTraits<scalar_t>::nan_key : b.hi;
@@ -200,8 +203,7 @@ Selection radix_select(const scalar_t* data, int64_t n, int64_t k) {
 }
 
 template <typename scalar_t>
-void select_one(const at::Tensor& t, double sparsity, bool want_masks, double* threshold,
-                std::vector<at::Tensor>& masks) {
+void select_one(const at::Tensor& t, double sparsity, bool want_masks, double* threshold, at::Tensor* mask) {
   const at::Tensor c = t.contiguous();
   const int64_t n = c.numel();
   const int64_t k = static_cast<int64_t>(std::nearbyint(sparsity * static_cast<double>(n)));
@@ -215,11 +217,14 @@ void select_one(const at::Tensor& t, double sparsity, bool want_masks, double* t
   }
   if (want_masks) {
     MaskLayout lay(c);
-    at::Tensor out = at::empty({lay.rows, lay.words_per_row}, c.options().dtype(at::kInt));
-    if (lay.num_words() > 0) write_mask<scalar_t>(data, lay, sel, k > 0, out.data_ptr<int32_t>());
-    masks.push_back(out);
+    *mask = at::empty({lay.rows, lay.words_per_row}, c.options().dtype(at::kInt));
+    if (lay.num_words() > 0) write_mask<scalar_t>(data, lay, sel, k > 0, mask->data_ptr<int32_t>());
   }
 }
+
+// Tensors under this many elements are selected one per thread, several at once (a list of a
+// model's layers): alone, each would use one thread of the parallel loops inside (their grain)
+constexpr int64_t kSmallTensor = int64_t(1) << 18;
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> magnitude_select(
     at::TensorList tensors, at::ArrayRef<double> sparsities, bool want_masks) {
@@ -227,15 +232,30 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> magnitude_select(
               " tensors but ", sparsities.size(), " sparsities");
   at::Tensor thresholds = at::empty({static_cast<int64_t>(tensors.size())}, at::kDouble);
   double* th = thresholds.data_ptr<double>();
-  std::vector<at::Tensor> masks;
+  std::vector<at::Tensor> masks(want_masks ? tensors.size() : 0);
+  std::vector<int64_t> small;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
     TORCH_CHECK(t.device().is_cpu(), "magnitude_select: tensors[", i, "] is not a CPU tensor");
     TORCH_CHECK(sparsities[i] >= 0.0 && sparsities[i] <= 1.0, "magnitude_select: sparsities[", i,
                 "] must be in [0, 1], got ", sparsities[i]);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "magnitude_select",
-                                    [&] { select_one<scalar_t>(t, sparsities[i], want_masks, th + i, masks); });
   }
+  const auto select = [&](size_t i) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[i].scalar_type(), "magnitude_select", [&] {
+      select_one<scalar_t>(tensors[i], sparsities[i], want_masks, th + i, want_masks ? &masks[i] : nullptr);
+    });
+  };
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (tensors[i].numel() < kSmallTensor) {
+      small.push_back(static_cast<int64_t>(i));
+    } else {
+      select(i);
+    }
+  }
+  // nested, the kernels' parallel loops run on the calling thread
+  at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) select(static_cast<size_t>(small[j]));
+  });
   return {thresholds, masks};
 }
 

@@ -27,20 +27,20 @@
 namespace dsd_kernels_cpu {
 namespace {
 
-// The portable baseline build has no POPCNT instruction: __builtin_popcount would be a library
-// call per word there.
-inline int popcount32(uint32_t x) {
-  x = x - ((x >> 1) & 0x55555555u);
-  x = (x & 0x33333333u) + ((x >> 2) & 0x33333333u);
-  return static_cast<int>((((x + (x >> 4)) & 0x0F0F0F0Fu) * 0x01010101u) >> 24);
-}
+// set bits per byte value: the portable baseline build has no POPCNT instruction
+struct ByteCounts {
+  uint8_t count[256];
+  constexpr ByteCounts() : count() {
+    for (int b = 0; b < 256; ++b) count[b] = static_cast<uint8_t>((b & 1) + (b >> 1 & 1) + (b >> 2 & 1) + (b >> 3 & 1) +
+                                                                  (b >> 4 & 1) + (b >> 5 & 1) + (b >> 6 & 1) + (b >> 7 & 1));
+  }
+};
+inline constexpr ByteCounts kByteCounts{};
 
 // kept_before[w]: kept entries of the words before word w, flat order (num_words + 1 entries).
 std::vector<int64_t> kept_offsets(const MaskLayout& lay, const int32_t* words) {
   std::vector<int64_t> before(static_cast<size_t>(lay.num_words()) + 1, 0);
-  for (int64_t w = 0; w < lay.num_words(); ++w) {
-    before[w + 1] = before[w] + popcount32(static_cast<uint32_t>(words[w]));
-  }
+  DSD_ISA_KERNEL(popcount_scan)(words, lay.num_words(), 0, before.data());
   return before;
 }
 
@@ -84,6 +84,28 @@ inline int left_pack(const value_t* from, uint32_t bits, int64_t len, value_t* b
 template <typename kept_t, typename pruned_t>
 void compact(const MaskLayout& lay, const int32_t* words, const std::vector<int64_t>& kept_before,
              const kept_t* kept_from, const pruned_t* pruned_from, kept_t* kept_out, pruned_t* pruned_out) {
+  if constexpr (sizeof(kept_t) == 4 && sizeof(pruned_t) == 4) {
+    // runs of words whose elements follow each other (a thread's range of whole-word rows, else
+    // one row), each split by the vector kernel into exactly its own part of both outputs
+    const auto split = DSD_ISA_KERNEL(split_by_mask32);
+    const auto run = [&](int64_t w0, int64_t w1, int64_t base, int64_t n) {
+      const int64_t ko = kept_before[w0], kn = kept_before[w1] - ko;
+      split(kept_from + base, pruned_from + base, words + w0, n, kept_out + ko, kn, pruned_out + (base - ko), n - kn);
+    };
+    if (lay.cols % 32 == 0) {
+      at::parallel_for(0, lay.num_words(), 1024, [&](int64_t begin, int64_t end) {
+        run(begin, end, begin * 32, (end - begin) * 32);
+      });
+    } else {
+      at::parallel_for(0, lay.rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(lay.cols, 1)),
+                       [&](int64_t begin, int64_t end) {
+                         for (int64_t r = begin; r < end; ++r) {
+                           run(r * lay.words_per_row, (r + 1) * lay.words_per_row, r * lay.cols, lay.cols);
+                         }
+                       });
+    }
+    return;
+  }
   const BytePositions& pos = byte_positions();
   parallel_for_words(lay, 1024, [&](int64_t w, int64_t base, int64_t len) {
     const uint32_t valid = valid_bits(len);
@@ -167,7 +189,7 @@ inline uint32_t deposit(uint32_t src, uint32_t mask, const std::array<std::array
   for (int byte = 0; byte < 4; ++byte) {
     const uint32_t m = (mask >> (8 * byte)) & 0xFFu;
     out |= static_cast<uint32_t>(table[m][src & 0xFFu]) << (8 * byte);
-    src >>= popcount32(m);
+    src >>= kByteCounts.count[m];
   }
   return out;
 }

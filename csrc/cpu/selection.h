@@ -203,11 +203,14 @@ SampledBracket<scalar_t> sample_bracket(const scalar_t* data, int64_t n, double 
   return b;
 }
 
-// the local select's sample: every 64th key, at most 2^16 of them (n >= 64)
+// the local select's sample (n >= 64): every 64th key, at most 2^16 of them, but at least 2^14
+// (up to every 4th key): the bracket's share of the keys is about 8 / sqrt(samples), and a
+// tensor of a few 10^5 keys (a layer's kept or pruned subset) would otherwise get a bracket
+// too wide to gather
 template <typename scalar_t, bool kClamp>
 SampledBracket<scalar_t> sample_bracket(const scalar_t* data, int64_t n, int64_t k) {
-  return sample_bracket<scalar_t, kClamp>(data, n, static_cast<double>(k) / static_cast<double>(n),
-                                          std::min<int64_t>(n / 64, int64_t(1) << 16));
+  const int64_t samples = std::min({n / 4, std::max<int64_t>(n / 64, int64_t(1) << 14), int64_t(1) << 16});
+  return sample_bracket<scalar_t, kClamp>(data, n, static_cast<double>(k) / static_cast<double>(n), samples);
 }
 
 // The range [lo, lo + span] of digit 0 that holds the k-th smallest key with near certainty
@@ -296,6 +299,7 @@ bool gather_bracket(const scalar_t* data, int64_t n, uint64_t lo, uint64_t hi, i
   const int threads = at::get_num_threads();
   std::vector<int64_t> under(threads, 0);
   std::atomic<bool> overflow{false};
+  const auto bracket_fp32 = DSD_ISA_KERNEL(bracket_chunk_fp32);
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     constexpr int64_t kChunk = 4096;
     const int tid = at::get_thread_num();
@@ -304,18 +308,20 @@ bool gather_bracket(const scalar_t* data, int64_t n, uint64_t lo, uint64_t hi, i
     for (int64_t c0 = begin; c0 < end && !overflow.load(std::memory_order_relaxed); c0 += kChunk) {
       const int64_t count = std::min(end, c0 + kChunk) - c0;
       int64_t kept;
-#ifdef DSD_HAVE_AVX512_KERNELS
       if constexpr (std::is_same_v<scalar_t, float>) {
-        kept = cpu_has_avx512f()
-            ? bracket_chunk_fp32_avx512(data + c0, count, static_cast<uint32_t>(lo), static_cast<uint32_t>(hi - lo),
-                                        &under[tid], buffer)
-            : bracket_chunk<scalar_t>(data + c0, count, lo, hi - lo, &under[tid], buffer);
+#ifdef DSD_HAVE_AVX512_KERNELS
+        if (cpu_has_avx512f()) {
+          kept = bracket_chunk_fp32_avx512(data + c0, count, static_cast<uint32_t>(lo), static_cast<uint32_t>(hi - lo),
+                                           &under[tid], buffer);
+        } else
+#endif
+        {
+          kept = bracket_fp32(data + c0, count, static_cast<uint32_t>(lo), static_cast<uint32_t>(hi - lo), &under[tid],
+                              buffer);
+        }
       } else {
         kept = bracket_chunk<scalar_t>(data + c0, count, lo, hi - lo, &under[tid], buffer);
       }
-#else
-      kept = bracket_chunk<scalar_t>(data + c0, count, lo, hi - lo, &under[tid], buffer);
-#endif
       if (static_cast<int64_t>(mine.size()) + kept > max_gather) {
         overflow.store(true);
         break;

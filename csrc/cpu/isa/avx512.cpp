@@ -13,5 +13,13 @@ void pack_tile(const float*, const int32_t*, int64_t, int64_t, int64_t, int64_t,
   throw std::logic_error("AVX-512 kernels not built");
 }
 void zero_pruned_fp32(float*, const int32_t*, int64_t) { throw std::logic_error("AVX-512 kernels not built"); }
+void masked_sgd_fp32(const SgdRow&) { throw std::logic_error("AVX-512 kernels not built"); }
+int64_t bracket_chunk_fp32(const float*, int64_t, uint32_t, uint32_t, int64_t*, uint32_t*) {
+  throw std::logic_error("AVX-512 kernels not built");
+}
+void split_by_mask32(const uint32_t*, const uint32_t*, const int32_t*, int64_t, uint32_t*, int64_t, uint32_t*, int64_t) {
+  throw std::logic_error("AVX-512 kernels not built");
+}
+void popcount_scan(const int32_t*, int64_t, int64_t, int64_t*) { throw std::logic_error("AVX-512 kernels not built"); }
 }  // namespace dsd_kernels_cpu::isa::AVX512
 #endif

@@ -68,7 +68,20 @@ struct SgdRow {
   void zero_pruned_fp32(float* data, const int32_t* words, int64_t n);                           \
   /* the masked SGD step of one row of fp32 (masked_sgd.cpp); FMA ISAs only: the default        \
      build has no FMA and would round twice */                                                   \
-  void masked_sgd_fp32(const SgdRow& row);
+  void masked_sgd_fp32(const SgdRow& row);                                                      \
+  /* the selection's bracket pass over fp32 data[0, count) (selection.h gather_bracket): keys  \
+     (|v| as bits, NaN clamped to one key) under lo added to *below, those with key - lo <=     \
+     width appended to out in order (out has room for count + 8); returns how many */           \
+  int64_t bracket_chunk_fp32(const float* data, int64_t count, uint32_t lo, uint32_t width,      \
+                             int64_t* below, uint32_t* out);                                    \
+  /* mask_update's split of n consecutive 32-bit elements under mask words (bit j of words[j /  \
+     32]): kept_from's at set bits to kept_out, pruned_from's at clear ones to pruned_out, in   \
+     order; nothing is written past kept_room / pruned_room entries */                          \
+  void split_by_mask32(const uint32_t* kept_from, const uint32_t* pruned_from, const int32_t* words, \
+                       int64_t n, uint32_t* kept_out, int64_t kept_room, uint32_t* pruned_out,  \
+                       int64_t pruned_room);                                                    \
+  /* before[w] = start + the set bits of words[0, w), for w in [0, n] */                        \
+  void popcount_scan(const int32_t* words, int64_t n, int64_t start, int64_t* before);
 
 namespace DEFAULT { DSD_ISA_KERNELS }
 namespace AVX2 { DSD_ISA_KERNELS }

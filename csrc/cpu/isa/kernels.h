@@ -2,6 +2,7 @@
 // default.cpp, avx2.cpp and avx512.cpp compile.
 #pragma once
 #include "apply_masks_kernel.h"
+#include "compress_kernel.h"
 #include "masked_sgd_kernel.h"
 #include "tile_gemm_kernel.h"
 
