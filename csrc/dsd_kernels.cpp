@@ -29,7 +29,7 @@ TORCH_LIBRARY(dsd_kernels_cpp, m) {
   m.def(kNmMasks);
   m.def(kApplyMasks);
   m.def(kMaskSubsets);
-  m.def(kMergeMaskUpdate);
+  m.def(kMaskUpdate);
   m.def(kMaskedSgd);
   m.def(kMaskedAdamw);
   m.def(kMaskedAdamwFused);

@@ -15,6 +15,9 @@ struct MaskLayout {
     cols = rows ? t.numel() / rows : 0;
     words_per_row = (cols + 31) / 32;
   }
+  // the layout of rows x cols values (a 1-D subset: 1 row)
+  MaskLayout(int64_t num_rows, int64_t num_cols)
+      : rows(num_rows), cols(num_cols), words_per_row((num_cols + 31) / 32) {}
   int64_t num_words() const { return rows * words_per_row; }
 };
 

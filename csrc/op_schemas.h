@@ -25,12 +25,11 @@ constexpr const char* kResolveMasks =
 // N:M keep-masks: in every M consecutive weights of a row the N largest |w| (csrc/cpu/nm_masks.cpp)
 constexpr const char* kNmMasks = "nm_masks(Tensor[] tensors, int n, int m) -> Tensor[]";
 // RigL/SET's mask update (csrc/cpu/mask_update.cpp): the values at a mask's kept and pruned
-// entries, in flat order; the new words from the selections over them
+// entries, in flat order; the whole update (split, both selections, new words) in one call
 constexpr const char* kMaskSubsets =
     "mask_subsets(Tensor[] kept_from, Tensor[] pruned_from, Tensor[] mask_words) -> (Tensor[], Tensor[])";
-constexpr const char* kMergeMaskUpdate =
-    "merge_mask_update(Tensor[] like, Tensor[] mask_words, Tensor[] kept_choice, Tensor[] pruned_choice) "
-    "-> Tensor[]";
+constexpr const char* kMaskUpdate =
+    "mask_update(Tensor[] weights, Tensor[] scores, Tensor[] mask_words, int[] counts) -> Tensor[]";
 // zero the pruned entries of many tensors in place (CPU only: dsd_kernels/optim/masking.py)
 constexpr const char* kApplyMasks = "apply_masks_(Tensor(a!)[] tensors, Tensor[] mask_words) -> ()";
 constexpr const char* kMaskedSgd =

@@ -81,6 +81,10 @@ def test_several_tensors_in_one_call_and_bad_input():
     assert all(torch.equal(a.to_bool(), b) for a, b in zip(got, want))
     with pytest.raises(ValueError, match=r"counts\[0\]=40 .* at most 36 can move"):
         dk.mask_update(ws[0], ss[0], masks[:1], [40])
+    # a layer among many (C++: updated on a worker thread) names itself too
+    many = ws * 8
+    with pytest.raises(ValueError, match=r"counts\[14\]=25 .* at most 24 can move"):
+        dk.mask_update(many, ss * 8, masks * 8, [1] * 14 + [25] + [1] * 9)
     with pytest.raises(ValueError, match=r"scores\[0\] has shape"):
         dk.mask_update(ws[0], ss[1], masks[:1], [1])
     with pytest.raises(TypeError, match="one dsd_kernels.Mask per weight"):
@@ -137,3 +141,17 @@ def test_cpp_split_into_kept_and_pruned_values(shape):
         kept, pruned = mask_subsets([w], [s], [Mask.from_bool(keep).packed])
         assert torch.equal(kept[0], w[keep]), name
         assert torch.equal(pruned[0], s[~keep]), name
+
+
+def test_a_model_of_layers_updated_at_once(backend):
+    """Many layers in one call (C++: the larger alone on every thread, the others one per thread
+    from a queue) give each layer's own update."""
+    g = torch.Generator().manual_seed(9)
+    shapes = [(300, 1001), (64, 576), (64, 3, 7, 7), (10, 64), (256, 64, 1, 1), (7,)]
+    ws = [torch.randn(s, generator=g).to(DEVICE) for s in shapes]
+    ss = [torch.randn(s, generator=g).to(DEVICE) for s in shapes]
+    masks = [start_mask(w, 0.8) for w in ws]
+    counts = [min(m.count(), m.numel - m.count()) // 3 for m in masks]
+    got = dk.mask_update(ws, ss, masks, counts)
+    want = reference_update([w.cpu() for w in ws], [s.cpu() for s in ss], [m.to_bool().cpu() for m in masks], counts)
+    assert all(torch.equal(a.to_bool().cpu(), b) for a, b in zip(got, want))

@@ -1,28 +1,30 @@
-// The two memory passes of RigL/SET's mask update on CPU (dsd_kernels/backends/cpp/mask_update.py);
-// the selection between them is the exact magnitude selection (magnitude_select.cpp).
+// RigL/SET's mask update on CPU (dsd_kernels/backends/cpp/mask_update.py), one tensor at a time:
 //
-// mask_subsets: per tensor, the values of `kept_from` at the mask's kept entries and those of
-// `pruned_from` at its pruned entries, each in flat order (so the selection's tie rule, lower index
-// first, is the tensor's own). One read of both tensors, in parallel over mask words: a word's
-// offsets come from a scan of the words' popcounts (its pruned offset is the elements before it
-// minus the kept ones), and each word compacts branch-free into a 32-entry buffer first, so no
-// thread writes past its own range.
+// The split (mask_subsets, also an op of its own): the values of `kept_from` (the weights) at the
+// mask's kept entries and those of `pruned_from` (the scores) at its pruned entries, each in flat
+// order (so the selection's tie rule, lower index first, is the tensor's own). One read of both
+// tensors, in parallel over runs of mask words whose elements follow each other: a word's offsets
+// come from a scan of the words' popcounts (its pruned offset is the elements before it minus the
+// kept ones), and the vector kernel (isa/compress_kernel.h) writes exactly its run's part.
 //
-// merge_mask_update: the new words. The kept bits of a word take, in order, the next bits of the
-// selection over the kept values (1: stays kept), its pruned bits the next bits of the selection
-// over the pruned values (1: grown), read from those packed streams at the same offsets. A
-// deposit of bits into a word's set positions (a software pdep: BMI2's is slow on older AMD CPUs,
-// and absent elsewhere) takes 4 byte-table reads.
+// The selections: the exact magnitude selection (local_select.h) over each subset, its words
+// written as the local op writes masks (selection.h write_mask).
+//
+// The new words (update_one below), from the two selections' packed bits.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../op_args.h"
 #include "common.h"
+#include "local_select.h"
 
 namespace dsd_kernels_cpu {
 namespace {
@@ -203,40 +205,119 @@ inline uint32_t stream_bits(const int32_t* words, int64_t num_words, int64_t pos
   return static_cast<uint32_t>(((hi << 32) | lo) >> (pos & 31));
 }
 
-std::vector<at::Tensor> merge_mask_update(at::TensorList like, at::TensorList mask_words, at::TensorList kept_choice,
-                                          at::TensorList pruned_choice) {
-  TORCH_CHECK(like.size() == mask_words.size() && like.size() == kept_choice.size() &&
-                  like.size() == pruned_choice.size(),
-              "merge_mask_update: one mask, kept choice and pruned choice per tensor");
-  const auto& table = deposit_table();
-  std::vector<at::Tensor> out;
-  for (size_t i = 0; i < like.size(); ++i) {
-    dsd_kernels_args::check_words("merge_mask_update", i, mask_words[i], like[i], "like");
-    const MaskLayout lay(like[i]);
-    const int32_t* words = mask_words[i].data_ptr<int32_t>();
-    const auto before = kept_offsets(lay, words);
-    const int64_t n_kept = before.back(), n_pruned = like[i].numel() - n_kept;
-    const at::Tensor& kc = kept_choice[i];
-    const at::Tensor& pc = pruned_choice[i];
-    TORCH_CHECK(kc.device().is_cpu() && kc.is_contiguous() && kc.scalar_type() == at::kInt &&
-                    kc.numel() == (n_kept + 31) / 32 && pc.device().is_cpu() && pc.is_contiguous() &&
-                    pc.scalar_type() == at::kInt && pc.numel() == (n_pruned + 31) / 32,
-                "merge_mask_update: the choices of tensor ", i, " must be the packed words of ", n_kept,
-                " kept and ", n_pruned, " pruned entries");
-    at::Tensor result = at::empty_like(mask_words[i]);
-    int32_t* new_words = result.data_ptr<int32_t>();
-    const int32_t* kept_bits = kc.data_ptr<int32_t>();
-    const int32_t* grown_bits = pc.data_ptr<int32_t>();
-    parallel_for_words(lay, 2048, [&](int64_t w, int64_t base, int64_t len) {
-      const uint32_t valid = valid_bits(len);
-      const uint32_t keep = static_cast<uint32_t>(words[w]) & valid;
-      const int64_t ko = before[w];
-      const uint32_t stays = deposit(stream_bits(kept_bits, kc.numel(), ko), keep, table);
-      const uint32_t grows = deposit(stream_bits(grown_bits, pc.numel(), base - ko), ~keep & valid, table);
-      new_words[w] = static_cast<int32_t>(stays | grows);
+// The words of a selection over a 1-D subset of n values: smallest=true: 0 at the k smallest |v|
+// (dropped), 1 elsewhere; smallest=false: 1 at the k largest (what a selection pruning the
+// others keeps: grown), 0 elsewhere.
+template <typename scalar_t>
+void choose(const scalar_t* values, int64_t n, int64_t k, bool smallest, int32_t* out) {
+  const MaskLayout lay(1, n);
+  if (lay.num_words() == 0) return;
+  const int64_t pruned = smallest ? k : n - k;
+  selection::Selection sel;
+  if (pruned > 0) sel = selection::radix_select<scalar_t>(values, n, pruned);
+  selection::write_mask<scalar_t>(values, lay, sel, pruned > 0, out);
+}
+
+// fn(scalar_t{}) with the floating type of t
+template <typename F>
+void with_float_type(const at::Tensor& t, const F& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "mask_update", [&] { fn(scalar_t{}); });
+}
+
+// One tensor's update: its kept weights and pruned scores split into the calling thread's scratch
+// (kept in a buffer between calls: nothing is allocated in the steady state), the two selections
+// over them, then the new words: a word's kept bits take, in order, the next bits of the drop
+// selection (1: stays), its pruned bits the next of the grow selection (1: grown), read from
+// those packed streams at the word's offsets. A deposit of bits into a word's set positions (a
+// software pdep: BMI2's is slow on older AMD CPUs, and absent elsewhere) takes 4 byte-table reads.
+void update_one(const at::Tensor& weights, const at::Tensor& scores, const int32_t* words, int64_t k, size_t i,
+                int32_t* new_words) {
+  const MaskLayout lay(weights);
+  const auto before = kept_offsets(lay, words);
+  const int64_t n = weights.numel(), n_kept = before.back(), n_pruned = n - n_kept;
+  TORCH_CHECK_VALUE(k <= std::min(n_kept, n_pruned), "mask_update: counts[", i, "]=", k, " but masks[", i, "] keeps ",
+                    n_kept, " and prunes ", n_pruned, " entries: at most ", std::min(n_kept, n_pruned), " can move");
+  const int64_t kept_words = (n_kept + 31) / 32, grown_words = (n_pruned + 31) / 32;
+  int32_t* choices = thread_scratch<int32_t>(static_cast<size_t>(kept_words + grown_words));
+  int32_t* stays_bits = choices;
+  int32_t* grown_bits = choices + kept_words;
+  with_float_type(weights, [&](auto weight_zero) {
+    using kept_t = decltype(weight_zero);
+    with_float_type(scores, [&](auto score_zero) {
+      using pruned_t = decltype(score_zero);
+      // one scratch per element type: two subsets of one type share a buffer of both sizes
+      kept_t* kept;
+      pruned_t* pruned;
+      if constexpr (std::is_same_v<kept_t, pruned_t>) {
+        kept = thread_scratch<kept_t>(static_cast<size_t>(n));
+        pruned = kept + n_kept;
+      } else {
+        kept = thread_scratch<kept_t>(static_cast<size_t>(n_kept));
+        pruned = thread_scratch<pruned_t>(static_cast<size_t>(n_pruned));
+      }
+      using kept_bits_t = typename KeyTraits<kept_t>::bits_t;
+      using pruned_bits_t = typename KeyTraits<pruned_t>::bits_t;
+      compact<kept_bits_t, pruned_bits_t>(lay, words, before, static_cast<const kept_bits_t*>(weights.const_data_ptr()),
+                                          static_cast<const pruned_bits_t*>(scores.const_data_ptr()),
+                                          reinterpret_cast<kept_bits_t*>(kept), reinterpret_cast<pruned_bits_t*>(pruned));
+      choose<kept_t>(kept, n_kept, k, /*smallest=*/true, stays_bits);
+      choose<pruned_t>(pruned, n_pruned, k, /*smallest=*/false, grown_bits);
     });
-    out.push_back(result);
+  });
+  const auto& table = deposit_table();
+  parallel_for_words(lay, 2048, [&](int64_t w, int64_t base, int64_t len) {
+    const uint32_t valid = valid_bits(len);
+    const uint32_t keep = static_cast<uint32_t>(words[w]) & valid;
+    const int64_t ko = before[w];
+    const uint32_t stays = deposit(stream_bits(stays_bits, kept_words, ko), keep, table);
+    const uint32_t grows = deposit(stream_bits(grown_bits, grown_words, base - ko), ~keep & valid, table);
+    new_words[w] = static_cast<int32_t>(stays | grows);
+  });
+}
+
+std::vector<at::Tensor> mask_update(at::TensorList weights, at::TensorList scores, at::TensorList mask_words,
+                                    at::IntArrayRef counts) {
+  TORCH_CHECK(weights.size() == scores.size() && weights.size() == mask_words.size() &&
+                  weights.size() == counts.size(),
+              "mask_update: one weight, score, mask and count per tensor");
+  std::vector<at::Tensor> out(weights.size());
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const at::Tensor& w = weights[i];
+    const at::Tensor& s = scores[i];
+    TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && s.device().is_cpu() && s.is_contiguous() &&
+                    w.sizes() == s.sizes(),
+                "mask_update: weights[", i, "] and scores[", i, "] must be contiguous CPU tensors of one shape");
+    TORCH_CHECK(at::isFloatingType(w.scalar_type()) && at::isFloatingType(s.scalar_type()), "mask_update: weights[",
+                i, "] and scores[", i, "] must be floating point");
+    TORCH_CHECK_VALUE(counts[i] >= 0, "mask_update: counts[", i, "] must be >= 0, got ", counts[i]);
+    dsd_kernels_args::check_words("mask_update", i, mask_words[i], w, "weights");
+    out[i] = at::empty_like(mask_words[i]);
   }
+  const auto update = [&](size_t i) {
+    update_one(weights[i], scores[i], mask_words[i].data_ptr<int32_t>(), counts[i], i, out[i].data_ptr<int32_t>());
+  };
+  // A tensor of over 1/(2 x threads) of all the elements is updated alone, its parallel loops on
+  // every thread; the others (a model's layers: a subset of a few 10^5 values would get one thread
+  // of those loops) whole, one per thread, largest first from a shared queue, so the threads
+  // finish together.
+  const int threads = at::get_num_threads();
+  int64_t total = 0;
+  for (const auto& w : weights) total += w.numel();
+  std::vector<int64_t> queued;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    if (weights[i].numel() * 2 * threads > total) {
+      update(i);
+    } else {
+      queued.push_back(static_cast<int64_t>(i));
+    }
+  }
+  std::stable_sort(queued.begin(), queued.end(),
+                   [&](int64_t a, int64_t b) { return weights[a].numel() > weights[b].numel(); });
+  std::atomic<size_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    // nested in this loop, the kernels' own parallel loops run on the calling thread
+    for (size_t j = next++; j < queued.size(); j = next++) update(static_cast<size_t>(queued[j]));
+  });
   return out;
 }
 
@@ -244,7 +325,7 @@ std::vector<at::Tensor> merge_mask_update(at::TensorList like, at::TensorList ma
 
 TORCH_LIBRARY_IMPL(dsd_kernels_cpp, CPU, m) {
   m.impl("mask_subsets", &mask_subsets);
-  m.impl("merge_mask_update", &merge_mask_update);
+  m.impl("mask_update", &mask_update);
 }
 
 }  // namespace dsd_kernels_cpu

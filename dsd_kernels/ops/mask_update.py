@@ -5,8 +5,10 @@ and grow the k largest |score| among its pruned ones, exactly, with the selectio
 Both halves are the exact magnitude selection (ops.magnitude_masks, on whichever backend serves
 it: C++, torch, Triton, CUDA) run over a subset: the kept weights, and the pruned scores, each
 gathered in flat index order so that the selection's tie rule (lower index first) is the
-tensor's own. The gathering and the new words are the op's own backend's (C++ on CPU: one read of
-both tensors, then one pass over the mask words; torch ops elsewhere)."""
+tensor's own. The gathering and the new words are the op's own backend's: on CPU the C++ backend
+runs the whole update in one call (one read of both tensors into per-thread scratch, its own
+selection over each subset, one pass over the mask words); elsewhere torch ops gather and merge,
+and the selection is magnitude_masks on whichever backend serves the device."""
 # No `from __future__ import annotations` here: torch.library.custom_op reads the prototypes'
 # annotations to build the schemas, and torch 2.4 accepts only evaluated typing forms.
 from typing import List
@@ -56,6 +58,9 @@ def _choices(subsets: list[Tensor], counts: list[int], *, smallest: bool) -> lis
 
 def _update(weights: list[Tensor], scores: list[Tensor], words: list[Tensor], counts: list[int]) -> list[Tensor]:
     impl = _backend.implementation("mask_update", weights[0].device, dtypes_of(weights + scores))
+    fused = getattr(impl, "update", None)
+    if fused is not None:  # the whole update in one call (C++: no subset leaves its thread's scratch)
+        return fused(weights, scores, words, counts)
     kept, pruned = impl.mask_subsets(weights, scores, words)
     for i, (k, a, b) in enumerate(zip(counts, kept, pruned)):
         if k > min(a.numel(), b.numel()):
