@@ -303,3 +303,96 @@ def test_fsdp2_rigl_matches_one_process_with_exact_global_counts(tmp_path, growt
             assert int((~ours).sum()) == round(0.7 * ours.numel()) and (w[~ours] == 0).all()
     for ours, theirs in zip(records[0]["weights"], (m.weight for m in model if isinstance(m, nn.Linear))):
         torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- DCP reshard (FSDP2, gloo)
+DCP_SAVE_AT, DCP_STEPS = 5, 10  # updates at steps 2 and 4 before the save, 6 after (end_step 8)
+
+
+def _dcp_batch(step):
+    g = torch.Generator().manual_seed(50 + step)  # each step's batch by its index: a resumed run sees the same
+    return torch.randn(8, 12, generator=g), torch.randint(0, 5, (8,), generator=g)
+
+
+def _dcp_rigl_setup(rank, world, init_file, kind):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = _fsdp_model()
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    opt = (torch.optim.AdamW(model.parameters(), lr=0.05) if kind == "adamw"
+           else MaskedSGD(model.parameters(), lr=0.05, momentum=0.9))
+    return model, opt, RigLScheduler(opt, model=model, growth="gradient", **RIGL_FSDP)
+
+
+def _dcp_rigl_steps(model, opt, sched, steps):
+    for step in steps:
+        x, y = _dcp_batch(step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        sched.step()
+
+
+def _dcp_record(model, sched):
+    from dsd_kernels._dtensor import full_like
+    layers = [m for m in model if isinstance(m, nn.Linear)]
+    return {"masks": [full_like(sched.masks[m.weight].to_bool(), m.weight) for m in layers],
+            "weights": [m.weight.full_tensor().detach().clone() for m in layers],
+            "updates": sched.updates, "step_count": sched.step_count}
+
+
+def _dcp_rigl_worker(rank, world, init_file, out_dir, kind, save):
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model, opt, sched = _dcp_rigl_setup(rank, world, init_file, kind)
+    try:
+        ckpt = os.path.join(out_dir, "ckpt")
+        if save:
+            _dcp_rigl_steps(model, opt, sched, range(DCP_SAVE_AT))
+            model_state, optim_state = get_state_dict(model, opt)
+            dcp.save({"model": model_state, "optim": optim_state, "rigl": sched.state_dict()}, checkpoint_id=ckpt)
+        else:
+            model_state, optim_state = get_state_dict(model, opt)
+            state = {"model": model_state, "optim": optim_state, "rigl": sched.state_dict()}
+            dcp.load(state, checkpoint_id=ckpt)
+            set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            sched.load_state_dict(state["rigl"])
+        at_save = _dcp_record(model, sched)
+        _dcp_rigl_steps(model, opt, sched, range(DCP_SAVE_AT, DCP_STEPS))
+        torch.save({"at_save": at_save, "final": _dcp_record(model, sched)},
+                   os.path.join(out_dir, f"{'save' if save else 'load'}{rank}.pt"))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["adamw", "masked_sgd"])
+def test_dcp_checkpoint_of_a_rigl_run_reshards(tmp_path, kind):
+    """Saved mid-run on 2 ranks with torch's own APIs (get_state_dict, dcp.save), loaded on 1, 2 and
+    3: the masks, weights and position come back whatever the world; the run goes on with exact
+    counts (2 ranks: bit for bit as the run that saved)."""
+    import functools
+    from .test_distributed import run_ranks
+    saved = run_ranks(functools.partial(_dcp_rigl_worker, kind=kind, save=True), tmp_path, "save")[0]
+    assert saved["at_save"]["updates"] == 2 and saved["final"]["updates"] == 3
+    for world in (2, 1, 3):
+        out = tmp_path / f"world{world}"
+        out.mkdir()
+        os.symlink(tmp_path / "ckpt", out / "ckpt")
+        for record in run_ranks(functools.partial(_dcp_rigl_worker, kind=kind, save=False), out, "load", world=world):
+            loaded, final = record["at_save"], record["final"]
+            assert (loaded["updates"], loaded["step_count"]) == (2, DCP_SAVE_AT)
+            for ours, theirs in zip(loaded["masks"] + loaded["weights"], saved["at_save"]["masks"] + saved["at_save"]["weights"]):
+                assert torch.equal(ours, theirs), world
+            assert final["updates"] == 3
+            for mask, w in zip(final["masks"], final["weights"]):
+                assert int((~mask).sum()) == round(0.7 * mask.numel()) and (w[~mask] == 0).all()
+            if world == 2:
+                for ours, theirs in zip(final["masks"] + final["weights"], saved["final"]["masks"] + saved["final"]["weights"]):
+                    assert torch.equal(ours, theirs)
