@@ -98,15 +98,19 @@ void nm_tensor(const at::Tensor& t, at::Tensor& words, int64_t n, int64_t m) {
       uint64_t pending = 0;  // bits of the word being filled, from column `word_start`
       int64_t word_start = first, filled = 0;
       int64_t g = first;
-#ifdef DSD_HAVE_AVX512_KERNELS
       if constexpr (std::is_same_v<scalar_t, float>) {
+        const int64_t whole = (last - first) / 32;
+#ifdef DSD_HAVE_AVX512_KERNELS
         if (two_four && cpu_has_avx512f()) {
-          const int64_t whole = (last - first) / 32;
           words_2_4_avx512(src + first, dst + first / 32, whole);
           g = word_start = first + 32 * whole;
         }
-      }
 #endif
+        if (two_four && cpu_capability() == CpuCapability::kAvx2) {
+          isa::AVX2::words_2_4_fp32(src + first, dst + first / 32, whole);
+          g = word_start = first + 32 * whole;
+        }
+      }
       for (; g < last; g += m) {
         const uint32_t bits = two_four ? keep_bits_2_4(src + g) : keep_bits(src + g, n, m);
         pending |= static_cast<uint64_t>(bits) << filled;

@@ -22,5 +22,6 @@ void split_by_mask32(const uint32_t*, const uint32_t*, const int32_t*, int64_t, 
   throw std::logic_error("AVX2 kernels not built");
 }
 void popcount_scan(const int32_t*, int64_t, int64_t, int64_t*) { throw std::logic_error("AVX2 kernels not built"); }
+void words_2_4_fp32(const float*, int32_t*, int64_t) { throw std::logic_error("AVX2 kernels not built"); }
 }  // namespace dsd_kernels_cpu::isa::AVX2
 #endif

@@ -81,7 +81,9 @@ struct SgdRow {
                        int64_t n, uint32_t* kept_out, int64_t kept_room, uint32_t* pruned_out,  \
                        int64_t pruned_room);                                                    \
   /* before[w] = start + the set bits of words[0, w), for w in [0, n] */                        \
-  void popcount_scan(const int32_t* words, int64_t n, int64_t start, int64_t* before);
+  void popcount_scan(const int32_t* words, int64_t n, int64_t start, int64_t* before);         \
+  /* out[0, words) = the 2:4 keep-words of the fp32 values w[0, 32 x words) (nm_masks.cpp) */   \
+  void words_2_4_fp32(const float* w, int32_t* out, int64_t words);
 
 namespace DEFAULT { DSD_ISA_KERNELS }
 namespace AVX2 { DSD_ISA_KERNELS }

@@ -4,6 +4,7 @@
 #include "apply_masks_kernel.h"
 #include "compress_kernel.h"
 #include "masked_sgd_kernel.h"
+#include "nm_kernel.h"
 #include "tile_gemm_kernel.h"
 
 namespace dsd_kernels_cpu {
