@@ -93,9 +93,10 @@ def test_the_committed_runs_tables_are_their_reports(name, source, page):
     assert table_on_page((ROOT / page).read_text(), name) == table_from_file(name, str(ROOT / source))
 
 
-def test_the_readme_headline_figures_are_the_committed_results():
-    """Every figure of README's headline table is what the generator reads from
-    benchmarks/results/*.json."""
+@pytest.mark.parametrize("name,page", [("headline", "README.md"), ("capabilities", "docs/benchmarks.md")])
+def test_the_tables_of_every_results_file_are_the_committed_results(name, page):
+    """Every figure of README's headline table and of the benchmarks page's per-capability table is
+    what the generator reads from benchmarks/results/*.json."""
     from dsd_kernels.app.bench.tables import table_from_file, table_on_page
-    page = (ROOT / "README.md").read_text()
-    assert table_on_page(page, "headline") == table_from_file("headline", str(ROOT / "benchmarks" / "results"))
+    text = (ROOT / page).read_text()
+    assert table_on_page(text, name) == table_from_file(name, str(ROOT / "benchmarks" / "results"))

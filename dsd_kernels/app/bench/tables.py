@@ -8,6 +8,7 @@ what this module writes from the committed file.
     python -m dsd_kernels.app.bench.tables default-run docs/default-run/report.json --write docs/train.md
     python -m dsd_kernels.app.bench.tables sparse-run docs/sparse-run/report.json --write docs/dynamic-sparsity.md
     python -m dsd_kernels.app.bench.tables headline benchmarks/results --write README.md
+    python -m dsd_kernels.app.bench.tables capabilities benchmarks/results --write docs/benchmarks.md
 """
 from __future__ import annotations
 
@@ -194,6 +195,96 @@ def headline_table(files: dict) -> str:
     return "\n".join(lines)
 
 
+# The CPU targets measured on each vector capability (issue: fast on every CPU): (what, target,
+# figure of a results list; None where the file lacks the case)
+def _cpp(r: dict) -> float:
+    return r["ours_s"]["cpp"]
+
+
+def _get(results: list[dict], op: str, case: str) -> dict | None:
+    try:
+        return _find(results, op, case)
+    except KeyError:
+        return None
+
+
+def _of_abs(op: str, case: str, reference: str):
+    def figure(results):
+        r = _get(results, op, case)
+        return None if r is None else f"{_cpp(r) / r['references_s'][reference]:.2f}x"
+    return figure
+
+
+def _host_step(case: str):
+    def figure(results):
+        r = _get(results, "host-bound step", f"{case}, 148 fp32 tensors, one thread")
+        return None if r is None else f"{_cpp(r) / next(iter(r['baselines_s'].values())):.2f}x"
+    return figure
+
+
+def _faster(op: str, shape: str, baseline: str, kinds=("64x64 blocks 50%", "64x64 blocks 75%", "64x64 blocks 90%")):
+    def figure(results):
+        rs = [_get(results, op, f"{shape} {kind} float32") for kind in kinds]
+        if any(r is None for r in rs):
+            return None
+        return " / ".join(f"{r['baselines_s'][baseline] / _cpp(r):.2f}" for r in rs) + "x"
+    return figure
+
+
+def _sgd_bandwidth(results):
+    r = _get(results, "masked_sgd_", "gpt2-small (124.4M params, 50% masks)")
+    return None if r is None else f"{r['ours_fraction_of_reference_GBps']['add_ in place (2 reads + 1 write)']['cpp']:.0%}"
+
+
+def _apply_masks(results):
+    r = _get(results, "apply_masks_", "gpt2-small weights (124.3M, 50% masks)")
+    return None if r is None else f"{_cpp(r) / r['baselines_s']['torch._foreach_mul_(weights, masks)']:.2f}x"
+
+
+def _mask_update(results):
+    r = next((x for x in results if x["op"] == "mask_update"), None)
+    return None if r is None else f"{_cpp(r) / next(iter(r['references_s'].values())):.2f}x"
+
+
+CAPABILITY_ROWS = [
+    ("masks of a 16M fp32 tensor, time / one `torch.abs(w, out=buf)` pass", "<= 2x",
+     _of_abs("magnitude_masks", "16M fp32 s=0.5", "torch.abs(w, out=buf)")),
+    ("2:4 masks, 4096x4096 fp32, time / one abs pass", "<= 1.5x",
+     _of_abs("nm_masks", "2:4 of 4096x4096 fp32", "torch.abs(w, out=buf)")),
+    ("masked SGD step, GPT-2 small (124M, 50% masks), share of an in-place `add_` pass's bandwidth", ">= 85%",
+     _sgd_bandwidth),
+    ("host-bound step, 148 small tensors: `MaskedSGD(fused=True)`, time / `SGD(fused=True)`", "<= 1.2x",
+     _host_step("MaskedSGD(momentum=0.9, fused=True)")),
+    ("host-bound step, 148 small tensors: `Adam(fused=True)` + `OptimizerMasks`, time / `Adam(fused=True)`",
+     "<= 1.2x", _host_step("Adam(fused=True) + OptimizerMasks")),
+    ("`apply_masks_` (C++), GPT-2 small weights, time / `torch._foreach_mul_` with float masks", "<= 1x",
+     _apply_masks),
+    ("block 64x64 `masked_linear` forward, 512x1024->1024, 50 / 75 / 90% pruned: faster than dense `F.linear`",
+     ">= 1.5 / 3 / 6x", _faster("masked_linear", "512x1024->1024", "dense F.linear(x, W)")),
+    ("block 64x64 `masked_linear` fwd+bwd, 2048x3072->768, 50 / 75 / 90% pruned: faster than the dense matmuls",
+     ">= 1.5 / 3 / 6x", _faster("masked_linear step", "2048x3072->768", "dense: the three matmuls")),
+    ("unstructured 50% `masked_linear` fwd+bwd, 2048x3072->768: faster than the matmuls with `W*M`", ">= 1x",
+     _faster("masked_linear step", "2048x3072->768", "F.linear(x, W*M), dY @ (W*M), (dY^T @ X) * M",
+             kinds=("unstructured 50%",))),
+    ("RigL mask update, ResNet-50 weights (80% sparse, 30% moved), time / one abs pass over weights and gradients",
+     "<= 3x", _mask_update),
+]
+# the capability files, in the table's column order
+CAPABILITY_FILES = ("cpu-2core-x86_64.json", "cpu-x86_64-avx2.json")
+
+
+def capabilities_table(files: dict) -> str:
+    """docs/benchmarks.md's CPU targets on each vector capability: one column per results file of
+    CAPABILITY_FILES (headed by its machine, capability and date), the C++ backend's figures."""
+    sources = [files[name] for name in CAPABILITY_FILES]
+    heads = [f"{_device(f['environment'])}, {f['environment'].get('date', '?')}" for f in sources]
+    lines = ["| case | target | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(sources)]
+    for what, target, figure in CAPABILITY_ROWS:
+        cells = [figure(f["results"]) or "not measured" for f in sources]
+        lines.append(f"| {what} | {target} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def adamw_cpu_table(results: list[dict]) -> str:
     """docs/optimizers.md's CPU table: MaskedAdamW's two flavours against AdamW + multiplies, with
     the memory bandwidth of a copy_ and an in-place add_ timed in the same rounds."""
@@ -223,7 +314,7 @@ def _run_tables(report: dict) -> str:
 # job's report.json; the table)
 TABLES = {"training": ("results", training_table), "default-run": ("report", _run_tables),
           "sparse-run": ("report", _run_tables), "headline": ("folder", headline_table),
-          "adamw-cpu": ("results", adamw_cpu_table)}
+          "adamw-cpu": ("results", adamw_cpu_table), "capabilities": ("folder", capabilities_table)}
 
 
 def table_from_file(name: str, path: str) -> str:
