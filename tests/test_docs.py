@@ -85,12 +85,14 @@ def test_the_training_table_is_the_committed_results():
 @pytest.mark.parametrize("name,source,page", [
     ("default-run", "docs/default-run/report.json", "docs/train.md"),
     ("sparse-run", "docs/sparse-run/report.json", "docs/dynamic-sparsity.md"),
-    ("adamw-cpu", "benchmarks/results/cpu-2core-x86_64.json", "docs/optimizers.md")])
+    ("adamw-cpu", "benchmarks/results/cpu-2core-x86_64.json", "docs/optimizers.md"),
+    *[(f"{table}@{stem}", f"benchmarks/results/{stem}.json", "docs/benchmarks.md")
+      for table in ("cases", "masked-linear") for stem in ("cpu-2core-x86_64", "cpu-x86_64-avx2")]])
 def test_the_committed_runs_tables_are_their_reports(name, source, page):
-    """The train job's figures on the docs pages are what the generator writes from the committed
-    report.json: a figure that differs from it fails here."""
+    """The train job's and the bench's figures on the docs pages are what the generator writes from
+    the committed report.json or results file: a figure that differs from it fails here."""
     from dsd_kernels.app.bench.tables import table_from_file, table_on_page
-    assert table_on_page((ROOT / page).read_text(), name) == table_from_file(name, str(ROOT / source))
+    assert table_on_page((ROOT / page).read_text(), name) == table_from_file(name.split("@")[0], str(ROOT / source))
 
 
 @pytest.mark.parametrize("name,page", [("headline", "README.md"), ("capabilities", "docs/benchmarks.md")])

@@ -9,6 +9,8 @@ what this module writes from the committed file.
     python -m dsd_kernels.app.bench.tables sparse-run docs/sparse-run/report.json --write docs/dynamic-sparsity.md
     python -m dsd_kernels.app.bench.tables headline benchmarks/results --write README.md
     python -m dsd_kernels.app.bench.tables capabilities benchmarks/results --write docs/benchmarks.md
+    python -m dsd_kernels.app.bench.tables cases benchmarks/results/cpu-x86_64-avx2.json --write docs/benchmarks.md \
+        --marker cases@cpu-x86_64-avx2
 """
 from __future__ import annotations
 
@@ -89,7 +91,8 @@ def _find(results: list[dict], op: str, case: str) -> dict:
 
 
 def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3g}" if seconds * 1e3 < 1 else f"{seconds * 1e3:.3g}".rstrip(".")
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 1000 else f"{ms:.3g}"
 
 
 def _ours(r: dict) -> float:
@@ -285,6 +288,63 @@ def capabilities_table(files: dict) -> str:
     return "\n".join(lines)
 
 
+def _cases_rows(results: list[dict]):
+    """(op, case, C++, torch composite, best baseline, ratio) of every result but masked_linear's
+    (its own table) and the whole-step ones (theirs)."""
+    for r in results:
+        if r["op"].startswith("masked_linear") or "ours_s" not in r:
+            continue
+        ours = r["ours_s"]
+        cpp = ours.get("cpp")
+        base = r.get("best_baseline")
+        gbps = r.get("ours_GBps", {}).get("cpp")
+        cpp_cell = "" if cpp is None else f"{_ms(cpp)} ms" + ("" if gbps is None else f" ({gbps:.1f} GB/s)")
+        torch_cell = "" if ours.get("torch") is None else f"{_ms(ours['torch'])} ms"
+        base_cell = "" if base is None else f"{base} {_ms(r['baselines_s'][base])} ms"
+        ratio = r.get("speedup_vs_best_baseline", {}).get("cpp")
+        yield (r["op"], r["case"], cpp_cell, torch_cell, base_cell, "" if ratio is None else f"{ratio:.2f}x")
+
+
+def cases_table(results: list[dict]) -> str:
+    """Every case of a CPU results file but masked_linear's: ours on each backend, the best torch
+    baseline of the same run, and the ratio (the baseline's time / the C++ backend's)."""
+    lines = ["| op | case | ours: C++ | ours: torch composite | best torch baseline | ratio (C++) |",
+             "|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in _cases_rows(results)]
+    return "\n".join(lines)
+
+
+_PASSES = ("masked_linear", "masked_linear dX", "masked_linear dW", "masked_linear step")
+_DENSE = {"masked_linear": ("dense F.linear(x, W)", "dense oneDNN linear(x, W)"),
+          "masked_linear dX": ("dense dY @ W", "dense oneDNN dY @ W"),
+          "masked_linear dW": ("dense dY^T @ X", "dense oneDNN dY^T @ X"),
+          "masked_linear step": ("dense: the three matmuls", "dense oneDNN: the three matmuls")}
+
+
+def masked_linear_table(results: list[dict]) -> str:
+    """masked_linear's C++ passes per layer and mask: ours in ms, then how many times faster than
+    dense MKL (what a torch user calls) / dense oneDNN (torch's fastest dense fp32 matmul on CPU)
+    / the MKL products on W*M."""
+    by_case: dict = {}
+    for r in results:
+        if r["op"] in _PASSES and "cpp" in r["ours_s"]:
+            by_case.setdefault(r["case"].removesuffix(" float32"), {})[r["op"]] = r
+    lines = ["| layer (tokens x in -> out), mask | forward | dX | dW | step |", "|---|---|---|---|---|"]
+    for case, passes in by_case.items():
+        cells = []
+        for op in _PASSES:
+            r = passes.get(op)
+            if r is None:
+                cells.append("")
+                continue
+            ours = r["ours_s"]["cpp"]
+            mkl, onednn = (r["baselines_s"][k] / ours for k in _DENSE[op])
+            masked = next(k for k in r["baselines_s"] if k not in _DENSE[op])
+            cells.append(f"{_ms(ours)} ms: {mkl:.2f}x / {onednn:.2f}x / {r['baselines_s'][masked] / ours:.2f}x")
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def adamw_cpu_table(results: list[dict]) -> str:
     """docs/optimizers.md's CPU table: MaskedAdamW's two flavours against AdamW + multiplies, with
     the memory bandwidth of a copy_ and an in-place add_ timed in the same rounds."""
@@ -314,7 +374,8 @@ def _run_tables(report: dict) -> str:
 # job's report.json; the table)
 TABLES = {"training": ("results", training_table), "default-run": ("report", _run_tables),
           "sparse-run": ("report", _run_tables), "headline": ("folder", headline_table),
-          "adamw-cpu": ("results", adamw_cpu_table), "capabilities": ("folder", capabilities_table)}
+          "adamw-cpu": ("results", adamw_cpu_table), "capabilities": ("folder", capabilities_table),
+          "cases": ("results", cases_table), "masked-linear": ("results", masked_linear_table)}
 
 
 def table_from_file(name: str, path: str) -> str:
@@ -353,13 +414,15 @@ def main(argv=None) -> int:
     parser.add_argument("results", help="a bench results JSON, a train job's report.json, or (headline) the "
                                         "folder of results JSON")
     parser.add_argument("--write", metavar="PAGE", help="replace the table between the page's markers")
+    parser.add_argument("--marker", help="the markers' name (default: the table's; a page holding one kind of "
+                                         "table from two files names each, e.g. cases@cpu-x86_64-avx2)")
     args = parser.parse_args(argv)
     table = table_from_file(args.table, args.results)
     if args.write:
         with open(args.write) as f:
             page = f.read()
         with open(args.write, "w") as f:
-            f.write(replace_table(page, args.table, table))
+            f.write(replace_table(page, args.marker or args.table, table))
     else:
         print(table)
     return 0
