@@ -177,6 +177,21 @@ def _config_value(args, dest: str):
     return value
 
 
+def _cmd_study(args) -> int:
+    from .study import MODELS, run_study
+    command = "dsd-kernels study --out " + args.out + ("" if args.seeds == 10 else f" --seeds {args.seeds}") + \
+        ("" if args.workers == 2 else f" --workers {args.workers}") + (" --quick" if args.quick else "") + \
+        ("" if not args.models else " --models " + " ".join(args.models))
+    try:
+        study = run_study(args.out, seeds=args.seeds, workers=args.workers, quick=args.quick, command=command,
+                          progress=not args.no_progress, models=tuple(args.models or MODELS))
+    except ValueError as err:
+        print(f"dsd-kernels study: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{len(study['cells'])} cells in {os.path.join(args.out, 'study.md')}")
+    return 0
+
+
 def _cmd_train(args, argv: list[str] | None = None) -> int:
     import time
 
@@ -351,6 +366,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
     parser.train_parser = p
+    p = sub.add_parser("study", help="where DSD helps: DSD - baseline and DSD - llr with 95%% intervals across "
+                                     "sparsity, learning-rate ladder, training-set size and model")
+    p.add_argument("--out", default="runs/study", help="the study's folder (default runs/study; the committed one "
+                                                       "is docs/study); an interrupted study resumes there")
+    p.add_argument("--seeds", type=int, default=10, help="seeds per cell (default 10)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="training processes, one thread each (default 2: one per core of a 2-core machine)")
+    p.add_argument("--models", nargs="*", default=None, help="a subset of mlp cnn cnn2d (default: all three)")
+    p.add_argument("--quick", action="store_true", help="tiny epochs and data: a smoke run, not the study")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_study)
     p = sub.add_parser("bench", help="time every op against its torch baselines, write JSON")
     from .bench import CASE_FACTORIES
     p.add_argument("--ops", nargs="*", choices=sorted(CASE_FACTORIES),
