@@ -85,6 +85,8 @@ def test_the_training_table_is_the_committed_results():
 @pytest.mark.parametrize("name,source,page", [
     ("default-run", "docs/default-run/report.json", "docs/train.md"),
     ("sparse-run", "docs/sparse-run/report.json", "docs/dynamic-sparsity.md"),
+    ("study", "docs/study/study.json", "docs/train.md"),
+    ("gpu-cases", "benchmarks/results/NVIDIA-H200.json", "docs/benchmarks.md"),
     ("adamw-cpu", "benchmarks/results/cpu-2core-x86_64.json", "docs/optimizers.md"),
     *[(f"{table}@{stem}", f"benchmarks/results/{stem}.json", "docs/benchmarks.md")
       for table in ("cases", "masked-linear") for stem in ("cpu-2core-x86_64", "cpu-x86_64-avx2")]])

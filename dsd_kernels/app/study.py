@@ -10,9 +10,9 @@ in `workers` processes of one thread each, largest first, and their results are 
 finish (`units/`), so an interrupted study resumes with the units it has.
 
 The digits CNN trains on scikit-learn's digits, which has one size (all its training rows); the
-MNIST-1D models run at each of SIZES. At the larger size an epoch holds 4x the steps, so the
-phases are shorter in epochs (EPOCHS); the report shows how much each pre-training still gained
-over its last third, the check that it converged.
+MNIST-1D models run at each of SIZES, for the same epochs (at the larger size 4x the steps); the
+report shows how much each pre-training still gained over its last CONVERGED_OVER epochs (all after
+its learning-rate drop), the check that it converged.
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ SPARSITIES = (0.3, 0.5, 0.7)
 LADDERS = {"matched": (1.0, 0.1),  # sparse at the dense rate, re-dense at 1/10 (as --protocol matched)
            "paper": (0.1, 0.1)}    # the paper's: sparse at lr/10, re-dense at lr/100
 SIZES = (1000, 4000)  # MNIST-1D training rows
-EPOCHS = {1000: [30, 10, 10], 4000: [15, 5, 5]}  # pre-training, sparse, re-dense
+EPOCHS = {1000: [30, 10, 10], 4000: [30, 10, 10]}  # pre-training, sparse, re-dense: at 4000 rows 4x the steps
+CONVERGED_OVER = 5  # the convergence check: the pre-training's gain over its last epochs (after its rate drop)
 MODELS = ("mlp", "cnn", "cnn2d")
 DIGITS_SIZE = "all"  # the digits CNN's one size
 
@@ -78,10 +79,10 @@ def run_unit(model: str, size, seed: int, seeds: int, quick: bool = False) -> di
     baseline = _train(pre)
     start = pre.state_dict()
     history = [h["test_accuracy"] for h in pre.history]
-    third = max(1, len(history) // 3)
+    last = min(CONVERGED_OVER, len(history) - 1)
     out = {"model": model, "size": size, "seed": seed, "data": data.name, "train_rows": len(data.x_train),
-           "baseline": baseline, "pretraining_last_third_gain": history[-1] - history[-third - 1]
-           if len(history) > third else None, "llr": {}, "dsd": {}}
+           "baseline": baseline, "pretraining_history": history,
+           "pretraining_final_gain": history[-1] - history[-last - 1] if last > 0 else None, "llr": {}, "dsd": {}}
     for ladder in LADDERS:
         out["llr"][ladder] = _train(Run(_config(model, size, ladder, SPARSITIES[0], seeds, quick), data, "llr",
                                         model, seed, start=start))
@@ -129,6 +130,16 @@ def _fmt(p: dict) -> str:
     return f"{p['mean']:+.2f}{interval} {p['verdict']}"
 
 
+def cells_table(study: dict) -> str:
+    """Every cell: the DSD arm's mean accuracy and both paired differences with interval and verdict."""
+    lines = ["| model | size | ladder | sparsity | DSD acc | DSD - baseline | DSD - llr |",
+             "|---|---|---|---|---|---|---|"]
+    for c in study["cells"]:
+        lines.append(f"| {c['model']} | {c['size']} | {c['ladder']} | {c['sparsity']} | {c['dsd_mean']:.2f} | "
+                     f"{_fmt(c['dsd_minus_baseline'])} | {_fmt(c['dsd_minus_llr'])} |")
+    return "\n".join(lines)
+
+
 def study_markdown(study: dict) -> str:
     cfg = study["settings"]
     lines = ["# Where DSD helps: the study", "",
@@ -144,14 +155,11 @@ def study_markdown(study: dict) -> str:
              "re-dense at lr/100. MNIST-1D sizes are training rows; the digits CNN trains on all of digits' "
              "training rows. Epochs (pre-training, sparse, re-dense): "
              + ", ".join(f"{size} rows {e}" for size, e in cfg["epochs"].items()) + ".", "",
-             "| model | size | ladder | sparsity | DSD acc | DSD - baseline | DSD - llr |",
-             "|---|---|---|---|---|---|---|"]
-    for c in study["cells"]:
-        lines.append(f"| {c['model']} | {c['size']} | {c['ladder']} | {c['sparsity']} | {c['dsd_mean']:.2f} | "
-                     f"{_fmt(c['dsd_minus_baseline'])} | {_fmt(c['dsd_minus_llr'])} |")
-    lines += ["", "Did the pre-training converge? Its test accuracy's gain over the last third of its epochs "
-              "(mean over seeds, and the largest):", "",
-              "| model | size | baseline acc | gain over the last third | largest gain |", "|---|---|---|---|---|"]
+             cells_table(study)]
+    lines += ["", f"Did the pre-training converge? Its test accuracy's gain over its last {CONVERGED_OVER} epochs, all "
+              "after its learning-rate drop (mean over seeds, and the largest):", "",
+              f"| model | size | baseline acc | gain over the last {CONVERGED_OVER} epochs | largest gain |",
+              "|---|---|---|---|---|"]
     for c in study["convergence"]:
         lines.append(f"| {c['model']} | {c['size']} | {c['baseline_mean']:.2f} | {c['gain_mean']:+.2f} | "
                      f"{c['gain_max']:+.2f} |")
@@ -243,7 +251,7 @@ def run_study(out_dir: str, *, seeds: int = 10, workers: int = 2, quick: bool = 
     for r in results:
         by.setdefault((r["model"], r["size"]), []).append(r)
     for (model, size), rs in by.items():
-        gains = [r["pretraining_last_third_gain"] for r in rs if r["pretraining_last_third_gain"] is not None]
+        gains = [r["pretraining_final_gain"] for r in rs if r["pretraining_final_gain"] is not None]
         convergence.append({"model": model, "size": size, "baseline_mean": statistics.fmean(r["baseline"] for r in rs),
                             "gain_mean": statistics.fmean(gains) if gains else math.nan,
                             "gain_max": max(gains) if gains else math.nan})

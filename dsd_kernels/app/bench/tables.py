@@ -314,6 +314,24 @@ def cases_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def gpu_cases_table(results: list[dict]) -> str:
+    """Every case of a GPU results file: ours per backend (wall, and the GPU's busy time where
+    measured), the best torch baseline of the same run (wall / GPU), and the best backend's ratio."""
+    def timed(seconds: float, device: float | None) -> str:
+        return f"{_ms(seconds)} ms" + ("" if device is None else f" / {_ms(device)} ms")
+
+    lines = ["| op | case | ours: Triton | ours: CUDA (C++ backend) | best torch baseline | ratio, wall (best of ours) |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        ours, dev = r["ours_s"], r.get("ours_device_s", {})
+        cells = [timed(ours[b], dev.get(b)) if b in ours else "" for b in ("triton", "cpp")]
+        base = r["best_baseline"]
+        base_cell = f"{base} {timed(r['baselines_s'][base], r.get('baselines_device_s', {}).get(base))}"
+        lines.append(f"| {r['op']} | {r['case']} | " + " | ".join(cells) +
+                     f" | {base_cell.replace('|', chr(92) + '|')} | {_speedup(r):.2f}x ({r['best_backend']}) |")
+    return "\n".join(lines)
+
+
 _PASSES = ("masked_linear", "masked_linear dX", "masked_linear dW", "masked_linear step")
 _DENSE = {"masked_linear": ("dense F.linear(x, W)", "dense oneDNN linear(x, W)"),
           "masked_linear dX": ("dense dY @ W", "dense oneDNN dY @ W"),
@@ -365,6 +383,11 @@ def adamw_cpu_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _study_table(study: dict) -> str:
+    from ..study import cells_table
+    return cells_table(study)
+
+
 def _run_tables(report: dict) -> str:
     from ..report import summary_tables
     return summary_tables(report)
@@ -375,7 +398,8 @@ def _run_tables(report: dict) -> str:
 TABLES = {"training": ("results", training_table), "default-run": ("report", _run_tables),
           "sparse-run": ("report", _run_tables), "headline": ("folder", headline_table),
           "adamw-cpu": ("results", adamw_cpu_table), "capabilities": ("folder", capabilities_table),
-          "cases": ("results", cases_table), "masked-linear": ("results", masked_linear_table)}
+          "cases": ("results", cases_table), "masked-linear": ("results", masked_linear_table),
+          "study": ("report", _study_table), "gpu-cases": ("results", gpu_cases_table)}
 
 
 def table_from_file(name: str, path: str) -> str:
