@@ -146,7 +146,8 @@ def study_markdown(study: dict) -> str:
              f"Written by `{study['command']}` in {study['elapsed_s'] / 60:.1f} minutes on "
              f"{study['environment'].get('cpu_threads', '?')} CPU threads ({study['environment'].get('cpu', '?')}, "
              f"{study['environment'].get('cpu_capability', '?')}), {study['workers']} worker processes of one thread "
-             f"(this segment; the units' own training took {study['unit_seconds'] / 60:.1f} minutes in all).",
+             f"(wall time over every segment of the study; the units' own training took "
+             f"{study['unit_seconds'] / 60:.1f} minutes in all).",
              "",
              "Each cell pairs, seed by seed, the DSD arm's test accuracy (%) with the dense pre-training it starts "
              "from (baseline) and with the llr arm (dense at DSD's learning rates from the same start): the mean "
@@ -250,11 +251,17 @@ def run_study(out_dir: str, *, seeds: int = 10, workers: int = 2, quick: bool = 
     by: dict = {}
     for r in results:
         by.setdefault((r["model"], r["size"]), []).append(r)
-    for (model, size), rs in by.items():
+    order = {m: i for i, m in enumerate(MODELS)}
+    for (model, size), rs in sorted(by.items(), key=lambda kv: (order[kv[0][0]], str(kv[0][1]).zfill(6))):
         gains = [r["pretraining_final_gain"] for r in rs if r["pretraining_final_gain"] is not None]
         convergence.append({"model": model, "size": size, "baseline_mean": statistics.fmean(r["baseline"] for r in rs),
                             "gain_mean": statistics.fmean(gains) if gains else math.nan,
                             "gain_max": max(gains) if gains else math.nan})
+    # the wall time of every segment: an interrupted study adds its earlier segments' time
+    previous = os.path.join(out_dir, "study.json")
+    if os.path.exists(previous):
+        with open(previous) as f:
+            elapsed += json.load(f).get("elapsed_s", 0.0)
     env = environment("cpu")
     study = {"command": command or "dsd-kernels study", "settings": settings, "environment": env,
              "workers": workers, "elapsed_s": elapsed, "unit_seconds": sum(r["elapsed_s"] for r in results),
