@@ -1,5 +1,5 @@
 // The pieces of the CPU magnitude selection shared by the local op (magnitude_select.cpp) and
-// the sharded selection's per-shard kernels (sharded_select.cpp): float keys, the radix passes'
+// the sharded selection's per-shard kernels (sharded_radix.cpp, sharded_bracket.cpp, sharded_resolve.cpp): float keys, the radix passes'
 // counting loops, the sampled bracket and its gathering pass, and the mask pass.
 #pragma once
 #include <ATen/Parallel.h>

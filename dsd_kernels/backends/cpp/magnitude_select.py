@@ -50,7 +50,7 @@ def threshold_masks(tensors, keys, need, ties_before, local_ties):
 
 
 def bracket_pass(shards, quantiles, lo, hi, buckets, window_keys, *, want_masks: bool):
-    """See csrc/cpu/sharded_select.cpp: per shard a row (numel, lo, hi, shift, below, flag,
+    """See csrc/cpu/sharded_bracket.cpp: per shard a row (numel, lo, hi, shift, below, flag,
     window_lo, window_hi, counts..., window keys...), the keys inside the bracket and, with
     want_masks, their positions and the mask words with the bracket's keys pruned."""
     rows, keys, positions, words = torch.ops.dsd_kernels_cpp.bracket_pass(

@@ -179,7 +179,7 @@ def threshold_masks(tensors: list[torch.Tensor], keys: list[int | None], need: l
 
 
 # distributed.py's bracket path (the contracts are at the C++ backend's bracket_pass,
-# bucket_split_ and resolve_masks_ in csrc/cpu/sharded_select.cpp); here every shard is
+# bucket_split_ and resolve_masks_ in csrc/cpu/sharded_resolve.cpp); here every shard is
 # "sampled" whole, its bracket the keys 3 sqrt(n) ranks either side of its quantile's rank.
 ROW_HEADER = 8  # numel, lo, hi, shift, below, flag, window_lo, window_hi
 
