@@ -7,6 +7,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <cstring>
@@ -71,6 +72,31 @@ void parallel_for_words(const MaskLayout& lay, int64_t grain, const F& fn) {
         ++row;
       }
     }
+  });
+}
+
+// fn(i) for every tensor i of a list of `numels`: a tensor of over 1/(2 x threads) of all the
+// elements alone, its parallel loops on every thread; the others (a model's layers: alone, one
+// of a few 10^5 elements would get one thread of those loops) whole, one per thread, largest
+// first from a shared queue, so the threads finish together. Nested in that loop, the kernels'
+// own parallel loops run on the calling thread.
+template <typename F>
+void for_each_tensor(const std::vector<int64_t>& numels, const F& fn) {
+  const int threads = at::get_num_threads();
+  int64_t total = 0;
+  for (const int64_t n : numels) total += n;
+  std::vector<int64_t> queued;
+  for (size_t i = 0; i < numels.size(); ++i) {
+    if (numels[i] * 2 * threads > total) {
+      fn(i);
+    } else {
+      queued.push_back(static_cast<int64_t>(i));
+    }
+  }
+  std::stable_sort(queued.begin(), queued.end(), [&](int64_t a, int64_t b) { return numels[a] > numels[b]; });
+  std::atomic<size_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (size_t j = next++; j < queued.size(); j = next++) fn(static_cast<size_t>(queued[j]));
   });
 }
 

@@ -1,6 +1,6 @@
 // Exact magnitude selection on CPU (dsd_kernels_cpp::magnitude_select): per tensor, the k-th
-// smallest magnitude (local_select.h) and the packed keep-words (selection.h write_mask). Tensors
-// under kSmallTensor elements are selected several at once, one per thread.
+// smallest magnitude (local_select.h) and the packed keep-words (selection.h write_mask); a list's
+// tensors spread over the threads as common.h's for_each_tensor does.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -36,10 +36,6 @@ void select_one(const at::Tensor& t, double sparsity, bool want_masks, double* t
   }
 }
 
-// Tensors under this many elements are selected one per thread, several at once (a list of a
-// model's layers): alone, each would use one thread of the parallel loops inside (their grain)
-constexpr int64_t kSmallTensor = int64_t(1) << 18;
-
 std::tuple<at::Tensor, std::vector<at::Tensor>> magnitude_select(
     at::TensorList tensors, at::ArrayRef<double> sparsities, bool want_masks) {
   TORCH_CHECK(tensors.size() == sparsities.size(), "magnitude_select: ", tensors.size(),
@@ -47,7 +43,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> magnitude_select(
   at::Tensor thresholds = at::empty({static_cast<int64_t>(tensors.size())}, at::kDouble);
   double* th = thresholds.data_ptr<double>();
   std::vector<at::Tensor> masks(want_masks ? tensors.size() : 0);
-  std::vector<int64_t> small;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
     TORCH_CHECK(t.device().is_cpu(), "magnitude_select: tensors[", i, "] is not a CPU tensor");
@@ -59,17 +54,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> magnitude_select(
       select_one<scalar_t>(tensors[i], sparsities[i], want_masks, th + i, want_masks ? &masks[i] : nullptr);
     });
   };
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    if (tensors[i].numel() < kSmallTensor) {
-      small.push_back(static_cast<int64_t>(i));
-    } else {
-      select(i);
-    }
-  }
-  // nested, the kernels' parallel loops run on the calling thread
-  at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) select(static_cast<size_t>(small[j]));
-  });
+  std::vector<int64_t> numels;
+  for (const auto& t : tensors) numels.push_back(t.numel());
+  for_each_tensor(numels, select);
   return {thresholds, masks};
 }
 

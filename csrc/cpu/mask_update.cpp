@@ -16,7 +16,6 @@
 
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
@@ -296,28 +295,9 @@ std::vector<at::Tensor> mask_update(at::TensorList weights, at::TensorList score
   const auto update = [&](size_t i) {
     update_one(weights[i], scores[i], mask_words[i].data_ptr<int32_t>(), counts[i], i, out[i].data_ptr<int32_t>());
   };
-  // A tensor of over 1/(2 x threads) of all the elements is updated alone, its parallel loops on
-  // every thread; the others (a model's layers: a subset of a few 10^5 values would get one thread
-  // of those loops) whole, one per thread, largest first from a shared queue, so the threads
-  // finish together.
-  const int threads = at::get_num_threads();
-  int64_t total = 0;
-  for (const auto& w : weights) total += w.numel();
-  std::vector<int64_t> queued;
-  for (size_t i = 0; i < weights.size(); ++i) {
-    if (weights[i].numel() * 2 * threads > total) {
-      update(i);
-    } else {
-      queued.push_back(static_cast<int64_t>(i));
-    }
-  }
-  std::stable_sort(queued.begin(), queued.end(),
-                   [&](int64_t a, int64_t b) { return weights[a].numel() > weights[b].numel(); });
-  std::atomic<size_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    // nested in this loop, the kernels' own parallel loops run on the calling thread
-    for (size_t j = next++; j < queued.size(); j = next++) update(static_cast<size_t>(queued[j]));
-  });
+  std::vector<int64_t> numels;
+  for (const auto& w : weights) numels.push_back(w.numel());
+  for_each_tensor(numels, update);
   return out;
 }
 

@@ -105,15 +105,20 @@ def _worker(args):
     return result
 
 
-def summarize(results: list[dict]) -> list[dict]:
-    """Per (model, size, ladder, sparsity): DSD - baseline and DSD - llr paired by seed."""
-    cells = []
+def _by_model_and_size(results: list[dict]) -> list[tuple[tuple, list[dict]]]:
+    """((model, size), the units by seed), in MODELS' order, then by size."""
     groups: dict = {}
     for r in results:
         groups.setdefault((r["model"], r["size"]), []).append(r)
     order = {m: i for i, m in enumerate(MODELS)}
-    for (model, size), rs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], str(kv[0][1]).zfill(6))):
-        rs = sorted(rs, key=lambda r: r["seed"])
+    return [(key, sorted(rs, key=lambda r: r["seed"]))
+            for key, rs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], str(kv[0][1]).zfill(6)))]
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """Per (model, size, ladder, sparsity): DSD - baseline and DSD - llr paired by seed."""
+    cells = []
+    for (model, size), rs in _by_model_and_size(results):
         for ladder in LADDERS:
             for sparsity in SPARSITIES:
                 key = f"{ladder}@{sparsity}"
@@ -248,11 +253,7 @@ def run_study(out_dir: str, *, seeds: int = 10, workers: int = 2, quick: bool = 
                     bar.update(1)
     elapsed = time.perf_counter() - started
     convergence = []
-    by: dict = {}
-    for r in results:
-        by.setdefault((r["model"], r["size"]), []).append(r)
-    order = {m: i for i, m in enumerate(MODELS)}
-    for (model, size), rs in sorted(by.items(), key=lambda kv: (order[kv[0][0]], str(kv[0][1]).zfill(6))):
+    for (model, size), rs in _by_model_and_size(results):
         gains = [r["pretraining_final_gain"] for r in rs if r["pretraining_final_gain"] is not None]
         convergence.append({"model": model, "size": size, "baseline_mean": statistics.fmean(r["baseline"] for r in rs),
                             "gain_mean": statistics.fmean(gains) if gains else math.nan,

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "fp32_keys.h"
 #include "isa_kernels.h"
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -18,8 +19,6 @@ namespace isa {
 namespace CPU_CAPABILITY {
 namespace {
 
-constexpr uint32_t kAbsMask = 0x7FFFFFFFu;
-constexpr uint32_t kNanKey = 0x7F800001u;  // float_keys.h: every NaN's key, above +inf
 
 #if defined(__AVX2__)
 // indices[m]: the positions of m's set bits, ascending, one per byte (then zeros)
@@ -84,9 +83,7 @@ int64_t bracket_chunk_fp32(const float* data, int64_t count, uint32_t lo, uint32
   }
 #endif
   for (; i < count; ++i) {
-    uint32_t key;
-    std::memcpy(&key, data + i, sizeof(key));
-    key = std::min(key & kAbsMask, kNanKey);
+    const uint32_t key = fp32_key(data + i);
     under += key < lo;
     out[kept] = key;  // branch-free: kept only when in the bracket
     kept += key - lo <= width;

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "fp32_keys.h"
 #include "isa_kernels.h"
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -18,16 +19,9 @@ namespace isa {
 namespace CPU_CAPABILITY {
 namespace {
 
-inline uint32_t key_2_4(const float* w, int j) {
-  uint32_t key;
-  std::memcpy(&key, w + j, sizeof(key));
-  key &= 0x7FFFFFFFu;
-  return key < 0x7F800001u ? key : 0x7F800001u;  // every NaN one key, above +inf
-}
-
 // bits [0, 4): which of the 4 weights at w are kept
 inline uint32_t keep_group_2_4(const float* w) {
-  const uint32_t k0 = key_2_4(w, 0), k1 = key_2_4(w, 1), k2 = key_2_4(w, 2), k3 = key_2_4(w, 3);
+  const uint32_t k0 = fp32_key(w), k1 = fp32_key(w + 1), k2 = fp32_key(w + 2), k3 = fp32_key(w + 3);
   const int b0 = (k1 < k0) + (k2 < k0) + (k3 < k0);  // others below: smaller, or equal at a lower index
   const int b1 = (k0 <= k1) + (k2 < k1) + (k3 < k1);
   const int b2 = (k0 <= k2) + (k1 <= k2) + (k3 < k2);
@@ -40,8 +34,8 @@ inline uint32_t keep_group_2_4(const float* w) {
 // bits [0, 8): the two groups of 4 at w
 inline uint32_t keep_8_2_4(const float* w) {
   const __m256i keys = _mm256_min_epu32(
-      _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)), _mm256_set1_epi32(0x7FFFFFFF)),
-      _mm256_set1_epi32(0x7F800001));
+      _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)), _mm256_set1_epi32(static_cast<int32_t>(kAbsMask))),
+      _mm256_set1_epi32(static_cast<int32_t>(kNanKey)));
   // element i of a group sees key (i + r) % 4; that is a lower index in the lanes i >= 4 - r, where
   // an equal key also counts as below (keys < 2^31: signed compares order them)
   const __m256i rotated[3] = {_mm256_shuffle_epi32(keys, 0x39), _mm256_shuffle_epi32(keys, 0x4E),
