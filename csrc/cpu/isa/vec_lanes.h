@@ -20,6 +20,11 @@ using Vec = at::vec::Vectorized<float>;
 
 constexpr int kLanes = Vec::size();
 static_assert(32 % kLanes == 0, "a vector must lie in one mask word");
+#if defined(__aarch64__) && defined(CPU_CAPABILITY_DEFAULT)
+// the portable kernels on ARM are NEON code, not at::vec's generic (scalar-array) vectors; the
+// aarch64 cross build in the tests (tests/test_aarch64_build.py) holds this
+static_assert(kLanes == 4, "the default build on aarch64 must get at::vec's NEON Vectorized<float>");
+#endif
 
 // lanes [0, n) of src, 0 in the others (n in [0, kLanes]); reads nothing past src + n
 inline Vec load_first(const float* src, int64_t n) {
