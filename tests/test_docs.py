@@ -104,3 +104,51 @@ def test_the_tables_of_every_results_file_are_the_committed_results(name, page):
     from dsd_kernels.app.bench.tables import table_from_file, table_on_page
     text = (ROOT / page).read_text()
     assert table_on_page(text, name) == table_from_file(name, str(ROOT / "benchmarks" / "results"))
+
+
+# a number with a unit of time, bandwidth or throughput, or a speed ratio ("1.5x"): a measured
+# figure, unless it is a shape ("64x64": a digit follows the x)
+MEASURED_FIGURE = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?:\s?(?:ns|µs|us|ms|s|sec|seconds?|min|minutes?|hours?"
+                             r"|[GT]B/s|GiB/s|[GT]FLOP/s)\b|x(?!\w))")
+
+
+def prose_lines(text: str):
+    """(line number, line) of a page outside fenced code blocks and generated tables."""
+    fenced = generated = False
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith("```"):
+            fenced = not fenced
+        elif re.fullmatch(r"<!-- table:\S+ -->", stripped):
+            generated = True
+        elif re.fullmatch(r"<!-- /table:\S+ -->", stripped):
+            generated = False
+        elif not fenced and not generated:
+            yield number, line
+
+
+def test_prose_holds_no_measured_figures():
+    """Times, bandwidths and speed ratios in README.md and docs/ live only in the generated tables
+    (tied to the results JSON by the tests above) and in code blocks; prose and hand-written tables
+    point at those instead of repeating them, so that no page can disagree with the JSON."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    found = [f"{page.relative_to(ROOT)}:{number}: {line.strip()}" for page in pages
+             for number, line in prose_lines(page.read_text()) if MEASURED_FIGURE.search(line)]
+    assert not found, "measured figures outside the generated tables:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize("line", ["at 90% of tiles it ran 1.46x faster", "took 45 s", "12.5 GB/s here",
+                                  "a step of 3.2ms", "about 25 minutes", "| 0.93x |"])
+def test_the_figure_pattern_finds_measured_figures(line):
+    assert MEASURED_FIGURE.search(line)
+
+
+@pytest.mark.parametrize("line", ["64x64 tiles", "2 x 128 tokens", "fp32, 2:4 masks at 50%", "sm_90, cuda 13.0",
+                                  "<!-- table:cases@cpu-x86_64-avx2 -->"])
+def test_the_figure_pattern_leaves_shapes_and_settings(line):
+    assert not MEASURED_FIGURE.search(line)
+
+
+def test_generated_tables_are_left_out_of_the_prose_scan():
+    page = "a\n<!-- table:x -->\n| 1.5x |\n<!-- /table:x -->\n```\n3 ms\n```\nb 2x\n"
+    assert [n for n, _ in prose_lines(page)] == [1, 8]
