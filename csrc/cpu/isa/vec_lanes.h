@@ -41,25 +41,25 @@ inline void store_first(const Vec& v, float* dst, int64_t n) {
   }
 }
 
-// The 8 lanes of each byte value: all ones where its bit is set
-struct ByteLanes {
-  int32_t lanes[256][8];
-  constexpr ByteLanes() : lanes() {
-    for (int byte = 0; byte < 256; ++byte) {
-      for (int j = 0; j < 8; ++j) lanes[byte][j] = (byte >> j) & 1 ? -1 : 0;
-    }
+using IntVec = at::vec::Vectorized<int32_t>;
+static_assert(IntVec::size() == kLanes, "int32 and fp32 vectors of one ISA have the same lanes");
+
+// lane j holds 1 << j: the bit of a mask word (shifted to the vector's first column) that keeps it
+struct LaneBits {
+  int32_t bits[kLanes];
+  constexpr LaneBits() : bits() {
+    for (int j = 0; j < kLanes; ++j) bits[j] = static_cast<int32_t>(1u << j);
   }
 };
-inline constexpr ByteLanes kByteLanes{};
+inline constexpr LaneBits kLaneBits{};
 
 // all-ones lanes where bit j of `bits` is set, zeros elsewhere: AND-ing gives exactly +0 where
-// pruned, whatever the value (NaN included). A table read per 8 lanes.
+// pruned, whatever the value (NaN included). In registers (broadcast, AND, compare): a table read
+// through the stack stalled on store forwarding once per vector.
 inline Vec keep_lanes(uint32_t bits) {
-  alignas(64) int32_t lanes[kLanes];
-  for (int b = 0; b < kLanes; b += 8) {
-    std::memcpy(lanes + b, kByteLanes.lanes[(bits >> b) & 0xFFu], sizeof(int32_t) * std::min(8, kLanes - b));
-  }
-  return Vec::loadu(lanes);
+  const IntVec lane_bits = IntVec::loadu(kLaneBits.bits);
+  const IntVec set = IntVec(static_cast<int32_t>(bits)) & lane_bits;
+  return at::vec::cast<float>(set == lane_bits);
 }
 
 // the keep bits of columns [c, c + kLanes) of a row of mask words, in the low bits
