@@ -71,9 +71,13 @@ def extension_setup():
             # added the torch and language-standard flags to them by now)
             cxx = ext.extra_compile_args
             cxx = list(cxx["cxx"] if isinstance(cxx, dict) else cxx)
+            # a build folder per ISA file: torch writes a ninja manifest per compile call into its
+            # output folder, and ninja drops the log entries of outputs another manifest built, so a
+            # shared folder recompiled every object on every build
             isa_objects = []
             for src, flags in ISA_FLAGS.items():
-                isa_objects += self.compiler.compile([src], output_dir=self.build_temp, include_dirs=ext.include_dirs,
+                out = os.path.join(self.build_temp, "isa", os.path.splitext(os.path.basename(src))[0])
+                isa_objects += self.compiler.compile([src], output_dir=out, include_dirs=ext.include_dirs,
                                                      extra_postargs=cxx + flags,
                                                      depends=glob.glob("csrc/cpu/isa/*.h"))
             ext.extra_objects = [o for o in ext.extra_objects or [] if o not in isa_objects] + isa_objects

@@ -3,7 +3,9 @@
 // masking.py). One read and one write of every masked tensor, in parallel over 32-element mask
 // words; a pruned entry becomes exactly +0 whatever it held (NaN included). fp32 on AVX-512:
 // masked stores of +0 into the pruned lanes only (common.h); on AVX2 the portable pass of
-// csrc/cpu/isa (words that keep everything skipped, vectors that keep nothing stored as +0 unread).
+// csrc/cpu/isa (words that keep everything skipped, words that keep nothing stored as +0 unread);
+// elsewhere a scalar word loop (x86-64's generic vectors ran the portable pass far slower; NEON's
+// has not been timed on an ARM CPU).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

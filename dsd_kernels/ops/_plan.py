@@ -97,7 +97,11 @@ class KernelPlan(PlanKey):
         self._pointers = self._current_pointers()
 
     def _current_pointers(self) -> list[int]:
-        return [t.data_ptr() for t in self.tensors] + [s.data_ptr() for kind in self.state_tensors for s in kind]
+        # map over the unbound method: the per-step check runs once per tensor, kept lean
+        pointers = list(map(Tensor.data_ptr, self.tensors))
+        for kind in self.state_tensors:
+            pointers += map(Tensor.data_ptr, kind)
+        return pointers
 
     def current(self) -> bool:
         """Whether every tensor still has the storage the plan was built on, every derived mask

@@ -13,6 +13,8 @@ MaskedSGD needs none of this: its fused step keeps pruned weights and momentum a
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -35,7 +37,7 @@ def same_state(state, snapshot: list) -> bool:
     """Whether an optimizer's state holds the very per-parameter dicts of `snapshot`
     (list(state.values()) when a plan was made), in order and no more: compared by identity, no
     parameter hashed."""
-    return len(state) == len(snapshot) and all(a is b for a, b in zip(state.values(), snapshot))
+    return len(state) == len(snapshot) and all(map(operator.is_, state.values(), snapshot))
 
 
 @torch.no_grad()
@@ -62,8 +64,8 @@ def remask_plans(cache: dict, state, masks: dict, keys=None) -> list | None:
         return None
     entry = cache.get("remask")
     if entry is not None:
-        built, snapshot, held = entry
-        if (same_state(state, snapshot) and all(sd.get(key) is t for sd, key, t in held)
+        built, snapshot, (dicts, keys, held) = entry
+        if (same_state(state, snapshot) and all(map(operator.is_, map(dict.get, dicts, keys), held))
                 and (built is None or all(plan.current() for plan in built))):
             return built
     tensors, applied, held = [], [], []
@@ -77,7 +79,7 @@ def remask_plans(cache: dict, state, masks: dict, keys=None) -> list | None:
                 applied.append(m)
                 held.append((sd, key, value))
     built = apply_masks_plans(tensors, applied)
-    cache["remask"] = (built, list(state.values()), held)
+    cache["remask"] = (built, list(state.values()), tuple(map(list, zip(*held))) if held else ([], [], []))
     return built
 
 
