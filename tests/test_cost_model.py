@@ -39,6 +39,14 @@ def test_cli_prints_predictions_and_writes_no_results(tmp_path, capsys, monkeypa
     assert not any(tmp_path.rglob("*"))  # nothing written, least of all a results file
 
 
+def test_cli_names_the_ops_the_model_does_not_cover(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "--predict", "h100", "--ops", "nm_masks", "masked_sgd", "--out", "p.json"]) == 2
+    err = capsys.readouterr().err
+    assert "--predict has no cost model for --ops nm_masks (it covers magnitude_select, masked_sgd" in err
+    assert not any(tmp_path.rglob("*"))
+
+
 def count_host_tables(monkeypatch):
     """Counts the host-built tables copied to the device (kept tables are not copied again)."""
     from dsd_kernels.backends.triton import _tiles, apply_masks, masked_adamw

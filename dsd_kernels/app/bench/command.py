@@ -26,6 +26,11 @@ def cmd_bench(args) -> int:
 
         from ..._files import atomic_write_text
         from . import cost_model
+        uncovered = [op for op in args.ops or () if op not in cost_model.SUITES]
+        if uncovered:
+            print(f"dsd-kernels bench: error: --predict has no cost model for --ops {' '.join(uncovered)} "
+                  f"(it covers {', '.join(cost_model.SUITES)})", file=sys.stderr)
+            return 2
         rows = cost_model.predict(args.predict, args.ops)
         print(cost_model.format_predictions(args.predict, rows))
         if args.out:
