@@ -32,18 +32,15 @@ def setup_py_flags() -> tuple[list[str], dict[str, list[str]]]:
     return values["CXX_FLAGS"], values["ISA_FLAGS"]
 
 
-def sources() -> list[str]:
-    """setup.py's CPU_SOURCES and the per-ISA files, as paths relative to the root."""
-    _, isa_flags = setup_py_flags()
-    cpu = sorted(glob.glob("csrc/*.cpp", root_dir=ROOT) + glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))
-    return cpu + list(isa_flags)
+CXX_FLAGS, ISA_FLAGS = setup_py_flags()
+# setup.py's CPU_SOURCES and the per-ISA files, as paths relative to the root
+SOURCES = sorted(glob.glob("csrc/*.cpp", root_dir=ROOT) + glob.glob("csrc/cpu/*.cpp", root_dir=ROOT)) + list(ISA_FLAGS)
 
 
 def test_sources_cover_every_cpp_file():
-    _, isa_flags = setup_py_flags()
     on_disk = sorted(glob.glob("csrc/**/*.cpp", root_dir=ROOT, recursive=True))
-    assert sorted(sources()) == on_disk
-    assert isa_flags["csrc/cpu/isa/avx2.cpp"] == [] and isa_flags["csrc/cpu/isa/avx512.cpp"] == []
+    assert sorted(SOURCES) == on_disk
+    assert ISA_FLAGS["csrc/cpu/isa/avx2.cpp"] == [] and ISA_FLAGS["csrc/cpu/isa/avx512.cpp"] == []
 
 
 @pytest.mark.slow
@@ -53,19 +50,18 @@ def test_csrc_compiles_for_aarch64(tmp_path):
             pytest.fail(f"DSD_KERNELS_REQUIRE_AARCH64_BUILD=1 but {CROSS_CXX} is not on PATH "
                         f"(apt-get install g++-aarch64-linux-gnu)")
         pytest.skip(f"{CROSS_CXX} not installed (apt-get install g++-aarch64-linux-gnu)")
-    cxx_flags, isa_flags = setup_py_flags()
     includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
     # -O0: this checks that the sources compile and generate code for aarch64, not how fast
     common = ["-std=c++20", "-O0", "-Wno-psabi", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
-              *[f for f in cxx_flags if not f.startswith("-O")], *includes]
+              *[f for f in CXX_FLAGS if not f.startswith("-O")], *includes]
 
     def compile_one(src: str) -> tuple[str, subprocess.CompletedProcess]:
         obj = tmp_path / (src.replace("/", "_") + ".o")
-        cmd = [CROSS_CXX, *common, *isa_flags.get(src, []), "-c", src, "-o", str(obj)]
+        cmd = [CROSS_CXX, *common, *ISA_FLAGS.get(src, []), "-c", src, "-o", str(obj)]
         return src, subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        results = list(pool.map(compile_one, sources()))
+        results = list(pool.map(compile_one, SOURCES))
     failed = {src: out.stderr[-3000:] for src, out in results if out.returncode != 0}
     assert not failed, "\n\n".join(f"{src}:\n{err}" for src, err in failed.items())
     objdump = shutil.which("aarch64-linux-gnu-objdump")

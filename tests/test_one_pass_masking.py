@@ -83,3 +83,22 @@ def test_the_scheduler_still_masks_gradients_for_clipping():
     dsd.mask_gradients()
     for p, m in dsd.masks.items():
         assert bool((p.grad[~m.to_bool()] == 0).all())
+
+
+def test_state_that_appears_after_the_first_step_is_masked_too():
+    """The one pass's cached plan is rebuilt when the optimizer's state changes, over the state
+    keys the optimizer declares: a masked weight without a gradient at the first step (no state
+    then, while an unmasked one gets its state) has its moments masked once it gets one."""
+    gen = torch.Generator().manual_seed(0)
+    late, other = (torch.nn.Parameter(torch.randn(6, 40, generator=gen)) for _ in range(2))
+    keep = torch.rand(6, 40, generator=gen) > 0.5
+    opt = torch.optim.Adam([late, other])
+    masks = OptimizerMasks(opt)
+    masks.set_masks({late: keep})
+    other.grad = torch.randn(6, 40, generator=gen)
+    opt.step()  # `late` has no gradient: no state yet
+    assert late not in opt.state
+    late.grad = torch.randn(6, 40, generator=gen)  # pruned entries too: the one pass masks after the step
+    opt.step()
+    for t in (late, opt.state[late]["exp_avg"], opt.state[late]["exp_avg_sq"]):
+        assert torch.all(t.detach()[~keep] == 0)

@@ -64,11 +64,11 @@ def remask_plans(cache: dict, state, masks: dict, keys=None) -> list | None:
         return None
     entry = cache.get("remask")
     if entry is not None:
-        built, snapshot, (dicts, keys, held) = entry
-        if (same_state(state, snapshot) and all(map(operator.is_, map(dict.get, dicts, keys), held))
+        built, snapshot, (held_dicts, held_keys, held) = entry
+        if (same_state(state, snapshot) and all(map(operator.is_, map(dict.get, held_dicts, held_keys), held))
                 and (built is None or all(plan.current() for plan in built))):
             return built
-    tensors, applied, held = [], [], []
+    tensors, applied, held_dicts, held_keys, held = [], [], [], [], []
     for p, m in masks.items():
         tensors.append(p)
         applied.append(m)
@@ -77,9 +77,11 @@ def remask_plans(cache: dict, state, masks: dict, keys=None) -> list | None:
             if isinstance(value, Tensor) and value.shape == p.shape and (keys is None or key in keys):
                 tensors.append(value)
                 applied.append(m)
-                held.append((sd, key, value))
+                held_dicts.append(sd)
+                held_keys.append(key)
+                held.append(value)
     built = apply_masks_plans(tensors, applied)
-    cache["remask"] = (built, list(state.values()), tuple(map(list, zip(*held))) if held else ([], [], []))
+    cache["remask"] = (built, list(state.values()), (held_dicts, held_keys, held))
     return built
 
 
