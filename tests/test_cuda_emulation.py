@@ -34,14 +34,15 @@ def emu(tmp_path_factory):
     return torch.ops.dsd_kernels_cuda_emu
 
 
-def check_selection(emu, tensors, sparsities):
+def check_selection(emu, tensors, sparsities, thresholds_only_too=True):
     thresholds, masks = emu.magnitude_select(tensors, sparsities, True)
-    only_thresholds, no_masks = emu.magnitude_select(tensors, sparsities, False)
     want = torch.tensor(R.magnitude_thresholds(tensors, sparsities), dtype=torch.float64)
     same = (thresholds == want) | (thresholds.isnan() & want.isnan())
     assert same.all(), f"thresholds {thresholds} != reference {want}"
-    torch.testing.assert_close(only_thresholds, thresholds, rtol=0, atol=0, equal_nan=True)
-    assert len(no_masks) == 0
+    if thresholds_only_too:  # the call without masks (the same selection, no mask pass)
+        only_thresholds, no_masks = emu.magnitude_select(tensors, sparsities, False)
+        torch.testing.assert_close(only_thresholds, thresholds, rtol=0, atol=0, equal_nan=True)
+        assert len(no_masks) == 0
     for i, (m, keep) in enumerate(zip(masks, R.magnitude_masks(tensors, sparsities))):
         assert torch.equal(m, R.pack_bits(keep)), f"mask {i} differs from reference"
 
@@ -50,8 +51,10 @@ def check_selection(emu, tensors, sparsities):
 def test_adversarial_cases_in_one_call(emu, dtype):
     # every adversarial case of test_magnitude_select at once: one multi-tensor table per call
     tensors = [t.cpu() for case in adversarial(dtype).values() for t in case]
+    # the emulation runs real threads through every barrier: slow on 2 cores, so the call without
+    # masks is checked once per dtype, on the call that mixes every kind of sparsity
     for s in SPARSITIES:
-        check_selection(emu, tensors, [s] * len(tensors))
+        check_selection(emu, tensors, [s] * len(tensors), thresholds_only_too=False)
     check_selection(emu, tensors, [(0.07 * i) % 1.0 for i in range(len(tensors))])
 
 

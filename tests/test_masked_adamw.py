@@ -290,3 +290,49 @@ def test_words_that_keep_nothing_are_cleared_and_the_rest_stepped(backend, shape
             continue
         assert torch.equal(bits(ours), bits(want)), name
         assert bits(ours)[~keep].eq(0).all(), name
+
+
+def same_bits_or_both_nan(a, b):
+    """Equal bits, or NaN in both (torch's kernels do not all keep a NaN's payload)."""
+    return bool(((bits(a) == bits(b)) | (a.isnan() & b.isnan())).all())
+
+
+@pytest.mark.parametrize("torch_fused", [False, True], ids=["foreach-bits", "fused-bits"])
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("shape", [(8, 64), (300, 32), (5, 40)])  # whole words (one block, several), partial words
+def test_non_finite_kept_entries_step_as_torch_steps_them(backend, shape, maximize, torch_fused):
+    """NaN and inf where kept (in the gradient, both moments and the amsgrad maximum, including
+    a NaN maximum against a finite moment and the reverse): the vector loops give what the
+    reference (or torch's fused AdamW, for its bits) gives there, element for element."""
+    gen = torch.Generator().manual_seed(shape[0] + 7 * maximize)
+    keep = torch.rand(shape, generator=gen) > 0.3
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0])
+
+    def poisoned(t):
+        at = torch.rand(shape, generator=gen) < 0.15
+        return torch.where(at, specials[torch.randint(0, 5, shape, generator=gen)], t)
+
+    p = poisoned(torch.randn(shape, generator=gen))
+    grad = poisoned(torch.randn(shape, generator=gen))
+    m = poisoned(0.1 * torch.randn(shape, generator=gen))
+    v = poisoned(0.01 * torch.rand(shape, generator=gen)).abs()
+    vmax = poisoned(0.01 * torch.rand(shape, generator=gen)).abs()
+    kwargs = dict(lr=1e-2, weight_decay=1e-2, amsgrad=True, maximize=maximize)
+    results = []
+    for which in ("want", "ours"):
+        state = [[t.clone()] for t in (p, m, v, vmax)]
+        counts = [torch.tensor(2.0)]
+        args = (state[0], [grad.clone()], state[1], state[2], state[3], counts, [Mask.from_bool(keep)])
+        if which == "ours":
+            with dk.use_backend(backend):
+                ops.masked_adamw_(*args, torch_fused=torch_fused, **kwargs)
+        elif torch_fused:  # torch's fused AdamW on the kept entries, then +0 where pruned
+            with dk.use_backend("torch"):
+                ops.masked_adamw_(*args, torch_fused=True, **kwargs)
+        else:
+            reference_masked_adamw_(*args, **kwargs)
+        results.append([s[0] for s in state])
+    for name, want, ours in zip(("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"), *results):
+        assert same_bits_or_both_nan(ours, want), name
+        assert bits(ours)[~keep].eq(0).all(), name
+    assert results[0][0][keep].isnan().any() and results[0][0][keep].isfinite().any()  # the case is adversarial

@@ -228,9 +228,43 @@ DSD_AVX512 void step_words_avx512(
 }
 #endif
 
+// The portable whole-word kernels (isa/masked_adamw_kernel.h) run for fp32 tensors whose rows are
+// whole mask words on AVX2 + FMA (AVX-512 has its own loops above; the x86 default build has no
+// FMA and would round twice). The range [start, start + n) of the tensor, words from word first.
+inline bool portable_whole_words(const MaskLayout& lay) {
+  return lay.cols % 32 == 0 && cpu_capability() == CpuCapability::kAvx2;
+}
+
+inline isa::AdamwSpan adamw_span(float* p, const float* g, float* m, float* v, float* vmax, const int32_t* words,
+                                 int64_t first, int64_t n, const Coefficients<float>& c, bool decay, bool maximize,
+                                 bool small_weight) {
+  const int64_t start = first * 32;
+  return {p + start, g + start, m + start, v + start, vmax ? vmax + start : nullptr, words ? words + first : nullptr,
+          n, c.decay, c.avg_weight, c.avg_keep, c.beta2, c.sq_weight, c.neg_step, c.bc2_sqrt, c.eps,
+          decay, maximize, small_weight};
+}
+
 template <typename scalar_t, typename acc_t, bool kDecay, bool kMaximize, bool kAmsgrad, bool kSmallWeight>
 void step_tensor(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v, scalar_t* vmax,
                  const int32_t* words, const MaskLayout& lay, const Coefficients<acc_t>& c) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (portable_whole_words(lay)) {
+      at::parallel_for(0, lay.num_words(), kBlockWords, [&](int64_t begin, int64_t end) {
+        float* buffers = thread_scratch<float>(5 * kSpan);
+        float* s = buffers + 2 * kSpan;
+        float* second = buffers + 3 * kSpan;
+        float* root = buffers + 4 * kSpan;
+        for (int64_t first = begin; first < end; first += kBlockWords) {
+          const int64_t n = std::min<int64_t>(kBlockWords, end - first) * 32;
+          const isa::AdamwSpan span = adamw_span(p, g, m, v, vmax, words, first, n, c, kDecay, kMaximize, kSmallWeight);
+          isa::AVX2::adamw_second_moments_fp32(span, s, second);
+          torch_sqrt(kAmsgrad ? second : s, root, n);
+          isa::AVX2::adamw_update_fp32(span, s, second, root);
+        }
+      });
+      return;
+    }
+  }
 #ifdef DSD_HAVE_AVX512_KERNELS
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (lay.cols % 32 == 0 && cpu_has_avx512f()) {
@@ -352,11 +386,20 @@ void fused_tensor(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v, scal
 #ifdef DSD_HAVE_AVX512_KERNELS
   whole_words = std::is_same_v<scalar_t, float> && lay.cols % 32 == 0 && cpu_has_avx512f();
 #endif
+  [[maybe_unused]] const bool portable = std::is_same_v<scalar_t, float> && portable_whole_words(lay);  // AVX2 for region 0
   at::parallel_for(0, lay.num_words(), kBlockWords, [&](int64_t begin, int64_t end) {
     auto* lanes = thread_scratch<typename KeyTraits<scalar_t>::bits_t>(kSpan);
     for (int64_t first = begin; first < end; first += kBlockWords) {
       const int64_t count = std::min<int64_t>(kBlockWords, end - first);
       int64_t done = 0;  // elements of the block already stepped
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (portable) {
+          done = std::clamp<int64_t>(vector_end - first * 32, 0, count * 32);
+          isa::AVX2::adamw_fused_fp32(adamw_span(p, g, m, v, vmax, words, first, done, c, kDecay, kMaximize,
+                                                 kSmallWeight));
+          if (done == count * 32) continue;
+        }
+      }
 #ifdef DSD_HAVE_AVX512_KERNELS
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (whole_words) {

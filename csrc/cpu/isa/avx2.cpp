@@ -15,6 +15,11 @@ void pack_tile(const float*, const int32_t*, int64_t, int64_t, int64_t, int64_t,
 }
 void zero_pruned_fp32(float*, const int32_t*, int64_t) { throw std::logic_error("AVX2 kernels not built"); }
 void masked_sgd_fp32(const SgdRow&) { throw std::logic_error("AVX2 kernels not built"); }
+void adamw_second_moments_fp32(const AdamwSpan&, float*, float*) { throw std::logic_error("AVX2 kernels not built"); }
+void adamw_update_fp32(const AdamwSpan&, const float*, const float*, const float*) {
+  throw std::logic_error("AVX2 kernels not built");
+}
+void adamw_fused_fp32(const AdamwSpan&) { throw std::logic_error("AVX2 kernels not built"); }
 int64_t bracket_chunk_fp32(const float*, int64_t, uint32_t, uint32_t, int64_t*, uint32_t*) {
   throw std::logic_error("AVX2 kernels not built");
 }

@@ -52,6 +52,20 @@ struct SgdRow {
   bool first, nesterov, maximize, decay;
 };
 
+// A range of a masked AdamW step in fp32 (masked_adamw.cpp) over elements [0, n) of whole mask
+// words: element e's keep bit is bit e % 32 of words[e / 32] (words: nullptr, all kept). The
+// coefficients as masked_adamw.cpp's Coefficients<float>.
+struct AdamwSpan {
+  float* p;
+  const float* g;
+  float* m;
+  float* v;
+  float* vmax;  // the amsgrad maximum, or nullptr without amsgrad
+  const int32_t* words;
+  int64_t n;
+  float decay, avg_weight, avg_keep, beta2, sq_weight, neg_step, bc2_sqrt, eps;
+  bool apply_decay, maximize, small_weight;
+};
 
 #define DSD_ISA_KERNELS                                                                          \
   /* whether this ISA's kernels were compiled (else the functions below must not be called) */  \
@@ -69,6 +83,16 @@ struct SgdRow {
   /* the masked SGD step of one row of fp32 (masked_sgd.cpp); FMA ISAs only: the default        \
      build has no FMA and would round twice */                                                   \
   void masked_sgd_fp32(const SgdRow& row);                                                      \
+  /* masked AdamW with torch's single-tensor/foreach rounding, in two phases around the caller's \
+     square root (torch's own sqrt routine): phase 1 writes the new exp_avg_sq to s[0, n) and,   \
+     with amsgrad, the new maximum to second[0, n); phase 2, given root[0, n) = sqrt(second or   \
+     s), writes the weight and moments; entries of words that keep nothing are left unwritten   \
+     in s and second. FMA ISAs only, as masked_sgd_fp32 */                                     \
+  void adamw_second_moments_fp32(const AdamwSpan& a, float* s, float* second);                  \
+  void adamw_update_fp32(const AdamwSpan& a, const float* s, const float* second, const float* root); \
+  /* masked AdamW with the rounding of the vector loop of torch's fused CPU kernel (the IEEE     \
+     square root) in one pass; FMA ISAs only */                                                 \
+  void adamw_fused_fp32(const AdamwSpan& a);                                                   \
   /* the selection's bracket pass over fp32 data[0, count) (selection.h gather_bracket): keys  \
      (|v| as bits, NaN clamped to one key) under lo added to *below, those with key - lo <=     \
      width appended to out in order (out has room for count + 8); returns how many */           \

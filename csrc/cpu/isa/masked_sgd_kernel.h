@@ -14,30 +14,6 @@
 namespace dsd_kernels_cpu {
 namespace isa {
 namespace CPU_CAPABILITY {
-namespace {
-
-// whether data[0, len) holds anything but +0 (as bits: -0.0 and NaN count)
-inline bool any_bits(const float* data, int64_t len) {
-  Vec any(0.0f);
-  int64_t c = 0;
-  for (; c + kLanes <= len; c += kLanes) any = any | Vec::loadu(data + c);
-  alignas(64) int32_t lanes[kLanes];
-  any.store(lanes);
-  int32_t bits = 0;
-  for (int j = 0; j < kLanes; ++j) bits |= lanes[j];
-  for (; c < len; ++c) {
-    int32_t v;
-    std::memcpy(&v, data + c, sizeof(v));
-    bits |= v;
-  }
-  return bits != 0;
-}
-
-inline void clear_if_set(float* data, int64_t len) {
-  if (any_bits(data, len)) std::fill(data, data + len, 0.0f);
-}
-
-}  // namespace
 
 void masked_sgd_fp32(const SgdRow& r) {
   const Vec neg_lr(-r.lr), momentum(r.momentum), dampening(r.dampening), decay(r.weight_decay);
