@@ -552,7 +552,7 @@ def test_cli_train_fsdp_matches_ddp_and_resumes_on_another_nproc(tmp_path):
     import time
 
     args = ["train", "--quick", "--model", "mlp", "--seeds", "1", "--no-progress", "--epochs", "2", "3", "3",
-            "--train-samples", "4000", "--checkpoint-every", "1"]
+            "--train-samples", "2000", "--checkpoint-every", "1"]
     reports = {}
     for name, extra in (("fsdp", ["--nproc", "2", "--fsdp"]), ("ddp", ["--nproc", "2"])):
         out = str(tmp_path / name)

@@ -284,7 +284,7 @@ def test_cli_quick_end_to_end(tmp_path, capsys):
 
 def test_cli_killed_and_resumed(tmp_path, capsys):
     """A real SIGKILL of a running `dsd-kernels train`, then --resume, equals an uninterrupted run."""
-    args = ["--quick", "--model", "mlp", "--seeds", "1", "--train-samples", "4000", "--epochs", "2", "3", "3",
+    args = ["--quick", "--model", "mlp", "--seeds", "1", "--train-samples", "2000", "--epochs", "2", "3", "3",
             "--checkpoint-every", "1", "--no-progress"]
     killed = str(tmp_path / "killed")
     proc = subprocess.Popen([sys.executable, "-m", "dsd_kernels.app.cli", "train", *args, "--out", killed],

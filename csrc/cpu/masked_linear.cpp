@@ -189,7 +189,9 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_backward(const at::Tensor& grad
   at::Tensor dx, dw;
   if (use_few_rows(grad2d, {grad2d, x2d, wc})) {
     const TileGrid* kept = tiled ? &grid : nullptr;
-    if (needs_input) dx = few_rows_grad_input(grad2d.contiguous(), wc, words, kept);
+    // with tiles, dX takes tile_gemm below unless the AVX-512 loop runs: on AVX2 the portable
+    // few-rows loop measured slower than tile_gemm for tiled dX (the forward and dW faster)
+    if (needs_input && (!tiled || cpu_has_avx512f())) dx = few_rows_grad_input(grad2d.contiguous(), wc, words, kept);
     if (needs_weight) dw = few_rows_grad_weight(grad2d.contiguous(), x2d.contiguous(), words, kept);
   }
   if (tiled && use_tile_gemm({grad2d, x2d, wc})) {

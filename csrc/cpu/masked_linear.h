@@ -45,8 +45,8 @@ at::Tensor tile_gemm_grad_input(const at::Tensor& grad, const at::Tensor& w, con
 at::Tensor tile_gemm_grad_weight(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& words,
                                  const TileGrid& g);
 
-// Batches of at most kFewRows rows (fp32, AVX-512; masked_linear_few_rows.cpp) read W and its mask
-// words once and write no W*M; grid: the kept tiles, or nullptr (every tile).
+// Batches of at most kFewRows rows (fp32, where tile_gemm runs; masked_linear_few_rows.cpp) read W
+// and its mask words once and write no W*M; grid: the kept tiles, or nullptr (every tile).
 constexpr int64_t kFewRows = 4;
 bool use_few_rows(const at::Tensor& x2d, std::initializer_list<at::Tensor> tensors);
 at::Tensor few_rows_forward(const at::Tensor& x2d, const at::Tensor& weight, const at::Tensor& words,

@@ -1,9 +1,10 @@
-// masked_linear for batches of at most kFewRows rows with fp32 on AVX-512 (decoding): y = x (W*M)^T + b
-// and dX = dY (W*M) read W and its mask words once and never write W*M (with unstructured masks a
-// W*M copy cost another write and read of W; with tiles, packing), and dW = (dY^T X) * M is written
+// masked_linear for batches of at most kFewRows rows with fp32 (decoding): y = x (W*M)^T + b and
+// dX = dY (W*M) read W and its mask words once and never write W*M (with unstructured masks a W*M
+// copy cost another write and read of W; with tiles, packing), and dW = (dY^T X) * M is written
 // once, through the mask. Masked-off lanes of W load as exactly 0 (as in W*M). Sums in another
-// order than a matmul. AVX-512 intrinsics: not yet ported to csrc/cpu/isa (other CPUs take the
-// ATen matmuls for such batches).
+// order than a matmul. On AVX-512 the intrinsics below (the words' halves as vector masks);
+// elsewhere the portable kernels of csrc/cpu/isa/few_rows_kernel.h, on the capabilities where
+// tile_gemm runs (use_tile_gemm).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -119,15 +120,32 @@ DSD_TILE_GEMM_AVX512 void few_rows_grad_weight(const float* dy, const float* x, 
 
 }  // namespace
 
-#ifdef DSD_HAVE_AVX512_KERNELS
 // kernel<MR> for MR = rows (1 .. kFewRows)
-#define DSD_FEW_ROWS(kernel, rows, ...)                 \
-  switch (rows) {                                       \
+#define DSD_FEW_ROWS(kernel, rows, ...)      \
+  switch (rows) {                            \
     case 1: kernel<1>(__VA_ARGS__); break;   \
     case 2: kernel<2>(__VA_ARGS__); break;   \
     case 3: kernel<3>(__VA_ARGS__); break;   \
     default: kernel<4>(__VA_ARGS__); break;  \
   }
+
+static_assert(kFewRows == few_rows::kMaxRows, "the portable kernels take at most kFewRows rows");
+
+namespace {
+// the AVX-512 loops run (else the portable ones of this capability)
+bool avx512_loops() {
+#ifdef DSD_HAVE_AVX512_KERNELS
+  return cpu_has_avx512f();
+#else
+  return false;
+#endif
+}
+
+few_rows::Problem problem(const at::Tensor& weight, const at::Tensor& words, const TileGrid* grid) {
+  return {weight.data_ptr<float>(), words.data_ptr<int32_t>(), words.size(1), weight.size(0), weight.size(1),
+          grid ? grid->kept : nullptr, grid ? grid->tiles_k : 0};
+}
+}  // namespace
 
 // x2d (M <= kFewRows, K) contiguous fp32; weight (N, K) contiguous -> y (M, N); grid: the kept
 // tiles, or nullptr (every tile)
@@ -137,10 +155,17 @@ at::Tensor few_rows_forward(const at::Tensor& x2d, const at::Tensor& weight, con
   at::Tensor y = at::empty({M, N}, x2d.options());
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  // groups of 4 rows of W (the kernel's step): a group never straddles a row of tiles
+  const few_rows::Problem pb = problem(weight, words, grid);
+  const auto portable = DSD_ISA_KERNEL(few_rows_forward);
+  const bool avx512 = avx512_loops();
+  // groups of 4 rows of W (the kernels' step divides it): a group never straddles a row of tiles
   at::parallel_for(0, (N + 3) / 4, std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
+    const int64_t n_begin = begin * 4, n_end = std::min(N, end * 4);
+    if (!avx512) return portable(pb, static_cast<int>(M), x2d.data_ptr<float>(), bp, y.data_ptr<float>(), n_begin, n_end);
+#ifdef DSD_HAVE_AVX512_KERNELS
     DSD_FEW_ROWS(few_rows_forward, M, x2d.data_ptr<float>(), weight.data_ptr<float>(), words.data_ptr<int32_t>(), bp,
-                 y.data_ptr<float>(), N, K, words.size(1), begin * 4, std::min(N, end * 4), grid);
+                 y.data_ptr<float>(), N, K, words.size(1), n_begin, n_end, grid);
+#endif
   });
   return y;
 }
@@ -150,9 +175,20 @@ at::Tensor few_rows_grad_weight(const at::Tensor& grad2d, const at::Tensor& x2d,
                                 const TileGrid* grid) {
   const int64_t M = grad2d.size(0), N = grad2d.size(1), K = x2d.size(1);
   at::Tensor dw = at::empty({N, K}, x2d.options());
+  // W itself is not read: its shape, for the problem's sizes
+  few_rows::Problem pb{nullptr, words.data_ptr<int32_t>(), words.size(1), N, K, grid ? grid->kept : nullptr,
+                       grid ? grid->tiles_k : 0};
+  const auto portable = DSD_ISA_KERNEL(few_rows_grad_weight);
+  const bool avx512 = avx512_loops();
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
+    if (!avx512) {
+      return portable(pb, static_cast<int>(M), grad2d.data_ptr<float>(), x2d.data_ptr<float>(), dw.data_ptr<float>(),
+                      begin, end);
+    }
+#ifdef DSD_HAVE_AVX512_KERNELS
     DSD_FEW_ROWS(few_rows_grad_weight, M, grad2d.data_ptr<float>(), x2d.data_ptr<float>(), words.data_ptr<int32_t>(),
                  dw.data_ptr<float>(), N, K, words.size(1), begin, end, grid);
+#endif
   });
   return dw;
 }
@@ -167,38 +203,29 @@ at::Tensor few_rows_grad_input(const at::Tensor& grad2d, const at::Tensor& weigh
   const int64_t chunk = std::max<int64_t>(1, (per_thread + kTile - 1) / kTile) * kTile;
   const int64_t chunks = std::max<int64_t>(1, (N + chunk - 1) / chunk);
   at::Tensor partial = at::zeros({chunks, M, K}, grad2d.options());
+  const few_rows::Problem pb = problem(weight, words, grid);
+  const auto portable = DSD_ISA_KERNEL(few_rows_grad_input);
+  const bool avx512 = avx512_loops();
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
+      const int64_t n_begin = c * chunk, n_end = std::min(N, (c + 1) * chunk);
+      if (!avx512) {
+        portable(pb, static_cast<int>(M), grad2d.data_ptr<float>(), partial[c].data_ptr<float>(), n_begin, n_end);
+        continue;
+      }
+#ifdef DSD_HAVE_AVX512_KERNELS
       DSD_FEW_ROWS(few_rows_grad_input, M, grad2d.data_ptr<float>(), weight.data_ptr<float>(),
-                   words.data_ptr<int32_t>(), partial[c].data_ptr<float>(), N, K, words.size(1), c * chunk,
-                   std::min(N, (c + 1) * chunk), grid);
+                   words.data_ptr<int32_t>(), partial[c].data_ptr<float>(), N, K, words.size(1), n_begin, n_end, grid);
+#endif
     }
   });
   return chunks == 1 ? partial[0] : partial.sum(0);
 }
 #undef DSD_FEW_ROWS
-#else
-at::Tensor few_rows_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                            const TileGrid*) {
-  TORCH_CHECK(false, "masked_linear: the few-rows kernels are not built for this CPU");
-  return {};
-}
-at::Tensor few_rows_grad_weight(const at::Tensor&, const at::Tensor&, const at::Tensor&, const TileGrid*) {
-  TORCH_CHECK(false, "masked_linear: the few-rows kernels are not built for this CPU");
-  return {};
-}
-at::Tensor few_rows_grad_input(const at::Tensor&, const at::Tensor&, const at::Tensor&, const TileGrid*) {
-  TORCH_CHECK(false, "masked_linear: the few-rows kernels are not built for this CPU");
-  return {};
-}
-#endif
 
+// where tile_gemm runs (AVX2, AVX-512; the portable default build only when asked)
 bool use_few_rows(const at::Tensor& x2d, std::initializer_list<at::Tensor> tensors) {
-#ifdef DSD_HAVE_AVX512_KERNELS
-  return x2d.size(0) >= 1 && x2d.size(0) <= kFewRows && cpu_has_avx512f() && use_tile_gemm(tensors);
-#else
-  return false;
-#endif
+  return x2d.size(0) >= 1 && x2d.size(0) <= kFewRows && use_tile_gemm(tensors);
 }
 
 }  // namespace masked_linear

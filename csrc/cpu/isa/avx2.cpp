@@ -20,6 +20,15 @@ void adamw_update_fp32(const AdamwSpan&, const float*, const float*, const float
   throw std::logic_error("AVX2 kernels not built");
 }
 void adamw_fused_fp32(const AdamwSpan&) { throw std::logic_error("AVX2 kernels not built"); }
+void few_rows_forward(const few_rows::Problem&, int, const float*, const float*, float*, int64_t, int64_t) {
+  throw std::logic_error("AVX2 kernels not built");
+}
+void few_rows_grad_input(const few_rows::Problem&, int, const float*, float*, int64_t, int64_t) {
+  throw std::logic_error("AVX2 kernels not built");
+}
+void few_rows_grad_weight(const few_rows::Problem&, int, const float*, const float*, float*, int64_t, int64_t) {
+  throw std::logic_error("AVX2 kernels not built");
+}
 int64_t bracket_chunk_fp32(const float*, int64_t, uint32_t, uint32_t, int64_t*, uint32_t*) {
   throw std::logic_error("AVX2 kernels not built");
 }

@@ -37,6 +37,23 @@ struct Panel {
 
 }  // namespace tile_gemm
 
+// ---------------------------------------------------------------- few rows (masked_linear)
+// The products of masked_linear_few_rows.cpp for batches of at most kMaxRows rows.
+namespace few_rows {
+
+constexpr int64_t kTile = tile_gemm::kTile;
+constexpr int kMaxRows = 4;  // masked_linear.h kFewRows
+
+struct Problem {
+  const float* w;             // W (N, K), row-major
+  const int32_t* words;       // its mask words, words_per_row per row
+  int64_t words_per_row, N, K;
+  const int32_t* kept_tiles;  // the kept-tile table (tiles_k per row of tiles), or nullptr: every tile
+  int64_t tiles_k;
+};
+
+}  // namespace few_rows
+
 namespace isa {
 
 // One row's elements [0, n) of a masked SGD step in fp32 (words: the row's mask words; b: the
@@ -106,6 +123,16 @@ struct AdamwSpan {
                        int64_t pruned_room);                                                    \
   /* before[w] = start + the set bits of words[0, w), for w in [0, n] */                        \
   void popcount_scan(const int32_t* words, int64_t n, int64_t start, int64_t* before);         \
+  /* few rows (rows <= few_rows::kMaxRows, contiguous): y[m, n] = x[m, :] . (W*M)[n, :] + bias[n] \
+     (bias: nullptr, 0) for rows n in [n_begin, n_end), n_begin even */                         \
+  void few_rows_forward(const few_rows::Problem& pb, int rows, const float* x, const float* bias, float* y, \
+                        int64_t n_begin, int64_t n_end);                                        \
+  /* dx[m, :] += sum over n in [n_begin, n_end) of dy[m, n] (W*M)[n, :]; n_begin a multiple of 4 */ \
+  void few_rows_grad_input(const few_rows::Problem& pb, int rows, const float* dy, float* dx, int64_t n_begin, \
+                           int64_t n_end);                                                      \
+  /* dw[n, :] = (sum over m of dy[m, n] x[m, :]) where kept, exactly +0 where pruned */         \
+  void few_rows_grad_weight(const few_rows::Problem& pb, int rows, const float* dy, const float* x, float* dw, \
+                            int64_t n_begin, int64_t n_end);                                    \
   /* out[0, words) = the 2:4 keep-words of the fp32 values w[0, 32 x words) (nm_masks.cpp) */   \
   void words_2_4_fp32(const float* w, int32_t* out, int64_t words);
 

@@ -3,6 +3,7 @@
 #pragma once
 #include "apply_masks_kernel.h"
 #include "compress_kernel.h"
+#include "few_rows_kernel.h"
 #include "masked_adamw_kernel.h"
 #include "masked_sgd_kernel.h"
 #include "nm_kernel.h"
