@@ -106,6 +106,24 @@ def test_the_tables_of_every_results_file_are_the_committed_results(name, page):
     assert table_on_page(text, name) == table_from_file(name, str(ROOT / "benchmarks" / "results"))
 
 
+def test_writing_a_table_to_a_page_without_its_markers_leaves_the_page_whole(tmp_path, capsys):
+    """--write onto a page that lacks the table's markers is a usage error naming the page and the
+    markers (--marker), and the page keeps every byte it had (it was once truncated to nothing)."""
+    from dsd_kernels.app.bench.tables import main
+    page = tmp_path / "page.md"
+    text = "# a page\n\n<!-- table:cases@cpu-x86_64-avx2 -->\nthe previous table\n<!-- /table:cases@cpu-x86_64-avx2 -->\n"
+    page.write_text(text)
+    results = str(ROOT / "benchmarks" / "results" / "cpu-x86_64-avx2.json")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["cases", results, "--write", str(page)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "<!-- table:cases -->" in err and "--marker" in err and str(page) in err
+    assert page.read_text() == text and sorted(p.name for p in tmp_path.iterdir()) == ["page.md"]
+    assert main(["cases", results, "--write", str(page), "--marker", "cases@cpu-x86_64-avx2"]) == 0
+    assert page.read_text().startswith("# a page\n") and "the previous table" not in page.read_text()
+
+
 # a number with a unit of time, bandwidth or throughput, or a speed ratio ("1.5x"): a measured
 # figure, unless it is a shape ("64x64": a digit follows the x)
 MEASURED_FIGURE = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?:\s?(?:ns|µs|us|ms|s|sec|seconds?|min|minutes?|hours?"

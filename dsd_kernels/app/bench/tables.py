@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 
+from ..._files import atomic_write_text
 from .case_tables import adamw_cpu_table, cases_table, gpu_cases_table, masked_linear_table, training_table
 from .headline_tables import capabilities_table, headline_table
 
@@ -84,8 +85,11 @@ def main(argv=None) -> int:
     if args.write:
         with open(args.write) as f:
             page = f.read()
-        with open(args.write, "w") as f:
-            f.write(replace_table(page, args.marker or args.table, table))
+        try:
+            text = replace_table(page, args.marker or args.table, table)
+        except ValueError as err:  # the page is left as it was
+            parser.error(f"--write {args.write}: {err} (--marker names them, e.g. {args.table}@<results stem>)")
+        atomic_write_text(args.write, text)
     else:
         print(table)
     return 0
