@@ -103,9 +103,10 @@ bool classify_pass(const scalar_t* data, const MaskLayout& lay, uint64_t lo, uin
   std::vector<int64_t> under(threads, 0);
   std::atomic<bool> overflow{false};
   bool vector_path = false;
-#ifdef DSD_HAVE_AVX512_KERNELS
   if constexpr (std::is_same_v<scalar_t, float>) {
-    vector_path = lay.cols % 32 == 0 && cpu_has_avx512f();
+    // AVX-512 intrinsics, or the AVX2 build of csrc/cpu/isa/compress_kernel.h
+    const bool avx2 = cpu_capability() == CpuCapability::kAvx2;
+    vector_path = lay.cols % 32 == 0 && (cpu_has_avx512f() || avx2);
     if (vector_path) {  // whole words, contiguous
       constexpr int64_t kChunkWords = 128;  // offsets in a chunk fit the packed entries' 12 bits
       const bool packed = hi - lo < (uint64_t(1) << 20);
@@ -118,11 +119,18 @@ bool classify_pass(const scalar_t* data, const MaskLayout& lay, uint64_t lo, uin
         for (int64_t w0 = begin; w0 < end && !overflow.load(std::memory_order_relaxed); w0 += kChunkWords) {
           const int64_t count = std::min(end, w0 + kChunkWords) - w0;
           const auto lo32 = static_cast<uint32_t>(lo);
-          const int64_t kept =
-              packed ? classify_words_fp32_avx512<true>(data + 32 * w0, count, lo32, static_cast<uint32_t>(hi),
-                                                        words + w0, key_buffer, offset_buffer, &under[tid])
-                     : classify_words_fp32_avx512<false>(data + 32 * w0, count, lo32, static_cast<uint32_t>(hi),
-                                                         words + w0, key_buffer, offset_buffer, &under[tid]);
+          int64_t kept = 0;
+          if (avx2) {
+            kept = isa::AVX2::classify_words_fp32(data + 32 * w0, count, lo32, static_cast<uint32_t>(hi), packed,
+                                                  words + w0, key_buffer, offset_buffer, &under[tid]);
+          } else {
+#ifdef DSD_HAVE_AVX512_KERNELS
+            kept = packed ? classify_words_fp32_avx512<true>(data + 32 * w0, count, lo32, static_cast<uint32_t>(hi),
+                                                             words + w0, key_buffer, offset_buffer, &under[tid])
+                          : classify_words_fp32_avx512<false>(data + 32 * w0, count, lo32, static_cast<uint32_t>(hi),
+                                                              words + w0, key_buffer, offset_buffer, &under[tid]);
+#endif
+          }
           const size_t key_end = k.size(), position_end = p.size();
           k.resize(key_end + static_cast<size_t>(kept));
           p.resize(position_end + static_cast<size_t>(kept));
@@ -140,7 +148,6 @@ bool classify_pass(const scalar_t* data, const MaskLayout& lay, uint64_t lo, uin
       });
     }
   }
-#endif
   if (!vector_path) parallel_for_words(lay, kGrain / 32, [&](int64_t w, int64_t base, int64_t len) {
     const int tid = at::get_thread_num();
     const scalar_t* src = data + base;

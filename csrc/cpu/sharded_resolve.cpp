@@ -3,6 +3,8 @@
 // is known (resolve_masks_). The pass before: sharded_bracket.cpp; shared pieces: selection.h.
 #include <torch/library.h>
 
+#include <tuple>
+
 #include "selection.h"
 
 namespace dsd_kernels_cpu {
@@ -112,21 +114,29 @@ void split_one(const MaskLayout& lay, uint32_t* out, const key_t* key, const pos
     }
     std::fill(payload + in_bucket, payload + width, int64_t(-1));
   };
-#ifdef DSD_HAVE_AVX512_KERNELS
   if constexpr (sizeof(key_t) == 4 && std::is_same_v<pos_t, int32_t>) {
-    if (out != nullptr && lay.cols % 32 == 0 && cpu_has_avx512f() && lo >= 0 && hi < (int64_t(1) << 32)) {
+    // AVX-512 intrinsics, or the AVX2 build of csrc/cpu/isa/compress_kernel.h
+    const bool avx2 = cpu_capability() == CpuCapability::kAvx2;
+    if (out != nullptr && lay.cols % 32 == 0 && (cpu_has_avx512f() || avx2) && lo >= 0 && hi < (int64_t(1) << 32)) {
       // the kept positions first, then their bits: half the keys, and no store per key
       int32_t* above = thread_scratch<int32_t>(2 * static_cast<size_t>(count) + 32);
       int32_t* inside = above + count + 16;
-      const auto [over, in_bucket] = split_keys32_avx512(reinterpret_cast<const int32_t*>(key), pos, count,
-                                                         static_cast<uint32_t>(lo), static_cast<uint32_t>(hi), above,
-                                                         inside);
+      const auto* key32 = reinterpret_cast<const int32_t*>(key);
+      int64_t over = 0, in_bucket = 0;
+      if (avx2) {
+        isa::AVX2::split_keys32(key32, pos, count, static_cast<uint32_t>(lo), static_cast<uint32_t>(hi), above, &over,
+                                inside, &in_bucket);
+      } else {
+#ifdef DSD_HAVE_AVX512_KERNELS
+        std::tie(over, in_bucket) = split_keys32_avx512(key32, pos, count, static_cast<uint32_t>(lo),
+                                                        static_cast<uint32_t>(hi), above, inside);
+#endif
+      }
       emit(inside, in_bucket);
       for (int64_t j = 0; j < over; ++j) out[above[j] >> 5] |= uint32_t(1) << (above[j] & 31);
       return;
     }
   }
-#endif
   // the indices of the bucket's keys, compacted without a branch (a branch per key costs more
   // than the loop), into the calling thread's scratch
   const auto span = static_cast<uint64_t>(hi - lo);

@@ -34,6 +34,12 @@ int64_t bracket_chunk_fp32(const float*, int64_t, uint32_t, uint32_t, int64_t*, 
 void split_by_mask32(const uint32_t*, const uint32_t*, const int32_t*, int64_t, uint32_t*, int64_t, uint32_t*, int64_t) {
   throw std::logic_error("AVX-512 kernels not built");
 }
+int64_t classify_words_fp32(const float*, int64_t, uint32_t, uint32_t, bool, int32_t*, uint32_t*, int32_t*, int64_t*) {
+  throw std::logic_error("AVX-512 kernels not built");
+}
+void split_keys32(const int32_t*, const int32_t*, int64_t, uint32_t, uint32_t, int32_t*, int64_t*, int32_t*, int64_t*) {
+  throw std::logic_error("AVX-512 kernels not built");
+}
 void popcount_scan(const int32_t*, int64_t, int64_t, int64_t*) { throw std::logic_error("AVX-512 kernels not built"); }
 void words_2_4_fp32(const float*, int32_t*, int64_t) { throw std::logic_error("AVX-512 kernels not built"); }
 }  // namespace dsd_kernels_cpu::isa::AVX512

@@ -1,6 +1,6 @@
 // Stream compaction of 32-bit lanes for each ISA: the selection's bracket pass (keys of fp32 values
-// inside a range, appended in order) and mask_update's split of a tensor into its kept and pruned
-// values. at::vec has no compress (nor a lane mask to scalar bits), so the AVX2 build (and the
+// inside a range, appended in order), the sharded selection's classify and resolve passes, and
+// mask_update's split of a tensor into its kept and pruned values. at::vec has no compress (nor a lane mask to scalar bits), so the AVX2 build (and the
 // AVX-512 one, which has AVX2) left-packs 8 lanes at a time through a permutation table, and the
 // default build (x86-64 baseline, aarch64) runs the scalar loops, branch-free.
 #pragma once
@@ -119,6 +119,94 @@ void split_by_mask32(const uint32_t* kept_from, const uint32_t* pruned_from, con
       }
     }
   }
+}
+
+int64_t classify_words_fp32(const float* src, int64_t count, uint32_t lo, uint32_t hi, bool packed, int32_t* words,
+                            uint32_t* keys, int32_t* offsets, int64_t* under) {
+  int64_t kept = 0, above_count = 0;
+#if defined(__AVX2__)
+  // unsigned compares through min: key > hi is min(key, hi) != key; key - lo <= hi - lo is
+  // min(key - lo, hi - lo) == key - lo
+  const __m256i abs_mask = _mm256_set1_epi32(static_cast<int32_t>(kAbsMask));
+  const __m256i nan_key = _mm256_set1_epi32(static_cast<int32_t>(kNanKey));
+  const __m256i low = _mm256_set1_epi32(static_cast<int32_t>(lo));
+  const __m256i top = _mm256_set1_epi32(static_cast<int32_t>(hi));
+  const __m256i span = _mm256_set1_epi32(static_cast<int32_t>(hi - lo));
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const auto lane_bits = [](__m256i v) { return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(v))); };
+  for (int64_t w = 0; w < count; ++w) {
+    uint32_t above = 0;
+    for (int q = 0; q < 4; ++q) {
+      const int64_t at = 32 * w + 8 * q;
+      const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + at));
+      const __m256i key = _mm256_min_epu32(_mm256_and_si256(bits, abs_mask), nan_key);
+      above |= (~lane_bits(_mm256_cmpeq_epi32(_mm256_min_epu32(key, top), key)) & 0xFFu) << (8 * q);
+      const __m256i from_lo = _mm256_sub_epi32(key, low);
+      const uint32_t in = lane_bits(_mm256_cmpeq_epi32(_mm256_min_epu32(from_lo, span), from_lo));
+      const __m256i offset = _mm256_add_epi32(lanes, _mm256_set1_epi32(static_cast<int32_t>(at)));
+      // branch-free: every vector's 8 lanes are stored, the next store starts where the kept end
+      if (packed) {
+        kept += pack8(_mm256_or_si256(_mm256_slli_epi32(from_lo, 12), offset), in, keys + kept);
+      } else {
+        pack8(key, in, keys + kept);
+        kept += pack8(offset, in, reinterpret_cast<uint32_t*>(offsets) + kept);
+      }
+    }
+    words[w] = static_cast<int32_t>(above);
+    above_count += __builtin_popcount(above);
+  }
+#else
+  for (int64_t w = 0; w < count; ++w) {
+    uint32_t above = 0;
+    for (int j = 0; j < 32; ++j) {
+      const int64_t at = 32 * w + j;
+      const uint32_t key = fp32_key(src + at);
+      above |= static_cast<uint32_t>(key > hi) << j;
+      if (packed) {
+        keys[kept] = (key - lo) << 12 | static_cast<uint32_t>(at);
+      } else {
+        keys[kept] = key;
+        offsets[kept] = static_cast<int32_t>(at);
+      }
+      kept += key - lo <= hi - lo;  // branch-free: kept only when in the bracket
+    }
+    words[w] = static_cast<int32_t>(above);
+    above_count += __builtin_popcount(above);
+  }
+#endif
+  *under += 32 * count - above_count - kept;  // every key is under, in or above the bracket
+  return kept;
+}
+
+void split_keys32(const int32_t* key, const int32_t* pos, int64_t count, uint32_t lo, uint32_t hi, int32_t* above,
+                  int64_t* num_above, int32_t* inside, int64_t* num_inside) {
+  int64_t over = 0, in = 0, j = 0;
+#if defined(__AVX2__)
+  const __m256i low = _mm256_set1_epi32(static_cast<int32_t>(lo));
+  const __m256i top = _mm256_set1_epi32(static_cast<int32_t>(hi));
+  const __m256i span = _mm256_set1_epi32(static_cast<int32_t>(hi - lo));
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const auto lane_bits = [](__m256i v) { return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(v))); };
+  for (; j + 8 <= count; j += 8) {
+    const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(key + j));
+    const uint32_t is_above = ~lane_bits(_mm256_cmpeq_epi32(_mm256_min_epu32(k, top), k)) & 0xFFu;
+    const __m256i from_lo = _mm256_sub_epi32(k, low);
+    const uint32_t is_in = lane_bits(_mm256_cmpeq_epi32(_mm256_min_epu32(from_lo, span), from_lo));
+    over += pack8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pos + j)), is_above,
+                  reinterpret_cast<uint32_t*>(above) + over);
+    in += pack8(_mm256_add_epi32(lanes, _mm256_set1_epi32(static_cast<int32_t>(j))), is_in,
+                reinterpret_cast<uint32_t*>(inside) + in);
+  }
+#endif
+  for (; j < count; ++j) {
+    const auto k = static_cast<uint32_t>(key[j]);
+    above[over] = pos[j];
+    over += k > hi;
+    inside[in] = static_cast<int32_t>(j);
+    in += k - lo <= hi - lo;
+  }
+  *num_above = over;
+  *num_inside = in;
 }
 
 void popcount_scan(const int32_t* words, int64_t n, int64_t start, int64_t* before) {

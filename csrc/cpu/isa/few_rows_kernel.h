@@ -16,13 +16,13 @@ namespace isa {
 namespace CPU_CAPABILITY {
 namespace {
 
-// Rows of W per pass: every accumulator (rows x batch rows), the batch's x vectors and one W vector
-// must fit the ISA's vector registers (16 on AVX2, 32 on AVX-512 and NEON); a divisor of 64, so a
-// pass never straddles a row of tiles.
+// Rows of W per pass: every accumulator (rows x batch rows), the batch's x vectors, one W vector
+// and the mask's lane bits must fit the ISA's vector registers (16 on AVX2, 32 on AVX-512 and
+// NEON); a divisor of 64, so a pass never straddles a row of tiles.
 template <int MR>
 constexpr int weight_rows_per_pass() {
   constexpr int registers = kLanes == 8 ? 16 : 32;
-  return 4 * MR + MR + 1 <= registers ? 4 : 2;
+  return 4 * MR + MR + 2 <= registers ? 4 : 2;
 }
 
 // the lanes [k, k + lanes) of row n of W, exactly +0 where its mask words prune them

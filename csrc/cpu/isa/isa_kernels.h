@@ -121,6 +121,18 @@ struct AdamwSpan {
   void split_by_mask32(const uint32_t* kept_from, const uint32_t* pruned_from, const int32_t* words, \
                        int64_t n, uint32_t* kept_out, int64_t kept_room, uint32_t* pruned_out,  \
                        int64_t pruned_room);                                                    \
+  /* the sharded selection's classify pass (sharded_bracket.cpp) over `count` whole mask words \
+     of fp32 values at src (32 a word): words[w] = the bits of keys > hi; the keys in [lo, hi] \
+     and their offsets from src stored in order (packed: (key - lo) << 12 | offset in keys,     \
+     offsets unused; room for 32 * count + 16 of each); keys under lo added to *under; returns  \
+     how many were stored */                                                                    \
+  int64_t classify_words_fp32(const float* src, int64_t count, uint32_t lo, uint32_t hi, bool packed, \
+                              int32_t* words, uint32_t* keys, int32_t* offsets, int64_t* under);    \
+  /* the resolve pass's split (sharded_resolve.cpp) of 32-bit keys: the positions of the keys  \
+     above hi to above[], the indices of those in [lo, hi] to inside[], in order (room for      \
+     count + 16 of each) */                                                                     \
+  void split_keys32(const int32_t* key, const int32_t* pos, int64_t count, uint32_t lo, uint32_t hi,  \
+                    int32_t* above, int64_t* num_above, int32_t* inside, int64_t* num_inside);  \
   /* before[w] = start + the set bits of words[0, w), for w in [0, n] */                        \
   void popcount_scan(const int32_t* words, int64_t n, int64_t start, int64_t* before);         \
   /* few rows (rows <= few_rows::kMaxRows, contiguous): y[m, n] = x[m, :] . (W*M)[n, :] + bias[n] \
