@@ -6,6 +6,7 @@ DSD_KERNELS_BUILD_EXT=auto (default) builds it when torch and a C++ compiler are
 failed CUDA build is retried without the CUDA kernels, and a failed CPU build leaves the
 pure-Python package. 1 makes any failure fatal; 0 skips the extension.
 DSD_KERNELS_BUILD_CUDA=0 builds the CPU kernels only.
+DSD_KERNELS_DEBUG=1 keeps debug information in the library (off by default).
 Build against the installed torch: `pip install --no-build-isolation .`.
 """
 import glob
@@ -26,8 +27,13 @@ if BUILD_CUDA not in ("auto", "0", "1"):
 
 # no -std flag: torch's build helper picks the standard its headers need. -ffp-contract=off: the
 # kernels that reproduce torch's bits write every fused multiply-add they mean (std::fma), and no
-# other product may fuse into a sum; -fno-math-errno as torch builds (sqrt vectorises).
+# other product may fuse into a sum; -fno-math-errno as torch builds (sqrt vectorises). -g0 drops
+# the debug information Python's own CFLAGS ask for (-g): it made the build a third slower and the
+# library several times larger; DSD_KERNELS_DEBUG=1 keeps it.
+DEBUG = os.environ.get("DSD_KERNELS_DEBUG", "0").strip().lower() not in ("", "0")
 CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
+if not DEBUG:
+    CXX_FLAGS.append("-g0")
 CPU_SOURCES = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 
 # The kernels written once with at::vec::Vectorized (csrc/cpu/isa), compiled once per vector ISA
