@@ -1,7 +1,7 @@
 // The argument check of the masked_sgd_ op's compiled kernels (csrc/cpu and csrc/cuda): the
 // Python op checks first; this guards direct calls of torch.ops.dsd_kernels_cpp.masked_sgd_.
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include "op_args.h"
 

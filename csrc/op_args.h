@@ -2,7 +2,7 @@
 // check first; these guard direct calls of torch.ops.dsd_kernels_cpp.*, so that no argument can
 // make a kernel read or write outside a tensor.
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/MemoryOverlap.h>
 
 #include "mask_layout.h"

@@ -29,7 +29,7 @@ def emu(tmp_path_factory):
     load(name="dsd_kernels_cuda_emu",
          sources=[str(HERE / f"{name}.cpp")
                   for name in ("schemas", "magnitude_select", "masked_sgd", "masked_adamw")],
-         extra_cflags=["-O1", "-std=c++20", "-ffp-contract=off"], is_python_module=False,
+         extra_cflags=["-O1", "-std=c++20", "-ffp-contract=off", "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS"], is_python_module=False,
          build_directory=str(tmp_path_factory.mktemp("cuda_emulation")))
     return torch.ops.dsd_kernels_cuda_emu
 

@@ -36,7 +36,9 @@ def test_cuda_sources_compile(tmp_path):
         shim.mkdir(parents=True)
         (shim / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
         includes.insert(0, str(tmp_path / "shim"))
-    flags = [*cpp_extension.COMMON_NVCC_FLAGS, "-std=c++20", "-O3", "-arch=sm_90", "-Xptxas", "-v",
+    # -O0 is nvcc's host optimisation level only (the device code is optimised by cicc and ptxas
+    # either way: the same registers and spills), and the host compile was a third of the time
+    flags = [*cpp_extension.COMMON_NVCC_FLAGS, "-std=c++20", "-O0", "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS", "-arch=sm_90", "-Xptxas", "-v",
              *(f"-I{p}" for p in includes)]
 
     def compile_one(src: Path):

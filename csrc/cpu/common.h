@@ -1,7 +1,8 @@
 // Shared helpers of the CPU kernels: parallel loops over packed-mask words; the float-bit keys
 // and the mask layout are shared with the CUDA kernels (csrc/float_keys.h, csrc/mask_layout.h).
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>

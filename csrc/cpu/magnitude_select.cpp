@@ -1,6 +1,7 @@
 // Exact magnitude selection on CPU (dsd_kernels_cpp::magnitude_select): per tensor, the k-th
 // smallest magnitude (local_select.h) and the packed keep-words (selection.h write_mask); a list's
 // tensors spread over the threads as common.h's for_each_tensor does.
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

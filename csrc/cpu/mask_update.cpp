@@ -11,6 +11,8 @@
 // written as the local op writes masks (selection.h write_mask).
 //
 // The new words (update_one below), from the two selections' packed bits.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -12,6 +12,12 @@
 //   request).
 // - otherwise one ATen matmul per run of adjacent kept tiles along the reduced dimension, on strided
 //   views (no copies), threads splitting the output tiles.
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -2,7 +2,8 @@
 // ATen matmuls: masked_linear_tiles.cpp (the kept tiles of fp32 through tile_gemm, csrc/cpu/isa) and
 // masked_linear_few_rows.cpp (few rows, AVX-512). masked_linear.cpp checks inputs and chooses.
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <initializer_list>

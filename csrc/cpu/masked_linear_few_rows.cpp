@@ -5,6 +5,8 @@
 // order than a matmul. On AVX-512 the intrinsics below (the words' halves as vector masks);
 // elsewhere the portable kernels of csrc/cpu/isa/few_rows_kernel.h, on the capabilities where
 // tile_gemm runs (use_tile_gemm).
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

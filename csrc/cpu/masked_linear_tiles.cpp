@@ -2,6 +2,7 @@
 // picks), which reads x, dY and the kept tiles of W*M (packed per call, mask applied while
 // packing) and writes every output element once: no zero-fill pass, no read-modify-write of the
 // output per tile, no per-tile matmul call.
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

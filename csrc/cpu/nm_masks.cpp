@@ -4,6 +4,7 @@
 // the lower index is pruned first), so a weight is kept when at least M - N others of its group
 // rank below it. One read of the weights and one write of 1 bit per weight, in parallel over
 // chunks of whole mask words (a multiple of M columns: groups never straddle two chunks).
+#include <ATen/ops/zeros.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -1,6 +1,8 @@
 // The sharded selection's bracket pass, per shard (bracket_pass; dsd_kernels/distributed.py runs
 // the collectives around it, sharded_resolve.cpp resolves the masks after them; the radix path:
 // sharded_radix.cpp). Shared pieces: selection.h.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "selection.h"

@@ -3,6 +3,8 @@
 // a threshold found across the shards (threshold_masks). The bracket path's kernels:
 // sharded_bracket.cpp (its pass) and sharded_resolve.cpp (bucket entries, mask resolution);
 // shared pieces: selection.h.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "selection.h"

@@ -1,6 +1,7 @@
 // The sharded selection's bracket path after its collectives, per shard: the gathered keys split
 // by bucket (bucket_split_) and the kept bits of the gathered keys set once the global threshold
 // is known (resolve_masks_). The pass before: sharded_bracket.cpp; shared pieces: selection.h.
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <tuple>

@@ -16,7 +16,10 @@
 // without a GPU. Hence kernel launches go through DSD_LAUNCH and registration through
 // DSD_CUDA_LIBRARY_IMPL.
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/tensor.h>
 
 #ifndef DSD_CUDA_EMULATION
 #include <c10/cuda/CUDAException.h>

@@ -19,6 +19,10 @@
 // threshold buffers and one table copy. fp32 with masks: 10 kernels, 3 fills, 1 copy.
 // Bytes: each pass reads every weight once (no candidate buffer), the mask pass reads them once
 // more and writes 1 bit per weight; the tie count reads them only where ties are split.
+#include <ATen/ops/cumsum.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -277,7 +281,7 @@ void select_group(const std::vector<at::Tensor>& tensors, const std::vector<int6
   DSD_LAUNCH(word_tiles, kThreads, stream, tie_count_kernel<scalar_t>)(
       d_meta, d_word_tile_starts, count, state.data_ptr<int64_t>(), tile_ties.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const at::Tensor ties_before_tile = at::cumsum(tile_ties, 0) - tile_ties;
+  const at::Tensor ties_before_tile = at::cumsum(tile_ties, 0).sub_(tile_ties);  // exclusive scan
   DSD_LAUNCH(word_tiles, kThreads, stream, mask_kernel<scalar_t>)(
       d_meta, d_word_tile_starts, count, state.data_ptr<int64_t>(),
       ties_before_tile.data_ptr<int64_t>());

@@ -12,7 +12,7 @@
 #pragma once
 #define DSD_CUDA_EMULATION 1
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <algorithm>
