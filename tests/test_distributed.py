@@ -468,33 +468,58 @@ def test_fsdp2_model_trains_through_dense_sparse_redense(tmp_path, kind):
     assert record["lr"] == pytest.approx([0.05, 0.05, 0.05, 0.005])
 
 
-@pytest.mark.parametrize("batch", [["--batch-size", "32"], ["--batch-size", "3", "--train-samples", "9"]],
-                         ids=["even slices", "uneven slices"])
-def test_cli_train_nproc_2_matches_single_process(tmp_path, batch):
-    """`dsd-kernels train --nproc 2` (torchrun, gloo): each rank takes its slice of every batch
-    (2 and 1 samples of a batch of 3: each slice weighs by its size) and DDP averages the
-    gradients, so the run tracks the single-process one up to float rounding."""
+# one short job per launch mode, shared by the tests below: each launch of torchrun and its
+# workers costs seconds of start-up on 2 cores
+JOB_ARGS = ["train", "--quick", "--model", "mlp", "--seeds", "1", "--no-progress", "--epochs", "1", "2", "2",
+            "--train-samples", "1000", "--checkpoint-every", "1"]
+
+
+def run_train_job(out, *extra) -> dict:
     import json
     import subprocess
     import sys
+    done = subprocess.run([sys.executable, "-m", "dsd_kernels.app.cli", *JOB_ARGS, *extra, "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(os.path.join(out, "report.json")) as f:
+        return json.load(f)
 
-    args = ["train", "--quick", "--model", "mlp", "--seeds", "1", "--no-progress", "--epochs", "2", "2", "2", *batch]
-    outs = {}
-    for nproc in (1, 2):
-        out = str(tmp_path / f"n{nproc}")
-        done = subprocess.run([sys.executable, "-m", "dsd_kernels.app.cli", *args, "--nproc", str(nproc),
-                               "--out", out], capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-        with open(os.path.join(out, "report.json")) as f:
-            outs[nproc] = json.load(f)
-    assert outs[2]["config"]["nproc"] == 2
-    for a, b in zip(outs[1]["runs"], outs[2]["runs"]):
+
+@pytest.fixture(scope="module")
+def train_jobs(tmp_path_factory):
+    """Reports of the job in one process and under `--nproc 2` (DDP), made on first use."""
+    made = {}
+
+    def get(name: str) -> dict:
+        if name not in made:
+            extra = {"single": ["--nproc", "1"], "ddp": ["--nproc", "2"]}[name]
+            made[name] = run_train_job(tmp_path_factory.mktemp(name), *extra)
+        return made[name]
+    return get
+
+
+def assert_tracks_single_process(single: dict, parallel: dict):
+    for a, b in zip(single["runs"], parallel["runs"]):
         assert (a["method"], a["seed"]) == (b["method"], b["seed"])
         assert abs(a["test_accuracy"] - b["test_accuracy"]) <= 1.0
         for h1, h2 in zip(a["history"], b["history"]):
             assert h1["train_loss"] == pytest.approx(h2["train_loss"], rel=1e-4)
         if a["method"] == "dsd":
             assert b["phases"][1]["measured_sparsity"] == a["phases"][1]["measured_sparsity"]
+
+
+def test_cli_train_nproc_2_matches_single_process(train_jobs):
+    """`dsd-kernels train --nproc 2` (torchrun, gloo): each rank takes its slice of every batch and
+    DDP averages the gradients, so the run tracks the single-process one up to float rounding."""
+    assert train_jobs("ddp")["config"]["nproc"] == 2
+    assert_tracks_single_process(train_jobs("single"), train_jobs("ddp"))
+
+
+def test_cli_train_nproc_2_uneven_slices_match_single_process(tmp_path):
+    """Batches of 3 on 2 ranks: slices of 2 and 1 samples, each weighing by its size."""
+    tiny = ["--batch-size", "3", "--train-samples", "9"]
+    assert_tracks_single_process(run_train_job(tmp_path / "n1", *tiny, "--nproc", "1"),
+                                 run_train_job(tmp_path / "n2", *tiny, "--nproc", "2"))
 
 
 @pytest.fixture
@@ -540,7 +565,7 @@ def test_gradual_pruning_of_sharded_weights_is_refused_clearly(one_rank_mesh):
                      redense_epochs=1, sparsity=0.5, ramp_epochs=2)
 
 
-def test_cli_train_fsdp_matches_ddp_and_resumes_on_another_nproc(tmp_path):
+def test_cli_train_fsdp_matches_ddp_and_resumes_on_another_nproc(tmp_path, train_jobs):
     """`dsd-kernels train --nproc 2 --fsdp` shards the models with FSDP2: the same losses as the DDP
     job; killed (SIGKILL of torchrun and its workers) after a checkpoint, it resumes with
     `--nproc 1` (checkpoints hold whole state dicts) and ends like the uninterrupted job up to the
@@ -551,16 +576,8 @@ def test_cli_train_fsdp_matches_ddp_and_resumes_on_another_nproc(tmp_path):
     import sys
     import time
 
-    args = ["train", "--quick", "--model", "mlp", "--seeds", "1", "--no-progress", "--epochs", "2", "3", "3",
-            "--train-samples", "2000", "--checkpoint-every", "1"]
-    reports = {}
-    for name, extra in (("fsdp", ["--nproc", "2", "--fsdp"]), ("ddp", ["--nproc", "2"])):
-        out = str(tmp_path / name)
-        done = subprocess.run([sys.executable, "-m", "dsd_kernels.app.cli", *args, *extra, "--out", out],
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
-        with open(os.path.join(out, "report.json")) as f:
-            reports[name] = json.load(f)
+    args = JOB_ARGS
+    reports = {"fsdp": run_train_job(tmp_path / "fsdp", "--nproc", "2", "--fsdp"), "ddp": train_jobs("ddp")}
     assert reports["fsdp"]["config"]["fsdp"] is True
     for a, b in zip(reports["fsdp"]["runs"], reports["ddp"]["runs"]):
         assert [h["train_loss"] for h in a["history"]] == pytest.approx([h["train_loss"] for h in b["history"]],

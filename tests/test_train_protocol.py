@@ -489,3 +489,41 @@ def test_sparse_protocol_job_and_its_report(tmp_path, capsys):
     for bad in (["--sparsity", "2:4"], ["--ramp-epochs", "1"], ["--cycles", "2"]):
         assert cli.main(["train", "--protocol", "sparse", "--out", str(tmp_path / "x"), "--no-progress", *bad]) == 2
         assert "--protocol sparse" in capsys.readouterr().err
+
+
+def test_mnist1d_cache_holds_the_generated_arrays_and_survives_damage(tmp_path, monkeypatch):
+    """Generated MNIST-1D is kept in the cache folder: read back bit for bit; a damaged or foreign
+    file there is generated anew and replaced; "off" keeps nothing; an unwritable folder only
+    costs the time."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    from dsd_kernels.app import data as data_module
+
+    def fresh():
+        data_module._mnist1d_arrays.cache_clear()
+        return data_module._mnist1d_arrays()
+
+    made = make_dataset(get_dataset_args())
+    want = [made[k] for k in data_module.MNIST1D_KEYS]
+    monkeypatch.setenv("DSD_KERNELS_CACHE_DIR", str(tmp_path / "cache"))
+    try:
+        first = fresh()  # generated and written
+        [path] = glob.glob(str(tmp_path / "cache" / "mnist1d-*.npz"))
+        second = fresh()  # read back
+        for a, b, c in zip(want, first, second):
+            assert a.dtype == b.dtype == c.dtype and np.array_equal(a, b) and np.array_equal(a, c)
+        for damage in (b"", b"not a zip archive", open(path, "rb").read()[:500]):
+            with open(path, "wb") as f:
+                f.write(damage)
+            assert all(np.array_equal(a, b) for a, b in zip(want, fresh()))
+            assert data_module._read_cached(path) is not None  # rewritten whole
+        assert not glob.glob(str(tmp_path / "cache" / "*.partial"))
+        monkeypatch.setenv("DSD_KERNELS_CACHE_DIR", "off")
+        assert data_module.cache_dir() is None
+        assert all(np.array_equal(a, b) for a, b in zip(want, fresh()))
+        blocker = tmp_path / "a file"
+        blocker.write_text("")
+        monkeypatch.setenv("DSD_KERNELS_CACHE_DIR", str(blocker / "cache"))
+        assert all(np.array_equal(a, b) for a, b in zip(want, fresh()))
+    finally:
+        data_module._mnist1d_arrays.cache_clear()

@@ -24,15 +24,74 @@ class Dataset:
         return self.x_train.shape[1]
 
 
+MNIST1D_KEYS = ("x", "y", "x_test", "y_test")
+
+
+def cache_dir() -> str | None:
+    """Where generated data is kept between runs: $DSD_KERNELS_CACHE_DIR, else
+    $XDG_CACHE_HOME/dsd_kernels or ~/.cache/dsd_kernels; "off" (or "0") keeps nothing."""
+    given = os.environ.get("DSD_KERNELS_CACHE_DIR", "").strip()
+    if given.lower() in ("off", "0"):
+        return None
+    if given:
+        return given
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dsd_kernels")
+
+
+def _mnist1d_cache_path(args) -> str | None:
+    import hashlib
+    import importlib.metadata
+    root = cache_dir()
+    if root is None:
+        return None
+    # the generator's version and every argument name the arrays: another of either generates anew
+    key = repr((importlib.metadata.version("mnist1d"), sorted(vars(args).items())))
+    return os.path.join(root, f"mnist1d-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
+
+
+def _read_cached(path: str):
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return tuple(f[k] for k in MNIST1D_KEYS)
+    except Exception:  # noqa: BLE001 - absent, truncated or foreign: generate anew (and rewrite)
+        return None
+
+
+def _write_cached(path: str, arrays) -> None:
+    import tempfile
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz.partial")
+    except OSError:
+        return  # a read-only home: the cache only saves time, so the run goes on without it
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **dict(zip(MNIST1D_KEYS, arrays)))
+        os.replace(tmp, path)  # whole or absent, also when ranks of one job write it at once
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 @lru_cache(maxsize=1)
 def _mnist1d_arrays():
+    """MNIST-1D as mnist1d generates it (4000 train / 1000 test, length 40, fixed seed), kept in
+    cache_dir() after the first generation: generating takes seconds, reading the file
+    milliseconds, and the arrays read back are the generated ones bit for bit."""
     from mnist1d.data import get_dataset_args, make_dataset
-    data = make_dataset(get_dataset_args())  # 4000 train / 1000 test, length 40, fixed seed
-    return data["x"], data["y"], data["x_test"], data["y_test"]
+    args = get_dataset_args()
+    path = _mnist1d_cache_path(args)
+    if path is not None and (cached := _read_cached(path)) is not None:
+        return cached
+    data = make_dataset(args)
+    arrays = tuple(data[k] for k in MNIST1D_KEYS)
+    if path is not None:
+        _write_cached(path, arrays)
+    return arrays
 
 
 def _mnist1d():
-    return tuple(a.copy() for a in _mnist1d_arrays())  # generated once per process (~2 s)
+    return tuple(a.copy() for a in _mnist1d_arrays())
 
 
 def _digits():
