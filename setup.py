@@ -6,7 +6,8 @@ DSD_KERNELS_BUILD_EXT=auto (default) builds it when torch and a C++ compiler are
 failed CUDA build is retried without the CUDA kernels, and a failed CPU build leaves the
 pure-Python package. 1 makes any failure fatal; 0 skips the extension.
 DSD_KERNELS_BUILD_CUDA=0 builds the CPU kernels only.
-DSD_KERNELS_DEBUG=1 keeps debug information in the library (off by default).
+DSD_KERNELS_DEBUG=1 keeps debug information in the library (off by default). DSD_KERNELS_PCH=0
+compiles without the precompiled torch headers (GCC only).
 Build against the installed torch: `pip install --no-build-isolation .`.
 """
 import glob
@@ -44,6 +45,8 @@ CPU_SOURCES = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 # the AVX2 and AVX-512 files compile to stubs that report them as not built. Linked after the
 # baseline objects, so an inline function that an ISA file also emits resolves to a baseline copy.
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+# the torch headers every baseline source includes (csrc/cpu/common.h and the registrations)
+PCH_HEADERS = ("ATen/Dispatch.h", "ATen/core/Tensor.h", "ATen/Parallel.h", "torch/library.h")
 ISA_FLAGS = {
     "csrc/cpu/isa/default.cpp": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
     "csrc/cpu/isa/avx2.cpp": (["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c", "-mpopcnt"]
@@ -89,7 +92,67 @@ def extension_setup():
                                                      extra_postargs=cxx + flags,
                                                      depends=glob.glob("csrc/cpu/isa/*.h"))
             ext.extra_objects = [o for o in ext.extra_objects or [] if o not in isa_objects] + isa_objects
+            pch_flags = self.torch_headers_pch(ext, cxx)
+            if pch_flags:  # the baseline sources only: the ISA files' flags would not match it
+                if isinstance(ext.extra_compile_args, dict):
+                    ext.extra_compile_args["cxx"] = list(ext.extra_compile_args["cxx"]) + pch_flags
+                else:
+                    ext.extra_compile_args = list(ext.extra_compile_args) + pch_flags
             super().build_extension(ext)
+
+        def torch_headers_pch(self, ext, cxx):
+            """GCC only: torch's headers that every source includes, parsed once into a precompiled
+            header (with the sources' own compiler and flags) that each source is given first;
+            parsing them was most of each source's compile. GCC reads the headers themselves
+            where the PCH does not fit (and -Winvalid-pch says so). Returns the flags to add, or
+            [] (another compiler, DSD_KERNELS_PCH=0, or the PCH did not build)."""
+            import json
+            import subprocess
+            import torch
+            if os.environ.get("DSD_KERNELS_PCH", "1").strip() == "0":
+                return []
+            compiler = list(self.compiler.compiler_so)
+            try:
+                version = subprocess.run([compiler[0], "--version"], capture_output=True, text=True).stdout
+            except OSError:
+                return []
+            if "Free Software Foundation" not in version:
+                return []
+            # the sources get torch's -std (appended at compile time where none is given): the
+            # PCH must be made with the same one, or GCC would not use it
+            std = [f for f in cxx if f.startswith("-std=")] or self.torch_default_std()
+            if not std:
+                return []
+            folder = os.path.join(os.path.abspath(self.build_temp), "pch")
+            header = os.path.join(folder, "torch_headers.h")
+            text = "".join(f"#include <{h}>\n" for h in PCH_HEADERS)
+            includes = [f"-I{d}" for d in [*ext.include_dirs, *self.compiler.include_dirs]]
+            cmd = [*compiler, *includes, "-x", "c++-header", header, "-o", header + ".gch", *cxx, *std[-1:]]
+            stamp = json.dumps([cmd, text, torch.__version__, version])
+            os.makedirs(folder, exist_ok=True)
+            if not os.path.exists(header) or open(header).read() != text:
+                with open(header, "w") as f:
+                    f.write(text)
+            stamp_path = header + ".stamp"
+            if not (os.path.exists(header + ".gch") and os.path.exists(stamp_path) and open(stamp_path).read() == stamp):
+                made = subprocess.run(cmd, capture_output=True, text=True)
+                if made.returncode != 0:
+                    print(f"WARNING: the precompiled torch headers did not build; compiling without them:\n"
+                          f"{made.stderr[-2000:]}", file=sys.stderr)
+                    return []
+                with open(stamp_path, "w") as f:
+                    f.write(stamp)
+            return ["-include", header, "-Winvalid-pch"]
+
+        @staticmethod
+        def torch_default_std():
+            """The -std= torch's BuildExtension appends to flags that have none, read from its
+            source (it is a local function there); [] when that cannot be told."""
+            import inspect
+            import re
+            from torch.utils.cpp_extension import BuildExtension
+            found = set(re.findall(r"cpp_flag_prefix \+ '(c\+\+\d+)'", inspect.getsource(BuildExtension)))
+            return [f"-std={found.pop()}"] if len(found) == 1 else []
 
         def run(self):
             try:

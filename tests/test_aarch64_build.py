@@ -22,17 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CROSS_CXX = "aarch64-linux-gnu-g++"
 
 
-def setup_py_flags() -> tuple[list[str], dict[str, list[str]]]:
-    """CXX_FLAGS and ISA_FLAGS as setup.py computes them on a machine that is not x86-64."""
+def setup_py_flags() -> tuple[list[str], dict[str, list[str]], tuple[str, ...]]:
+    """CXX_FLAGS, ISA_FLAGS and PCH_HEADERS as setup.py computes them on a machine that is not x86-64."""
     values = {}
     for node in ast.parse((ROOT / "setup.py").read_text()).body:
-        if isinstance(node, ast.Assign) and node.targets[0].id in ("CXX_FLAGS", "ISA_FLAGS"):
+        if isinstance(node, ast.Assign) and node.targets[0].id in ("CXX_FLAGS", "ISA_FLAGS", "PCH_HEADERS"):
             values[node.targets[0].id] = eval(compile(ast.Expression(node.value), "setup.py", "eval"),
                                               {"X86_64": False})
-    return values["CXX_FLAGS"], values["ISA_FLAGS"]
+    return values["CXX_FLAGS"], values["ISA_FLAGS"], values["PCH_HEADERS"]
 
 
-CXX_FLAGS, ISA_FLAGS = setup_py_flags()
+CXX_FLAGS, ISA_FLAGS, PCH_HEADERS = setup_py_flags()
 # setup.py's CPU_SOURCES and the per-ISA files, as paths relative to the root
 SOURCES = sorted(glob.glob("csrc/*.cpp", root_dir=ROOT) + glob.glob("csrc/cpu/*.cpp", root_dir=ROOT)) + list(ISA_FLAGS)
 
@@ -55,13 +55,11 @@ def test_csrc_compiles_for_aarch64(tmp_path):
     common = ["-std=c++20", "-O0", "-Wno-psabi", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
               *[f for f in CXX_FLAGS if not f.startswith("-O")], *includes]
 
-    # torch's headers, parsed once into a precompiled header that every source is given first
-    # (parsing them is most of each compile; GCC ignores the PCH where flags make it unusable and
-    # reads the headers themselves). Each source still includes what it uses: the x86-64 build
-    # compiles them without it.
+    # torch's headers, parsed once into a precompiled header that every source is given first, as
+    # setup.py does (GCC ignores the PCH where flags make it unusable and reads the headers
+    # themselves). Each source still includes what it uses: a build without the PCH needs that.
     pch = tmp_path / "torch_headers.h"
-    pch.write_text("#include <ATen/Dispatch.h>\n#include <ATen/core/Tensor.h>\n#include <ATen/Parallel.h>\n"
-                   "#include <torch/library.h>\n")
+    pch.write_text("".join(f"#include <{h}>\n" for h in PCH_HEADERS))
     made = subprocess.run([CROSS_CXX, *common, "-x", "c++-header", str(pch), "-o", f"{pch}.gch"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert made.returncode == 0, made.stderr[-3000:]

@@ -98,14 +98,14 @@ bool radix_select_pass(const scalar_t* data, int64_t n, int64_t k, Selection* se
         for (int64_t t = begin; t < end; ++t) {
           count_t* hist = local.data() + t * kSubHists * bins;
           for (const bits_t key : gathered[t]) {
-            hist[(key >> shift) & digit_mask] += (key >> high_shift) == prefix;
+            hist[(key >> shift) & digit_mask] += static_cast<uint64_t>(key >> high_shift) == prefix;
           }
         }
       });
     }
     const int64_t digit = locate(local, threads * kSubHists, bins, &rank, &sel->count_eq);
     prefix = (prefix << width) | static_cast<uint64_t>(digit);
-    if (!kClamp && p == 0 && static_cast<uint64_t>(digit) >= (T::nan_key - 1) >> shift) {
+    if (!kClamp && p == 0 && static_cast<uint64_t>(digit) >= static_cast<uint64_t>(T::nan_key - 1) >> shift) {
       return false;  // the k-th key is inf or NaN: NaN payloads must tie, redo with clamping
     }
     if (p == 0) {

@@ -120,7 +120,7 @@ void count_under_prefix(const scalar_t* data, int64_t begin, int64_t end, int sh
     for (int64_t i = c0; i < c1; ++i) {
       const bits_t k0 = key_of<scalar_t, kClamp>(data[i]);
       buffer[kept] = k0;
-      kept += (k0 >> high) == pre;
+      kept += static_cast<uint64_t>(k0 >> high) == pre;
     }
     for (int64_t j = 0; j < kept; ++j) h0[(buffer[j] >> sh) & dmask]++;
     if (gather != nullptr) gather->insert(gather->end(), buffer, buffer + kept);
@@ -338,26 +338,6 @@ bool gather_bracket(const scalar_t* data, int64_t n, uint64_t lo, uint64_t hi, i
   return true;
 }
 
-// Bit j set where |src[j]| ranks above the key t, for 32 floats; t must be below the NaN key
-// (every NaN key is above it then, clamped or not). SSE2 where available: 8 compares and
-// movemasks instead of 32 scalar compares and shifts (the compiler does not vectorise the latter).
-inline uint32_t keep_word_fp32(const float* src, uint32_t t) {
-#if defined(__SSE2__)
-  const __m128i abs_mask = _mm_set1_epi32(0x7FFFFFFF);
-  const __m128i threshold = _mm_set1_epi32(static_cast<int32_t>(t));  // keys < 2^31: signed compare
-  uint32_t bits = 0;
-  for (int q = 0; q < 8; ++q) {
-    const __m128i keys = _mm_and_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 4 * q)), abs_mask);
-    bits |= static_cast<uint32_t>(_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpgt_epi32(keys, threshold)))) << (4 * q);
-  }
-  return bits;
-#else
-  uint32_t bits = 0;
-  for (int j = 0; j < 32; ++j) bits |= static_cast<uint32_t>(magnitude_key(src[j]) > t) << j;
-  return bits;
-#endif
-}
-
 // Bits (above, equal): bit j of `above` set where |src[j]| ranks above the key t, of `equal` where
 // it equals t, for the len <= 32 values of one mask word. fp32 full words use SSE2 (t below
 // the NaN key: NaN keys, clamped or not, are then above t and never equal it).
@@ -421,17 +401,36 @@ void write_mask(const scalar_t* data, const MaskLayout& lay, const Selection& se
     else --t;
   }
   const bool split_ties = prune_any && sel.need > 0 && sel.need < sel.count_eq;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (!split_ties && prune_any && t < KeyTraits<float>::nan_key) {
+      // keep = key > t: each row's whole words in one call of the ISA kernel, a row's last,
+      // partial word (cols not a multiple of 32) by the scalar loop
+      const auto above_words = DSD_ISA_KERNEL(above_words_fp32);
+      const int64_t whole = lay.cols / 32;
+      at::parallel_for(0, words, kGrain / 32, [&](int64_t begin, int64_t end) {
+        for (int64_t w = begin; w < end;) {
+          const int64_t row = w / lay.words_per_row;
+          const int64_t in_row = w - row * lay.words_per_row;
+          const int64_t run = std::min(end - w, whole - in_row);
+          if (run > 0) {
+            above_words(data + row * lay.cols + in_row * 32, run, static_cast<uint32_t>(t), out + w);
+            w += run;
+            continue;
+          }
+          const int64_t base = row * lay.cols + in_row * 32, len = lay.cols - in_row * 32;
+          uint32_t bits = 0;
+          for (int64_t j = 0; j < len; ++j) bits |= static_cast<uint32_t>(magnitude_key(data[base + j]) > t) << j;
+          out[w++] = static_cast<int32_t>(bits);
+        }
+      });
+      return;
+    }
+  }
   if (!split_ties) {  // keep = key > t for every element: branch-free words
     parallel_for_words(lay, kGrain / 32, [&](int64_t w, int64_t base, int64_t len) {
       if (!prune_any) {
         out[w] = static_cast<int32_t>(len == 32 ? 0xFFFFFFFFu : (1u << len) - 1u);
         return;
-      }
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        if (len == 32 && t < KeyTraits<float>::nan_key) {
-          out[w] = static_cast<int32_t>(keep_word_fp32(data + base, static_cast<uint32_t>(t)));
-          return;
-        }
       }
       uint32_t bits = 0;
       for (int64_t j = 0; j < len; ++j) bits |= static_cast<uint32_t>(magnitude_key(data[base + j]) > t) << j;

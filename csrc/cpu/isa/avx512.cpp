@@ -41,6 +41,7 @@ void split_keys32(const int32_t*, const int32_t*, int64_t, uint32_t, uint32_t, i
   throw std::logic_error("AVX-512 kernels not built");
 }
 void popcount_scan(const int32_t*, int64_t, int64_t, int64_t*) { throw std::logic_error("AVX-512 kernels not built"); }
+void above_words_fp32(const float*, int64_t, uint32_t, int32_t*) { throw std::logic_error("AVX-512 kernels not built"); }
 void words_2_4_fp32(const float*, int32_t*, int64_t) { throw std::logic_error("AVX-512 kernels not built"); }
 }  // namespace dsd_kernels_cpu::isa::AVX512
 #endif

@@ -12,6 +12,8 @@
 #include "isa_kernels.h"
 #if defined(__AVX2__)
 #include <immintrin.h>
+#elif defined(__SSE2__)
+#include <emmintrin.h>
 #endif
 
 namespace dsd_kernels_cpu {
@@ -216,6 +218,64 @@ void popcount_scan(const int32_t* words, int64_t n, int64_t start, int64_t* befo
     total += __builtin_popcount(static_cast<uint32_t>(words[w]));
     before[w + 1] = total;
   }
+}
+
+// The selection's mask pass (selection.h write_mask) over `words` whole mask words of fp32 values:
+// out[w] = the bits of the keys of src[32 w, 32 w + 32) above t (t below the NaN key: every NaN,
+// clamped or not, is above it). Keys are under 2^31, so signed compares are exact. AVX-512: two
+// compares straight to lane masks; AVX2: four compares narrowed to bytes (packs) and one movemask,
+// where SSE2 needs eight movemasks and shifts; the default build: SSE2 on x86-64, else scalar.
+void above_words_fp32(const float* src, int64_t words, uint32_t t, int32_t* out) {
+#if defined(__AVX512F__)
+  const __m512i abs_mask = _mm512_set1_epi32(static_cast<int32_t>(kAbsMask));
+  const __m512i threshold = _mm512_set1_epi32(static_cast<int32_t>(t));
+  for (int64_t w = 0; w < words; ++w) {
+    const int32_t* at = reinterpret_cast<const int32_t*>(src + 32 * w);
+    const __m512i lo = _mm512_and_si512(_mm512_loadu_si512(at), abs_mask);
+    const __m512i hi = _mm512_and_si512(_mm512_loadu_si512(at + 16), abs_mask);
+    const uint32_t bits = static_cast<uint32_t>(_mm512_cmpgt_epi32_mask(lo, threshold)) |
+                          static_cast<uint32_t>(_mm512_cmpgt_epi32_mask(hi, threshold)) << 16;
+    out[w] = static_cast<int32_t>(bits);
+  }
+#elif defined(__AVX2__)
+  const __m256i abs_mask = _mm256_set1_epi32(static_cast<int32_t>(kAbsMask));
+  const __m256i threshold = _mm256_set1_epi32(static_cast<int32_t>(t));
+  // packs interleaves the 128-bit halves: after the two narrowing steps the 4-byte groups hold
+  // elements 0-3, 8-11, 16-19, 24-27 | 4-7, 12-15, 20-23, 28-31; this puts them in order
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t w = 0; w < words; ++w) {
+    const __m256i* at = reinterpret_cast<const __m256i*>(src + 32 * w);
+    __m256i above[4];
+    for (int q = 0; q < 4; ++q) {
+      above[q] = _mm256_cmpgt_epi32(_mm256_and_si256(_mm256_loadu_si256(at + q), abs_mask), threshold);
+    }
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(above[0], above[1]),
+                                             _mm256_packs_epi32(above[2], above[3]));
+    out[w] = _mm256_movemask_epi8(_mm256_permutevar8x32_epi32(bytes, order));
+  }
+#elif defined(__SSE2__)
+  const __m128i abs_mask = _mm_set1_epi32(static_cast<int32_t>(kAbsMask));
+  const __m128i threshold = _mm_set1_epi32(static_cast<int32_t>(t));
+  for (int64_t w = 0; w < words; ++w) {
+    uint32_t bits = 0;
+    for (int q = 0; q < 8; ++q) {
+      const __m128i keys = _mm_and_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 32 * w + 4 * q)),
+                                         abs_mask);
+      bits |= static_cast<uint32_t>(_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpgt_epi32(keys, threshold)))) << (4 * q);
+    }
+    out[w] = static_cast<int32_t>(bits);
+  }
+#else
+  for (int64_t w = 0; w < words; ++w) {
+    uint32_t bits = 0;
+    for (int j = 0; j < 32; ++j) {
+      uint32_t key;
+      std::memcpy(&key, src + 32 * w + j, sizeof(key));
+      bits |= static_cast<uint32_t>((key & kAbsMask) > t) << j;
+    }
+    out[w] = static_cast<int32_t>(bits);
+  }
+#endif
 }
 
 }  // namespace CPU_CAPABILITY

@@ -133,6 +133,9 @@ struct AdamwSpan {
      count + 16 of each) */                                                                     \
   void split_keys32(const int32_t* key, const int32_t* pos, int64_t count, uint32_t lo, uint32_t hi,  \
                     int32_t* above, int64_t* num_above, int32_t* inside, int64_t* num_inside);  \
+  /* the selection's mask pass (selection.h write_mask): out[w] = the bits of the keys of the   \
+     fp32 values src[32 w, 32 w + 32) above t, for w in [0, words); t below the NaN key */       \
+  void above_words_fp32(const float* src, int64_t words, uint32_t t, int32_t* out);            \
   /* before[w] = start + the set bits of words[0, w), for w in [0, n] */                        \
   void popcount_scan(const int32_t* words, int64_t n, int64_t start, int64_t* before);         \
   /* few rows (rows <= few_rows::kMaxRows, contiguous): y[m, n] = x[m, :] . (W*M)[n, :] + bias[n] \

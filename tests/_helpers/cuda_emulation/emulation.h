@@ -53,7 +53,10 @@ struct Block {
 };
 inline thread_local Block* current_block = nullptr;
 
-// Runs kernel(args...) over `grid` blocks of `threads` threads, block after block.
+// Runs kernel(args...) over `grid` blocks of `threads` threads, block after block. The threads
+// are made once per launch and run every block: between blocks they meet at a barrier whose
+// completion step (run once, before any thread goes on) sets up the next block. Creating a
+// block's threads anew for each block was most of the emulation's time.
 template <typename Kernel>
 struct Launcher {
   Kernel kernel;
@@ -61,22 +64,29 @@ struct Launcher {
   int threads;
   template <typename... Args>
   void operator()(Args... args) const {
-    for (int64_t b = 0; b < grid; ++b) {
-      Block block(threads);
-      std::vector<std::thread> pool;
-      pool.reserve(threads);
-      for (int t = 0; t < threads; ++t) {
-        pool.emplace_back([&, t] {
-          threadIdx.x = static_cast<unsigned>(t);
+    if (grid <= 0) return;
+    int64_t b = 0;
+    auto block = std::make_unique<Block>(threads);
+    auto next_block = [&]() noexcept {
+      if (++b < grid) block = std::make_unique<Block>(threads);
+    };
+    std::barrier<decltype(next_block)> between_blocks(threads, next_block);
+    std::vector<std::thread> pool;
+    pool.reserve(threads);
+    for (int t = 0; t < threads; ++t) {
+      pool.emplace_back([&, t] {
+        threadIdx.x = static_cast<unsigned>(t);
+        while (b < grid) {  // b and block change only in the completion step
           blockIdx.x = static_cast<unsigned>(b);
-          current_block = &block;
+          current_block = block.get();
           kernel(args...);
-          block.warp_barriers[t / kWarp]->arrive_and_drop();
-          block.block_barrier.arrive_and_drop();
-        });
-      }
-      for (auto& th : pool) th.join();
+          current_block->warp_barriers[t / kWarp]->arrive_and_drop();
+          current_block->block_barrier.arrive_and_drop();
+          between_blocks.arrive_and_wait();
+        }
+      });
     }
+    for (auto& th : pool) th.join();
   }
 };
 template <typename Kernel>
