@@ -389,6 +389,14 @@ uint32_t ranked_word(const scalar_t* data, const MaskLayout& lay, int64_t w, uin
 // counting ties per chunk in a pass of its own
 constexpr int64_t kFewTies = int64_t(1) << 16;
 
+// bits of the len <= 32 values src[0, len) whose keys are above t
+template <typename scalar_t>
+inline uint32_t above_bits(const scalar_t* src, int64_t len, uint64_t t) {
+  uint32_t bits = 0;
+  for (int64_t j = 0; j < len; ++j) bits |= static_cast<uint32_t>(magnitude_key(src[j]) > t) << j;
+  return bits;
+}
+
 template <typename scalar_t>
 void write_mask(const scalar_t* data, const MaskLayout& lay, const Selection& sel, bool prune_any,
                 int32_t* out) {
@@ -417,10 +425,8 @@ void write_mask(const scalar_t* data, const MaskLayout& lay, const Selection& se
             w += run;
             continue;
           }
-          const int64_t base = row * lay.cols + in_row * 32, len = lay.cols - in_row * 32;
-          uint32_t bits = 0;
-          for (int64_t j = 0; j < len; ++j) bits |= static_cast<uint32_t>(magnitude_key(data[base + j]) > t) << j;
-          out[w++] = static_cast<int32_t>(bits);
+          out[w] = static_cast<int32_t>(above_bits(data + row * lay.cols + in_row * 32, lay.cols - in_row * 32, t));
+          ++w;
         }
       });
       return;
@@ -432,9 +438,7 @@ void write_mask(const scalar_t* data, const MaskLayout& lay, const Selection& se
         out[w] = static_cast<int32_t>(len == 32 ? 0xFFFFFFFFu : (1u << len) - 1u);
         return;
       }
-      uint32_t bits = 0;
-      for (int64_t j = 0; j < len; ++j) bits |= static_cast<uint32_t>(magnitude_key(data[base + j]) > t) << j;
-      out[w] = static_cast<int32_t>(bits);
+      out[w] = static_cast<int32_t>(above_bits(data + base, len, t));
     });
     return;
   }

@@ -68,39 +68,6 @@ void keep_above(const MaskLayout& lay, uint32_t* out, const key_t* key, const po
   }
 }
 
-#ifdef DSD_HAVE_AVX512_KERNELS
-// split_one's loop for 32-bit keys and positions: the positions of the keys above hi (to
-// above[]) and the indices of those in [lo, hi] (to inside[]), each compressed out of 16 keys at
-// a time (room for count + 16 of each); returns how many of each.
-DSD_AVX512 std::pair<int64_t, int64_t> split_keys32_avx512(const int32_t* key, const int32_t* pos, int64_t count,
-                                                           uint32_t lo, uint32_t hi, int32_t* above,
-                                                           int32_t* inside) {
-  const __m512i low = _mm512_set1_epi32(static_cast<int32_t>(lo));
-  const __m512i top = _mm512_set1_epi32(static_cast<int32_t>(hi));
-  const __m512i span = _mm512_set1_epi32(static_cast<int32_t>(hi - lo));
-  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  int64_t over = 0, in = 0, j = 0;
-  for (; j + 16 <= count; j += 16) {
-    const __m512i k = _mm512_loadu_si512(key + j);
-    const __mmask16 is_above = _mm512_cmpgt_epu32_mask(k, top);
-    const __mmask16 is_in = _mm512_cmple_epu32_mask(_mm512_sub_epi32(k, low), span);
-    _mm512_storeu_si512(above + over, _mm512_maskz_compress_epi32(is_above, _mm512_loadu_si512(pos + j)));
-    _mm512_storeu_si512(inside + in, _mm512_maskz_compress_epi32(
-                                         is_in, _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(j)))));
-    over += __builtin_popcount(is_above);
-    in += __builtin_popcount(is_in);
-  }
-  for (; j < count; ++j) {
-    const auto k = static_cast<uint32_t>(key[j]);
-    above[over] = pos[j];
-    over += k > hi;
-    inside[in] = static_cast<int32_t>(j);
-    in += k - lo <= hi - lo;
-  }
-  return {over, in};
-}
-#endif
-
 // bucket_split_ for one tensor
 template <typename key_t, typename pos_t>
 void split_one(const MaskLayout& lay, uint32_t* out, const key_t* key, const pos_t* pos, int64_t count, int64_t lo,
@@ -116,23 +83,17 @@ void split_one(const MaskLayout& lay, uint32_t* out, const key_t* key, const pos
     std::fill(payload + in_bucket, payload + width, int64_t(-1));
   };
   if constexpr (sizeof(key_t) == 4 && std::is_same_v<pos_t, int32_t>) {
-    // AVX-512 intrinsics, or the AVX2 build of csrc/cpu/isa/compress_kernel.h
-    const bool avx2 = cpu_capability() == CpuCapability::kAvx2;
-    if (out != nullptr && lay.cols % 32 == 0 && (cpu_has_avx512f() || avx2) && lo >= 0 && hi < (int64_t(1) << 32)) {
+    // the AVX2 or AVX-512 build of csrc/cpu/isa/compress_kernel.h (the default build takes the
+    // loop below)
+    if (out != nullptr && lay.cols % 32 == 0 && cpu_capability() != CpuCapability::kDefault && lo >= 0 &&
+        hi < (int64_t(1) << 32)) {
       // the kept positions first, then their bits: half the keys, and no store per key
       int32_t* above = thread_scratch<int32_t>(2 * static_cast<size_t>(count) + 32);
       int32_t* inside = above + count + 16;
       const auto* key32 = reinterpret_cast<const int32_t*>(key);
       int64_t over = 0, in_bucket = 0;
-      if (avx2) {
-        isa::AVX2::split_keys32(key32, pos, count, static_cast<uint32_t>(lo), static_cast<uint32_t>(hi), above, &over,
-                                inside, &in_bucket);
-      } else {
-#ifdef DSD_HAVE_AVX512_KERNELS
-        std::tie(over, in_bucket) = split_keys32_avx512(key32, pos, count, static_cast<uint32_t>(lo),
-                                                        static_cast<uint32_t>(hi), above, inside);
-#endif
-      }
+      DSD_ISA_KERNEL(split_keys32)(key32, pos, count, static_cast<uint32_t>(lo), static_cast<uint32_t>(hi), above,
+                                   &over, inside, &in_bucket);
       emit(inside, in_bucket);
       for (int64_t j = 0; j < over; ++j) out[above[j] >> 5] |= uint32_t(1) << (above[j] & 31);
       return;

@@ -183,7 +183,23 @@ int64_t classify_words_fp32(const float* src, int64_t count, uint32_t lo, uint32
 void split_keys32(const int32_t* key, const int32_t* pos, int64_t count, uint32_t lo, uint32_t hi, int32_t* above,
                   int64_t* num_above, int32_t* inside, int64_t* num_inside) {
   int64_t over = 0, in = 0, j = 0;
-#if defined(__AVX2__)
+#if defined(__AVX512F__)
+  // AVX-512's compress, 16 keys a step
+  const __m512i low = _mm512_set1_epi32(static_cast<int32_t>(lo));
+  const __m512i top = _mm512_set1_epi32(static_cast<int32_t>(hi));
+  const __m512i span = _mm512_set1_epi32(static_cast<int32_t>(hi - lo));
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (; j + 16 <= count; j += 16) {
+    const __m512i k = _mm512_loadu_si512(key + j);
+    const __mmask16 is_above = _mm512_cmpgt_epu32_mask(k, top);
+    const __mmask16 is_in = _mm512_cmple_epu32_mask(_mm512_sub_epi32(k, low), span);
+    _mm512_storeu_si512(above + over, _mm512_maskz_compress_epi32(is_above, _mm512_loadu_si512(pos + j)));
+    _mm512_storeu_si512(inside + in, _mm512_maskz_compress_epi32(
+                                         is_in, _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(j)))));
+    over += __builtin_popcount(is_above);
+    in += __builtin_popcount(is_in);
+  }
+#elif defined(__AVX2__)
   const __m256i low = _mm256_set1_epi32(static_cast<int32_t>(lo));
   const __m256i top = _mm256_set1_epi32(static_cast<int32_t>(hi));
   const __m256i span = _mm256_set1_epi32(static_cast<int32_t>(hi - lo));
